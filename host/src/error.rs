@@ -1,0 +1,121 @@
+//! Typed errors of the host library.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// Why a driver library was rejected. Each kind has its own test in `tests/tests/loader.rs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LoadErrorKind {
+    /// The path does not exist.
+    NotFound,
+    /// A directory, device or other non-regular file, or a file we may not read.
+    NotAFile,
+    /// Empty, not ELF, not a shared object, or truncated.
+    NotElf,
+    /// An ELF shared object for another machine or word size.
+    WrongMachine,
+    /// The dynamic loader refused the file (e.g. undefined symbols).
+    DlopenFailed,
+    /// A shared library without a plughost root module.
+    NotADriver,
+    /// Built with an abi_stable whose ABI differs from the host's.
+    IncompatibleAbiStable,
+    /// Built against an incompatible plugin-api version.
+    IncompatibleApiVersion,
+    /// Interface types differ from the host's.
+    LayoutMismatch,
+    /// A valid driver of another kind than the one asked for.
+    WrongKind,
+    /// Name, version, option schema or build settings are unacceptable.
+    InvalidMetadata,
+    /// The options given do not match the driver's schema.
+    InvalidOptions,
+    /// The constructor returned an error.
+    ConstructorFailed,
+    /// The constructor panicked (contained inside the plugin).
+    ConstructorPanicked,
+    /// The driver's `init` failed.
+    InitFailed,
+    /// The host could not prepare its private copy of the file.
+    RuntimeDir,
+}
+
+impl LoadErrorKind {
+    /// The snake_case name used in `--json` output and on the control socket.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoadErrorKind::NotFound => "not_found",
+            LoadErrorKind::NotAFile => "not_a_file",
+            LoadErrorKind::NotElf => "not_elf",
+            LoadErrorKind::WrongMachine => "wrong_machine",
+            LoadErrorKind::DlopenFailed => "dlopen_failed",
+            LoadErrorKind::NotADriver => "not_a_driver",
+            LoadErrorKind::IncompatibleAbiStable => "incompatible_abi_stable",
+            LoadErrorKind::IncompatibleApiVersion => "incompatible_api_version",
+            LoadErrorKind::LayoutMismatch => "layout_mismatch",
+            LoadErrorKind::WrongKind => "wrong_kind",
+            LoadErrorKind::InvalidMetadata => "invalid_metadata",
+            LoadErrorKind::InvalidOptions => "invalid_options",
+            LoadErrorKind::ConstructorFailed => "constructor_failed",
+            LoadErrorKind::ConstructorPanicked => "constructor_panicked",
+            LoadErrorKind::InitFailed => "init_failed",
+            LoadErrorKind::RuntimeDir => "runtime_dir",
+        }
+    }
+}
+
+impl fmt::Display for LoadErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A rejected driver: `cannot load driver "PATH": REASON`, plus at most a few detail lines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadError {
+    /// What kind of rejection.
+    pub kind: LoadErrorKind,
+    /// The path the user gave.
+    pub path: PathBuf,
+    /// One line, lowercase, no trailing period.
+    pub reason: String,
+    /// Extra lines (Expected/Found, one per bad option), shown indented under the headline.
+    pub details: Vec<String>,
+}
+
+impl LoadError {
+    pub(crate) fn new(kind: LoadErrorKind, path: &Path, reason: impl Into<String>) -> LoadError {
+        LoadError {
+            kind,
+            path: path.to_owned(),
+            reason: reason.into(),
+            details: Vec::new(),
+        }
+    }
+    pub(crate) fn with_details(mut self, details: Vec<String>) -> LoadError {
+        self.details = details;
+        self
+    }
+    /// The headline and the indented detail lines, as printed by the binary.
+    pub fn report(&self) -> String {
+        let mut s = self.to_string();
+        for d in &self.details {
+            s.push_str("\n  ");
+            s.push_str(d);
+        }
+        s
+    }
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "cannot load driver \"{}\": {}",
+            self.path.display(),
+            self.reason
+        )
+    }
+}
+
+impl std::error::Error for LoadError {}

@@ -1,0 +1,200 @@
+//! `faulty`: a volume driver that misbehaves on request, so that tests can drive every failure path of
+//! the host (constructor errors and panics, init failures, unhealthy backends, methods that fail, panic
+//! or are slow). When told nothing it behaves like a minimal in-memory volume driver.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use plugin_api::{CapacityStats, DriverError, OptionSpec, Options, Volume, VolumeDriver};
+
+/// The options this driver takes.
+pub const OPTIONS: &[OptionSpec] = &[
+    OptionSpec::boolean("fail_new", "the constructor returns an error").default("false"),
+    OptionSpec::boolean("panic_new", "the constructor panics").default("false"),
+    OptionSpec::boolean("fail_init", "init() returns an error").default("false"),
+    OptionSpec::boolean("unhealthy", "health() reports the backend unhealthy").default("false"),
+    OptionSpec::string(
+        "fail_in",
+        "comma-separated methods that return an internal error",
+    )
+    .default(""),
+    OptionSpec::string("panic_in", "comma-separated methods that panic").default(""),
+    OptionSpec::integer("delay_ms", "sleep this long in every volume method").default("0"),
+    OptionSpec::string("password", "a secret that must never be logged or shown").secret(),
+];
+
+/// The driver.
+pub struct Faulty {
+    fail_init: bool,
+    unhealthy: bool,
+    fail_in: Vec<String>,
+    panic_in: Vec<String>,
+    delay: Duration,
+    volumes: Mutex<BTreeMap<String, u64>>,
+}
+
+fn list_option(options: &Options, name: &str) -> Vec<String> {
+    options
+        .string(name)
+        .unwrap_or_default()
+        .split(',')
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+impl Faulty {
+    /// Builds the driver; fails or panics here if told to.
+    pub fn new(options: &Options) -> Result<Faulty, DriverError> {
+        if options.boolean("panic_new")? {
+            panic!("faulty: constructor panicked as asked (panic_new=true)");
+        }
+        if options.boolean("fail_new")? {
+            return Err(DriverError::invalid_argument(
+                "faulty: constructor failed as asked (fail_new=true)",
+            ));
+        }
+        let delay = options.integer("delay_ms")?.unwrap_or(0);
+        Ok(Faulty {
+            fail_init: options.boolean("fail_init")?,
+            unhealthy: options.boolean("unhealthy")?,
+            fail_in: list_option(options, "fail_in"),
+            panic_in: list_option(options, "panic_in"),
+            delay: Duration::from_millis(u64::try_from(delay).unwrap_or(0)),
+            volumes: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// Applies the configured misbehaviour for `method`.
+    fn enter(&self, method: &str) -> Result<(), DriverError> {
+        if !self.delay.is_zero() {
+            std::thread::sleep(self.delay);
+        }
+        if self.panic_in.iter().any(|m| m == method) {
+            panic!("faulty: {method} panicked as asked");
+        }
+        if self.fail_in.iter().any(|m| m == method) {
+            return Err(DriverError::internal(format!(
+                "faulty: {method} failed as asked"
+            )));
+        }
+        Ok(())
+    }
+
+    fn map(&self) -> Result<std::sync::MutexGuard<'_, BTreeMap<String, u64>>, DriverError> {
+        self.volumes
+            .lock()
+            .map_err(|_| DriverError::internal("faulty: state lock poisoned"))
+    }
+}
+
+fn vol(name: &str, size: u64) -> Volume {
+    Volume {
+        name: name.to_owned(),
+        size,
+        location: format!("faulty:{name}"),
+        ..Volume::default()
+    }
+}
+
+fn not_found(name: &str) -> DriverError {
+    DriverError::not_found(format!("volume {name:?} not found"))
+}
+
+impl VolumeDriver for Faulty {
+    fn init(&self) -> Result<(), DriverError> {
+        self.enter("init")?;
+        if self.fail_init {
+            return Err(DriverError::internal(
+                "faulty: init failed as asked (fail_init=true)",
+            ));
+        }
+        Ok(())
+    }
+    fn cleanup(&self) -> Result<(), DriverError> {
+        self.enter("cleanup")
+    }
+    fn health(&self) -> Result<(), DriverError> {
+        self.enter("health")?;
+        if self.unhealthy {
+            return Err(DriverError::internal(
+                "faulty: backend unhealthy as asked (unhealthy=true)",
+            ));
+        }
+        Ok(())
+    }
+    fn create(&self, name: &str, size: u64) -> Result<Volume, DriverError> {
+        self.enter("create")?;
+        let mut m = self.map()?;
+        if m.contains_key(name) {
+            return Err(DriverError::already_exists(format!(
+                "volume {name:?} already exists"
+            )));
+        }
+        m.insert(name.to_owned(), size);
+        Ok(vol(name, size))
+    }
+    fn delete(&self, name: &str) -> Result<(), DriverError> {
+        self.enter("delete")?;
+        self.map()?
+            .remove(name)
+            .map(drop)
+            .ok_or_else(|| not_found(name))
+    }
+    fn extend(&self, name: &str, new_size: u64) -> Result<Volume, DriverError> {
+        self.enter("extend")?;
+        let mut m = self.map()?;
+        let s = m.get_mut(name).ok_or_else(|| not_found(name))?;
+        *s = (*s).max(new_size);
+        Ok(vol(name, *s))
+    }
+    fn snapshot(&self, name: &str, snapshot: &str) -> Result<Volume, DriverError> {
+        self.enter("snapshot")?;
+        let mut m = self.map()?;
+        let size = *m.get(name).ok_or_else(|| not_found(name))?;
+        if m.contains_key(snapshot) {
+            return Err(DriverError::already_exists(format!(
+                "volume {snapshot:?} already exists"
+            )));
+        }
+        m.insert(snapshot.to_owned(), size);
+        Ok(Volume {
+            source: Some(name.to_owned()),
+            ..vol(snapshot, size)
+        })
+    }
+    fn list(&self) -> Result<Vec<Volume>, DriverError> {
+        self.enter("list")?;
+        Ok(self.map()?.iter().map(|(n, s)| vol(n, *s)).collect())
+    }
+    fn get(&self, name: &str) -> Result<Volume, DriverError> {
+        self.enter("get")?;
+        self.map()?
+            .get(name)
+            .map(|s| vol(name, *s))
+            .ok_or_else(|| not_found(name))
+    }
+    fn stats(&self) -> Result<CapacityStats, DriverError> {
+        self.enter("stats")?;
+        let m = self.map()?;
+        let provisioned = m.values().sum();
+        Ok(CapacityStats {
+            total_bytes: u64::MAX,
+            free_bytes: u64::MAX - provisioned,
+            provisioned_bytes: provisioned,
+            allocated_bytes: 0,
+            volumes: m.len() as u64,
+        })
+    }
+}
+
+plugin_api::export_driver! {
+    kind: volume,
+    driver: Faulty,
+    name: "faulty",
+    version: env!("CARGO_PKG_VERSION"),
+    summary: "volume driver that fails, panics or stalls on request (for tests)",
+    options: OPTIONS,
+    new: Faulty::new,
+}
