@@ -18,10 +18,7 @@ pub fn driver_dirs(flags: &[PathBuf]) -> Vec<PathBuf> {
     if let Some(env) = std::env::var_os(DRIVER_DIR_ENV) {
         dirs.extend(std::env::split_paths(&env).filter(|p| !p.as_os_str().is_empty()));
     }
-    if let Some(exe_dir) = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(Path::to_path_buf))
-    {
+    if let Some(exe_dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
         dirs.push(exe_dir);
     }
     dirs.push(PathBuf::from("/usr/local/lib/plughost/drivers"));
@@ -50,10 +47,7 @@ pub fn resolve(spec: &str, dirs: &[PathBuf]) -> Result<PathBuf, String> {
         }
     }
     let searched: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
-    Err(format!(
-        "driver {spec:?} not found: no {file} in {}",
-        searched.join(", ")
-    ))
+    Err(format!("driver {spec:?} not found: no {file} in {}", searched.join(", ")))
 }
 
 /// Every `*.so` in `dirs` (not recursive), sorted per directory.
@@ -63,10 +57,8 @@ pub fn scan(dirs: &[PathBuf]) -> Vec<PathBuf> {
         let Ok(rd) = std::fs::read_dir(d) else {
             continue;
         };
-        let mut files: Vec<PathBuf> = rd
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "so"))
-            .collect();
+        let mut files: Vec<PathBuf> =
+            rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "so")).collect();
         files.sort();
         out.extend(files);
     }
@@ -136,13 +128,7 @@ pub fn describe_text(lib: &Library) -> String {
                 (_, Some(d)) => d.to_owned(),
                 (_, None) => "-".to_owned(),
             };
-            [
-                o.name().to_owned(),
-                o.ty().to_string(),
-                default,
-                flags.join(","),
-                o.help().to_owned(),
-            ]
+            [o.name().to_owned(), o.ty().to_string(), default, flags.join(","), o.help().to_owned()]
         })
         .collect();
     let header = ["NAME", "TYPE", "DEFAULT", "FLAGS", "HELP"].map(String::from);
@@ -151,10 +137,7 @@ pub fn describe_text(lib: &Library) -> String {
 }
 
 /// Left-aligned columns separated by two spaces; the last column is not padded.
-pub fn table<'a, const N: usize>(
-    rows: impl Iterator<Item = &'a [String; N]> + Clone,
-    indent: &str,
-) -> String {
+pub fn table<'a, const N: usize>(rows: impl Iterator<Item = &'a [String; N]> + Clone, indent: &str) -> String {
     let mut widths = [0usize; N];
     for r in rows.clone() {
         for (i, c) in r.iter().enumerate() {

@@ -47,32 +47,20 @@ pub fn host_machine() -> u16 {
 /// Checks that `bytes` is a complete ELF shared object for this machine.
 pub fn check(bytes: &[u8]) -> Result<(), ElfProblem> {
     if bytes.is_empty() {
-        return Err(ElfProblem::NotElf(
-            "empty file, not an ELF shared object".to_owned(),
-        ));
+        return Err(ElfProblem::NotElf("empty file, not an ELF shared object".to_owned()));
     }
     if bytes.len() < 4 || &bytes[..4] != b"\x7fELF" {
-        return Err(ElfProblem::NotElf(
-            "not an ELF shared object (bad magic)".to_owned(),
-        ));
+        return Err(ElfProblem::NotElf("not an ELF shared object (bad magic)".to_owned()));
     }
     let class64 = match bytes.get(4) {
         Some(1) => false,
         Some(2) => true,
-        _ => {
-            return Err(ElfProblem::NotElf(
-                "not an ELF shared object (bad class)".to_owned(),
-            ))
-        }
+        _ => return Err(ElfProblem::NotElf("not an ELF shared object (bad class)".to_owned())),
     };
     let little = match bytes.get(5) {
         Some(1) => true,
         Some(2) => false,
-        _ => {
-            return Err(ElfProblem::NotElf(
-                "not an ELF shared object (bad byte order)".to_owned(),
-            ))
-        }
+        _ => return Err(ElfProblem::NotElf("not an ELF shared object (bad byte order)".to_owned())),
     };
     let header_len = if class64 { 64 } else { 52 };
     if bytes.len() < header_len {
@@ -101,11 +89,7 @@ pub fn check(bytes: &[u8]) -> Result<(), ElfProblem> {
         } else {
             let mut b = [0u8; 4];
             b.copy_from_slice(&bytes[o..o + 4]);
-            u64::from(if little {
-                u32::from_le_bytes(b)
-            } else {
-                u32::from_be_bytes(b)
-            })
+            u64::from(if little { u32::from_le_bytes(b) } else { u32::from_be_bytes(b) })
         }
     };
     let e_type = u16_at(16);
@@ -154,33 +138,6 @@ pub fn check(bytes: &[u8]) -> Result<(), ElfProblem> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rejects_non_elf() {
-        assert!(matches!(check(b""), Err(ElfProblem::NotElf(m)) if m.starts_with("empty")));
-        assert!(
-            matches!(check(b"hello world"), Err(ElfProblem::NotElf(m)) if m.contains("bad magic"))
-        );
-        assert!(
-            matches!(check(b"\x7fELF\x02\x01"), Err(ElfProblem::NotElf(m)) if m.contains("truncated"))
-        );
-    }
-
-    #[test]
-    fn accepts_own_executable_machine_but_not_its_type() {
-        let exe = std::fs::read(std::env::current_exe().expect("current exe")).expect("read exe");
-        // Test binaries are position-independent executables: ET_DYN too, so this passes the checks.
-        let r = check(&exe);
-        assert!(
-            r.is_ok() || matches!(r, Err(ElfProblem::NotElf(ref m)) if m.contains("executable")),
-            "{r:?}"
-        );
-    }
-}
-
 /// Whether the file's dynamic symbol table defines `name` (an exported symbol), read without loading it.
 /// `None` when the table cannot be read (the loader then decides).
 pub fn defines_dynamic_symbol(bytes: &[u8], name: &str) -> Option<bool> {
@@ -227,4 +184,24 @@ pub fn defines_dynamic_symbol(bytes: &[u8], name: &str) -> Option<bool> {
         return Some(false);
     }
     Some(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_non_elf() {
+        assert!(matches!(check(b""), Err(ElfProblem::NotElf(m)) if m.starts_with("empty")));
+        assert!(matches!(check(b"hello world"), Err(ElfProblem::NotElf(m)) if m.contains("bad magic")));
+        assert!(matches!(check(b"\x7fELF\x02\x01"), Err(ElfProblem::NotElf(m)) if m.contains("truncated")));
+    }
+
+    #[test]
+    fn accepts_own_executable_machine_but_not_its_type() {
+        let exe = std::fs::read(std::env::current_exe().expect("current exe")).expect("read exe");
+        // Test binaries are position-independent executables: ET_DYN too, so this passes the checks.
+        let r = check(&exe);
+        assert!(r.is_ok() || matches!(r, Err(ElfProblem::NotElf(ref m)) if m.contains("executable")), "{r:?}");
+    }
 }

@@ -85,12 +85,7 @@ pub struct LoadError {
 
 impl LoadError {
     pub(crate) fn new(kind: LoadErrorKind, path: &Path, reason: impl Into<String>) -> LoadError {
-        LoadError {
-            kind,
-            path: path.to_owned(),
-            reason: reason.into(),
-            details: Vec::new(),
-        }
+        LoadError { kind, path: path.to_owned(), reason: reason.into(), details: Vec::new() }
     }
     pub(crate) fn with_details(mut self, details: Vec<String>) -> LoadError {
         self.details = details;
@@ -109,12 +104,7 @@ impl LoadError {
 
 impl fmt::Display for LoadError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "cannot load driver \"{}\": {}",
-            self.path.display(),
-            self.reason
-        )
+        write!(f, "cannot load driver \"{}\": {}", self.path.display(), self.reason)
     }
 }
 

@@ -23,9 +23,7 @@ use std::sync::Mutex;
 use std::time::SystemTime;
 
 use plugin_api::host::{DriverLibrary, OpenError};
-use plugin_api::{
-    ComputeClient, DriverError, DriverKind, ErrorKind, OptionSpec, Options, VolumeClient,
-};
+use plugin_api::{ComputeClient, DriverError, DriverKind, ErrorKind, OptionSpec, Options, VolumeClient};
 use sha2::{Digest, Sha256};
 
 use crate::elf;
@@ -80,11 +78,7 @@ impl Library {
             } else {
                 format!("driver {:?}: {} invalid options", self.name(), errs.len())
             };
-            let details = if errs.len() == 1 {
-                Vec::new()
-            } else {
-                errs.iter().map(|e| e.to_string()).collect()
-            };
+            let details = if errs.len() == 1 { Vec::new() } else { errs.iter().map(|e| e.to_string()).collect() };
             LoadError::new(LoadErrorKind::InvalidOptions, &self.path, reason).with_details(details)
         })
     }
@@ -95,28 +89,21 @@ impl Library {
         } else {
             LoadErrorKind::ConstructorFailed
         };
-        let what = if kind == LoadErrorKind::ConstructorPanicked {
-            "constructor panicked"
-        } else {
-            "constructor failed"
-        };
+        let what =
+            if kind == LoadErrorKind::ConstructorPanicked { "constructor panicked" } else { "constructor failed" };
         LoadError::new(kind, &self.path, format!("{what}: {}", e.message()))
     }
 
     /// Constructs a volume driver. Errors and panics come back as [`LoadError`]s.
     pub fn new_volume(&self, options: &Options) -> Result<VolumeClient, LoadError> {
         self.expect_kind(DriverKind::VOLUME)?;
-        self.lib
-            .new_volume(options)
-            .map_err(|e| self.constructor_error(e))
+        self.lib.new_volume(options).map_err(|e| self.constructor_error(e))
     }
 
     /// Constructs a compute driver. Errors and panics come back as [`LoadError`]s.
     pub fn new_compute(&self, options: &Options) -> Result<ComputeClient, LoadError> {
         self.expect_kind(DriverKind::COMPUTE)?;
-        self.lib
-            .new_compute(options)
-            .map_err(|e| self.constructor_error(e))
+        self.lib.new_compute(options).map_err(|e| self.constructor_error(e))
     }
 
     /// Refuses a library of another kind than `kind`.
@@ -127,11 +114,7 @@ impl Library {
         Err(LoadError::new(
             LoadErrorKind::WrongKind,
             &self.path,
-            format!(
-                "\"{}\" is a {} driver, expected a {kind} driver",
-                self.name(),
-                self.kind()
-            ),
+            format!("\"{}\" is a {} driver, expected a {kind} driver", self.name(), self.kind()),
         ))
     }
 }
@@ -160,17 +143,9 @@ pub struct Loader {
 impl Loader {
     /// A loader whose private copies go to `dir` (created with mode 0700 if missing).
     pub fn new(dir: &Path) -> Result<Loader, LoadError> {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| {
-                LoadError::new(
-                    LoadErrorKind::RuntimeDir,
-                    dir,
-                    format!("cannot create runtime directory: {e}"),
-                )
-            })?;
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| {
+            LoadError::new(LoadErrorKind::RuntimeDir, dir, format!("cannot create runtime directory: {e}"))
+        })?;
         Ok(Loader {
             dir: dir.to_owned(),
             temporary: false,
@@ -182,10 +157,7 @@ impl Loader {
 
     /// A loader with a fresh private directory under the system temp dir, removed on drop.
     pub fn temporary() -> Result<Loader, LoadError> {
-        let nanos = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
+        let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         let dir = std::env::temp_dir().join(format!("plughost-{}-{nanos}", std::process::id()));
         let mut l = Loader::new(&dir)?;
         l.temporary = true;
@@ -212,18 +184,10 @@ impl Loader {
             _ => err(LoadErrorKind::NotAFile, format!("cannot read: {e}")),
         })?;
         if !meta.is_file() {
-            let what = if meta.is_dir() {
-                "a directory"
-            } else {
-                "not a regular file"
-            };
-            return Err(err(
-                LoadErrorKind::NotAFile,
-                format!("{what}, not a shared object"),
-            ));
+            let what = if meta.is_dir() { "a directory" } else { "not a regular file" };
+            return Err(err(LoadErrorKind::NotAFile, format!("{what}, not a shared object")));
         }
-        let bytes = fs::read(path)
-            .map_err(|e| err(LoadErrorKind::NotAFile, format!("cannot read: {e}")))?;
+        let bytes = fs::read(path).map_err(|e| err(LoadErrorKind::NotAFile, format!("cannot read: {e}")))?;
         elf::check(&bytes).map_err(|p| match p {
             elf::ElfProblem::NotElf(r) => err(LoadErrorKind::NotElf, r),
             elf::ElfProblem::WrongMachine(r) => err(LoadErrorKind::WrongMachine, r),
@@ -236,17 +200,10 @@ impl Loader {
             ));
         }
         let digest = format!("sha256:{}", hex(&Sha256::digest(&bytes)));
-        let cached = self
-            .verified
-            .lock()
-            .ok()
-            .and_then(|m| m.get(&digest).copied());
+        let cached = self.verified.lock().ok().and_then(|m| m.get(&digest).copied());
         let lib = match cached {
             Some(lib) => {
-                log::debug!(
-                    "{}: content {digest} already verified in this process",
-                    path.display()
-                );
+                log::debug!("{}: content {digest} already verified in this process", path.display());
                 lib
             }
             None => {
@@ -255,68 +212,36 @@ impl Loader {
                     m.insert(digest.clone(), lib);
                 }
                 if let Ok(mut m) = self.mapped.lock() {
-                    m.push(Mapped {
-                        digest: digest.clone(),
-                        path: path.to_owned(),
-                        size: bytes.len() as u64,
-                    });
+                    m.push(Mapped { digest: digest.clone(), path: path.to_owned(), size: bytes.len() as u64 });
                 }
                 lib
             }
         };
-        Ok(Library {
-            path: path.to_owned(),
-            digest,
-            size: bytes.len() as u64,
-            loaded_at: SystemTime::now(),
-            lib,
-        })
+        Ok(Library { path: path.to_owned(), digest, size: bytes.len() as u64, loaded_at: SystemTime::now(), lib })
     }
 
-    fn open_copy(
-        &self,
-        path: &Path,
-        bytes: &[u8],
-        digest: &str,
-    ) -> Result<DriverLibrary, LoadError> {
+    fn open_copy(&self, path: &Path, bytes: &[u8], digest: &str) -> Result<DriverLibrary, LoadError> {
         let err = |kind, reason: String| LoadError::new(kind, path, reason);
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let file_name = path
-            .file_name()
-            .map(|f| f.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "driver.so".into());
-        let short = digest
-            .trim_start_matches("sha256:")
-            .get(..12)
-            .unwrap_or("0");
-        let copy = self
-            .dir
-            .join(format!("{}-{n}-{short}-{file_name}", std::process::id()));
+        let file_name =
+            path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_else(|| "driver.so".into());
+        let short = digest.trim_start_matches("sha256:").get(..12).unwrap_or("0");
+        let copy = self.dir.join(format!("{}-{n}-{short}-{file_name}", std::process::id()));
         let write = || -> io::Result<()> {
             use io::Write;
-            let mut f = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o500)
-                .open(&copy)?;
+            let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o500).open(&copy)?;
             f.write_all(bytes)?;
             f.sync_all()
         };
-        write().map_err(|e| {
-            err(
-                LoadErrorKind::RuntimeDir,
-                format!("cannot copy to {}: {e}", copy.display()),
-            )
-        })?;
+        write().map_err(|e| err(LoadErrorKind::RuntimeDir, format!("cannot copy to {}: {e}", copy.display())))?;
         let result = open_verified(path, &copy);
         // The mapping stays valid after unlink; removing the copy keeps the runtime directory clean.
         if let Err(e) = fs::remove_file(&copy) {
             log::warn!("cannot remove private copy {}: {e}", copy.display());
         }
         let lib = result?;
-        check_metadata(&lib).map_err(|(reason, details)| {
-            err(LoadErrorKind::InvalidMetadata, reason).with_details(details)
-        })?;
+        check_metadata(&lib)
+            .map_err(|(reason, details)| err(LoadErrorKind::InvalidMetadata, reason).with_details(details))?;
         log::info!(
             "loaded driver {:?} {} ({}) from {} [{digest}]",
             lib.name(),
@@ -361,15 +286,8 @@ fn open_verified(path: &Path, copy: &Path) -> Result<DriverLibrary, LoadError> {
         Err(e) => {
             let text = e.to_string();
             let copy_prefix = format!("{}: ", copy.display());
-            let text = text
-                .split(&copy_prefix)
-                .last()
-                .unwrap_or(&text)
-                .replace('\n', " ");
-            return Err(err(
-                LoadErrorKind::DlopenFailed,
-                format!("dynamic loader refused it: {text}"),
-            ));
+            let text = text.split(&copy_prefix).last().unwrap_or(&text).replace('\n', " ");
+            return Err(err(LoadErrorKind::DlopenFailed, format!("dynamic loader refused it: {text}")));
         }
     }
     plugin_api::host::open(copy).map_err(|e| {
@@ -391,25 +309,17 @@ fn open_verified(path: &Path, copy: &Path) -> Result<DriverLibrary, LoadError> {
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s.chars().all(|c| {
-            c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_' || c == '.'
-        })
+        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_' || c == '.')
 }
 
 /// Checks what a library says about itself.
 fn check_metadata(lib: &DriverLibrary) -> Result<(), (String, Vec<String>)> {
     let mut problems = Vec::new();
     if !valid_name(lib.name()) {
-        problems.push(format!(
-            "driver name {:?} is not 1-64 characters of a-z, 0-9, '-', '_', '.'",
-            lib.name()
-        ));
+        problems.push(format!("driver name {:?} is not 1-64 characters of a-z, 0-9, '-', '_', '.'", lib.name()));
     }
     if lib.version().trim().is_empty() || lib.version().contains(char::is_whitespace) {
-        problems.push(format!(
-            "driver version {:?} is empty or has spaces",
-            lib.version()
-        ));
+        problems.push(format!("driver version {:?} is empty or has spaces", lib.version()));
     }
     if lib.summary().contains('\n') {
         problems.push("summary is not one line".to_owned());
@@ -418,16 +328,12 @@ fn check_metadata(lib: &DriverLibrary) -> Result<(), (String, Vec<String>)> {
         problems.push("unknown driver kind (built against a newer plugin-api?)".to_owned());
     }
     if !lib.panic_unwind() {
-        problems
-            .push("built with panic=abort: a panic in the driver would kill the host".to_owned());
+        problems.push("built with panic=abort: a panic in the driver would kill the host".to_owned());
     }
     let opts = lib.options();
     for (i, o) in opts.iter().enumerate() {
         if !valid_name(o.name()) {
-            problems.push(format!(
-                "option name {:?} is not 1-64 characters of a-z, 0-9, '-', '_', '.'",
-                o.name()
-            ));
+            problems.push(format!("option name {:?} is not 1-64 characters of a-z, 0-9, '-', '_', '.'", o.name()));
         }
         if opts[..i].iter().any(|p| p.name() == o.name()) {
             problems.push(format!("option {:?} is declared twice", o.name()));
@@ -436,11 +342,7 @@ fn check_metadata(lib: &DriverLibrary) -> Result<(), (String, Vec<String>)> {
             problems.push(format!("option {:?} has an unknown type", o.name()));
         } else if let Some(d) = o.default_value() {
             if let Err(e) = plugin_api::normalize_value(o.ty(), d) {
-                problems.push(format!(
-                    "option {:?}: default {d:?} is not a valid {}: {e}",
-                    o.name(),
-                    o.ty()
-                ));
+                problems.push(format!("option {:?}: default {d:?} is not a valid {}: {e}", o.name(), o.ty()));
             }
         }
     }

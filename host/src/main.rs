@@ -8,11 +8,7 @@ use host::drivers;
 use host::Loader;
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "plughost",
-    version,
-    about = "Host for compiled driver plugins (volume and compute drivers)"
-)]
+#[command(name = "plughost", version, about = "Host for compiled driver plugins (volume and compute drivers)")]
 #[command(
     after_help = "Exit codes: 0 ok, 1 failure, 2 usage error.\nLogging: -v/-vv/-q, or RUST_LOG (e.g. RUST_LOG=host=debug)."
 )]
@@ -105,10 +101,7 @@ fn inspect(a: InspectArgs) -> ExitCode {
     let results = drivers::load_all(&loader, &a.paths);
     let all_ok = results.iter().all(|(_, r)| r.is_ok());
     if a.json {
-        let v: Vec<_> = results
-            .iter()
-            .map(|(p, r)| drivers::describe_json(p, r))
-            .collect();
+        let v: Vec<_> = results.iter().map(|(p, r)| drivers::describe_json(p, r)).collect();
         println!("{}", serde_json::Value::Array(v));
     } else {
         let mut first = true;
@@ -136,42 +129,23 @@ fn list(a: ListArgs) -> ExitCode {
     let dirs = drivers::driver_dirs(&a.driver_dirs);
     let results = drivers::load_all(&loader, &drivers::scan(&dirs));
     if a.json {
-        let v: Vec<_> = results
-            .iter()
-            .map(|(p, r)| drivers::describe_json(p, r))
-            .collect();
+        let v: Vec<_> = results.iter().map(|(p, r)| drivers::describe_json(p, r)).collect();
         println!("{}", serde_json::Value::Array(v));
         return ExitCode::SUCCESS;
     }
     let rows: Vec<[String; 4]> = results
         .iter()
         .map(|(p, r)| match r {
-            Ok(l) => [
-                l.name().to_owned(),
-                l.kind().to_string(),
-                l.version().to_owned(),
-                p.display().to_string(),
-            ],
-            Err(e) => [
-                "-".to_owned(),
-                "rejected".to_owned(),
-                "-".to_owned(),
-                format!("{}: {}", p.display(), e.reason),
-            ],
+            Ok(l) => [l.name().to_owned(), l.kind().to_string(), l.version().to_owned(), p.display().to_string()],
+            Err(e) => ["-".to_owned(), "rejected".to_owned(), "-".to_owned(), format!("{}: {}", p.display(), e.reason)],
         })
         .collect();
     if rows.is_empty() {
         let searched: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
-        eprintln!(
-            "plughost: no driver libraries (*.so) in {}",
-            searched.join(", ")
-        );
+        eprintln!("plughost: no driver libraries (*.so) in {}", searched.join(", "));
         return ExitCode::SUCCESS;
     }
     let header = ["NAME", "KIND", "VERSION", "PATH"].map(String::from);
-    print!(
-        "{}",
-        drivers::table(std::iter::once(&header).chain(rows.iter()), "")
-    );
+    print!("{}", drivers::table(std::iter::once(&header).chain(rows.iter()), ""));
     ExitCode::SUCCESS
 }

@@ -141,11 +141,7 @@ impl From<&InstanceSpec> for FfiInstanceSpec {
             name: s.name.as_str().into(),
             command: s.command.as_str().into(),
             args: s.args.iter().map(|a| RString::from(a.as_str())).collect(),
-            env: s
-                .env
-                .iter()
-                .map(|(k, v)| Tuple2(k.as_str().into(), v.as_str().into()))
-                .collect(),
+            env: s.env.iter().map(|(k, v)| Tuple2(k.as_str().into(), v.as_str().into())).collect(),
             workdir: s.workdir.as_deref().map(RString::from).into(),
         }
     }
@@ -157,11 +153,7 @@ impl From<&FfiInstanceSpec> for InstanceSpec {
             name: s.name.to_string(),
             command: s.command.to_string(),
             args: s.args.iter().map(|a| a.to_string()).collect(),
-            env: s
-                .env
-                .iter()
-                .map(|Tuple2(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            env: s.env.iter().map(|Tuple2(k, v)| (k.to_string(), v.to_string())).collect(),
             workdir: s.workdir.as_ref().into_option().map(|w| w.to_string()),
         }
     }
@@ -214,11 +206,7 @@ impl From<FfiInstance> for Instance {
     }
 }
 
-#[allow(
-    non_local_definitions,
-    missing_docs,
-    clippy::undocumented_unsafe_blocks
-)]
+#[allow(non_local_definitions, missing_docs, clippy::undocumented_unsafe_blocks)]
 pub(crate) mod ffi {
     use super::*;
 
@@ -272,11 +260,7 @@ impl<D: ComputeDriver> ComputeDriverFfi for ComputeAdapter<D> {
         guard(|| self.0.reboot(name.as_str()).map(Into::into))
     }
     fn list(&self) -> RResult<RVec<FfiInstance>, DriverError> {
-        guard(|| {
-            self.0
-                .list()
-                .map(|v| v.into_iter().map(Into::into).collect())
-        })
+        guard(|| self.0.list().map(|v| v.into_iter().map(Into::into).collect()))
     }
     fn get(&self, name: RStr<'_>) -> RResult<FfiInstance, DriverError> {
         guard(|| self.0.get(name.as_str()).map(Into::into))
@@ -319,10 +303,7 @@ impl ComputeClient {
     }
     /// See [`ComputeDriver::spawn`].
     pub fn spawn(&self, spec: &InstanceSpec) -> Result<Instance, DriverError> {
-        self.inner
-            .spawn(&FfiInstanceSpec::from(spec))
-            .into_result()
-            .map(Into::into)
+        self.inner.spawn(&FfiInstanceSpec::from(spec)).into_result().map(Into::into)
     }
     /// See [`ComputeDriver::destroy`].
     pub fn destroy(&self, name: &str) -> Result<(), DriverError> {
@@ -342,10 +323,7 @@ impl ComputeClient {
     }
     /// See [`ComputeDriver::list`].
     pub fn list(&self) -> Result<Vec<Instance>, DriverError> {
-        self.inner
-            .list()
-            .into_result()
-            .map(|v| v.into_iter().map(Into::into).collect())
+        self.inner.list().into_result().map(|v| v.into_iter().map(Into::into).collect())
     }
     /// See [`ComputeDriver::get`].
     pub fn get(&self, name: &str) -> Result<Instance, DriverError> {

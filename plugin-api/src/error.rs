@@ -78,10 +78,7 @@ pub struct DriverError {
 impl DriverError {
     /// An error of any kind.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> DriverError {
-        DriverError {
-            kind,
-            message: RString::from(message.into()),
-        }
+        DriverError { kind, message: RString::from(message.into()) }
     }
     /// [`ErrorKind::NOT_FOUND`].
     pub fn not_found(message: impl Into<String>) -> DriverError {

@@ -56,9 +56,9 @@ impl std::fmt::Display for OpenError {
             OpenError::ApiVersion { host, library } => {
                 write!(f, "incompatible plugin-api version: host has {host}, library was built against {library}")
             }
-            OpenError::Layout { .. } => f.write_str(
-                "layout mismatch: the driver was built against a different plugin-api interface",
-            ),
+            OpenError::Layout { .. } => {
+                f.write_str("layout mismatch: the driver was built against a different plugin-api interface")
+            }
             OpenError::ModuleInit(e) => write!(f, "root module failed to initialise: {e}"),
             OpenError::Other(e) => f.write_str(e),
         }
@@ -70,9 +70,7 @@ fn summarize_layout(full: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut lines = full.lines().map(str::trim).peekable();
     while let Some(line) = lines.next() {
-        let interesting = ["Error:", "Expected:", "Found:"]
-            .iter()
-            .any(|p| line.starts_with(p));
+        let interesting = ["Error:", "Expected:", "Found:"].iter().any(|p| line.starts_with(p));
         if !interesting {
             continue;
         }
@@ -97,12 +95,9 @@ fn summarize_layout(full: &str) -> Vec<String> {
 
 fn classify(err: LibraryError) -> OpenError {
     match err {
-        LibraryError::OpenError { err, .. } => OpenError::Dlopen(
-            err.to_string()
-                .chars()
-                .filter(|c| !c.is_control())
-                .collect(),
-        ),
+        LibraryError::OpenError { err, .. } => {
+            OpenError::Dlopen(err.to_string().chars().filter(|c| !c.is_control()).collect())
+        }
         LibraryError::GetSymbolError { .. } => OpenError::NotADriver,
         LibraryError::InvalidAbiHeader(h) => OpenError::AbiStable {
             found: if h.magic_string == abi_stable::library::AbiHeader::VALUE.magic_string {
@@ -111,27 +106,16 @@ fn classify(err: LibraryError) -> OpenError {
                 "unrecognised abi header".to_owned()
             },
         },
-        LibraryError::InvalidCAbi { .. } => OpenError::AbiStable {
-            found: "C ABI test failed".to_owned(),
-        },
-        LibraryError::IncompatibleVersionNumber {
-            expected_version,
-            actual_version,
-            ..
-        } => OpenError::ApiVersion {
-            host: expected_version.to_string(),
-            library: actual_version.to_string(),
-        },
-        LibraryError::ParseVersionError(e) => OpenError::ApiVersion {
-            host: crate::API_VERSION.to_owned(),
-            library: format!("unparseable ({e})"),
-        },
+        LibraryError::InvalidCAbi { .. } => OpenError::AbiStable { found: "C ABI test failed".to_owned() },
+        LibraryError::IncompatibleVersionNumber { expected_version, actual_version, .. } => {
+            OpenError::ApiVersion { host: expected_version.to_string(), library: actual_version.to_string() }
+        }
+        LibraryError::ParseVersionError(e) => {
+            OpenError::ApiVersion { host: crate::API_VERSION.to_owned(), library: format!("unparseable ({e})") }
+        }
         LibraryError::AbiInstability(e) => {
             let full = e.to_string();
-            OpenError::Layout {
-                summary: summarize_layout(&full),
-                full,
-            }
+            OpenError::Layout { summary: summarize_layout(&full), full }
         }
         LibraryError::RootModule { err, .. } => OpenError::ModuleInit(match err {
             RootModuleError::Unwound => "it panicked".to_owned(),
@@ -152,10 +136,7 @@ pub struct DriverLibrary {
 
 impl std::fmt::Debug for DriverLibrary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DriverLibrary")
-            .field("name", &self.name())
-            .field("kind", &self.kind())
-            .finish()
+        f.debug_struct("DriverLibrary").field("name", &self.name()).field("kind", &self.kind()).finish()
     }
 }
 
@@ -163,9 +144,7 @@ impl std::fmt::Debug for DriverLibrary {
 /// abi_stable header, the plugin-api version and the layout of every type in the interface.
 pub fn open(path: &Path) -> Result<DriverLibrary, OpenError> {
     let header = lib_header_from_path(path).map_err(classify)?;
-    let module = header
-        .init_root_module::<DriverModuleRef>()
-        .map_err(classify)?;
+    let module = header.init_root_module::<DriverModuleRef>().map_err(classify)?;
     Ok(DriverLibrary { module })
 }
 
@@ -208,14 +187,9 @@ impl DriverLibrary {
                 self.kind()
             ))
         })?;
-        let pairs: Vec<Tuple2<RStr<'_>, RStr<'_>>> = options
-            .pairs()
-            .iter()
-            .map(|(k, v)| Tuple2(RStr::from(k.as_str()), RStr::from(v.as_str())))
-            .collect();
-        ctor(pairs.as_slice().into())
-            .into_result()
-            .map(VolumeClient::new)
+        let pairs: Vec<Tuple2<RStr<'_>, RStr<'_>>> =
+            options.pairs().iter().map(|(k, v)| Tuple2(RStr::from(k.as_str()), RStr::from(v.as_str()))).collect();
+        ctor(pairs.as_slice().into()).into_result().map(VolumeClient::new)
     }
 
     /// Constructs the compute driver. Errors and panics in the constructor come back as `Err`.
@@ -227,13 +201,8 @@ impl DriverLibrary {
                 self.kind()
             ))
         })?;
-        let pairs: Vec<Tuple2<RStr<'_>, RStr<'_>>> = options
-            .pairs()
-            .iter()
-            .map(|(k, v)| Tuple2(RStr::from(k.as_str()), RStr::from(v.as_str())))
-            .collect();
-        ctor(pairs.as_slice().into())
-            .into_result()
-            .map(ComputeClient::new)
+        let pairs: Vec<Tuple2<RStr<'_>, RStr<'_>>> =
+            options.pairs().iter().map(|(k, v)| Tuple2(RStr::from(k.as_str()), RStr::from(v.as_str()))).collect();
+        ctor(pairs.as_slice().into()).into_result().map(ComputeClient::new)
     }
 }

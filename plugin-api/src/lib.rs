@@ -105,9 +105,7 @@ pub use error::{DriverError, ErrorKind};
 pub use module::DriverKind;
 #[doc(hidden)]
 pub use module::{__private, DriverModule, DriverModuleRef, RawOptions};
-pub use options::{
-    normalize_value, parse_bool, parse_size, validate, OptionError, OptionSpec, OptionType, Options,
-};
+pub use options::{normalize_value, parse_bool, parse_size, validate, OptionError, OptionSpec, OptionType, Options};
 pub use volume::{CapacityStats, Volume, VolumeClient, VolumeDriver};
 #[doc(hidden)]
 pub use {compute::ComputeDriverBox, volume::VolumeDriverBox};

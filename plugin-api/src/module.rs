@@ -93,8 +93,7 @@ pub struct DriverModule {
     pub new_volume: Option<extern "C" fn(RawOptions<'_>) -> RResult<VolumeDriverBox, DriverError>>,
     /// The compute constructor, for [`DriverKind::COMPUTE`]. New fields go after this one.
     #[sabi(last_prefix_field)]
-    pub new_compute:
-        Option<extern "C" fn(RawOptions<'_>) -> RResult<ComputeDriverBox, DriverError>>,
+    pub new_compute: Option<extern "C" fn(RawOptions<'_>) -> RResult<ComputeDriverBox, DriverError>>,
 }
 
 impl RootModule for DriverModuleRef {
@@ -108,8 +107,7 @@ impl RootModule for DriverModuleRef {
 #[doc(hidden)]
 pub mod __private {
     pub use abi_stable::library::{
-        __call_root_module_loader, CheckTypeLayout, IntoRootModuleResult, LibHeader,
-        RootModuleResult,
+        __call_root_module_loader, CheckTypeLayout, IntoRootModuleResult, LibHeader, RootModuleResult,
     };
     pub use abi_stable::prefix_type::PrefixTypeTrait;
     pub use abi_stable::std_types::{RResult, RSlice, RStr};
@@ -136,9 +134,7 @@ pub mod __private {
         options: &'static [OptionSpec],
         panic_unwind: bool,
         new_volume: Option<extern "C" fn(RawOptions<'_>) -> RResult<VolumeDriverBox, DriverError>>,
-        new_compute: Option<
-            extern "C" fn(RawOptions<'_>) -> RResult<ComputeDriverBox, DriverError>,
-        >,
+        new_compute: Option<extern "C" fn(RawOptions<'_>) -> RResult<ComputeDriverBox, DriverError>>,
     ) -> DriverModuleRef {
         crate::panic::install_hook();
         DriverModule {
@@ -163,10 +159,7 @@ pub mod __private {
         let options = options_from_raw(raw);
         crate::panic::guard(|| {
             let driver = new(&options)?;
-            Ok(VolumeDriverFfi_TO::from_value(
-                VolumeAdapter(driver),
-                abi_stable::sabi_trait::TD_Opaque,
-            ))
+            Ok(VolumeDriverFfi_TO::from_value(VolumeAdapter(driver), abi_stable::sabi_trait::TD_Opaque))
         })
     }
 
@@ -178,10 +171,7 @@ pub mod __private {
         let options = options_from_raw(raw);
         crate::panic::guard(|| {
             let driver = new(&options)?;
-            Ok(ComputeDriverFfi_TO::from_value(
-                ComputeAdapter(driver),
-                abi_stable::sabi_trait::TD_Opaque,
-            ))
+            Ok(ComputeDriverFfi_TO::from_value(ComputeAdapter(driver), abi_stable::sabi_trait::TD_Opaque))
         })
     }
 

@@ -194,13 +194,9 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(digits_end);
     if num.is_empty() {
-        return Err(format!(
-            "bad size syntax {text:?}: expected a number with an optional unit such as 10MiB"
-        ));
+        return Err(format!("bad size syntax {text:?}: expected a number with an optional unit such as 10MiB"));
     }
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("size {text:?} is too large"))?;
+    let n: u64 = num.parse().map_err(|_| format!("size {text:?} is too large"))?;
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kib" => 1 << 10,
@@ -219,8 +215,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
             ))
         }
     };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("size {text:?} is too large"))
+    n.checked_mul(mult).ok_or_else(|| format!("size {text:?} is too large"))
 }
 
 /// Parses a boolean as accepted for [`OptionType::BOOL`].
@@ -236,11 +231,9 @@ pub fn parse_bool(text: &str) -> Result<bool, String> {
 pub fn normalize_value(ty: OptionType, raw: &str) -> Result<String, String> {
     match ty {
         OptionType::STRING => Ok(raw.to_owned()),
-        OptionType::INTEGER => raw
-            .trim()
-            .parse::<i64>()
-            .map(|n| n.to_string())
-            .map_err(|_| format!("expected an integer, got {raw:?}")),
+        OptionType::INTEGER => {
+            raw.trim().parse::<i64>().map(|n| n.to_string()).map_err(|_| format!("expected an integer, got {raw:?}"))
+        }
         OptionType::BOOL => parse_bool(raw).map(|b| b.to_string()),
         OptionType::SIZE => parse_size(raw).map(|n| n.to_string()),
         OptionType::PATH => {
@@ -273,10 +266,7 @@ impl fmt::Display for OptionError {
 ///
 /// Returns every option with a value (given or defaulted), normalized, in schema order; or every problem
 /// found: unknown key, value of the wrong type, bad size syntax, required option missing, same key twice.
-pub fn validate(
-    schema: &[OptionSpec],
-    given: &[(String, String)],
-) -> Result<Options, Vec<OptionError>> {
+pub fn validate(schema: &[OptionSpec], given: &[(String, String)]) -> Result<Options, Vec<OptionError>> {
     let mut errors = Vec::new();
     for (i, (key, _)) in given.iter().enumerate() {
         if !schema.iter().any(|s| s.name() == key) {
@@ -286,30 +276,19 @@ pub fn validate(
             } else {
                 format!("unknown option (known: {})", known.join(", "))
             };
-            errors.push(OptionError {
-                option: key.clone(),
-                reason,
-            });
+            errors.push(OptionError { option: key.clone(), reason });
         } else if given[..i].iter().any(|(k, _)| k == key) {
-            errors.push(OptionError {
-                option: key.clone(),
-                reason: "given more than once".to_owned(),
-            });
+            errors.push(OptionError { option: key.clone(), reason: "given more than once".to_owned() });
         }
     }
     let mut values = Vec::new();
     for spec in schema {
-        let given_value = given
-            .iter()
-            .find(|(k, _)| k == spec.name())
-            .map(|(_, v)| v.as_str());
+        let given_value = given.iter().find(|(k, _)| k == spec.name()).map(|(_, v)| v.as_str());
         let raw = match (given_value, spec.default_value()) {
             (Some(v), _) => v,
             (None, _) if spec.is_required() => {
-                errors.push(OptionError {
-                    option: spec.name().to_owned(),
-                    reason: "required option missing".to_owned(),
-                });
+                errors
+                    .push(OptionError { option: spec.name().to_owned(), reason: "required option missing".to_owned() });
                 continue;
             }
             (None, Some(d)) => d,
@@ -317,10 +296,7 @@ pub fn validate(
         };
         match normalize_value(spec.ty(), raw) {
             Ok(v) => values.push((spec.name().to_owned(), v)),
-            Err(reason) => errors.push(OptionError {
-                option: spec.name().to_owned(),
-                reason,
-            }),
+            Err(reason) => errors.push(OptionError { option: spec.name().to_owned(), reason }),
         }
     }
     if errors.is_empty() {
@@ -338,15 +314,8 @@ pub struct Options {
 
 impl Options {
     /// Options from already-normalized pairs (for a driver's own unit tests; hosts use [`validate`]).
-    pub fn from_pairs<K: Into<String>, V: Into<String>>(
-        pairs: impl IntoIterator<Item = (K, V)>,
-    ) -> Options {
-        Options {
-            values: pairs
-                .into_iter()
-                .map(|(k, v)| (k.into(), v.into()))
-                .collect(),
-        }
+    pub fn from_pairs<K: Into<String>, V: Into<String>>(pairs: impl IntoIterator<Item = (K, V)>) -> Options {
+        Options { values: pairs.into_iter().map(|(k, v)| (k.into(), v.into())).collect() }
     }
     /// All `(name, normalized value)` pairs.
     pub fn pairs(&self) -> &[(String, String)] {
@@ -354,10 +323,7 @@ impl Options {
     }
     /// The raw normalized text of an option, if it has a value.
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.values
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        self.values.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
     fn typed<T>(
         &self,
@@ -367,9 +333,9 @@ impl Options {
     ) -> Result<Option<T>, DriverError> {
         match self.get(name) {
             None => Ok(None),
-            Some(v) => f(v).map(Some).map_err(|reason| {
-                DriverError::invalid_argument(format!("option {name:?} ({ty}): {reason}"))
-            }),
+            Some(v) => f(v)
+                .map(Some)
+                .map_err(|reason| DriverError::invalid_argument(format!("option {name:?} ({ty}): {reason}"))),
         }
     }
     /// A string option.
@@ -379,16 +345,12 @@ impl Options {
     /// An integer option.
     pub fn integer(&self, name: &str) -> Result<Option<i64>, DriverError> {
         self.typed(name, OptionType::INTEGER, |v| {
-            v.trim()
-                .parse()
-                .map_err(|_| format!("expected an integer, got {v:?}"))
+            v.trim().parse().map_err(|_| format!("expected an integer, got {v:?}"))
         })
     }
     /// A boolean option; absent means `false`.
     pub fn boolean(&self, name: &str) -> Result<bool, DriverError> {
-        Ok(self
-            .typed(name, OptionType::BOOL, parse_bool)?
-            .unwrap_or(false))
+        Ok(self.typed(name, OptionType::BOOL, parse_bool)?.unwrap_or(false))
     }
     /// A size option, in bytes.
     pub fn size(&self, name: &str) -> Result<Option<u64>, DriverError> {
@@ -413,9 +375,7 @@ mod tests {
     ];
 
     fn pairs(p: &[(&str, &str)]) -> Vec<(String, String)> {
-        p.iter()
-            .map(|(a, b)| (a.to_string(), b.to_string()))
-            .collect()
+        p.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
     }
 
     #[test]
@@ -427,12 +387,8 @@ mod tests {
         assert!(parse_size("").is_err());
         assert!(parse_size("1.5G").is_err());
         assert!(parse_size("-1").is_err());
-        assert!(parse_size("99999999999P")
-            .unwrap_err()
-            .contains("too large"));
-        assert!(parse_size("3 bananas")
-            .unwrap_err()
-            .contains("unknown unit"));
+        assert!(parse_size("99999999999P").unwrap_err().contains("too large"));
+        assert!(parse_size("3 bananas").unwrap_err().contains("unknown unit"));
     }
 
     #[test]
@@ -448,27 +404,13 @@ mod tests {
 
     #[test]
     fn validate_reports_every_problem() {
-        let errs = validate(
-            SCHEMA,
-            &pairs(&[("bogus", "1"), ("max", "lots"), ("n", "x"), ("n", "4")]),
-        )
-        .unwrap_err();
+        let errs = validate(SCHEMA, &pairs(&[("bogus", "1"), ("max", "lots"), ("n", "x"), ("n", "4")])).unwrap_err();
         let text: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
         assert_eq!(errs.len(), 5, "{text:?}");
-        assert!(text
-            .iter()
-            .any(|t| t.starts_with("option \"bogus\": unknown option")));
-        assert!(text
-            .iter()
-            .any(|t| t == "option \"n\": given more than once"));
-        assert!(text
-            .iter()
-            .any(|t| t == "option \"root\": required option missing"));
-        assert!(text
-            .iter()
-            .any(|t| t.starts_with("option \"max\": bad size syntax")));
-        assert!(text
-            .iter()
-            .any(|t| t.starts_with("option \"n\": expected an integer")));
+        assert!(text.iter().any(|t| t.starts_with("option \"bogus\": unknown option")));
+        assert!(text.iter().any(|t| t == "option \"n\": given more than once"));
+        assert!(text.iter().any(|t| t == "option \"root\": required option missing"));
+        assert!(text.iter().any(|t| t.starts_with("option \"max\": bad size syntax")));
+        assert!(text.iter().any(|t| t.starts_with("option \"n\": expected an integer")));
     }
 }

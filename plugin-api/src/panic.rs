@@ -30,10 +30,7 @@ pub(crate) fn guard<T>(f: impl FnOnce() -> Result<T, DriverError>) -> RResult<T,
         Err(payload) => {
             let recorded = LAST_PANIC.with(|p| p.borrow_mut().take());
             let message = recorded.unwrap_or_else(|| payload_text(payload.as_ref()).to_owned());
-            RResult::RErr(DriverError::new(
-                ErrorKind::PANICKED,
-                format!("driver panicked: {message}"),
-            ))
+            RResult::RErr(DriverError::new(ErrorKind::PANICKED, format!("driver panicked: {message}")))
         }
     }
 }

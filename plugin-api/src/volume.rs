@@ -71,16 +71,12 @@ pub trait VolumeDriver: Send + Sync + 'static {
     /// Writes `data` at `offset`; returns the bytes written. Optional.
     fn write_at(&self, name: &str, offset: u64, data: &[u8]) -> Result<u64, DriverError> {
         let _ = (offset, data);
-        Err(DriverError::unsupported(format!(
-            "volume {name:?}: this driver does not support writes"
-        )))
+        Err(DriverError::unsupported(format!("volume {name:?}: this driver does not support writes")))
     }
     /// Reads up to `len` bytes at `offset`. Optional.
     fn read_at(&self, name: &str, offset: u64, len: u64) -> Result<Vec<u8>, DriverError> {
         let _ = (offset, len);
-        Err(DriverError::unsupported(format!(
-            "volume {name:?}: this driver does not support reads"
-        )))
+        Err(DriverError::unsupported(format!("volume {name:?}: this driver does not support reads")))
     }
 }
 
@@ -120,11 +116,7 @@ impl From<FfiVolume> for Volume {
     }
 }
 
-#[allow(
-    non_local_definitions,
-    missing_docs,
-    clippy::undocumented_unsafe_blocks
-)]
+#[allow(non_local_definitions, missing_docs, clippy::undocumented_unsafe_blocks)]
 pub(crate) mod ffi {
     use super::*;
 
@@ -143,12 +135,7 @@ pub(crate) mod ffi {
         fn list(&self) -> RResult<RVec<FfiVolume>, DriverError>;
         fn get(&self, name: RStr<'_>) -> RResult<FfiVolume, DriverError>;
         fn stats(&self) -> RResult<CapacityStats, DriverError>;
-        fn write_at(
-            &self,
-            name: RStr<'_>,
-            offset: u64,
-            data: RSlice<'_, u8>,
-        ) -> RResult<u64, DriverError>;
+        fn write_at(&self, name: RStr<'_>, offset: u64, data: RSlice<'_, u8>) -> RResult<u64, DriverError>;
         #[sabi(last_prefix_field)]
         fn read_at(&self, name: RStr<'_>, offset: u64, len: u64) -> RResult<RVec<u8>, DriverError>;
     }
@@ -182,18 +169,10 @@ impl<D: VolumeDriver> VolumeDriverFfi for VolumeAdapter<D> {
         guard(|| self.0.extend(name.as_str(), new_size).map(Into::into))
     }
     fn snapshot(&self, name: RStr<'_>, snapshot: RStr<'_>) -> RResult<FfiVolume, DriverError> {
-        guard(|| {
-            self.0
-                .snapshot(name.as_str(), snapshot.as_str())
-                .map(Into::into)
-        })
+        guard(|| self.0.snapshot(name.as_str(), snapshot.as_str()).map(Into::into))
     }
     fn list(&self) -> RResult<RVec<FfiVolume>, DriverError> {
-        guard(|| {
-            self.0
-                .list()
-                .map(|v| v.into_iter().map(Into::into).collect())
-        })
+        guard(|| self.0.list().map(|v| v.into_iter().map(Into::into).collect()))
     }
     fn get(&self, name: RStr<'_>) -> RResult<FfiVolume, DriverError> {
         guard(|| self.0.get(name.as_str()).map(Into::into))
@@ -201,12 +180,7 @@ impl<D: VolumeDriver> VolumeDriverFfi for VolumeAdapter<D> {
     fn stats(&self) -> RResult<CapacityStats, DriverError> {
         guard(|| self.0.stats())
     }
-    fn write_at(
-        &self,
-        name: RStr<'_>,
-        offset: u64,
-        data: RSlice<'_, u8>,
-    ) -> RResult<u64, DriverError> {
+    fn write_at(&self, name: RStr<'_>, offset: u64, data: RSlice<'_, u8>) -> RResult<u64, DriverError> {
         guard(|| self.0.write_at(name.as_str(), offset, data.as_slice()))
     }
     fn read_at(&self, name: RStr<'_>, offset: u64, len: u64) -> RResult<RVec<u8>, DriverError> {
@@ -234,10 +208,7 @@ impl VolumeClient {
     }
     /// Wraps a driver compiled into this process (tests, benchmarks, statically linked drivers).
     pub fn in_process<D: VolumeDriver>(driver: D) -> VolumeClient {
-        VolumeClient::new(ffi::VolumeDriverFfi_TO::from_value(
-            VolumeAdapter(driver),
-            abi_stable::sabi_trait::TD_Opaque,
-        ))
+        VolumeClient::new(ffi::VolumeDriverFfi_TO::from_value(VolumeAdapter(driver), abi_stable::sabi_trait::TD_Opaque))
     }
     /// See [`VolumeDriver::init`].
     pub fn init(&self) -> Result<(), DriverError> {
@@ -253,10 +224,7 @@ impl VolumeClient {
     }
     /// See [`VolumeDriver::create`].
     pub fn create(&self, name: &str, size: u64) -> Result<Volume, DriverError> {
-        self.inner
-            .create(name.into(), size)
-            .into_result()
-            .map(Into::into)
+        self.inner.create(name.into(), size).into_result().map(Into::into)
     }
     /// See [`VolumeDriver::delete`].
     pub fn delete(&self, name: &str) -> Result<(), DriverError> {
@@ -264,24 +232,15 @@ impl VolumeClient {
     }
     /// See [`VolumeDriver::extend`].
     pub fn extend(&self, name: &str, new_size: u64) -> Result<Volume, DriverError> {
-        self.inner
-            .extend(name.into(), new_size)
-            .into_result()
-            .map(Into::into)
+        self.inner.extend(name.into(), new_size).into_result().map(Into::into)
     }
     /// See [`VolumeDriver::snapshot`].
     pub fn snapshot(&self, name: &str, snapshot: &str) -> Result<Volume, DriverError> {
-        self.inner
-            .snapshot(name.into(), snapshot.into())
-            .into_result()
-            .map(Into::into)
+        self.inner.snapshot(name.into(), snapshot.into()).into_result().map(Into::into)
     }
     /// See [`VolumeDriver::list`].
     pub fn list(&self) -> Result<Vec<Volume>, DriverError> {
-        self.inner
-            .list()
-            .into_result()
-            .map(|v| v.into_iter().map(Into::into).collect())
+        self.inner.list().into_result().map(|v| v.into_iter().map(Into::into).collect())
     }
     /// See [`VolumeDriver::get`].
     pub fn get(&self, name: &str) -> Result<Volume, DriverError> {
@@ -293,15 +252,10 @@ impl VolumeClient {
     }
     /// See [`VolumeDriver::write_at`].
     pub fn write_at(&self, name: &str, offset: u64, data: &[u8]) -> Result<u64, DriverError> {
-        self.inner
-            .write_at(name.into(), offset, data.into())
-            .into_result()
+        self.inner.write_at(name.into(), offset, data.into()).into_result()
     }
     /// See [`VolumeDriver::read_at`].
     pub fn read_at(&self, name: &str, offset: u64, len: u64) -> Result<Vec<u8>, DriverError> {
-        self.inner
-            .read_at(name.into(), offset, len)
-            .into_result()
-            .map(RVec::into_vec)
+        self.inner.read_at(name.into(), offset, len).into_result().map(RVec::into_vec)
     }
 }

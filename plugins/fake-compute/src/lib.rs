@@ -5,18 +5,12 @@ use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
-use plugin_api::{
-    ComputeDriver, DriverError, Instance, InstanceSpec, InstanceState, OptionSpec, Options,
-};
+use plugin_api::{ComputeDriver, DriverError, Instance, InstanceSpec, InstanceState, OptionSpec, Options};
 
 /// The options this driver takes.
 pub const OPTIONS: &[OptionSpec] = &[
     OptionSpec::integer("max_instances", "how many instances may exist at once").default("1000"),
-    OptionSpec::size(
-        "memory_per_instance",
-        "resident memory reported for each running instance",
-    )
-    .default("64MiB"),
+    OptionSpec::size("memory_per_instance", "resident memory reported for each running instance").default("64MiB"),
 ];
 
 struct Inst {
@@ -42,24 +36,17 @@ impl FakeCompute {
     pub fn new(options: &Options) -> Result<FakeCompute, DriverError> {
         let max = options.integer("max_instances")?.unwrap_or(1000);
         let max_instances = usize::try_from(max).map_err(|_| {
-            DriverError::invalid_argument(format!(
-                "option \"max_instances\": must not be negative, got {max}"
-            ))
+            DriverError::invalid_argument(format!("option \"max_instances\": must not be negative, got {max}"))
         })?;
         Ok(FakeCompute {
             max_instances,
             rss: options.size("memory_per_instance")?.unwrap_or(64 << 20),
-            state: Mutex::new(State {
-                next_pid: 10_000,
-                instances: BTreeMap::new(),
-            }),
+            state: Mutex::new(State { next_pid: 10_000, instances: BTreeMap::new() }),
         })
     }
 
     fn lock(&self) -> Result<MutexGuard<'_, State>, DriverError> {
-        self.state.lock().map_err(|_| {
-            DriverError::internal("fake-compute state lock poisoned by an earlier panic")
-        })
+        self.state.lock().map_err(|_| DriverError::internal("fake-compute state lock poisoned by an earlier panic"))
     }
 
     fn info(&self, name: &str, i: &Inst) -> Instance {
@@ -71,20 +58,13 @@ impl FakeCompute {
         }
         Instance {
             name: name.to_owned(),
-            state: if running {
-                InstanceState::Running
-            } else {
-                InstanceState::Stopped
-            },
+            state: if running { InstanceState::Running } else { InstanceState::Stopped },
             pid: i.pid,
             exit_code: if running { None } else { Some(0) },
             exit_signal: None,
             rss_bytes: if running { self.rss } else { 0 },
             cpu_time_ms: 0,
-            uptime_ms: i
-                .started
-                .map(|s| s.elapsed().as_millis() as u64)
-                .unwrap_or(0),
+            uptime_ms: i.started.map(|s| s.elapsed().as_millis() as u64).unwrap_or(0),
             command,
         }
     }
@@ -97,10 +77,7 @@ fn not_found(name: &str) -> DriverError {
 impl State {
     fn boot(&mut self, name: &str) -> Result<(), DriverError> {
         let pid = self.next_pid;
-        let inst = self
-            .instances
-            .get_mut(name)
-            .ok_or_else(|| not_found(name))?;
+        let inst = self.instances.get_mut(name).ok_or_else(|| not_found(name))?;
         inst.pid = Some(pid);
         inst.started = Some(Instant::now());
         self.next_pid = self.next_pid.wrapping_add(1).max(10_000);
@@ -111,17 +88,11 @@ impl State {
 impl ComputeDriver for FakeCompute {
     fn spawn(&self, spec: &InstanceSpec) -> Result<Instance, DriverError> {
         if spec.command.is_empty() {
-            return Err(DriverError::invalid_argument(format!(
-                "instance {:?}: empty command",
-                spec.name
-            )));
+            return Err(DriverError::invalid_argument(format!("instance {:?}: empty command", spec.name)));
         }
         let mut st = self.lock()?;
         if st.instances.contains_key(&spec.name) {
-            return Err(DriverError::already_exists(format!(
-                "instance {:?} already exists",
-                spec.name
-            )));
+            return Err(DriverError::already_exists(format!("instance {:?} already exists", spec.name)));
         }
         if st.instances.len() >= self.max_instances {
             return Err(DriverError::no_capacity(format!(
@@ -129,42 +100,21 @@ impl ComputeDriver for FakeCompute {
                 self.max_instances
             )));
         }
-        st.instances.insert(
-            spec.name.clone(),
-            Inst {
-                spec: spec.clone(),
-                pid: None,
-                started: None,
-            },
-        );
+        st.instances.insert(spec.name.clone(), Inst { spec: spec.clone(), pid: None, started: None });
         st.boot(&spec.name)?;
-        let i = st
-            .instances
-            .get(&spec.name)
-            .ok_or_else(|| not_found(&spec.name))?;
+        let i = st.instances.get(&spec.name).ok_or_else(|| not_found(&spec.name))?;
         Ok(self.info(&spec.name, i))
     }
 
     fn destroy(&self, name: &str) -> Result<(), DriverError> {
-        self.lock()?
-            .instances
-            .remove(name)
-            .map(drop)
-            .ok_or_else(|| not_found(name))
+        self.lock()?.instances.remove(name).map(drop).ok_or_else(|| not_found(name))
     }
 
     fn start(&self, name: &str) -> Result<Instance, DriverError> {
         let mut st = self.lock()?;
-        let running = st
-            .instances
-            .get(name)
-            .ok_or_else(|| not_found(name))?
-            .pid
-            .is_some();
+        let running = st.instances.get(name).ok_or_else(|| not_found(name))?.pid.is_some();
         if running {
-            return Err(DriverError::busy(format!(
-                "instance {name:?} is already running"
-            )));
+            return Err(DriverError::busy(format!("instance {name:?} is already running")));
         }
         st.boot(name)?;
         let i = st.instances.get(name).ok_or_else(|| not_found(name))?;
@@ -193,10 +143,7 @@ impl ComputeDriver for FakeCompute {
 
     fn get(&self, name: &str) -> Result<Instance, DriverError> {
         let st = self.lock()?;
-        st.instances
-            .get(name)
-            .map(|i| self.info(name, i))
-            .ok_or_else(|| not_found(name))
+        st.instances.get(name).map(|i| self.info(name, i)).ok_or_else(|| not_found(name))
     }
 }
 
@@ -217,25 +164,15 @@ mod tests {
 
     #[test]
     fn lifecycle() {
-        let o =
-            plugin_api::validate(OPTIONS, &[("max_instances".into(), "1".into())]).expect("valid");
+        let o = plugin_api::validate(OPTIONS, &[("max_instances".into(), "1".into())]).expect("valid");
         let d = FakeCompute::new(&o).expect("constructs");
-        let spec = InstanceSpec {
-            name: "i1".into(),
-            command: "sleep".into(),
-            args: vec!["5".into()],
-            ..Default::default()
-        };
+        let spec =
+            InstanceSpec { name: "i1".into(), command: "sleep".into(), args: vec!["5".into()], ..Default::default() };
         let i = d.spawn(&spec).expect("spawn");
         assert_eq!(i.state, InstanceState::Running);
         let pid = i.pid.expect("pid");
         assert_eq!(
-            d.spawn(&InstanceSpec {
-                name: "i2".into(),
-                ..spec.clone()
-            })
-            .unwrap_err()
-            .kind(),
+            d.spawn(&InstanceSpec { name: "i2".into(), ..spec.clone() }).unwrap_err().kind(),
             ErrorKind::NO_CAPACITY
         );
         assert_eq!(d.stop("i1").expect("stop").state, InstanceState::Stopped);

@@ -8,11 +8,7 @@ use plugin_api::{CapacityStats, DriverError, OptionSpec, Options, Volume, Volume
 
 /// The options this driver takes.
 pub const OPTIONS: &[OptionSpec] = &[
-    OptionSpec::size(
-        "capacity",
-        "total capacity; creating or extending past it fails",
-    )
-    .default("100GiB"),
+    OptionSpec::size("capacity", "total capacity; creating or extending past it fails").default("100GiB"),
     OptionSpec::string("label", "free text shown in each volume's location").default("memory"),
 ];
 
@@ -34,17 +30,13 @@ impl FakeVolume {
     pub fn new(options: &Options) -> Result<FakeVolume, DriverError> {
         Ok(FakeVolume {
             capacity: options.size("capacity")?.unwrap_or(100 << 30),
-            label: options
-                .string("label")
-                .unwrap_or_else(|| "memory".to_owned()),
+            label: options.string("label").unwrap_or_else(|| "memory".to_owned()),
             volumes: Mutex::new(BTreeMap::new()),
         })
     }
 
     fn lock(&self) -> Result<MutexGuard<'_, BTreeMap<String, Vol>>, DriverError> {
-        self.volumes.lock().map_err(|_| {
-            DriverError::internal("fake-volume state lock poisoned by an earlier panic")
-        })
+        self.volumes.lock().map_err(|_| DriverError::internal("fake-volume state lock poisoned by an earlier panic"))
     }
 
     fn info(&self, name: &str, v: &Vol) -> Volume {
@@ -82,26 +74,17 @@ impl VolumeDriver for FakeVolume {
     fn create(&self, name: &str, size: u64) -> Result<Volume, DriverError> {
         let mut map = self.lock()?;
         if map.contains_key(name) {
-            return Err(DriverError::already_exists(format!(
-                "volume {name:?} already exists"
-            )));
+            return Err(DriverError::already_exists(format!("volume {name:?} already exists")));
         }
         self.ensure_room(&map, size)?;
-        let v = Vol {
-            size,
-            data: Vec::new(),
-            source: None,
-        };
+        let v = Vol { size, data: Vec::new(), source: None };
         let info = self.info(name, &v);
         map.insert(name.to_owned(), v);
         Ok(info)
     }
 
     fn delete(&self, name: &str) -> Result<(), DriverError> {
-        self.lock()?
-            .remove(name)
-            .map(drop)
-            .ok_or_else(|| not_found(name))
+        self.lock()?.remove(name).map(drop).ok_or_else(|| not_found(name))
     }
 
     fn extend(&self, name: &str, new_size: u64) -> Result<Volume, DriverError> {
@@ -121,16 +104,10 @@ impl VolumeDriver for FakeVolume {
     fn snapshot(&self, name: &str, snapshot: &str) -> Result<Volume, DriverError> {
         let mut map = self.lock()?;
         if map.contains_key(snapshot) {
-            return Err(DriverError::already_exists(format!(
-                "volume {snapshot:?} already exists"
-            )));
+            return Err(DriverError::already_exists(format!("volume {snapshot:?} already exists")));
         }
         let src = map.get(name).ok_or_else(|| not_found(name))?;
-        let copy = Vol {
-            size: src.size,
-            data: src.data.clone(),
-            source: Some(name.to_owned()),
-        };
+        let copy = Vol { size: src.size, data: src.data.clone(), source: Some(name.to_owned()) };
         self.ensure_room(&map, copy.size)?;
         let info = self.info(snapshot, &copy);
         map.insert(snapshot.to_owned(), copy);
@@ -143,9 +120,7 @@ impl VolumeDriver for FakeVolume {
 
     fn get(&self, name: &str) -> Result<Volume, DriverError> {
         let map = self.lock()?;
-        map.get(name)
-            .map(|v| self.info(name, v))
-            .ok_or_else(|| not_found(name))
+        map.get(name).map(|v| self.info(name, v)).ok_or_else(|| not_found(name))
     }
 
     fn stats(&self) -> Result<CapacityStats, DriverError> {
@@ -163,15 +138,9 @@ impl VolumeDriver for FakeVolume {
     fn write_at(&self, name: &str, offset: u64, data: &[u8]) -> Result<u64, DriverError> {
         let mut map = self.lock()?;
         let v = map.get_mut(name).ok_or_else(|| not_found(name))?;
-        let end = offset
-            .checked_add(data.len() as u64)
-            .filter(|&e| e <= v.size)
-            .ok_or_else(|| {
-                DriverError::invalid_argument(format!(
-                    "volume {name:?}: write past the end (size {})",
-                    v.size
-                ))
-            })?;
+        let end = offset.checked_add(data.len() as u64).filter(|&e| e <= v.size).ok_or_else(|| {
+            DriverError::invalid_argument(format!("volume {name:?}: write past the end (size {})", v.size))
+        })?;
         let (start, end) = (offset as usize, end as usize);
         if v.data.len() < end {
             v.data.resize(end, 0);
@@ -188,8 +157,7 @@ impl VolumeDriver for FakeVolume {
         let have = v.data.len() as u64;
         if offset < have {
             let upto = end.min(have);
-            out[..(upto - offset) as usize]
-                .copy_from_slice(&v.data[offset as usize..upto as usize]);
+            out[..(upto - offset) as usize].copy_from_slice(&v.data[offset as usize..upto as usize]);
         }
         Ok(out)
     }
@@ -211,8 +179,7 @@ mod tests {
     use plugin_api::ErrorKind;
 
     fn driver(capacity: &str) -> FakeVolume {
-        let o = plugin_api::validate(OPTIONS, &[("capacity".into(), capacity.into())])
-            .expect("valid options");
+        let o = plugin_api::validate(OPTIONS, &[("capacity".into(), capacity.into())]).expect("valid options");
         FakeVolume::new(&o).expect("constructs")
     }
 
@@ -220,30 +187,18 @@ mod tests {
     fn lifecycle() {
         let d = driver("1MiB");
         assert_eq!(d.create("a", 1000).expect("create").size, 1000);
-        assert_eq!(
-            d.create("a", 1).unwrap_err().kind(),
-            ErrorKind::ALREADY_EXISTS
-        );
+        assert_eq!(d.create("a", 1).unwrap_err().kind(), ErrorKind::ALREADY_EXISTS);
         assert_eq!(d.extend("a", 2000).expect("extend").size, 2000);
-        assert_eq!(
-            d.extend("a", 10).unwrap_err().kind(),
-            ErrorKind::INVALID_ARGUMENT
-        );
+        assert_eq!(d.extend("a", 10).unwrap_err().kind(), ErrorKind::INVALID_ARGUMENT);
         d.write_at("a", 10, b"hello").expect("write");
         let s = d.snapshot("a", "a-snap").expect("snapshot");
         assert_eq!(s.source.as_deref(), Some("a"));
         assert_eq!(d.read_at("a-snap", 10, 5).expect("read"), b"hello");
         assert_eq!(d.list().expect("list").len(), 2);
         assert_eq!(d.stats().expect("stats").provisioned_bytes, 4000);
-        assert_eq!(
-            d.create("big", 1 << 20).unwrap_err().kind(),
-            ErrorKind::NO_CAPACITY
-        );
+        assert_eq!(d.create("big", 1 << 20).unwrap_err().kind(), ErrorKind::NO_CAPACITY);
         d.delete("a").expect("delete");
         assert_eq!(d.get("a").unwrap_err().kind(), ErrorKind::NOT_FOUND);
-        assert_eq!(
-            d.write_at("a-snap", 1999, b"xy").unwrap_err().kind(),
-            ErrorKind::INVALID_ARGUMENT
-        );
+        assert_eq!(d.write_at("a-snap", 1999, b"xy").unwrap_err().kind(), ErrorKind::INVALID_ARGUMENT);
     }
 }

@@ -14,11 +14,7 @@ pub const OPTIONS: &[OptionSpec] = &[
     OptionSpec::boolean("panic_new", "the constructor panics").default("false"),
     OptionSpec::boolean("fail_init", "init() returns an error").default("false"),
     OptionSpec::boolean("unhealthy", "health() reports the backend unhealthy").default("false"),
-    OptionSpec::string(
-        "fail_in",
-        "comma-separated methods that return an internal error",
-    )
-    .default(""),
+    OptionSpec::string("fail_in", "comma-separated methods that return an internal error").default(""),
     OptionSpec::string("panic_in", "comma-separated methods that panic").default(""),
     OptionSpec::integer("delay_ms", "sleep this long in every volume method").default("0"),
     OptionSpec::string("password", "a secret that must never be logged or shown").secret(),
@@ -35,13 +31,7 @@ pub struct Faulty {
 }
 
 fn list_option(options: &Options, name: &str) -> Vec<String> {
-    options
-        .string(name)
-        .unwrap_or_default()
-        .split(',')
-        .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty())
-        .collect()
+    options.string(name).unwrap_or_default().split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect()
 }
 
 impl Faulty {
@@ -51,9 +41,7 @@ impl Faulty {
             panic!("faulty: constructor panicked as asked (panic_new=true)");
         }
         if options.boolean("fail_new")? {
-            return Err(DriverError::invalid_argument(
-                "faulty: constructor failed as asked (fail_new=true)",
-            ));
+            return Err(DriverError::invalid_argument("faulty: constructor failed as asked (fail_new=true)"));
         }
         let delay = options.integer("delay_ms")?.unwrap_or(0);
         Ok(Faulty {
@@ -75,27 +63,18 @@ impl Faulty {
             panic!("faulty: {method} panicked as asked");
         }
         if self.fail_in.iter().any(|m| m == method) {
-            return Err(DriverError::internal(format!(
-                "faulty: {method} failed as asked"
-            )));
+            return Err(DriverError::internal(format!("faulty: {method} failed as asked")));
         }
         Ok(())
     }
 
     fn map(&self) -> Result<std::sync::MutexGuard<'_, BTreeMap<String, u64>>, DriverError> {
-        self.volumes
-            .lock()
-            .map_err(|_| DriverError::internal("faulty: state lock poisoned"))
+        self.volumes.lock().map_err(|_| DriverError::internal("faulty: state lock poisoned"))
     }
 }
 
 fn vol(name: &str, size: u64) -> Volume {
-    Volume {
-        name: name.to_owned(),
-        size,
-        location: format!("faulty:{name}"),
-        ..Volume::default()
-    }
+    Volume { name: name.to_owned(), size, location: format!("faulty:{name}"), ..Volume::default() }
 }
 
 fn not_found(name: &str) -> DriverError {
@@ -106,9 +85,7 @@ impl VolumeDriver for Faulty {
     fn init(&self) -> Result<(), DriverError> {
         self.enter("init")?;
         if self.fail_init {
-            return Err(DriverError::internal(
-                "faulty: init failed as asked (fail_init=true)",
-            ));
+            return Err(DriverError::internal("faulty: init failed as asked (fail_init=true)"));
         }
         Ok(())
     }
@@ -118,9 +95,7 @@ impl VolumeDriver for Faulty {
     fn health(&self) -> Result<(), DriverError> {
         self.enter("health")?;
         if self.unhealthy {
-            return Err(DriverError::internal(
-                "faulty: backend unhealthy as asked (unhealthy=true)",
-            ));
+            return Err(DriverError::internal("faulty: backend unhealthy as asked (unhealthy=true)"));
         }
         Ok(())
     }
@@ -128,19 +103,14 @@ impl VolumeDriver for Faulty {
         self.enter("create")?;
         let mut m = self.map()?;
         if m.contains_key(name) {
-            return Err(DriverError::already_exists(format!(
-                "volume {name:?} already exists"
-            )));
+            return Err(DriverError::already_exists(format!("volume {name:?} already exists")));
         }
         m.insert(name.to_owned(), size);
         Ok(vol(name, size))
     }
     fn delete(&self, name: &str) -> Result<(), DriverError> {
         self.enter("delete")?;
-        self.map()?
-            .remove(name)
-            .map(drop)
-            .ok_or_else(|| not_found(name))
+        self.map()?.remove(name).map(drop).ok_or_else(|| not_found(name))
     }
     fn extend(&self, name: &str, new_size: u64) -> Result<Volume, DriverError> {
         self.enter("extend")?;
@@ -154,15 +124,10 @@ impl VolumeDriver for Faulty {
         let mut m = self.map()?;
         let size = *m.get(name).ok_or_else(|| not_found(name))?;
         if m.contains_key(snapshot) {
-            return Err(DriverError::already_exists(format!(
-                "volume {snapshot:?} already exists"
-            )));
+            return Err(DriverError::already_exists(format!("volume {snapshot:?} already exists")));
         }
         m.insert(snapshot.to_owned(), size);
-        Ok(Volume {
-            source: Some(name.to_owned()),
-            ..vol(snapshot, size)
-        })
+        Ok(Volume { source: Some(name.to_owned()), ..vol(snapshot, size) })
     }
     fn list(&self) -> Result<Vec<Volume>, DriverError> {
         self.enter("list")?;
@@ -170,10 +135,7 @@ impl VolumeDriver for Faulty {
     }
     fn get(&self, name: &str) -> Result<Volume, DriverError> {
         self.enter("get")?;
-        self.map()?
-            .get(name)
-            .map(|s| vol(name, *s))
-            .ok_or_else(|| not_found(name))
+        self.map()?.get(name).map(|s| vol(name, *s)).ok_or_else(|| not_found(name))
     }
     fn stats(&self) -> Result<CapacityStats, DriverError> {
         self.enter("stats")?;

@@ -1,0 +1,191 @@
+//! Deliberately broken driver libraries, built or made from real ones on the spot.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use crate::{cargo, driver, profile_dir, target_dir, workspace_root};
+
+/// Drivers compiled against altered copies of plugin-api.
+#[derive(Debug)]
+pub struct Built {
+    /// fake-volume built against a plugin-api 1.0.0 whose `extend` takes a `u32` size.
+    pub changed_signature: PathBuf,
+    /// fake-volume built against plugin-api 2.0.0.
+    pub api_v2: PathBuf,
+    /// fake-volume built against plugin-api 1.1.0 (a compatible minor release).
+    pub api_v1_1: PathBuf,
+    /// A driver whose metadata is invalid (bad name, bad option default), against the real plugin-api.
+    pub bad_metadata: PathBuf,
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for e in fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dest);
+        } else {
+            fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}
+
+fn replace_once(text: &str, from: &str, to: &str) -> String {
+    assert_eq!(text.matches(from).count(), 1, "fixture patch {from:?} must match exactly once");
+    text.replacen(from, to, 1)
+}
+
+/// Copies plugin-api to `dir/plugin-api` at `version`, applying `patch` to `src/volume.rs`.
+fn api_copy(dir: &Path, version: &str, patch: impl Fn(String) -> String) -> PathBuf {
+    let dest = dir.join("plugin-api");
+    let _ = fs::remove_dir_all(&dest);
+    copy_dir(&workspace_root().join("plugin-api/src"), &dest.join("src"));
+    let abi = "abi_stable = \"0.11.3\"";
+    fs::write(
+        dest.join("Cargo.toml"),
+        format!(
+            "[package]\nname = \"plugin-api\"\nversion = \"{version}\"\nedition = \"2021\"\n\n[dependencies]\n{abi}\n\n[features]\nhost = []\n"
+        ),
+    )
+    .unwrap();
+    let vol = dest.join("src/volume.rs");
+    fs::write(&vol, patch(fs::read_to_string(&vol).unwrap())).unwrap();
+    dest
+}
+
+/// A fixture driver crate `name` with the given source, depending on plugin-api at `api`.
+fn driver_crate(dir: &Path, name: &str, api: &Path, source: &str) {
+    let d = dir.join(name);
+    fs::create_dir_all(d.join("src")).unwrap();
+    fs::write(
+        d.join("Cargo.toml"),
+        format!(
+            "[package]\nname = \"{name}\"\nversion = \"0.0.1\"\nedition = \"2021\"\n\n[lib]\ncrate-type = [\"cdylib\"]\n\n[dependencies]\nplugin-api = {{ path = {:?} }}\n",
+            api.display().to_string()
+        ),
+    )
+    .unwrap();
+    fs::write(d.join("src/lib.rs"), source).unwrap();
+}
+
+/// A one-off workspace holding `members`, with the main lock file so that it builds offline.
+fn build_workspace(dir: &Path, members: &[&str]) {
+    let list: Vec<String> = members.iter().map(|m| format!("{m:?}")).collect();
+    fs::write(dir.join("Cargo.toml"), format!("[workspace]\nresolver = \"2\"\nmembers = [{}]\n", list.join(", ")))
+        .unwrap();
+    let lock = dir.join("Cargo.lock");
+    if !lock.exists() {
+        fs::copy(workspace_root().join("Cargo.lock"), &lock).unwrap();
+    }
+    let status = cargo().current_dir(dir).args(["build", "--quiet", "--offline", "--workspace"]).status().unwrap();
+    assert!(status.success(), "building fixture workspace {} failed", dir.display());
+}
+
+fn fake_volume_source(rename: &str) -> String {
+    let src = fs::read_to_string(workspace_root().join("plugins/fake-volume/src/lib.rs")).unwrap();
+    // Unit tests of the original would need dev-dependencies; drop them.
+    let src = src.split("#[cfg(test)]").next().unwrap().to_owned();
+    replace_once(&src, "name: \"fake-volume\",", &format!("name: {rename:?},"))
+}
+
+/// Builds (once per test process) the drivers compiled against altered plugin-api copies.
+pub fn built() -> &'static Built {
+    static BUILT: OnceLock<Built> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let root = target_dir().join("fixtures");
+        fs::create_dir_all(&root).unwrap();
+
+        let ws = root.join("changed-signature");
+        fs::create_dir_all(&ws).unwrap();
+        let api = api_copy(&ws, "1.0.0", |s| {
+            let s = replace_once(
+                &s,
+                "fn extend(&self, name: RStr<'_>, new_size: u64) -> RResult<FfiVolume, DriverError>;",
+                "fn extend(&self, name: RStr<'_>, new_size: u32) -> RResult<FfiVolume, DriverError>;",
+            );
+            let s = replace_once(
+                &s,
+                "fn extend(&self, name: RStr<'_>, new_size: u64) -> RResult<FfiVolume, DriverError> {\n        guard(|| self.0.extend(name.as_str(), new_size)",
+                "fn extend(&self, name: RStr<'_>, new_size: u32) -> RResult<FfiVolume, DriverError> {\n        guard(|| self.0.extend(name.as_str(), u64::from(new_size))",
+            );
+            replace_once(&s, ".extend(name.into(), new_size)", ".extend(name.into(), new_size as u32)")
+        });
+        driver_crate(&ws, "fixture-changed-signature", &api, &fake_volume_source("changed-signature"));
+        build_workspace(&ws, &["fixture-changed-signature"]);
+
+        let ws = root.join("api-v2");
+        fs::create_dir_all(&ws).unwrap();
+        let api = api_copy(&ws, "2.0.0", |s| s);
+        driver_crate(&ws, "fixture-api-v2", &api, &fake_volume_source("api-v2"));
+        build_workspace(&ws, &["fixture-api-v2"]);
+
+        let ws = root.join("api-v1-1");
+        fs::create_dir_all(&ws).unwrap();
+        let api = api_copy(&ws, "1.1.0", |s| s);
+        driver_crate(&ws, "fixture-api-minor", &api, &fake_volume_source("api-minor"));
+        let bad = fake_volume_source("Bad Name!").replace(
+            "OptionSpec::size(\"capacity\", \"total capacity; creating or extending past it fails\").default(\"100GiB\")",
+            "OptionSpec::size(\"capacity\", \"total capacity\").default(\"lots\")",
+        );
+        driver_crate(&ws, "fixture-bad-metadata", &workspace_root().join("plugin-api"), &bad);
+        build_workspace(&ws, &["fixture-api-minor", "fixture-bad-metadata"]);
+
+        let out = profile_dir();
+        Built {
+            changed_signature: out.join("libfixture_changed_signature.so"),
+            api_v2: out.join("libfixture_api_v2.so"),
+            api_v1_1: out.join("libfixture_api_minor.so"),
+            bad_metadata: out.join("libfixture_bad_metadata.so"),
+        }
+    })
+}
+
+/// A copy of a real driver with its abi_stable header claiming abi_stable 0.10.
+pub fn old_abi_stable(dir: &Path) -> PathBuf {
+    let mut bytes = fs::read(driver("fake-volume")).unwrap();
+    let magic = b"abi stable library for Rust     ";
+    let mut patched = 0;
+    let mut i = 0;
+    while let Some(pos) = bytes[i..].windows(magic.len()).position(|w| w == magic) {
+        let at = i + pos + magic.len();
+        // AbiHeader { magic_string: [u8; 32], abi_major: u32, abi_minor: u32 }
+        bytes[at..at + 4].copy_from_slice(&0u32.to_le_bytes());
+        bytes[at + 4..at + 8].copy_from_slice(&10u32.to_le_bytes());
+        patched += 1;
+        i = at;
+    }
+    assert!(patched > 0, "abi_stable magic string not found in fake-volume");
+    let p = dir.join("libold_abi_stable.so");
+    fs::write(&p, bytes).unwrap();
+    p
+}
+
+/// A copy of a real driver whose ELF header says aarch64 (or x86_64 on an aarch64 host).
+pub fn other_machine(dir: &Path) -> PathBuf {
+    let mut bytes = fs::read(driver("fake-volume")).unwrap();
+    let other: u16 = if cfg!(target_arch = "aarch64") { 62 } else { 183 };
+    bytes[18..20].copy_from_slice(&other.to_le_bytes());
+    let p = dir.join("libother_machine.so");
+    fs::write(&p, bytes).unwrap();
+    p
+}
+
+/// The first half of a real driver.
+pub fn truncated(dir: &Path) -> PathBuf {
+    let bytes = fs::read(driver("fake-volume")).unwrap();
+    let p = dir.join("libtruncated.so");
+    fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+    p
+}
+
+/// The C library this test process runs with: a real shared library that is not a driver.
+pub fn system_library() -> PathBuf {
+    let maps = fs::read_to_string("/proc/self/maps").unwrap();
+    maps.lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| p.contains("/libc.so") || p.contains("/libc-"))
+        .map(PathBuf::from)
+        .expect("libc is mapped into the test process")
+}
