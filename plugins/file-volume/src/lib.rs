@@ -1,0 +1,345 @@
+//! `file-volume`: each volume is a sparse file `<root>/<name>.vol`. Snapshots are copies (a reflink
+//! where the filesystem supports it, otherwise a copy of the data extents only, keeping holes). Listing
+//! and lookups read the directory, so the driver keeps no state of its own and survives restarts.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use plugin_api::{CapacityStats, DriverError, OptionSpec, Options, Volume, VolumeDriver};
+
+/// The options this driver takes. `${state_dir}` and `${backend}` are expanded by the host.
+pub const OPTIONS: &[OptionSpec] = &[
+    OptionSpec::path("root", "directory holding the volume files (created if missing)")
+        .default("${state_dir}/volumes/${backend}"),
+    OptionSpec::size("max_volume_size", "largest volume size accepted").default("16TiB"),
+    OptionSpec::boolean("reflink", "try a reflink (FICLONE) for snapshots before copying").default("true"),
+];
+
+/// The driver.
+#[derive(Debug)]
+pub struct FileVolume {
+    root: PathBuf,
+    max_size: u64,
+    reflink: bool,
+}
+
+const SUFFIX: &str = ".vol";
+const SOURCE_PREFIX: &str = ".source.";
+
+/// Volume names: 1-64 of `A-Z a-z 0-9 . _ -`, not starting with `.` or `-`; nothing can escape the root.
+pub fn check_name(name: &str) -> Result<(), DriverError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && !name.starts_with('-')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(DriverError::invalid_argument(format!(
+            "invalid volume name {name:?}: use 1-64 of A-Z a-z 0-9 . _ - (not starting with . or -)"
+        )))
+    }
+}
+
+impl FileVolume {
+    /// Builds the driver from validated options. Touches nothing on disk until `init`.
+    pub fn new(options: &Options) -> Result<FileVolume, DriverError> {
+        let root = options.path("root").ok_or_else(|| DriverError::invalid_argument("option \"root\" is required"))?;
+        Ok(FileVolume {
+            root,
+            max_size: options.size("max_volume_size")?.unwrap_or(16 << 40),
+            reflink: options.boolean("reflink")?,
+        })
+    }
+
+    fn path(&self, name: &str) -> Result<PathBuf, DriverError> {
+        check_name(name)?;
+        Ok(self.root.join(format!("{name}{SUFFIX}")))
+    }
+
+    fn source_path(&self, name: &str) -> PathBuf {
+        self.root.join(format!("{SOURCE_PREFIX}{name}"))
+    }
+
+    fn info(&self, name: &str, path: &Path) -> Result<Volume, DriverError> {
+        let meta = fs::metadata(path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => DriverError::not_found(format!("volume {name:?} not found")),
+            _ => DriverError::io(format!("volume {name:?}: reading {}", path.display()), &e),
+        })?;
+        let source = fs::read_to_string(self.source_path(name)).ok().map(|s| s.trim().to_owned());
+        Ok(Volume {
+            name: name.to_owned(),
+            size: meta.len(),
+            allocated: meta.blocks() * 512,
+            location: path.display().to_string(),
+            source,
+        })
+    }
+
+    fn check_size(&self, name: &str, size: u64) -> Result<(), DriverError> {
+        if size > self.max_size {
+            return Err(DriverError::invalid_argument(format!(
+                "volume {name:?}: size {size} exceeds max_volume_size {}",
+                self.max_size
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Copies `src` to `dst` keeping holes: only data extents (SEEK_DATA/SEEK_HOLE) are read and written.
+fn sparse_copy(src: &File, dst: &File, len: u64) -> io::Result<()> {
+    dst.set_len(len)?;
+    let fd = src.as_raw_fd();
+    let mut pos: i64 = 0;
+    let end = i64::try_from(len).map_err(|_| io::Error::other("file too large"))?;
+    let mut buf = vec![0u8; 1 << 20];
+    while pos < end {
+        // SAFETY: `fd` is a valid open descriptor owned by `src` for the duration of the call.
+        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break; // no more data
+            }
+            return Err(e);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut off = data;
+        while off < hole {
+            let n = usize::try_from((hole - off).min(buf.len() as i64)).unwrap_or(buf.len());
+            let got = src.read_at(&mut buf[..n], off as u64)?;
+            if got == 0 {
+                break;
+            }
+            dst.write_all_at(&buf[..got], off as u64)?;
+            off += got as i64;
+        }
+        pos = hole;
+    }
+    Ok(())
+}
+
+fn try_reflink(src: &File, dst: &File) -> bool {
+    // FICLONE = _IOW(0x94, 9, int)
+    const FICLONE: libc::c_ulong = 0x4004_9409;
+    // SAFETY: both descriptors are valid and open for the duration of the call; FICLONE takes the
+    // source descriptor as its argument and touches no memory of ours.
+    unsafe { libc::ioctl(dst.as_raw_fd(), FICLONE as _, src.as_raw_fd()) == 0 }
+}
+
+impl VolumeDriver for FileVolume {
+    fn init(&self) -> Result<(), DriverError> {
+        fs::create_dir_all(&self.root)
+            .map_err(|e| DriverError::io(format!("creating volume root {}", self.root.display()), &e))
+    }
+
+    fn health(&self) -> Result<(), DriverError> {
+        let meta = fs::metadata(&self.root)
+            .map_err(|e| DriverError::io(format!("volume root {}", self.root.display()), &e))?;
+        if !meta.is_dir() {
+            return Err(DriverError::internal(format!("volume root {} is not a directory", self.root.display())));
+        }
+        Ok(())
+    }
+
+    fn create(&self, name: &str, size: u64) -> Result<Volume, DriverError> {
+        let path = self.path(name)?;
+        self.check_size(name, size)?;
+        let f = OpenOptions::new().write(true).create_new(true).open(&path).map_err(|e| match e.kind() {
+            io::ErrorKind::AlreadyExists => DriverError::already_exists(format!("volume {name:?} already exists")),
+            _ => DriverError::io(format!("volume {name:?}: creating {}", path.display()), &e),
+        })?;
+        if let Err(e) = f.set_len(size) {
+            let _ = fs::remove_file(&path);
+            return Err(DriverError::io(format!("volume {name:?}: sizing {}", path.display()), &e));
+        }
+        let _ = fs::remove_file(self.source_path(name));
+        self.info(name, &path)
+    }
+
+    fn delete(&self, name: &str) -> Result<(), DriverError> {
+        let path = self.path(name)?;
+        fs::remove_file(&path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => DriverError::not_found(format!("volume {name:?} not found")),
+            _ => DriverError::io(format!("volume {name:?}: removing {}", path.display()), &e),
+        })?;
+        let _ = fs::remove_file(self.source_path(name));
+        Ok(())
+    }
+
+    fn extend(&self, name: &str, new_size: u64) -> Result<Volume, DriverError> {
+        let path = self.path(name)?;
+        self.check_size(name, new_size)?;
+        let current = self.info(name, &path)?;
+        if new_size < current.size {
+            return Err(DriverError::invalid_argument(format!(
+                "volume {name:?}: new size {new_size} is smaller than current size {}",
+                current.size
+            )));
+        }
+        let f = OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(|e| DriverError::io(format!("volume {name:?}: opening {}", path.display()), &e))?;
+        f.set_len(new_size).map_err(|e| DriverError::io(format!("volume {name:?}: extending"), &e))?;
+        self.info(name, &path)
+    }
+
+    fn snapshot(&self, name: &str, snapshot: &str) -> Result<Volume, DriverError> {
+        let src_path = self.path(name)?;
+        let dst_path = self.path(snapshot)?;
+        let src = File::open(&src_path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => DriverError::not_found(format!("volume {name:?} not found")),
+            _ => DriverError::io(format!("volume {name:?}: opening"), &e),
+        })?;
+        let len = src.metadata().map_err(|e| DriverError::io(format!("volume {name:?}"), &e))?.len();
+        let dst = OpenOptions::new().write(true).create_new(true).open(&dst_path).map_err(|e| match e.kind() {
+            io::ErrorKind::AlreadyExists => DriverError::already_exists(format!("volume {snapshot:?} already exists")),
+            _ => DriverError::io(format!("volume {snapshot:?}: creating"), &e),
+        })?;
+        let copied = if self.reflink && try_reflink(&src, &dst) { Ok(()) } else { sparse_copy(&src, &dst, len) };
+        if let Err(e) = copied.and_then(|()| dst.sync_all()) {
+            let _ = fs::remove_file(&dst_path);
+            return Err(DriverError::io(format!("snapshot {snapshot:?} of {name:?}"), &e));
+        }
+        fs::write(self.source_path(snapshot), name)
+            .map_err(|e| DriverError::io(format!("snapshot {snapshot:?}: recording its source"), &e))?;
+        self.info(snapshot, &dst_path)
+    }
+
+    fn list(&self) -> Result<Vec<Volume>, DriverError> {
+        let rd = fs::read_dir(&self.root)
+            .map_err(|e| DriverError::io(format!("listing volume root {}", self.root.display()), &e))?;
+        let mut out = Vec::new();
+        for entry in rd {
+            let entry = entry.map_err(|e| DriverError::io("listing volume root", &e))?;
+            let file_name = entry.file_name();
+            let Some(name) = file_name.to_str().and_then(|n| n.strip_suffix(SUFFIX)) else { continue };
+            if check_name(name).is_err() {
+                continue;
+            }
+            match self.info(name, &entry.path()) {
+                Ok(v) => out.push(v),
+                Err(e) if e.kind() == plugin_api::ErrorKind::NOT_FOUND => {} // deleted meanwhile
+                Err(e) => return Err(e),
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    fn get(&self, name: &str) -> Result<Volume, DriverError> {
+        let path = self.path(name)?;
+        self.info(name, &path)
+    }
+
+    fn stats(&self) -> Result<CapacityStats, DriverError> {
+        let c = std::ffi::CString::new(self.root.as_os_str().as_encoded_bytes())
+            .map_err(|_| DriverError::invalid_argument("volume root contains a NUL byte"))?;
+        // SAFETY: `c` is a valid NUL-terminated path and `st` a properly sized out-parameter.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+            return Err(DriverError::io(format!("statvfs {}", self.root.display()), &io::Error::last_os_error()));
+        }
+        let vols = self.list()?;
+        Ok(CapacityStats {
+            total_bytes: st.f_blocks as u64 * st.f_frsize as u64,
+            free_bytes: st.f_bavail as u64 * st.f_frsize as u64,
+            provisioned_bytes: vols.iter().map(|v| v.size).sum(),
+            allocated_bytes: vols.iter().map(|v| v.allocated).sum(),
+            volumes: vols.len() as u64,
+        })
+    }
+
+    fn write_at(&self, name: &str, offset: u64, data: &[u8]) -> Result<u64, DriverError> {
+        let path = self.path(name)?;
+        let f = OpenOptions::new().write(true).open(&path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => DriverError::not_found(format!("volume {name:?} not found")),
+            _ => DriverError::io(format!("volume {name:?}: opening"), &e),
+        })?;
+        let size = f.metadata().map_err(|e| DriverError::io(format!("volume {name:?}"), &e))?.len();
+        if offset.checked_add(data.len() as u64).is_none_or(|end| end > size) {
+            return Err(DriverError::invalid_argument(format!("volume {name:?}: write past the end (size {size})")));
+        }
+        f.write_all_at(data, offset).map_err(|e| DriverError::io(format!("volume {name:?}: writing"), &e))?;
+        Ok(data.len() as u64)
+    }
+
+    fn read_at(&self, name: &str, offset: u64, len: u64) -> Result<Vec<u8>, DriverError> {
+        let path = self.path(name)?;
+        let f = File::open(&path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => DriverError::not_found(format!("volume {name:?} not found")),
+            _ => DriverError::io(format!("volume {name:?}: opening"), &e),
+        })?;
+        let size = f.metadata().map_err(|e| DriverError::io(format!("volume {name:?}"), &e))?.len();
+        let n = usize::try_from(offset.saturating_add(len).min(size).saturating_sub(offset))
+            .map_err(|_| DriverError::invalid_argument("read too large"))?;
+        let mut buf = vec![0u8; n];
+        f.read_exact_at(&mut buf, offset).map_err(|e| DriverError::io(format!("volume {name:?}: reading"), &e))?;
+        Ok(buf)
+    }
+}
+
+plugin_api::export_driver! {
+    kind: volume,
+    driver: FileVolume,
+    name: "file-volume",
+    version: env!("CARGO_PKG_VERSION"),
+    summary: "each volume a sparse file under a root directory; snapshots by reflink or sparse copy",
+    options: OPTIONS,
+    new: FileVolume::new,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use plugin_api::ErrorKind;
+
+    fn driver(dir: &Path) -> FileVolume {
+        let o = Options::from_pairs([
+            ("root", dir.to_str().unwrap()),
+            ("max_volume_size", "1073741824"),
+            ("reflink", "false"),
+        ]);
+        let d = FileVolume::new(&o).unwrap();
+        d.init().unwrap();
+        d
+    }
+
+    #[test]
+    fn sparse_files_snapshots_and_names() {
+        let dir = std::env::temp_dir().join(format!("file-volume-unit-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let d = driver(&dir);
+        let v = d.create("v1", 10 << 20).unwrap();
+        assert_eq!(fs::metadata(dir.join("v1.vol")).unwrap().len(), 10 << 20);
+        assert!(v.allocated < v.size, "sparse: {v:?}");
+        d.write_at("v1", 5 << 20, b"data in the middle").unwrap();
+        let s = d.snapshot("v1", "s1").unwrap();
+        assert_eq!((s.size, s.source.as_deref()), (10 << 20, Some("v1")));
+        assert!(s.allocated < s.size, "snapshot stays sparse: {s:?}");
+        assert_eq!(d.read_at("s1", 5 << 20, 18).unwrap(), b"data in the middle");
+        assert_eq!(d.extend("v1", 20 << 20).unwrap().size, 20 << 20);
+        assert_eq!(d.extend("v1", 1).unwrap_err().kind(), ErrorKind::INVALID_ARGUMENT);
+        assert_eq!(d.create("v1", 1).unwrap_err().kind(), ErrorKind::ALREADY_EXISTS);
+        assert_eq!(d.create("big", 2 << 30).unwrap_err().kind(), ErrorKind::INVALID_ARGUMENT);
+        for bad in ["../escape", "a/b", ".hidden", "", "-x"] {
+            assert_eq!(d.create(bad, 1).unwrap_err().kind(), ErrorKind::INVALID_ARGUMENT, "{bad:?}");
+        }
+        assert_eq!(d.list().unwrap().iter().map(|v| v.name.as_str()).collect::<Vec<_>>(), ["s1", "v1"]);
+        assert!(d.stats().unwrap().total_bytes > 0);
+        d.delete("v1").unwrap();
+        assert_eq!(d.get("v1").unwrap_err().kind(), ErrorKind::NOT_FOUND);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
