@@ -9,3 +9,8 @@ pub mod loader;
 
 pub use error::{LoadError, LoadErrorKind};
 pub use loader::{Library, Loader};
+pub mod backend;
+pub mod config;
+pub mod ctl;
+pub mod managers;
+pub mod runtime;
