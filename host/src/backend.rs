@@ -187,7 +187,7 @@ impl<D> Backend<D> {
             .map(|c| {
                 c.iter()
                     .map(|(op, s)| {
-                        let mean_us = if s.count == 0 { 0 } else { s.total.as_micros() as u64 / s.count };
+                        let mean_us = (s.total.as_micros() as u64).checked_div(s.count).unwrap_or(0);
                         (
                             (*op).to_owned(),
                             json!({"count": s.count, "errors": s.errors, "mean_us": mean_us, "max_us": s.max.as_micros() as u64}),

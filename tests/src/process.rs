@@ -39,3 +39,116 @@ pub fn command(args: &[&str]) -> Command {
     c.args(args).env_remove("RUST_LOG").env_remove("PLUGHOST_DRIVER_DIR");
     c
 }
+
+/// A `plughost run` in the background, with its own state dir; killed if still running when dropped.
+#[derive(Debug)]
+pub struct Daemon {
+    child: Option<std::process::Child>,
+    /// The control socket.
+    pub socket: std::path::PathBuf,
+    /// The state directory.
+    pub state_dir: std::path::PathBuf,
+    conn: Option<(std::os::unix::net::UnixStream, std::io::BufReader<std::os::unix::net::UnixStream>)>,
+    next_id: u64,
+}
+
+impl Daemon {
+    /// Starts `plughost run --state-dir STATE ARGS...` and waits until it answers `ping`.
+    /// Panics with its stderr if it exits first.
+    pub fn start(state_dir: &std::path::Path, args: &[&str]) -> Daemon {
+        let socket = state_dir.join("plughost.sock");
+        let mut all = vec!["run", "--state-dir", state_dir.to_str().unwrap(), "--periodic-interval-ms", "200"];
+        all.extend_from_slice(args);
+        let child = command(&all)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("plughost run starts");
+        let mut d = Daemon { child: Some(child), socket, state_dir: state_dir.to_owned(), conn: None, next_id: 1 };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            if let Some(status) = d.child.as_mut().unwrap().try_wait().unwrap() {
+                let mut err = String::new();
+                use std::io::Read;
+                d.child.as_mut().unwrap().stderr.take().unwrap().read_to_string(&mut err).unwrap();
+                panic!("plughost run exited with {status} before serving:\n{err}");
+            }
+            if std::os::unix::net::UnixStream::connect(&d.socket).is_ok() {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "plughost run did not open its socket in time");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        d
+    }
+
+    /// The server's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Sends a raw line on the persistent connection and returns the answer line.
+    pub fn raw(&mut self, line: &str) -> String {
+        use std::io::{BufRead, Write};
+        if self.conn.is_none() {
+            let s = std::os::unix::net::UnixStream::connect(&self.socket).unwrap();
+            let r = std::io::BufReader::new(s.try_clone().unwrap());
+            self.conn = Some((s, r));
+        }
+        let (s, r) = self.conn.as_mut().unwrap();
+        s.write_all(line.as_bytes()).unwrap();
+        s.write_all(b"\n").unwrap();
+        let mut answer = String::new();
+        r.read_line(&mut answer).unwrap();
+        answer
+    }
+
+    /// Sends a request; returns the whole answer object (checks that the id is echoed).
+    pub fn call(&mut self, service: &str, op: &str, args: serde_json::Value) -> serde_json::Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut req = serde_json::json!({"id": id, "op": op, "args": args});
+        if !service.is_empty() {
+            req["service"] = serde_json::json!(service);
+        }
+        let v: serde_json::Value = serde_json::from_str(&self.raw(&req.to_string())).unwrap();
+        assert_eq!(v["id"], id, "{v}");
+        v
+    }
+
+    /// Like [`call`](Self::call) but expects success and returns the result.
+    pub fn ok(&mut self, service: &str, op: &str, args: serde_json::Value) -> serde_json::Value {
+        let v = self.call(service, op, args);
+        assert_eq!(v["ok"], true, "{service} {op}: {v}");
+        v["result"].clone()
+    }
+
+    /// Like [`call`](Self::call) but expects an error and returns its kind.
+    pub fn err(&mut self, service: &str, op: &str, args: serde_json::Value) -> String {
+        let v = self.call(service, op, args);
+        assert_eq!(v["ok"], false, "{service} {op}: {v}");
+        v["error"]["kind"].as_str().unwrap().to_owned()
+    }
+
+    /// Sends SIGTERM and returns the exit code and stderr.
+    pub fn stop(mut self) -> (i32, String) {
+        self.conn = None;
+        let child = self.child.take().unwrap();
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        let out = child.wait_with_output().unwrap();
+        let r: Ran = out.into();
+        (r.code, r.stderr)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
