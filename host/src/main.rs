@@ -80,10 +80,10 @@ struct RunArgs {
     /// Another compute backend, NAME=PATH|DRIVER (repeatable)
     #[arg(long = "compute-backend", value_name = "NAME=DRIVER")]
     compute_backends: Vec<String>,
-    /// Volume driver option [BACKEND:]KEY=VALUE (repeatable; default: the first backend)
+    /// Volume driver option KEY=VALUE (first backend) or BACKEND:KEY=VALUE (repeatable)
     #[arg(long = "volume-opt", value_name = "KEY=VALUE")]
     volume_opts: Vec<String>,
-    /// Compute driver option [BACKEND:]KEY=VALUE (repeatable)
+    /// Compute driver option KEY=VALUE (first backend) or BACKEND:KEY=VALUE (repeatable)
     #[arg(long = "compute-opt", value_name = "KEY=VALUE")]
     compute_opts: Vec<String>,
     /// Volume backend used when a request names none
