@@ -52,7 +52,8 @@ pub fn build() {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
         let mut c = cargo();
-        c.current_dir(workspace_root()).args(["build", "--quiet", "-p", "host", "--bin", "plughost"]);
+        // No `--bin`: it would limit every selected package to binaries and skip the driver libraries.
+        c.current_dir(workspace_root()).args(["build", "--quiet", "-p", "host"]);
         for d in DRIVERS {
             c.args(["-p", d]);
         }
