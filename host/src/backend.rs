@@ -2,14 +2,18 @@
 //! Managers call drivers only through [`Backend::call`].
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use plugin_api::DriverError;
+use arc_swap::ArcSwap;
+use plugin_api::{ComputeClient, DriverError, DriverKind, Options, VolumeClient};
 use serde_json::{json, Value};
 
-use crate::loader::Library;
+use crate::config::expand;
+use crate::drivers::resolve;
+use crate::loader::{Library, Loader};
+use crate::{LoadError, LoadErrorKind};
 
 /// An error answered on the control socket: a snake_case kind and a one-line message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,62 +73,185 @@ pub enum Health {
     Down(String),
 }
 
-/// One constructed driver and its bookkeeping.
+/// What a backend needs from a driver client, whatever its kind.
+pub trait DriverOps: Sized + Send + Sync + 'static {
+    /// The kind of driver this client talks to.
+    const KIND: DriverKind;
+    /// Constructs the driver from a verified library.
+    fn construct(lib: &Library, options: &Options) -> Result<Self, LoadError>;
+    /// See `VolumeDriver::init`.
+    fn init(&self) -> Result<(), DriverError>;
+    /// See `VolumeDriver::cleanup`.
+    fn cleanup(&self) -> Result<(), DriverError>;
+    /// See `VolumeDriver::health`.
+    fn health(&self) -> Result<(), DriverError>;
+}
+
+impl DriverOps for VolumeClient {
+    const KIND: DriverKind = DriverKind::VOLUME;
+    fn construct(lib: &Library, options: &Options) -> Result<Self, LoadError> {
+        lib.new_volume(options)
+    }
+    fn init(&self) -> Result<(), DriverError> {
+        VolumeClient::init(self)
+    }
+    fn cleanup(&self) -> Result<(), DriverError> {
+        VolumeClient::cleanup(self)
+    }
+    fn health(&self) -> Result<(), DriverError> {
+        VolumeClient::health(self)
+    }
+}
+
+impl DriverOps for ComputeClient {
+    const KIND: DriverKind = DriverKind::COMPUTE;
+    fn construct(lib: &Library, options: &Options) -> Result<Self, LoadError> {
+        lib.new_compute(options)
+    }
+    fn init(&self) -> Result<(), DriverError> {
+        ComputeClient::init(self)
+    }
+    fn cleanup(&self) -> Result<(), DriverError> {
+        ComputeClient::cleanup(self)
+    }
+    fn health(&self) -> Result<(), DriverError> {
+        ComputeClient::health(self)
+    }
+}
+
+/// What a backend needs from the host to build drivers.
+#[derive(Debug, Clone, Copy)]
+pub struct BuildContext<'a> {
+    /// The process's loader.
+    pub loader: &'a Loader,
+    /// For `${state_dir}` in option values.
+    pub state_dir: &'a Path,
+    /// For NAME lookups.
+    pub driver_dirs: &'a [PathBuf],
+}
+
+/// The driver currently serving a backend, with what it was built from.
+#[derive(Debug)]
+pub struct Active<D> {
+    /// The constructed driver.
+    pub driver: D,
+    /// The library it came from.
+    pub library: Library,
+    /// Options as shown in status (secrets replaced by `(secret)`).
+    pub shown_options: Vec<(String, String)>,
+    /// Why `init` failed, if it did: the backend is then down and refuses calls.
+    pub init_error: Option<String>,
+    /// 0 for the driver loaded at start, +1 for each swap.
+    pub generation: u64,
+}
+
+/// The configured driver (PATH or NAME, as given) and raw options: what a reload rebuilds from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Configured {
+    /// PATH or NAME.
+    pub driver: String,
+    /// Raw options, before `${...}` expansion and validation.
+    pub options: Vec<(String, String)>,
+}
+
+/// One backend: the active driver (swappable while serving) and its bookkeeping.
 #[derive(Debug)]
 pub struct Backend<D> {
     /// Backend name within its service.
     pub name: String,
-    /// The library the driver came from.
-    pub library: Library,
-    /// Options as shown in status (secrets replaced by `(secret)`).
-    pub shown_options: Vec<(String, String)>,
-    driver: Arc<D>,
-    initialised: bool,
+    active: ArcSwap<Active<D>>,
+    configured: Mutex<Configured>,
+    swap_lock: Mutex<()>,
     health: Mutex<(Health, SystemTime)>,
     calls: Mutex<BTreeMap<&'static str, CallStats>>,
-    in_flight: AtomicUsize,
 }
 
-impl<D> Backend<D> {
-    /// A backend for `driver`, whose `init` result is `init`.
-    pub fn new(
-        name: &str,
-        library: Library,
-        shown_options: Vec<(String, String)>,
-        driver: D,
-        init: Result<(), DriverError>,
-    ) -> Backend<D> {
-        let health = match &init {
-            Ok(()) => Health::Up,
-            Err(e) => Health::Down(format!("driver init failed: {}", e.message())),
-        };
-        Backend {
-            name: name.to_owned(),
-            library,
-            shown_options,
-            driver: Arc::new(driver),
-            initialised: init.is_ok(),
-            health: Mutex::new((health, SystemTime::now())),
-            calls: Mutex::new(BTreeMap::new()),
-            in_flight: AtomicUsize::new(0),
+fn shown_options(lib: &Library, given: &Options) -> Vec<(String, String)> {
+    given
+        .pairs()
+        .iter()
+        .map(|(k, v)| {
+            let secret = lib.options().iter().any(|o| o.name() == k && o.is_secret());
+            (k.clone(), if secret { "(secret)".to_owned() } else { v.clone() })
+        })
+        .collect()
+}
+
+/// Resolves, loads, validates, constructs and initialises a driver. Load, option and constructor
+/// errors are `Err`; an `init` failure is recorded in `Active::init_error`.
+fn prepare<D: DriverOps>(
+    ctx: BuildContext<'_>,
+    backend: &str,
+    configured: &Configured,
+    generation: u64,
+) -> Result<Active<D>, LoadError> {
+    let path = resolve(&configured.driver, ctx.driver_dirs).map_err(|e| {
+        LoadError::new(
+            LoadErrorKind::NotFound,
+            Path::new(&configured.driver),
+            format!("{} backend {backend:?}: {e}", D::KIND),
+        )
+    })?;
+    let library = ctx.loader.load_kind(&path, D::KIND)?;
+    let mut given: Vec<(String, String)> =
+        configured.options.iter().map(|(k, v)| (k.clone(), expand(v, ctx.state_dir, backend))).collect();
+    for o in library.options() {
+        if let Some(d) = o.default_value() {
+            if d.contains("${") && !given.iter().any(|(k, _)| k == o.name()) {
+                given.push((o.name().to_owned(), expand(d, ctx.state_dir, backend)));
+            }
         }
     }
+    let options = library.validate_options(&given)?;
+    let driver = D::construct(&library, &options)?;
+    let init_error = driver.init().err().map(|e| format!("driver init failed: {}", e.message()));
+    let shown_options = shown_options(&library, &options);
+    Ok(Active { driver, library, shown_options, init_error, generation })
+}
 
-    /// Calls the driver, recording count, errors and latency under `op`. Refuses with `unavailable`
-    /// when the driver never initialised.
+fn one_line(e: &LoadError) -> String {
+    let mut s = e.to_string();
+    for d in &e.details {
+        s.push_str("; ");
+        s.push_str(d);
+    }
+    s
+}
+
+impl<D: DriverOps> Backend<D> {
+    /// Builds a backend at start. Load, option and constructor errors are returned (the host then
+    /// refuses to start); an `init` failure only marks the backend down.
+    pub fn build(ctx: BuildContext<'_>, name: &str, configured: Configured) -> Result<Backend<D>, LoadError> {
+        let active: Active<D> = prepare(ctx, name, &configured, 0)?;
+        let health = match &active.init_error {
+            None => Health::Up,
+            Some(e) => {
+                log::error!("{} backend {name:?} ({}): {e}; the service reports down", D::KIND, active.library.name());
+                Health::Down(e.clone())
+            }
+        };
+        Ok(Backend {
+            name: name.to_owned(),
+            active: ArcSwap::from_pointee(active),
+            configured: Mutex::new(configured),
+            swap_lock: Mutex::new(()),
+            health: Mutex::new((health, SystemTime::now())),
+            calls: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// Calls the active driver, recording count, errors and latency under `op`. Refuses with
+    /// `unavailable` when that driver failed to initialise. A swap never waits for this call, and this
+    /// call never waits for a swap: it keeps the driver it started with until it returns.
     pub fn call<T>(&self, op: &'static str, f: impl FnOnce(&D) -> Result<T, DriverError>) -> Result<T, ApiError> {
-        if !self.initialised {
-            let reason = match self.health() {
-                Health::Down(r) => r,
-                Health::Up => "driver not initialised".to_owned(),
-            };
-            return Err(ApiError::new("unavailable", format!("backend {:?} is down: {reason}", self.name)));
+        let active = self.active.load();
+        if let Some(e) = &active.init_error {
+            return Err(ApiError::new("unavailable", format!("backend {:?} is down: {e}", self.name)));
         }
-        self.in_flight.fetch_add(1, Ordering::SeqCst);
         let start = Instant::now();
-        let r = f(&self.driver);
+        let r = f(&active.driver);
         let took = start.elapsed();
-        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        drop(active);
         if let Ok(mut calls) = self.calls.lock() {
             let s = calls.entry(op).or_default();
             s.count += 1;
@@ -135,19 +262,43 @@ impl<D> Backend<D> {
         r.map_err(ApiError::from)
     }
 
-    /// The driver itself, for lifecycle calls (`health`, `cleanup`).
-    pub fn driver(&self) -> &D {
-        &self.driver
+    /// The active driver and what it was built from.
+    pub fn active(&self) -> Arc<Active<D>> {
+        self.active.load_full()
     }
 
-    /// Whether `init` succeeded.
+    /// The configured driver and raw options.
+    pub fn configured(&self) -> Configured {
+        self.configured.lock().map(|c| c.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// Whether the active driver initialised.
     pub fn initialised(&self) -> bool {
-        self.initialised
+        self.active.load().init_error.is_none()
     }
 
-    /// Requests currently inside the driver.
-    pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::SeqCst)
+    /// Runs the driver's health check and records the result (a periodic task).
+    pub fn check_health(&self) {
+        let active = self.active.load();
+        let h = match (&active.init_error, active.driver.health()) {
+            (Some(e), _) => Health::Down(e.clone()),
+            (None, Ok(())) => Health::Up,
+            (None, Err(e)) => Health::Down(format!("driver unhealthy: {}", e.message())),
+        };
+        drop(active);
+        self.set_health(h);
+    }
+
+    fn set_health(&self, h: Health) {
+        if let Ok(mut g) = self.health.lock() {
+            if g.0 != h {
+                match &h {
+                    Health::Up => log::info!("{} backend {:?} is up", D::KIND, self.name),
+                    Health::Down(r) => log::warn!("{} backend {:?}: {r}", D::KIND, self.name),
+                }
+            }
+            *g = (h, SystemTime::now());
+        }
     }
 
     /// Current health.
@@ -155,24 +306,82 @@ impl<D> Backend<D> {
         self.health.lock().map(|h| h.0.clone()).unwrap_or(Health::Down("health lock poisoned".to_owned()))
     }
 
-    /// Records the result of a health check (ignored while the driver is not initialised).
-    pub fn set_health(&self, result: Result<(), DriverError>) {
-        if !self.initialised {
-            return;
-        }
-        let h = match result {
-            Ok(()) => Health::Up,
-            Err(e) => Health::Down(format!("driver unhealthy: {}", e.message())),
-        };
-        if let Ok(mut g) = self.health.lock() {
-            if g.0 != h {
-                match &h {
-                    Health::Up => log::info!("backend {:?} is up again", self.name),
-                    Health::Down(r) => log::warn!("backend {:?}: {r}", self.name),
-                }
+    /// Runs the active driver's cleanup (host stop).
+    pub fn cleanup(&self) {
+        let active = self.active.load();
+        if active.init_error.is_none() {
+            if let Err(e) = active.driver.cleanup() {
+                log::warn!("{} backend {:?}: cleanup failed: {e}", D::KIND, self.name);
             }
-            *g = (h, SystemTime::now());
         }
+    }
+
+    /// Replaces the active driver without stopping service.
+    ///
+    /// The new driver is loaded, verified, constructed with the backend's options (the configured ones,
+    /// or `options` when given) and initialised first, outside anything a request waits on. Only then is
+    /// the active pointer swapped: calls already running finish on the old driver, new calls go to the
+    /// new one. The old driver's `cleanup` runs once it is drained (waiting up to `drain_timeout`, then
+    /// in the background). On any failure the old driver keeps serving, untouched.
+    pub fn swap(
+        &self,
+        ctx: BuildContext<'_>,
+        driver: Option<&str>,
+        options: Option<Vec<(String, String)>>,
+        drain_timeout: Duration,
+    ) -> Result<Value, ApiError> {
+        let _one_swap_at_a_time = self.swap_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.configured();
+        let wanted = Configured {
+            driver: driver.map(str::to_owned).unwrap_or_else(|| current.driver.clone()),
+            options: options.unwrap_or_else(|| current.options.clone()),
+        };
+        let generation = self.active.load().generation + 1;
+        let fresh: Active<D> = prepare(ctx, &self.name, &wanted, generation).map_err(|e| {
+            ApiError::new("swap_failed", format!("{} backend {:?}: {}", D::KIND, self.name, one_line(&e)))
+        })?;
+        if let Some(e) = &fresh.init_error {
+            let _ = fresh.driver.cleanup();
+            return Err(ApiError::new(
+                "swap_failed",
+                format!(
+                    "{} backend {:?}: new driver {:?}: {e}; the old driver keeps serving",
+                    D::KIND,
+                    self.name,
+                    fresh.library.name()
+                ),
+            ));
+        }
+        let started = Instant::now();
+        let old = self.active.swap(Arc::new(fresh));
+        let swapped_in = started.elapsed();
+        if let Ok(mut c) = self.configured.lock() {
+            *c = wanted;
+        }
+        self.set_health(Health::Up);
+        let new = self.active.load_full();
+        log::info!(
+            "{} backend {:?}: swapped {} {} [{}] for {} {} [{}] (generation {})",
+            D::KIND,
+            self.name,
+            old.library.name(),
+            old.library.version(),
+            old.library.digest,
+            new.library.name(),
+            new.library.version(),
+            new.library.digest,
+            new.generation
+        );
+        let report = json!({
+            "backend": self.name,
+            "generation": new.generation,
+            "old": {"name": old.library.name(), "version": old.library.version(), "digest": old.library.digest},
+            "new": {"name": new.library.name(), "version": new.library.version(), "digest": new.library.digest,
+                    "path": new.library.path.display().to_string()},
+            "swap_us": swapped_in.as_micros() as u64,
+        });
+        retire(old, drain_timeout, &self.name);
+        Ok(report)
     }
 
     /// The status object for this backend.
@@ -196,26 +405,61 @@ impl<D> Backend<D> {
                     .collect()
             })
             .unwrap_or_default();
+        let active = self.active.load();
         let options: serde_json::Map<String, Value> =
-            self.shown_options.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
+            active.shown_options.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
+        let lib = &active.library;
         json!({
             "name": self.name,
             "default": default,
             "state": state,
             "reason": reason,
             "driver": {
-                "name": self.library.name(),
-                "kind": self.library.kind().as_str(),
-                "version": self.library.version(),
-                "api_version": self.library.api_version(),
-                "path": self.library.path.display().to_string(),
-                "digest": self.library.digest,
-                "loaded_at": unix_secs(self.library.loaded_at),
+                "name": lib.name(),
+                "kind": lib.kind().as_str(),
+                "version": lib.version(),
+                "api_version": lib.api_version(),
+                "path": lib.path.display().to_string(),
+                "configured": self.configured().driver,
+                "digest": lib.digest,
+                "size": lib.size,
+                "loaded_at": unix_secs(lib.loaded_at),
+                "generation": active.generation,
             },
             "options": options,
-            "in_flight": self.in_flight(),
             "calls": calls,
         })
+    }
+}
+
+/// Waits for every in-flight call on `old` to return, then runs its cleanup; in the background once
+/// `timeout` has passed.
+fn retire<D: DriverOps>(old: Arc<Active<D>>, timeout: Duration, backend: &str) {
+    let deadline = Instant::now() + timeout;
+    let mut old = old;
+    loop {
+        match Arc::try_unwrap(old) {
+            Ok(active) => {
+                if active.init_error.is_none() {
+                    if let Err(e) = active.driver.cleanup() {
+                        log::warn!("{} backend {backend:?}: retired driver's cleanup failed: {e}", D::KIND);
+                    }
+                }
+                return;
+            }
+            Err(still_shared) => old = still_shared,
+        }
+        if Instant::now() >= deadline {
+            let backend = backend.to_owned();
+            let spawned = std::thread::Builder::new()
+                .name("retire".to_owned())
+                .spawn(move || retire(old, Duration::from_secs(3600), &backend));
+            if let Err(e) = spawned {
+                log::warn!("cannot start a thread to retire the old driver: {e}");
+            }
+            return;
+        }
+        std::thread::sleep(Duration::from_micros(200));
     }
 }
 

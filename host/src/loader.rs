@@ -138,6 +138,31 @@ pub struct Loader {
     counter: AtomicU64,
     verified: Mutex<HashMap<String, DriverLibrary>>,
     mapped: Mutex<Vec<Mapped>>,
+    /// Path → (file identity, digest) of files already verified: an unchanged file is not re-read.
+    seen: Mutex<HashMap<PathBuf, (FileKey, String)>>,
+}
+
+/// What identifies a file's content without reading it: any write changes mtime or ctime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileKey {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl FileKey {
+    fn of(meta: &fs::Metadata) -> FileKey {
+        use std::os::unix::fs::MetadataExt;
+        FileKey {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
+        }
+    }
 }
 
 impl Loader {
@@ -152,6 +177,7 @@ impl Loader {
             counter: AtomicU64::new(0),
             verified: Mutex::new(HashMap::new()),
             mapped: Mutex::new(Vec::new()),
+            seen: Mutex::new(HashMap::new()),
         })
     }
 
@@ -187,6 +213,20 @@ impl Loader {
             let what = if meta.is_dir() { "a directory" } else { "not a regular file" };
             return Err(err(LoadErrorKind::NotAFile, format!("{what}, not a shared object")));
         }
+        let key = FileKey::of(&meta);
+        let known = self.seen.lock().ok().and_then(|m| m.get(path).filter(|(k, _)| *k == key).map(|(_, d)| d.clone()));
+        if let Some(digest) = known {
+            if let Some(lib) = self.verified.lock().ok().and_then(|m| m.get(&digest).copied()) {
+                log::debug!("{}: unchanged since it was verified ({digest})", path.display());
+                return Ok(Library {
+                    path: path.to_owned(),
+                    digest,
+                    size: key.size,
+                    loaded_at: SystemTime::now(),
+                    lib,
+                });
+            }
+        }
         let bytes = fs::read(path).map_err(|e| err(LoadErrorKind::NotAFile, format!("cannot read: {e}")))?;
         elf::check(&bytes).map_err(|p| match p {
             elf::ElfProblem::NotElf(r) => err(LoadErrorKind::NotElf, r),
@@ -217,6 +257,12 @@ impl Loader {
                 lib
             }
         };
+        // Remember the identity only if the file did not change while we read it.
+        if fs::metadata(path).map(|m| FileKey::of(&m) == key).unwrap_or(false) {
+            if let Ok(mut m) = self.seen.lock() {
+                m.insert(path.to_owned(), (key, digest.clone()));
+            }
+        }
         Ok(Library { path: path.to_owned(), digest, size: bytes.len() as u64, loaded_at: SystemTime::now(), lib })
     }
 

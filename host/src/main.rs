@@ -131,6 +131,18 @@ enum CtlCommand {
     /// Compute operations
     #[command(subcommand)]
     Compute(ComputeCmd),
+    /// Replace a backend's driver while serving: SERVICE[/BACKEND] [PATH|NAME]
+    #[command(
+        after_help = "Examples:\n  plughost ctl swap volume target/release/libfile_volume.so\n  plughost ctl swap volume/fast          # reload the configured file (a rebuilt library really loads)\n\nThe new driver is loaded, verified, constructed with the backend's options and initialised before it\nreplaces the old one; calls in flight finish on the old driver. On any error the old one keeps serving."
+    )]
+    Swap {
+        /// volume, compute, volume/BACKEND or compute/BACKEND
+        target: String,
+        /// New driver; default: the configured PATH or NAME, loaded again
+        driver: Option<String>,
+    },
+    /// Re-read the configuration and swap every backend whose driver or options changed (as SIGHUP)
+    Reload,
 }
 
 #[derive(Subcommand, Debug)]
@@ -353,6 +365,31 @@ fn list(a: ListArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+type Specs = (Option<host::config::ServiceSpec>, Option<host::config::ServiceSpec>);
+
+/// Service specs from the config file (if any) and the flags; every error found.
+fn specs(
+    file: &host::config::FileConfig,
+    volume_flags: &host::config::ServiceFlags,
+    compute_flags: &host::config::ServiceFlags,
+) -> Result<Specs, Vec<String>> {
+    use host::config;
+    let mut errors = Vec::new();
+    let volume = config::service_spec("volume", "file-volume", file.volume.as_ref(), volume_flags)
+        .map_err(|e| errors.push(e.to_string()))
+        .ok()
+        .flatten();
+    let compute = config::service_spec("compute", "process-compute", file.compute.as_ref(), compute_flags)
+        .map_err(|e| errors.push(e.to_string()))
+        .ok()
+        .flatten();
+    if errors.is_empty() {
+        Ok((volume, compute))
+    } else {
+        Err(errors)
+    }
+}
+
 fn run(a: RunArgs) -> ExitCode {
     use host::config::{self, ServiceFlags};
     let file = match &a.config {
@@ -374,21 +411,15 @@ fn run(a: RunArgs) -> ExitCode {
         opts: a.compute_opts.clone(),
         default_backend: a.default_compute_backend.clone(),
     };
-    let mut errors = Vec::new();
-    let volume = config::service_spec("volume", "file-volume", file.volume.as_ref(), &volume_flags)
-        .map_err(|e| errors.push(e.to_string()))
-        .ok()
-        .flatten();
-    let compute = config::service_spec("compute", "process-compute", file.compute.as_ref(), &compute_flags)
-        .map_err(|e| errors.push(e.to_string()))
-        .ok()
-        .flatten();
-    if !errors.is_empty() {
-        for e in errors {
-            eprintln!("plughost: {e}");
+    let (volume, compute) = match specs(&file, &volume_flags, &compute_flags) {
+        Ok(s) => s,
+        Err(errors) => {
+            for e in errors {
+                eprintln!("plughost: {e}");
+            }
+            return ExitCode::from(1);
         }
-        return ExitCode::from(1);
-    }
+    };
     let state_dir = a.state_dir.or(file.state_dir).unwrap_or_else(config::default_state_dir);
     let state_dir = std::path::absolute(&state_dir).unwrap_or(state_dir);
     let socket = a.socket.or(file.socket).unwrap_or_else(|| state_dir.join("plughost.sock"));
@@ -424,6 +455,14 @@ fn run(a: RunArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let config_path = a.config.clone();
+    host.set_reloader(Box::new(move || {
+        let file = match &config_path {
+            Some(p) => config::read_file(p).map_err(|e| e.to_string())?,
+            None => config::FileConfig::default(),
+        };
+        specs(&file, &volume_flags, &compute_flags).map_err(|e| e.join("; "))
+    }));
     let running = match host::runtime::Running::serve(host, &settings) {
         Ok(r) => r,
         Err(e) => return fail(e),
@@ -446,7 +485,10 @@ fn run(a: RunArgs) -> ExitCode {
     let mut signals = signals;
     for sig in signals.forever() {
         if sig == signal_hook::consts::SIGHUP {
-            log::warn!("SIGHUP received: live reload is not available in this version; ignoring");
+            log::info!("SIGHUP received: reloading the configuration");
+            if let Err(e) = running.host().reload_from_config() {
+                log::error!("reload failed: {}", e.message);
+            }
             continue;
         }
         log::info!("signal {sig} received: stopping gracefully");
@@ -474,6 +516,22 @@ fn ctl(a: CtlArgs) -> ExitCode {
     use serde_json::json;
     let (service, op, args) = match a.command {
         CtlCommand::Status => ("", "status", json!({})),
+        CtlCommand::Reload => ("", "reload", json!({})),
+        CtlCommand::Swap { target, driver } => {
+            let (svc, backend) = match target.split_once('/') {
+                Some((s, b)) => (s.to_owned(), Some(b.to_owned())),
+                None => (target.clone(), None),
+            };
+            let svc: &'static str = match svc.as_str() {
+                "volume" => "volume",
+                "compute" => "compute",
+                other => {
+                    eprintln!("plughost: swap target {other:?}: expected volume[/BACKEND] or compute[/BACKEND]");
+                    return ExitCode::from(2);
+                }
+            };
+            (svc, "swap", json!({"backend": backend, "driver": driver}))
+        }
         CtlCommand::Volume(v) => match v {
             VolumeCmd::Create { name, size, backend } => {
                 ("volume", "create", json!({"name": name, "size": size, "backend": backend}))

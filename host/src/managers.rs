@@ -234,10 +234,10 @@ impl VolumeManager {
     /// Refreshes capacity stats and health of every backend (a periodic task).
     pub fn periodic(&self) {
         for b in &self.backends.list {
+            b.check_health();
             if !b.initialised() {
                 continue;
             }
-            b.set_health(b.driver().health());
             if let Ok(s) = b.call("stats", |d| d.stats()) {
                 if let Ok(mut m) = self.stats.lock() {
                     m.insert(b.name.clone(), s);
@@ -468,11 +468,7 @@ impl VolumeManager {
     pub fn cleanup(&self) {
         self.persist();
         for b in &self.backends.list {
-            if b.initialised() {
-                if let Err(e) = b.driver().cleanup() {
-                    log::warn!("volume backend {:?}: cleanup failed: {e}", b.name);
-                }
-            }
+            b.cleanup();
         }
     }
 }
@@ -554,10 +550,10 @@ impl ComputeManager {
     /// checks backend health.
     pub fn sync(&self) {
         for b in &self.backends.list {
+            b.check_health();
             if !b.initialised() {
                 continue;
             }
-            b.set_health(b.driver().health());
             let Ok(list) = b.call("list", |d| d.list()) else { continue };
             let now = unix_secs(SystemTime::now());
             for i in &list {
@@ -775,11 +771,7 @@ impl ComputeManager {
     /// Drivers' cleanup, once no request is in flight.
     pub fn cleanup(&self) {
         for b in &self.backends.list {
-            if b.initialised() {
-                if let Err(e) = b.driver().cleanup() {
-                    log::warn!("compute backend {:?}: cleanup failed: {e}", b.name);
-                }
-            }
+            b.cleanup();
         }
     }
 }

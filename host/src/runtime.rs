@@ -12,15 +12,13 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use plugin_api::DriverKind;
+use plugin_api::{ComputeClient, VolumeClient};
 use serde_json::{json, Value};
 
-use crate::backend::{ApiError, Backend, Health};
-use crate::config::{expand, ServiceSpec};
-use crate::drivers::resolve;
-use crate::loader::Library;
+use crate::backend::{ApiError, Backend, BuildContext, Configured, DriverOps, Health};
+use crate::config::ServiceSpec;
 use crate::managers::{Backends, ComputeManager, VolumeManager};
-use crate::{LoadError, Loader};
+use crate::Loader;
 
 /// Everything `plughost run` needs, already merged from flags, environment, file and defaults.
 #[derive(Debug, Clone)]
@@ -42,7 +40,6 @@ pub struct Settings {
 }
 
 /// Shared state of a running host.
-#[derive(Debug)]
 pub struct Host {
     volume: Option<VolumeManager>,
     compute: Option<ComputeManager>,
@@ -52,53 +49,33 @@ pub struct Host {
     in_flight: AtomicUsize,
     started: Instant,
     socket: PathBuf,
+    settings: Settings,
+    reloader: Mutex<Option<Reloader>>,
 }
 
-fn shown_options(lib: &Library, given: &plugin_api::Options) -> Vec<(String, String)> {
-    given
-        .pairs()
-        .iter()
-        .map(|(k, v)| {
-            let secret = lib.options().iter().any(|o| o.name() == k && o.is_secret());
-            (k.clone(), if secret { "(secret)".to_owned() } else { v.clone() })
-        })
-        .collect()
+/// Re-reads the configuration (file and the original flags) into fresh service specs.
+pub type Reloader = Box<dyn Fn() -> Result<(Option<ServiceSpec>, Option<ServiceSpec>), String> + Send>;
+
+impl std::fmt::Debug for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Host").field("socket", &self.socket).field("stopping", &self.stopping).finish()
+    }
 }
 
-/// Resolves, loads, validates and constructs one backend's driver; `init` is run but its failure
-/// only marks the backend down.
-fn build_backend<D>(
-    loader: &Loader,
-    settings: &Settings,
-    kind: DriverKind,
-    spec: &crate::config::BackendSpec,
-    construct: impl Fn(&Library, &plugin_api::Options) -> Result<D, LoadError>,
-    init: impl Fn(&D) -> Result<(), plugin_api::DriverError>,
-) -> Result<Backend<D>, String> {
-    let path =
-        resolve(&spec.driver, &settings.driver_dirs).map_err(|e| format!("{kind} backend {:?}: {e}", spec.name))?;
-    let lib = loader.load_kind(&path, kind).map_err(|e| e.report())?;
-    let mut given: Vec<(String, String)> =
-        spec.options.iter().map(|(k, v)| (k.clone(), expand(v, &settings.state_dir, &spec.name))).collect();
-    for o in lib.options() {
-        if let Some(d) = o.default_value() {
-            if d.contains("${") && !given.iter().any(|(k, _)| k == o.name()) {
-                given.push((o.name().to_owned(), expand(d, &settings.state_dir, &spec.name)));
-            }
+fn build_all<D: DriverOps>(
+    ctx: BuildContext<'_>,
+    spec: Option<&ServiceSpec>,
+    errors: &mut Vec<String>,
+) -> Vec<Arc<Backend<D>>> {
+    let mut out = Vec::new();
+    for b in spec.map(|s| s.backends.as_slice()).unwrap_or_default() {
+        let configured = Configured { driver: b.driver.clone(), options: b.options.clone() };
+        match Backend::build(ctx, &b.name, configured) {
+            Ok(b) => out.push(Arc::new(b)),
+            Err(e) => errors.push(e.report()),
         }
     }
-    let options = lib.validate_options(&given).map_err(|e| e.report())?;
-    let driver = construct(&lib, &options).map_err(|e| e.report())?;
-    let init_result = init(&driver);
-    if let Err(e) = &init_result {
-        log::error!(
-            "{kind} backend {:?} ({}): driver init failed: {e}; the service reports down",
-            spec.name,
-            lib.name()
-        );
-    }
-    let shown = shown_options(&lib, &options);
-    Ok(Backend::new(&spec.name, lib, shown, driver, init_result))
+    out
 }
 
 impl Host {
@@ -109,24 +86,9 @@ impl Host {
             return Err(vec![format!("cannot create state dir \"{}\": {e}", settings.state_dir.display())]);
         }
         let loader = Loader::new(&settings.state_dir.join("run/libs")).map_err(|e| vec![e.report()])?;
-        let mut volume_backends = Vec::new();
-        if let Some(spec) = &settings.volume {
-            for b in &spec.backends {
-                match build_backend(&loader, settings, DriverKind::VOLUME, b, |l, o| l.new_volume(o), |d| d.init()) {
-                    Ok(b) => volume_backends.push(Arc::new(b)),
-                    Err(e) => errors.push(e),
-                }
-            }
-        }
-        let mut compute_backends = Vec::new();
-        if let Some(spec) = &settings.compute {
-            for b in &spec.backends {
-                match build_backend(&loader, settings, DriverKind::COMPUTE, b, |l, o| l.new_compute(o), |d| d.init()) {
-                    Ok(b) => compute_backends.push(Arc::new(b)),
-                    Err(e) => errors.push(e),
-                }
-            }
-        }
+        let ctx = BuildContext { loader: &loader, state_dir: &settings.state_dir, driver_dirs: &settings.driver_dirs };
+        let volume_backends = build_all::<VolumeClient>(ctx, settings.volume.as_ref(), &mut errors);
+        let compute_backends = build_all::<ComputeClient>(ctx, settings.compute.as_ref(), &mut errors);
         if settings.volume.is_none() && settings.compute.is_none() {
             errors.push("both services are disabled: nothing to run".to_owned());
         }
@@ -160,6 +122,8 @@ impl Host {
             in_flight: AtomicUsize::new(0),
             started: Instant::now(),
             socket: settings.socket.clone(),
+            settings: settings.clone(),
+            reloader: Mutex::new(None),
         }))
     }
 
@@ -192,8 +156,12 @@ impl Host {
         if !args.is_object() {
             return Err(ApiError::new("invalid_request", "\"args\" must be an object"));
         }
+        if op == "swap" {
+            return self.swap(req.get("service").and_then(Value::as_str).unwrap_or(""), args);
+        }
         match req.get("service").and_then(Value::as_str) {
             None if op == "status" => Ok(self.status()),
+            None if op == "reload" => self.reload_from_config(),
             None if op == "ping" => Ok(json!({"pong": true})),
             None => Err(ApiError::new("invalid_request", format!("unknown operation {op:?} (missing \"service\"?)"))),
             Some("volume") => match &self.volume {
@@ -210,7 +178,12 @@ impl Host {
         }
     }
 
-    fn service_status<D>(&self, name: &'static str, backends: &Backends<D>, extra: impl Fn(&str) -> Value) -> Value {
+    fn service_status<D: DriverOps>(
+        &self,
+        name: &'static str,
+        backends: &Backends<D>,
+        extra: impl Fn(&str) -> Value,
+    ) -> Value {
         let states: Vec<Health> = backends.list.iter().map(|b| b.health()).collect();
         let up = states.iter().filter(|h| **h == Health::Up).count();
         let state = if up == states.len() {
@@ -268,6 +241,14 @@ impl Host {
             services.push(self.service_status("compute", m.backends(), |_| Value::Null));
         }
         let mapped = self.loader.mapped();
+        let mut active: Vec<String> = Vec::new();
+        if let Some(m) = &self.volume {
+            active.extend(m.backends().list.iter().map(|b| b.active().library.digest.clone()));
+        }
+        if let Some(m) = &self.compute {
+            active.extend(m.backends().list.iter().map(|b| b.active().library.digest.clone()));
+        }
+        let retired: Vec<_> = mapped.iter().filter(|m| !active.contains(&m.digest)).collect();
         json!({
             "pid": std::process::id(),
             "uptime_ms": self.started.elapsed().as_millis() as u64,
@@ -277,9 +258,122 @@ impl Host {
             "libraries": {
                 "mapped": mapped.len(),
                 "mapped_bytes": mapped.iter().map(|m| m.size).sum::<u64>(),
+                "retired": retired.len(),
+                "retired_bytes": retired.iter().map(|m| m.size).sum::<u64>(),
                 "note": "driver libraries are never unloaded; each distinct file content stays mapped until exit",
             },
         })
+    }
+
+    fn ctx(&self) -> BuildContext<'_> {
+        BuildContext {
+            loader: &self.loader,
+            state_dir: &self.settings.state_dir,
+            driver_dirs: &self.settings.driver_dirs,
+        }
+    }
+
+    /// `swap`: `args.backend` (default: the service's default backend), `args.driver` (PATH or NAME;
+    /// default: the configured one, reloaded from disk).
+    pub fn swap(&self, service: &str, args: &Value) -> Result<Value, ApiError> {
+        let backend = args.get("backend").and_then(Value::as_str);
+        let driver = args.get("driver").and_then(Value::as_str).filter(|d| !d.is_empty());
+        let timeout = self.settings.shutdown_timeout;
+        fn pick<'a, D>(b: &'a Backends<D>, service: &str, name: Option<&str>) -> Result<&'a Arc<Backend<D>>, ApiError> {
+            let name = name.unwrap_or(&b.default);
+            b.list
+                .iter()
+                .find(|x| x.name == name)
+                .ok_or_else(|| ApiError::not_found(format!("unknown {service} backend {name:?}")))
+        }
+        match (service, &self.volume, &self.compute) {
+            ("volume", Some(m), _) => pick(m.backends(), service, backend)?.swap(self.ctx(), driver, None, timeout),
+            ("compute", _, Some(m)) => pick(m.backends(), service, backend)?.swap(self.ctx(), driver, None, timeout),
+            ("volume" | "compute", _, _) => {
+                Err(ApiError::new("unknown_service", format!("the {service} service is not enabled")))
+            }
+            _ => Err(ApiError::new(
+                "unknown_service",
+                format!("swap needs \"service\": volume or compute, got {service:?}"),
+            )),
+        }
+    }
+
+    /// Sets how `reload` (and SIGHUP) re-reads the configuration.
+    pub fn set_reloader(&self, r: Reloader) {
+        if let Ok(mut g) = self.reloader.lock() {
+            *g = Some(r);
+        }
+    }
+
+    /// Re-reads the configuration and swaps each backend whose driver or options changed. An invalid
+    /// configuration changes nothing.
+    pub fn reload_from_config(&self) -> Result<Value, ApiError> {
+        let specs = {
+            let g = self.reloader.lock().map_err(|_| ApiError::new("internal", "reloader lock poisoned"))?;
+            let r =
+                g.as_ref().ok_or_else(|| ApiError::new("unsupported", "this host has no configuration to reload"))?;
+            r()
+        };
+        let (volume, compute) = specs.map_err(|e| {
+            log::error!("reload: configuration rejected, nothing changed: {e}");
+            ApiError::new("invalid_config", format!("configuration rejected, nothing changed: {e}"))
+        })?;
+        let mut report = Vec::new();
+        if let Some(m) = &self.volume {
+            self.reload_service("volume", m.backends(), volume.as_ref(), &mut report);
+        }
+        if let Some(m) = &self.compute {
+            self.reload_service("compute", m.backends(), compute.as_ref(), &mut report);
+        }
+        if volume.is_some() && self.volume.is_none() || compute.is_some() && self.compute.is_none() {
+            report.push(json!({"outcome": "ignored", "reason": "enabling a service needs a restart"}));
+        }
+        for r in &report {
+            log::info!("reload: {r}");
+        }
+        Ok(Value::Array(report))
+    }
+
+    fn reload_service<D: DriverOps>(
+        &self,
+        service: &str,
+        backends: &Backends<D>,
+        spec: Option<&ServiceSpec>,
+        report: &mut Vec<Value>,
+    ) {
+        let Some(spec) = spec else {
+            report.push(
+                json!({"service": service, "outcome": "ignored", "reason": "disabling a service needs a restart"}),
+            );
+            return;
+        };
+        for b in &backends.list {
+            let Some(wanted) = spec.backends.iter().find(|s| s.name == b.name) else {
+                report.push(json!({"service": service, "backend": b.name, "outcome": "ignored",
+                    "reason": "removing a backend needs a restart"}));
+                continue;
+            };
+            let wanted = Configured { driver: wanted.driver.clone(), options: wanted.options.clone() };
+            if wanted == b.configured() {
+                report.push(json!({"service": service, "backend": b.name, "outcome": "unchanged"}));
+                continue;
+            }
+            match b.swap(self.ctx(), Some(&wanted.driver), Some(wanted.options.clone()), self.settings.shutdown_timeout)
+            {
+                Ok(r) => report.push(json!({"service": service, "backend": b.name, "outcome": "swapped", "swap": r})),
+                Err(e) => {
+                    log::error!("reload: {service} backend {:?}: {}", b.name, e.message);
+                    report.push(json!({"service": service, "backend": b.name, "outcome": "failed", "error": e.message}))
+                }
+            }
+        }
+        for s in &spec.backends {
+            if !backends.list.iter().any(|b| b.name == s.name) {
+                report.push(json!({"service": service, "backend": s.name, "outcome": "ignored",
+                    "reason": "adding a backend needs a restart"}));
+            }
+        }
     }
 
     /// One round of periodic work for a service, and its heartbeat.
