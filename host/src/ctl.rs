@@ -58,7 +58,7 @@ pub fn format_human(service: &str, op: &str, result: &Value) -> String {
                     svc.get("reason").and_then(Value::as_str).map(|r| format!(" ({r})")).unwrap_or_default(),
                     s(svc, "heartbeat_age_ms")
                 ));
-                let rows: Vec<[String; 6]> = svc["backends"]
+                let rows: Vec<[String; 7]> = svc["backends"]
                     .as_array()
                     .into_iter()
                     .flatten()
@@ -72,13 +72,14 @@ pub fn format_human(service: &str, op: &str, result: &Value) -> String {
                             s(b, "state"),
                             format!("{} {}", s(&b["driver"], "name"), s(&b["driver"], "version")),
                             s(&b["driver"], "digest").chars().take(19).collect(),
+                            s(&b["driver"], "generation"),
                             calls.to_string(),
                             s(&b["driver"], "path"),
                         ]
                     })
                     .collect();
-                let header = ["  BACKEND", "STATE", "DRIVER", "DIGEST", "CALLS", "PATH"].map(String::from);
-                let rows: Vec<[String; 6]> = rows
+                let header = ["  BACKEND", "STATE", "DRIVER", "DIGEST", "GEN", "CALLS", "PATH"].map(String::from);
+                let rows: Vec<[String; 7]> = rows
                     .into_iter()
                     .map(|mut r| {
                         r[0] = format!("  {}", r[0]);
@@ -87,8 +88,41 @@ pub fn format_human(service: &str, op: &str, result: &Value) -> String {
                     .collect();
                 out.push_str(&table(std::iter::once(&header).chain(rows.iter()), ""));
             }
+            let libs = &result["libraries"];
+            out.push_str(&format!(
+                "libraries mapped: {} ({}), retired but still mapped: {} ({})\n",
+                s(libs, "mapped"),
+                human_size(libs["mapped_bytes"].as_u64().unwrap_or(0)),
+                s(libs, "retired"),
+                human_size(libs["retired_bytes"].as_u64().unwrap_or(0)),
+            ));
             out
         }
+        ("", "reload") => result
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| {
+                let detail = r
+                    .get("error")
+                    .or(r.get("reason"))
+                    .and_then(Value::as_str)
+                    .map(|d| format!(": {d}"))
+                    .unwrap_or_default();
+                format!("{}/{}: {}{detail}\n", s(r, "service"), s(r, "backend"), s(r, "outcome"))
+            })
+            .collect(),
+        ("volume" | "compute", "swap") => format!(
+            "{}: {} {} [{}] -> {} {} [{}], generation {}\n",
+            s(result, "backend"),
+            s(&result["old"], "name"),
+            s(&result["old"], "version"),
+            s(&result["old"], "digest"),
+            s(&result["new"], "name"),
+            s(&result["new"], "version"),
+            s(&result["new"], "digest"),
+            s(result, "generation")
+        ),
         ("volume", "list") => {
             let rows: Vec<[String; 6]> = result
                 .as_array()

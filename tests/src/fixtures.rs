@@ -17,6 +17,10 @@ pub struct Built {
     pub api_v1_1: PathBuf,
     /// A driver whose metadata is invalid (bad name, bad option default), against the real plugin-api.
     pub bad_metadata: PathBuf,
+    /// A second build of file-volume (version `1.0.1-b`): same behaviour, different content.
+    pub file_volume_b: PathBuf,
+    /// faulty, with `panic_new` defaulting to true: its constructor panics under default options.
+    pub faulty_panics: PathBuf,
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -57,12 +61,17 @@ fn api_copy(dir: &Path, version: &str, patch: impl Fn(String) -> String) -> Path
 
 /// A fixture driver crate `name` with the given source, depending on plugin-api at `api`.
 fn driver_crate(dir: &Path, name: &str, api: &Path, source: &str) {
+    driver_crate_with(dir, name, api, source, "");
+}
+
+/// Like [`driver_crate`], with extra dependency lines.
+fn driver_crate_with(dir: &Path, name: &str, api: &Path, source: &str, extra_deps: &str) {
     let d = dir.join(name);
     fs::create_dir_all(d.join("src")).unwrap();
     fs::write(
         d.join("Cargo.toml"),
         format!(
-            "[package]\nname = \"{name}\"\nversion = \"0.0.1\"\nedition = \"2021\"\n\n[lib]\ncrate-type = [\"cdylib\"]\n\n[dependencies]\nplugin-api = {{ path = {:?} }}\n",
+            "[package]\nname = \"{name}\"\nversion = \"0.0.1\"\nedition = \"2021\"\n\n[lib]\ncrate-type = [\"cdylib\"]\n\n[dependencies]\nplugin-api = {{ path = {:?} }}\n{extra_deps}",
             api.display().to_string()
         ),
     )
@@ -129,8 +138,23 @@ pub fn built() -> &'static Built {
             "OptionSpec::size(\"capacity\", \"total capacity; creating or extending past it fails\").default(\"100GiB\")",
             "OptionSpec::size(\"capacity\", \"total capacity\").default(\"lots\")",
         );
-        driver_crate(&ws, "fixture-bad-metadata", &workspace_root().join("plugin-api"), &bad);
-        build_workspace(&ws, &["fixture-api-minor", "fixture-bad-metadata"]);
+        let real_api = workspace_root().join("plugin-api");
+        driver_crate(&ws, "fixture-bad-metadata", &real_api, &bad);
+        let file_volume = fs::read_to_string(workspace_root().join("plugins/file-volume/src/lib.rs")).unwrap();
+        let file_volume = file_volume.split("#[cfg(test)]").next().unwrap().to_owned();
+        let file_volume_b = replace_once(&file_volume, "version: env!(\"CARGO_PKG_VERSION\"),", "version: \"1.0.1-b\",");
+        driver_crate_with(&ws, "fixture-file-volume-b", &real_api, &file_volume_b, "libc = \"0.2\"\n");
+        let faulty = fs::read_to_string(workspace_root().join("plugins/faulty/src/lib.rs")).unwrap();
+        let faulty = replace_once(
+            &faulty,
+            "OptionSpec::boolean(\"panic_new\", \"the constructor panics\").default(\"false\")",
+            "OptionSpec::boolean(\"panic_new\", \"the constructor panics\").default(\"true\")",
+        );
+        driver_crate(&ws, "fixture-faulty-panics", &real_api, &faulty);
+        build_workspace(
+            &ws,
+            &["fixture-api-minor", "fixture-bad-metadata", "fixture-file-volume-b", "fixture-faulty-panics"],
+        );
 
         let out = profile_dir();
         Built {
@@ -138,6 +162,8 @@ pub fn built() -> &'static Built {
             api_v2: out.join("libfixture_api_v2.so"),
             api_v1_1: out.join("libfixture_api_minor.so"),
             bad_metadata: out.join("libfixture_bad_metadata.so"),
+            file_volume_b: out.join("libfixture_file_volume_b.so"),
+            faulty_panics: out.join("libfixture_faulty_panics.so"),
         }
     })
 }
