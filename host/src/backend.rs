@@ -1,18 +1,19 @@
 //! A backend: one constructed driver serving a service, with its health and per-method call statistics.
 //! Managers call drivers only through [`Backend::call`].
 
-use std::collections::BTreeMap;
+use std::cell::Cell;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
-use arc_swap::ArcSwap;
 use plugin_api::{ComputeClient, DriverError, DriverKind, Options, VolumeClient};
 use serde_json::{json, Value};
 
 use crate::config::expand;
 use crate::drivers::resolve;
 use crate::loader::{Library, Loader};
+use crate::rcu::{RcuCell, Retired};
 use crate::{LoadError, LoadErrorKind};
 
 /// An error answered on the control socket: a snake_case kind and a one-line message.
@@ -51,17 +52,92 @@ impl std::fmt::Display for ApiError {
     }
 }
 
-/// Calls, errors and latency of one driver method.
-#[derive(Debug, Default, Clone)]
-pub struct CallStats {
-    /// Calls made.
-    pub count: u64,
-    /// Calls that returned an error.
-    pub errors: u64,
-    /// Sum of latencies.
-    pub total: Duration,
-    /// Slowest call.
-    pub max: Duration,
+/// A driver operation, for call statistics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub enum Op {
+    Create,
+    Delete,
+    Extend,
+    Snapshot,
+    List,
+    Get,
+    Stats,
+    WriteAt,
+    ReadAt,
+    Spawn,
+    Destroy,
+    Start,
+    Stop,
+    Reboot,
+    Health,
+}
+
+impl Op {
+    const ALL: [Op; 15] = [
+        Op::Create,
+        Op::Delete,
+        Op::Extend,
+        Op::Snapshot,
+        Op::List,
+        Op::Get,
+        Op::Stats,
+        Op::WriteAt,
+        Op::ReadAt,
+        Op::Spawn,
+        Op::Destroy,
+        Op::Start,
+        Op::Stop,
+        Op::Reboot,
+        Op::Health,
+    ];
+    /// The method name shown in status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Create => "create",
+            Op::Delete => "delete",
+            Op::Extend => "extend",
+            Op::Snapshot => "snapshot",
+            Op::List => "list",
+            Op::Get => "get",
+            Op::Stats => "stats",
+            Op::WriteAt => "write_at",
+            Op::ReadAt => "read_at",
+            Op::Spawn => "spawn",
+            Op::Destroy => "destroy",
+            Op::Start => "start",
+            Op::Stop => "stop",
+            Op::Reboot => "reboot",
+            Op::Health => "health",
+        }
+    }
+}
+
+/// Calls, errors and (sampled) latency of one driver method; relaxed atomics, no lock.
+#[derive(Debug, Default)]
+struct OpStats {
+    count: AtomicU64,
+    errors: AtomicU64,
+    sampled: AtomicU64,
+    total_ns: AtomicU64,
+    max_ns: AtomicU64,
+}
+
+/// Latency is timed on one call in this many (per thread): reading the clock twice costs several times
+/// a no-op driver call. Counts and errors are exact.
+const SAMPLE_EVERY: u32 = 16;
+
+thread_local! {
+    static SAMPLE: Cell<u32> = const { Cell::new(0) };
+}
+
+#[inline]
+fn sample_now() -> bool {
+    SAMPLE.with(|c| {
+        let n = c.get();
+        c.set(n.wrapping_add(1));
+        n % SAMPLE_EVERY == 0
+    })
 }
 
 /// Whether a backend can serve.
@@ -159,11 +235,11 @@ pub struct Configured {
 pub struct Backend<D> {
     /// Backend name within its service.
     pub name: String,
-    active: ArcSwap<Active<D>>,
+    active: RcuCell<Active<D>>,
     configured: Mutex<Configured>,
     swap_lock: Mutex<()>,
     health: Mutex<(Health, SystemTime)>,
-    calls: Mutex<BTreeMap<&'static str, CallStats>>,
+    calls: [OpStats; Op::ALL.len()],
 }
 
 fn shown_options(lib: &Library, given: &Options) -> Vec<(String, String)> {
@@ -232,39 +308,44 @@ impl<D: DriverOps> Backend<D> {
         };
         Ok(Backend {
             name: name.to_owned(),
-            active: ArcSwap::from_pointee(active),
+            active: RcuCell::new(active),
             configured: Mutex::new(configured),
             swap_lock: Mutex::new(()),
             health: Mutex::new((health, SystemTime::now())),
-            calls: Mutex::new(BTreeMap::new()),
+            calls: Default::default(),
         })
     }
 
-    /// Calls the active driver, recording count, errors and latency under `op`. Refuses with
-    /// `unavailable` when that driver failed to initialise. A swap never waits for this call, and this
-    /// call never waits for a swap: it keeps the driver it started with until it returns.
-    pub fn call<T>(&self, op: &'static str, f: impl FnOnce(&D) -> Result<T, DriverError>) -> Result<T, ApiError> {
-        let active = self.active.load();
-        if let Some(e) = &active.init_error {
-            return Err(ApiError::new("unavailable", format!("backend {:?} is down: {e}", self.name)));
-        }
-        let start = Instant::now();
-        let r = f(&active.driver);
-        let took = start.elapsed();
-        drop(active);
-        if let Ok(mut calls) = self.calls.lock() {
-            let s = calls.entry(op).or_default();
-            s.count += 1;
-            s.errors += u64::from(r.is_err());
-            s.total += took;
-            s.max = s.max.max(took);
-        }
-        r.map_err(ApiError::from)
+    /// Calls the active driver, recording count, errors and sampled latency under `op`. Refuses with
+    /// `unavailable` when that driver failed to initialise. Never waits for a swap, and a swap never
+    /// waits for it: the call keeps the driver it started with (inside an RCU read section) until it
+    /// returns.
+    #[inline]
+    pub fn call<T>(&self, op: Op, f: impl FnOnce(&D) -> Result<T, DriverError>) -> Result<T, ApiError> {
+        self.active.read(|active| {
+            if let Some(e) = &active.init_error {
+                return Err(ApiError::new("unavailable", format!("backend {:?} is down: {e}", self.name)));
+            }
+            let stats = &self.calls[op as usize];
+            let start = if sample_now() { Some(Instant::now()) } else { None };
+            let r = f(&active.driver);
+            if let Some(start) = start {
+                let ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                stats.sampled.fetch_add(1, Ordering::Relaxed);
+                stats.total_ns.fetch_add(ns, Ordering::Relaxed);
+                stats.max_ns.fetch_max(ns, Ordering::Relaxed);
+            }
+            stats.count.fetch_add(1, Ordering::Relaxed);
+            if r.is_err() {
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            r.map_err(ApiError::from)
+        })
     }
 
-    /// The active driver and what it was built from.
-    pub fn active(&self) -> Arc<Active<D>> {
-        self.active.load_full()
+    /// Runs `f` on the active driver and what it was built from.
+    pub fn with_active<R>(&self, f: impl FnOnce(&Active<D>) -> R) -> R {
+        self.active.read(f)
     }
 
     /// The configured driver and raw options.
@@ -274,18 +355,18 @@ impl<D: DriverOps> Backend<D> {
 
     /// Whether the active driver initialised.
     pub fn initialised(&self) -> bool {
-        self.active.load().init_error.is_none()
+        self.active.read(|a| a.init_error.is_none())
     }
 
     /// Runs the driver's health check and records the result (a periodic task).
     pub fn check_health(&self) {
-        let active = self.active.load();
-        let h = match (&active.init_error, active.driver.health()) {
-            (Some(e), _) => Health::Down(e.clone()),
-            (None, Ok(())) => Health::Up,
-            (None, Err(e)) => Health::Down(format!("driver unhealthy: {}", e.message())),
-        };
-        drop(active);
+        let h = self.active.read(|active| match &active.init_error {
+            Some(e) => Health::Down(e.clone()),
+            None => match active.driver.health() {
+                Ok(()) => Health::Up,
+                Err(e) => Health::Down(format!("driver unhealthy: {}", e.message())),
+            },
+        });
         self.set_health(h);
     }
 
@@ -308,12 +389,13 @@ impl<D: DriverOps> Backend<D> {
 
     /// Runs the active driver's cleanup (host stop).
     pub fn cleanup(&self) {
-        let active = self.active.load();
-        if active.init_error.is_none() {
-            if let Err(e) = active.driver.cleanup() {
-                log::warn!("{} backend {:?}: cleanup failed: {e}", D::KIND, self.name);
+        self.active.read(|active| {
+            if active.init_error.is_none() {
+                if let Err(e) = active.driver.cleanup() {
+                    log::warn!("{} backend {:?}: cleanup failed: {e}", D::KIND, self.name);
+                }
             }
-        }
+        });
     }
 
     /// Replaces the active driver without stopping service.
@@ -336,7 +418,7 @@ impl<D: DriverOps> Backend<D> {
             driver: driver.map(str::to_owned).unwrap_or_else(|| current.driver.clone()),
             options: options.unwrap_or_else(|| current.options.clone()),
         };
-        let generation = self.active.load().generation + 1;
+        let generation = self.active.read(|a| a.generation) + 1;
         let fresh: Active<D> = prepare(ctx, &self.name, &wanted, generation).map_err(|e| {
             ApiError::new("swap_failed", format!("{} backend {:?}: {}", D::KIND, self.name, one_line(&e)))
         })?;
@@ -352,36 +434,24 @@ impl<D: DriverOps> Backend<D> {
                 ),
             ));
         }
+        let new_info = json!({"name": fresh.library.name(), "version": fresh.library.version(),
+            "digest": fresh.library.digest, "path": fresh.library.path.display().to_string()});
         let started = Instant::now();
-        let old = self.active.swap(Arc::new(fresh));
+        let old = self.active.replace(fresh);
         let swapped_in = started.elapsed();
         if let Ok(mut c) = self.configured.lock() {
             *c = wanted;
         }
         self.set_health(Health::Up);
-        let new = self.active.load_full();
-        log::info!(
-            "{} backend {:?}: swapped {} {} [{}] for {} {} [{}] (generation {})",
-            D::KIND,
-            self.name,
-            old.library.name(),
-            old.library.version(),
-            old.library.digest,
-            new.library.name(),
-            new.library.version(),
-            new.library.digest,
-            new.generation
-        );
-        let report = json!({
+        log::info!("{} backend {:?}: swapped in {new_info} (generation {generation})", D::KIND, self.name);
+        let old_info = retire(old, drain_timeout, &self.name);
+        Ok(json!({
             "backend": self.name,
-            "generation": new.generation,
-            "old": {"name": old.library.name(), "version": old.library.version(), "digest": old.library.digest},
-            "new": {"name": new.library.name(), "version": new.library.version(), "digest": new.library.digest,
-                    "path": new.library.path.display().to_string()},
+            "generation": generation,
+            "old": old_info,
+            "new": new_info,
             "swap_us": swapped_in.as_micros() as u64,
-        });
-        retire(old, drain_timeout, &self.name);
-        Ok(report)
+        }))
     }
 
     /// The status object for this backend.
@@ -390,76 +460,88 @@ impl<D: DriverOps> Backend<D> {
             Health::Up => ("up", None),
             Health::Down(r) => ("down", Some(r)),
         };
-        let calls: serde_json::Map<String, Value> = self
-            .calls
-            .lock()
-            .map(|c| {
-                c.iter()
-                    .map(|(op, s)| {
-                        let mean_us = (s.total.as_micros() as u64).checked_div(s.count).unwrap_or(0);
-                        (
-                            (*op).to_owned(),
-                            json!({"count": s.count, "errors": s.errors, "mean_us": mean_us, "max_us": s.max.as_micros() as u64}),
-                        )
-                    })
-                    .collect()
+        let calls: serde_json::Map<String, Value> = Op::ALL
+            .iter()
+            .filter_map(|op| {
+                let s = &self.calls[*op as usize];
+                let count = s.count.load(Ordering::Relaxed);
+                if count == 0 {
+                    return None;
+                }
+                let sampled = s.sampled.load(Ordering::Relaxed);
+                let mean_us = (s.total_ns.load(Ordering::Relaxed) / 1000).checked_div(sampled).unwrap_or(0);
+                Some((
+                    op.as_str().to_owned(),
+                    json!({"count": count, "errors": s.errors.load(Ordering::Relaxed), "sampled": sampled,
+                        "mean_us": mean_us, "max_us": s.max_ns.load(Ordering::Relaxed) / 1000}),
+                ))
             })
-            .unwrap_or_default();
-        let active = self.active.load();
-        let options: serde_json::Map<String, Value> =
-            active.shown_options.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
-        let lib = &active.library;
-        json!({
-            "name": self.name,
-            "default": default,
-            "state": state,
-            "reason": reason,
-            "driver": {
-                "name": lib.name(),
-                "kind": lib.kind().as_str(),
-                "version": lib.version(),
-                "api_version": lib.api_version(),
-                "path": lib.path.display().to_string(),
-                "configured": self.configured().driver,
-                "digest": lib.digest,
-                "size": lib.size,
-                "loaded_at": unix_secs(lib.loaded_at),
-                "generation": active.generation,
-            },
-            "options": options,
-            "calls": calls,
+            .collect();
+        let configured = self.configured().driver;
+        self.active.read(|active| {
+            let options: serde_json::Map<String, Value> =
+                active.shown_options.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
+            let lib = &active.library;
+            json!({
+                "name": self.name,
+                "default": default,
+                "state": state,
+                "reason": reason,
+                "driver": {
+                    "name": lib.name(),
+                    "kind": lib.kind().as_str(),
+                    "version": lib.version(),
+                    "api_version": lib.api_version(),
+                    "path": lib.path.display().to_string(),
+                    "configured": configured,
+                    "digest": lib.digest,
+                    "size": lib.size,
+                    "loaded_at": unix_secs(lib.loaded_at),
+                    "generation": active.generation,
+                },
+                "options": options,
+                "calls": calls,
+            })
         })
     }
 }
 
-/// Waits for every in-flight call on `old` to return, then runs its cleanup; in the background once
-/// `timeout` has passed.
-fn retire<D: DriverOps>(old: Arc<Active<D>>, timeout: Duration, backend: &str) {
-    let deadline = Instant::now() + timeout;
-    let mut old = old;
-    loop {
-        match Arc::try_unwrap(old) {
-            Ok(active) => {
-                if active.init_error.is_none() {
-                    if let Err(e) = active.driver.cleanup() {
-                        log::warn!("{} backend {backend:?}: retired driver's cleanup failed: {e}", D::KIND);
+/// Waits for every call that may still use `old` to return, then runs its cleanup and frees it; in
+/// the background once `timeout` has passed. Returns a description of the old driver.
+fn retire<D: DriverOps>(old: Retired<Active<D>>, timeout: Duration, backend: &str) -> Value {
+    fn finish<D: DriverOps>(old: Active<D>, backend: &str) -> Value {
+        let info = json!({"name": old.library.name(), "version": old.library.version(), "digest": old.library.digest});
+        if old.init_error.is_none() {
+            if let Err(e) = old.driver.cleanup() {
+                log::warn!("{} backend {backend:?}: retired driver's cleanup failed: {e}", D::KIND);
+            }
+        }
+        info
+    }
+    match old.wait(timeout) {
+        Ok(old) => finish(*old, backend),
+        Err(old) => {
+            let name = backend.to_owned();
+            let spawned = std::thread::Builder::new().name("retire".to_owned()).spawn(move || {
+                let mut old = old;
+                loop {
+                    match old.wait(Duration::from_secs(60)) {
+                        Ok(done) => {
+                            finish(*done, &name);
+                            return;
+                        }
+                        Err(still) => {
+                            log::warn!("{} backend {name:?}: old driver still has calls in flight", D::KIND);
+                            old = still;
+                        }
                     }
                 }
-                return;
-            }
-            Err(still_shared) => old = still_shared,
-        }
-        if Instant::now() >= deadline {
-            let backend = backend.to_owned();
-            let spawned = std::thread::Builder::new()
-                .name("retire".to_owned())
-                .spawn(move || retire(old, Duration::from_secs(3600), &backend));
+            });
             if let Err(e) = spawned {
-                log::warn!("cannot start a thread to retire the old driver: {e}");
+                log::error!("cannot start a thread to retire the old driver (it is leaked): {e}");
             }
-            return;
+            json!({"draining": true})
         }
-        std::thread::sleep(Duration::from_micros(200));
     }
 }
 

@@ -13,4 +13,5 @@ pub mod backend;
 pub mod config;
 pub mod ctl;
 pub mod managers;
+pub mod rcu;
 pub mod runtime;

@@ -13,7 +13,6 @@
 //! 6. the metadata (name, version, option schema, panic strategy) is validated.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::fs;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -24,7 +23,6 @@ use std::time::SystemTime;
 
 use plugin_api::host::{DriverLibrary, OpenError};
 use plugin_api::{ComputeClient, DriverError, DriverKind, ErrorKind, OptionSpec, Options, VolumeClient};
-use sha2::{Digest, Sha256};
 
 use crate::elf;
 use crate::error::{LoadError, LoadErrorKind};
@@ -34,7 +32,7 @@ use crate::error::{LoadError, LoadErrorKind};
 pub struct Library {
     /// The path as given by the user.
     pub path: PathBuf,
-    /// `sha256:` and the hex digest of the file's content when it was loaded.
+    /// `blake3:` and the hex BLAKE3 digest of the file's content when it was loaded.
     pub digest: String,
     /// File size in bytes.
     pub size: u64,
@@ -239,7 +237,7 @@ impl Loader {
                     .to_owned(),
             ));
         }
-        let digest = format!("sha256:{}", hex(&Sha256::digest(&bytes)));
+        let digest = format!("blake3:{}", blake3::hash(&bytes).to_hex());
         let cached = self.verified.lock().ok().and_then(|m| m.get(&digest).copied());
         let lib = match cached {
             Some(lib) => {
@@ -271,13 +269,14 @@ impl Loader {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let file_name =
             path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_else(|| "driver.so".into());
-        let short = digest.trim_start_matches("sha256:").get(..12).unwrap_or("0");
+        let short = digest.trim_start_matches("blake3:").get(..12).unwrap_or("0");
         let copy = self.dir.join(format!("{}-{n}-{short}-{file_name}", std::process::id()));
         let write = || -> io::Result<()> {
             use io::Write;
             let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o500).open(&copy)?;
-            f.write_all(bytes)?;
-            f.sync_all()
+            // No fsync: the copy is only read back by this process through the page cache, and is made
+            // anew after a crash.
+            f.write_all(bytes)
         };
         write().map_err(|e| err(LoadErrorKind::RuntimeDir, format!("cannot copy to {}: {e}", copy.display())))?;
         let result = open_verified(path, &copy);
@@ -305,14 +304,6 @@ impl Drop for Loader {
             let _ = fs::remove_dir_all(&self.dir);
         }
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
 }
 
 fn open_verified(path: &Path, copy: &Path) -> Result<DriverLibrary, LoadError> {

@@ -11,7 +11,7 @@ use plugin_api::{CapacityStats, ComputeClient, Instance, InstanceSpec, Volume, V
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::backend::{unix_secs, ApiError, Backend, Health};
+use crate::backend::{unix_secs, ApiError, Backend, Health, Op};
 
 /// Resource names: 1-64 of `A-Z a-z 0-9 . _ -`, not starting with `.` or `-`.
 pub fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
@@ -199,7 +199,7 @@ impl VolumeManager {
             if b.health() != Health::Up {
                 continue;
             }
-            let vols = match b.call("list", |d| d.list()) {
+            let vols = match b.call(Op::List, |d| d.list()) {
                 Ok(v) => v,
                 Err(e) => {
                     log::warn!("volume backend {:?}: cannot list volumes: {e}", b.name);
@@ -238,7 +238,7 @@ impl VolumeManager {
             if !b.initialised() {
                 continue;
             }
-            if let Ok(s) = b.call("stats", |d| d.stats()) {
+            if let Ok(s) = b.call(Op::Stats, |d| d.stats()) {
                 if let Ok(mut m) = self.stats.lock() {
                     m.insert(b.name.clone(), s);
                 }
@@ -275,7 +275,7 @@ impl VolumeManager {
             }
             "stats" => {
                 let b = self.backends.pick("volume", opt_str(args, "backend")?)?;
-                let s = b.call("stats", |d| d.stats())?;
+                let s = b.call(Op::Stats, |d| d.stats())?;
                 Ok(json!({"backend": b.name, "total_bytes": s.total_bytes, "free_bytes": s.free_bytes,
                     "provisioned_bytes": s.provisioned_bytes, "allocated_bytes": s.allocated_bytes, "volumes": s.volumes}))
             }
@@ -315,7 +315,7 @@ impl VolumeManager {
                 },
             );
         }
-        let result = backend.call("create", |d| d.create(name, size));
+        let result = backend.call(Op::Create, |d| d.create(name, size));
         let out = {
             let mut recs = self.records();
             match result {
@@ -359,7 +359,7 @@ impl VolumeManager {
         let _held = hold(&lock);
         let (rec, b) = self.existing(name)?;
         self.set_status(name, "deleting");
-        let result = b.call("delete", |d| d.delete(name));
+        let result = b.call(Op::Delete, |d| d.delete(name));
         let out = match result {
             Ok(()) => Ok(()),
             Err(e) if e.kind == "not_found" => Ok(()),
@@ -386,7 +386,7 @@ impl VolumeManager {
             )));
         }
         self.set_status(name, "extending");
-        let result = b.call("extend", |d| d.extend(name, size));
+        let result = b.call(Op::Extend, |d| d.extend(name, size));
         let out = {
             let mut recs = self.records();
             let r = recs.get_mut(name).ok_or_else(|| ApiError::new("internal", "record vanished"))?;
@@ -430,7 +430,7 @@ impl VolumeManager {
                 },
             );
         }
-        let result = b.call("snapshot", |d| d.snapshot(name, snapshot));
+        let result = b.call(Op::Snapshot, |d| d.snapshot(name, snapshot));
         let out = {
             let mut recs = self.records();
             match result {
@@ -453,7 +453,7 @@ impl VolumeManager {
 
     fn get(&self, name: &str) -> Result<Value, ApiError> {
         let (_, b) = self.existing(name)?;
-        let fresh = b.call("get", |d| d.get(name));
+        let fresh = b.call(Op::Get, |d| d.get(name));
         let mut recs = self.records();
         let r = recs.get_mut(name).ok_or_else(|| ApiError::not_found(format!("volume {name:?} not found")))?;
         match fresh {
@@ -554,7 +554,7 @@ impl ComputeManager {
             if !b.initialised() {
                 continue;
             }
-            let Ok(list) = b.call("list", |d| d.list()) else { continue };
+            let Ok(list) = b.call(Op::List, |d| d.list()) else { continue };
             let now = unix_secs(SystemTime::now());
             for i in &list {
                 let lock = self.locks.get(&i.name);
@@ -602,7 +602,7 @@ impl ComputeManager {
         &self,
         name: &str,
         during: &str,
-        op: &'static str,
+        op: Op,
         f: impl FnOnce(&ComputeClient) -> Result<Instance, plugin_api::DriverError>,
     ) -> Result<Value, ApiError> {
         let lock = self.locks.get(name);
@@ -633,19 +633,19 @@ impl ComputeManager {
             "spawn" => self.spawn(args),
             "start" => {
                 let name = str_arg(args, "name")?;
-                self.transition(name, "starting", "start", |d| d.start(name))
+                self.transition(name, "starting", Op::Start, |d| d.start(name))
             }
             "stop" => {
                 let name = str_arg(args, "name")?;
-                self.transition(name, "stopping", "stop", |d| d.stop(name))
+                self.transition(name, "stopping", Op::Stop, |d| d.stop(name))
             }
             "reboot" => {
                 let name = str_arg(args, "name")?;
-                self.transition(name, "rebooting", "reboot", |d| d.reboot(name))
+                self.transition(name, "rebooting", Op::Reboot, |d| d.reboot(name))
             }
             "get" => {
                 let name = str_arg(args, "name")?;
-                self.transition(name, "running", "get", |d| d.get(name))
+                self.transition(name, "running", Op::Get, |d| d.get(name))
             }
             "destroy" => self.destroy(str_arg(args, "name")?),
             "list" => {
@@ -731,7 +731,7 @@ impl ComputeManager {
                 },
             );
         }
-        let result = b.call("spawn", |d| d.spawn(&spec));
+        let result = b.call(Op::Spawn, |d| d.spawn(&spec));
         let mut recs = self.records();
         match result {
             Ok(i) => {
@@ -754,7 +754,7 @@ impl ComputeManager {
         if let Some(r) = self.records().get_mut(name) {
             r.status = "deleting".to_owned();
         }
-        match b.call("destroy", |d| d.destroy(name)) {
+        match b.call(Op::Destroy, |d| d.destroy(name)) {
             Ok(()) => {}
             Err(e) if e.kind == "not_found" => {}
             Err(e) => {

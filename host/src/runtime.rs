@@ -243,10 +243,10 @@ impl Host {
         let mapped = self.loader.mapped();
         let mut active: Vec<String> = Vec::new();
         if let Some(m) = &self.volume {
-            active.extend(m.backends().list.iter().map(|b| b.active().library.digest.clone()));
+            active.extend(m.backends().list.iter().map(|b| b.with_active(|a| a.library.digest.clone())));
         }
         if let Some(m) = &self.compute {
-            active.extend(m.backends().list.iter().map(|b| b.active().library.digest.clone()));
+            active.extend(m.backends().list.iter().map(|b| b.with_active(|a| a.library.digest.clone())));
         }
         let retired: Vec<_> = mapped.iter().filter(|m| !active.contains(&m.digest)).collect();
         json!({

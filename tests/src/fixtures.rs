@@ -215,3 +215,25 @@ pub fn system_library() -> PathBuf {
         .map(PathBuf::from)
         .expect("libc is mapped into the test process")
 }
+
+/// A release-built `cdylib` exporting `extern "C" fn plughost_bench_noop(u64) -> u64`: the raw
+/// function-pointer baseline of the benchmarks.
+pub fn noop_cdylib_release() -> PathBuf {
+    let ws = target_dir().join("fixtures").join("bench-noop");
+    let krate = ws.join("bench-noop");
+    fs::create_dir_all(krate.join("src")).unwrap();
+    fs::write(
+        krate.join("Cargo.toml"),
+        "[package]\nname = \"bench-noop\"\nversion = \"0.0.1\"\nedition = \"2021\"\n\n[lib]\ncrate-type = [\"cdylib\"]\n",
+    )
+    .unwrap();
+    fs::write(
+        krate.join("src/lib.rs"),
+        "#[no_mangle]\npub extern \"C\" fn plughost_bench_noop(x: u64) -> u64 {\n    x\n}\n",
+    )
+    .unwrap();
+    fs::write(ws.join("Cargo.toml"), "[workspace]\nresolver = \"2\"\nmembers = [\"bench-noop\"]\n").unwrap();
+    let status = cargo().current_dir(&ws).args(["build", "--quiet", "--offline", "--release"]).status().unwrap();
+    assert!(status.success(), "building the bench-noop fixture failed");
+    crate::release_dir().join("libbench_noop.so")
+}

@@ -62,6 +62,21 @@ pub fn build() {
     });
 }
 
+/// Where release artifacts land.
+pub fn release_dir() -> PathBuf {
+    target_dir().join("release")
+}
+
+/// Builds `plughost` and every reference driver in release mode (for benchmarks).
+pub fn build_release() {
+    let mut c = cargo();
+    c.current_dir(workspace_root()).args(["build", "--quiet", "--release", "-p", "host"]);
+    for d in DRIVERS {
+        c.args(["-p", d]);
+    }
+    assert!(c.status().expect("cargo can be run").success(), "release build failed");
+}
+
 /// The built `plughost` binary.
 pub fn plughost() -> PathBuf {
     build();

@@ -40,7 +40,7 @@ fn reference_drivers_load_with_their_metadata() {
     let v = loader.load(&driver("fake-volume")).unwrap();
     assert_eq!((v.name(), v.kind(), v.api_version()), ("fake-volume", DriverKind::VOLUME, plugin_api::API_VERSION));
     assert!(v.options().iter().any(|o| o.name() == "capacity"));
-    assert!(v.digest.starts_with("sha256:") && v.digest.len() == 71);
+    assert!(v.digest.starts_with("blake3:") && v.digest.len() == 71);
     let c = loader.load(&driver("fake-compute")).unwrap();
     assert_eq!((c.name(), c.kind()), ("fake-compute", DriverKind::COMPUTE));
 }

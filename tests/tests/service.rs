@@ -161,7 +161,7 @@ fn two_backends_of_one_kind_serve_at_once() {
     let backends = status["services"][0]["backends"].as_array().unwrap().clone();
     let names: Vec<&str> = backends.iter().map(|b| b["driver"]["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["file-volume", "fake-volume"]);
-    assert!(backends[0]["driver"]["digest"].as_str().unwrap().starts_with("sha256:"));
+    assert!(backends[0]["driver"]["digest"].as_str().unwrap().starts_with("blake3:"));
     assert_eq!(backends[1]["options"]["capacity"], "1048576");
     assert!(backends[0]["calls"]["create"]["count"].as_u64().unwrap() >= 1);
 }

@@ -1,0 +1,509 @@
+//! plughost benchmarks. Run them with `scripts/bench.sh`; never part of the test suite.
+//!
+//! The machine is shared and noisy, so every ratio compares two things measured side by side in this
+//! one run: variants are sampled round-robin and each reports the median of its samples.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::hint::black_box;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fake_volume::FakeVolume;
+use host::backend::{Backend, BuildContext, Configured, Op};
+use host::Loader;
+use plughost_tests::{fixtures, release_dir, target_dir, TempDir};
+use plugin_api::{Options, VolumeClient, VolumeDriver};
+use serde_json::{json, Value};
+
+/// One line of the results.
+struct Metric {
+    name: String,
+    value: f64,
+    unit: &'static str,
+    baseline: Option<(String, f64)>,
+    goal: &'static str,
+}
+
+fn metric(name: &str, value: f64, unit: &'static str, baseline: Option<(&str, f64)>, goal: &'static str) -> Metric {
+    Metric { name: name.to_owned(), value, unit, baseline: baseline.map(|(n, v)| (n.to_owned(), v)), goal }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i.min(v.len() - 1)]
+}
+
+/// Round-robin samples of several variants; the median ns per iteration of each.
+fn side_by_side(samples: usize, iters: u64, variants: &mut [&mut dyn FnMut(u64)]) -> Vec<f64> {
+    for v in variants.iter_mut() {
+        v(iters / 4 + 1);
+    }
+    let mut per: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+    for _ in 0..samples {
+        for (i, v) in variants.iter_mut().enumerate() {
+            let t = Instant::now();
+            v(iters);
+            per[i].push(t.elapsed().as_nanos() as f64 / iters as f64);
+        }
+    }
+    per.iter_mut().map(|s| median(s)).collect()
+}
+
+fn call_benchmarks(out: &mut Vec<Metric>, work: &Path) {
+    let lib_path = release_dir().join("libfake_volume.so");
+    let loader = Loader::new(&work.join("libs")).unwrap();
+    let lib = loader.load(&lib_path).unwrap();
+    let client: VolumeClient = lib.new_volume(&lib.validate_options(&[]).unwrap()).unwrap();
+    let ctx = BuildContext { loader: &loader, state_dir: work, driver_dirs: &[] };
+    let backend: Backend<VolumeClient> =
+        Backend::build(ctx, "bench", Configured { driver: lib_path.display().to_string(), options: Vec::new() })
+            .unwrap();
+    let native: Box<dyn VolumeDriver> = Box::new(FakeVolume::new(&Options::default()).unwrap());
+    let raw_lib_path = fixtures::noop_cdylib_release();
+    // SAFETY: a fixture library of ours whose only code is the no-op function looked up below.
+    let raw_lib = unsafe { libloading::Library::new(&raw_lib_path) }.unwrap();
+    // SAFETY: the fixture defines `plughost_bench_noop` with exactly this signature.
+    let raw: extern "C" fn(u64) -> u64 = unsafe { *raw_lib.get(b"plughost_bench_noop\0").unwrap() };
+
+    let n = 2_000_000;
+    let r = side_by_side(
+        15,
+        n,
+        &mut [
+            &mut |n| {
+                for _ in 0..n {
+                    let _ = black_box(black_box(&native).health());
+                }
+            },
+            &mut |n| {
+                for i in 0..n {
+                    black_box(raw(black_box(i)));
+                }
+            },
+            &mut |n| {
+                for _ in 0..n {
+                    let _ = black_box(black_box(&client).health());
+                }
+            },
+            &mut |n| {
+                for _ in 0..n {
+                    let _ = black_box(backend.call(Op::Health, |d| d.health()));
+                }
+            },
+        ],
+    );
+    let (native_ns, raw_ns, client_ns, backend_ns) = (r[0], r[1], r[2], r[3]);
+    out.push(metric("call_noop.native_box_dyn", native_ns, "ns", None, ""));
+    out.push(metric("call_noop.raw_extern_c", raw_ns, "ns", Some(("call_noop.native_box_dyn", native_ns)), ""));
+    out.push(metric("call_noop.plugin_abi", client_ns, "ns", Some(("call_noop.native_box_dyn", native_ns)), "<= 1.3x"));
+    out.push(metric(
+        "call_noop.manager_path",
+        backend_ns,
+        "ns",
+        Some(("call_noop.native_box_dyn", native_ns)),
+        "<= 1.3x",
+    ));
+
+    let buf = vec![7u8; 4096];
+    native.create("b", 1 << 20).unwrap();
+    client.create("b", 1 << 20).unwrap();
+    backend.call(Op::Create, |d| d.create("b", 1 << 20)).unwrap();
+    let r = side_by_side(
+        15,
+        200_000,
+        &mut [
+            &mut |n| {
+                for _ in 0..n {
+                    let _ = black_box(black_box(&native).write_at("b", 0, black_box(&buf)));
+                }
+            },
+            &mut |n| {
+                for _ in 0..n {
+                    let _ = black_box(black_box(&client).write_at("b", 0, black_box(&buf)));
+                }
+            },
+            &mut |n| {
+                for _ in 0..n {
+                    let _ = black_box(backend.call(Op::WriteAt, |d| d.write_at("b", 0, black_box(&buf))));
+                }
+            },
+        ],
+    );
+    out.push(metric("call_buf_4k.native_box_dyn", r[0], "ns", None, ""));
+    out.push(metric(
+        "call_buf_4k.plugin_abi",
+        r[1],
+        "ns",
+        Some(("call_buf_4k.native_box_dyn", r[0])),
+        "zero-copy (~1x)",
+    ));
+    out.push(metric("call_buf_4k.manager_path", r[2], "ns", Some(("call_buf_4k.native_box_dyn", r[0])), ""));
+}
+
+fn load_benchmarks(out: &mut Vec<Metric>, work: &Path) {
+    let src = std::fs::read(release_dir().join("libfake_volume.so")).unwrap();
+    let files = work.join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    let mut counter = 0u64;
+    // A copy at a fresh path; `unique` appends bytes after the ELF image, which changes the content
+    // (and digest) but not the code.
+    let mut copy = |unique: bool| -> PathBuf {
+        counter += 1;
+        let p = files.join(format!("libcopy-{counter}.so"));
+        let mut bytes = src.clone();
+        if unique {
+            bytes.extend_from_slice(format!("plughost-bench-{counter}").as_bytes());
+        }
+        std::fs::write(&p, bytes).unwrap();
+        p
+    };
+    let loader = Loader::new(&work.join("libs")).unwrap();
+    let known = copy(false);
+    loader.load(&known).unwrap();
+    let (mut raw, mut cold, mut same_content, mut same_path) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let per_sample = 4;
+    for _ in 0..11 {
+        let paths: Vec<PathBuf> = (0..per_sample).map(|_| copy(false)).collect();
+        let t = Instant::now();
+        for p in &paths {
+            // SAFETY: a copy of one of our drivers; loading it runs only its ELF initializers.
+            let l = unsafe { libloading::Library::new(p) }.unwrap();
+            std::mem::forget(l);
+        }
+        raw.push(t.elapsed().as_secs_f64() * 1e6 / per_sample as f64);
+
+        let paths: Vec<PathBuf> = (0..per_sample).map(|_| copy(true)).collect();
+        let t = Instant::now();
+        for p in &paths {
+            black_box(loader.load(p).unwrap());
+        }
+        cold.push(t.elapsed().as_secs_f64() * 1e6 / per_sample as f64);
+
+        let paths: Vec<PathBuf> = (0..per_sample).map(|_| copy(false)).collect();
+        let t = Instant::now();
+        for p in &paths {
+            black_box(loader.load(p).unwrap());
+        }
+        same_content.push(t.elapsed().as_secs_f64() * 1e6 / per_sample as f64);
+
+        let t = Instant::now();
+        for _ in 0..per_sample {
+            black_box(loader.load(&known).unwrap());
+        }
+        same_path.push(t.elapsed().as_secs_f64() * 1e6 / per_sample as f64);
+    }
+    let raw = median(&mut raw);
+    out.push(metric("load_one.raw_dlopen", raw, "us", None, ""));
+    out.push(metric("load_one.new_content", median(&mut cold), "us", Some(("load_one.raw_dlopen", raw)), "<= 1.5x"));
+    out.push(metric(
+        "load_one.known_content_new_path",
+        median(&mut same_content),
+        "us",
+        Some(("load_one.raw_dlopen", raw)),
+        "<= 1.5x",
+    ));
+    out.push(metric(
+        "load_one.unchanged_path",
+        median(&mut same_path),
+        "us",
+        Some(("load_one.raw_dlopen", raw)),
+        "<= 1.5x",
+    ));
+
+    let raw_paths: Vec<PathBuf> = (0..100).map(|_| copy(false)).collect();
+    let new_paths: Vec<PathBuf> = (0..100).map(|_| copy(true)).collect();
+    let t = Instant::now();
+    for p in &raw_paths {
+        // SAFETY: as above.
+        std::mem::forget(unsafe { libloading::Library::new(p) }.unwrap());
+    }
+    let raw100 = t.elapsed().as_secs_f64() * 1e3;
+    let t = Instant::now();
+    for p in &new_paths {
+        black_box(loader.load(p).unwrap());
+    }
+    let ours100 = t.elapsed().as_secs_f64() * 1e3;
+    out.push(metric("load_100.raw_dlopen", raw100, "ms", None, ""));
+    out.push(metric("load_100.new_content", ours100, "ms", Some(("load_100.raw_dlopen", raw100)), "<= 1.5x"));
+}
+
+struct Server {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Server {
+    fn start(state: &Path, args: &[&str]) -> Server {
+        let socket = state.join("plughost.sock");
+        let mut all = vec!["-q", "run", "--state-dir", state.to_str().unwrap()];
+        all.extend_from_slice(args);
+        let child = std::process::Command::new(release_dir().join("plughost"))
+            .args(&all)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while UnixStream::connect(&socket).is_err() {
+            assert!(Instant::now() < deadline, "plughost did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Server { child, socket }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Conn {
+    w: UnixStream,
+    r: BufReader<UnixStream>,
+    line: String,
+}
+
+impl Conn {
+    fn new(socket: &Path) -> Conn {
+        let w = UnixStream::connect(socket).unwrap();
+        let r = BufReader::new(w.try_clone().unwrap());
+        Conn { w, r, line: String::new() }
+    }
+    /// Sends a request line, waits for the answer; whether it was ok.
+    fn ask(&mut self, req: &str) -> bool {
+        self.w.write_all(req.as_bytes()).unwrap();
+        self.line.clear();
+        self.r.read_line(&mut self.line).unwrap();
+        self.line.contains("\"ok\":true")
+    }
+    fn json(&mut self, req: &Value) -> Value {
+        self.ask(&format!("{req}\n"));
+        serde_json::from_str(&self.line).unwrap()
+    }
+}
+
+fn ctl_benchmarks(out: &mut Vec<Metric>, work: &Path) {
+    let server = Server::start(&work.join("ctl"), &["--volume-driver", "fake-volume", "--compute-driver", "none"]);
+    let mut c = Conn::new(&server.socket);
+    assert_eq!(
+        c.json(&json!({"id": 0, "service": "volume", "op": "create", "args": {"name": "bench", "size": 4096}}))["ok"],
+        true
+    );
+    let get = "{\"id\":1,\"service\":\"volume\",\"op\":\"get\",\"args\":{\"name\":\"bench\"}}\n";
+    let ping = "{\"id\":1,\"op\":\"ping\"}\n";
+    for _ in 0..2000 {
+        c.ask(get);
+        c.ask(ping);
+    }
+    let (mut get_lat, mut ping_lat) = (Vec::new(), Vec::new());
+    let mut get_time = Duration::ZERO;
+    for _ in 0..20 {
+        let t = Instant::now();
+        for _ in 0..500 {
+            let s = Instant::now();
+            assert!(c.ask(get));
+            get_lat.push(s.elapsed().as_secs_f64() * 1e6);
+        }
+        get_time += t.elapsed();
+        for _ in 0..500 {
+            let s = Instant::now();
+            assert!(c.ask(ping));
+            ping_lat.push(s.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    let ping_p50 = percentile(&mut ping_lat, 0.5);
+    let ping_p99 = percentile(&mut ping_lat, 0.99);
+    out.push(metric("ctl_roundtrip.1_client.ping_p50", ping_p50, "us", None, ""));
+    out.push(metric("ctl_roundtrip.1_client.ping_p99", ping_p99, "us", None, ""));
+    out.push(metric(
+        "ctl_roundtrip.1_client.get_p50",
+        percentile(&mut get_lat, 0.5),
+        "us",
+        Some(("ctl_roundtrip.1_client.ping_p50", ping_p50)),
+        "",
+    ));
+    out.push(metric(
+        "ctl_roundtrip.1_client.get_p99",
+        percentile(&mut get_lat, 0.99),
+        "us",
+        Some(("ctl_roundtrip.1_client.ping_p99", ping_p99)),
+        "",
+    ));
+    out.push(metric(
+        "ctl_roundtrip.1_client.get_throughput",
+        get_lat.len() as f64 / get_time.as_secs_f64(),
+        "req/s",
+        None,
+        "",
+    ));
+
+    for (label, req) in [("ping", ping), ("get", get)] {
+        let per_client = 5000;
+        let socket = server.socket.clone();
+        let t = Instant::now();
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let socket = socket.clone();
+                std::thread::spawn(move || {
+                    let mut c = Conn::new(&socket);
+                    let mut lat = Vec::with_capacity(per_client);
+                    for _ in 0..per_client {
+                        let s = Instant::now();
+                        assert!(c.ask(req));
+                        lat.push(s.elapsed().as_secs_f64() * 1e6);
+                    }
+                    lat
+                })
+            })
+            .collect();
+        let mut lat: Vec<f64> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+        let secs = t.elapsed().as_secs_f64();
+        out.push(metric(&format!("ctl_roundtrip.4_clients.{label}_p50"), percentile(&mut lat, 0.5), "us", None, ""));
+        out.push(metric(&format!("ctl_roundtrip.4_clients.{label}_p99"), percentile(&mut lat, 0.99), "us", None, ""));
+        out.push(metric(
+            &format!("ctl_roundtrip.4_clients.{label}_throughput"),
+            lat.len() as f64 / secs,
+            "req/s",
+            None,
+            "",
+        ));
+    }
+    drop(server);
+}
+
+fn swap_benchmarks(out: &mut Vec<Metric>, work: &Path) {
+    let a = release_dir().join("libfile_volume.so");
+    let b = work.join("libfile_volume_b.so");
+    let mut bytes = std::fs::read(&a).unwrap();
+    bytes.extend_from_slice(b"plughost-bench-second-build");
+    std::fs::write(&b, bytes).unwrap();
+    let server = Server::start(
+        &work.join("swap"),
+        &["--volume-driver", a.to_str().unwrap(), "--compute-driver", "none", "--periodic-interval-ms", "1000"],
+    );
+    let mut c = Conn::new(&server.socket);
+    assert_eq!(
+        c.json(&json!({"id": 0, "service": "volume", "op": "create", "args": {"name": "bench", "size": 4096}}))["ok"],
+        true
+    );
+    let get = "{\"id\":1,\"service\":\"volume\",\"op\":\"get\",\"args\":{\"name\":\"bench\"}}\n";
+    // Load both builds once, so that swaps measure the swap itself.
+    for p in [&b, &a] {
+        assert_eq!(
+            c.json(&json!({"id": 1, "service": "volume", "op": "swap", "args": {"driver": p.to_str().unwrap()}}))["ok"],
+            true
+        );
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let socket = server.socket.clone();
+    let stop2 = stop.clone();
+    let origin = Instant::now();
+    let client = std::thread::spawn(move || {
+        let mut c = Conn::new(&socket);
+        let mut samples: Vec<(f64, f64, bool)> = Vec::new(); // (start s, latency us, ok)
+        while !stop2.load(Ordering::Relaxed) {
+            let s = Instant::now();
+            let ok = c.ask(get);
+            samples.push(((s - origin).as_secs_f64(), s.elapsed().as_secs_f64() * 1e6, ok));
+        }
+        samples
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let swaps_start = (Instant::now() - origin).as_secs_f64();
+    let mut swap_lat = Vec::new();
+    let mut swap_failures = 0;
+    for k in 0..1000 {
+        let p = if k % 2 == 0 { &b } else { &a };
+        let s = Instant::now();
+        let v = c.json(&json!({"id": 1, "service": "volume", "op": "swap", "args": {"driver": p.to_str().unwrap()}}));
+        swap_lat.push(s.elapsed().as_secs_f64() * 1e6);
+        if v["ok"] != true {
+            swap_failures += 1;
+        }
+    }
+    let swaps_end = (Instant::now() - origin).as_secs_f64();
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::Relaxed);
+    let samples = client.join().unwrap();
+    let mut steady: Vec<f64> = samples.iter().filter(|s| s.0 < swaps_start).map(|s| s.1).collect();
+    let during: Vec<&(f64, f64, bool)> = samples.iter().filter(|s| s.0 >= swaps_start && s.0 <= swaps_end).collect();
+    let worst = during.iter().map(|s| s.1).fold(0.0, f64::max);
+    let failed = samples.iter().filter(|s| !s.2).count() + swap_failures;
+    let steady_p99 = percentile(&mut steady, 0.99);
+    out.push(metric("swap_stall.steady_p99", steady_p99, "us", None, ""));
+    out.push(metric(
+        "swap_stall.worst_during_swaps",
+        worst,
+        "us",
+        Some(("swap_stall.steady_p99", steady_p99)),
+        "<= 1000 us",
+    ));
+    out.push(metric("swap_stall.requests_during_swaps", during.len() as f64, "count", None, ""));
+    out.push(metric("swap_stall.failed_requests", failed as f64, "count", None, "0"));
+    out.push(metric("swap_stall.swap_p50", percentile(&mut swap_lat, 0.5), "us", None, ""));
+    drop(server);
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; a filter argument selects groups by prefix.
+    let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let wanted = |g: &str| filter.is_empty() || filter.iter().any(|f| g.starts_with(f.as_str()));
+    plughost_tests::build_release();
+    let work = TempDir::new("bench");
+    let mut out = Vec::new();
+    if wanted("call") {
+        call_benchmarks(&mut out, work.path());
+    }
+    if wanted("load") {
+        load_benchmarks(&mut out, work.path());
+    }
+    if wanted("ctl") {
+        ctl_benchmarks(&mut out, work.path());
+    }
+    if wanted("swap") {
+        swap_benchmarks(&mut out, work.path());
+    }
+
+    println!("{:<44} {:>12} {:<6} {:>9}  {}", "metric", "value", "unit", "ratio", "goal");
+    let mut summary = serde_json::Map::new();
+    for m in &out {
+        let ratio = m.baseline.as_ref().map(|(_, b)| m.value / b);
+        println!(
+            "{:<44} {:>12.2} {:<6} {:>9}  {}{}",
+            m.name,
+            m.value,
+            m.unit,
+            ratio.map(|r| format!("{r:.2}x")).unwrap_or_default(),
+            m.goal,
+            m.baseline.as_ref().map(|(n, _)| format!("  (vs {n})")).unwrap_or_default()
+        );
+        summary.insert(
+            m.name.clone(),
+            json!({
+                "value": m.value,
+                "unit": m.unit,
+                "baseline": m.baseline.as_ref().map(|(n, v)| json!({"metric": n, "value": v})),
+                "ratio": ratio,
+                "goal": if m.goal.is_empty() { Value::Null } else { json!(m.goal) },
+            }),
+        );
+    }
+    let dir = target_dir().join("bench");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("summary.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&Value::Object(summary)).unwrap()).unwrap();
+    println!("\nwrote {}", path.display());
+}
