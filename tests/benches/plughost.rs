@@ -477,7 +477,7 @@ fn main() {
         swap_benchmarks(&mut out, work.path());
     }
 
-    println!("{:<44} {:>12} {:<6} {:>9}  {}", "metric", "value", "unit", "ratio", "goal");
+    println!("{:<44} {:>12} {:<6} {:>9}  goal", "metric", "value", "unit", "ratio");
     let mut summary = serde_json::Map::new();
     for m in &out {
         let ratio = m.baseline.as_ref().map(|(_, b)| m.value / b);
