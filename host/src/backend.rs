@@ -1,9 +1,7 @@
 //! A backend: one constructed driver serving a service, with its health and per-method call statistics.
 //! Managers call drivers only through [`Backend::call`].
 
-use std::cell::Cell;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -14,6 +12,7 @@ use crate::config::expand;
 use crate::drivers::resolve;
 use crate::loader::{Library, Loader};
 use crate::rcu::{RcuCell, Retired};
+use crate::stats::CallStats;
 use crate::{LoadError, LoadErrorKind};
 
 /// An error answered on the control socket: a snake_case kind and a one-line message.
@@ -111,33 +110,6 @@ impl Op {
             Op::Health => "health",
         }
     }
-}
-
-/// Calls, errors and (sampled) latency of one driver method; relaxed atomics, no lock.
-#[derive(Debug, Default)]
-struct OpStats {
-    count: AtomicU64,
-    errors: AtomicU64,
-    sampled: AtomicU64,
-    total_ns: AtomicU64,
-    max_ns: AtomicU64,
-}
-
-/// Latency is timed on one call in this many (per thread): reading the clock twice costs several times
-/// a no-op driver call. Counts and errors are exact.
-const SAMPLE_EVERY: u32 = 16;
-
-thread_local! {
-    static SAMPLE: Cell<u32> = const { Cell::new(0) };
-}
-
-#[inline]
-fn sample_now() -> bool {
-    SAMPLE.with(|c| {
-        let n = c.get();
-        c.set(n.wrapping_add(1));
-        n % SAMPLE_EVERY == 0
-    })
 }
 
 /// Whether a backend can serve.
@@ -239,7 +211,7 @@ pub struct Backend<D> {
     configured: Mutex<Configured>,
     swap_lock: Mutex<()>,
     health: Mutex<(Health, SystemTime)>,
-    calls: [OpStats; Op::ALL.len()],
+    calls: CallStats,
 }
 
 fn shown_options(lib: &Library, given: &Options) -> Vec<(String, String)> {
@@ -312,7 +284,7 @@ impl<D: DriverOps> Backend<D> {
             configured: Mutex::new(configured),
             swap_lock: Mutex::new(()),
             health: Mutex::new((health, SystemTime::now())),
-            calls: Default::default(),
+            calls: CallStats::new(Op::ALL.len()),
         })
     }
 
@@ -326,19 +298,9 @@ impl<D: DriverOps> Backend<D> {
             if let Some(e) = &active.init_error {
                 return Err(ApiError::new("unavailable", format!("backend {:?} is down: {e}", self.name)));
             }
-            let stats = &self.calls[op as usize];
-            let start = if sample_now() { Some(Instant::now()) } else { None };
+            let pending = self.calls.begin(op as usize);
             let r = f(&active.driver);
-            if let Some(start) = start {
-                let ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
-                stats.sampled.fetch_add(1, Ordering::Relaxed);
-                stats.total_ns.fetch_add(ns, Ordering::Relaxed);
-                stats.max_ns.fetch_max(ns, Ordering::Relaxed);
-            }
-            stats.count.fetch_add(1, Ordering::Relaxed);
-            if r.is_err() {
-                stats.errors.fetch_add(1, Ordering::Relaxed);
-            }
+            self.calls.end(pending, r.is_err());
             r.map_err(ApiError::from)
         })
     }
@@ -463,17 +425,15 @@ impl<D: DriverOps> Backend<D> {
         let calls: serde_json::Map<String, Value> = Op::ALL
             .iter()
             .filter_map(|op| {
-                let s = &self.calls[*op as usize];
-                let count = s.count.load(Ordering::Relaxed);
-                if count == 0 {
+                let t = self.calls.totals(*op as usize);
+                if t.count == 0 {
                     return None;
                 }
-                let sampled = s.sampled.load(Ordering::Relaxed);
-                let mean_us = (s.total_ns.load(Ordering::Relaxed) / 1000).checked_div(sampled).unwrap_or(0);
+                let mean_us = (t.total_ns / 1000).checked_div(t.sampled).unwrap_or(0);
                 Some((
                     op.as_str().to_owned(),
-                    json!({"count": count, "errors": s.errors.load(Ordering::Relaxed), "sampled": sampled,
-                        "mean_us": mean_us, "max_us": s.max_ns.load(Ordering::Relaxed) / 1000}),
+                    json!({"count": t.count, "errors": t.errors, "sampled": t.sampled,
+                        "mean_us": mean_us, "max_us": t.max_ns / 1000}),
                 ))
             })
             .collect();

@@ -15,3 +15,4 @@ pub mod ctl;
 pub mod managers;
 pub mod rcu;
 pub mod runtime;
+pub mod stats;

@@ -76,6 +76,7 @@ fn call_benchmarks(out: &mut Vec<Metric>, work: &Path) {
     // SAFETY: the fixture defines `plughost_bench_noop` with exactly this signature.
     let raw: extern "C" fn(u64) -> u64 = unsafe { *raw_lib.get(b"plughost_bench_noop\0").unwrap() };
 
+    let stats = host::stats::CallStats::new(1);
     let n = 2_000_000;
     let r = side_by_side(
         15,
@@ -101,9 +102,28 @@ fn call_benchmarks(out: &mut Vec<Metric>, work: &Path) {
                     let _ = black_box(backend.call(Op::Health, |d| d.health()));
                 }
             },
+            &mut |n| {
+                for _ in 0..n {
+                    let _ = black_box(backend.with_active(|a| a.driver.health()));
+                }
+            },
+            &mut |n| {
+                for _ in 0..n {
+                    let p = stats.begin(0);
+                    stats.end(p, black_box(false));
+                }
+            },
         ],
     );
     let (native_ns, raw_ns, client_ns, backend_ns) = (r[0], r[1], r[2], r[3]);
+    out.push(metric(
+        "call_noop.breakdown.rcu_read_plus_call",
+        r[4],
+        "ns",
+        Some(("call_noop.native_box_dyn", native_ns)),
+        "",
+    ));
+    out.push(metric("call_noop.breakdown.stats_only", r[5], "ns", None, ""));
     out.push(metric("call_noop.native_box_dyn", native_ns, "ns", None, ""));
     out.push(metric("call_noop.raw_extern_c", raw_ns, "ns", Some(("call_noop.native_box_dyn", native_ns)), ""));
     out.push(metric("call_noop.plugin_abi", client_ns, "ns", Some(("call_noop.native_box_dyn", native_ns)), "<= 1.3x"));
@@ -140,6 +160,23 @@ fn call_benchmarks(out: &mut Vec<Metric>, work: &Path) {
             },
         ],
     );
+    let big = vec![7u8; 64 << 10];
+    let r64 = side_by_side(
+        11,
+        50_000,
+        &mut [
+            &mut |n| {
+                for _ in 0..n {
+                    let _ = black_box(black_box(&native).write_at("b", 0, black_box(&big)));
+                }
+            },
+            &mut |n| {
+                for _ in 0..n {
+                    let _ = black_box(black_box(&client).write_at("b", 0, black_box(&big)));
+                }
+            },
+        ],
+    );
     out.push(metric("call_buf_4k.native_box_dyn", r[0], "ns", None, ""));
     out.push(metric(
         "call_buf_4k.plugin_abi",
@@ -149,6 +186,23 @@ fn call_benchmarks(out: &mut Vec<Metric>, work: &Path) {
         "zero-copy (~1x)",
     ));
     out.push(metric("call_buf_4k.manager_path", r[2], "ns", Some(("call_buf_4k.native_box_dyn", r[0])), ""));
+    // A copy would grow with the buffer; a constant per-call cost does not.
+    out.push(metric("call_buf_64k.native_box_dyn", r64[0], "ns", None, ""));
+    out.push(metric(
+        "call_buf_64k.plugin_abi",
+        r64[1],
+        "ns",
+        Some(("call_buf_64k.native_box_dyn", r64[0])),
+        "zero-copy (~1x)",
+    ));
+    out.push(metric("call_buf.plugin_extra_4k", r[1] - r[0], "ns", None, ""));
+    out.push(metric(
+        "call_buf.plugin_extra_64k",
+        r64[1] - r64[0],
+        "ns",
+        Some(("call_buf.plugin_extra_4k", r[1] - r[0])),
+        "~1x (constant)",
+    ));
 }
 
 fn load_benchmarks(out: &mut Vec<Metric>, work: &Path) {
