@@ -13,19 +13,9 @@ use serde_json::{json, Value};
 
 use crate::backend::{unix_secs, ApiError, Backend, Health, Op};
 
-/// Resource names: 1-64 of `A-Z a-z 0-9 . _ -`, not starting with `.` or `-`.
+/// Resource names follow [`plugin_api::check_name`], the rule drivers use too.
 pub fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && !name.starts_with(['.', '-'])
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::invalid(format!(
-            "invalid {what} name {name:?}: use 1-64 of A-Z a-z 0-9 . _ - (not starting with . or -)"
-        )))
-    }
+    plugin_api::check_name(what, name).map_err(ApiError::from)
 }
 
 fn str_arg<'a>(args: &'a Value, key: &str) -> Result<&'a str, ApiError> {
@@ -290,6 +280,20 @@ impl VolumeManager {
         let backend = self.backends.pick("volume", opt_str(args, "backend")?)?;
         let lock = self.locks.get(name);
         let _held = hold(&lock);
+        self.add(name, backend, size, None, |d| d.create(name, size), Op::Create)
+    }
+
+    /// Records `name` as `creating`, runs the driver call that creates it, then records the result or
+    /// forgets the name again. The caller holds the name's lock.
+    fn add(
+        &self,
+        name: &str,
+        backend: &Backend<VolumeClient>,
+        size: u64,
+        source: Option<&str>,
+        make: impl FnOnce(&VolumeClient) -> Result<Volume, plugin_api::DriverError>,
+        op: Op,
+    ) -> Result<Value, ApiError> {
         {
             let mut recs = self.records();
             if let Some(r) = recs.get(name) {
@@ -309,19 +313,22 @@ impl VolumeManager {
                     size,
                     allocated: 0,
                     location: String::new(),
-                    source: None,
+                    source: source.map(str::to_owned),
                     created_at: now,
                     updated_at: now,
                 },
             );
         }
-        let result = backend.call(Op::Create, |d| d.create(name, size));
+        let result = backend.call(op, make);
         let out = {
             let mut recs = self.records();
             match result {
                 Ok(v) => {
                     let r = recs.get_mut(name).ok_or_else(|| ApiError::new("internal", "record vanished"))?;
                     r.apply(&v);
+                    if source.is_some() {
+                        r.source = source.map(str::to_owned);
+                    }
                     r.status = "available".to_owned();
                     Ok(Self::record_json(r))
                 }
@@ -407,48 +414,8 @@ impl VolumeManager {
         let (l1, l2) = (self.locks.get(first), self.locks.get(second));
         let _h1 = hold(&l1);
         let _h2 = if first == second { None } else { Some(hold(&l2)) };
-        let (_, b) = self.existing(name)?;
-        {
-            let mut recs = self.records();
-            if recs.contains_key(snapshot) {
-                return Err(ApiError::new("already_exists", format!("volume {snapshot:?} already exists")));
-            }
-            let now = unix_secs(SystemTime::now());
-            recs.insert(
-                snapshot.to_owned(),
-                VolumeRecord {
-                    id: new_id(),
-                    name: snapshot.to_owned(),
-                    backend: b.name.clone(),
-                    status: "creating".to_owned(),
-                    size: 0,
-                    allocated: 0,
-                    location: String::new(),
-                    source: Some(name.to_owned()),
-                    created_at: now,
-                    updated_at: now,
-                },
-            );
-        }
-        let result = b.call(Op::Snapshot, |d| d.snapshot(name, snapshot));
-        let out = {
-            let mut recs = self.records();
-            match result {
-                Ok(v) => {
-                    let r = recs.get_mut(snapshot).ok_or_else(|| ApiError::new("internal", "record vanished"))?;
-                    r.apply(&v);
-                    r.source = Some(name.to_owned());
-                    r.status = "available".to_owned();
-                    Ok(Self::record_json(r))
-                }
-                Err(e) => {
-                    recs.remove(snapshot);
-                    Err(e)
-                }
-            }
-        };
-        self.persist();
-        out
+        let (rec, b) = self.existing(name)?;
+        self.add(snapshot, &b, rec.size, Some(name), |d| d.snapshot(name, snapshot), Op::Snapshot)
     }
 
     fn get(&self, name: &str) -> Result<Value, ApiError> {

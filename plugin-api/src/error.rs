@@ -148,9 +148,40 @@ impl fmt::Display for DriverError {
 
 impl std::error::Error for DriverError {}
 
+/// The resource-name rule shared by the host and drivers: 1-64 of `A-Z a-z 0-9 . _ -`, not starting
+/// with `.` or `-`. Such a name can be used as a file name and cannot escape a directory.
+///
+/// ```
+/// assert!(plugin_api::check_name("volume", "db-01.data").is_ok());
+/// assert!(plugin_api::check_name("volume", "../etc").is_err());
+/// ```
+pub fn check_name(what: &str, name: &str) -> Result<(), DriverError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with(['.', '-'])
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(DriverError::invalid_argument(format!(
+            "invalid {what} name {name:?}: use 1-64 of A-Z a-z 0-9 . _ - (not starting with . or -)"
+        )))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_cannot_escape_a_directory() {
+        for bad in ["", ".", "..", "../x", "a/b", ".hidden", "-rf", "a b", &"x".repeat(65)] {
+            assert_eq!(check_name("volume", bad).unwrap_err().kind(), ErrorKind::INVALID_ARGUMENT, "{bad:?}");
+        }
+        for good in ["a", "v1", "db-01.data", "A_b.c-d", &"x".repeat(64)] {
+            assert!(check_name("volume", good).is_ok(), "{good:?}");
+        }
+    }
 
     #[test]
     fn kind_names_round_trip_and_unknown_is_safe() {

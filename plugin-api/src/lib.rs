@@ -101,7 +101,7 @@ mod panic;
 mod volume;
 
 pub use compute::{ComputeClient, ComputeDriver, Instance, InstanceSpec, InstanceState};
-pub use error::{DriverError, ErrorKind};
+pub use error::{check_name, DriverError, ErrorKind};
 pub use module::DriverKind;
 #[doc(hidden)]
 pub use module::{__private, DriverModule, DriverModuleRef, RawOptions};

@@ -29,20 +29,9 @@ pub struct FileVolume {
 const SUFFIX: &str = ".vol";
 const SOURCE_PREFIX: &str = ".source.";
 
-/// Volume names: 1-64 of `A-Z a-z 0-9 . _ -`, not starting with `.` or `-`; nothing can escape the root.
+/// Volume names follow [`plugin_api::check_name`]: nothing can escape the root.
 pub fn check_name(name: &str) -> Result<(), DriverError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && !name.starts_with('.')
-        && !name.starts_with('-')
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(DriverError::invalid_argument(format!(
-            "invalid volume name {name:?}: use 1-64 of A-Z a-z 0-9 . _ - (not starting with . or -)"
-        )))
-    }
+    plugin_api::check_name("volume", name)
 }
 
 impl FileVolume {

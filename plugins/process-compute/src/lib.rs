@@ -40,18 +40,6 @@ fn not_found(name: &str) -> DriverError {
     DriverError::not_found(format!("instance {name:?} not found"))
 }
 
-fn check_name(name: &str) -> Result<(), DriverError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && !name.starts_with(['.', '-'])
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(DriverError::invalid_argument(format!("invalid instance name {name:?}: use 1-64 of A-Z a-z 0-9 . _ -")))
-    }
-}
-
 /// (state char, utime+stime in ticks) from /proc/PID/stat.
 fn proc_stat(pid: u32) -> Option<(char, u64)> {
     let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -231,7 +219,7 @@ impl ComputeDriver for ProcessCompute {
     }
 
     fn spawn(&self, spec: &InstanceSpec) -> Result<Instance, DriverError> {
-        check_name(&spec.name)?;
+        plugin_api::check_name("instance", &spec.name)?;
         if spec.command.is_empty() {
             return Err(DriverError::invalid_argument(format!("instance {:?}: empty command", spec.name)));
         }
