@@ -90,7 +90,7 @@ pub fn format_human(service: &str, op: &str, result: &Value) -> String {
             }
             let libs = &result["libraries"];
             out.push_str(&format!(
-                "libraries mapped: {} ({}), retired but still mapped: {} ({})\n",
+                "libraries mapped: {} ({}), of which not in use (swapped out or refused) but still mapped: {} ({})\n",
                 s(libs, "mapped"),
                 human_size(libs["mapped_bytes"].as_u64().unwrap_or(0)),
                 s(libs, "retired"),
