@@ -38,6 +38,8 @@ pub enum LoadErrorKind {
     InitFailed,
     /// The host could not prepare its private copy of the file.
     RuntimeDir,
+    /// Loading it killed, stopped or hung a probe process: it would have taken the host down.
+    Crashed,
 }
 
 impl LoadErrorKind {
@@ -60,6 +62,7 @@ impl LoadErrorKind {
             LoadErrorKind::ConstructorPanicked => "constructor_panicked",
             LoadErrorKind::InitFailed => "init_failed",
             LoadErrorKind::RuntimeDir => "runtime_dir",
+            LoadErrorKind::Crashed => "crashed",
         }
     }
 }

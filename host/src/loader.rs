@@ -7,8 +7,10 @@
 //! 3. its content digest is computed; a digest already verified in this process reuses that library;
 //! 4. it is copied to a private runtime directory under a unique name (**copy-on-load**: the dynamic
 //!    loader caches by path, so a rebuilt file at the same path would otherwise not load, and
-//!    overwriting a mapped file in place crashes the process) and the copy is opened with `RTLD_NOW`,
-//!    so that unresolved symbols fail here rather than at the first call;
+//!    overwriting a mapped file in place crashes the process); with [`Loader::with_probe`] the copy is
+//!    first loaded by a throw-away child process, so that a library whose initializers crash, exit or
+//!    hang is refused; then the copy is opened here with `RTLD_NOW`, so that unresolved symbols fail
+//!    here rather than at the first call;
 //! 5. abi_stable checks its header, the plugin-api version and the layout of every interface type;
 //! 6. the metadata (name, version, option schema, panic strategy) is validated.
 
@@ -138,6 +140,8 @@ pub struct Loader {
     mapped: Mutex<Vec<Mapped>>,
     /// Path → (file identity, digest) of files already verified: an unchanged file is not re-read.
     seen: Mutex<HashMap<PathBuf, (FileKey, String)>>,
+    /// The `plughost` executable used to probe new content in a child process first, if set.
+    probe: Option<PathBuf>,
 }
 
 /// What identifies a file's content without reading it: any write changes mtime or ctime.
@@ -176,6 +180,7 @@ impl Loader {
             verified: Mutex::new(HashMap::new()),
             mapped: Mutex::new(Vec::new()),
             seen: Mutex::new(HashMap::new()),
+            probe: None,
         })
     }
 
@@ -186,6 +191,14 @@ impl Loader {
         let mut l = Loader::new(&dir)?;
         l.temporary = true;
         Ok(l)
+    }
+
+    /// Makes the loader try every new file content in a child process (`EXE __probe COPY`) before
+    /// loading it here: a library whose initializers crash, exit or hang is refused instead of taking
+    /// this process down. `exe` is the `plughost` binary.
+    pub fn with_probe(mut self, exe: PathBuf) -> Loader {
+        self.probe = Some(exe);
+        self
     }
 
     /// Every library mapped by this loader so far.
@@ -291,7 +304,11 @@ impl Loader {
             f.write_all(bytes)
         };
         write().map_err(|e| err(LoadErrorKind::RuntimeDir, format!("cannot copy to {}: {e}", copy.display())))?;
-        let result = open_verified(path, &copy);
+        let probed = match &self.probe {
+            Some(exe) => probe(exe, path, &copy),
+            None => Ok(()),
+        };
+        let result = probed.and_then(|()| open_verified(path, &copy));
         // The mapping stays valid after unlink; removing the copy keeps the runtime directory clean.
         if let Err(e) = fs::remove_file(&copy) {
             log::warn!("cannot remove private copy {}: {e}", copy.display());
@@ -316,6 +333,77 @@ impl Drop for Loader {
             let _ = fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// How long a probe may take before the library counts as hanging the loader.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGILL => "SIGILL",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGTRAP => "SIGTRAP",
+        _ => "signal",
+    }
+}
+
+/// Loads `copy` in a child process (`exe __probe copy`). Only a child that dies, exits without
+/// answering, or hangs makes this fail; ordinary rejections are left to the in-process checks, which
+/// give the same answer without the risk.
+fn probe(exe: &Path, path: &Path, copy: &Path) -> Result<(), LoadError> {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::{Command, Stdio};
+    let crashed = |reason: String| LoadError::new(LoadErrorKind::Crashed, path, reason);
+    let mut child = Command::new(exe)
+        .arg("__probe")
+        .arg(copy)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| {
+            LoadError::new(LoadErrorKind::RuntimeDir, path, format!("cannot start probe {}: {e}", exe.display()))
+        })?;
+    let deadline = std::time::Instant::now() + PROBE_TIMEOUT;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break s,
+            Ok(None) if std::time::Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(2)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(crashed(format!(
+                    "loading it hung a probe process for {}s; not loaded",
+                    PROBE_TIMEOUT.as_secs()
+                )));
+            }
+            Err(e) => return Err(crashed(format!("cannot wait for the probe process: {e}"))),
+        }
+    };
+    let mut answer = String::new();
+    if let Some(mut out) = child.stdout.take() {
+        use std::io::Read;
+        let _ = out.read_to_string(&mut answer);
+    }
+    if let Some(sig) = status.signal() {
+        return Err(crashed(format!(
+            "loading it killed a probe process (signal {sig}, {}); not loaded",
+            signal_name(sig)
+        )));
+    }
+    if status.code() != Some(0) || !answer.starts_with("probe:") {
+        return Err(crashed(format!(
+            "a probe process exited with status {} while loading it; not loaded",
+            status.code().unwrap_or(-1)
+        )));
+    }
+    Ok(())
 }
 
 /// `FICLONE`: makes `dst` share `src`'s blocks. `false` where the filesystem cannot.

@@ -48,6 +48,12 @@ enum Command {
     /// Configuration helpers
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Internal: load one file in this (throw-away) process and say whether it survived
+    #[command(name = "__probe", hide = true)]
+    Probe {
+        /// The file
+        path: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -305,11 +311,39 @@ fn main() -> ExitCode {
         Command::Run(a) => run(*a),
         Command::Ctl(a) => ctl(a),
         Command::Config(ConfigCommand::Sample { driver_dirs, drivers }) => sample(driver_dirs, drivers),
+        Command::Probe { path } => probe(&path),
+    }
+}
+
+/// The child side of the loader's probe: survive loading `path` and say so. A rejection is an answer
+/// too; only dying, exiting otherwise or hanging counts against the file.
+fn probe(path: &std::path::Path) -> ExitCode {
+    match Loader::temporary() {
+        Ok(loader) => {
+            let verdict = match loader.load(path) {
+                Ok(_) => "ok".to_owned(),
+                Err(e) => e.kind.to_string(),
+            };
+            println!("probe: {verdict}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e.report()),
+    }
+}
+
+/// A loader for this process that probes new content in a child first (see `Loader::with_probe`).
+fn isolating(loader: Loader) -> Loader {
+    match std::env::current_exe() {
+        Ok(exe) => loader.with_probe(exe),
+        Err(e) => {
+            log::warn!("cannot find the plughost executable to probe drivers in a child process: {e}");
+            loader
+        }
     }
 }
 
 fn inspect(a: InspectArgs) -> ExitCode {
-    let loader = match Loader::temporary() {
+    let loader = match Loader::temporary().map(isolating) {
         Ok(l) => l,
         Err(e) => return fail(e.report()),
     };
@@ -337,7 +371,7 @@ fn inspect(a: InspectArgs) -> ExitCode {
 }
 
 fn list(a: ListArgs) -> ExitCode {
-    let loader = match Loader::temporary() {
+    let loader = match Loader::temporary().map(isolating) {
         Ok(l) => l,
         Err(e) => return fail(e.report()),
     };
@@ -434,6 +468,7 @@ fn run(a: RunArgs) -> ExitCode {
         shutdown_timeout: std::time::Duration::from_millis(
             a.shutdown_timeout_ms.or(file.shutdown_timeout_ms).unwrap_or(10_000),
         ),
+        probe: std::env::current_exe().ok(),
         periodic_interval: std::time::Duration::from_millis(
             a.periodic_interval_ms.or(file.periodic_interval_ms).unwrap_or(10_000).max(10),
         ),

@@ -610,10 +610,7 @@ impl ComputeManager {
                 let name = str_arg(args, "name")?;
                 self.transition(name, "rebooting", Op::Reboot, |d| d.reboot(name))
             }
-            "get" => {
-                let name = str_arg(args, "name")?;
-                self.transition(name, "running", Op::Get, |d| d.get(name))
-            }
+            "get" => self.get(str_arg(args, "name")?),
             "destroy" => self.destroy(str_arg(args, "name")?),
             "list" => {
                 let backend = opt_str(args, "backend")?;
@@ -628,6 +625,18 @@ impl ComputeManager {
             }
             other => Err(ApiError::new("invalid_request", format!("unknown compute operation {other:?}"))),
         }
+    }
+
+    /// Refreshes one instance from its driver; unlike the transitions, it changes no status by itself.
+    fn get(&self, name: &str) -> Result<Value, ApiError> {
+        let lock = self.locks.get(name);
+        let _held = hold(&lock);
+        let b = self.existing(name)?;
+        let fresh = b.call(Op::Get, |d| d.get(name))?;
+        let mut recs = self.records();
+        let r = recs.get_mut(name).ok_or_else(|| ApiError::not_found(format!("instance {name:?} not found")))?;
+        r.apply(&fresh);
+        Ok(Self::json(r))
     }
 
     fn spawn(&self, args: &Value) -> Result<Value, ApiError> {

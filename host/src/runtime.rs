@@ -37,6 +37,9 @@ pub struct Settings {
     pub shutdown_timeout: Duration,
     /// Spacing of periodic tasks.
     pub periodic_interval: Duration,
+    /// The `plughost` executable, to load new driver content in a child process first (see
+    /// `Loader::with_probe`); `None` loads in-process only.
+    pub probe: Option<PathBuf>,
 }
 
 /// Shared state of a running host.
@@ -85,7 +88,10 @@ impl Host {
         if let Err(e) = std::fs::create_dir_all(&settings.state_dir) {
             return Err(vec![format!("cannot create state dir \"{}\": {e}", settings.state_dir.display())]);
         }
-        let loader = Loader::new(&settings.state_dir.join("run/libs")).map_err(|e| vec![e.report()])?;
+        let mut loader = Loader::new(&settings.state_dir.join("run/libs")).map_err(|e| vec![e.report()])?;
+        if let Some(exe) = &settings.probe {
+            loader = loader.with_probe(exe.clone());
+        }
         let ctx = BuildContext { loader: &loader, state_dir: &settings.state_dir, driver_dirs: &settings.driver_dirs };
         let volume_backends = build_all::<VolumeClient>(ctx, settings.volume.as_ref(), &mut errors);
         let compute_backends = build_all::<ComputeClient>(ctx, settings.compute.as_ref(), &mut errors);

@@ -223,6 +223,8 @@ fn load_benchmarks(out: &mut Vec<Metric>, work: &Path) {
         p
     };
     let loader = Loader::new(&work.join("libs")).unwrap();
+    let probing = Loader::new(&work.join("libs-probed")).unwrap().with_probe(release_dir().join("plughost"));
+    let mut probed = Vec::new();
     let known = copy(false);
     loader.load(&known).unwrap();
     let (mut raw, mut cold, mut same_content, mut same_path) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -244,6 +246,13 @@ fn load_benchmarks(out: &mut Vec<Metric>, work: &Path) {
         }
         cold.push(t.elapsed().as_secs_f64() * 1e6 / per_sample as f64);
 
+        let paths: Vec<PathBuf> = (0..per_sample).map(|_| copy(true)).collect();
+        let t = Instant::now();
+        for p in &paths {
+            black_box(probing.load(p).unwrap());
+        }
+        probed.push(t.elapsed().as_secs_f64() * 1e6 / per_sample as f64);
+
         let paths: Vec<PathBuf> = (0..per_sample).map(|_| copy(false)).collect();
         let t = Instant::now();
         for p in &paths {
@@ -260,6 +269,13 @@ fn load_benchmarks(out: &mut Vec<Metric>, work: &Path) {
     let raw = median(&mut raw);
     out.push(metric("load_one.raw_dlopen", raw, "us", None, ""));
     out.push(metric("load_one.new_content", median(&mut cold), "us", Some(("load_one.raw_dlopen", raw)), "<= 1.5x"));
+    out.push(metric(
+        "load_one.new_content_probed",
+        median(&mut probed),
+        "us",
+        Some(("load_one.raw_dlopen", raw)),
+        "(as run/inspect load)",
+    ));
     out.push(metric(
         "load_one.known_content_new_path",
         median(&mut same_content),

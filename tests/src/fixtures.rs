@@ -237,3 +237,33 @@ pub fn noop_cdylib_release() -> PathBuf {
     assert!(status.success(), "building the bench-noop fixture failed");
     crate::release_dir().join("libbench_noop.so")
 }
+
+/// A library that exports the plughost root symbol (so it passes every check made without loading it)
+/// and aborts the process from an ELF initializer as soon as it is loaded.
+pub fn crash_on_load() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let ws = target_dir().join("fixtures").join("crash-on-load");
+            let krate = ws.join("crash-on-load");
+            fs::create_dir_all(krate.join("src")).unwrap();
+            fs::write(
+                krate.join("Cargo.toml"),
+                "[package]\nname = \"crash-on-load\"\nversion = \"0.0.1\"\nedition = \"2021\"\n\n[lib]\ncrate-type = [\"cdylib\"]\n",
+            )
+            .unwrap();
+            fs::write(
+                krate.join("src/lib.rs"),
+                format!(
+                    "#[no_mangle]\npub static {}: [u8; 64] = [0; 64];\n\nextern \"C\" fn boom() {{\n    std::process::abort();\n}}\n\n#[used]\n#[link_section = \".init_array\"]\nstatic INIT: extern \"C\" fn() = boom;\n",
+                    plugin_api::__private::ROOT_SYMBOL
+                ),
+            )
+            .unwrap();
+            fs::write(ws.join("Cargo.toml"), "[workspace]\nresolver = \"2\"\nmembers = [\"crash-on-load\"]\n").unwrap();
+            let status = cargo().current_dir(&ws).args(["build", "--quiet", "--offline"]).status().unwrap();
+            assert!(status.success(), "building the crash-on-load fixture failed");
+            profile_dir().join("libcrash_on_load.so")
+        })
+        .clone()
+}

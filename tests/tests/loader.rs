@@ -166,6 +166,26 @@ fn changed_method_signature_is_a_layout_mismatch() {
 }
 
 #[test]
+fn a_library_that_crashes_while_loading_is_refused_and_inspect_survives() {
+    let p = fixtures::crash_on_load();
+    let r = run(&["inspect", "--json", p.to_str().unwrap()]);
+    assert_eq!(r.code, 1, "{r:?}");
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v[0]["error"]["kind"], "crashed", "{v}");
+    let msg = v[0]["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("killed a probe process (signal 6, SIGABRT)"), "{msg}");
+    inspect_rejects(&p, "killed a probe process");
+    // `list` of a directory holding it reports it and carries on.
+    let t = TempDir::new("crashdir");
+    std::fs::copy(&p, t.join("libcrash.so")).unwrap();
+    std::fs::copy(driver("fake-volume"), t.join("libfake_volume.so")).unwrap();
+    let r = run(&["list", "--driver-dir", t.path().to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.lines().any(|l| l.contains("rejected") && l.contains("probe process")), "{}", r.stdout);
+    assert!(r.stdout.lines().any(|l| l.starts_with("fake-volume")), "{}", r.stdout);
+}
+
+#[test]
 fn wrong_kind() {
     let loader = Loader::temporary().unwrap();
     let e = loader.load_kind(&driver("fake-compute"), DriverKind::VOLUME).unwrap_err();

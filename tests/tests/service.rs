@@ -247,6 +247,11 @@ fn start_errors_are_all_reported_and_nothing_is_served() {
     assert_eq!(r.code, 1);
     assert!(r.stderr.contains("constructor panicked"), "{}", r.stderr);
 
+    let crash = plughost_tests::fixtures::crash_on_load();
+    let r = run(&["run", "--state-dir", t.path().to_str().unwrap(), "--volume-driver", crash.to_str().unwrap()]);
+    assert_eq!(r.code, 1, "a library that would crash the host is refused: {r:?}");
+    assert!(r.stderr.contains("killed a probe process"), "{}", r.stderr);
+
     let r = run(&["run", "--state-dir", t.path().to_str().unwrap(), "--volume-driver", "no-such-driver"]);
     assert_eq!(r.code, 1);
     assert!(r.stderr.contains("driver \"no-such-driver\" not found: no libno_such_driver.so in"), "{}", r.stderr);

@@ -140,7 +140,8 @@ fn failed_swaps_leave_the_old_driver_serving() {
     );
     d.ok("volume", "create", json!({"name": "before", "size": "1MiB"}));
     let digest = backend_status(&mut d, "volume", "default")["driver"]["digest"].clone();
-    let attempts: [(&str, String, &str); 5] = [
+    let attempts: [(&str, String, &str); 6] = [
+        ("default", fixtures::crash_on_load().display().to_string(), "killed a probe process"),
         ("default", text.display().to_string(), "not an ELF shared object"),
         ("default", t.join("libmissing.so").display().to_string(), "no such file"),
         ("default", driver("fake-compute").display().to_string(), "is a compute driver, expected a volume driver"),
