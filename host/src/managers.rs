@@ -118,6 +118,22 @@ pub struct VolumeRecord {
 }
 
 impl VolumeRecord {
+    fn new(name: &str, backend: &str, status: &str, size: u64, source: Option<&str>) -> VolumeRecord {
+        let now = unix_secs(SystemTime::now());
+        VolumeRecord {
+            id: new_id(),
+            name: name.to_owned(),
+            backend: backend.to_owned(),
+            status: status.to_owned(),
+            size,
+            allocated: 0,
+            location: String::new(),
+            source: source.map(str::to_owned),
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
     fn apply(&mut self, v: &Volume) {
         self.size = v.size;
         self.allocated = v.allocated;
@@ -197,20 +213,10 @@ impl VolumeManager {
                 }
             };
             let mut recs = self.records();
-            let now = unix_secs(SystemTime::now());
             for v in &vols {
-                let r = recs.entry(v.name.clone()).or_insert_with(|| VolumeRecord {
-                    id: new_id(),
-                    name: v.name.clone(),
-                    backend: b.name.clone(),
-                    status: "available".to_owned(),
-                    size: 0,
-                    allocated: 0,
-                    location: String::new(),
-                    source: None,
-                    created_at: now,
-                    updated_at: now,
-                });
+                let r = recs
+                    .entry(v.name.clone())
+                    .or_insert_with(|| VolumeRecord::new(&v.name, &b.name, "available", 0, None));
                 if r.backend == b.name {
                     r.apply(v);
                     r.status = "available".to_owned();
@@ -302,22 +308,7 @@ impl VolumeManager {
                     format!("volume {name:?} already exists (backend {:?}, {})", r.backend, r.status),
                 ));
             }
-            let now = unix_secs(SystemTime::now());
-            recs.insert(
-                name.to_owned(),
-                VolumeRecord {
-                    id: new_id(),
-                    name: name.to_owned(),
-                    backend: backend.name.clone(),
-                    status: "creating".to_owned(),
-                    size,
-                    allocated: 0,
-                    location: String::new(),
-                    source: source.map(str::to_owned),
-                    created_at: now,
-                    updated_at: now,
-                },
-            );
+            recs.insert(name.to_owned(), VolumeRecord::new(name, &backend.name, "creating", size, source));
         }
         let result = backend.call(op, make);
         let out = {
@@ -475,6 +466,25 @@ pub struct InstanceRecord {
 }
 
 impl InstanceRecord {
+    fn new(name: &str, backend: &str, status: &str, command: &str) -> InstanceRecord {
+        let now = unix_secs(SystemTime::now());
+        InstanceRecord {
+            id: new_id(),
+            name: name.to_owned(),
+            backend: backend.to_owned(),
+            status: status.to_owned(),
+            pid: None,
+            exit_code: None,
+            exit_signal: None,
+            rss_bytes: 0,
+            cpu_time_ms: 0,
+            uptime_ms: 0,
+            command: command.to_owned(),
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
     fn apply(&mut self, i: &Instance) {
         self.status = i.state.as_str().to_owned();
         self.pid = i.pid;
@@ -522,26 +532,11 @@ impl ComputeManager {
                 continue;
             }
             let Ok(list) = b.call(Op::List, |d| d.list()) else { continue };
-            let now = unix_secs(SystemTime::now());
             for i in &list {
                 let lock = self.locks.get(&i.name);
                 let Ok(_held) = lock.try_lock() else { continue }; // an operation is running; next time
                 let mut recs = self.records();
-                let r = recs.entry(i.name.clone()).or_insert_with(|| InstanceRecord {
-                    id: new_id(),
-                    name: i.name.clone(),
-                    backend: b.name.clone(),
-                    status: String::new(),
-                    pid: None,
-                    exit_code: None,
-                    exit_signal: None,
-                    rss_bytes: 0,
-                    cpu_time_ms: 0,
-                    uptime_ms: 0,
-                    command: String::new(),
-                    created_at: now,
-                    updated_at: now,
-                });
+                let r = recs.entry(i.name.clone()).or_insert_with(|| InstanceRecord::new(&i.name, &b.name, "", ""));
                 if r.backend == b.name {
                     r.apply(i);
                 }
@@ -687,25 +682,7 @@ impl ComputeManager {
             if recs.contains_key(name) {
                 return Err(ApiError::new("already_exists", format!("instance {name:?} already exists")));
             }
-            let now = unix_secs(SystemTime::now());
-            recs.insert(
-                name.to_owned(),
-                InstanceRecord {
-                    id: new_id(),
-                    name: name.to_owned(),
-                    backend: b.name.clone(),
-                    status: "spawning".to_owned(),
-                    pid: None,
-                    exit_code: None,
-                    exit_signal: None,
-                    rss_bytes: 0,
-                    cpu_time_ms: 0,
-                    uptime_ms: 0,
-                    command: command.to_owned(),
-                    created_at: now,
-                    updated_at: now,
-                },
-            );
+            recs.insert(name.to_owned(), InstanceRecord::new(name, &b.name, "spawning", command));
         }
         let result = b.call(Op::Spawn, |d| d.spawn(&spec));
         let mut recs = self.records();
