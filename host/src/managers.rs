@@ -150,6 +150,8 @@ pub struct VolumeManager {
     records: Mutex<BTreeMap<String, VolumeRecord>>,
     locks: NameLocks,
     store: PathBuf,
+    /// Held across snapshot-and-write, so that an older snapshot can never be written after a newer one.
+    persist_lock: Mutex<()>,
     stats: Mutex<BTreeMap<String, CapacityStats>>,
 }
 
@@ -172,6 +174,7 @@ impl VolumeManager {
             records: Mutex::new(records),
             locks: NameLocks::default(),
             store,
+            persist_lock: Mutex::new(()),
             stats: Mutex::new(BTreeMap::new()),
         };
         m.reconcile();
@@ -187,13 +190,23 @@ impl VolumeManager {
         self.records.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Writes the records to the store: a snapshot taken and written under `persist_lock`, through a
+    /// temporary file that is synced and renamed into place.
     fn persist(&self) {
+        let _one_writer = self.persist_lock.lock().unwrap_or_else(|p| p.into_inner());
         let text = match serde_json::to_vec_pretty(&*self.records()) {
             Ok(t) => t,
             Err(e) => return log::error!("cannot serialize volume records: {e}"),
         };
         let tmp = self.store.with_extension("tmp");
-        if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &self.store)) {
+        let write = || -> std::io::Result<()> {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&text)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &self.store)
+        };
+        if let Err(e) = write() {
             log::error!("cannot save volume records to {}: {e}", self.store.display());
         }
     }

@@ -144,6 +144,69 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// Kills the server with SIGKILL (no cleanup of any kind) and waits for it to be gone.
+    pub fn kill9(mut self) {
+        self.conn = None;
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// Sends a signal to the server without waiting.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill has no memory-safety preconditions.
+        assert_eq!(unsafe { libc::kill(self.pid() as i32, sig) }, 0);
+    }
+
+    /// Waits for the server to exit (after a signal) and returns its exit code and stderr.
+    pub fn wait(mut self) -> (i32, String) {
+        self.conn = None;
+        let r: Ran = self.child.take().unwrap().wait_with_output().unwrap().into();
+        (r.code, r.stderr)
+    }
+}
+
+/// A client connection of its own (for tests with several concurrent clients).
+#[derive(Debug)]
+pub struct Client {
+    w: std::os::unix::net::UnixStream,
+    r: std::io::BufReader<std::os::unix::net::UnixStream>,
+    next_id: u64,
+}
+
+impl Client {
+    /// Connects to `socket`.
+    pub fn connect(socket: &std::path::Path) -> Client {
+        let w = std::os::unix::net::UnixStream::connect(socket).unwrap();
+        let r = std::io::BufReader::new(w.try_clone().unwrap());
+        Client { w, r, next_id: 1 }
+    }
+
+    /// Sends one request; returns the whole answer (`None` if the server closed the connection).
+    pub fn call(&mut self, service: &str, op: &str, args: serde_json::Value) -> Option<serde_json::Value> {
+        use std::io::{BufRead, Write};
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut req = serde_json::json!({"id": id, "op": op, "args": args});
+        if !service.is_empty() {
+            req["service"] = serde_json::json!(service);
+        }
+        if writeln!(self.w, "{req}").is_err() {
+            return None;
+        }
+        let mut line = String::new();
+        match self.r.read_line(&mut line) {
+            Ok(0) | Err(_) => None,
+            Ok(_) => {
+                let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+                assert_eq!(v["id"], id, "{v}");
+                Some(v)
+            }
+        }
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -56,6 +56,13 @@ fn spawned_instance_has_a_live_pid_that_is_gone_after_destroy() {
     let pid = i["pid"].as_u64().unwrap();
     assert!(alive(pid), "instance pid {pid} is alive");
     assert_eq!(d.ok("compute", "get", json!({"name": "sleeper"}))["status"], "running");
+    // The output reaches the log before the stop below (which could otherwise come before the echo).
+    let log_path = t.join("instances/default/sleeper.stdout");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&log_path).unwrap_or_default().contains("hello world") {
+        assert!(Instant::now() < deadline, "the instance never wrote its greeting");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let stopped = d.ok("compute", "stop", json!({"name": "sleeper"}));
     assert_eq!(stopped["status"], "stopped");
     assert!(!alive(pid));
@@ -65,8 +72,6 @@ fn spawned_instance_has_a_live_pid_that_is_gone_after_destroy() {
     d.ok("compute", "destroy", json!({"name": "sleeper"}));
     assert!(!alive(pid2), "destroy ended the process group");
     assert_eq!(d.err("compute", "get", json!({"name": "sleeper"})), "not_found");
-    let log = std::fs::read_to_string(t.join("instances/default/sleeper.stdout")).unwrap();
-    assert!(log.contains("hello world"), "{log}");
 
     // An instance that exits on its own is reported stopped with its exit status by the periodic sync.
     d.ok("compute", "spawn", json!({"name": "quick", "command": "sh", "args": ["-c", "exit 7"]}));

@@ -1,12 +1,18 @@
 //! `file-volume`: each volume is a sparse file `<root>/<name>.vol`. Snapshots are copies (a reflink
 //! where the filesystem supports it, otherwise a copy of the data extents only, keeping holes). Listing
 //! and lookups read the directory, so the driver keeps no state of its own and survives restarts.
+//!
+//! Nothing half-made is ever visible: a new volume or snapshot is written under a temporary name
+//! (`.partial.*`, never listed) and renamed into place only when complete; an interrupted one (a crash,
+//! `kill -9`, a stop that outlasted the shutdown timeout) leaves only a temporary file, removed at the
+//! next `init`.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use plugin_api::{CapacityStats, DriverError, OptionSpec, Options, Volume, VolumeDriver};
 
@@ -16,6 +22,8 @@ pub const OPTIONS: &[OptionSpec] = &[
         .default("${state_dir}/volumes/${backend}"),
     OptionSpec::size("max_volume_size", "largest volume size accepted").default("16TiB"),
     OptionSpec::boolean("reflink", "try a reflink (FICLONE) for snapshots before copying").default("true"),
+    OptionSpec::boolean("sync", "fsync new volumes and the volume root, so that they survive a power loss")
+        .default("true"),
 ];
 
 /// The driver.
@@ -24,10 +32,12 @@ pub struct FileVolume {
     root: PathBuf,
     max_size: u64,
     reflink: bool,
+    sync: bool,
 }
 
 const SUFFIX: &str = ".vol";
 const SOURCE_PREFIX: &str = ".source.";
+const PARTIAL_PREFIX: &str = ".partial.";
 
 /// Volume names follow [`plugin_api::check_name`]: nothing can escape the root.
 pub fn check_name(name: &str) -> Result<(), DriverError> {
@@ -42,6 +52,7 @@ impl FileVolume {
             root,
             max_size: options.size("max_volume_size")?.unwrap_or(16 << 40),
             reflink: options.boolean("reflink")?,
+            sync: options.boolean("sync")?,
         })
     }
 
@@ -52,6 +63,53 @@ impl FileVolume {
 
     fn source_path(&self, name: &str) -> PathBuf {
         self.root.join(format!("{SOURCE_PREFIX}{name}"))
+    }
+
+    /// A fresh temporary path for something being made for `name`; never listed.
+    fn partial_path(&self, name: &str) -> PathBuf {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        self.root.join(format!("{PARTIAL_PREFIX}{name}.{}.{n}", std::process::id()))
+    }
+
+    /// Renames a complete temporary file into place, refusing to replace an existing volume. With
+    /// `sync`, the file and the directory entry reach the disk before this returns.
+    fn publish(&self, tmp: &Path, file: &File, dst: &Path, name: &str) -> Result<(), DriverError> {
+        if self.sync {
+            file.sync_all().map_err(|e| DriverError::io(format!("volume {name:?}: syncing"), &e))?;
+        }
+        rename_noreplace(tmp, dst).map_err(|e| match e.kind() {
+            io::ErrorKind::AlreadyExists => DriverError::already_exists(format!("volume {name:?} already exists")),
+            _ => DriverError::io(format!("volume {name:?}: renaming into place"), &e),
+        })?;
+        if self.sync {
+            File::open(&self.root)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| DriverError::io(format!("volume {name:?}: syncing the volume root"), &e))?;
+        }
+        Ok(())
+    }
+
+    /// Removes what interrupted operations left: temporary files and source records of volumes that
+    /// were never completed.
+    fn remove_leftovers(&self) -> Result<(), DriverError> {
+        let rd = fs::read_dir(&self.root)
+            .map_err(|e| DriverError::io(format!("listing volume root {}", self.root.display()), &e))?;
+        for entry in rd.flatten() {
+            let file_name = entry.file_name();
+            let Some(n) = file_name.to_str() else { continue };
+            let leftover = if n.starts_with(PARTIAL_PREFIX) {
+                true
+            } else if let Some(vol) = n.strip_prefix(SOURCE_PREFIX) {
+                !self.root.join(format!("{vol}{SUFFIX}")).exists()
+            } else {
+                false
+            };
+            if leftover {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        Ok(())
     }
 
     fn info(&self, name: &str, path: &Path) -> Result<Volume, DriverError> {
@@ -125,10 +183,30 @@ fn try_reflink(src: &File, dst: &File) -> bool {
     unsafe { libc::ioctl(dst.as_raw_fd(), FICLONE as _, src.as_raw_fd()) == 0 }
 }
 
+/// `rename(2)` that fails with `AlreadyExists` instead of replacing `dst`.
+fn rename_noreplace(src: &Path, dst: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| io::ErrorKind::InvalidInput);
+    let (s, d) = (c(src)?, c(dst)?);
+    // SAFETY: both are valid NUL-terminated paths; renameat2 touches no memory of ours.
+    let r = unsafe { libc::renameat2(libc::AT_FDCWD, s.as_ptr(), libc::AT_FDCWD, d.as_ptr(), libc::RENAME_NOREPLACE) };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::EINVAL) && e.raw_os_error() != Some(libc::ENOSYS) {
+        return Err(e);
+    }
+    // No RENAME_NOREPLACE on this filesystem: a hard link fails on an existing name just as well.
+    fs::hard_link(src, dst)?;
+    fs::remove_file(src)
+}
+
 impl VolumeDriver for FileVolume {
     fn init(&self) -> Result<(), DriverError> {
         fs::create_dir_all(&self.root)
-            .map_err(|e| DriverError::io(format!("creating volume root {}", self.root.display()), &e))
+            .map_err(|e| DriverError::io(format!("creating volume root {}", self.root.display()), &e))?;
+        self.remove_leftovers()
     }
 
     fn health(&self) -> Result<(), DriverError> {
@@ -143,15 +221,24 @@ impl VolumeDriver for FileVolume {
     fn create(&self, name: &str, size: u64) -> Result<Volume, DriverError> {
         let path = self.path(name)?;
         self.check_size(name, size)?;
-        let f = OpenOptions::new().write(true).create_new(true).open(&path).map_err(|e| match e.kind() {
-            io::ErrorKind::AlreadyExists => DriverError::already_exists(format!("volume {name:?} already exists")),
-            _ => DriverError::io(format!("volume {name:?}: creating {}", path.display()), &e),
-        })?;
-        if let Err(e) = f.set_len(size) {
-            let _ = fs::remove_file(&path);
-            return Err(DriverError::io(format!("volume {name:?}: sizing {}", path.display()), &e));
+        if path.exists() {
+            return Err(DriverError::already_exists(format!("volume {name:?} already exists")));
         }
-        let _ = fs::remove_file(self.source_path(name));
+        let tmp = self.partial_path(name);
+        let made = (|| {
+            let f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
+                .map_err(|e| DriverError::io(format!("volume {name:?}: creating {}", tmp.display()), &e))?;
+            f.set_len(size).map_err(|e| DriverError::io(format!("volume {name:?}: sizing {}", tmp.display()), &e))?;
+            let _ = fs::remove_file(self.source_path(name));
+            self.publish(&tmp, &f, &path, name)
+        })();
+        if let Err(e) = made {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
         self.info(name, &path)
     }
 
@@ -190,18 +277,34 @@ impl VolumeDriver for FileVolume {
             io::ErrorKind::NotFound => DriverError::not_found(format!("volume {name:?} not found")),
             _ => DriverError::io(format!("volume {name:?}: opening"), &e),
         })?;
-        let len = src.metadata().map_err(|e| DriverError::io(format!("volume {name:?}"), &e))?.len();
-        let dst = OpenOptions::new().write(true).create_new(true).open(&dst_path).map_err(|e| match e.kind() {
-            io::ErrorKind::AlreadyExists => DriverError::already_exists(format!("volume {snapshot:?} already exists")),
-            _ => DriverError::io(format!("volume {snapshot:?}: creating"), &e),
-        })?;
-        let copied = if self.reflink && try_reflink(&src, &dst) { Ok(()) } else { sparse_copy(&src, &dst, len) };
-        if let Err(e) = copied.and_then(|()| dst.sync_all()) {
-            let _ = fs::remove_file(&dst_path);
-            return Err(DriverError::io(format!("snapshot {snapshot:?} of {name:?}"), &e));
+        if dst_path.exists() {
+            return Err(DriverError::already_exists(format!("volume {snapshot:?} already exists")));
         }
-        fs::write(self.source_path(snapshot), name)
-            .map_err(|e| DriverError::io(format!("snapshot {snapshot:?}: recording its source"), &e))?;
+        let len = src.metadata().map_err(|e| DriverError::io(format!("volume {name:?}"), &e))?.len();
+        // The source record first (a leftover without its volume is removed at init), then the data under
+        // a temporary name, renamed into place once complete.
+        let tmp = self.partial_path(snapshot);
+        let made = (|| {
+            let source_tmp = self.partial_path(&format!("{snapshot}.source"));
+            fs::write(&source_tmp, name)
+                .and_then(|()| fs::rename(&source_tmp, self.source_path(snapshot)))
+                .map_err(|e| DriverError::io(format!("snapshot {snapshot:?}: recording its source"), &e))?;
+            let dst = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
+                .map_err(|e| DriverError::io(format!("volume {snapshot:?}: creating {}", tmp.display()), &e))?;
+            let copied = if self.reflink && try_reflink(&src, &dst) { Ok(()) } else { sparse_copy(&src, &dst, len) };
+            copied.map_err(|e| DriverError::io(format!("snapshot {snapshot:?} of {name:?}"), &e))?;
+            self.publish(&tmp, &dst, &dst_path, snapshot)
+        })();
+        if let Err(e) = made {
+            let _ = fs::remove_file(&tmp);
+            if !dst_path.exists() {
+                let _ = fs::remove_file(self.source_path(snapshot));
+            }
+            return Err(e);
+        }
         self.info(snapshot, &dst_path)
     }
 
@@ -329,6 +432,27 @@ mod tests {
         assert!(d.stats().unwrap().total_bytes > 0);
         d.delete("v1").unwrap();
         assert_eq!(d.get("v1").unwrap_err().kind(), ErrorKind::NOT_FOUND);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn interrupted_work_is_never_listed_and_is_removed_at_init() {
+        let dir = std::env::temp_dir().join(format!("file-volume-partial-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let d = driver(&dir);
+        d.create("v1", 1 << 20).unwrap();
+        // What a kill -9 in the middle of `snapshot v1 s1` leaves behind.
+        fs::write(dir.join(".source.s1"), "v1").unwrap();
+        fs::write(dir.join(".partial.s1.123.0"), vec![1u8; 4096]).unwrap();
+        assert_eq!(d.list().unwrap().iter().map(|v| v.name.as_str()).collect::<Vec<_>>(), ["v1"]);
+        assert_eq!(d.get("s1").unwrap_err().kind(), ErrorKind::NOT_FOUND);
+        let again = driver(&dir);
+        let mut left: Vec<String> =
+            fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        left.sort();
+        assert_eq!(left, ["v1.vol"]);
+        assert_eq!(again.snapshot("v1", "s1").unwrap().source.as_deref(), Some("v1"));
+        assert_eq!(again.snapshot("v1", "s1").unwrap_err().kind(), ErrorKind::ALREADY_EXISTS);
         fs::remove_dir_all(&dir).unwrap();
     }
 }
