@@ -1,170 +1,35 @@
-//! A backend: one constructed driver serving a service, with its health and per-method call statistics.
-//! Managers call drivers only through [`Backend::call`].
+//! A backend: one constructed driver serving a service, swappable while serving, with its health and
+//! per-method call statistics. One type for every driver kind (`Backend<I>` over the plugin API's
+//! [`Interface`]); services reach drivers only through [`Backend::call`].
 
+use std::collections::BTreeMap;
+use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
-use plugin_api::{ComputeClient, DriverError, DriverKind, Options, VolumeClient};
-use serde_json::{json, Value};
+use plughost_api::host::Interface;
+use plughost_api::{DriverError, Options};
 
 use crate::config::expand;
 use crate::drivers::resolve;
+use crate::error::LoadError;
 use crate::loader::{Library, Loader};
+use crate::protocol::{
+    ApiError, BackendStatus, CallStatus, Capacity, DriverRef, DriverStatus, ErrorKind, State, SwapReport,
+};
 use crate::rcu::{RcuCell, Retired};
 use crate::stats::CallStats;
-use crate::{LoadError, LoadErrorKind};
-
-/// An error answered on the control socket: a snake_case kind and a one-line message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ApiError {
-    /// `not_found`, `invalid_argument`, `unavailable`, … (driver kinds pass through).
-    pub kind: String,
-    /// One line, lowercase, naming the resource.
-    pub message: String,
-}
-
-impl ApiError {
-    /// Any kind.
-    pub fn new(kind: &str, message: impl Into<String>) -> ApiError {
-        ApiError { kind: kind.to_owned(), message: message.into() }
-    }
-    /// `invalid_argument`.
-    pub fn invalid(message: impl Into<String>) -> ApiError {
-        ApiError::new("invalid_argument", message)
-    }
-    /// `not_found`.
-    pub fn not_found(message: impl Into<String>) -> ApiError {
-        ApiError::new("not_found", message)
-    }
-}
-
-impl From<DriverError> for ApiError {
-    fn from(e: DriverError) -> ApiError {
-        ApiError { kind: e.kind().as_str().to_owned(), message: e.message().to_owned() }
-    }
-}
-
-impl std::fmt::Display for ApiError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.kind, self.message)
-    }
-}
-
-/// A driver operation, for call statistics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[allow(missing_docs)]
-pub enum Op {
-    Create,
-    Delete,
-    Extend,
-    Snapshot,
-    List,
-    Get,
-    Stats,
-    WriteAt,
-    ReadAt,
-    Spawn,
-    Destroy,
-    Start,
-    Stop,
-    Reboot,
-    Health,
-}
-
-impl Op {
-    const ALL: [Op; 15] = [
-        Op::Create,
-        Op::Delete,
-        Op::Extend,
-        Op::Snapshot,
-        Op::List,
-        Op::Get,
-        Op::Stats,
-        Op::WriteAt,
-        Op::ReadAt,
-        Op::Spawn,
-        Op::Destroy,
-        Op::Start,
-        Op::Stop,
-        Op::Reboot,
-        Op::Health,
-    ];
-    /// The method name shown in status.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Op::Create => "create",
-            Op::Delete => "delete",
-            Op::Extend => "extend",
-            Op::Snapshot => "snapshot",
-            Op::List => "list",
-            Op::Get => "get",
-            Op::Stats => "stats",
-            Op::WriteAt => "write_at",
-            Op::ReadAt => "read_at",
-            Op::Spawn => "spawn",
-            Op::Destroy => "destroy",
-            Op::Start => "start",
-            Op::Stop => "stop",
-            Op::Reboot => "reboot",
-            Op::Health => "health",
-        }
-    }
-}
 
 /// Whether a backend can serve.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Health {
-    /// Initialised and last health check passed.
+    /// Initialised and the last health check passed.
     Up,
-    /// `init` failed, or the last health check failed; the reason says which.
+    /// `init` failed, or the last health check failed; the reason says which. Calls are refused with
+    /// `unavailable` until a health check passes (or a swap brings a working driver).
     Down(String),
-}
-
-/// What a backend needs from a driver client, whatever its kind.
-pub trait DriverOps: Sized + Send + Sync + 'static {
-    /// The kind of driver this client talks to.
-    const KIND: DriverKind;
-    /// Constructs the driver from a verified library.
-    fn construct(lib: &Library, options: &Options) -> Result<Self, LoadError>;
-    /// See `VolumeDriver::init`.
-    fn init(&self) -> Result<(), DriverError>;
-    /// See `VolumeDriver::cleanup`.
-    fn cleanup(&self) -> Result<(), DriverError>;
-    /// See `VolumeDriver::health`.
-    fn health(&self) -> Result<(), DriverError>;
-}
-
-impl DriverOps for VolumeClient {
-    const KIND: DriverKind = DriverKind::VOLUME;
-    fn construct(lib: &Library, options: &Options) -> Result<Self, LoadError> {
-        lib.new_volume(options)
-    }
-    fn init(&self) -> Result<(), DriverError> {
-        VolumeClient::init(self)
-    }
-    fn cleanup(&self) -> Result<(), DriverError> {
-        VolumeClient::cleanup(self)
-    }
-    fn health(&self) -> Result<(), DriverError> {
-        VolumeClient::health(self)
-    }
-}
-
-impl DriverOps for ComputeClient {
-    const KIND: DriverKind = DriverKind::COMPUTE;
-    fn construct(lib: &Library, options: &Options) -> Result<Self, LoadError> {
-        lib.new_compute(options)
-    }
-    fn init(&self) -> Result<(), DriverError> {
-        ComputeClient::init(self)
-    }
-    fn cleanup(&self) -> Result<(), DriverError> {
-        ComputeClient::cleanup(self)
-    }
-    fn health(&self) -> Result<(), DriverError> {
-        ComputeClient::health(self)
-    }
 }
 
 /// What a backend needs from the host to build drivers.
@@ -178,21 +43,6 @@ pub struct BuildContext<'a> {
     pub driver_dirs: &'a [PathBuf],
 }
 
-/// The driver currently serving a backend, with what it was built from.
-#[derive(Debug)]
-pub struct Active<D> {
-    /// The constructed driver.
-    pub driver: D,
-    /// The library it came from.
-    pub library: Library,
-    /// Options as shown in status (secrets replaced by `(secret)`).
-    pub shown_options: Vec<(String, String)>,
-    /// Why `init` failed, if it did: the backend is then down and refuses calls.
-    pub init_error: Option<String>,
-    /// 0 for the driver loaded at start, +1 for each swap.
-    pub generation: u64,
-}
-
 /// The configured driver (PATH or NAME, as given) and raw options: what a reload rebuilds from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Configured {
@@ -202,19 +52,145 @@ pub struct Configured {
     pub options: Vec<(String, String)>,
 }
 
+/// Why a backend's driver could not be built: the backend, and what went wrong (named once each).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendError {
+    /// `volume`, `compute`, ...
+    pub service: &'static str,
+    /// The backend.
+    pub backend: String,
+    /// What went wrong.
+    pub cause: BackendCause,
+}
+
+/// What went wrong building a backend's driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendCause {
+    /// The driver NAME is in none of the driver directories.
+    NotFound(String),
+    /// The file was refused, or the driver could not be constructed.
+    Load(LoadError),
+}
+
+impl BackendError {
+    fn details(&self) -> &[String] {
+        match &self.cause {
+            BackendCause::NotFound(_) => &[],
+            BackendCause::Load(e) => &e.details,
+        }
+    }
+
+    /// The headline and indented detail lines, as printed at start.
+    pub fn report(&self) -> String {
+        let mut s = self.to_string();
+        for d in self.details() {
+            s.push_str("\n  ");
+            s.push_str(d);
+        }
+        s
+    }
+
+    /// Everything on one line, as answered on the socket.
+    pub fn one_line(&self) -> String {
+        let mut s = self.to_string();
+        for d in self.details() {
+            s.push_str("; ");
+            s.push_str(d);
+        }
+        s
+    }
+}
+
+impl fmt::Display for BackendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} backend {:?}: ", self.service, self.backend)?;
+        match &self.cause {
+            BackendCause::NotFound(reason) => f.write_str(reason),
+            BackendCause::Load(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// What a driver was built from, as status shows it.
+#[derive(Debug, Clone)]
+pub struct DriverInfo {
+    /// Driver name.
+    pub name: String,
+    /// Driver version.
+    pub version: String,
+    /// Plugin API version it was built against.
+    pub api_version: String,
+    /// The file it was loaded from.
+    pub path: PathBuf,
+    /// Content digest.
+    pub digest: String,
+    /// File size.
+    pub size: u64,
+    /// When it was loaded.
+    pub loaded_at: SystemTime,
+}
+
+impl DriverInfo {
+    fn of(lib: &Library) -> DriverInfo {
+        DriverInfo {
+            name: lib.name().to_owned(),
+            version: lib.version().to_owned(),
+            api_version: lib.api_version().to_owned(),
+            path: lib.path.clone(),
+            digest: lib.digest.clone(),
+            size: lib.size,
+            loaded_at: lib.loaded_at,
+        }
+    }
+
+    fn reference(&self, path: bool) -> DriverRef {
+        DriverRef {
+            name: self.name.clone(),
+            version: self.version.clone(),
+            digest: self.digest.clone(),
+            path: path.then(|| self.path.display().to_string()),
+            draining: false,
+        }
+    }
+}
+
+/// The driver currently serving a backend, with what it was built from.
+pub struct Active<I: Interface> {
+    /// The constructed driver.
+    pub driver: Box<I::Object>,
+    /// What it was built from.
+    pub info: DriverInfo,
+    /// Options as shown in status (secrets replaced by `(secret)`).
+    pub shown_options: BTreeMap<String, String>,
+    /// Why `init` failed, if it did: the backend is then down and refuses calls.
+    pub init_error: Option<String>,
+    /// 0 for the driver loaded at start, +1 for each swap.
+    pub generation: u64,
+    /// Extensions the driver provides.
+    pub extensions: Vec<String>,
+}
+
 /// One backend: the active driver (swappable while serving) and its bookkeeping.
-#[derive(Debug)]
-pub struct Backend<D> {
+pub struct Backend<I: Interface> {
     /// Backend name within its service.
     pub name: String,
-    active: RcuCell<Active<D>>,
+    service: &'static str,
+    active: RcuCell<Active<I>>,
     configured: Mutex<Configured>,
     swap_lock: Mutex<()>,
-    health: Mutex<(Health, SystemTime)>,
+    health: Mutex<Health>,
+    /// `health == Up`, read on every call without a lock.
+    serving: AtomicBool,
     calls: CallStats,
 }
 
-fn shown_options(lib: &Library, given: &Options) -> Vec<(String, String)> {
+impl<I: Interface> fmt::Debug for Backend<I> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Backend").field("service", &self.service).field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+fn shown_options(lib: &Library, given: &Options) -> BTreeMap<String, String> {
     given
         .pairs()
         .iter()
@@ -227,20 +203,21 @@ fn shown_options(lib: &Library, given: &Options) -> Vec<(String, String)> {
 
 /// Resolves, loads, validates, constructs and initialises a driver. Load, option and constructor
 /// errors are `Err`; an `init` failure is recorded in `Active::init_error`.
-fn prepare<D: DriverOps>(
+fn prepare<I: Interface>(
     ctx: BuildContext<'_>,
+    service: &'static str,
     backend: &str,
     configured: &Configured,
     generation: u64,
-) -> Result<Active<D>, LoadError> {
-    let path = resolve(&configured.driver, ctx.driver_dirs).map_err(|e| {
-        LoadError::new(
-            LoadErrorKind::NotFound,
-            Path::new(&configured.driver),
-            format!("{} backend {backend:?}: {e}", D::KIND),
-        )
+) -> Result<Active<I>, BackendError> {
+    let fail = |e| BackendError { service, backend: backend.to_owned(), cause: BackendCause::Load(e) };
+    let path = resolve(&configured.driver, ctx.driver_dirs).map_err(|reason| BackendError {
+        service,
+        backend: backend.to_owned(),
+        cause: BackendCause::NotFound(reason),
     })?;
-    let library = ctx.loader.load_kind(&path, D::KIND)?;
+    let library = ctx.loader.load(&path).map_err(fail)?;
+    library.expect_kind(I::KIND).map_err(fail)?;
     let mut given: Vec<(String, String)> =
         configured.options.iter().map(|(k, v)| (k.clone(), expand(v, ctx.state_dir, backend))).collect();
     for o in library.options() {
@@ -250,116 +227,125 @@ fn prepare<D: DriverOps>(
             }
         }
     }
-    let options = library.validate_options(&given)?;
-    let driver = D::construct(&library, &options)?;
-    let init_error = driver.init().err().map(|e| format!("driver init failed: {}", e.message()));
+    let options = library.validate_options(&given).map_err(fail)?;
+    let constructed = library.construct::<I>(&options).map_err(fail)?;
+    let driver = constructed.driver;
+    let init_error = I::init(&driver).err().map(|e| format!("driver init failed: {}", e.message()));
     let shown_options = shown_options(&library, &options);
-    Ok(Active { driver, library, shown_options, init_error, generation })
+    let extensions = constructed.extensions.iter().map(|e| (*e).to_owned()).collect();
+    Ok(Active { driver, info: DriverInfo::of(&library), shown_options, init_error, generation, extensions })
 }
 
-fn one_line(e: &LoadError) -> String {
-    let mut s = e.to_string();
-    for d in &e.details {
-        s.push_str("; ");
-        s.push_str(d);
-    }
-    s
-}
-
-impl<D: DriverOps> Backend<D> {
+impl<I: Interface> Backend<I> {
     /// Builds a backend at start. Load, option and constructor errors are returned (the host then
     /// refuses to start); an `init` failure only marks the backend down.
-    pub fn build(ctx: BuildContext<'_>, name: &str, configured: Configured) -> Result<Backend<D>, LoadError> {
-        let active: Active<D> = prepare(ctx, name, &configured, 0)?;
+    pub fn build(
+        ctx: BuildContext<'_>,
+        service: &'static str,
+        name: &str,
+        configured: Configured,
+    ) -> Result<Backend<I>, BackendError> {
+        let active: Active<I> = prepare(ctx, service, name, &configured, 0)?;
+        Ok(Backend::assemble(service, name, configured, active))
+    }
+
+    fn assemble(service: &'static str, name: &str, configured: Configured, active: Active<I>) -> Backend<I> {
         let health = match &active.init_error {
             None => Health::Up,
             Some(e) => {
-                log::error!("{} backend {name:?} ({}): {e}; the service reports down", D::KIND, active.library.name());
+                log::error!("{service} backend {name:?} ({}): {e}; it reports down", active.info.name);
                 Health::Down(e.clone())
             }
         };
-        Ok(Backend {
+        Backend {
             name: name.to_owned(),
+            service,
+            serving: AtomicBool::new(health == Health::Up),
             active: RcuCell::new(active),
             configured: Mutex::new(configured),
             swap_lock: Mutex::new(()),
-            health: Mutex::new((health, SystemTime::now())),
-            calls: CallStats::new(Op::ALL.len()),
-        })
+            health: Mutex::new(health),
+            calls: CallStats::new(I::METHODS.len()),
+        }
     }
 
-    /// Calls the active driver, recording count, errors and sampled latency under `op`. Refuses with
-    /// `unavailable` when that driver failed to initialise. Never waits for a swap, and a swap never
-    /// waits for it: the call keeps the driver it started with (inside an RCU read section) until it
-    /// returns.
+    /// A backend serving a driver compiled into this process (for tests and benchmarks): initialised
+    /// here, described as `driver_name` in status.
+    pub fn in_process(service: &'static str, name: &str, driver: Box<I::Object>, driver_name: &str) -> Backend<I> {
+        let init_error = I::init(&driver).err().map(|e| format!("driver init failed: {}", e.message()));
+        let info = DriverInfo {
+            name: driver_name.to_owned(),
+            version: "in-process".to_owned(),
+            api_version: plughost_api::API_VERSION.to_owned(),
+            path: PathBuf::new(),
+            digest: "in-process".to_owned(),
+            size: 0,
+            loaded_at: SystemTime::now(),
+        };
+        let active =
+            Active { driver, info, shown_options: BTreeMap::new(), init_error, generation: 0, extensions: Vec::new() };
+        let configured = Configured { driver: driver_name.to_owned(), options: Vec::new() };
+        Backend::assemble(service, name, configured, active)
+    }
+
+    /// Calls the active driver, recording count, errors and sampled latency under `method`. Refuses
+    /// with `unavailable` while the backend is down. Never waits for a swap, and a swap never waits for
+    /// it: the call keeps the driver it started with (inside an RCU read section) until it returns.
     #[inline]
-    pub fn call<T>(&self, op: Op, f: impl FnOnce(&D) -> Result<T, DriverError>) -> Result<T, ApiError> {
+    pub fn call<T>(
+        &self,
+        method: I::Method,
+        f: impl FnOnce(&I::Object) -> Result<T, DriverError>,
+    ) -> Result<T, ApiError> {
+        if !self.serving.load(Ordering::Relaxed) {
+            return Err(self.unavailable());
+        }
         self.active.read(|active| {
-            if let Some(e) = &active.init_error {
-                return Err(ApiError::new("unavailable", format!("backend {:?} is down: {e}", self.name)));
-            }
-            let pending = self.calls.begin(op as usize);
-            let r = f(&active.driver);
+            let pending = self.calls.begin(I::method_index(method));
+            let r = f(&*active.driver);
             self.calls.end(pending, r.is_err());
             r.map_err(ApiError::from)
         })
     }
 
+    #[cold]
+    fn unavailable(&self) -> ApiError {
+        let reason = match self.health() {
+            Health::Down(r) => r,
+            Health::Up => "starting".to_owned(),
+        };
+        ApiError::new(ErrorKind::Unavailable, format!("{} backend {:?} is down: {reason}", self.service, self.name))
+    }
+
     /// Runs `f` on the active driver and what it was built from.
-    pub fn with_active<R>(&self, f: impl FnOnce(&Active<D>) -> R) -> R {
+    pub fn with_active<R>(&self, f: impl FnOnce(&Active<I>) -> R) -> R {
         self.active.read(f)
     }
 
-    /// The configured driver and raw options.
-    pub fn configured(&self) -> Configured {
-        self.configured.lock().map(|c| c.clone()).unwrap_or_else(|p| p.into_inner().clone())
-    }
-
-    /// Whether the active driver initialised.
-    pub fn initialised(&self) -> bool {
-        self.active.read(|a| a.init_error.is_none())
-    }
-
-    /// Runs the driver's health check and records the result (a periodic task).
-    pub fn check_health(&self) {
-        let h = self.active.read(|active| match &active.init_error {
-            Some(e) => Health::Down(e.clone()),
-            None => match active.driver.health() {
-                Ok(()) => Health::Up,
-                Err(e) => Health::Down(format!("driver unhealthy: {}", e.message())),
-            },
-        });
-        self.set_health(h);
-    }
-
     fn set_health(&self, h: Health) {
-        if let Ok(mut g) = self.health.lock() {
-            if g.0 != h {
-                match &h {
-                    Health::Up => log::info!("{} backend {:?} is up", D::KIND, self.name),
-                    Health::Down(r) => log::warn!("{} backend {:?}: {r}", D::KIND, self.name),
-                }
+        let mut g = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        if *g != h {
+            match &h {
+                Health::Up => log::info!("{} backend {:?} is up", self.service, self.name),
+                Health::Down(r) => log::warn!("{} backend {:?} is down: {r}", self.service, self.name),
             }
-            *g = (h, SystemTime::now());
         }
+        self.serving.store(h == Health::Up, Ordering::Relaxed);
+        *g = h;
     }
 
-    /// Current health.
-    pub fn health(&self) -> Health {
-        self.health.lock().map(|h| h.0.clone()).unwrap_or(Health::Down("health lock poisoned".to_owned()))
+    /// The active driver's digest.
+    pub fn digest(&self) -> String {
+        self.active.read(|a| a.info.digest.clone())
     }
+}
 
-    /// Runs the active driver's cleanup (host stop).
-    pub fn cleanup(&self) {
-        self.active.read(|active| {
-            if active.init_error.is_none() {
-                if let Err(e) = active.driver.cleanup() {
-                    log::warn!("{} backend {:?}: cleanup failed: {e}", D::KIND, self.name);
-                }
-            }
-        });
-    }
-
+/// What the host does with any backend, whatever its kind (swap, reload, status, health, cleanup).
+pub trait BackendControl: Send + Sync {
+    /// The backend's name.
+    fn name(&self) -> &str;
+    /// The configured driver and raw options.
+    fn configured(&self) -> Configured;
     /// Replaces the active driver without stopping service.
     ///
     /// The new driver is loaded, verified, constructed with the backend's options (the configured ones,
@@ -367,13 +353,41 @@ impl<D: DriverOps> Backend<D> {
     /// the active pointer swapped: calls already running finish on the old driver, new calls go to the
     /// new one. The old driver's `cleanup` runs once it is drained (waiting up to `drain_timeout`, then
     /// in the background). On any failure the old driver keeps serving, untouched.
-    pub fn swap(
+    fn swap(
         &self,
         ctx: BuildContext<'_>,
         driver: Option<&str>,
         options: Option<Vec<(String, String)>>,
         drain_timeout: Duration,
-    ) -> Result<Value, ApiError> {
+    ) -> Result<SwapReport, ApiError>;
+    /// The status of this backend.
+    fn status(&self, default: bool, capacity: Option<Capacity>) -> BackendStatus;
+    /// Current health.
+    fn health(&self) -> Health;
+    /// Runs the driver's health check and records the result (a periodic task).
+    fn check_health(&self);
+    /// Runs the active driver's cleanup (host stop).
+    fn cleanup(&self);
+    /// The digest of the active driver's library.
+    fn active_digest(&self) -> String;
+}
+
+impl<I: Interface> BackendControl for Backend<I> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn configured(&self) -> Configured {
+        self.configured.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn swap(
+        &self,
+        ctx: BuildContext<'_>,
+        driver: Option<&str>,
+        options: Option<Vec<(String, String)>>,
+        drain_timeout: Duration,
+    ) -> Result<SwapReport, ApiError> {
         let _one_swap_at_a_time = self.swap_lock.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.configured();
         let wanted = Configured {
@@ -381,126 +395,159 @@ impl<D: DriverOps> Backend<D> {
             options: options.unwrap_or_else(|| current.options.clone()),
         };
         let generation = self.active.read(|a| a.generation) + 1;
-        let fresh: Active<D> = prepare(ctx, &self.name, &wanted, generation).map_err(|e| {
-            ApiError::new("swap_failed", format!("{} backend {:?}: {}", D::KIND, self.name, one_line(&e)))
+        let fresh: Active<I> = prepare(ctx, self.service, &self.name, &wanted, generation).map_err(|e| {
+            ApiError::new(ErrorKind::SwapFailed, format!("{}; the old driver keeps serving", e.one_line()))
         })?;
         if let Some(e) = &fresh.init_error {
-            let _ = fresh.driver.cleanup();
+            let _ = I::cleanup(&fresh.driver);
             return Err(ApiError::new(
-                "swap_failed",
+                ErrorKind::SwapFailed,
                 format!(
                     "{} backend {:?}: new driver {:?}: {e}; the old driver keeps serving",
-                    D::KIND,
-                    self.name,
-                    fresh.library.name()
+                    self.service, self.name, fresh.info.name
                 ),
             ));
         }
-        let new_info = json!({"name": fresh.library.name(), "version": fresh.library.version(),
-            "digest": fresh.library.digest, "path": fresh.library.path.display().to_string()});
+        let new = fresh.info.reference(true);
         let started = Instant::now();
         let old = self.active.replace(fresh);
-        let swapped_in = started.elapsed();
-        if let Ok(mut c) = self.configured.lock() {
-            *c = wanted;
-        }
+        let swap_us = started.elapsed().as_micros() as u64;
+        *self.configured.lock().unwrap_or_else(|p| p.into_inner()) = wanted;
         self.set_health(Health::Up);
-        log::info!("{} backend {:?}: swapped in {new_info} (generation {generation})", D::KIND, self.name);
-        let old_info = retire(old, drain_timeout, &self.name);
-        Ok(json!({
-            "backend": self.name,
-            "generation": generation,
-            "old": old_info,
-            "new": new_info,
-            "swap_us": swapped_in.as_micros() as u64,
-        }))
+        log::info!(
+            "{} backend {:?}: swapped in {} {} [{}] (generation {generation})",
+            self.service,
+            self.name,
+            new.name,
+            new.version,
+            new.digest
+        );
+        let old = retire::<I>(old, drain_timeout, self.service, &self.name);
+        Ok(SwapReport { backend: self.name.clone(), generation, old, new, swap_us })
     }
 
-    /// The status object for this backend.
-    pub fn status(&self, default: bool) -> Value {
+    fn status(&self, default: bool, capacity: Option<Capacity>) -> BackendStatus {
         let (state, reason) = match self.health() {
-            Health::Up => ("up", None),
-            Health::Down(r) => ("down", Some(r)),
+            Health::Up => (State::Up, None),
+            Health::Down(r) => (State::Down, Some(r)),
         };
-        let calls: serde_json::Map<String, Value> = Op::ALL
+        let calls = I::METHODS
             .iter()
-            .filter_map(|op| {
-                let t = self.calls.totals(*op as usize);
-                if t.count == 0 {
-                    return None;
-                }
-                let mean_us = (t.total_ns / 1000).checked_div(t.sampled).unwrap_or(0);
-                Some((
-                    op.as_str().to_owned(),
-                    json!({"count": t.count, "errors": t.errors, "sampled": t.sampled,
-                        "mean_us": mean_us, "max_us": t.max_ns / 1000}),
-                ))
+            .enumerate()
+            .filter_map(|(i, name)| {
+                let t = self.calls.totals(i);
+                (t.count > 0).then(|| {
+                    let mean_us = (t.total_ns / 1000).checked_div(t.sampled).unwrap_or(0);
+                    let status = CallStatus {
+                        count: t.count,
+                        errors: t.errors,
+                        sampled: t.sampled,
+                        mean_us,
+                        max_us: t.max_ns / 1000,
+                    };
+                    ((*name).to_owned(), status)
+                })
             })
             .collect();
         let configured = self.configured().driver;
         self.active.read(|active| {
-            let options: serde_json::Map<String, Value> =
-                active.shown_options.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
-            let lib = &active.library;
-            json!({
-                "name": self.name,
-                "default": default,
-                "state": state,
-                "reason": reason,
-                "driver": {
-                    "name": lib.name(),
-                    "kind": lib.kind().as_str(),
-                    "version": lib.version(),
-                    "api_version": lib.api_version(),
-                    "path": lib.path.display().to_string(),
-                    "configured": configured,
-                    "digest": lib.digest,
-                    "size": lib.size,
-                    "loaded_at": unix_secs(lib.loaded_at),
-                    "generation": active.generation,
+            let info = &active.info;
+            BackendStatus {
+                name: self.name.clone(),
+                default,
+                state,
+                reason,
+                driver: DriverStatus {
+                    name: info.name.clone(),
+                    kind: I::KIND.to_string(),
+                    version: info.version.clone(),
+                    api_version: info.api_version.clone(),
+                    path: info.path.display().to_string(),
+                    configured,
+                    digest: info.digest.clone(),
+                    size: info.size,
+                    loaded_at: unix_secs(info.loaded_at),
+                    generation: active.generation,
+                    extensions: active.extensions.clone(),
                 },
-                "options": options,
-                "calls": calls,
-            })
+                options: active.shown_options.clone(),
+                calls,
+                capacity,
+            }
         })
+    }
+
+    fn health(&self) -> Health {
+        self.health.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn check_health(&self) {
+        let h = self.active.read(|active| match &active.init_error {
+            Some(e) => Health::Down(e.clone()),
+            None => {
+                let pending = self.calls.begin(2); // "health" is method 2 of every kind
+                let r = I::health(&active.driver);
+                self.calls.end(pending, r.is_err());
+                match r {
+                    Ok(()) => Health::Up,
+                    Err(e) => Health::Down(format!("driver unhealthy: {}", e.message())),
+                }
+            }
+        });
+        self.set_health(h);
+    }
+
+    fn cleanup(&self) {
+        self.active.read(|active| {
+            if active.init_error.is_none() {
+                if let Err(e) = I::cleanup(&active.driver) {
+                    log::warn!("{} backend {:?}: cleanup failed: {e}", self.service, self.name);
+                }
+            }
+        });
+    }
+
+    fn active_digest(&self) -> String {
+        self.digest()
     }
 }
 
 /// Waits for every call that may still use `old` to return, then runs its cleanup and frees it; in
 /// the background once `timeout` has passed. Returns a description of the old driver.
-fn retire<D: DriverOps>(old: Retired<Active<D>>, timeout: Duration, backend: &str) -> Value {
-    fn finish<D: DriverOps>(old: Active<D>, backend: &str) -> Value {
-        let info = json!({"name": old.library.name(), "version": old.library.version(), "digest": old.library.digest});
+fn retire<I: Interface>(old: Retired<Active<I>>, timeout: Duration, service: &'static str, backend: &str) -> DriverRef {
+    fn finish<I: Interface>(old: Active<I>, service: &str, backend: &str) {
         if old.init_error.is_none() {
-            if let Err(e) = old.driver.cleanup() {
-                log::warn!("{} backend {backend:?}: retired driver's cleanup failed: {e}", D::KIND);
+            if let Err(e) = I::cleanup(&old.driver) {
+                log::warn!("{service} backend {backend:?}: retired driver's cleanup failed: {e}");
             }
         }
-        info
     }
+    let info = old.peek(|a| a.info.reference(false));
     match old.wait(timeout) {
-        Ok(old) => finish(*old, backend),
+        Ok(old) => {
+            finish::<I>(*old, service, backend);
+            info
+        }
         Err(old) => {
             let name = backend.to_owned();
             let spawned = std::thread::Builder::new().name("retire".to_owned()).spawn(move || {
                 let mut old = old;
                 loop {
                     match old.wait(Duration::from_secs(60)) {
-                        Ok(done) => {
-                            finish(*done, &name);
-                            return;
-                        }
+                        Ok(done) => return finish::<I>(*done, service, &name),
                         Err(still) => {
-                            log::warn!("{} backend {name:?}: old driver still has calls in flight", D::KIND);
+                            log::warn!("{service} backend {name:?}: old driver still has calls in flight");
                             old = still;
                         }
                     }
                 }
             });
             if let Err(e) = spawned {
-                log::error!("cannot start a thread to retire the old driver (it is leaked): {e}");
+                log::error!(
+                    "{service} backend {backend:?}: cannot start a thread to retire the old driver (it is leaked): {e}"
+                );
             }
-            json!({"draining": true})
+            DriverRef { draining: true, ..info }
         }
     }
 }

@@ -1,11 +1,17 @@
-//! `plughost run` settings: command line > environment (`PLUGHOST_*`, handled by clap) > config file
-//! (TOML) > built-in defaults.
+//! `plughost run` settings: command line > environment (`PLUGHOST_*`, read by clap) > config file
+//! (TOML) > built-in defaults. The per-service parts (`[volume]`, `--volume-driver`, ...) come from the
+//! service table ([`crate::services::KINDS`]). A [`ConfigSource`] is what the host re-reads on reload.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
 
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
+
+use crate::services::{self, ServiceKind, KINDS};
 
 /// A configuration error, naming the file or the flag concerned.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -35,28 +41,80 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-/// The config file's shape. Unknown keys are errors.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// The config file's shape: a few global keys and one section per service. Unknown keys are errors.
+#[derive(Debug, Default)]
 pub struct FileConfig {
     /// State directory.
     pub state_dir: Option<PathBuf>,
     /// Control socket path.
     pub socket: Option<PathBuf>,
     /// Extra driver directories.
-    #[serde(default)]
     pub driver_dirs: Vec<PathBuf>,
     /// How long a graceful stop waits for in-flight requests.
     pub shutdown_timeout_ms: Option<u64>,
     /// Spacing of periodic tasks.
     pub periodic_interval_ms: Option<u64>,
-    /// The volume service.
-    pub volume: Option<ServiceConfig>,
-    /// The compute service.
-    pub compute: Option<ServiceConfig>,
+    /// Largest request line accepted on the control socket.
+    pub max_request_bytes: Option<u64>,
+    /// `[volume]`, `[compute]`, ... by service name.
+    pub services: BTreeMap<&'static str, ServiceConfig>,
 }
 
-/// `[volume]` / `[compute]`.
+const GLOBAL_KEYS: &[&str] =
+    &["state_dir", "socket", "driver_dirs", "shutdown_timeout_ms", "periodic_interval_ms", "max_request_bytes"];
+
+/// Every top-level key, for error messages.
+fn top_level_keys() -> &'static [&'static str] {
+    static KEYS: OnceLock<Vec<&'static str>> = OnceLock::new();
+    KEYS.get_or_init(|| GLOBAL_KEYS.iter().copied().chain(KINDS.iter().map(|k| k.name)).collect())
+}
+
+/// A top-level key, refused while it is read if unknown (so that the error carries its position).
+struct TopKey;
+
+impl<'de> DeserializeSeed<'de> for TopKey {
+    type Value = &'static str;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<&'static str, D::Error> {
+        let key = String::deserialize(d)?;
+        top_level_keys()
+            .iter()
+            .copied()
+            .find(|k| *k == key)
+            .ok_or_else(|| serde::de::Error::unknown_field(&key, top_level_keys()))
+    }
+}
+
+impl<'de> Deserialize<'de> for FileConfig {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<FileConfig, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = FileConfig;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a plughost configuration table")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<FileConfig, A::Error> {
+                let mut c = FileConfig::default();
+                while let Some(key) = map.next_key_seed(TopKey)? {
+                    match key {
+                        "state_dir" => c.state_dir = Some(map.next_value()?),
+                        "socket" => c.socket = Some(map.next_value()?),
+                        "driver_dirs" => c.driver_dirs = map.next_value()?,
+                        "shutdown_timeout_ms" => c.shutdown_timeout_ms = Some(map.next_value()?),
+                        "periodic_interval_ms" => c.periodic_interval_ms = Some(map.next_value()?),
+                        "max_request_bytes" => c.max_request_bytes = Some(map.next_value()?),
+                        service => {
+                            c.services.insert(service, map.next_value()?);
+                        }
+                    }
+                }
+                Ok(c)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// `[volume]`, `[compute]`, ...
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
@@ -97,8 +155,10 @@ pub struct BackendSpec {
 }
 
 /// One service to start.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct ServiceSpec {
+    /// Its kind.
+    pub kind: &'static ServiceKind,
     /// Backends, in order.
     pub backends: Vec<BackendSpec>,
     /// Name of the default backend.
@@ -118,10 +178,204 @@ pub struct ServiceFlags {
     pub default_backend: Option<String>,
 }
 
+/// The per-service flags of `plughost run`, one group per entry of the service table.
+#[derive(Debug, Default, Clone)]
+pub struct ServiceFlagSet(pub BTreeMap<&'static str, ServiceFlags>);
+
+fn flag_ids(service: &str) -> [String; 4] {
+    [
+        format!("{service}_driver"),
+        format!("{service}_backends"),
+        format!("{service}_opts"),
+        format!("default_{service}_backend"),
+    ]
+}
+
+impl clap::FromArgMatches for ServiceFlagSet {
+    fn from_arg_matches(m: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        let mut set = ServiceFlagSet::default();
+        set.update_from_arg_matches(m)?;
+        Ok(set)
+    }
+    fn update_from_arg_matches(&mut self, m: &clap::ArgMatches) -> Result<(), clap::Error> {
+        for k in KINDS {
+            let [driver, backends, opts, default] = flag_ids(k.name);
+            let many = |id: &str| m.get_many::<String>(id).map(|v| v.cloned().collect()).unwrap_or_default();
+            self.0.insert(
+                k.name,
+                ServiceFlags {
+                    driver: m.get_one::<String>(&driver).cloned(),
+                    backends: many(&backends),
+                    opts: many(&opts),
+                    default_backend: m.get_one::<String>(&default).cloned(),
+                },
+            );
+        }
+        Ok(())
+    }
+}
+
+impl clap::Args for ServiceFlagSet {
+    fn augment_args(mut cmd: clap::Command) -> clap::Command {
+        use clap::{Arg, ArgAction};
+        for k in KINDS {
+            let [driver, backends, opts, default] = flag_ids(k.name);
+            let n = k.name;
+            cmd = cmd
+                .arg(
+                    Arg::new(driver)
+                        .long(format!("{n}-driver"))
+                        .env(format!("PLUGHOST_{}_DRIVER", n.to_uppercase()))
+                        .value_name("PATH|NAME")
+                        .help(format!(
+                            "Driver of the default {n} backend (PATH or NAME, or `none`) [default: {}]",
+                            k.default_driver
+                        )),
+                )
+                .arg(
+                    Arg::new(backends)
+                        .long(format!("{n}-backend"))
+                        .value_name("NAME=DRIVER")
+                        .action(ArgAction::Append)
+                        .help(format!("Another {n} backend, NAME=PATH|DRIVER (repeatable)")),
+                )
+                .arg(
+                    Arg::new(opts)
+                        .long(format!("{n}-opt"))
+                        .value_name("KEY=VALUE")
+                        .action(ArgAction::Append)
+                        .help(format!("{n} driver option KEY=VALUE (first backend) or BACKEND:KEY=VALUE (repeatable)")),
+                )
+                .arg(
+                    Arg::new(default)
+                        .long(format!("default-{n}-backend"))
+                        .value_name("NAME")
+                        .help(format!("{n} backend used when a request names none")),
+                );
+        }
+        cmd
+    }
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
+}
+
+/// The flags of `plughost run` (and the environment variables clap reads for them).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct RunFlags {
+    /// TOML config file
+    #[arg(long, env = "PLUGHOST_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Directory to search for driver NAMEs (repeatable)
+    #[arg(long = "driver-dir", value_name = "DIR")]
+    pub driver_dirs: Vec<PathBuf>,
+    /// State directory [default: $XDG_STATE_HOME/plughost or ~/.local/state/plughost]
+    #[arg(long, env = "PLUGHOST_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Control socket [default: STATE_DIR/plughost.sock]
+    #[arg(long, env = "PLUGHOST_SOCKET", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// How long a graceful stop waits for in-flight requests, in milliseconds [default: 10000]
+    #[arg(long, value_name = "MS")]
+    pub shutdown_timeout_ms: Option<u64>,
+    /// Spacing of periodic tasks (stats refresh, instance sync, health), in milliseconds [default: 10000]
+    #[arg(long, value_name = "MS")]
+    pub periodic_interval_ms: Option<u64>,
+    /// Largest request line accepted on the control socket, in bytes [default: 1048576]
+    #[arg(long, value_name = "BYTES")]
+    pub max_request_bytes: Option<u64>,
+    /// Per-service flags.
+    #[command(flatten)]
+    pub services: ServiceFlagSet,
+}
+
+/// Everything `plughost run` needs, merged from flags, environment, file and defaults.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// State directory (absolute).
+    pub state_dir: PathBuf,
+    /// Control socket path.
+    pub socket: PathBuf,
+    /// Driver directories for NAME lookups.
+    pub driver_dirs: Vec<PathBuf>,
+    /// The enabled services, in table order.
+    pub services: Vec<ServiceSpec>,
+    /// How long a graceful stop waits for in-flight requests.
+    pub shutdown_timeout: Duration,
+    /// Spacing of periodic tasks.
+    pub periodic_interval: Duration,
+    /// Largest request line accepted on the control socket.
+    pub max_request_bytes: usize,
+    /// The `plughost` executable, to load new driver content in a child process first; `None` loads
+    /// in-process only.
+    pub probe: Option<PathBuf>,
+}
+
+/// Where the configuration comes from: the flags given at start (environment included) and the file
+/// they name. Reloading reads the file again with the same flags.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigSource {
+    /// The flags.
+    pub flags: RunFlags,
+}
+
+impl ConfigSource {
+    /// Reads the file (if any) and merges everything into settings; every error found.
+    pub fn load(&self) -> Result<Settings, Vec<ConfigError>> {
+        let file = match &self.flags.config {
+            Some(p) => read_file(p).map_err(|e| vec![e])?,
+            None => FileConfig::default(),
+        };
+        resolve(&self.flags, &file)
+    }
+}
+
+/// Merges flags and file into settings.
+pub fn resolve(flags: &RunFlags, file: &FileConfig) -> Result<Settings, Vec<ConfigError>> {
+    let mut errors = Vec::new();
+    let mut services = Vec::new();
+    for k in KINDS {
+        let none = ServiceFlags::default();
+        let f = flags.services.0.get(k.name).unwrap_or(&none);
+        match service_spec(k, file.services.get(k.name), f) {
+            Ok(Some(s)) => services.push(s),
+            Ok(None) => {}
+            Err(e) => errors.push(e),
+        }
+    }
+    if errors.is_empty() && services.is_empty() {
+        errors.push(ConfigError::Invalid("every service is disabled: nothing to run".to_owned()));
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let state_dir = flags.state_dir.clone().or_else(|| file.state_dir.clone()).unwrap_or_else(default_state_dir);
+    let state_dir = std::path::absolute(&state_dir).unwrap_or(state_dir);
+    let socket =
+        flags.socket.clone().or_else(|| file.socket.clone()).unwrap_or_else(|| state_dir.join("plughost.sock"));
+    let mut dirs = flags.driver_dirs.clone();
+    dirs.extend(file.driver_dirs.iter().cloned());
+    let max_request_bytes = flags.max_request_bytes.or(file.max_request_bytes).unwrap_or(1 << 20);
+    Ok(Settings {
+        driver_dirs: crate::drivers::driver_dirs(&dirs),
+        state_dir,
+        socket,
+        services,
+        shutdown_timeout: Duration::from_millis(
+            flags.shutdown_timeout_ms.or(file.shutdown_timeout_ms).unwrap_or(10_000),
+        ),
+        periodic_interval: Duration::from_millis(
+            flags.periodic_interval_ms.or(file.periodic_interval_ms).unwrap_or(10_000).max(10),
+        ),
+        max_request_bytes: usize::try_from(max_request_bytes.max(64)).unwrap_or(usize::MAX),
+        probe: std::env::current_exe().ok(),
+    })
+}
+
 /// Reads and parses a config file.
 pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError::Read { path: path.to_owned(), reason: e.to_string().to_lowercase() })?;
+        .map_err(|e| ConfigError::Read { path: path.to_owned(), reason: crate::error::io_text(&e) })?;
     parse(path, &text)
 }
 
@@ -158,59 +412,53 @@ fn split_kv(flag: &str, text: &str) -> Result<(String, String), ConfigError> {
     }
 }
 
+fn options(map: &BTreeMap<String, toml::Value>) -> Result<Vec<(String, String)>, ConfigError> {
+    map.iter().map(|(k, v)| Ok((k.clone(), value_text(k, v)?))).collect()
+}
+
 /// Merges file and flags into the backends of one service; `None` when the service is disabled.
 pub fn service_spec(
-    kind: &str,
-    builtin_driver: &str,
+    kind: &'static ServiceKind,
     file: Option<&ServiceConfig>,
     flags: &ServiceFlags,
 ) -> Result<Option<ServiceSpec>, ConfigError> {
+    let name = kind.name;
     let mut backends: Vec<BackendSpec> = Vec::new();
     let default_driver = flags.driver.clone().or_else(|| file.and_then(|f| f.driver.clone()));
     let file_backends = file.map(|f| f.backends.as_slice()).unwrap_or_default();
     let cli_backends: Vec<(String, String)> =
-        flags.backends.iter().map(|b| split_kv(&format!("--{kind}-backend"), b)).collect::<Result<_, _>>()?;
+        flags.backends.iter().map(|b| split_kv(&format!("--{name}-backend"), b)).collect::<Result<_, _>>()?;
     if default_driver.as_deref() == Some("none") {
         return Ok(None);
     }
     // The `default` backend exists when a driver is named for it, or when no backend is named at all.
     if default_driver.is_some() || (file_backends.is_empty() && cli_backends.is_empty()) {
-        let mut options = Vec::new();
-        if let Some(f) = file {
-            for (k, v) in &f.options {
-                options.push((k.clone(), value_text(k, v)?));
-            }
-        }
         backends.push(BackendSpec {
             name: "default".to_owned(),
-            driver: default_driver.unwrap_or_else(|| builtin_driver.to_owned()),
-            options,
+            driver: default_driver.unwrap_or_else(|| kind.default_driver.to_owned()),
+            options: file.map(|f| options(&f.options)).transpose()?.unwrap_or_default(),
         });
     }
     for b in file_backends {
-        let mut options = Vec::new();
-        for (k, v) in &b.options {
-            options.push((k.clone(), value_text(k, v)?));
-        }
-        backends.push(BackendSpec { name: b.name.clone(), driver: b.driver.clone(), options });
+        backends.push(BackendSpec { name: b.name.clone(), driver: b.driver.clone(), options: options(&b.options)? });
     }
-    for (name, driver) in cli_backends {
-        match backends.iter_mut().find(|b| b.name == name) {
+    for (backend, driver) in cli_backends {
+        match backends.iter_mut().find(|b| b.name == backend) {
             Some(b) => b.driver = driver,
-            None => backends.push(BackendSpec { name, driver, options: Vec::new() }),
+            None => backends.push(BackendSpec { name: backend, driver, options: Vec::new() }),
         }
     }
     for (i, b) in backends.iter().enumerate() {
         let ok = !b.name.is_empty() && b.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
         if !ok {
-            return Err(ConfigError::Invalid(format!("{kind} backend name {:?}: use A-Z a-z 0-9 - _", b.name)));
+            return Err(ConfigError::Invalid(format!("{name} backend name {:?}: use A-Z a-z 0-9 - _", b.name)));
         }
         if backends[..i].iter().any(|o| o.name == b.name) {
-            return Err(ConfigError::Invalid(format!("{kind} backend {:?} is defined twice", b.name)));
+            return Err(ConfigError::Invalid(format!("{name} backend {:?} is defined twice", b.name)));
         }
     }
     for o in &flags.opts {
-        let (key, value) = split_kv(&format!("--{kind}-opt"), o)?;
+        let (key, value) = split_kv(&format!("--{name}-opt"), o)?;
         let (backend, key) = match key.split_once(':') {
             Some((b, k)) => (b.to_owned(), k.to_owned()),
             None => (backends.first().map(|b| b.name.clone()).unwrap_or_default(), key),
@@ -218,7 +466,7 @@ pub fn service_spec(
         let b = backends
             .iter_mut()
             .find(|b| b.name == backend)
-            .ok_or_else(|| ConfigError::Invalid(format!("--{kind}-opt {o:?}: no {kind} backend named {backend:?}")))?;
+            .ok_or_else(|| ConfigError::Invalid(format!("--{name}-opt {o:?}: no {name} backend named {backend:?}")))?;
         b.options.retain(|(k, _)| *k != key);
         b.options.push((key, value));
     }
@@ -229,9 +477,9 @@ pub fn service_spec(
         .or_else(|| backends.first().map(|b| b.name.clone()))
         .unwrap_or_default();
     if !backends.iter().any(|b| b.name == default_backend) {
-        return Err(ConfigError::Invalid(format!("default {kind} backend {default_backend:?} is not defined")));
+        return Err(ConfigError::Invalid(format!("default {name} backend {default_backend:?} is not defined")));
     }
-    Ok(Some(ServiceSpec { backends, default_backend }))
+    Ok(Some(ServiceSpec { kind, backends, default_backend }))
 }
 
 /// Replaces `${state_dir}` and `${backend}` in an option value.
@@ -251,15 +499,37 @@ pub fn default_state_dir() -> PathBuf {
     PathBuf::from("state")
 }
 
+/// The control socket `ctl` talks to when `--socket` is not given: `$PLUGHOST_SOCKET`, else
+/// `$PLUGHOST_STATE_DIR/plughost.sock`, else the default state dir's.
+pub fn default_socket() -> PathBuf {
+    if let Some(s) = std::env::var_os("PLUGHOST_SOCKET").filter(|s| !s.is_empty()) {
+        return PathBuf::from(s);
+    }
+    let state = std::env::var_os("PLUGHOST_STATE_DIR")
+        .filter(|s| !s.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(default_state_dir);
+    state.join("plughost.sock")
+}
+
 impl fmt::Display for BackendSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}={}", self.name, self.driver)
     }
 }
 
+/// The service kind named `name` (for messages about a section or flag).
+pub fn service_kind(name: &str) -> Option<&'static ServiceKind> {
+    services::kind(name)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn volume() -> &'static ServiceKind {
+        services::kind("volume").expect("volume is registered")
+    }
 
     #[test]
     fn parse_errors_have_line_and_column() {
@@ -267,6 +537,8 @@ mod tests {
         assert!(matches!(e, ConfigError::Parse { line: 3, .. }), "{e}");
         let e = parse(Path::new("c.toml"), "bogus = 1\n").unwrap_err();
         assert!(e.to_string().starts_with("config \"c.toml\": line 1, column 1: unknown field"), "{e}");
+        let e = parse(Path::new("c.toml"), "[volume]\ndriver = \"x\"\n\n[storage]\ndriver = \"y\"\n").unwrap_err();
+        assert!(e.to_string().starts_with("config \"c.toml\": line 4, column 2: unknown field `storage`"), "{e}");
     }
 
     #[test]
@@ -281,14 +553,39 @@ mod tests {
             default_backend: Some("fast".into()),
             ..Default::default()
         };
-        let s = service_spec("volume", "file-volume", file.volume.as_ref(), &flags).unwrap().unwrap();
+        let s = service_spec(volume(), file.services.get("volume"), &flags).unwrap().unwrap();
         assert_eq!(s.backends.len(), 2);
         assert_eq!(s.backends[0].options, [("root".to_owned(), "/b".to_owned())]);
         assert_eq!(s.backends[1].options, [("capacity".to_owned(), "1GiB".to_owned())]);
         assert_eq!(s.default_backend, "fast");
         let none = ServiceFlags { driver: Some("none".into()), ..Default::default() };
-        assert!(service_spec("volume", "file-volume", None, &none).unwrap().is_none());
+        assert!(service_spec(volume(), None, &none).unwrap().is_none());
         let bad = ServiceFlags { opts: vec!["nope:x=1".into()], ..Default::default() };
-        assert!(service_spec("volume", "file-volume", None, &bad).is_err());
+        assert!(service_spec(volume(), None, &bad).is_err());
+    }
+
+    #[test]
+    fn every_registered_service_has_its_flags_and_section() {
+        use clap::{Args, FromArgMatches};
+        let cmd = RunFlags::augment_args(clap::Command::new("run"));
+        let m = cmd
+            .try_get_matches_from([
+                "run",
+                "--volume-driver",
+                "x",
+                "--compute-opt",
+                "a=1",
+                "--default-compute-backend",
+                "b",
+            ])
+            .unwrap();
+        let flags = RunFlags::from_arg_matches(&m).unwrap();
+        assert_eq!(flags.services.0["volume"].driver.as_deref(), Some("x"));
+        assert_eq!(flags.services.0["compute"].opts, ["a=1"]);
+        assert_eq!(flags.services.0["compute"].default_backend.as_deref(), Some("b"));
+        for k in KINDS {
+            let text = format!("[{}]\ndriver = \"none\"\n", k.name);
+            assert!(parse(Path::new("c.toml"), &text).unwrap().services.contains_key(k.name));
+        }
     }
 }

@@ -1,28 +1,205 @@
-//! The client side of the control socket: one request, one answer, printed for people or scripts.
+//! `plughost ctl`: the client side of the control socket. Requests are built from the protocol's types
+//! (per-service parts from the service table), answers are printed for people or as JSON.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use serde_json::Value;
+use serde::Serialize;
 
-use crate::drivers::table;
+use crate::protocol::{Answer, HostStatus, ReloadEntry, SwapArgs, SwapReport};
+use crate::services::{self, ServiceKind, KINDS};
 
-/// Sends one request and returns the answer object.
-pub fn request(socket: &Path, req: &Value) -> Result<Value, String> {
-    let mut s = UnixStream::connect(socket)
-        .map_err(|e| format!("cannot connect to \"{}\": {e} (is plughost run serving there?)", socket.display()))?;
-    let mut line = req.to_string();
-    line.push('\n');
-    s.write_all(line.as_bytes()).map_err(|e| format!("socket \"{}\": write failed: {e}", socket.display()))?;
+/// What `plughost ctl` was asked.
+#[derive(Debug, Clone)]
+pub enum CtlCommand {
+    /// `status`.
+    Status,
+    /// `reload`.
+    Reload,
+    /// `swap SERVICE[/BACKEND] [PATH|NAME]`.
+    Swap {
+        /// `SERVICE[/BACKEND]`.
+        target: String,
+        /// The new driver.
+        driver: Option<String>,
+    },
+    /// `SERVICE OP ...`: a service's own subcommand.
+    Service {
+        /// The service.
+        kind: &'static ServiceKind,
+        /// Its parsed subcommand.
+        matches: clap::ArgMatches,
+    },
+}
+
+const SWAP_HELP: &str = "Examples:\n  plughost ctl swap volume target/release/libfile_volume.so\n  plughost ctl swap volume/fast          # reload the configured file (a rebuilt library really loads)\n\nThe new driver is loaded, verified, constructed with the backend's options and initialised before it\nreplaces the old one; calls in flight finish on the old driver. On any error the old one keeps serving.";
+
+impl clap::FromArgMatches for CtlCommand {
+    fn from_arg_matches(m: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        match m.subcommand() {
+            Some(("status", _)) => Ok(CtlCommand::Status),
+            Some(("reload", _)) => Ok(CtlCommand::Reload),
+            Some(("swap", s)) => Ok(CtlCommand::Swap {
+                target: s.get_one::<String>("target").cloned().unwrap_or_default(),
+                driver: s.get_one::<String>("driver").cloned(),
+            }),
+            Some((name, s)) => match services::kind(name) {
+                Some(kind) => Ok(CtlCommand::Service { kind, matches: s.clone() }),
+                None => Err(clap::Error::raw(
+                    clap::error::ErrorKind::InvalidSubcommand,
+                    format!("unknown command {name:?}"),
+                )),
+            },
+            None => Err(clap::Error::raw(clap::error::ErrorKind::MissingSubcommand, "a command is required")),
+        }
+    }
+    fn update_from_arg_matches(&mut self, m: &clap::ArgMatches) -> Result<(), clap::Error> {
+        *self = CtlCommand::from_arg_matches(m)?;
+        Ok(())
+    }
+}
+
+impl clap::Subcommand for CtlCommand {
+    fn augment_subcommands(cmd: clap::Command) -> clap::Command {
+        use clap::{Arg, Command};
+        let cmd =
+            cmd.subcommand(Command::new("status").about("Services, backends, drivers, health, call statistics"))
+                .subcommand(Command::new("reload").about(
+                    "Re-read the configuration and swap every backend whose driver or options changed (as SIGHUP)",
+                ))
+                .subcommand(
+                    Command::new("swap")
+                        .about("Replace a backend's driver while serving: SERVICE[/BACKEND] [PATH|NAME]")
+                        .after_help(SWAP_HELP)
+                        .arg(Arg::new("target").required(true).value_name("SERVICE[/BACKEND]").help(format!(
+                            "{} (optionally /BACKEND)",
+                            KINDS.iter().map(|k| k.name).collect::<Vec<_>>().join(", ")
+                        )))
+                        .arg(
+                            Arg::new("driver")
+                                .value_name("PATH|NAME")
+                                .help("New driver; default: the configured PATH or NAME, loaded again"),
+                        ),
+                );
+        KINDS.iter().fold(cmd, |cmd, k| cmd.subcommand((k.ctl)()))
+    }
+    fn augment_subcommands_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_subcommands(cmd)
+    }
+    fn has_subcommand(name: &str) -> bool {
+        matches!(name, "status" | "reload" | "swap") || services::kind(name).is_some()
+    }
+}
+
+/// Why `ctl` failed: a usage error (exit 2) or a failure (exit 1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CtlError {
+    /// The arguments make no valid request.
+    Usage(String),
+    /// The server could not be reached, or answered with an error.
+    Failed(String),
+}
+
+/// A request ready to send: top-level (`service` = None) or to a service.
+#[derive(Debug, Clone, Serialize)]
+struct Request<'a> {
+    id: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    service: Option<&'a str>,
+    op: &'a str,
+    args: &'a serde_json::value::RawValue,
+}
+
+/// Sends one request and reads the answer.
+pub fn request(socket: &Path, service: Option<&str>, op: &str, args: &str) -> Result<(String, Answer), String> {
+    let args = serde_json::value::RawValue::from_string(args.to_owned()).map_err(|e| format!("bad arguments: {e}"))?;
+    let line = serde_json::to_string(&Request { id: 1, service, op, args: &args }).map_err(|e| e.to_string())?;
+    let mut s = UnixStream::connect(socket).map_err(|e| {
+        format!(
+            "cannot connect to \"{}\": {} (is plughost run serving there?)",
+            socket.display(),
+            crate::error::io_text(&e)
+        )
+    })?;
+    s.write_all(line.as_bytes())
+        .and_then(|()| s.write_all(b"\n"))
+        .map_err(|e| format!("socket \"{}\": write failed: {e}", socket.display()))?;
     let mut answer = String::new();
     BufReader::new(&s)
         .read_line(&mut answer)
         .map_err(|e| format!("socket \"{}\": read failed: {e}", socket.display()))?;
-    serde_json::from_str(&answer).map_err(|e| format!("socket \"{}\": malformed answer: {e}", socket.display()))
+    let parsed: Answer =
+        serde_json::from_str(&answer).map_err(|e| format!("socket \"{}\": malformed answer: {e}", socket.display()))?;
+    Ok((answer.trim_end().to_owned(), parsed))
 }
 
-fn human_size(n: u64) -> String {
+/// What `ctl` prints on stdout, and whether the request succeeded (exit 0 or 1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CtlOutput {
+    /// For stdout.
+    pub stdout: String,
+    /// Whether the server answered `ok`.
+    pub ok: bool,
+}
+
+/// Runs one `ctl` command against `socket` (default: [`default_socket`](crate::config::default_socket)).
+/// With `json`, the answer line is printed whatever it says; otherwise an error answer is a
+/// [`CtlError::Failed`] with `KIND: MESSAGE`.
+pub fn run(socket: Option<PathBuf>, json: bool, command: &CtlCommand) -> Result<CtlOutput, CtlError> {
+    let socket = socket.unwrap_or_else(crate::config::default_socket);
+    let (service, op, args): (Option<&str>, String, String) = match command {
+        CtlCommand::Status => (None, "status".into(), "{}".into()),
+        CtlCommand::Reload => (None, "reload".into(), "{}".into()),
+        CtlCommand::Swap { target, driver } => {
+            let (svc, backend) = match target.split_once('/') {
+                Some((s, b)) => (s, Some(b.to_owned())),
+                None => (target.as_str(), None),
+            };
+            let svc = services::kind(svc).map(|k| k.name).ok_or_else(|| {
+                let known: Vec<&str> = KINDS.iter().map(|k| k.name).collect();
+                CtlError::Usage(format!(
+                    "swap target {svc:?}: expected SERVICE[/BACKEND] with SERVICE one of {}",
+                    known.join(", ")
+                ))
+            })?;
+            let args = serde_json::to_string(&SwapArgs { backend, driver: driver.clone() })
+                .map_err(|e| CtlError::Usage(e.to_string()))?;
+            (Some(svc), "swap".into(), args)
+        }
+        CtlCommand::Service { kind, matches } => {
+            let (op, args) = (kind.ctl_request)(matches).map_err(CtlError::Usage)?;
+            (Some(kind.name), op, args)
+        }
+    };
+    let (line, answer) = request(&socket, service, &op, &args).map_err(CtlError::Failed)?;
+    if json {
+        return Ok(CtlOutput { stdout: format!("{line}\n"), ok: answer.ok });
+    }
+    if !answer.ok {
+        let e = answer.error.unwrap_or_else(|| crate::protocol::ApiError::internal("an error without details"));
+        return Err(CtlError::Failed(format!("{}: {}", e.kind, e.message)));
+    }
+    let result = answer.result.map(|r| r.get().to_owned()).unwrap_or_else(|| "null".to_owned());
+    let stdout = match (service, op.as_str()) {
+        (None, "status") => parse::<HostStatus>(&result).map(|s| format_status(&s)),
+        (None, "reload") => parse::<Vec<ReloadEntry>>(&result).map(|r| format_reload(&r)),
+        (Some(_), "swap") => parse::<SwapReport>(&result).map(|r| format_swap(&r)),
+        (Some(name), op) => match services::kind(name) {
+            Some(k) => (k.format)(op, &result).map_err(CtlError::Failed),
+            None => key_values(&result).map_err(CtlError::Failed),
+        },
+        (None, _) => key_values(&result).map_err(CtlError::Failed),
+    }?;
+    Ok(CtlOutput { stdout, ok: true })
+}
+
+fn parse<T: serde::de::DeserializeOwned>(result: &str) -> Result<T, CtlError> {
+    serde_json::from_str(result).map_err(|e| CtlError::Failed(format!("unexpected answer: {e}")))
+}
+
+/// A size in binary units, for people.
+pub fn human_size(n: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
     let mut v = n as f64;
     let mut u = 0;
@@ -37,137 +214,103 @@ fn human_size(n: u64) -> String {
     }
 }
 
-fn s(v: &Value, k: &str) -> String {
-    match v.get(k) {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Null) | None => "-".to_owned(),
-        Some(other) => other.to_string(),
-    }
+/// A JSON object as `key: value` lines (strings unquoted); anything else as one line.
+pub fn key_values(result: &str) -> Result<String, String> {
+    let map: Result<serde_json::Map<String, serde_json::Value>, _> = serde_json::from_str(result);
+    Ok(match map {
+        Ok(m) => m
+            .iter()
+            .map(|(k, v)| format!("{k}: {}\n", v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string())))
+            .collect(),
+        Err(_) => format!("{result}\n"),
+    })
 }
 
-/// Formats a successful result for people.
-pub fn format_human(service: &str, op: &str, result: &Value) -> String {
-    match (service, op) {
-        ("", "status") => {
-            let mut out = format!("plughost pid {} on {}\n", s(result, "pid"), s(result, "socket"));
-            for svc in result["services"].as_array().into_iter().flatten() {
-                out.push_str(&format!(
-                    "service {}: {}{} (heartbeat {} ms ago)\n",
-                    s(svc, "name"),
-                    s(svc, "state"),
-                    svc.get("reason").and_then(Value::as_str).map(|r| format!(" ({r})")).unwrap_or_default(),
-                    s(svc, "heartbeat_age_ms")
-                ));
-                let rows: Vec<[String; 7]> = svc["backends"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|b| {
-                        let calls: u64 = b["calls"]
-                            .as_object()
-                            .map(|c| c.values().filter_map(|x| x["count"].as_u64()).sum())
-                            .unwrap_or(0);
-                        [
-                            format!("{}{}", s(b, "name"), if b["default"] == true { "*" } else { "" }),
-                            s(b, "state"),
-                            format!("{} {}", s(&b["driver"], "name"), s(&b["driver"], "version")),
-                            s(&b["driver"], "digest").chars().take(19).collect(),
-                            s(&b["driver"], "generation"),
-                            calls.to_string(),
-                            s(&b["driver"], "path"),
-                        ]
-                    })
-                    .collect();
-                let header = ["  BACKEND", "STATE", "DRIVER", "DIGEST", "GEN", "CALLS", "PATH"].map(String::from);
-                let rows: Vec<[String; 7]> = rows
-                    .into_iter()
-                    .map(|mut r| {
-                        r[0] = format!("  {}", r[0]);
-                        r
-                    })
-                    .collect();
-                out.push_str(&table(std::iter::once(&header).chain(rows.iter()), ""));
-            }
-            let libs = &result["libraries"];
-            out.push_str(&format!(
-                "libraries mapped: {} ({}), of which not in use (swapped out or refused) but still mapped: {} ({})\n",
-                s(libs, "mapped"),
-                human_size(libs["mapped_bytes"].as_u64().unwrap_or(0)),
-                s(libs, "retired"),
-                human_size(libs["retired_bytes"].as_u64().unwrap_or(0)),
-            ));
-            out
+/// Left-aligned columns separated by two spaces; the last column is not padded.
+pub fn table<'a, const N: usize>(rows: impl Iterator<Item = &'a [String; N]> + Clone, indent: &str) -> String {
+    let mut widths = [0usize; N];
+    for r in rows.clone() {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
         }
-        ("", "reload") => result
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|r| {
-                let detail = r
-                    .get("error")
-                    .or(r.get("reason"))
-                    .and_then(Value::as_str)
-                    .map(|d| format!(": {d}"))
-                    .unwrap_or_default();
-                format!("{}/{}: {}{detail}\n", s(r, "service"), s(r, "backend"), s(r, "outcome"))
-            })
-            .collect(),
-        ("volume" | "compute", "swap") => format!(
-            "{}: {} {} [{}] -> {} {} [{}], generation {}\n",
-            s(result, "backend"),
-            s(&result["old"], "name"),
-            s(&result["old"], "version"),
-            s(&result["old"], "digest"),
-            s(&result["new"], "name"),
-            s(&result["new"], "version"),
-            s(&result["new"], "digest"),
-            s(result, "generation")
-        ),
-        ("volume", "list") => {
-            let rows: Vec<[String; 6]> = result
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|v| {
-                    [
-                        s(v, "name"),
-                        s(v, "backend"),
-                        s(v, "status"),
-                        human_size(v["size"].as_u64().unwrap_or(0)),
-                        human_size(v["allocated"].as_u64().unwrap_or(0)),
-                        s(v, "location"),
-                    ]
-                })
-                .collect();
-            let header = ["NAME", "BACKEND", "STATUS", "SIZE", "ALLOCATED", "LOCATION"].map(String::from);
-            table(std::iter::once(&header).chain(rows.iter()), "")
-        }
-        ("compute", "list") => {
-            let rows: Vec<[String; 7]> = result
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|i| {
-                    [
-                        s(i, "name"),
-                        s(i, "backend"),
-                        s(i, "status"),
-                        s(i, "pid"),
-                        human_size(i["rss_bytes"].as_u64().unwrap_or(0)),
-                        format!("{}ms", i["cpu_time_ms"].as_u64().unwrap_or(0)),
-                        s(i, "command"),
-                    ]
-                })
-                .collect();
-            let header = ["NAME", "BACKEND", "STATUS", "PID", "RSS", "CPU", "COMMAND"].map(String::from);
-            table(std::iter::once(&header).chain(rows.iter()), "")
-        }
-        _ => match result.as_object() {
-            Some(m) => m
-                .iter()
-                .map(|(k, v)| format!("{k}: {}\n", v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string())))
-                .collect(),
-            None => format!("{result}\n"),
-        },
     }
+    let mut s = String::new();
+    for r in rows {
+        s.push_str(indent);
+        for (i, c) in r.iter().enumerate() {
+            s.push_str(c);
+            if i + 1 < N {
+                s.push_str(&" ".repeat(widths[i] - c.chars().count() + 2));
+            }
+        }
+        let trimmed = s.trim_end().len();
+        s.truncate(trimmed);
+        s.push('\n');
+    }
+    s
+}
+
+/// `ctl status` for people.
+pub fn format_status(st: &HostStatus) -> String {
+    let mut out = format!("plughost pid {} on {}\n", st.pid, st.socket);
+    for svc in &st.services {
+        out.push_str(&format!(
+            "service {}: {}{} (heartbeat {} ms ago)\n",
+            svc.name,
+            svc.state,
+            svc.reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default(),
+            svc.heartbeat_age_ms.map(|a| a.to_string()).unwrap_or_else(|| "-".into())
+        ));
+        let header = ["  BACKEND", "STATE", "DRIVER", "DIGEST", "GEN", "CALLS", "PATH"].map(String::from);
+        let rows: Vec<[String; 7]> = svc
+            .backends
+            .iter()
+            .map(|b| {
+                [
+                    format!("  {}{}", b.name, if b.default { "*" } else { "" }),
+                    b.state.to_string(),
+                    format!("{} {}", b.driver.name, b.driver.version),
+                    b.driver.digest.chars().take(19).collect(),
+                    b.driver.generation.to_string(),
+                    b.calls.values().map(|c| c.count).sum::<u64>().to_string(),
+                    b.driver.path.clone(),
+                ]
+            })
+            .collect();
+        out.push_str(&table(std::iter::once(&header).chain(rows.iter()), ""));
+    }
+    let libs = &st.libraries;
+    out.push_str(&format!(
+        "libraries mapped: {} ({}), of which not in use (swapped out or refused) but still mapped: {} ({})\n",
+        libs.mapped,
+        human_size(libs.mapped_bytes),
+        libs.retired,
+        human_size(libs.retired_bytes),
+    ));
+    out
+}
+
+/// `ctl swap` for people.
+pub fn format_swap(r: &SwapReport) -> String {
+    format!(
+        "{}: {} {} [{}] -> {} {} [{}], generation {}\n",
+        r.backend, r.old.name, r.old.version, r.old.digest, r.new.name, r.new.version, r.new.digest, r.generation
+    )
+}
+
+/// `ctl reload` for people.
+pub fn format_reload(entries: &[ReloadEntry]) -> String {
+    entries
+        .iter()
+        .map(|r| {
+            let detail = r.error.as_ref().or(r.reason.as_ref()).map(|d| format!(": {d}")).unwrap_or_default();
+            let outcome =
+                serde_json::to_value(r.outcome).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+            format!(
+                "{}/{}: {outcome}{detail}\n",
+                r.service.as_deref().unwrap_or("-"),
+                r.backend.as_deref().unwrap_or("-")
+            )
+        })
+        .collect()
 }

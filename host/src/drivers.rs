@@ -2,8 +2,9 @@
 
 use std::path::{Path, PathBuf};
 
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 
+use crate::ctl::table;
 use crate::loader::Library;
 use crate::{LoadError, Loader};
 
@@ -65,34 +66,118 @@ pub fn scan(dirs: &[PathBuf]) -> Vec<PathBuf> {
     out
 }
 
-/// The JSON description of a load result, as `inspect --json` and `list --json` print it.
-pub fn describe_json(path: &Path, result: &Result<Library, LoadError>) -> Value {
+/// One library as `inspect --json` and `list --json` describe it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Description {
+    /// The path given.
+    pub path: String,
+    /// Whether it is a valid driver.
+    pub ok: bool,
+    /// Driver name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Driver kind.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// Driver version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Plugin API version it was built against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_version: Option<String>,
+    /// One line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<String>,
+    /// Content digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// File size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    /// The option schema.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub options: Option<Vec<OptionDescription>>,
+    /// Why it was rejected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<RejectionDescription>,
+}
+
+/// One option of a driver's schema.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OptionDescription {
+    /// Its name.
+    pub name: String,
+    /// Its type.
+    #[serde(rename = "type")]
+    pub ty: String,
+    /// Its default (never shown for a secret).
+    pub default: Option<String>,
+    /// Whether it must be given.
+    pub required: bool,
+    /// Whether its value is never shown.
+    pub secret: bool,
+    /// One line of help.
+    pub help: String,
+}
+
+/// Why a library was rejected.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RejectionDescription {
+    /// The rejection kind.
+    pub kind: String,
+    /// The one-line message.
+    pub message: String,
+    /// Extra lines.
+    pub details: Vec<String>,
+}
+
+/// The description of a load result, as `inspect --json` and `list --json` print it.
+pub fn describe(path: &Path, result: &Result<Library, LoadError>) -> Description {
+    let mut d = Description {
+        path: path.display().to_string(),
+        ok: result.is_ok(),
+        name: None,
+        kind: None,
+        version: None,
+        api_version: None,
+        summary: None,
+        digest: None,
+        size: None,
+        options: None,
+        error: None,
+    };
     match result {
-        Ok(lib) => json!({
-            "path": path.display().to_string(),
-            "ok": true,
-            "name": lib.name(),
-            "kind": lib.kind().as_str(),
-            "version": lib.version(),
-            "api_version": lib.api_version(),
-            "summary": lib.summary(),
-            "digest": lib.digest,
-            "size": lib.size,
-            "options": lib.options().iter().map(|o| json!({
-                "name": o.name(),
-                "type": o.ty().as_str(),
-                "default": if o.is_secret() { None } else { o.default_value() },
-                "required": o.is_required(),
-                "secret": o.is_secret(),
-                "help": o.help(),
-            })).collect::<Vec<_>>(),
-        }),
-        Err(e) => json!({
-            "path": path.display().to_string(),
-            "ok": false,
-            "error": {"kind": e.kind.as_str(), "message": e.to_string(), "details": e.details},
-        }),
+        Ok(lib) => {
+            d.name = Some(lib.name().to_owned());
+            d.kind = Some(lib.kind().to_string());
+            d.version = Some(lib.version().to_owned());
+            d.api_version = Some(lib.api_version().to_owned());
+            d.summary = Some(lib.summary().to_owned());
+            d.digest = Some(lib.digest.clone());
+            d.size = Some(lib.size);
+            d.options = Some(
+                lib.options()
+                    .iter()
+                    .map(|o| OptionDescription {
+                        name: o.name().to_owned(),
+                        ty: o.ty().to_string(),
+                        default: if o.is_secret() { None } else { o.default_value().map(str::to_owned) },
+                        required: o.is_required(),
+                        secret: o.is_secret(),
+                        help: o.help().to_owned(),
+                    })
+                    .collect(),
+            );
+        }
+        Err(e) => {
+            d.error = Some(RejectionDescription {
+                kind: e.kind.as_str().to_owned(),
+                message: e.to_string(),
+                details: e.details.clone(),
+            })
+        }
     }
+    d
 }
 
 /// The human description `inspect` prints for a valid driver.
@@ -136,33 +221,70 @@ pub fn describe_text(lib: &Library) -> String {
     s
 }
 
-/// Left-aligned columns separated by two spaces; the last column is not padded.
-pub fn table<'a, const N: usize>(rows: impl Iterator<Item = &'a [String; N]> + Clone, indent: &str) -> String {
-    let mut widths = [0usize; N];
-    for r in rows.clone() {
-        for (i, c) in r.iter().enumerate() {
-            widths[i] = widths[i].max(c.chars().count());
-        }
-    }
-    let mut s = String::new();
-    for r in rows {
-        s.push_str(indent);
-        for (i, c) in r.iter().enumerate() {
-            if i + 1 == N {
-                s.push_str(c);
-            } else {
-                s.push_str(c);
-                s.push_str(&" ".repeat(widths[i] - c.chars().count() + 2));
-            }
-        }
-        let trimmed = s.trim_end().len();
-        s.truncate(trimmed);
-        s.push('\n');
-    }
-    s
-}
-
 /// Loads every path, keeping every result (errors are reported together, never just the first).
 pub fn load_all(loader: &Loader, paths: &[PathBuf]) -> Vec<(PathBuf, Result<Library, LoadError>)> {
     paths.iter().map(|p| (p.clone(), loader.load(p))).collect()
+}
+
+/// What `inspect` or `list` prints, and whether every library was accepted.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// For stdout.
+    pub stdout: String,
+    /// One line each, for stderr (without the `plughost: ` prefix).
+    pub stderr: Vec<String>,
+    /// Whether every library was accepted.
+    pub ok: bool,
+}
+
+/// `plughost inspect [--json] PATH...`.
+pub fn inspect(loader: &Loader, paths: &[PathBuf], json: bool) -> Report {
+    let results = load_all(loader, paths);
+    let ok = results.iter().all(|(_, r)| r.is_ok());
+    if json {
+        let all: Vec<Description> = results.iter().map(|(p, r)| describe(p, r)).collect();
+        let stdout = serde_json::to_string(&all).expect("descriptions always serialize") + "\n";
+        return Report { stdout, stderr: Vec::new(), ok };
+    }
+    let mut report = Report { ok, ..Report::default() };
+    for (_, r) in &results {
+        match r {
+            Ok(lib) => {
+                if !report.stdout.is_empty() {
+                    report.stdout.push('\n');
+                }
+                report.stdout.push_str(&describe_text(lib));
+            }
+            Err(e) => report.stderr.push(e.report()),
+        }
+    }
+    report
+}
+
+/// `plughost list [--driver-dir DIR]... [--json]`.
+pub fn list(loader: &Loader, extra_dirs: &[PathBuf], json: bool) -> Report {
+    let dirs = driver_dirs(extra_dirs);
+    let results = load_all(loader, &scan(&dirs));
+    if json {
+        let all: Vec<Description> = results.iter().map(|(p, r)| describe(p, r)).collect();
+        let stdout = serde_json::to_string(&all).expect("descriptions always serialize") + "\n";
+        return Report { stdout, stderr: Vec::new(), ok: true };
+    }
+    let rows: Vec<[String; 4]> = results
+        .iter()
+        .map(|(p, r)| match r {
+            Ok(l) => [l.name().to_owned(), l.kind().to_string(), l.version().to_owned(), p.display().to_string()],
+            Err(e) => ["-".to_owned(), "rejected".to_owned(), "-".to_owned(), format!("{}: {}", p.display(), e.reason)],
+        })
+        .collect();
+    if rows.is_empty() {
+        let searched: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+        return Report {
+            stderr: vec![format!("no driver libraries (*.so) in {}", searched.join(", "))],
+            ok: true,
+            ..Report::default()
+        };
+    }
+    let header = ["NAME", "KIND", "VERSION", "PATH"].map(String::from);
+    Report { stdout: table(std::iter::once(&header).chain(rows.iter()), ""), stderr: Vec::new(), ok: true }
 }

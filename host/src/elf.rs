@@ -44,8 +44,17 @@ pub fn host_machine() -> u16 {
     }
 }
 
+/// How many bytes [`check_header`] needs to see (the 64-bit ELF header).
+pub const HEADER_LEN: usize = 64;
+
 /// Checks that `bytes` is a complete ELF shared object for this machine.
 pub fn check(bytes: &[u8]) -> Result<(), ElfProblem> {
+    check_header(bytes, bytes.len() as u64)
+}
+
+/// Checks the ELF header at the start of a file of `file_len` bytes (`header` may be just the first
+/// [`HEADER_LEN`] bytes): a shared object for this machine whose header tables lie inside the file.
+pub fn check_header(bytes: &[u8], file_len: u64) -> Result<(), ElfProblem> {
     if bytes.is_empty() {
         return Err(ElfProblem::NotElf("empty file, not an ELF shared object".to_owned()));
     }
@@ -64,10 +73,7 @@ pub fn check(bytes: &[u8]) -> Result<(), ElfProblem> {
     };
     let header_len = if class64 { 64 } else { 52 };
     if bytes.len() < header_len {
-        return Err(ElfProblem::NotElf(format!(
-            "truncated ELF file ({} bytes, header needs {header_len})",
-            bytes.len()
-        )));
+        return Err(ElfProblem::NotElf(format!("truncated ELF file ({file_len} bytes, header needs {header_len})")));
     }
     let u16_at = |o: usize| {
         let b = [bytes[o], bytes[o + 1]];
@@ -126,7 +132,7 @@ pub fn check(bytes: &[u8]) -> Result<(), ElfProblem> {
     } else {
         (u64_at(0x1C, false), u16_at(0x2A), u16_at(0x2C))
     };
-    let len = bytes.len() as u64;
+    let len = file_len;
     let ph_end = phoff.saturating_add(u64::from(phentsize) * u64::from(phnum));
     let sh_end = shoff.saturating_add(u64::from(shentsize) * u64::from(shnum));
     if ph_end > len || (shnum > 0 && sh_end > len) {

@@ -40,6 +40,8 @@ pub enum LoadErrorKind {
     RuntimeDir,
     /// Loading it killed, stopped or hung a probe process: it would have taken the host down.
     Crashed,
+    /// Larger than the size cap for driver files.
+    TooLarge,
 }
 
 impl LoadErrorKind {
@@ -63,6 +65,7 @@ impl LoadErrorKind {
             LoadErrorKind::InitFailed => "init_failed",
             LoadErrorKind::RuntimeDir => "runtime_dir",
             LoadErrorKind::Crashed => "crashed",
+            LoadErrorKind::TooLarge => "too_large",
         }
     }
 }
@@ -70,6 +73,20 @@ impl LoadErrorKind {
 impl fmt::Display for LoadErrorKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// An I/O error's text without the `(os error N)` suffix, lowercase.
+pub(crate) fn io_text(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    let text = match text.find(" (os error") {
+        Some(i) => &text[..i],
+        None => &text,
+    };
+    let mut c = text.chars();
+    match c.next() {
+        Some(first) => first.to_lowercase().chain(c).collect(),
+        None => String::new(),
     }
 }
 

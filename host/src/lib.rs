@@ -1,18 +1,23 @@
-//! The plughost host library: the loader, managers, services and the control socket.
+//! The plughost host library: the loader, services, backends and the control socket.
 //!
-//! The `plughost` binary is a thin command-line layer over this crate; see `ARCHITECTURE.md`.
+//! The `plughost` binary is a thin command-line layer over this crate; see `ARCHITECTURE.md`. This
+//! library is not a stable API (plughost-api is): it exports what the binary, the tests and the
+//! benchmarks use.
 
+pub mod backend;
+pub mod config;
+pub mod ctl;
 pub mod drivers;
 pub mod elf;
 pub mod error;
 pub mod loader;
+pub mod protocol;
+pub(crate) mod rcu;
+pub mod runtime;
+pub mod sample;
+pub mod server;
+pub mod services;
+pub mod stats;
 
 pub use error::{LoadError, LoadErrorKind};
 pub use loader::{Library, Loader};
-pub mod backend;
-pub mod config;
-pub mod ctl;
-pub mod managers;
-pub mod rcu;
-pub mod runtime;
-pub mod stats;

@@ -1,33 +1,40 @@
 //! The loader: turns a path into a verified driver library, or a [`LoadError`] saying why not.
 //!
-//! Order of checks, cheapest and safest first; no driver code runs before the last one passes:
-//! 1. the path is a readable regular file;
-//! 2. it is a complete ELF shared object for this machine, exporting the plughost root symbol
-//!    (read from the file; foreign libraries are refused without being loaded);
-//! 3. its content digest is computed; a digest already verified in this process reuses that library;
-//! 4. it is copied to a private runtime directory under a unique name (**copy-on-load**: the dynamic
-//!    loader caches by path, so a rebuilt file at the same path would otherwise not load, and
-//!    overwriting a mapped file in place crashes the process); with [`Loader::with_probe`] the copy is
-//!    first loaded by a throw-away child process, so that a library whose initializers crash, exit or
-//!    hang is refused; then the copy is opened here with `RTLD_NOW`, so that unresolved symbols fail
-//!    here rather than at the first call;
-//! 5. abi_stable checks its header, the plugin-api version and the layout of every interface type;
+//! Order of checks, cheapest and safest first; no code from the library runs before the dynamic loader
+//! opens it in step 5:
+//! 1. the path is opened once; everything after reads that one descriptor: it must be a regular file no
+//!    larger than the size cap;
+//! 2. its ELF header is read and checked (a complete shared object for this machine) before the rest
+//!    of the file is read;
+//! 3. the whole file is read, its dynamic symbol table must export the plughost root symbol (foreign
+//!    libraries are refused without being loaded), and its BLAKE3 digest is computed; a digest already
+//!    verified in this process reuses that library;
+//! 4. the bytes just hashed are copied into a sealed memfd (**copy-on-load**: the dynamic loader caches
+//!    by path, so a rebuilt file at the same path would otherwise not load, and overwriting a mapped file
+//!    in place crashes the process; a sealed memfd also means the bytes loaded are the bytes checked, as
+//!    nobody can change them); with [`Loader::with_probe`] the copy is first loaded by a throw-away child
+//!    process, so that a library whose initializers crash, exit or hang is refused;
+//! 5. the copy is opened with `RTLD_NOW` and abi_stable checks its header, the plugin API version, and
+//!    the layout of the root module and of the kind's interface ([`plughost_api::host::open`]);
 //! 6. the metadata (name, version, option schema, panic strategy) is validated.
 
 use std::collections::HashMap;
 use std::fs;
-use std::io;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::io::{self, Read};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
-use plugin_api::host::{DriverLibrary, OpenError};
-use plugin_api::{ComputeClient, DriverError, DriverKind, ErrorKind, OptionSpec, Options, VolumeClient};
+use plughost_api::host::{ConstructError, Constructed, DriverLibrary, Interface, OpenError};
+use plughost_api::{DriverKind, ErrorKind, OptionSpec, Options};
 
 use crate::elf;
 use crate::error::{LoadError, LoadErrorKind};
+
+/// The default cap on a driver file's size.
+pub const DEFAULT_MAX_DRIVER_BYTES: u64 = 256 << 20;
 
 /// A verified driver library, ready to construct drivers from.
 #[derive(Debug, Clone)]
@@ -56,7 +63,7 @@ impl Library {
     pub fn version(&self) -> &'static str {
         self.lib.version()
     }
-    /// plugin-api version it was built against.
+    /// Plugin API version it was built against.
     pub fn api_version(&self) -> &'static str {
         self.lib.api_version()
     }
@@ -71,7 +78,7 @@ impl Library {
 
     /// Validates user options against the schema; every problem becomes one detail line.
     pub fn validate_options(&self, given: &[(String, String)]) -> Result<Options, LoadError> {
-        plugin_api::validate(self.options(), given).map_err(|errs| {
+        plughost_api::validate(self.options(), given).map_err(|errs| {
             let first = errs.first().map(|e| e.to_string()).unwrap_or_default();
             let reason = if errs.len() == 1 {
                 format!("driver {:?}: {first}", self.name())
@@ -83,30 +90,7 @@ impl Library {
         })
     }
 
-    fn constructor_error(&self, e: DriverError) -> LoadError {
-        let kind = if e.kind() == ErrorKind::PANICKED {
-            LoadErrorKind::ConstructorPanicked
-        } else {
-            LoadErrorKind::ConstructorFailed
-        };
-        let what =
-            if kind == LoadErrorKind::ConstructorPanicked { "constructor panicked" } else { "constructor failed" };
-        LoadError::new(kind, &self.path, format!("{what}: {}", e.message()))
-    }
-
-    /// Constructs a volume driver. Errors and panics come back as [`LoadError`]s.
-    pub fn new_volume(&self, options: &Options) -> Result<VolumeClient, LoadError> {
-        self.expect_kind(DriverKind::VOLUME)?;
-        self.lib.new_volume(options).map_err(|e| self.constructor_error(e))
-    }
-
-    /// Constructs a compute driver. Errors and panics come back as [`LoadError`]s.
-    pub fn new_compute(&self, options: &Options) -> Result<ComputeClient, LoadError> {
-        self.expect_kind(DriverKind::COMPUTE)?;
-        self.lib.new_compute(options).map_err(|e| self.constructor_error(e))
-    }
-
-    /// Refuses a library of another kind than `kind`.
+    /// Refuses a library of another kind than `kind`: the one place this is checked.
     pub fn expect_kind(&self, kind: DriverKind) -> Result<(), LoadError> {
         if self.kind() == kind {
             return Ok(());
@@ -116,6 +100,29 @@ impl Library {
             &self.path,
             format!("\"{}\" is a {} driver, expected a {kind} driver", self.name(), self.kind()),
         ))
+    }
+
+    /// Constructs the driver as kind `I`. Errors and panics come back as [`LoadError`]s.
+    pub fn construct<I: Interface>(&self, options: &Options) -> Result<Constructed<I>, LoadError> {
+        self.expect_kind(I::KIND)?;
+        self.lib.construct::<I>(options).map_err(|e| match e {
+            ConstructError::WrongKind { .. } => self.expect_kind(I::KIND).err().unwrap_or_else(|| {
+                LoadError::new(LoadErrorKind::WrongKind, &self.path, format!("not a {} driver", I::KIND))
+            }),
+            ConstructError::Driver(e) if e.kind() == ErrorKind::PANICKED => LoadError::new(
+                LoadErrorKind::ConstructorPanicked,
+                &self.path,
+                format!("constructor panicked: {}", e.message()),
+            ),
+            ConstructError::Driver(e) => LoadError::new(
+                LoadErrorKind::ConstructorFailed,
+                &self.path,
+                format!("constructor failed: {}", e.message()),
+            ),
+            ConstructError::Layout(summary) => {
+                LoadError::new(LoadErrorKind::LayoutMismatch, &self.path, format!("layout mismatch: {summary}"))
+            }
+        })
     }
 }
 
@@ -130,20 +137,6 @@ pub struct Mapped {
     pub size: u64,
 }
 
-/// Loads and verifies driver libraries. One per process is enough; it is `Sync`.
-#[derive(Debug)]
-pub struct Loader {
-    dir: PathBuf,
-    temporary: bool,
-    counter: AtomicU64,
-    verified: Mutex<HashMap<String, DriverLibrary>>,
-    mapped: Mutex<Vec<Mapped>>,
-    /// Path → (file identity, digest) of files already verified: an unchanged file is not re-read.
-    seen: Mutex<HashMap<PathBuf, (FileKey, String)>>,
-    /// The `plughost` executable used to probe new content in a child process first, if set.
-    probe: Option<PathBuf>,
-}
-
 /// What identifies a file's content without reading it: any write changes mtime or ctime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct FileKey {
@@ -156,7 +149,6 @@ struct FileKey {
 
 impl FileKey {
     fn of(meta: &fs::Metadata) -> FileKey {
-        use std::os::unix::fs::MetadataExt;
         FileKey {
             dev: meta.dev(),
             ino: meta.ino(),
@@ -167,37 +159,81 @@ impl FileKey {
     }
 }
 
+/// Loads and verifies driver libraries. One per process is enough; it is `Sync`.
+#[derive(Debug)]
+pub struct Loader {
+    verified: Mutex<HashMap<String, DriverLibrary>>,
+    mapped: Mutex<Vec<Mapped>>,
+    /// Path → (file identity, digest) of files already verified: an unchanged file is not re-read.
+    seen: Mutex<HashMap<PathBuf, (FileKey, String)>>,
+    /// The `plughost` executable used to probe new content in a child process first, if set.
+    probe: Option<PathBuf>,
+    max_bytes: u64,
+}
+
+impl Default for Loader {
+    fn default() -> Loader {
+        Loader::new()
+    }
+}
+
+/// A sealed memfd holding a library's bytes; kept open for as long as the library may be mapped (the
+/// dynamic loader knows it by its `/proc/self/fd/N` name, which must not be reused).
+#[derive(Debug)]
+struct SealedCopy {
+    fd: OwnedFd,
+}
+
+impl SealedCopy {
+    fn new(name: &str, bytes: &[u8]) -> io::Result<SealedCopy> {
+        use std::io::Write;
+        let cname =
+            std::ffi::CString::new(format!("plughost-driver:{name}")).map_err(|_| io::ErrorKind::InvalidInput)?;
+        // SAFETY: `cname` is a valid NUL-terminated string; memfd_create touches no other memory.
+        let raw = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a fresh descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let mut file = fs::File::from(fd);
+        file.write_all(bytes)?;
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
+        // SAFETY: fcntl on a descriptor we own; F_ADD_SEALS takes an int.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(SealedCopy { fd: file.into() })
+    }
+
+    fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
+    }
+}
+
 impl Loader {
-    /// A loader whose private copies go to `dir` (created with mode 0700 if missing).
-    pub fn new(dir: &Path) -> Result<Loader, LoadError> {
-        fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| {
-            LoadError::new(LoadErrorKind::RuntimeDir, dir, format!("cannot create runtime directory: {e}"))
-        })?;
-        Ok(Loader {
-            dir: dir.to_owned(),
-            temporary: false,
-            counter: AtomicU64::new(0),
+    /// A loader; private copies live in memory (sealed memfds), so it needs no directory.
+    pub fn new() -> Loader {
+        Loader {
             verified: Mutex::new(HashMap::new()),
             mapped: Mutex::new(Vec::new()),
             seen: Mutex::new(HashMap::new()),
             probe: None,
-        })
+            max_bytes: DEFAULT_MAX_DRIVER_BYTES,
+        }
     }
 
-    /// A loader with a fresh private directory under the system temp dir, removed on drop.
-    pub fn temporary() -> Result<Loader, LoadError> {
-        let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-        let dir = std::env::temp_dir().join(format!("plughost-{}-{nanos}", std::process::id()));
-        let mut l = Loader::new(&dir)?;
-        l.temporary = true;
-        Ok(l)
-    }
-
-    /// Makes the loader try every new file content in a child process (`EXE __probe COPY`) before
-    /// loading it here: a library whose initializers crash, exit or hang is refused instead of taking
-    /// this process down. `exe` is the `plughost` binary.
+    /// Makes the loader try every new file content in a child process (`EXE __probe`) before loading it
+    /// here: a library whose initializers crash, exit or hang is refused instead of taking this process
+    /// down. `exe` is the `plughost` binary.
     pub fn with_probe(mut self, exe: PathBuf) -> Loader {
         self.probe = Some(exe);
+        self
+    }
+
+    /// Refuses driver files larger than `bytes`.
+    pub fn with_max_bytes(mut self, bytes: u64) -> Loader {
+        self.max_bytes = bytes;
         self
     }
 
@@ -216,13 +252,21 @@ impl Loader {
     /// Loads and verifies `path`. See the module documentation for the order of checks.
     pub fn load(&self, path: &Path) -> Result<Library, LoadError> {
         let err = |kind, reason: String| LoadError::new(kind, path, reason);
-        let meta = fs::metadata(path).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => err(LoadErrorKind::NotFound, "no such file".to_owned()),
-            _ => err(LoadErrorKind::NotAFile, format!("cannot read: {e}")),
-        })?;
+        let file =
+            fs::OpenOptions::new().read(true).custom_flags(libc::O_CLOEXEC).open(path).map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound => err(LoadErrorKind::NotFound, "no such file".to_owned()),
+                _ => err(LoadErrorKind::NotAFile, format!("cannot read: {}", crate::error::io_text(&e))),
+            })?;
+        let meta = file.metadata().map_err(|e| err(LoadErrorKind::NotAFile, format!("cannot read: {e}")))?;
         if !meta.is_file() {
             let what = if meta.is_dir() { "a directory" } else { "not a regular file" };
             return Err(err(LoadErrorKind::NotAFile, format!("{what}, not a shared object")));
+        }
+        if meta.len() > self.max_bytes {
+            return Err(err(
+                LoadErrorKind::TooLarge,
+                format!("{} bytes, larger than the {}-byte limit for driver files", meta.len(), self.max_bytes),
+            ));
         }
         let key = FileKey::of(&meta);
         let known = self.seen.lock().ok().and_then(|m| m.get(path).filter(|(k, _)| *k == key).map(|(_, d)| d.clone()));
@@ -238,15 +282,11 @@ impl Loader {
                 });
             }
         }
-        let bytes = fs::read(path).map_err(|e| err(LoadErrorKind::NotAFile, format!("cannot read: {e}")))?;
-        elf::check(&bytes).map_err(|p| match p {
-            elf::ElfProblem::NotElf(r) => err(LoadErrorKind::NotElf, r),
-            elf::ElfProblem::WrongMachine(r) => err(LoadErrorKind::WrongMachine, r),
-        })?;
-        if elf::defines_dynamic_symbol(&bytes, plugin_api::__private::ROOT_SYMBOL) == Some(false) {
+        let bytes = read_checked(&file, meta.len()).map_err(|(kind, reason)| err(kind, reason))?;
+        if elf::defines_dynamic_symbol(&bytes, plughost_api::host::ROOT_SYMBOL) == Some(false) {
             return Err(err(
                 LoadErrorKind::NotADriver,
-                "a shared library but not a plughost driver (no plughost root module; drivers use plugin_api::export_driver!)"
+                "a shared library but not a plughost driver (no plughost root module; drivers use plughost_api::export_driver!)"
                     .to_owned(),
             ));
         }
@@ -262,9 +302,6 @@ impl Loader {
                 if let Ok(mut m) = self.verified.lock() {
                     m.insert(digest.clone(), lib);
                 }
-                if let Ok(mut m) = self.mapped.lock() {
-                    m.push(Mapped { digest: digest.clone(), path: path.to_owned(), size: bytes.len() as u64 });
-                }
                 lib
             }
         };
@@ -279,41 +316,25 @@ impl Loader {
 
     fn open_copy(&self, path: &Path, bytes: &[u8], digest: &str) -> Result<DriverLibrary, LoadError> {
         let err = |kind, reason: String| LoadError::new(kind, path, reason);
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let file_name =
-            path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_else(|| "driver.so".into());
         let short = digest.trim_start_matches("blake3:").get(..12).unwrap_or("0");
-        let copy = self.dir.join(format!("{}-{n}-{short}-{file_name}", std::process::id()));
-        let write = || -> io::Result<()> {
-            use io::Write;
-            let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o500).open(&copy)?;
-            // A reflink (XFS, Btrfs) shares the blocks copy-on-write: nearly free, and still immune to
-            // later writes to the original. It must be the content we hashed: check the size and
-            // identity of the source around it, and fall back to writing the bytes we have.
-            if let Ok(src) = fs::File::open(path) {
-                if reflink(&src, &f) && src.metadata().map(|m| m.len() == bytes.len() as u64).unwrap_or(false) {
-                    let same = fs::read(&copy).map(|b| b == bytes).unwrap_or(false);
-                    if same {
-                        return Ok(());
-                    }
-                    f.set_len(0)?;
+        let copy = SealedCopy::new(short, bytes)
+            .map_err(|e| err(LoadErrorKind::RuntimeDir, format!("cannot make a private copy in memory: {e}")))?;
+        if let Some(exe) = &self.probe {
+            probe(exe, path, &copy)?;
+        }
+        let opened = open_verified(path, &copy.path());
+        match &opened {
+            // Never loaded: the descriptor (and its name) can go.
+            Err(e) if e.kind == LoadErrorKind::DlopenFailed => drop(copy),
+            // Mapped (even if refused afterwards): abi_stable never unloads, so keep its name taken.
+            _ => {
+                std::mem::forget(copy);
+                if let Ok(mut m) = self.mapped.lock() {
+                    m.push(Mapped { digest: digest.to_owned(), path: path.to_owned(), size: bytes.len() as u64 });
                 }
             }
-            // No fsync: the copy is only read back by this process through the page cache, and is made
-            // anew after a crash.
-            f.write_all(bytes)
-        };
-        write().map_err(|e| err(LoadErrorKind::RuntimeDir, format!("cannot copy to {}: {e}", copy.display())))?;
-        let probed = match &self.probe {
-            Some(exe) => probe(exe, path, &copy),
-            None => Ok(()),
-        };
-        let result = probed.and_then(|()| open_verified(path, &copy));
-        // The mapping stays valid after unlink; removing the copy keeps the runtime directory clean.
-        if let Err(e) = fs::remove_file(&copy) {
-            log::warn!("cannot remove private copy {}: {e}", copy.display());
         }
-        let lib = result?;
+        let lib = opened?;
         check_metadata(&lib)
             .map_err(|(reason, details)| err(LoadErrorKind::InvalidMetadata, reason).with_details(details))?;
         log::info!(
@@ -327,18 +348,32 @@ impl Loader {
     }
 }
 
-impl Drop for Loader {
-    fn drop(&mut self) {
-        if self.temporary {
-            let _ = fs::remove_dir_all(&self.dir);
-        }
-    }
+/// Reads a file through one descriptor: the ELF header first (refusing what is not a shared object for
+/// this machine without reading further), then the rest.
+fn read_checked(mut file: &fs::File, len: u64) -> Result<Vec<u8>, (LoadErrorKind, String)> {
+    let elf_problem = |p| match p {
+        elf::ElfProblem::NotElf(r) => (LoadErrorKind::NotElf, r),
+        elf::ElfProblem::WrongMachine(r) => (LoadErrorKind::WrongMachine, r),
+    };
+    let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+    file.by_ref()
+        .take(elf::HEADER_LEN as u64)
+        .read_to_end(&mut bytes)
+        .map_err(|e| (LoadErrorKind::NotAFile, format!("cannot read: {e}")))?;
+    elf::check_header(&bytes, len).map_err(elf_problem)?;
+    file.read_to_end(&mut bytes).map_err(|e| (LoadErrorKind::NotAFile, format!("cannot read: {e}")))?;
+    elf::check(&bytes).map_err(elf_problem)?;
+    Ok(bytes)
 }
 
 /// How long a probe may take before the library counts as hanging the loader.
 const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-fn signal_name(sig: i32) -> &'static str {
+/// The descriptor number a probe child finds the library copy at.
+const PROBE_FD: i32 = 3;
+
+/// A signal's name, for messages.
+pub fn signal_name(sig: i32) -> &'static str {
     match sig {
         libc::SIGSEGV => "SIGSEGV",
         libc::SIGABRT => "SIGABRT",
@@ -348,28 +383,40 @@ fn signal_name(sig: i32) -> &'static str {
         libc::SIGKILL => "SIGKILL",
         libc::SIGTERM => "SIGTERM",
         libc::SIGTRAP => "SIGTRAP",
+        libc::SIGINT => "SIGINT",
+        libc::SIGHUP => "SIGHUP",
         _ => "signal",
     }
 }
 
-/// Loads `copy` in a child process (`exe __probe copy`). Only a child that dies, exits without
-/// answering, or hangs makes this fail; ordinary rejections are left to the in-process checks, which
-/// give the same answer without the risk.
-fn probe(exe: &Path, path: &Path, copy: &Path) -> Result<(), LoadError> {
-    use std::os::unix::process::ExitStatusExt;
+/// Loads the copy in a child process (`exe __probe /proc/self/fd/3`, the copy's descriptor passed as
+/// fd 3). Only a child that dies, exits without answering, or hangs makes this fail; ordinary rejections
+/// are left to the in-process checks, which give the same answer without the risk.
+fn probe(exe: &Path, path: &Path, copy: &SealedCopy) -> Result<(), LoadError> {
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
     use std::process::{Command, Stdio};
     let crashed = |reason: String| LoadError::new(LoadErrorKind::Crashed, path, reason);
-    let mut child = Command::new(exe)
-        .arg("__probe")
-        .arg(copy)
+    let fd = copy.fd.as_raw_fd();
+    let mut cmd = Command::new(exe);
+    cmd.arg("__probe")
+        .arg(format!("/proc/self/fd/{PROBE_FD}"))
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| {
-            LoadError::new(LoadErrorKind::RuntimeDir, path, format!("cannot start probe {}: {e}", exe.display()))
-        })?;
+        .stderr(Stdio::null());
+    // SAFETY: the closure runs in the child between fork and exec and only calls dup2, which is
+    // async-signal-safe; it allocates nothing and takes no lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, PROBE_FD) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| {
+        LoadError::new(LoadErrorKind::RuntimeDir, path, format!("cannot start probe {}: {e}", exe.display()))
+    })?;
     let deadline = std::time::Instant::now() + PROBE_TIMEOUT;
     let status = loop {
         match child.try_wait() {
@@ -388,7 +435,6 @@ fn probe(exe: &Path, path: &Path, copy: &Path) -> Result<(), LoadError> {
     };
     let mut answer = String::new();
     if let Some(mut out) = child.stdout.take() {
-        use std::io::Read;
         let _ = out.read_to_string(&mut answer);
     }
     if let Some(sig) = status.signal() {
@@ -406,47 +452,20 @@ fn probe(exe: &Path, path: &Path, copy: &Path) -> Result<(), LoadError> {
     Ok(())
 }
 
-/// `FICLONE`: makes `dst` share `src`'s blocks. `false` where the filesystem cannot.
-fn reflink(src: &fs::File, dst: &fs::File) -> bool {
-    use std::os::unix::io::AsRawFd;
-    const FICLONE: libc::c_ulong = 0x4004_9409;
-    // SAFETY: both descriptors are open for the duration of the call; FICLONE reads only the source
-    // descriptor number passed as its argument.
-    unsafe { libc::ioctl(dst.as_raw_fd(), FICLONE as _, src.as_raw_fd()) == 0 }
-}
-
 fn open_verified(path: &Path, copy: &Path) -> Result<DriverLibrary, LoadError> {
     let err = |kind, reason: String| LoadError::new(kind, path, reason);
-    // SAFETY: `copy` is a private, just-written copy of a complete ELF shared object for this machine
-    // that exports the plughost root symbol (checked above). Opening it runs its ELF initializers, as
-    // any dlopen does; no plughost entry point is called here. The handle is leaked on purpose: driver
-    // libraries are never unloaded (unloading Rust libraries with thread-locals is unsound).
-    let pre = unsafe {
-        libloading::os::unix::Library::open(
-            Some(copy),
-            libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_LOCAL,
-        )
-    };
-    match pre {
-        Ok(handle) => std::mem::forget(handle),
-        Err(e) => {
-            let text = e.to_string();
-            let copy_prefix = format!("{}: ", copy.display());
-            let text = text.split(&copy_prefix).last().unwrap_or(&text).replace('\n', " ");
-            return Err(err(LoadErrorKind::DlopenFailed, format!("dynamic loader refused it: {text}")));
-        }
-    }
-    plugin_api::host::open(copy).map_err(|e| {
+    plughost_api::host::open(copy).map_err(|e| {
         let reason = e.to_string();
         match e {
             OpenError::Dlopen(_) | OpenError::Other(_) => err(LoadErrorKind::DlopenFailed, reason),
             OpenError::NotADriver => err(LoadErrorKind::NotADriver, reason),
             OpenError::AbiStable { .. } => err(LoadErrorKind::IncompatibleAbiStable, reason),
             OpenError::ApiVersion { .. } => err(LoadErrorKind::IncompatibleApiVersion, reason),
-            OpenError::Layout { summary, full } => {
+            OpenError::Layout { full, details, .. } => {
                 log::debug!("{}: full layout report:\n{full}", path.display());
-                err(LoadErrorKind::LayoutMismatch, reason).with_details(summary)
+                err(LoadErrorKind::LayoutMismatch, reason).with_details(details)
             }
+            OpenError::UnknownKind(_) => err(LoadErrorKind::InvalidMetadata, reason),
             OpenError::ModuleInit(_) => err(LoadErrorKind::InvalidMetadata, reason),
         }
     })
@@ -470,8 +489,8 @@ fn check_metadata(lib: &DriverLibrary) -> Result<(), (String, Vec<String>)> {
     if lib.summary().contains('\n') {
         problems.push("summary is not one line".to_owned());
     }
-    if lib.kind().as_str() == "unknown" {
-        problems.push("unknown driver kind (built against a newer plugin-api?)".to_owned());
+    if !lib.kind().is_known() {
+        problems.push("unknown driver kind (built against a newer plugin API?)".to_owned());
     }
     if !lib.panic_unwind() {
         problems.push("built with panic=abort: a panic in the driver would kill the host".to_owned());
@@ -487,7 +506,7 @@ fn check_metadata(lib: &DriverLibrary) -> Result<(), (String, Vec<String>)> {
         if !o.ty().is_known() {
             problems.push(format!("option {:?} has an unknown type", o.name()));
         } else if let Some(d) = o.default_value() {
-            if let Err(e) = plugin_api::normalize_value(o.ty(), d) {
+            if let Err(e) = plughost_api::normalize_value(o.ty(), d) {
                 problems.push(format!("option {:?}: default {d:?} is not a valid {}: {e}", o.name(), o.ty()));
             }
         }

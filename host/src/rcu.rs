@@ -55,12 +55,6 @@ fn init() {
     });
 }
 
-/// Whether readers get away with a compiler fence (membarrier available).
-pub fn uses_membarrier() -> bool {
-    init();
-    MEMBARRIER.load(Ordering::SeqCst)
-}
-
 struct Local {
     slot: Arc<Slot>,
     nesting: Cell<u32>,
@@ -226,6 +220,15 @@ pub struct Retired<T> {
 // SAFETY: a retired value is only handed back (by value) after its grace period; moving the handle
 // between threads moves ownership of a `T: Send`.
 unsafe impl<T: Send> Send for Retired<T> {}
+
+impl<T: Sync> Retired<T> {
+    /// Reads the retired value while readers may still be reading it too (shared access only).
+    pub fn peek<R>(&self, f: impl FnOnce(&T) -> R) -> R {
+        // SAFETY: the value is alive until `wait` hands it back (which takes `self`), and `T: Sync`
+        // makes a shared reference alongside the remaining readers' sound.
+        f(unsafe { &*self.ptr })
+    }
+}
 
 impl<T> Retired<T> {
     /// Waits for the grace period (up to `timeout`) and returns the value, now owned by the caller;

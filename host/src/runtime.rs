@@ -1,277 +1,161 @@
-//! The running host: builds services from settings, serves the control socket, runs periodic tasks
-//! and stops gracefully.
+//! The running host: the composition root. Builds the services of the service table from the
+//! settings, dispatches typed requests to them, assembles status, swaps and reloads backends, runs the
+//! periodic tasks, and stops gracefully. The socket itself is `server.rs`'s.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::io::AsRawFd;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use plugin_api::{ComputeClient, VolumeClient};
-use serde_json::{json, Value};
-
-use crate::backend::{ApiError, Backend, BuildContext, Configured, DriverOps, Health};
-use crate::config::ServiceSpec;
-use crate::managers::{Backends, ComputeManager, VolumeManager};
-use crate::Loader;
-
-/// Everything `plughost run` needs, already merged from flags, environment, file and defaults.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    /// State directory (created if missing).
-    pub state_dir: PathBuf,
-    /// Control socket path.
-    pub socket: PathBuf,
-    /// Driver directories for NAME lookups.
-    pub driver_dirs: Vec<PathBuf>,
-    /// The volume service, if enabled.
-    pub volume: Option<ServiceSpec>,
-    /// The compute service, if enabled.
-    pub compute: Option<ServiceSpec>,
-    /// How long a graceful stop waits for in-flight requests.
-    pub shutdown_timeout: Duration,
-    /// Spacing of periodic tasks.
-    pub periodic_interval: Duration,
-    /// The `plughost` executable, to load new driver content in a child process first (see
-    /// `Loader::with_probe`); `None` loads in-process only.
-    pub probe: Option<PathBuf>,
-}
+use crate::backend::{BuildContext, Health};
+use crate::config::{ConfigSource, Settings};
+use crate::loader::Loader;
+use crate::protocol::{
+    answer, parse_request, to_json, ApiError, Body, ErrorKind, HostStatus, LibrariesStatus, Outcome, Pong, ReloadEntry,
+    ServiceStatus, State, SwapArgs, SwapReport,
+};
+use crate::server::{Handler, Server};
+use crate::services::{DynService, ServiceContext};
 
 /// Shared state of a running host.
 pub struct Host {
-    volume: Option<VolumeManager>,
-    compute: Option<ComputeManager>,
+    services: Vec<Arc<dyn DynService>>,
     loader: Loader,
-    heartbeats: Mutex<BTreeMap<&'static str, SystemTime>>,
-    stopping: AtomicBool,
-    in_flight: AtomicUsize,
-    started: Instant,
-    socket: PathBuf,
+    source: ConfigSource,
     settings: Settings,
-    reloader: Mutex<Option<Reloader>>,
+    heartbeats: Mutex<BTreeMap<&'static str, Instant>>,
+    stopping: AtomicBool,
+    in_flight: AtomicU64,
+    started: Instant,
 }
-
-/// Re-reads the configuration (file and the original flags) into fresh service specs.
-pub type Reloader = Box<dyn Fn() -> Result<(Option<ServiceSpec>, Option<ServiceSpec>), String> + Send>;
 
 impl std::fmt::Debug for Host {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Host").field("socket", &self.socket).field("stopping", &self.stopping).finish()
+        f.debug_struct("Host").field("socket", &self.settings.socket).field("stopping", &self.stopping).finish()
     }
-}
-
-fn build_all<D: DriverOps>(
-    ctx: BuildContext<'_>,
-    spec: Option<&ServiceSpec>,
-    errors: &mut Vec<String>,
-) -> Vec<Arc<Backend<D>>> {
-    let mut out = Vec::new();
-    for b in spec.map(|s| s.backends.as_slice()).unwrap_or_default() {
-        let configured = Configured { driver: b.driver.clone(), options: b.options.clone() };
-        match Backend::build(ctx, &b.name, configured) {
-            Ok(b) => out.push(Arc::new(b)),
-            Err(e) => errors.push(e.report()),
-        }
-    }
-    out
 }
 
 impl Host {
-    /// Loads every driver; returns every error found (nothing is served then).
-    pub fn start(settings: &Settings) -> Result<Arc<Host>, Vec<String>> {
-        let mut errors = Vec::new();
-        if let Err(e) = std::fs::create_dir_all(&settings.state_dir) {
-            return Err(vec![format!("cannot create state dir \"{}\": {e}", settings.state_dir.display())]);
-        }
-        let mut loader = Loader::new(&settings.state_dir.join("run/libs")).map_err(|e| vec![e.report()])?;
+    /// Reads the configuration and builds every service; every error found (nothing is served then).
+    pub fn start(source: ConfigSource) -> Result<Arc<Host>, Vec<String>> {
+        let settings = source.load().map_err(|errs| errs.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+        Host::start_with(source, settings)
+    }
+
+    /// Builds every service from settings already loaded from `source`.
+    pub fn start_with(source: ConfigSource, settings: Settings) -> Result<Arc<Host>, Vec<String>> {
+        std::fs::create_dir_all(&settings.state_dir)
+            .map_err(|e| vec![format!("cannot create state dir \"{}\": {e}", settings.state_dir.display())])?;
+        let mut loader = Loader::new();
         if let Some(exe) = &settings.probe {
             loader = loader.with_probe(exe.clone());
         }
-        let ctx = BuildContext { loader: &loader, state_dir: &settings.state_dir, driver_dirs: &settings.driver_dirs };
-        let volume_backends = build_all::<VolumeClient>(ctx, settings.volume.as_ref(), &mut errors);
-        let compute_backends = build_all::<ComputeClient>(ctx, settings.compute.as_ref(), &mut errors);
-        if settings.volume.is_none() && settings.compute.is_none() {
-            errors.push("both services are disabled: nothing to run".to_owned());
+        let build =
+            BuildContext { loader: &loader, state_dir: &settings.state_dir, driver_dirs: &settings.driver_dirs };
+        let mut errors = Vec::new();
+        let mut services = Vec::new();
+        for spec in &settings.services {
+            let ctx = ServiceContext { build, spec, state_dir: &settings.state_dir };
+            match (spec.kind.build)(&ctx) {
+                Ok(s) => services.push(s),
+                Err(e) => errors.extend(e),
+            }
         }
         if !errors.is_empty() {
             return Err(errors);
         }
-        let volume = settings.volume.as_ref().map(|s| {
-            VolumeManager::new(
-                Backends { list: volume_backends, default: s.default_backend.clone() },
-                settings.state_dir.join("volumes.json"),
-            )
-        });
-        let compute = settings
-            .compute
-            .as_ref()
-            .map(|s| ComputeManager::new(Backends { list: compute_backends, default: s.default_backend.clone() }));
-        let now = SystemTime::now();
-        let mut heartbeats = BTreeMap::new();
-        if volume.is_some() {
-            heartbeats.insert("volume", now);
-        }
-        if compute.is_some() {
-            heartbeats.insert("compute", now);
-        }
+        let now = Instant::now();
+        let heartbeats = services.iter().map(|s| (s.kind().name, now)).collect();
         Ok(Arc::new(Host {
-            volume,
-            compute,
+            services,
             loader,
+            source,
+            settings,
             heartbeats: Mutex::new(heartbeats),
             stopping: AtomicBool::new(false),
-            in_flight: AtomicUsize::new(0),
+            in_flight: AtomicU64::new(0),
             started: Instant::now(),
-            socket: settings.socket.clone(),
-            settings: settings.clone(),
-            reloader: Mutex::new(None),
         }))
     }
 
-    /// Handles one request line and returns the answer line (without newline).
-    pub fn handle_line(&self, line: &str) -> String {
-        let req: Value = match serde_json::from_str(line) {
-            Ok(v @ Value::Object(_)) => v,
-            Ok(_) => {
-                return answer(&Value::Null, Err(ApiError::new("invalid_request", "request must be a JSON object")))
-            }
-            Err(e) => {
-                return answer(&Value::Null, Err(ApiError::new("invalid_request", format!("malformed JSON: {e}"))))
-            }
-        };
-        let id = req.get("id").cloned().unwrap_or(Value::Null);
-        if self.stopping.load(Ordering::SeqCst) {
-            return answer(&id, Err(ApiError::new("shutting_down", "plughost is stopping")));
-        }
-        self.in_flight.fetch_add(1, Ordering::SeqCst);
-        let result = self.dispatch(&req);
-        self.in_flight.fetch_sub(1, Ordering::SeqCst);
-        answer(&id, result)
+    /// The settings the host started with.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
     }
 
-    fn dispatch(&self, req: &Value) -> Result<Value, ApiError> {
-        let op =
-            req.get("op").and_then(Value::as_str).ok_or_else(|| ApiError::new("invalid_request", "missing \"op\""))?;
-        let empty = json!({});
-        let args = req.get("args").unwrap_or(&empty);
-        if !args.is_object() {
-            return Err(ApiError::new("invalid_request", "\"args\" must be an object"));
-        }
-        if op == "swap" {
-            return self.swap(req.get("service").and_then(Value::as_str).unwrap_or(""), args);
-        }
-        match req.get("service").and_then(Value::as_str) {
-            None if op == "status" => Ok(self.status()),
-            None if op == "reload" => self.reload_from_config(),
-            None if op == "ping" => Ok(json!({"pong": true})),
-            None => Err(ApiError::new("invalid_request", format!("unknown operation {op:?} (missing \"service\"?)"))),
-            Some("volume") => match &self.volume {
-                Some(m) => m.handle(op, args),
-                None => Err(ApiError::new("unknown_service", "the volume service is not enabled")),
-            },
-            Some("compute") => match &self.compute {
-                Some(m) => m.handle(op, args),
-                None => Err(ApiError::new("unknown_service", "the compute service is not enabled")),
-            },
-            Some(other) => {
-                Err(ApiError::new("unknown_service", format!("unknown service {other:?} (volume, compute)")))
-            }
-        }
-    }
-
-    fn service_status<D: DriverOps>(
-        &self,
-        name: &'static str,
-        backends: &Backends<D>,
-        extra: impl Fn(&str) -> Value,
-    ) -> Value {
-        let states: Vec<Health> = backends.list.iter().map(|b| b.health()).collect();
-        let up = states.iter().filter(|h| **h == Health::Up).count();
-        let state = if up == states.len() {
-            "up"
-        } else if up == 0 {
-            "down"
-        } else {
-            "degraded"
-        };
-        let reasons: Vec<String> = backends
-            .list
-            .iter()
-            .filter_map(|b| match b.health() {
-                Health::Down(r) => Some(format!("{}: {r}", b.name)),
-                Health::Up => None,
-            })
-            .collect();
-        let age = self
-            .heartbeats
-            .lock()
-            .ok()
-            .and_then(|h| h.get(name).copied())
-            .and_then(|t| t.elapsed().ok())
-            .map(|d| d.as_millis() as u64);
-        json!({
-            "name": name,
-            "state": state,
-            "reason": if reasons.is_empty() { Value::Null } else { Value::String(reasons.join("; ")) },
-            "heartbeat_age_ms": age,
-            "default_backend": backends.default,
-            "backends": backends.list.iter().map(|b| {
-                let mut s = b.status(b.name == backends.default);
-                if let Value::Object(m) = &mut s {
-                    m.insert("capacity".to_owned(), extra(&b.name));
-                }
-                s
-            }).collect::<Vec<_>>(),
+    fn service(&self, name: &str) -> Result<&Arc<dyn DynService>, ApiError> {
+        self.services.iter().find(|s| s.kind().name == name).ok_or_else(|| {
+            let what = if crate::services::kind(name).is_some() {
+                format!("the {name} service is not enabled")
+            } else {
+                let known: Vec<&str> = crate::services::KINDS.iter().map(|k| k.name).collect();
+                format!("unknown service {name:?} ({})", known.join(", "))
+            };
+            ApiError::new(ErrorKind::UnknownService, what)
         })
+    }
+
+    fn dispatch(&self, body: Body<'_>) -> Result<String, ApiError> {
+        match body {
+            Body::Ping => to_json(&Pong { pong: true }),
+            Body::Status => to_json(&self.status()),
+            Body::Reload => to_json(&self.reload()?),
+            Body::Swap { service, args } => to_json(&self.swap(&service, &args)?),
+            Body::Service { service, op, args } => self.service(&service)?.handle_json(&op, args),
+        }
     }
 
     /// The `status` answer.
-    pub fn status(&self) -> Value {
-        let mut services = Vec::new();
-        if let Some(m) = &self.volume {
-            services.push(self.service_status("volume", m.backends(), |b| {
-                m.stats_of(b)
-                    .map(|s| {
-                        json!({"total_bytes": s.total_bytes, "free_bytes": s.free_bytes,
-                    "provisioned_bytes": s.provisioned_bytes, "volumes": s.volumes})
-                    })
-                    .unwrap_or(Value::Null)
-            }));
-        }
-        if let Some(m) = &self.compute {
-            services.push(self.service_status("compute", m.backends(), |_| Value::Null));
-        }
+    pub fn status(&self) -> HostStatus {
+        let heartbeats = self.heartbeats.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let services = self
+            .services
+            .iter()
+            .map(|s| {
+                let default = s.default_backend();
+                let backends: Vec<_> =
+                    s.backends().iter().map(|b| b.status(b.name() == default, s.capacity(b.name()))).collect();
+                let up = backends.iter().filter(|b| b.state == State::Up).count();
+                let state = match up {
+                    n if n == backends.len() => State::Up,
+                    0 => State::Down,
+                    _ => State::Degraded,
+                };
+                let reasons: Vec<String> =
+                    backends.iter().filter_map(|b| b.reason.as_ref().map(|r| format!("{}: {r}", b.name))).collect();
+                ServiceStatus {
+                    name: s.kind().name.to_owned(),
+                    state,
+                    reason: (!reasons.is_empty()).then(|| reasons.join("; ")),
+                    heartbeat_age_ms: heartbeats.get(s.kind().name).map(|t| t.elapsed().as_millis() as u64),
+                    default_backend: default.to_owned(),
+                    backends,
+                }
+            })
+            .collect();
         let mapped = self.loader.mapped();
-        let mut active: Vec<String> = Vec::new();
-        if let Some(m) = &self.volume {
-            active.extend(m.backends().list.iter().map(|b| b.with_active(|a| a.library.digest.clone())));
-        }
-        if let Some(m) = &self.compute {
-            active.extend(m.backends().list.iter().map(|b| b.with_active(|a| a.library.digest.clone())));
-        }
+        let active: Vec<String> =
+            self.services.iter().flat_map(|s| s.backends().iter().map(|b| b.active_digest())).collect();
         let retired: Vec<_> = mapped.iter().filter(|m| !active.contains(&m.digest)).collect();
-        json!({
-            "pid": std::process::id(),
-            "uptime_ms": self.started.elapsed().as_millis() as u64,
-            "socket": self.socket.display().to_string(),
-            "in_flight": self.in_flight.load(Ordering::SeqCst),
-            "services": services,
-            "libraries": {
-                "mapped": mapped.len(),
-                "mapped_bytes": mapped.iter().map(|m| m.size).sum::<u64>(),
-                "retired": retired.len(),
-                "retired_bytes": retired.iter().map(|m| m.size).sum::<u64>(),
-                "note": "driver libraries are never unloaded; each distinct file content stays mapped until exit",
+        HostStatus {
+            pid: std::process::id(),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            socket: self.settings.socket.display().to_string(),
+            in_flight: self.in_flight.load(Ordering::SeqCst),
+            services,
+            libraries: LibrariesStatus {
+                mapped: mapped.len() as u64,
+                mapped_bytes: mapped.iter().map(|m| m.size).sum(),
+                retired: retired.len() as u64,
+                retired_bytes: retired.iter().map(|m| m.size).sum(),
+                note: "driver libraries are never unloaded; each distinct file content stays mapped until exit"
+                    .to_owned(),
             },
-        })
+        }
     }
 
-    fn ctx(&self) -> BuildContext<'_> {
+    fn build_context(&self) -> BuildContext<'_> {
         BuildContext {
             loader: &self.loader,
             state_dir: &self.settings.state_dir,
@@ -279,241 +163,205 @@ impl Host {
         }
     }
 
-    /// `swap`: `args.backend` (default: the service's default backend), `args.driver` (PATH or NAME;
-    /// default: the configured one, reloaded from disk).
-    pub fn swap(&self, service: &str, args: &Value) -> Result<Value, ApiError> {
-        let backend = args.get("backend").and_then(Value::as_str);
-        let driver = args.get("driver").and_then(Value::as_str).filter(|d| !d.is_empty());
-        let timeout = self.settings.shutdown_timeout;
-        fn pick<'a, D>(b: &'a Backends<D>, service: &str, name: Option<&str>) -> Result<&'a Arc<Backend<D>>, ApiError> {
-            let name = name.unwrap_or(&b.default);
-            b.list
-                .iter()
-                .find(|x| x.name == name)
-                .ok_or_else(|| ApiError::not_found(format!("unknown {service} backend {name:?}")))
-        }
-        match (service, &self.volume, &self.compute) {
-            ("volume", Some(m), _) => pick(m.backends(), service, backend)?.swap(self.ctx(), driver, None, timeout),
-            ("compute", _, Some(m)) => pick(m.backends(), service, backend)?.swap(self.ctx(), driver, None, timeout),
-            ("volume" | "compute", _, _) => {
-                Err(ApiError::new("unknown_service", format!("the {service} service is not enabled")))
-            }
-            _ => Err(ApiError::new(
-                "unknown_service",
-                format!("swap needs \"service\": volume or compute, got {service:?}"),
-            )),
-        }
-    }
-
-    /// Sets how `reload` (and SIGHUP) re-reads the configuration.
-    pub fn set_reloader(&self, r: Reloader) {
-        if let Ok(mut g) = self.reloader.lock() {
-            *g = Some(r);
-        }
-    }
-
-    /// Re-reads the configuration and swaps each backend whose driver or options changed. An invalid
-    /// configuration changes nothing.
-    pub fn reload_from_config(&self) -> Result<Value, ApiError> {
-        let specs = {
-            let g = self.reloader.lock().map_err(|_| ApiError::new("internal", "reloader lock poisoned"))?;
-            let r =
-                g.as_ref().ok_or_else(|| ApiError::new("unsupported", "this host has no configuration to reload"))?;
-            r()
-        };
-        let (volume, compute) = specs.map_err(|e| {
-            log::error!("reload: configuration rejected, nothing changed: {e}");
-            ApiError::new("invalid_config", format!("configuration rejected, nothing changed: {e}"))
+    /// `swap`: replaces a backend's driver (default: the service's default backend) with `args.driver`
+    /// (PATH or NAME; default: the configured one, reloaded from disk).
+    pub fn swap(&self, service: &str, args: &SwapArgs) -> Result<SwapReport, ApiError> {
+        let s = self.service(service)?;
+        let name = args.backend.as_deref().unwrap_or(s.default_backend());
+        let backend = s.backends().iter().find(|b| b.name() == name).ok_or_else(|| {
+            let known: Vec<&str> = s.backends().iter().map(|b| b.name()).collect();
+            ApiError::not_found(format!("unknown {service} backend {name:?} (known: {})", known.join(", ")))
         })?;
-        let mut report = Vec::new();
-        if let Some(m) = &self.volume {
-            self.reload_service("volume", m.backends(), volume.as_ref(), &mut report);
-        }
-        if let Some(m) = &self.compute {
-            self.reload_service("compute", m.backends(), compute.as_ref(), &mut report);
-        }
-        if volume.is_some() && self.volume.is_none() || compute.is_some() && self.compute.is_none() {
-            report.push(json!({"outcome": "ignored", "reason": "enabling a service needs a restart"}));
-        }
-        for r in &report {
-            log::info!("reload: {r}");
-        }
-        Ok(Value::Array(report))
+        let driver = args.driver.as_deref().filter(|d| !d.is_empty());
+        backend.swap(self.build_context(), driver, None, self.settings.shutdown_timeout)
     }
 
-    fn reload_service<D: DriverOps>(
-        &self,
-        service: &str,
-        backends: &Backends<D>,
-        spec: Option<&ServiceSpec>,
-        report: &mut Vec<Value>,
-    ) {
-        let Some(spec) = spec else {
-            report.push(
-                json!({"service": service, "outcome": "ignored", "reason": "disabling a service needs a restart"}),
-            );
-            return;
+    /// Re-reads the configuration (the file and the flags given at start) and swaps each backend whose
+    /// driver or options changed. An invalid configuration changes nothing. Adding or removing
+    /// services or backends needs a restart and is reported as `ignored`.
+    pub fn reload(&self) -> Result<Vec<ReloadEntry>, ApiError> {
+        let wanted = self.source.load().map_err(|errs| {
+            let text: Vec<String> = errs.iter().map(ToString::to_string).collect();
+            log::error!("reload: configuration rejected, nothing changed: {}", text.join("; "));
+            ApiError::new(
+                ErrorKind::InvalidConfig,
+                format!("configuration rejected, nothing changed: {}", text.join("; ")),
+            )
+        })?;
+        let entry = |service: &str, backend: Option<&str>, outcome| ReloadEntry {
+            service: Some(service.to_owned()),
+            backend: backend.map(str::to_owned),
+            outcome,
+            error: None,
+            reason: None,
+            swap: None,
         };
-        for b in &backends.list {
-            let Some(wanted) = spec.backends.iter().find(|s| s.name == b.name) else {
-                report.push(json!({"service": service, "backend": b.name, "outcome": "ignored",
-                    "reason": "removing a backend needs a restart"}));
+        let mut report = Vec::new();
+        for s in &self.services {
+            let name = s.kind().name;
+            let Some(spec) = wanted.services.iter().find(|w| w.kind.name == name) else {
+                report.push(ReloadEntry {
+                    reason: Some("disabling a service needs a restart".into()),
+                    ..entry(name, None, Outcome::Ignored)
+                });
                 continue;
             };
-            let wanted = Configured { driver: wanted.driver.clone(), options: wanted.options.clone() };
-            if wanted == b.configured() {
-                report.push(json!({"service": service, "backend": b.name, "outcome": "unchanged"}));
-                continue;
+            for b in s.backends() {
+                let Some(w) = spec.backends.iter().find(|w| w.name == b.name()) else {
+                    report.push(ReloadEntry {
+                        reason: Some("removing a backend needs a restart".into()),
+                        ..entry(name, Some(b.name()), Outcome::Ignored)
+                    });
+                    continue;
+                };
+                let current = b.configured();
+                if current.driver == w.driver && current.options == w.options {
+                    report.push(entry(name, Some(b.name()), Outcome::Unchanged));
+                    continue;
+                }
+                match b.swap(
+                    self.build_context(),
+                    Some(&w.driver),
+                    Some(w.options.clone()),
+                    self.settings.shutdown_timeout,
+                ) {
+                    Ok(r) => {
+                        report.push(ReloadEntry { swap: Some(r), ..entry(name, Some(b.name()), Outcome::Swapped) })
+                    }
+                    Err(e) => {
+                        log::error!("reload: {name} backend {:?}: {}", b.name(), e.message);
+                        report.push(ReloadEntry {
+                            error: Some(e.message),
+                            ..entry(name, Some(b.name()), Outcome::Failed)
+                        });
+                    }
+                }
             }
-            match b.swap(self.ctx(), Some(&wanted.driver), Some(wanted.options.clone()), self.settings.shutdown_timeout)
-            {
-                Ok(r) => report.push(json!({"service": service, "backend": b.name, "outcome": "swapped", "swap": r})),
-                Err(e) => {
-                    log::error!("reload: {service} backend {:?}: {}", b.name, e.message);
-                    report.push(json!({"service": service, "backend": b.name, "outcome": "failed", "error": e.message}))
+            for w in &spec.backends {
+                if !s.backends().iter().any(|b| b.name() == w.name) {
+                    report.push(ReloadEntry {
+                        reason: Some("adding a backend needs a restart".into()),
+                        ..entry(name, Some(&w.name), Outcome::Ignored)
+                    });
                 }
             }
         }
-        for s in &spec.backends {
-            if !backends.list.iter().any(|b| b.name == s.name) {
-                report.push(json!({"service": service, "backend": s.name, "outcome": "ignored",
-                    "reason": "adding a backend needs a restart"}));
+        for w in &wanted.services {
+            if !self.services.iter().any(|s| s.kind().name == w.kind.name) {
+                report.push(ReloadEntry {
+                    reason: Some("enabling a service needs a restart".into()),
+                    ..entry(w.kind.name, None, Outcome::Ignored)
+                });
             }
         }
+        for r in &report {
+            log::info!("reload: {:?}", r);
+        }
+        Ok(report)
     }
 
-    /// One round of periodic work for a service, and its heartbeat.
-    pub fn periodic(&self, service: &'static str) {
-        match service {
-            "volume" => {
-                if let Some(m) = &self.volume {
-                    m.periodic();
-                }
-            }
-            _ => {
-                if let Some(m) = &self.compute {
-                    m.sync();
-                }
-            }
-        }
-        if let Ok(mut h) = self.heartbeats.lock() {
-            h.insert(service, SystemTime::now());
-        }
+    /// One round of periodic work for service `i`, and its heartbeat.
+    fn periodic(&self, i: usize) {
+        let s = &self.services[i];
+        s.periodic();
+        self.heartbeats.lock().unwrap_or_else(|p| p.into_inner()).insert(s.kind().name, Instant::now());
     }
 
     /// Whether a stop has begun.
     pub fn stopping(&self) -> bool {
         self.stopping.load(Ordering::SeqCst)
     }
+
+    /// Startup lines: one per backend, with its driver and state.
+    pub fn describe(&self) -> Vec<String> {
+        self.status()
+            .services
+            .iter()
+            .flat_map(|s| {
+                s.backends.iter().map(move |b| {
+                    format!("{} backend {:?}: {} {} ({})", s.name, b.name, b.driver.name, b.driver.version, b.state)
+                })
+            })
+            .collect()
+    }
+
+    /// Whether any backend of any service is down.
+    pub fn any_down(&self) -> bool {
+        self.services.iter().any(|s| s.backends().iter().any(|b| b.health() != Health::Up))
+    }
 }
 
-fn answer(id: &Value, result: Result<Value, ApiError>) -> String {
-    let v = match result {
-        Ok(r) => json!({"id": id, "ok": true, "result": r}),
-        Err(e) => json!({"id": id, "ok": false, "error": {"kind": e.kind, "message": e.message}}),
-    };
-    v.to_string()
+impl Handler for Host {
+    fn handle(&self, line: &[u8]) -> String {
+        let Ok(line) = std::str::from_utf8(line) else {
+            return answer(None, Err(ApiError::new(ErrorKind::InvalidRequest, "request is not valid UTF-8")));
+        };
+        let req = match parse_request(line) {
+            Ok(r) => r,
+            Err(bad) => return answer(bad.id, Err(bad.error)),
+        };
+        if self.stopping.load(Ordering::SeqCst) {
+            return answer(req.id, Err(ApiError::new(ErrorKind::ShuttingDown, "plughost is stopping")));
+        }
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        let result = self.dispatch(req.body);
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        answer(req.id, result)
+    }
+
+    fn too_long(&self, limit: usize) -> String {
+        answer(
+            None,
+            Err(ApiError::new(
+                ErrorKind::InvalidRequest,
+                format!("request line longer than {limit} bytes (max_request_bytes); closing the connection"),
+            )),
+        )
+    }
 }
 
-/// A host serving its socket.
+/// A host serving its socket and running its periodic tasks.
 #[derive(Debug)]
 pub struct Running {
     host: Arc<Host>,
-    listener_fd: i32,
-    accept: Option<JoinHandle<()>>,
+    server: Server,
     periodic: Vec<JoinHandle<()>>,
-    shutdown_timeout: Duration,
-}
-
-fn bind(path: &Path) -> Result<UnixListener, String> {
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            return Err(format!("socket \"{}\": another plughost is already serving there", path.display()));
-        }
-        std::fs::remove_file(path)
-            .map_err(|e| format!("socket \"{}\": cannot remove stale socket: {e}", path.display()))?;
-    }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| format!("socket \"{}\": cannot create its directory: {e}", path.display()))?;
-    }
-    let l = UnixListener::bind(path).map_err(|e| format!("socket \"{}\": cannot bind: {e}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| format!("socket \"{}\": cannot set mode 0600: {e}", path.display()))?;
-    Ok(l)
-}
-
-fn serve_connection(host: Arc<Host>, stream: UnixStream) {
-    let Ok(write_half) = stream.try_clone() else { return };
-    let mut out = std::io::BufWriter::new(write_half);
-    for line in BufReader::new(stream).lines() {
-        let Ok(line) = line else { break };
-        if line.trim().is_empty() {
-            continue;
-        }
-        let reply = host.handle_line(&line);
-        if out.write_all(reply.as_bytes()).and_then(|()| out.write_all(b"\n")).and_then(|()| out.flush()).is_err() {
-            break;
-        }
-    }
 }
 
 fn jitter(max: Duration) -> Duration {
-    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
     let ms = max.as_millis().max(1) as u64;
     Duration::from_millis(u64::from(nanos) % ms)
 }
 
 impl Running {
-    /// Starts serving `settings.socket` and the periodic tasks.
-    pub fn serve(host: Arc<Host>, settings: &Settings) -> Result<Running, String> {
-        let listener = bind(&settings.socket)?;
-        let listener_fd = listener.as_raw_fd();
-        let h = host.clone();
-        let accept = std::thread::Builder::new()
-            .name("accept".to_owned())
-            .spawn(move || {
-                for conn in listener.incoming() {
-                    if h.stopping() {
-                        break;
-                    }
-                    match conn {
-                        Ok(stream) => {
-                            let h = h.clone();
-                            let _ = std::thread::Builder::new()
-                                .name("conn".to_owned())
-                                .spawn(move || serve_connection(h, stream));
-                        }
-                        Err(e) => log::warn!("control socket: accept failed: {e}"),
-                    }
-                }
-            })
-            .map_err(|e| format!("cannot start the accept thread: {e}"))?;
+    /// Starts serving the socket and the periodic tasks (one thread per service, first run after a
+    /// random delay so that services do not all wake at once).
+    pub fn start(host: Arc<Host>) -> Result<Running, String> {
+        let server = Server::serve(host.clone(), &host.settings.socket, host.settings.max_request_bytes)?;
         let mut periodic = Vec::new();
-        let services: Vec<&'static str> = [("volume", host.volume.is_some()), ("compute", host.compute.is_some())]
-            .iter()
-            .filter(|s| s.1)
-            .map(|s| s.0)
-            .collect();
-        for service in services {
+        for i in 0..host.services.len() {
             let h = host.clone();
-            let every = settings.periodic_interval;
+            let every = host.settings.periodic_interval;
             let t = std::thread::Builder::new()
-                .name(format!("periodic-{service}"))
+                .name(format!("periodic-{}", host.services[i].kind().name))
                 .spawn(move || {
                     let mut next = Instant::now() + jitter(every);
                     while !h.stopping() {
                         if Instant::now() >= next {
-                            h.periodic(service);
+                            h.periodic(i);
                             next += every;
                         }
                         std::thread::sleep(Duration::from_millis(50).min(every));
                     }
                 })
-                .map_err(|e| format!("cannot start periodic task: {e}"))?;
+                .map_err(|e| format!("cannot start a periodic task: {e}"))?;
             periodic.push(t);
         }
-        Ok(Running { host, listener_fd, accept: Some(accept), periodic, shutdown_timeout: settings.shutdown_timeout })
+        Ok(Running { host, server, periodic })
     }
 
     /// The shared host state.
@@ -521,37 +369,55 @@ impl Running {
         &self.host
     }
 
-    /// Graceful stop: refuse new requests, let in-flight ones finish (up to the timeout), stop periodic
-    /// tasks, run driver cleanup, remove the socket.
+    /// Graceful stop: refuse new requests, let in-flight ones finish (up to the shutdown timeout), stop
+    /// periodic tasks, run driver cleanup, remove the socket.
     pub fn stop(mut self) {
         let host = &self.host;
         host.stopping.store(true, Ordering::SeqCst);
-        // SAFETY: `listener_fd` belongs to the listener owned by the accept thread, which is still
-        // alive; shutting it down only wakes the blocked accept() so that the thread can exit.
-        unsafe {
-            libc::shutdown(self.listener_fd, libc::SHUT_RDWR);
-        }
-        if let Some(t) = self.accept.take() {
-            let _ = t.join();
-        }
-        let _ = std::fs::remove_file(&host.socket);
-        let deadline = Instant::now() + self.shutdown_timeout;
+        self.server.stop();
+        let deadline = Instant::now() + host.settings.shutdown_timeout;
         while host.in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
         let left = host.in_flight.load(Ordering::SeqCst);
         if left > 0 {
-            log::warn!("stopping with {left} request(s) still in flight after {:?}", self.shutdown_timeout);
+            log::warn!("stopping with {left} request(s) still in flight after {:?}", host.settings.shutdown_timeout);
         }
         for t in self.periodic.drain(..) {
             let _ = t.join();
         }
-        if let Some(m) = &host.volume {
-            m.cleanup();
-        }
-        if let Some(m) = &host.compute {
-            m.cleanup();
+        for s in &host.services {
+            s.cleanup();
         }
         log::info!("stopped");
     }
+}
+
+/// `plughost run`: starts the host, serves until SIGTERM or SIGINT (SIGHUP reloads the configuration),
+/// then stops gracefully. `ready` gets the startup lines once the socket is serving. Every start error
+/// found is returned.
+pub fn run(source: ConfigSource, ready: impl FnOnce(&[String])) -> Result<(), Vec<String>> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .map_err(|e| vec![format!("cannot install signal handlers: {e}")])?;
+    let host = Host::start(source)?;
+    let running = Running::start(host).map_err(|e| vec![e])?;
+    let settings = running.host().settings();
+    let mut lines = running.host().describe();
+    lines.push(format!("serving on {} (state dir {})", settings.socket.display(), settings.state_dir.display()));
+    lines.push(format!("try: plughost ctl --socket {} status", settings.socket.display()));
+    ready(&lines);
+    for sig in signals.forever() {
+        if sig == SIGHUP {
+            log::info!("SIGHUP received: reloading the configuration");
+            if let Err(e) = running.host().reload() {
+                log::error!("reload failed: {}", e.message);
+            }
+            continue;
+        }
+        log::info!("signal {sig} received: stopping gracefully");
+        break;
+    }
+    running.stop();
+    Ok(())
 }

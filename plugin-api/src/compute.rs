@@ -2,14 +2,14 @@
 
 use std::fmt;
 
-use abi_stable::std_types::{ROption, RResult, RStr, RString, RVec, Tuple2};
+use abi_stable::std_types::{ROption, RStr, RString, RVec, Tuple2};
 use abi_stable::StableAbi;
 
-use crate::panic::guard;
-use crate::DriverError;
+use crate::interface::{driver_interface, record_conversions};
 
 /// What to run for a new instance.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "host", derive(serde::Serialize, serde::Deserialize))]
 pub struct InstanceSpec {
     /// The instance's name, unique within the driver.
     pub name: String,
@@ -25,6 +25,8 @@ pub struct InstanceSpec {
 
 /// The power state of an instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "host", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "host", serde(rename_all = "lowercase"))]
 pub enum InstanceState {
     /// Running.
     Running,
@@ -73,6 +75,7 @@ impl fmt::Display for InstanceState {
 
 /// An instance as the driver reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "host", derive(serde::Serialize, serde::Deserialize))]
 pub struct Instance {
     /// The instance's name.
     pub name: String,
@@ -92,36 +95,13 @@ pub struct Instance {
     pub uptime_ms: u64,
     /// The command line, for display.
     pub command: String,
-}
-
-/// What a compute driver implements. Every method may be called from several threads at once.
-pub trait ComputeDriver: Send + Sync + 'static {
-    /// Called once after construction, before any other call. An error makes the service report down.
-    fn init(&self) -> Result<(), DriverError> {
-        Ok(())
-    }
-    /// Called once when the host stops or retires the driver, after the last call.
-    fn cleanup(&self) -> Result<(), DriverError> {
-        Ok(())
-    }
-    /// Called periodically; an error means the backend is unhealthy and says why.
-    fn health(&self) -> Result<(), DriverError> {
-        Ok(())
-    }
-    /// Creates and starts an instance.
-    fn spawn(&self, spec: &InstanceSpec) -> Result<Instance, DriverError>;
-    /// Stops (if needed) and removes an instance.
-    fn destroy(&self, name: &str) -> Result<(), DriverError>;
-    /// Starts a stopped instance.
-    fn start(&self, name: &str) -> Result<Instance, DriverError>;
-    /// Stops a running instance.
-    fn stop(&self, name: &str) -> Result<Instance, DriverError>;
-    /// Stops and starts an instance.
-    fn reboot(&self, name: &str) -> Result<Instance, DriverError>;
-    /// Every instance.
-    fn list(&self) -> Result<Vec<Instance>, DriverError>;
-    /// One instance.
-    fn get(&self, name: &str) -> Result<Instance, DriverError>;
+    /// When the current (or last) run started, in milliseconds since the Unix epoch.
+    pub started_at_ms: Option<u64>,
+    /// The instance ended but how cannot be known (for instance, it was adopted after a restart and was
+    /// not this process's child): `exit_code` and `exit_signal` are then both `None`. Never invent one.
+    pub exit_unknown: bool,
+    /// Driver-specific facts shown with the instance (`pgid`, `cgroup`, ...), as name/value pairs.
+    pub details: Vec<(String, String)>,
 }
 
 #[doc(hidden)]
@@ -135,26 +115,26 @@ pub struct FfiInstanceSpec {
     workdir: ROption<RString>,
 }
 
-impl From<&InstanceSpec> for FfiInstanceSpec {
-    fn from(s: &InstanceSpec) -> FfiInstanceSpec {
+impl From<InstanceSpec> for FfiInstanceSpec {
+    fn from(s: InstanceSpec) -> FfiInstanceSpec {
         FfiInstanceSpec {
-            name: s.name.as_str().into(),
-            command: s.command.as_str().into(),
-            args: s.args.iter().map(|a| RString::from(a.as_str())).collect(),
-            env: s.env.iter().map(|(k, v)| Tuple2(k.as_str().into(), v.as_str().into())).collect(),
-            workdir: s.workdir.as_deref().map(RString::from).into(),
+            name: s.name.into(),
+            command: s.command.into(),
+            args: s.args.into_iter().map(RString::from).collect(),
+            env: s.env.into_iter().map(|(k, v)| Tuple2(k.into(), v.into())).collect(),
+            workdir: s.workdir.map(RString::from).into(),
         }
     }
 }
 
-impl From<&FfiInstanceSpec> for InstanceSpec {
-    fn from(s: &FfiInstanceSpec) -> InstanceSpec {
+impl From<FfiInstanceSpec> for InstanceSpec {
+    fn from(s: FfiInstanceSpec) -> InstanceSpec {
         InstanceSpec {
-            name: s.name.to_string(),
-            command: s.command.to_string(),
-            args: s.args.iter().map(|a| a.to_string()).collect(),
-            env: s.env.iter().map(|Tuple2(k, v)| (k.to_string(), v.to_string())).collect(),
-            workdir: s.workdir.as_ref().into_option().map(|w| w.to_string()),
+            name: s.name.into(),
+            command: s.command.into(),
+            args: s.args.into_iter().map(String::from).collect(),
+            env: s.env.into_iter().map(|Tuple2(k, v)| (k.into(), v.into())).collect(),
+            workdir: s.workdir.into_option().map(String::from),
         }
     }
 }
@@ -172,6 +152,9 @@ pub struct FfiInstance {
     cpu_time_ms: u64,
     uptime_ms: u64,
     command: RString,
+    started_at_ms: ROption<u64>,
+    exit_unknown: bool,
+    details: RVec<Tuple2<RString, RString>>,
 }
 
 impl From<Instance> for FfiInstance {
@@ -186,6 +169,9 @@ impl From<Instance> for FfiInstance {
             cpu_time_ms: i.cpu_time_ms,
             uptime_ms: i.uptime_ms,
             command: i.command.into(),
+            started_at_ms: i.started_at_ms.into(),
+            exit_unknown: i.exit_unknown,
+            details: i.details.into_iter().map(|(k, v)| Tuple2(k.into(), v.into())).collect(),
         }
     }
 }
@@ -202,131 +188,45 @@ impl From<FfiInstance> for Instance {
             cpu_time_ms: i.cpu_time_ms,
             uptime_ms: i.uptime_ms,
             command: i.command.into(),
+            started_at_ms: i.started_at_ms.into_option(),
+            exit_unknown: i.exit_unknown,
+            details: i.details.into_iter().map(|Tuple2(k, v)| (k.into(), v.into())).collect(),
         }
     }
 }
 
-#[allow(non_local_definitions, missing_docs, clippy::undocumented_unsafe_blocks)]
-pub(crate) mod ffi {
-    use super::*;
+record_conversions!(InstanceSpec => FfiInstanceSpec);
+record_conversions!(Instance => FfiInstance);
 
-    /// The stable-ABI trait object behind [`ComputeDriver`]; append-only like the volume one.
-    #[abi_stable::sabi_trait]
-    pub trait ComputeDriverFfi: Send + Sync {
-        fn init(&self) -> RResult<(), DriverError>;
-        fn cleanup(&self) -> RResult<(), DriverError>;
-        fn health(&self) -> RResult<(), DriverError>;
-        fn spawn(&self, spec: &FfiInstanceSpec) -> RResult<FfiInstance, DriverError>;
-        fn destroy(&self, name: RStr<'_>) -> RResult<(), DriverError>;
-        fn start(&self, name: RStr<'_>) -> RResult<FfiInstance, DriverError>;
-        fn stop(&self, name: RStr<'_>) -> RResult<FfiInstance, DriverError>;
-        fn reboot(&self, name: RStr<'_>) -> RResult<FfiInstance, DriverError>;
-        fn list(&self) -> RResult<RVec<FfiInstance>, DriverError>;
-        #[sabi(last_prefix_field)]
-        fn get(&self, name: RStr<'_>) -> RResult<FfiInstance, DriverError>;
+driver_interface! {
+    /// What a compute driver implements. Every method may be called from several threads at once.
+    ///
+    /// Errors name the instance (`instance "web" not found`) and use the kinds the contract requires:
+    /// `not_found` for an instance that does not exist, `already_exists` for a name in use, `busy` for
+    /// starting a running instance.
+    kind compute = 2, "compute";
+    author ComputeDriver;
+    ffi ComputeDriverFfi, ComputeDriverFfi_TO;
+    adapter ComputeAdapter;
+    /// A constructed compute driver: from a loaded library (host side) or compiled into this process
+    /// ([`ComputeClient::in_process`]). It implements [`ComputeDriver`] by calling through the stable ABI.
+    client ComputeClient;
+    host ComputeInterface, ComputeCall, ComputeReply, RemoteCompute, ComputeMethod;
+    methods {
+        /// Creates and starts an instance.
+        fn spawn(spec: &InstanceSpec => FfiInstanceSpec, InstanceSpec) -> Instance => FfiInstance;
+        /// Stops (if needed) and removes an instance, with everything it started.
+        fn destroy(name: &str => RStr<'_>, String) -> () => ();
+        /// Starts a stopped instance.
+        fn start(name: &str => RStr<'_>, String) -> Instance => FfiInstance;
+        /// Stops a running instance.
+        fn stop(name: &str => RStr<'_>, String) -> Instance => FfiInstance;
+        /// Stops and starts an instance.
+        fn reboot(name: &str => RStr<'_>, String) -> Instance => FfiInstance;
+        /// Every instance.
+        fn list() -> Vec<Instance> => RVec<FfiInstance>;
+        /// One instance.
+        fn get(name: &str => RStr<'_>, String) -> Instance => FfiInstance;
     }
-}
-
-pub(crate) use ffi::ComputeDriverFfi;
-/// The boxed stable-ABI compute driver object that crosses the library boundary.
-#[doc(hidden)]
-pub type ComputeDriverBox = ffi::ComputeDriverFfi_TO<'static, abi_stable::std_types::RBox<()>>;
-
-pub(crate) struct ComputeAdapter<D>(pub(crate) D);
-
-impl<D: ComputeDriver> ComputeDriverFfi for ComputeAdapter<D> {
-    fn init(&self) -> RResult<(), DriverError> {
-        guard(|| self.0.init())
-    }
-    fn cleanup(&self) -> RResult<(), DriverError> {
-        guard(|| self.0.cleanup())
-    }
-    fn health(&self) -> RResult<(), DriverError> {
-        guard(|| self.0.health())
-    }
-    fn spawn(&self, spec: &FfiInstanceSpec) -> RResult<FfiInstance, DriverError> {
-        guard(|| self.0.spawn(&InstanceSpec::from(spec)).map(Into::into))
-    }
-    fn destroy(&self, name: RStr<'_>) -> RResult<(), DriverError> {
-        guard(|| self.0.destroy(name.as_str()))
-    }
-    fn start(&self, name: RStr<'_>) -> RResult<FfiInstance, DriverError> {
-        guard(|| self.0.start(name.as_str()).map(Into::into))
-    }
-    fn stop(&self, name: RStr<'_>) -> RResult<FfiInstance, DriverError> {
-        guard(|| self.0.stop(name.as_str()).map(Into::into))
-    }
-    fn reboot(&self, name: RStr<'_>) -> RResult<FfiInstance, DriverError> {
-        guard(|| self.0.reboot(name.as_str()).map(Into::into))
-    }
-    fn list(&self) -> RResult<RVec<FfiInstance>, DriverError> {
-        guard(|| self.0.list().map(|v| v.into_iter().map(Into::into).collect()))
-    }
-    fn get(&self, name: RStr<'_>) -> RResult<FfiInstance, DriverError> {
-        guard(|| self.0.get(name.as_str()).map(Into::into))
-    }
-}
-
-/// Host side: a constructed compute driver from a loaded library, with the author's std-typed API.
-pub struct ComputeClient {
-    inner: ComputeDriverBox,
-}
-
-impl std::fmt::Debug for ComputeClient {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ComputeClient")
-    }
-}
-
-impl ComputeClient {
-    pub(crate) fn new(inner: ComputeDriverBox) -> ComputeClient {
-        ComputeClient { inner }
-    }
-    /// Wraps a driver compiled into this process (tests, benchmarks, statically linked drivers).
-    pub fn in_process<D: ComputeDriver>(driver: D) -> ComputeClient {
-        ComputeClient::new(ffi::ComputeDriverFfi_TO::from_value(
-            ComputeAdapter(driver),
-            abi_stable::sabi_trait::TD_Opaque,
-        ))
-    }
-    /// See [`ComputeDriver::init`].
-    pub fn init(&self) -> Result<(), DriverError> {
-        self.inner.init().into_result()
-    }
-    /// See [`ComputeDriver::cleanup`].
-    pub fn cleanup(&self) -> Result<(), DriverError> {
-        self.inner.cleanup().into_result()
-    }
-    /// See [`ComputeDriver::health`].
-    pub fn health(&self) -> Result<(), DriverError> {
-        self.inner.health().into_result()
-    }
-    /// See [`ComputeDriver::spawn`].
-    pub fn spawn(&self, spec: &InstanceSpec) -> Result<Instance, DriverError> {
-        self.inner.spawn(&FfiInstanceSpec::from(spec)).into_result().map(Into::into)
-    }
-    /// See [`ComputeDriver::destroy`].
-    pub fn destroy(&self, name: &str) -> Result<(), DriverError> {
-        self.inner.destroy(name.into()).into_result()
-    }
-    /// See [`ComputeDriver::start`].
-    pub fn start(&self, name: &str) -> Result<Instance, DriverError> {
-        self.inner.start(name.into()).into_result().map(Into::into)
-    }
-    /// See [`ComputeDriver::stop`].
-    pub fn stop(&self, name: &str) -> Result<Instance, DriverError> {
-        self.inner.stop(name.into()).into_result().map(Into::into)
-    }
-    /// See [`ComputeDriver::reboot`].
-    pub fn reboot(&self, name: &str) -> Result<Instance, DriverError> {
-        self.inner.reboot(name.into()).into_result().map(Into::into)
-    }
-    /// See [`ComputeDriver::list`].
-    pub fn list(&self) -> Result<Vec<Instance>, DriverError> {
-        self.inner.list().into_result().map(|v| v.into_iter().map(Into::into).collect())
-    }
-    /// See [`ComputeDriver::get`].
-    pub fn get(&self, name: &str) -> Result<Instance, DriverError> {
-        self.inner.get(name.into()).into_result().map(Into::into)
-    }
+    extensions {}
 }

@@ -148,12 +148,38 @@ impl fmt::Display for DriverError {
 
 impl std::error::Error for DriverError {}
 
+#[cfg(feature = "host")]
+mod wire {
+    use super::*;
+
+    /// How a [`DriverError`] crosses a process boundary: the kind as its number, so that kinds this host
+    /// does not know survive the trip.
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Wire {
+        kind: u32,
+        message: String,
+    }
+
+    impl serde::Serialize for DriverError {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            Wire { kind: self.kind.0, message: self.message.to_string() }.serialize(s)
+        }
+    }
+
+    impl<'de> serde::Deserialize<'de> for DriverError {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<DriverError, D::Error> {
+            let w = Wire::deserialize(d)?;
+            Ok(DriverError::new(ErrorKind(w.kind), w.message))
+        }
+    }
+}
+
 /// The resource-name rule shared by the host and drivers: 1-64 of `A-Z a-z 0-9 . _ -`, not starting
 /// with `.` or `-`. Such a name can be used as a file name and cannot escape a directory.
 ///
 /// ```
-/// assert!(plugin_api::check_name("volume", "db-01.data").is_ok());
-/// assert!(plugin_api::check_name("volume", "../etc").is_err());
+/// assert!(plughost_api::check_name("volume", "db-01.data").is_ok());
+/// assert!(plughost_api::check_name("volume", "../etc").is_err());
 /// ```
 pub fn check_name(what: &str, name: &str) -> Result<(), DriverError> {
     let ok = !name.is_empty()

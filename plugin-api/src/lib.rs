@@ -7,7 +7,7 @@
 //! ```
 //! use std::collections::BTreeMap;
 //! use std::sync::Mutex;
-//! use plugin_api::{CapacityStats, DriverError, OptionSpec, Options, Volume, VolumeDriver};
+//! use plughost_api::{CapacityStats, DriverError, OptionSpec, Options, Volume, VolumeDriver};
 //!
 //! const OPTIONS: &[OptionSpec] = &[OptionSpec::size("capacity", "total space").default("1GiB")];
 //!
@@ -15,50 +15,53 @@
 //!
 //! impl Tiny {
 //!     fn new(options: &Options) -> Result<Tiny, DriverError> {
-//!         let capacity = options.size("capacity")?.unwrap_or(1 << 30);
-//!         Ok(Tiny { capacity, volumes: Mutex::new(BTreeMap::new()) })
+//!         Ok(Tiny { capacity: options.size("capacity")?, volumes: Mutex::new(BTreeMap::new()) })
 //!     }
 //!     fn volume(name: &str, size: u64) -> Volume {
 //!         Volume { name: name.into(), size, location: "memory".into(), ..Volume::default() }
+//!     }
+//!     fn lock(&self) -> Result<std::sync::MutexGuard<'_, BTreeMap<String, u64>>, DriverError> {
+//!         self.volumes.lock().map_err(|_| DriverError::internal("lock poisoned"))
 //!     }
 //! }
 //!
 //! impl VolumeDriver for Tiny {
 //!     fn create(&self, name: &str, size: u64) -> Result<Volume, DriverError> {
-//!         let mut v = self.volumes.lock().map_err(|_| DriverError::internal("lock poisoned"))?;
+//!         let mut v = self.lock()?;
 //!         if v.contains_key(name) { return Err(DriverError::already_exists(format!("volume {name:?} exists"))); }
+//!         let used: u64 = v.values().sum();
+//!         if used + size > self.capacity { return Err(DriverError::no_capacity(format!("volume {name:?}: full"))); }
 //!         v.insert(name.into(), size);
 //!         Ok(Tiny::volume(name, size))
 //!     }
 //!     fn delete(&self, name: &str) -> Result<(), DriverError> {
-//!         let mut v = self.volumes.lock().map_err(|_| DriverError::internal("lock poisoned"))?;
-//!         v.remove(name).map(drop).ok_or_else(|| DriverError::not_found(format!("volume {name:?} not found")))
+//!         self.lock()?.remove(name).map(drop).ok_or_else(|| DriverError::not_found(format!("volume {name:?} not found")))
 //!     }
 //!     fn extend(&self, name: &str, new_size: u64) -> Result<Volume, DriverError> {
-//!         let mut v = self.volumes.lock().map_err(|_| DriverError::internal("lock poisoned"))?;
+//!         let mut v = self.lock()?;
 //!         let size = v.get_mut(name).ok_or_else(|| DriverError::not_found(format!("volume {name:?} not found")))?;
-//!         *size = new_size.max(*size);
-//!         Ok(Tiny::volume(name, *size))
+//!         if new_size < *size { return Err(DriverError::invalid_argument(format!("volume {name:?}: cannot shrink"))); }
+//!         *size = new_size;
+//!         Ok(Tiny::volume(name, new_size))
 //!     }
 //!     fn snapshot(&self, name: &str, snapshot: &str) -> Result<Volume, DriverError> {
 //!         let size = self.get(name)?.size;
 //!         self.create(snapshot, size).map(|s| Volume { source: Some(name.into()), ..s })
 //!     }
 //!     fn list(&self) -> Result<Vec<Volume>, DriverError> {
-//!         let v = self.volumes.lock().map_err(|_| DriverError::internal("lock poisoned"))?;
-//!         Ok(v.iter().map(|(n, s)| Tiny::volume(n, *s)).collect())
+//!         Ok(self.lock()?.iter().map(|(n, s)| Tiny::volume(n, *s)).collect())
 //!     }
 //!     fn get(&self, name: &str) -> Result<Volume, DriverError> {
-//!         let v = self.volumes.lock().map_err(|_| DriverError::internal("lock poisoned"))?;
+//!         let v = self.lock()?;
 //!         v.get(name).map(|s| Tiny::volume(name, *s)).ok_or_else(|| DriverError::not_found(format!("volume {name:?} not found")))
 //!     }
 //!     fn stats(&self) -> Result<CapacityStats, DriverError> {
-//!         let used: u64 = self.list()?.iter().map(|v| v.size).sum();
-//!         Ok(CapacityStats { total_bytes: self.capacity, free_bytes: self.capacity.saturating_sub(used), ..Default::default() })
+//!         let used: u64 = self.lock()?.values().sum();
+//!         Ok(CapacityStats { total_bytes: self.capacity, free_bytes: self.capacity - used, ..Default::default() })
 //!     }
 //! }
 //!
-//! plugin_api::export_driver! {
+//! plughost_api::export_driver! {
 //!     kind: volume,
 //!     driver: Tiny,
 //!     name: "tiny-volume",
@@ -70,23 +73,38 @@
 //! # fn main() {}
 //! ```
 //!
+//! # Depending on this crate
+//! The package is `plughost-api` (the names `plughost_api` and `plughost` on crates.io belong to unrelated
+//! projects). A driver's `Cargo.toml`:
+//!
+//! ```toml
+//! [lib]
+//! crate-type = ["cdylib", "rlib"]   # cdylib: the driver; rlib: so that its own tests can use it
+//!
+//! [dependencies]
+//! plughost-api = "1"                                              # from crates.io
+//! # plughost-api = { git = "https://github.com/plughost/plughost" } # from git
+//! # plughost-api = { path = "../plughost/plugin-api" }             # from a checkout
+//! ```
+//!
 //! # Rules a driver must follow
-//! - Build as `crate-type = ["cdylib"]` with `panic = "unwind"` (the default); hosts refuse `panic = "abort"`
-//!   builds, whose panics could not be contained.
+//! - Build as a `cdylib` with `panic = "unwind"` (the default); hosts refuse `panic = "abort"` builds,
+//!   whose panics could not be contained.
 //! - Methods are called concurrently from several threads; use interior locking.
 //! - Return errors, don't panic. A panic is caught inside the plugin and reported as
 //!   [`ErrorKind::PANICKED`], but the driver's state may then be inconsistent.
 //! - Don't rely on being unloaded: libraries stay mapped until the host exits.
 //!
 //! # Compatibility promise
-//! The plugin-api version a driver was built against is recorded in the library and checked by the host
+//! The plugin API version a driver was built against is recorded in the library and checked by the host
 //! before any driver code runs, followed by a check of the layout of every type in the interface.
-//! - Same major version (`1.x` host, `1.y` driver): loads, whichever is newer. Minor versions only append
-//!   (see the evolution rules in the `module` source); a newer driver's extra methods are ignored by an
-//!   older host, and an older driver's missing methods answer with their default (`unsupported`).
+//! - Same major version (`1.x` host, `1.y` driver): loads, whichever is newer. A newer host asks an older
+//!   driver for the methods added since and answers with their documented default (`unsupported`) when
+//!   the driver lacks them; an older host ignores what a newer driver adds. How: the evolution rules in
+//!   the [`interface`] module.
 //! - Different major version: refused, naming both versions.
 //! - A driver built against a modified copy of this crate under the same version: refused as a layout
-//!   mismatch, naming the first differing type.
+//!   mismatch, naming the differing type and field.
 //! - A driver built with a different abi_stable ABI (0.10 and older): refused.
 
 #![deny(missing_docs)]
@@ -95,6 +113,7 @@ mod compute;
 mod error;
 #[cfg(feature = "host")]
 pub mod host;
+pub mod interface;
 mod module;
 mod options;
 mod panic;
@@ -107,8 +126,12 @@ pub use module::DriverKind;
 pub use module::{__private, DriverModule, DriverModuleRef, RawOptions};
 pub use options::{normalize_value, parse_bool, parse_size, validate, OptionError, OptionSpec, OptionType, Options};
 pub use volume::{CapacityStats, Volume, VolumeClient, VolumeDriver};
-#[doc(hidden)]
-pub use {compute::ComputeDriverBox, volume::VolumeDriverBox};
 
-/// The version of plugin-api a library was built against (this crate's version).
+/// The version of the plugin API a library was built against (this crate's version).
 pub const API_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The driver kinds: one line per kind (its interface file defines the rest).
+const KINDS: &[module::KindInfo] = &[
+    module::KindInfo { kind: volume::__kind::KIND, name: volume::__kind::NAME, layout: volume::__kind::LAYOUT },
+    module::KindInfo { kind: compute::__kind::KIND, name: compute::__kind::NAME, layout: compute::__kind::LAYOUT },
+];

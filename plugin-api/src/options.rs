@@ -67,7 +67,7 @@ impl fmt::Display for OptionType {
 /// One option a driver accepts. Built in `const` context:
 ///
 /// ```
-/// use plugin_api::OptionSpec;
+/// use plughost_api::OptionSpec;
 /// const OPTIONS: &[OptionSpec] = &[
 ///     OptionSpec::path("root", "directory that holds the volume files").required(),
 ///     OptionSpec::size("max_size", "largest volume accepted").default("1TiB"),
@@ -185,9 +185,9 @@ impl fmt::Debug for OptionSpec {
 /// `KB`, `MB`, `GB`, `TB`, `PB`. Spaces between number and unit are allowed. Fractions are not.
 ///
 /// ```
-/// assert_eq!(plugin_api::parse_size("10MiB"), Ok(10 << 20));
-/// assert_eq!(plugin_api::parse_size("1 GB"), Ok(1_000_000_000));
-/// assert!(plugin_api::parse_size("ten").is_err());
+/// assert_eq!(plughost_api::parse_size("10MiB"), Ok(10 << 20));
+/// assert_eq!(plughost_api::parse_size("1 GB"), Ok(1_000_000_000));
+/// assert!(plughost_api::parse_size("ten").is_err());
 /// ```
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let t = text.trim();
@@ -300,65 +300,102 @@ pub fn validate(schema: &[OptionSpec], given: &[(String, String)]) -> Result<Opt
         }
     }
     if errors.is_empty() {
-        Ok(Options { values })
+        Ok(Options { values, schema: &[] })
     } else {
         Err(errors)
     }
 }
 
 /// Validated option values, as a driver constructor receives them.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+///
+/// The typed getters return the value the user gave, or else the default declared in the driver's
+/// schema, so that each default is stated once, in the schema:
+///
+/// ```
+/// use plughost_api::{OptionSpec, Options};
+/// const OPTIONS: &[OptionSpec] = &[OptionSpec::size("capacity", "total space").default("1GiB")];
+/// let given = Options::for_schema(OPTIONS, [("capacity", "2GiB")]);
+/// assert_eq!(given.size("capacity"), Ok(2 << 30));
+/// let defaulted = Options::for_schema(OPTIONS, [] as [(&str, &str); 0]);
+/// assert_eq!(defaulted.size("capacity"), Ok(1 << 30));
+/// ```
+#[derive(Debug, Clone, Default)]
 pub struct Options {
     values: Vec<(String, String)>,
+    schema: &'static [OptionSpec],
 }
 
-impl Options {
-    /// Options from already-normalized pairs (for a driver's own unit tests; hosts use [`validate`]).
-    pub fn from_pairs<K: Into<String>, V: Into<String>>(pairs: impl IntoIterator<Item = (K, V)>) -> Options {
-        Options { values: pairs.into_iter().map(|(k, v)| (k.into(), v.into())).collect() }
+impl PartialEq for Options {
+    fn eq(&self, other: &Options) -> bool {
+        self.values == other.values
     }
-    /// All `(name, normalized value)` pairs.
+}
+
+impl Eq for Options {}
+
+impl Options {
+    /// Options from already-normalized pairs, without a schema (no defaults to fall back on).
+    pub fn from_pairs<K: Into<String>, V: Into<String>>(pairs: impl IntoIterator<Item = (K, V)>) -> Options {
+        Options { values: pairs.into_iter().map(|(k, v)| (k.into(), v.into())).collect(), schema: &[] }
+    }
+
+    /// Options from normalized pairs, falling back on `schema`'s defaults (for a driver's own tests; a
+    /// host validates with [`validate`] first).
+    pub fn for_schema<K: Into<String>, V: Into<String>>(
+        schema: &'static [OptionSpec],
+        pairs: impl IntoIterator<Item = (K, V)>,
+    ) -> Options {
+        Options { schema, ..Options::from_pairs(pairs) }
+    }
+
+    pub(crate) fn from_raw(raw: crate::RawOptions<'_>, schema: &'static [OptionSpec]) -> Options {
+        Options { values: raw.iter().map(|t| (t.0.as_str().to_owned(), t.1.as_str().to_owned())).collect(), schema }
+    }
+
+    /// All `(name, normalized value)` pairs given (defaults filled in by a host's validation included).
     pub fn pairs(&self) -> &[(String, String)] {
         &self.values
     }
-    /// The raw normalized text of an option, if it has a value.
+
+    /// The normalized text of an option, or its schema default; `None` when it has neither.
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.values.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
-    }
-    fn typed<T>(
-        &self,
-        name: &str,
-        ty: OptionType,
-        f: impl Fn(&str) -> Result<T, String>,
-    ) -> Result<Option<T>, DriverError> {
-        match self.get(name) {
-            None => Ok(None),
-            Some(v) => f(v)
-                .map(Some)
-                .map_err(|reason| DriverError::invalid_argument(format!("option {name:?} ({ty}): {reason}"))),
+        match self.values.iter().find(|(k, _)| k == name) {
+            Some((_, v)) => Some(v.as_str()),
+            None => self.schema.iter().find(|s| s.name() == name).and_then(|s| s.default_value()),
         }
     }
+
+    fn typed<T>(&self, name: &str, ty: OptionType, f: impl Fn(&str) -> Result<T, String>) -> Result<T, DriverError> {
+        let raw = self
+            .get(name)
+            .ok_or_else(|| DriverError::invalid_argument(format!("option {name:?} has no value and no default")))?;
+        f(raw).map_err(|reason| DriverError::invalid_argument(format!("option {name:?} ({ty}): {reason}")))
+    }
+
     /// A string option.
-    pub fn string(&self, name: &str) -> Option<String> {
-        self.get(name).map(str::to_owned)
+    pub fn string(&self, name: &str) -> Result<String, DriverError> {
+        self.typed(name, OptionType::STRING, |v| Ok(v.to_owned()))
     }
     /// An integer option.
-    pub fn integer(&self, name: &str) -> Result<Option<i64>, DriverError> {
+    pub fn integer(&self, name: &str) -> Result<i64, DriverError> {
         self.typed(name, OptionType::INTEGER, |v| {
             v.trim().parse().map_err(|_| format!("expected an integer, got {v:?}"))
         })
     }
-    /// A boolean option; absent means `false`.
+    /// A boolean option; one with neither a value nor a default is `false`.
     pub fn boolean(&self, name: &str) -> Result<bool, DriverError> {
-        Ok(self.typed(name, OptionType::BOOL, parse_bool)?.unwrap_or(false))
+        match self.get(name) {
+            None => Ok(false),
+            Some(_) => self.typed(name, OptionType::BOOL, parse_bool),
+        }
     }
     /// A size option, in bytes.
-    pub fn size(&self, name: &str) -> Result<Option<u64>, DriverError> {
+    pub fn size(&self, name: &str) -> Result<u64, DriverError> {
         self.typed(name, OptionType::SIZE, parse_size)
     }
     /// A path option.
-    pub fn path(&self, name: &str) -> Option<PathBuf> {
-        self.get(name).map(PathBuf::from)
+    pub fn path(&self, name: &str) -> Result<PathBuf, DriverError> {
+        self.typed(name, OptionType::PATH, |v| Ok(PathBuf::from(v)))
     }
 }
 
@@ -395,11 +432,12 @@ mod tests {
     fn validate_normalizes_and_applies_defaults() {
         let o = validate(SCHEMA, &pairs(&[("root", "/tmp/x"), ("sync", "yes")])).expect("valid");
         assert_eq!(o.get("max"), Some("1073741824"));
-        assert_eq!(o.size("max").expect("size"), Some(1 << 30));
+        assert_eq!(o.size("max").expect("size"), 1 << 30);
         assert!(o.boolean("sync").expect("bool"));
-        assert_eq!(o.integer("n").expect("int"), Some(3));
+        assert_eq!(o.integer("n").expect("int"), 3);
         assert_eq!(o.get("token"), None);
-        assert_eq!(o.path("root"), Some(PathBuf::from("/tmp/x")));
+        assert!(o.string("token").is_err());
+        assert_eq!(o.path("root").expect("path"), PathBuf::from("/tmp/x"));
     }
 
     #[test]
@@ -412,5 +450,18 @@ mod tests {
         assert!(text.iter().any(|t| t == "option \"root\": required option missing"));
         assert!(text.iter().any(|t| t.starts_with("option \"max\": bad size syntax")));
         assert!(text.iter().any(|t| t.starts_with("option \"n\": expected an integer")));
+    }
+
+    #[test]
+    fn getters_fall_back_on_the_schema_default() {
+        let o = Options::for_schema(SCHEMA, [("root", "/r")]);
+        assert_eq!(o.size("max"), Ok(1 << 30));
+        assert_eq!(o.integer("n"), Ok(3));
+        assert_eq!(o.boolean("sync"), Ok(false));
+        assert_eq!(o.path("root"), Ok(PathBuf::from("/r")));
+        let e = o.string("token").unwrap_err();
+        assert_eq!(e.message(), "option \"token\" has no value and no default");
+        let bad = Options::for_schema(SCHEMA, [("n", "x")]);
+        assert_eq!(bad.integer("n").unwrap_err().message(), "option \"n\" (integer): expected an integer, got \"x\"");
     }
 }

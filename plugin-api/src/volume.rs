@@ -1,13 +1,13 @@
 //! The volume driver interface (after cinder's `VolumeDriver`): block-storage volumes identified by name.
 
-use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RString, RVec};
+use abi_stable::std_types::{ROption, RSlice, RStr, RString, RVec};
 use abi_stable::StableAbi;
 
-use crate::panic::guard;
-use crate::DriverError;
+use crate::interface::{driver_interface, record_conversions};
 
 /// A volume as the driver sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "host", derive(serde::Serialize, serde::Deserialize))]
 pub struct Volume {
     /// The volume's name, unique within the driver.
     pub name: String,
@@ -24,6 +24,7 @@ pub struct Volume {
 /// Capacity of a volume backend.
 #[repr(C)]
 #[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "host", derive(serde::Serialize, serde::Deserialize))]
 pub struct CapacityStats {
     /// Total capacity in bytes.
     pub total_bytes: u64,
@@ -37,46 +38,13 @@ pub struct CapacityStats {
     pub volumes: u64,
 }
 
-/// What a volume driver implements. Every method may be called from several threads at once.
-///
-/// Drivers keep as little state as they can: the host's manager keeps the records, serializes
-/// conflicting operations on one volume and validates names and sizes before calling the driver.
-pub trait VolumeDriver: Send + Sync + 'static {
-    /// Called once after construction, before any other call. An error makes the service report down.
-    fn init(&self) -> Result<(), DriverError> {
-        Ok(())
+impl crate::interface::Ret for CapacityStats {
+    type Ffi = CapacityStats;
+    fn into_ffi(self) -> CapacityStats {
+        self
     }
-    /// Called once when the host stops or retires the driver, after the last call.
-    fn cleanup(&self) -> Result<(), DriverError> {
-        Ok(())
-    }
-    /// Called periodically; an error means the backend is unhealthy and says why.
-    fn health(&self) -> Result<(), DriverError> {
-        Ok(())
-    }
-    /// Creates a volume of `size` bytes.
-    fn create(&self, name: &str, size: u64) -> Result<Volume, DriverError>;
-    /// Deletes a volume.
-    fn delete(&self, name: &str) -> Result<(), DriverError>;
-    /// Grows a volume to `new_size` bytes (never shrinks).
-    fn extend(&self, name: &str, new_size: u64) -> Result<Volume, DriverError>;
-    /// Creates `snapshot`, a point-in-time copy of `name`, and returns it.
-    fn snapshot(&self, name: &str, snapshot: &str) -> Result<Volume, DriverError>;
-    /// Every volume the backend holds.
-    fn list(&self) -> Result<Vec<Volume>, DriverError>;
-    /// One volume.
-    fn get(&self, name: &str) -> Result<Volume, DriverError>;
-    /// Backend capacity.
-    fn stats(&self) -> Result<CapacityStats, DriverError>;
-    /// Writes `data` at `offset`; returns the bytes written. Optional.
-    fn write_at(&self, name: &str, offset: u64, data: &[u8]) -> Result<u64, DriverError> {
-        let _ = (offset, data);
-        Err(DriverError::unsupported(format!("volume {name:?}: this driver does not support writes")))
-    }
-    /// Reads up to `len` bytes at `offset`. Optional.
-    fn read_at(&self, name: &str, offset: u64, len: u64) -> Result<Vec<u8>, DriverError> {
-        let _ = (offset, len);
-        Err(DriverError::unsupported(format!("volume {name:?}: this driver does not support reads")))
+    fn from_ffi(ffi: CapacityStats) -> CapacityStats {
+        ffi
     }
 }
 
@@ -116,153 +84,60 @@ impl From<FfiVolume> for Volume {
     }
 }
 
-#[allow(non_local_definitions, missing_docs, clippy::undocumented_unsafe_blocks)]
-pub(crate) mod ffi {
-    use super::*;
+record_conversions!(Volume => FfiVolume);
 
-    /// The stable-ABI trait object behind [`VolumeDriver`]. Methods are append-only: a new method goes
-    /// after the one marked `last_prefix_field`, must have a default body, and older drivers then use
-    /// that default.
-    #[abi_stable::sabi_trait]
-    pub trait VolumeDriverFfi: Send + Sync {
-        fn init(&self) -> RResult<(), DriverError>;
-        fn cleanup(&self) -> RResult<(), DriverError>;
-        fn health(&self) -> RResult<(), DriverError>;
-        fn create(&self, name: RStr<'_>, size: u64) -> RResult<FfiVolume, DriverError>;
-        fn delete(&self, name: RStr<'_>) -> RResult<(), DriverError>;
-        fn extend(&self, name: RStr<'_>, new_size: u64) -> RResult<FfiVolume, DriverError>;
-        fn snapshot(&self, name: RStr<'_>, snapshot: RStr<'_>) -> RResult<FfiVolume, DriverError>;
-        fn list(&self) -> RResult<RVec<FfiVolume>, DriverError>;
-        fn get(&self, name: RStr<'_>) -> RResult<FfiVolume, DriverError>;
-        fn stats(&self) -> RResult<CapacityStats, DriverError>;
-        fn write_at(&self, name: RStr<'_>, offset: u64, data: RSlice<'_, u8>) -> RResult<u64, DriverError>;
-        #[sabi(last_prefix_field)]
-        fn read_at(&self, name: RStr<'_>, offset: u64, len: u64) -> RResult<RVec<u8>, DriverError>;
+driver_interface! {
+    /// What a volume driver implements. Every method may be called from several threads at once.
+    ///
+    /// Drivers keep as little state as they can: the host's volume service keeps the records,
+    /// serializes conflicting operations on one volume and validates names and sizes before calling the
+    /// driver. Errors name the volume (`volume "v1" not found`) and use the kinds the contract requires:
+    /// `not_found` for a volume that does not exist, `already_exists` for a name in use,
+    /// `invalid_argument` for a shrink or a size over the driver's limit, `no_capacity` when full.
+    kind volume = 1, "volume";
+    author VolumeDriver;
+    ffi VolumeDriverFfi, VolumeDriverFfi_TO;
+    adapter VolumeAdapter;
+    /// A constructed volume driver: from a loaded library (host side) or compiled into this process
+    /// ([`VolumeClient::in_process`]). It implements [`VolumeDriver`] by calling through the stable
+    /// ABI; a `&[u8]` crosses as a pointer and a length, without copying.
+    client VolumeClient;
+    host VolumeInterface, VolumeCall, VolumeReply, RemoteVolume, VolumeMethod;
+    methods {
+        /// Creates a volume of `size` bytes.
+        fn create(name: &str => RStr<'_>, String, size: u64 => u64, u64) -> Volume => FfiVolume;
+        /// Deletes a volume.
+        fn delete(name: &str => RStr<'_>, String) -> () => ();
+        /// Grows a volume to `new_size` bytes; a smaller size is `invalid_argument`.
+        fn extend(name: &str => RStr<'_>, String, new_size: u64 => u64, u64) -> Volume => FfiVolume;
+        /// Creates `snapshot`, a point-in-time copy of `name`, and returns it (with `source` = `name`).
+        fn snapshot(name: &str => RStr<'_>, String, snapshot: &str => RStr<'_>, String) -> Volume => FfiVolume;
+        /// Every volume the backend holds.
+        fn list() -> Vec<Volume> => RVec<FfiVolume>;
+        /// One volume.
+        fn get(name: &str => RStr<'_>, String) -> Volume => FfiVolume;
+        /// Backend capacity.
+        fn stats() -> CapacityStats => CapacityStats;
+        /// Writes `data` at `offset`; returns the bytes written. Optional.
+        fn write_at(name: &str => RStr<'_>, String, offset: u64 => u64, u64, data: &[u8] => RSlice<'_, u8>, Vec<u8>)
+            -> u64 => u64, default {
+            let _ = (offset, data);
+            Err(crate::DriverError::unsupported(format!("volume {name:?}: this driver does not support writes")))
+        };
+        /// Reads up to `len` bytes at `offset`. Optional.
+        fn read_at(name: &str => RStr<'_>, String, offset: u64 => u64, u64, len: u64 => u64, u64)
+            -> Vec<u8> => RVec<u8>, default {
+            let _ = (offset, len);
+            Err(crate::DriverError::unsupported(format!("volume {name:?}: this driver does not support reads")))
+        };
     }
-}
-
-pub(crate) use ffi::VolumeDriverFfi;
-/// The boxed stable-ABI volume driver object that crosses the library boundary.
-#[doc(hidden)]
-pub type VolumeDriverBox = ffi::VolumeDriverFfi_TO<'static, abi_stable::std_types::RBox<()>>;
-
-/// Plugin side: wraps an author's driver, turning every panic into [`crate::ErrorKind::PANICKED`].
-pub(crate) struct VolumeAdapter<D>(pub(crate) D);
-
-impl<D: VolumeDriver> VolumeDriverFfi for VolumeAdapter<D> {
-    fn init(&self) -> RResult<(), DriverError> {
-        guard(|| self.0.init())
-    }
-    fn cleanup(&self) -> RResult<(), DriverError> {
-        guard(|| self.0.cleanup())
-    }
-    fn health(&self) -> RResult<(), DriverError> {
-        guard(|| self.0.health())
-    }
-    fn create(&self, name: RStr<'_>, size: u64) -> RResult<FfiVolume, DriverError> {
-        guard(|| self.0.create(name.as_str(), size).map(Into::into))
-    }
-    fn delete(&self, name: RStr<'_>) -> RResult<(), DriverError> {
-        guard(|| self.0.delete(name.as_str()))
-    }
-    fn extend(&self, name: RStr<'_>, new_size: u64) -> RResult<FfiVolume, DriverError> {
-        guard(|| self.0.extend(name.as_str(), new_size).map(Into::into))
-    }
-    fn snapshot(&self, name: RStr<'_>, snapshot: RStr<'_>) -> RResult<FfiVolume, DriverError> {
-        guard(|| self.0.snapshot(name.as_str(), snapshot.as_str()).map(Into::into))
-    }
-    fn list(&self) -> RResult<RVec<FfiVolume>, DriverError> {
-        guard(|| self.0.list().map(|v| v.into_iter().map(Into::into).collect()))
-    }
-    fn get(&self, name: RStr<'_>) -> RResult<FfiVolume, DriverError> {
-        guard(|| self.0.get(name.as_str()).map(Into::into))
-    }
-    fn stats(&self) -> RResult<CapacityStats, DriverError> {
-        guard(|| self.0.stats())
-    }
-    fn write_at(&self, name: RStr<'_>, offset: u64, data: RSlice<'_, u8>) -> RResult<u64, DriverError> {
-        guard(|| self.0.write_at(name.as_str(), offset, data.as_slice()))
-    }
-    fn read_at(&self, name: RStr<'_>, offset: u64, len: u64) -> RResult<RVec<u8>, DriverError> {
-        guard(|| self.0.read_at(name.as_str(), offset, len).map(RVec::from))
-    }
-}
-
-/// Host side: a constructed volume driver from a loaded library, with the author's std-typed API.
-///
-/// Every call is a plain function-pointer call into the library; arguments are passed by reference
-/// (a `&[u8]` crosses as a pointer and a length, without copying).
-pub struct VolumeClient {
-    inner: VolumeDriverBox,
-}
-
-impl std::fmt::Debug for VolumeClient {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("VolumeClient")
-    }
-}
-
-impl VolumeClient {
-    pub(crate) fn new(inner: VolumeDriverBox) -> VolumeClient {
-        VolumeClient { inner }
-    }
-    /// Wraps a driver compiled into this process (tests, benchmarks, statically linked drivers).
-    pub fn in_process<D: VolumeDriver>(driver: D) -> VolumeClient {
-        VolumeClient::new(ffi::VolumeDriverFfi_TO::from_value(VolumeAdapter(driver), abi_stable::sabi_trait::TD_Opaque))
-    }
-    /// See [`VolumeDriver::init`].
-    pub fn init(&self) -> Result<(), DriverError> {
-        self.inner.init().into_result()
-    }
-    /// See [`VolumeDriver::cleanup`].
-    pub fn cleanup(&self) -> Result<(), DriverError> {
-        self.inner.cleanup().into_result()
-    }
-    /// See [`VolumeDriver::health`].
-    pub fn health(&self) -> Result<(), DriverError> {
-        self.inner.health().into_result()
-    }
-    /// See [`VolumeDriver::create`].
-    pub fn create(&self, name: &str, size: u64) -> Result<Volume, DriverError> {
-        self.inner.create(name.into(), size).into_result().map(Into::into)
-    }
-    /// See [`VolumeDriver::delete`].
-    pub fn delete(&self, name: &str) -> Result<(), DriverError> {
-        self.inner.delete(name.into()).into_result()
-    }
-    /// See [`VolumeDriver::extend`].
-    pub fn extend(&self, name: &str, new_size: u64) -> Result<Volume, DriverError> {
-        self.inner.extend(name.into(), new_size).into_result().map(Into::into)
-    }
-    /// See [`VolumeDriver::snapshot`].
-    pub fn snapshot(&self, name: &str, snapshot: &str) -> Result<Volume, DriverError> {
-        self.inner.snapshot(name.into(), snapshot.into()).into_result().map(Into::into)
-    }
-    /// See [`VolumeDriver::list`].
-    pub fn list(&self) -> Result<Vec<Volume>, DriverError> {
-        self.inner.list().into_result().map(|v| v.into_iter().map(Into::into).collect())
-    }
-    /// See [`VolumeDriver::get`].
-    pub fn get(&self, name: &str) -> Result<Volume, DriverError> {
-        self.inner.get(name.into()).into_result().map(Into::into)
-    }
-    /// See [`VolumeDriver::stats`].
-    pub fn stats(&self) -> Result<CapacityStats, DriverError> {
-        self.inner.stats().into_result()
-    }
-    /// See [`VolumeDriver::write_at`].
-    pub fn write_at(&self, name: &str, offset: u64, data: &[u8]) -> Result<u64, DriverError> {
-        self.inner.write_at(name.into(), offset, data.into()).into_result()
-    }
-    /// See [`VolumeDriver::read_at`].
-    pub fn read_at(&self, name: &str, offset: u64, len: u64) -> Result<Vec<u8>, DriverError> {
-        self.inner.read_at(name.into(), offset, len).into_result().map(RVec::into_vec)
-    }
+    extensions {}
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::DriverError;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
@@ -304,7 +179,7 @@ mod tests {
         let buf = vec![1u8; 4096];
         assert_eq!(client.write_at("v", 0, &buf), Ok(4096));
         assert_eq!(seen.load(Ordering::SeqCst), buf.as_ptr() as usize, "the driver saw the caller's own bytes");
-        // Optional methods an older driver lacks answer `unsupported`.
+        // Optional methods a driver does not implement answer `unsupported`.
         assert_eq!(client.read_at("v", 0, 1).unwrap_err().kind(), crate::ErrorKind::UNSUPPORTED);
     }
 }

@@ -14,10 +14,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fake_volume::FakeVolume;
-use host::backend::{Backend, BuildContext, Configured, Op};
+use host::backend::{Backend, BuildContext, Configured};
 use host::Loader;
+use plughost_api::host::{VolumeInterface, VolumeMethod};
+use plughost_api::{Options, VolumeDriver};
 use plughost_tests::{fixtures, release_dir, target_dir, TempDir};
-use plugin_api::{Options, VolumeClient, VolumeDriver};
 use serde_json::{json, Value};
 
 /// One line of the results.
@@ -62,13 +63,19 @@ fn side_by_side(samples: usize, iters: u64, variants: &mut [&mut dyn FnMut(u64)]
 
 fn call_benchmarks(out: &mut Vec<Metric>, work: &Path) {
     let lib_path = release_dir().join("libfake_volume.so");
-    let loader = Loader::new(&work.join("libs")).unwrap();
+    let loader = Loader::new();
     let lib = loader.load(&lib_path).unwrap();
-    let client: VolumeClient = lib.new_volume(&lib.validate_options(&[]).unwrap()).unwrap();
+    // What services hold: the stable-ABI client behind the author trait.
+    let client: Box<dyn VolumeDriver> =
+        lib.construct::<VolumeInterface>(&lib.validate_options(&[]).unwrap()).unwrap().driver;
     let ctx = BuildContext { loader: &loader, state_dir: work, driver_dirs: &[] };
-    let backend: Backend<VolumeClient> =
-        Backend::build(ctx, "bench", Configured { driver: lib_path.display().to_string(), options: Vec::new() })
-            .unwrap();
+    let backend: Backend<VolumeInterface> = Backend::build(
+        ctx,
+        "volume",
+        "bench",
+        Configured { driver: lib_path.display().to_string(), options: Vec::new() },
+    )
+    .unwrap();
     let native: Box<dyn VolumeDriver> = Box::new(FakeVolume::new(&Options::default()).unwrap());
     let raw_lib_path = fixtures::noop_cdylib_release();
     // SAFETY: a fixture library of ours whose only code is the no-op function looked up below.
@@ -99,7 +106,7 @@ fn call_benchmarks(out: &mut Vec<Metric>, work: &Path) {
             },
             &mut |n| {
                 for _ in 0..n {
-                    let _ = black_box(backend.call(Op::Health, |d| d.health()));
+                    let _ = black_box(backend.call(VolumeMethod::health, |d| d.health()));
                 }
             },
             &mut |n| {
@@ -138,7 +145,7 @@ fn call_benchmarks(out: &mut Vec<Metric>, work: &Path) {
     let buf = vec![7u8; 4096];
     native.create("b", 1 << 20).unwrap();
     client.create("b", 1 << 20).unwrap();
-    backend.call(Op::Create, |d| d.create("b", 1 << 20)).unwrap();
+    backend.call(VolumeMethod::create, |d| d.create("b", 1 << 20)).unwrap();
     let r = side_by_side(
         15,
         200_000,
@@ -155,7 +162,7 @@ fn call_benchmarks(out: &mut Vec<Metric>, work: &Path) {
             },
             &mut |n| {
                 for _ in 0..n {
-                    let _ = black_box(backend.call(Op::WriteAt, |d| d.write_at("b", 0, black_box(&buf))));
+                    let _ = black_box(backend.call(VolumeMethod::write_at, |d| d.write_at("b", 0, black_box(&buf))));
                 }
             },
         ],
@@ -222,8 +229,8 @@ fn load_benchmarks(out: &mut Vec<Metric>, work: &Path) {
         std::fs::write(&p, bytes).unwrap();
         p
     };
-    let loader = Loader::new(&work.join("libs")).unwrap();
-    let probing = Loader::new(&work.join("libs-probed")).unwrap().with_probe(release_dir().join("plughost"));
+    let loader = Loader::new();
+    let probing = Loader::new().with_probe(release_dir().join("plughost"));
     let mut probed = Vec::new();
     let known = copy(false);
     loader.load(&known).unwrap();

@@ -9,11 +9,12 @@ use crate::{cargo, driver, profile_dir, target_dir, workspace_root};
 /// Drivers compiled against altered copies of plugin-api.
 #[derive(Debug)]
 pub struct Built {
-    /// fake-volume built against a plugin-api 1.0.0 whose `extend` takes a `u32` size.
+    /// fake-volume built against a plugin-api of the same version whose `extend` takes a `u32` size.
     pub changed_signature: PathBuf,
     /// fake-volume built against plugin-api 2.0.0.
     pub api_v2: PathBuf,
-    /// fake-volume built against plugin-api 1.1.0 (a compatible minor release).
+    /// fake-volume built against a copy of plugin-api one minor version newer than this one, with no
+    /// interface change (see `tests/compat.rs` for real releases with real changes).
     pub api_v1_1: PathBuf,
     /// A driver whose metadata is invalid (bad name, bad option default), against the real plugin-api.
     pub bad_metadata: PathBuf,
@@ -41,22 +42,33 @@ fn replace_once(text: &str, from: &str, to: &str) -> String {
     text.replacen(from, to, 1)
 }
 
+/// The manifest of a copy of plugin-api at `version` (same package name: it is part of the ABI).
+pub fn api_manifest(version: &str) -> String {
+    format!(
+        "[package]\nname = \"plughost-api\"\nversion = \"{version}\"\nedition = \"2021\"\n\n[lib]\nname = \"plughost_api\"\n\n\
+         [dependencies]\nabi_stable = \"0.11.3\"\nlibc = {{ version = \"0.2\", optional = true }}\n\
+         serde = {{ version = \"1\", features = [\"derive\"], optional = true }}\n\n\
+         [features]\nhost = [\"dep:libc\", \"dep:serde\"]\ntesting = []\n"
+    )
+}
+
 /// Copies plugin-api to `dir/plugin-api` at `version`, applying `patch` to `src/volume.rs`.
 fn api_copy(dir: &Path, version: &str, patch: impl Fn(String) -> String) -> PathBuf {
     let dest = dir.join("plugin-api");
     let _ = fs::remove_dir_all(&dest);
     copy_dir(&workspace_root().join("plugin-api/src"), &dest.join("src"));
-    let abi = "abi_stable = \"0.11.3\"";
-    fs::write(
-        dest.join("Cargo.toml"),
-        format!(
-            "[package]\nname = \"plugin-api\"\nversion = \"{version}\"\nedition = \"2021\"\n\n[dependencies]\n{abi}\n\n[features]\nhost = []\n"
-        ),
-    )
-    .unwrap();
+    fs::write(dest.join("Cargo.toml"), api_manifest(version)).unwrap();
     let vol = dest.join("src/volume.rs");
     fs::write(&vol, patch(fs::read_to_string(&vol).unwrap())).unwrap();
     dest
+}
+
+/// This plugin-api's version with the minor number raised by one.
+pub fn next_minor() -> String {
+    let mut parts = plughost_api::API_VERSION.split('.');
+    let major = parts.next().unwrap();
+    let minor: u32 = parts.next().unwrap().parse().unwrap();
+    format!("{major}.{}.0", minor + 1)
 }
 
 /// A fixture driver crate `name` with the given source, depending on plugin-api at `api`.
@@ -71,7 +83,7 @@ fn driver_crate_with(dir: &Path, name: &str, api: &Path, source: &str, extra_dep
     fs::write(
         d.join("Cargo.toml"),
         format!(
-            "[package]\nname = \"{name}\"\nversion = \"0.0.1\"\nedition = \"2021\"\n\n[lib]\ncrate-type = [\"cdylib\"]\n\n[dependencies]\nplugin-api = {{ path = {:?} }}\n{extra_deps}",
+            "[package]\nname = \"{name}\"\nversion = \"0.0.1\"\nedition = \"2021\"\n\n[lib]\ncrate-type = [\"cdylib\"]\n\n[dependencies]\nplughost-api = {{ path = {:?} }}\n{extra_deps}",
             api.display().to_string()
         ),
     )
@@ -108,20 +120,20 @@ pub fn built() -> &'static Built {
 
         let ws = root.join("changed-signature");
         fs::create_dir_all(&ws).unwrap();
-        let api = api_copy(&ws, "1.0.0", |s| {
-            let s = replace_once(
+        // A method whose parameter changed type (`extend`'s new size: u64 -> u32), the driver adapted.
+        let api = api_copy(&ws, plughost_api::API_VERSION, |s| {
+            replace_once(
                 &s,
-                "fn extend(&self, name: RStr<'_>, new_size: u64) -> RResult<FfiVolume, DriverError>;",
-                "fn extend(&self, name: RStr<'_>, new_size: u32) -> RResult<FfiVolume, DriverError>;",
-            );
-            let s = replace_once(
-                &s,
-                "fn extend(&self, name: RStr<'_>, new_size: u64) -> RResult<FfiVolume, DriverError> {\n        guard(|| self.0.extend(name.as_str(), new_size)",
-                "fn extend(&self, name: RStr<'_>, new_size: u32) -> RResult<FfiVolume, DriverError> {\n        guard(|| self.0.extend(name.as_str(), u64::from(new_size))",
-            );
-            replace_once(&s, ".extend(name.into(), new_size)", ".extend(name.into(), new_size as u32)")
+                "fn extend(name: &str => RStr<'_>, String, new_size: u64 => u64, u64)",
+                "fn extend(name: &str => RStr<'_>, String, new_size: u32 => u32, u32)",
+            )
         });
-        driver_crate(&ws, "fixture-changed-signature", &api, &fake_volume_source("changed-signature"));
+        let changed = replace_once(
+            &fake_volume_source("changed-signature"),
+            "fn extend(&self, name: &str, new_size: u64) -> Result<Volume, DriverError> {",
+            "fn extend(&self, name: &str, new_size32: u32) -> Result<Volume, DriverError> {\n        let new_size = u64::from(new_size32);",
+        );
+        driver_crate(&ws, "fixture-changed-signature", &api, &changed);
         build_workspace(&ws, &["fixture-changed-signature"]);
 
         let ws = root.join("api-v2");
@@ -132,7 +144,7 @@ pub fn built() -> &'static Built {
 
         let ws = root.join("api-v1-1");
         fs::create_dir_all(&ws).unwrap();
-        let api = api_copy(&ws, "1.1.0", |s| s);
+        let api = api_copy(&ws, &next_minor(), |s| s);
         driver_crate(&ws, "fixture-api-minor", &api, &fake_volume_source("api-minor"));
         let bad = fake_volume_source("Bad Name!").replace(
             "OptionSpec::size(\"capacity\", \"total capacity; creating or extending past it fails\").default(\"100GiB\")",
@@ -256,7 +268,7 @@ pub fn crash_on_load() -> PathBuf {
                 krate.join("src/lib.rs"),
                 format!(
                     "#[no_mangle]\npub static {}: [u8; 64] = [0; 64];\n\nextern \"C\" fn boom() {{\n    std::process::abort();\n}}\n\n#[used]\n#[link_section = \".init_array\"]\nstatic INIT: extern \"C\" fn() = boom;\n",
-                    plugin_api::__private::ROOT_SYMBOL
+                    plughost_api::host::ROOT_SYMBOL
                 ),
             )
             .unwrap();

@@ -5,12 +5,13 @@
 use std::path::Path;
 
 use host::{LoadErrorKind, Loader};
+use plughost_api::host::{ComputeInterface, VolumeInterface};
+use plughost_api::{DriverKind, ErrorKind, Options};
 use plughost_tests::process::run;
 use plughost_tests::{driver, fixtures, TempDir};
-use plugin_api::{DriverKind, ErrorKind, Options};
 
 fn rejected(path: &Path) -> host::LoadError {
-    let loader = Loader::temporary().unwrap();
+    let loader = Loader::new();
     match loader.load(path) {
         Ok(lib) => panic!("{} loaded as {:?}, expected a rejection", path.display(), lib.name()),
         Err(e) => {
@@ -36,9 +37,9 @@ fn inspect_rejects(path: &Path, reason_part: &str) {
 
 #[test]
 fn reference_drivers_load_with_their_metadata() {
-    let loader = Loader::temporary().unwrap();
+    let loader = Loader::new();
     let v = loader.load(&driver("fake-volume")).unwrap();
-    assert_eq!((v.name(), v.kind(), v.api_version()), ("fake-volume", DriverKind::VOLUME, plugin_api::API_VERSION));
+    assert_eq!((v.name(), v.kind(), v.api_version()), ("fake-volume", DriverKind::VOLUME, plughost_api::API_VERSION));
     assert!(v.options().iter().any(|o| o.name() == "capacity"));
     assert!(v.digest.starts_with("blake3:") && v.digest.len() == 71);
     let c = loader.load(&driver("fake-compute")).unwrap();
@@ -137,17 +138,18 @@ fn incompatible_plugin_api_major_version_names_both_versions() {
     let p = &fixtures::built().api_v2;
     let e = rejected(p);
     assert_eq!(e.kind, LoadErrorKind::IncompatibleApiVersion, "{e}");
-    assert!(e.reason.contains("host has 1.0.0") && e.reason.contains("built against 2.0.0"), "{e}");
+    let host_has = format!("host has {}", plughost_api::API_VERSION);
+    assert!(e.reason.contains(&host_has) && e.reason.contains("built against 2.0.0"), "{e}");
     inspect_rejects(p, "incompatible plugin-api version");
 }
 
 #[test]
 fn newer_compatible_minor_version_loads() {
     let p = &fixtures::built().api_v1_1;
-    let loader = Loader::temporary().unwrap();
+    let loader = Loader::new();
     let lib = loader.load(p).unwrap();
-    assert_eq!(lib.api_version(), "1.1.0");
-    let v = lib.new_volume(&lib.validate_options(&[]).unwrap()).unwrap();
+    assert_eq!(lib.api_version(), fixtures::next_minor());
+    let v = lib.construct::<VolumeInterface>(&lib.validate_options(&[]).unwrap()).unwrap().driver;
     assert_eq!(v.create("a", 10).unwrap().size, 10);
 }
 
@@ -187,12 +189,12 @@ fn a_library_that_crashes_while_loading_is_refused_and_inspect_survives() {
 
 #[test]
 fn wrong_kind() {
-    let loader = Loader::temporary().unwrap();
+    let loader = Loader::new();
     let e = loader.load_kind(&driver("fake-compute"), DriverKind::VOLUME).unwrap_err();
     assert_eq!(e.kind, LoadErrorKind::WrongKind);
     assert!(e.reason.contains("is a compute driver, expected a volume driver"), "{e}");
     let lib = loader.load(&driver("fake-volume")).unwrap();
-    assert_eq!(lib.new_compute(&Options::default()).unwrap_err().kind, LoadErrorKind::WrongKind);
+    assert_eq!(lib.construct::<ComputeInterface>(&Options::default()).unwrap_err().kind, LoadErrorKind::WrongKind);
 }
 
 #[test]
@@ -208,7 +210,7 @@ fn invalid_metadata() {
 
 #[test]
 fn invalid_options_are_all_reported_before_construction() {
-    let loader = Loader::temporary().unwrap();
+    let loader = Loader::new();
     let lib = loader.load(&driver("faulty")).unwrap();
     let given = vec![("nope".to_owned(), "1".to_owned()), ("delay_ms".to_owned(), "soon".to_owned())];
     let e = lib.validate_options(&given).unwrap_err();
@@ -218,35 +220,35 @@ fn invalid_options_are_all_reported_before_construction() {
 
 #[test]
 fn constructor_error() {
-    let loader = Loader::temporary().unwrap();
+    let loader = Loader::new();
     let lib = loader.load(&driver("faulty")).unwrap();
     let opts = lib.validate_options(&[("fail_new".into(), "true".into())]).unwrap();
-    let e = lib.new_volume(&opts).unwrap_err();
+    let e = lib.construct::<VolumeInterface>(&opts).unwrap_err();
     assert_eq!(e.kind, LoadErrorKind::ConstructorFailed, "{e}");
     assert!(e.reason.contains("constructor failed as asked"), "{e}");
 }
 
 #[test]
 fn constructor_panic_is_contained_and_the_process_goes_on() {
-    let loader = Loader::temporary().unwrap();
+    let loader = Loader::new();
     let lib = loader.load(&driver("faulty")).unwrap();
     let opts = lib.validate_options(&[("panic_new".into(), "true".into())]).unwrap();
-    let e = lib.new_volume(&opts).unwrap_err();
+    let e = lib.construct::<VolumeInterface>(&opts).unwrap_err();
     assert_eq!(e.kind, LoadErrorKind::ConstructorPanicked, "{e}");
     assert!(e.reason.contains("constructor panicked as asked"), "{e}");
     // The same process loads and uses other drivers afterwards.
     let fake = loader.load(&driver("fake-volume")).unwrap();
-    let v = fake.new_volume(&fake.validate_options(&[]).unwrap()).unwrap();
+    let v = fake.construct::<VolumeInterface>(&fake.validate_options(&[]).unwrap()).unwrap().driver;
     assert_eq!(v.create("after", 1).unwrap().name, "after");
 }
 
 #[test]
 fn method_panics_and_errors_are_contained() {
-    let loader = Loader::temporary().unwrap();
+    let loader = Loader::new();
     let lib = loader.load(&driver("faulty")).unwrap();
     let opts =
         lib.validate_options(&[("panic_in".into(), "create,list".into()), ("fail_in".into(), "get".into())]).unwrap();
-    let v = lib.new_volume(&opts).unwrap();
+    let v = lib.construct::<VolumeInterface>(&opts).unwrap().driver;
     for _ in 0..3 {
         let e = v.create("x", 1).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::PANICKED);
@@ -258,7 +260,7 @@ fn method_panics_and_errors_are_contained() {
     assert!(v.stats().is_ok(), "other methods keep working after panics");
     // And a different driver in the same process still works.
     let c = loader.load(&driver("fake-compute")).unwrap();
-    let c = c.new_compute(&c.validate_options(&[]).unwrap()).unwrap();
+    let c = c.construct::<ComputeInterface>(&c.validate_options(&[]).unwrap()).unwrap().driver;
     assert!(c.list().unwrap().is_empty());
 }
 
@@ -267,7 +269,7 @@ fn same_content_at_two_paths_is_verified_once_and_rebuilt_content_is_new() {
     let t = TempDir::new("copy");
     let a = t.join("liba.so");
     std::fs::copy(driver("fake-volume"), &a).unwrap();
-    let loader = Loader::temporary().unwrap();
+    let loader = Loader::new();
     let first = loader.load(&a).unwrap();
     let b = t.join("libb.so");
     std::fs::copy(&a, &b).unwrap();
@@ -318,7 +320,7 @@ fn inspect_reports_every_rejection_together_and_never_dies() {
     assert_eq!(arr.len(), bad.len() + 1);
     assert_eq!(arr[0]["ok"], true);
     assert_eq!(arr[0]["kind"], "volume");
-    assert_eq!(arr[0]["api_version"], plugin_api::API_VERSION);
+    assert_eq!(arr[0]["api_version"], plughost_api::API_VERSION);
     assert!(arr[0]["options"].as_array().unwrap().iter().any(|o| o["name"] == "capacity" && o["type"] == "size"));
     let kinds: Vec<&str> = arr[1..].iter().map(|o| o["error"]["kind"].as_str().unwrap()).collect();
     assert_eq!(

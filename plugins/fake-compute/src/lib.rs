@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
-use plugin_api::{ComputeDriver, DriverError, Instance, InstanceSpec, InstanceState, OptionSpec, Options};
+use plughost_api::{ComputeDriver, DriverError, Instance, InstanceSpec, InstanceState, OptionSpec, Options};
 
 /// The options this driver takes.
 pub const OPTIONS: &[OptionSpec] = &[
@@ -34,13 +34,13 @@ pub struct FakeCompute {
 impl FakeCompute {
     /// Builds the driver from validated options.
     pub fn new(options: &Options) -> Result<FakeCompute, DriverError> {
-        let max = options.integer("max_instances")?.unwrap_or(1000);
+        let max = options.integer("max_instances")?;
         let max_instances = usize::try_from(max).map_err(|_| {
             DriverError::invalid_argument(format!("option \"max_instances\": must not be negative, got {max}"))
         })?;
         Ok(FakeCompute {
             max_instances,
-            rss: options.size("memory_per_instance")?.unwrap_or(64 << 20),
+            rss: options.size("memory_per_instance")?,
             state: Mutex::new(State { next_pid: 10_000, instances: BTreeMap::new() }),
         })
     }
@@ -66,6 +66,7 @@ impl FakeCompute {
             cpu_time_ms: 0,
             uptime_ms: i.started.map(|s| s.elapsed().as_millis() as u64).unwrap_or(0),
             command,
+            ..Instance::default()
         }
     }
 }
@@ -147,7 +148,7 @@ impl ComputeDriver for FakeCompute {
     }
 }
 
-plugin_api::export_driver! {
+plughost_api::export_driver! {
     kind: compute,
     driver: FakeCompute,
     name: "fake-compute",
@@ -160,11 +161,11 @@ plugin_api::export_driver! {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use plugin_api::ErrorKind;
+    use plughost_api::ErrorKind;
 
     #[test]
     fn lifecycle() {
-        let o = plugin_api::validate(OPTIONS, &[("max_instances".into(), "1".into())]).expect("valid");
+        let o = plughost_api::validate(OPTIONS, &[("max_instances".into(), "1".into())]).expect("valid");
         let d = FakeCompute::new(&o).expect("constructs");
         let spec =
             InstanceSpec { name: "i1".into(), command: "sleep".into(), args: vec!["5".into()], ..Default::default() };

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 
-use plugin_api::{CapacityStats, DriverError, OptionSpec, Options, Volume, VolumeDriver};
+use plughost_api::{CapacityStats, DriverError, OptionSpec, Options, Volume, VolumeDriver};
 
 /// The options this driver takes.
 pub const OPTIONS: &[OptionSpec] = &[
@@ -29,8 +29,8 @@ impl FakeVolume {
     /// Builds the driver from validated options.
     pub fn new(options: &Options) -> Result<FakeVolume, DriverError> {
         Ok(FakeVolume {
-            capacity: options.size("capacity")?.unwrap_or(100 << 30),
-            label: options.string("label").unwrap_or_else(|| "memory".to_owned()),
+            capacity: options.size("capacity")?,
+            label: options.string("label")?,
             volumes: Mutex::new(BTreeMap::new()),
         })
     }
@@ -163,7 +163,7 @@ impl VolumeDriver for FakeVolume {
     }
 }
 
-plugin_api::export_driver! {
+plughost_api::export_driver! {
     kind: volume,
     driver: FakeVolume,
     name: "fake-volume",
@@ -176,10 +176,10 @@ plugin_api::export_driver! {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use plugin_api::ErrorKind;
+    use plughost_api::ErrorKind;
 
     fn driver(capacity: &str) -> FakeVolume {
-        let o = plugin_api::validate(OPTIONS, &[("capacity".into(), capacity.into())]).expect("valid options");
+        let o = plughost_api::validate(OPTIONS, &[("capacity".into(), capacity.into())]).expect("valid options");
         FakeVolume::new(&o).expect("constructs")
     }
 

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use plugin_api::{CapacityStats, DriverError, OptionSpec, Options, Volume, VolumeDriver};
+use plughost_api::{CapacityStats, DriverError, OptionSpec, Options, Volume, VolumeDriver};
 
 /// The options this driver takes.
 pub const OPTIONS: &[OptionSpec] = &[
@@ -31,7 +31,7 @@ pub struct Faulty {
 }
 
 fn list_option(options: &Options, name: &str) -> Vec<String> {
-    options.string(name).unwrap_or_default().split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect()
+    options.get(name).unwrap_or_default().split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect()
 }
 
 impl Faulty {
@@ -43,7 +43,7 @@ impl Faulty {
         if options.boolean("fail_new")? {
             return Err(DriverError::invalid_argument("faulty: constructor failed as asked (fail_new=true)"));
         }
-        let delay = options.integer("delay_ms")?.unwrap_or(0);
+        let delay = options.integer("delay_ms")?;
         Ok(Faulty {
             fail_init: options.boolean("fail_init")?,
             unhealthy: options.boolean("unhealthy")?,
@@ -151,7 +151,7 @@ impl VolumeDriver for Faulty {
     }
 }
 
-plugin_api::export_driver! {
+plughost_api::export_driver! {
     kind: volume,
     driver: Faulty,
     name: "faulty",

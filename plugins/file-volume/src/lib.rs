@@ -14,7 +14,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use plugin_api::{CapacityStats, DriverError, OptionSpec, Options, Volume, VolumeDriver};
+use plughost_api::{CapacityStats, DriverError, OptionSpec, Options, Volume, VolumeDriver};
 
 /// The options this driver takes. `${state_dir}` and `${backend}` are expanded by the host.
 pub const OPTIONS: &[OptionSpec] = &[
@@ -39,18 +39,18 @@ const SUFFIX: &str = ".vol";
 const SOURCE_PREFIX: &str = ".source.";
 const PARTIAL_PREFIX: &str = ".partial.";
 
-/// Volume names follow [`plugin_api::check_name`]: nothing can escape the root.
+/// Volume names follow [`plughost_api::check_name`]: nothing can escape the root.
 pub fn check_name(name: &str) -> Result<(), DriverError> {
-    plugin_api::check_name("volume", name)
+    plughost_api::check_name("volume", name)
 }
 
 impl FileVolume {
     /// Builds the driver from validated options. Touches nothing on disk until `init`.
     pub fn new(options: &Options) -> Result<FileVolume, DriverError> {
-        let root = options.path("root").ok_or_else(|| DriverError::invalid_argument("option \"root\" is required"))?;
+        let root = options.path("root")?;
         Ok(FileVolume {
             root,
-            max_size: options.size("max_volume_size")?.unwrap_or(16 << 40),
+            max_size: options.size("max_volume_size")?,
             reflink: options.boolean("reflink")?,
             sync: options.boolean("sync")?,
         })
@@ -65,11 +65,12 @@ impl FileVolume {
         self.root.join(format!("{SOURCE_PREFIX}{name}"))
     }
 
-    /// A fresh temporary path for something being made for `name`; never listed.
+    /// A fresh temporary path for something being made for `name`; never listed. It carries this
+    /// process's identity, so that `init` removes only what other (dead) processes left.
     fn partial_path(&self, name: &str) -> PathBuf {
         static N: AtomicU64 = AtomicU64::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
-        self.root.join(format!("{PARTIAL_PREFIX}{name}.{}.{n}", std::process::id()))
+        self.root.join(format!("{PARTIAL_PREFIX}{name}.{}.{n}", process_token()))
     }
 
     /// Renames a complete temporary file into place, refusing to replace an existing volume. With
@@ -98,8 +99,10 @@ impl FileVolume {
         for entry in rd.flatten() {
             let file_name = entry.file_name();
             let Some(n) = file_name.to_str() else { continue };
-            let leftover = if n.starts_with(PARTIAL_PREFIX) {
-                true
+            let leftover = if let Some(rest) = n.strip_prefix(PARTIAL_PREFIX) {
+                // Work in flight in this process (another driver instance, during a swap) is not a
+                // leftover.
+                rest.rsplit('.').nth(1).is_none_or(|token| token != process_token())
             } else if let Some(vol) = n.strip_prefix(SOURCE_PREFIX) {
                 !self.root.join(format!("{vol}{SUFFIX}")).exists()
             } else {
@@ -181,6 +184,19 @@ fn try_reflink(src: &File, dst: &File) -> bool {
     // SAFETY: both descriptors are valid and open for the duration of the call; FICLONE takes the
     // source descriptor as its argument and touches no memory of ours.
     unsafe { libc::ioctl(dst.as_raw_fd(), FICLONE as _, src.as_raw_fd()) == 0 }
+}
+
+/// This process, uniquely on this boot: its pid and its start time (so that a later process reusing
+/// the pid is told apart).
+fn process_token() -> &'static str {
+    static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TOKEN.get_or_init(|| {
+        let start = fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|s| s.rsplit(')').next().and_then(|rest| rest.split_whitespace().nth(19).map(str::to_owned)))
+            .unwrap_or_default();
+        format!("{}-{start}", std::process::id())
+    })
 }
 
 /// `rename(2)` that fails with `AlreadyExists` instead of replacing `dst`.
@@ -321,7 +337,7 @@ impl VolumeDriver for FileVolume {
             }
             match self.info(name, &entry.path()) {
                 Ok(v) => out.push(v),
-                Err(e) if e.kind() == plugin_api::ErrorKind::NOT_FOUND => {} // deleted meanwhile
+                Err(e) if e.kind() == plughost_api::ErrorKind::NOT_FOUND => {} // deleted meanwhile
                 Err(e) => return Err(e),
             }
         }
@@ -382,7 +398,7 @@ impl VolumeDriver for FileVolume {
     }
 }
 
-plugin_api::export_driver! {
+plughost_api::export_driver! {
     kind: volume,
     driver: FileVolume,
     name: "file-volume",
@@ -395,7 +411,7 @@ plugin_api::export_driver! {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use plugin_api::ErrorKind;
+    use plughost_api::ErrorKind;
 
     fn driver(dir: &Path) -> FileVolume {
         let o = Options::from_pairs([
@@ -443,10 +459,15 @@ mod tests {
         d.create("v1", 1 << 20).unwrap();
         // What a kill -9 in the middle of `snapshot v1 s1` leaves behind.
         fs::write(dir.join(".source.s1"), "v1").unwrap();
-        fs::write(dir.join(".partial.s1.123.0"), vec![1u8; 4096]).unwrap();
+        fs::write(dir.join(".partial.s1.123-456.0"), vec![1u8; 4096]).unwrap();
+        // Work in flight in this process is not touched by another instance's init.
+        let mine = d.partial_path("w");
+        fs::write(&mine, b"in flight").unwrap();
         assert_eq!(d.list().unwrap().iter().map(|v| v.name.as_str()).collect::<Vec<_>>(), ["v1"]);
         assert_eq!(d.get("s1").unwrap_err().kind(), ErrorKind::NOT_FOUND);
         let again = driver(&dir);
+        assert!(mine.exists(), "another instance's work in flight survives init");
+        fs::remove_file(&mine).unwrap();
         let mut left: Vec<String> =
             fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         left.sort();

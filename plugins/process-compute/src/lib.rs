@@ -11,7 +11,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use plugin_api::{ComputeDriver, DriverError, Instance, InstanceSpec, InstanceState, OptionSpec, Options};
+use plughost_api::{ComputeDriver, DriverError, Instance, InstanceSpec, InstanceState, OptionSpec, Options};
 
 /// The options this driver takes. `${state_dir}` and `${backend}` are expanded by the host.
 pub const OPTIONS: &[OptionSpec] = &[
@@ -80,10 +80,9 @@ fn signal_group(pid: u32, sig: libc::c_int) {
 impl ProcessCompute {
     /// Builds the driver from validated options. Touches nothing on disk until `init`.
     pub fn new(options: &Options) -> Result<ProcessCompute, DriverError> {
-        let log_dir =
-            options.path("log_dir").ok_or_else(|| DriverError::invalid_argument("option \"log_dir\" is required"))?;
-        let ms = options.integer("stop_timeout_ms")?.unwrap_or(5000);
-        let max = options.integer("max_instances")?.unwrap_or(256);
+        let log_dir = options.path("log_dir")?;
+        let ms = options.integer("stop_timeout_ms")?;
+        let max = options.integer("max_instances")?;
         Ok(ProcessCompute {
             log_dir,
             stop_timeout: Duration::from_millis(u64::try_from(ms).map_err(|_| {
@@ -219,7 +218,7 @@ impl ComputeDriver for ProcessCompute {
     }
 
     fn spawn(&self, spec: &InstanceSpec) -> Result<Instance, DriverError> {
-        plugin_api::check_name("instance", &spec.name)?;
+        plughost_api::check_name("instance", &spec.name)?;
         if spec.command.is_empty() {
             return Err(DriverError::invalid_argument(format!("instance {:?}: empty command", spec.name)));
         }
@@ -292,7 +291,7 @@ impl ComputeDriver for ProcessCompute {
     }
 }
 
-plugin_api::export_driver! {
+plughost_api::export_driver! {
     kind: compute,
     driver: ProcessCompute,
     name: "process-compute",
@@ -309,7 +308,7 @@ mod tests {
     #[test]
     fn processes_live_and_die() {
         let dir = std::env::temp_dir().join(format!("process-compute-unit-{}", std::process::id()));
-        let o = Options::from_pairs([("log_dir", dir.to_str().unwrap()), ("stop_timeout_ms", "2000")]);
+        let o = Options::for_schema(OPTIONS, [("log_dir", dir.to_str().unwrap()), ("stop_timeout_ms", "2000")]);
         let d = ProcessCompute::new(&o).unwrap();
         d.init().unwrap();
         let spec = InstanceSpec {

@@ -1,0 +1,210 @@
+//! The control socket server: bind, accept, line framing, graceful stop. What a line means is the
+//! [`Handler`]'s business (the host's dispatch); this module only moves bytes.
+//!
+//! Framing: one request per line. A line longer than the limit is answered with `invalid_request` and
+//! the connection is closed (nothing after it can be trusted to be a line boundary); a line that is
+//! not UTF-8 is answered with `invalid_request` and the connection stays usable.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+/// What answers request lines.
+pub trait Handler: Send + Sync + 'static {
+    /// Answers one request line (without its newline); returns the answer line without newline.
+    fn handle(&self, line: &[u8]) -> String;
+    /// Answers a line that was longer than the limit (the connection is closed after it).
+    fn too_long(&self, limit: usize) -> String;
+}
+
+/// A server accepting connections on a Unix socket.
+#[derive(Debug)]
+pub struct Server {
+    socket: PathBuf,
+    listener_fd: i32,
+    accept: Option<JoinHandle<()>>,
+}
+
+/// Binds `path` (mode 0600). An existing socket nobody answers on is stale and replaced; anything else
+/// at `path` (a regular file, a directory, a live server's socket) is left alone and refused.
+pub fn bind(path: &Path) -> Result<UnixListener, String> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(format!("socket \"{}\": another plughost is already serving there", path.display()));
+            }
+            std::fs::remove_file(path)
+                .map_err(|e| format!("socket \"{}\": cannot remove the stale socket: {e}", path.display()))?;
+        }
+        Ok(_) => {
+            return Err(format!(
+                "socket \"{}\": something that is not a socket is there; refusing to replace it",
+                path.display()
+            ))
+        }
+        Err(_) => {}
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("socket \"{}\": cannot create its directory: {e}", path.display()))?;
+    }
+    let l = UnixListener::bind(path).map_err(|e| format!("socket \"{}\": cannot bind: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("socket \"{}\": cannot set mode 0600: {e}", path.display()))?;
+    Ok(l)
+}
+
+impl Server {
+    /// Binds `socket` and serves each connection on its own thread.
+    pub fn serve(handler: Arc<dyn Handler>, socket: &Path, max_line: usize) -> Result<Server, String> {
+        let listener = bind(socket)?;
+        let listener_fd = listener.as_raw_fd();
+        let accept = std::thread::Builder::new()
+            .name("accept".to_owned())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    match conn {
+                        Ok(stream) => {
+                            let h = handler.clone();
+                            let spawned = std::thread::Builder::new()
+                                .name("conn".to_owned())
+                                .spawn(move || serve_connection(&*h, stream, max_line));
+                            if let Err(e) = spawned {
+                                log::warn!("control socket: cannot start a connection thread: {e}");
+                            }
+                        }
+                        // The listener was shut down: stop accepting.
+                        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => break,
+                        Err(e) => {
+                            log::warn!("control socket: accept failed: {e}");
+                            // Out of descriptors or memory: give the process a moment instead of spinning.
+                            std::thread::sleep(std::time::Duration::from_millis(10));
+                        }
+                    }
+                }
+            })
+            .map_err(|e| format!("cannot start the accept thread: {e}"))?;
+        Ok(Server { socket: socket.to_owned(), listener_fd, accept: Some(accept) })
+    }
+
+    /// The socket path.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Stops accepting new connections and removes the socket. Open connections stay (the handler
+    /// decides what they get).
+    pub fn stop(mut self) {
+        // SAFETY: `listener_fd` belongs to the listener owned by the accept thread, which is still
+        // alive (joined below); shutting it down only wakes the blocked accept() so that it returns.
+        unsafe {
+            libc::shutdown(self.listener_fd, libc::SHUT_RDWR);
+        }
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// One line read from a connection.
+enum Line {
+    /// A complete line (without its newline).
+    Complete(Vec<u8>),
+    /// Longer than the limit.
+    TooLong,
+    /// The peer closed the connection.
+    End,
+}
+
+/// Reads one line of at most `max` bytes without ever buffering more than `max` bytes of it.
+fn read_line(r: &mut impl BufRead, max: usize) -> std::io::Result<Line> {
+    let mut line = Vec::new();
+    loop {
+        let buf = r.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(if line.is_empty() { Line::End } else { Line::Complete(line) });
+        }
+        match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => {
+                if line.len() + i > max {
+                    return Ok(Line::TooLong);
+                }
+                line.extend_from_slice(&buf[..i]);
+                r.consume(i + 1);
+                return Ok(Line::Complete(line));
+            }
+            None => {
+                let n = buf.len();
+                if line.len() + n > max {
+                    return Ok(Line::TooLong);
+                }
+                line.extend_from_slice(buf);
+                r.consume(n);
+            }
+        }
+    }
+}
+
+fn serve_connection(handler: &dyn Handler, stream: UnixStream, max_line: usize) {
+    let Ok(write_half) = stream.try_clone() else { return };
+    let mut out = std::io::BufWriter::new(write_half);
+    let mut input = BufReader::with_capacity(64 << 10, stream);
+    loop {
+        let (reply, close) = match read_line(&mut input, max_line) {
+            Ok(Line::End) | Err(_) => return,
+            Ok(Line::TooLong) => (handler.too_long(max_line), true),
+            Ok(Line::Complete(line)) => {
+                let trimmed = line.strip_suffix(b"\r").unwrap_or(&line);
+                if trimmed.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                (handler.handle(trimmed), false)
+            }
+        };
+        if out.write_all(reply.as_bytes()).and_then(|()| out.write_all(b"\n")).and_then(|()| out.flush()).is_err()
+            || close
+        {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_framed_and_capped() {
+        let mut r = std::io::Cursor::new(b"one\ntwo\r\n\nthree".to_vec());
+        let mut got = Vec::new();
+        while let Line::Complete(l) = read_line(&mut r, 16).unwrap() {
+            got.push(String::from_utf8(l).unwrap());
+        }
+        assert_eq!(got, ["one", "two\r", "", "three"]);
+        let mut r = BufReader::with_capacity(4, std::io::Cursor::new(vec![b'x'; 100]));
+        assert!(matches!(read_line(&mut r, 10).unwrap(), Line::TooLong));
+        let mut r = std::io::Cursor::new(b"0123456789\n".to_vec());
+        assert!(matches!(read_line(&mut r, 10).unwrap(), Line::Complete(l) if l.len() == 10));
+    }
+
+    #[test]
+    fn bind_never_replaces_what_is_not_a_stale_socket() {
+        let dir = std::env::temp_dir().join(format!("plughost-bind-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("precious");
+        std::fs::write(&file, "data").unwrap();
+        assert!(bind(&file).unwrap_err().contains("not a socket"));
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "data");
+        let sock = dir.join("s.sock");
+        let live = bind(&sock).unwrap();
+        assert!(bind(&sock).unwrap_err().contains("already serving"));
+        drop(live);
+        assert!(bind(&sock).is_ok(), "a stale socket is replaced");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,740 @@
+//! The compute service (nova's compute manager): each instance has a record (its id, spec, status and
+//! what its driver last reported), conflicting operations on one instance run one after the other, and
+//! the backend's driver runs the instances.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use plughost_api::host::{ComputeInterface, ComputeMethod};
+use plughost_api::{ComputeDriver, Instance, InstanceSpec, InstanceState};
+use serde::{Deserialize, Serialize};
+
+use super::records::{new_id, now, Record, Records};
+use super::{check_name, op_to_request, parse_result, Backends, DynService, Service, ServiceContext, ServiceKind};
+use crate::backend::{Backend, BackendControl, Health};
+use crate::protocol::{ApiError, ErrorKind, Removed};
+
+/// The compute service in the table.
+pub static KIND: ServiceKind = ServiceKind {
+    name: "compute",
+    about: "Compute operations",
+    default_driver: "process-compute",
+    build,
+    ctl: ctl_command,
+    ctl_request,
+    format,
+};
+
+// ---------------------------------------------------------------------------------------------------
+// Protocol
+
+/// A compute operation and its arguments. `backend` on an operation by name checks that the instance
+/// is on that backend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum ComputeOp {
+    /// Creates and starts an instance.
+    Spawn {
+        /// Its name.
+        name: String,
+        /// The program.
+        command: String,
+        /// Its arguments.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        args: Vec<String>,
+        /// Extra environment variables.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        env: BTreeMap<String, String>,
+        /// Working directory.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        workdir: Option<String>,
+        /// The backend (default: the service's default).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        backend: Option<String>,
+    },
+    /// One instance, refreshed from its driver.
+    Get {
+        /// The instance.
+        name: String,
+        /// Its backend, if the caller wants it checked.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        backend: Option<String>,
+    },
+    /// Every instance (of one backend), refreshed from the drivers.
+    List {
+        /// Only this backend.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        backend: Option<String>,
+    },
+    /// Starts a stopped instance.
+    Start {
+        /// The instance.
+        name: String,
+        /// Its backend, if the caller wants it checked.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        backend: Option<String>,
+    },
+    /// Stops an instance.
+    Stop {
+        /// The instance.
+        name: String,
+        /// Its backend, if the caller wants it checked.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        backend: Option<String>,
+    },
+    /// Stops and starts an instance.
+    Reboot {
+        /// The instance.
+        name: String,
+        /// Its backend, if the caller wants it checked.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        backend: Option<String>,
+    },
+    /// Stops and removes an instance.
+    Destroy {
+        /// The instance.
+        name: String,
+        /// Its backend, if the caller wants it checked.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        backend: Option<String>,
+    },
+}
+
+/// Where an instance is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceStatus {
+    /// Being created.
+    Spawning,
+    /// Running.
+    Running,
+    /// Not running: stopped, or exited (see `exit_code`, `exit_signal`, `exit_unknown`).
+    Stopped,
+    /// Suspended.
+    Paused,
+    /// The driver cannot tell.
+    Unknown,
+    /// Being started.
+    Starting,
+    /// Being stopped.
+    Stopping,
+    /// Being rebooted.
+    Rebooting,
+    /// Being destroyed.
+    Deleting,
+    /// Something is wrong; `reason` says what.
+    Error,
+}
+
+impl std::fmt::Display for InstanceStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let v = serde_json::to_value(self).ok();
+        f.write_str(v.as_ref().and_then(|v| v.as_str()).unwrap_or("?"))
+    }
+}
+
+impl From<InstanceState> for InstanceStatus {
+    fn from(s: InstanceState) -> InstanceStatus {
+        match s {
+            InstanceState::Running => InstanceStatus::Running,
+            InstanceState::Stopped => InstanceStatus::Stopped,
+            InstanceState::Paused => InstanceStatus::Paused,
+            InstanceState::Unknown => InstanceStatus::Unknown,
+        }
+    }
+}
+
+/// What the service knows about one instance.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct InstanceRecord {
+    /// Stable id.
+    pub id: String,
+    /// Name, unique within the service.
+    pub name: String,
+    /// Backend running it.
+    pub backend: String,
+    /// Where it is in its life.
+    pub status: InstanceStatus,
+    /// Process id while running.
+    pub pid: Option<u32>,
+    /// Exit code of the last run.
+    pub exit_code: Option<i32>,
+    /// Signal that ended the last run.
+    pub exit_signal: Option<i32>,
+    /// The last run ended in a way that cannot be known (for instance, it was adopted after a restart).
+    #[serde(default)]
+    pub exit_unknown: bool,
+    /// Resident memory in bytes.
+    pub rss_bytes: u64,
+    /// CPU time in milliseconds.
+    pub cpu_time_ms: u64,
+    /// Uptime in milliseconds.
+    pub uptime_ms: u64,
+    /// Command line.
+    pub command: String,
+    /// When the current (or last) run started, milliseconds since the epoch.
+    #[serde(default)]
+    pub started_at_ms: Option<u64>,
+    /// Driver-specific facts (`pgid`, `cgroup`, ...).
+    #[serde(default)]
+    pub details: BTreeMap<String, String>,
+    /// What was asked for.
+    #[serde(default)]
+    pub spec: Option<SpecRecord>,
+    /// Creation time, seconds since the epoch.
+    pub created_at: u64,
+    /// Last change, seconds since the epoch.
+    pub updated_at: u64,
+    /// Why the status is `error`.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// An instance's spec as recorded.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SpecRecord {
+    /// The program.
+    pub command: String,
+    /// Its arguments.
+    pub args: Vec<String>,
+    /// Extra environment.
+    pub env: BTreeMap<String, String>,
+    /// Working directory.
+    pub workdir: Option<String>,
+}
+
+impl InstanceRecord {
+    fn new(spec: &InstanceSpec, backend: &str, status: InstanceStatus) -> InstanceRecord {
+        let t = now();
+        InstanceRecord {
+            id: new_id(),
+            name: spec.name.clone(),
+            backend: backend.to_owned(),
+            status,
+            pid: None,
+            exit_code: None,
+            exit_signal: None,
+            exit_unknown: false,
+            rss_bytes: 0,
+            cpu_time_ms: 0,
+            uptime_ms: 0,
+            command: std::iter::once(spec.command.as_str())
+                .chain(spec.args.iter().map(String::as_str))
+                .collect::<Vec<_>>()
+                .join(" "),
+            started_at_ms: None,
+            details: BTreeMap::new(),
+            spec: Some(SpecRecord {
+                command: spec.command.clone(),
+                args: spec.args.clone(),
+                env: spec.env.iter().cloned().collect(),
+                workdir: spec.workdir.clone(),
+            }),
+            created_at: t,
+            updated_at: t,
+            reason: None,
+        }
+    }
+
+    /// Takes what the driver reports; whether the status or identity of the run changed (what is worth
+    /// writing down; usage counters change all the time and are refreshed in memory).
+    fn apply(&mut self, i: &Instance) -> bool {
+        let status = InstanceStatus::from(i.state);
+        let changed = self.status != status
+            || self.pid != i.pid
+            || self.exit_code != i.exit_code
+            || self.exit_signal != i.exit_signal
+            || self.exit_unknown != i.exit_unknown
+            || self.started_at_ms != i.started_at_ms;
+        self.status = status;
+        self.reason = None;
+        self.pid = i.pid;
+        self.exit_code = i.exit_code;
+        self.exit_signal = i.exit_signal;
+        self.exit_unknown = i.exit_unknown;
+        self.rss_bytes = i.rss_bytes;
+        self.cpu_time_ms = i.cpu_time_ms;
+        self.uptime_ms = i.uptime_ms;
+        self.command.clone_from(&i.command);
+        self.started_at_ms = i.started_at_ms;
+        self.details = i.details.iter().cloned().collect();
+        if changed {
+            self.updated_at = now();
+        }
+        changed
+    }
+}
+
+impl Record for InstanceRecord {
+    type Status = InstanceStatus;
+    const WHAT: &'static str = "instance";
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn backend(&self) -> &str {
+        &self.backend
+    }
+    fn status(&self) -> InstanceStatus {
+        self.status
+    }
+    fn set_status(&mut self, status: InstanceStatus) {
+        self.status = status;
+        if status != InstanceStatus::Error {
+            self.reason = None;
+        }
+        self.updated_at = now();
+    }
+}
+
+/// What compute operations answer.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum ComputeReply {
+    /// One instance.
+    Record(Box<InstanceRecord>),
+    /// Several.
+    Records(Vec<InstanceRecord>),
+    /// A destroyed one.
+    Removed(Removed),
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The service
+
+/// The compute service.
+pub struct ComputeService {
+    backends: Backends<ComputeInterface>,
+    records: Records<InstanceRecord>,
+}
+
+/// What the instance records file is called in the state dir.
+pub const RECORDS_FILE: &str = "instances.json";
+
+fn build(ctx: &ServiceContext<'_>) -> Result<Arc<dyn DynService>, Vec<String>> {
+    let backends = Backends::build(KIND.name, ctx)?;
+    let records = Records::json(ctx.state_dir.join(RECORDS_FILE)).map_err(|e| vec![e])?;
+    Ok(Arc::new(ComputeService::new(backends, records)))
+}
+
+const MISSING: &str = "missing from backend";
+
+impl ComputeService {
+    pub(crate) fn new(backends: Backends<ComputeInterface>, records: Records<InstanceRecord>) -> ComputeService {
+        let s = ComputeService { backends, records };
+        s.sync(None);
+        s
+    }
+
+    /// Brings records in line with what the drivers report (periodic, and before `list`): instances
+    /// an operation is working on are skipped; an instance a driver no longer has becomes `error`
+    /// ("missing from backend"); one it has without a record is adopted.
+    fn sync(&self, only: Option<&str>) {
+        for b in self.backends.iter().filter(|b| only.is_none_or(|o| o == b.name)) {
+            if b.health() != Health::Up {
+                continue;
+            }
+            let Ok(list) = b.call(ComputeMethod::list, |d| d.list()) else { continue };
+            for i in &list {
+                let Some(_held) = self.records.try_hold(&i.name) else { continue };
+                if self.records.get(&i.name).is_some() {
+                    self.records.update(&i.name, |r| r.backend == b.name && r.apply(i));
+                } else {
+                    log::info!("instance {:?}: found on backend {:?} without a record; adopted", i.name, b.name);
+                    let spec =
+                        InstanceSpec { name: i.name.clone(), command: i.command.clone(), ..InstanceSpec::default() };
+                    let mut r = InstanceRecord::new(&spec, &b.name, InstanceStatus::Unknown);
+                    r.spec = None;
+                    r.apply(i);
+                    self.records.put(r);
+                }
+            }
+            for r in self.records.list(Some(&b.name)) {
+                if list.iter().any(|i| i.name == r.name) || r.reason.as_deref() == Some(MISSING) {
+                    continue;
+                }
+                let Some(_held) = self.records.try_hold(&r.name) else { continue };
+                if matches!(self.records.get(&r.name), Some(r) if r.status != InstanceStatus::Spawning) {
+                    log::warn!("instance {:?}: missing from backend {:?}; kept as error", r.name, b.name);
+                    self.records.update(&r.name, |r| {
+                        r.set_status(InstanceStatus::Error);
+                        r.reason = Some(MISSING.to_owned());
+                        true
+                    });
+                }
+            }
+        }
+    }
+
+    fn existing(
+        &self,
+        name: &str,
+        backend: Option<&str>,
+    ) -> Result<(InstanceRecord, &Arc<Backend<ComputeInterface>>), ApiError> {
+        check_name("instance", name)?;
+        let r = self.records.existing(name)?;
+        if let Some(b) = backend {
+            self.backends.pick(Some(b))?;
+            if r.backend != b {
+                return Err(ApiError::not_found(format!(
+                    "instance {name:?} not found on backend {b:?} (it is on {:?})",
+                    r.backend
+                )));
+            }
+        }
+        let b = self.backends.holding("instance", name, &r.backend)?;
+        Ok((r, b))
+    }
+
+    fn spawn(&self, spec: InstanceSpec, backend: Option<&str>) -> Result<InstanceRecord, ApiError> {
+        check_name("instance", &spec.name)?;
+        if spec.command.is_empty() {
+            return Err(ApiError::invalid(format!("instance {:?}: empty command", spec.name)));
+        }
+        let b = self.backends.pick(backend)?;
+        let _held = self.records.hold(&spec.name);
+        let record = InstanceRecord::new(&spec, &b.name, InstanceStatus::Spawning);
+        self.records.create(
+            record,
+            || b.call(ComputeMethod::spawn, |d| d.spawn(&spec)),
+            |r, i| {
+                r.apply(&i);
+            },
+        )
+    }
+
+    fn transition(
+        &self,
+        name: &str,
+        backend: Option<&str>,
+        during: InstanceStatus,
+        method: ComputeMethod,
+        f: impl FnOnce(&dyn ComputeDriver) -> Result<Instance, plughost_api::DriverError>,
+    ) -> Result<InstanceRecord, ApiError> {
+        let _held = self.records.hold(name);
+        let (r, b) = self.existing(name, backend)?;
+        self.records.transition(
+            r,
+            during,
+            || b.call(method, f),
+            |r, i| {
+                r.apply(&i);
+            },
+        )
+    }
+
+    fn destroy(&self, name: &str, backend: Option<&str>) -> Result<Removed, ApiError> {
+        let _held = self.records.hold(name);
+        let (r, b) = self.existing(name, backend)?;
+        self.records.removal(r, InstanceStatus::Deleting, || b.call(ComputeMethod::destroy, |d| d.destroy(name)))?;
+        Ok(Removed { name: name.to_owned(), deleted: None, destroyed: Some(true) })
+    }
+
+    /// Refreshes one instance from its driver; unlike the transitions, it changes no status by itself.
+    /// A driver error is the answer; a driver that no longer has the instance turns the record to
+    /// `error`.
+    fn get(&self, name: &str, backend: Option<&str>) -> Result<InstanceRecord, ApiError> {
+        let _held = self.records.hold(name);
+        let (r, b) = self.existing(name, backend)?;
+        match b.call(ComputeMethod::get, |d| d.get(name)) {
+            Ok(i) => Ok(self.records.update(name, |r| r.apply(&i)).unwrap_or(r)),
+            Err(e) if e.kind == ErrorKind::NotFound => Ok(self
+                .records
+                .update(name, |r| {
+                    r.set_status(InstanceStatus::Error);
+                    r.reason = Some(MISSING.to_owned());
+                    true
+                })
+                .unwrap_or(r)),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Service for ComputeService {
+    type Op = ComputeOp;
+    type Reply = ComputeReply;
+
+    fn kind(&self) -> &'static ServiceKind {
+        &KIND
+    }
+
+    fn handle(&self, op: ComputeOp) -> Result<ComputeReply, ApiError> {
+        use ComputeMethod as M;
+        use InstanceStatus as S;
+        Ok(match op {
+            ComputeOp::Spawn { name, command, args, env, workdir, backend } => {
+                let spec = InstanceSpec { name, command, args, env: env.into_iter().collect(), workdir };
+                ComputeReply::Record(Box::new(self.spawn(spec, backend.as_deref())?))
+            }
+            ComputeOp::Get { name, backend } => ComputeReply::Record(Box::new(self.get(&name, backend.as_deref())?)),
+            ComputeOp::List { backend } => {
+                if let Some(b) = &backend {
+                    self.backends.pick(Some(b))?;
+                }
+                self.sync(backend.as_deref());
+                ComputeReply::Records(self.records.list(backend.as_deref()))
+            }
+            ComputeOp::Start { name, backend } => {
+                let r = self.transition(&name, backend.as_deref(), S::Starting, M::start, |d| d.start(&name))?;
+                ComputeReply::Record(Box::new(r))
+            }
+            ComputeOp::Stop { name, backend } => {
+                let r = self.transition(&name, backend.as_deref(), S::Stopping, M::stop, |d| d.stop(&name))?;
+                ComputeReply::Record(Box::new(r))
+            }
+            ComputeOp::Reboot { name, backend } => {
+                let r = self.transition(&name, backend.as_deref(), S::Rebooting, M::reboot, |d| d.reboot(&name))?;
+                ComputeReply::Record(Box::new(r))
+            }
+            ComputeOp::Destroy { name, backend } => ComputeReply::Removed(self.destroy(&name, backend.as_deref())?),
+        })
+    }
+
+    fn periodic(&self) {
+        self.backends.check_health();
+        self.sync(None);
+    }
+
+    fn backends(&self) -> &[Arc<dyn BackendControl>] {
+        self.backends.controls()
+    }
+
+    fn default_backend(&self) -> &str {
+        self.backends.default_name()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// ctl
+
+/// `plughost ctl compute ...`.
+#[derive(clap::Subcommand, Debug)]
+enum ComputeCmd {
+    /// Start a new instance running CMD ARGS...
+    Spawn {
+        /// Instance name
+        name: String,
+        /// Environment variable K=V (repeatable)
+        #[arg(long = "env", value_name = "K=V")]
+        env: Vec<String>,
+        /// Working directory
+        #[arg(long)]
+        workdir: Option<String>,
+        /// Backend
+        #[arg(long)]
+        backend: Option<String>,
+        /// Command and arguments, after --
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
+    /// List instances
+    List {
+        /// Only this backend
+        #[arg(long)]
+        backend: Option<String>,
+    },
+    /// Show one instance
+    Get {
+        /// Instance name
+        name: String,
+    },
+    /// Stop an instance
+    Stop {
+        /// Instance name
+        name: String,
+    },
+    /// Start a stopped instance
+    Start {
+        /// Instance name
+        name: String,
+    },
+    /// Stop and start an instance
+    Reboot {
+        /// Instance name
+        name: String,
+    },
+    /// Stop and remove an instance
+    Destroy {
+        /// Instance name
+        name: String,
+    },
+}
+
+fn ctl_command() -> clap::Command {
+    use clap::Subcommand;
+    ComputeCmd::augment_subcommands(clap::Command::new(KIND.name).about(KIND.about).subcommand_required(true))
+}
+
+fn ctl_request(m: &clap::ArgMatches) -> Result<(String, String), String> {
+    use clap::FromArgMatches;
+    let cmd = ComputeCmd::from_arg_matches(m).map_err(|e| e.to_string())?;
+    let op = match cmd {
+        ComputeCmd::Spawn { name, env, workdir, backend, command } => {
+            let mut vars = BTreeMap::new();
+            for kv in env {
+                match kv.split_once('=') {
+                    Some((k, v)) if !k.is_empty() => {
+                        vars.insert(k.to_owned(), v.to_owned());
+                    }
+                    _ => return Err(format!("--env {kv:?}: expected K=V")),
+                }
+            }
+            let mut command = command.into_iter();
+            let program = command.next().unwrap_or_default();
+            ComputeOp::Spawn { name, command: program, args: command.collect(), env: vars, workdir, backend }
+        }
+        ComputeCmd::List { backend } => ComputeOp::List { backend },
+        ComputeCmd::Get { name } => ComputeOp::Get { name, backend: None },
+        ComputeCmd::Stop { name } => ComputeOp::Stop { name, backend: None },
+        ComputeCmd::Start { name } => ComputeOp::Start { name, backend: None },
+        ComputeCmd::Reboot { name } => ComputeOp::Reboot { name, backend: None },
+        ComputeCmd::Destroy { name } => ComputeOp::Destroy { name, backend: None },
+    };
+    op_to_request(&op)
+}
+
+fn format(op: &str, result: &str) -> Result<String, String> {
+    use crate::ctl::{human_size, key_values, table};
+    Ok(match op {
+        "list" => {
+            let list: Vec<InstanceRecord> = parse_result(result)?;
+            let rows: Vec<[String; 7]> = list
+                .iter()
+                .map(|i| {
+                    [
+                        i.name.clone(),
+                        i.backend.clone(),
+                        i.status.to_string(),
+                        i.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".to_owned()),
+                        human_size(i.rss_bytes),
+                        format!("{}ms", i.cpu_time_ms),
+                        i.reason.clone().unwrap_or_else(|| i.command.clone()),
+                    ]
+                })
+                .collect();
+            let header = ["NAME", "BACKEND", "STATUS", "PID", "RSS", "CPU", "COMMAND"].map(String::from);
+            table(std::iter::once(&header).chain(rows.iter()), "")
+        }
+        _ => key_values(result)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use plughost_api::{ComputeClient, DriverError};
+    use std::sync::Mutex;
+
+    /// Instances in memory; `stop` of one named "slow" blocks until released.
+    #[derive(Default)]
+    struct Mem {
+        instances: Mutex<BTreeMap<String, Instance>>,
+        release: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+    }
+
+    impl ComputeDriver for Mem {
+        fn spawn(&self, spec: &InstanceSpec) -> Result<Instance, DriverError> {
+            let i = Instance {
+                name: spec.name.clone(),
+                state: InstanceState::Running,
+                pid: Some(42),
+                ..Instance::default()
+            };
+            self.instances.lock().unwrap().insert(spec.name.clone(), i.clone());
+            Ok(i)
+        }
+        fn destroy(&self, name: &str) -> Result<(), DriverError> {
+            self.instances.lock().unwrap().remove(name).map(drop).ok_or_else(|| DriverError::not_found("no"))
+        }
+        fn start(&self, name: &str) -> Result<Instance, DriverError> {
+            self.get(name)
+        }
+        fn stop(&self, name: &str) -> Result<Instance, DriverError> {
+            if name == "slow" {
+                if let Some(rx) = self.release.lock().unwrap().take() {
+                    let _ = rx.recv();
+                }
+            }
+            let mut m = self.instances.lock().unwrap();
+            let i = m.get_mut(name).ok_or_else(|| DriverError::not_found("no"))?;
+            i.state = InstanceState::Stopped;
+            i.pid = None;
+            Ok(i.clone())
+        }
+        fn reboot(&self, name: &str) -> Result<Instance, DriverError> {
+            self.get(name)
+        }
+        fn list(&self) -> Result<Vec<Instance>, DriverError> {
+            Ok(self.instances.lock().unwrap().values().cloned().collect())
+        }
+        fn get(&self, name: &str) -> Result<Instance, DriverError> {
+            self.instances.lock().unwrap().get(name).cloned().ok_or_else(|| DriverError::not_found("no"))
+        }
+    }
+
+    fn service(driver: Mem) -> ComputeService {
+        let client: Box<dyn ComputeDriver> = Box::new(ComputeClient::in_process(driver));
+        let backend = Backend::<ComputeInterface>::in_process("compute", "default", client, "mem");
+        ComputeService::new(Backends::from_list("compute", vec![backend]), Records::in_memory())
+    }
+
+    fn spec(name: &str, command: &str) -> InstanceSpec {
+        InstanceSpec { name: name.into(), command: command.into(), ..InstanceSpec::default() }
+    }
+
+    #[test]
+    fn spawn_validates_and_records_what_the_driver_reports() {
+        let s = service(Mem::default());
+        assert_eq!(s.spawn(spec("../x", "true"), None).unwrap_err().kind, ErrorKind::InvalidArgument);
+        let e = s.spawn(spec("a", ""), None).unwrap_err();
+        assert_eq!((e.kind, e.message.as_str()), (ErrorKind::InvalidArgument, "instance \"a\": empty command"));
+        let r = s.spawn(spec("a", "sleep"), None).unwrap();
+        assert_eq!((r.status, r.pid), (InstanceStatus::Running, Some(42)));
+        assert_eq!(r.spec.as_ref().unwrap().command, "sleep");
+        assert_eq!(s.spawn(spec("a", "sleep"), None).unwrap_err().kind, ErrorKind::AlreadyExists);
+        let stopped = s.transition("a", None, InstanceStatus::Stopping, ComputeMethod::stop, |d| d.stop("a")).unwrap();
+        assert_eq!((stopped.status, stopped.pid), (InstanceStatus::Stopped, None));
+        s.destroy("a", None).unwrap();
+        assert_eq!(s.get("a", None).unwrap_err().kind, ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn a_slow_stop_holds_only_its_own_instance() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mem = Mem::default();
+        *mem.release.lock().unwrap() = Some(rx);
+        let s = Arc::new(service(mem));
+        s.spawn(spec("slow", "x"), None).unwrap();
+        s.spawn(spec("quick", "x"), None).unwrap();
+        let s2 = s.clone();
+        let stopping = std::thread::spawn(move || {
+            s2.transition("slow", None, InstanceStatus::Stopping, ComputeMethod::stop, |d| d.stop("slow"))
+        });
+        while s.records.get("slow").unwrap().status != InstanceStatus::Stopping {
+            std::thread::yield_now();
+        }
+        assert_eq!(s.get("quick", None).unwrap().status, InstanceStatus::Running, "answers while the other stops");
+        let listed = s.handle(ComputeOp::List { backend: None }).unwrap();
+        let ComputeReply::Records(list) = listed else { panic!("list answers records") };
+        assert_eq!(list.iter().find(|r| r.name == "slow").unwrap().status, InstanceStatus::Stopping, "sync skips it");
+        tx.send(()).unwrap();
+        assert_eq!(stopping.join().unwrap().unwrap().status, InstanceStatus::Stopped);
+    }
+
+    #[test]
+    fn lost_instances_become_errors_and_strays_are_adopted() {
+        let mem = Mem::default();
+        mem.instances.lock().unwrap().insert(
+            "stray".into(),
+            Instance { name: "stray".into(), state: InstanceState::Running, pid: Some(7), ..Instance::default() },
+        );
+        let s = service(mem);
+        let stray = s.records.get("stray").unwrap();
+        assert_eq!((stray.status, stray.pid), (InstanceStatus::Running, Some(7)));
+        s.spawn(spec("a", "x"), None).unwrap();
+        s.backends.iter().next().unwrap().call(ComputeMethod::destroy, |d| d.destroy("a")).unwrap();
+        s.sync(None);
+        let a = s.records.get("a").unwrap();
+        assert_eq!((a.status, a.reason.as_deref()), (InstanceStatus::Error, Some(MISSING)));
+    }
+}

@@ -1,0 +1,256 @@
+//! Services as a table. Each driver kind has one service (the policy and bookkeeping of its domain: a
+//! nova/cinder *manager*) in its own file; [`KINDS`] registers them, and the configuration, the `run`
+//! flags, `ctl` and the socket derive their per-kind parts from it.
+//!
+//! A service implements [`Service`] with typed operations; [`DynService`] is the same service seen
+//! through the JSON edge, which is how the host holds it.
+
+pub mod compute;
+pub(crate) mod records;
+pub mod volume;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use plughost_api::host::Interface;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+use crate::backend::{Backend, BackendControl, BuildContext, Configured};
+use crate::config::ServiceSpec;
+use crate::protocol::{parse_op, to_json, ApiError, Capacity, ErrorKind};
+
+/// Builds a service from its configuration; every error found.
+pub type BuildFn = fn(&ServiceContext<'_>) -> Result<Arc<dyn DynService>, Vec<String>>;
+
+/// One kind of service, as registered in [`KINDS`].
+pub struct ServiceKind {
+    /// The service's name: `volume`. Also its config section, its flag prefix (`--volume-driver`), its
+    /// environment prefix (`PLUGHOST_VOLUME_`) and the `service` of its requests.
+    pub name: &'static str,
+    /// One line for help texts.
+    pub about: &'static str,
+    /// The driver of the `default` backend when the configuration names none.
+    pub default_driver: &'static str,
+    /// Builds the service from its configuration (every error found).
+    pub build: BuildFn,
+    /// The `plughost ctl SERVICE ...` subcommands.
+    pub ctl: fn() -> clap::Command,
+    /// Turns parsed `ctl` arguments into the operation's name and its JSON arguments.
+    pub ctl_request: fn(&clap::ArgMatches) -> Result<(String, String), String>,
+    /// Formats a successful answer to `op` for people.
+    pub format: fn(op: &str, result: &str) -> Result<String, String>,
+}
+
+impl std::fmt::Debug for ServiceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceKind").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+/// Every kind of service, in the order they start and appear in status.
+pub static KINDS: &[&ServiceKind] = &[&volume::KIND, &compute::KIND];
+
+/// A registered kind by name.
+pub fn kind(name: &str) -> Option<&'static ServiceKind> {
+    KINDS.iter().copied().find(|k| k.name == name)
+}
+
+/// What building a service needs.
+#[derive(Debug, Clone, Copy)]
+pub struct ServiceContext<'a> {
+    /// For loading drivers.
+    pub build: BuildContext<'a>,
+    /// The service's configuration.
+    pub spec: &'a ServiceSpec,
+    /// Where it keeps its records.
+    pub state_dir: &'a Path,
+}
+
+/// A service with typed operations.
+pub trait Service: Send + Sync + 'static {
+    /// Its operations, with their arguments (an externally tagged enum of struct variants).
+    type Op: DeserializeOwned + Serialize;
+    /// What its operations answer.
+    type Reply: Serialize;
+    /// Its entry in [`KINDS`].
+    fn kind(&self) -> &'static ServiceKind;
+    /// Runs one operation.
+    fn handle(&self, op: Self::Op) -> Result<Self::Reply, ApiError>;
+    /// One round of periodic work (health checks, refreshing what drivers report).
+    fn periodic(&self);
+    /// Its backends.
+    fn backends(&self) -> &[Arc<dyn BackendControl>];
+    /// The backend used when a request names none.
+    fn default_backend(&self) -> &str;
+    /// A backend's capacity as last refreshed, for kinds that have one.
+    fn capacity(&self, _backend: &str) -> Option<Capacity> {
+        None
+    }
+    /// Runs every backend's cleanup at host stop, once no request is in flight.
+    fn cleanup(&self) {
+        for b in self.backends() {
+            b.cleanup();
+        }
+    }
+}
+
+/// A service seen through the JSON edge: what the host holds.
+pub trait DynService: Send + Sync {
+    /// Its entry in [`KINDS`].
+    fn kind(&self) -> &'static ServiceKind;
+    /// Parses `op` and `args`, runs the operation, serializes the answer.
+    fn handle_json(&self, op: &str, args: Option<&RawValue>) -> Result<String, ApiError>;
+    /// See [`Service::periodic`].
+    fn periodic(&self);
+    /// See [`Service::backends`].
+    fn backends(&self) -> &[Arc<dyn BackendControl>];
+    /// See [`Service::default_backend`].
+    fn default_backend(&self) -> &str;
+    /// See [`Service::capacity`].
+    fn capacity(&self, backend: &str) -> Option<Capacity>;
+    /// See [`Service::cleanup`].
+    fn cleanup(&self);
+}
+
+impl<S: Service> DynService for S {
+    fn kind(&self) -> &'static ServiceKind {
+        Service::kind(self)
+    }
+    fn handle_json(&self, op: &str, args: Option<&RawValue>) -> Result<String, ApiError> {
+        let op = parse_op::<S::Op>(Service::kind(self).name, op, args)?;
+        to_json(&self.handle(op)?)
+    }
+    fn periodic(&self) {
+        Service::periodic(self)
+    }
+    fn backends(&self) -> &[Arc<dyn BackendControl>] {
+        Service::backends(self)
+    }
+    fn default_backend(&self) -> &str {
+        Service::default_backend(self)
+    }
+    fn capacity(&self, backend: &str) -> Option<Capacity> {
+        Service::capacity(self, backend)
+    }
+    fn cleanup(&self) {
+        Service::cleanup(self)
+    }
+}
+
+/// The backends of one service and which one is the default.
+pub struct Backends<I: Interface> {
+    service: &'static str,
+    list: Vec<Arc<Backend<I>>>,
+    controls: Vec<Arc<dyn BackendControl>>,
+    default: String,
+}
+
+impl<I: Interface> Backends<I> {
+    /// Builds every backend of a service; every error found.
+    pub fn build(service: &'static str, ctx: &ServiceContext<'_>) -> Result<Backends<I>, Vec<String>> {
+        let mut list = Vec::new();
+        let mut errors = Vec::new();
+        for b in &ctx.spec.backends {
+            let configured = Configured { driver: b.driver.clone(), options: b.options.clone() };
+            match Backend::<I>::build(ctx.build, service, &b.name, configured) {
+                Ok(backend) => list.push(Arc::new(backend)),
+                Err(e) => errors.push(e.report()),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let controls = list.iter().map(|b| b.clone() as Arc<dyn BackendControl>).collect();
+        Ok(Backends { service, list, controls, default: ctx.spec.default_backend.clone() })
+    }
+
+    /// Backends built elsewhere (tests, benchmarks); the first is the default.
+    pub fn from_list(service: &'static str, list: Vec<Backend<I>>) -> Backends<I> {
+        let list: Vec<Arc<Backend<I>>> = list.into_iter().map(Arc::new).collect();
+        let default = list.first().map(|b| b.name.clone()).unwrap_or_default();
+        let controls = list.iter().map(|b| b.clone() as Arc<dyn BackendControl>).collect();
+        Backends { service, list, controls, default }
+    }
+
+    /// The backend named `name`, or the default one: the one place an unknown backend is refused.
+    pub fn pick(&self, name: Option<&str>) -> Result<&Arc<Backend<I>>, ApiError> {
+        let wanted = name.unwrap_or(&self.default);
+        self.list.iter().find(|b| b.name == wanted).ok_or_else(|| {
+            let known: Vec<&str> = self.list.iter().map(|b| b.name.as_str()).collect();
+            ApiError::not_found(format!("unknown {} backend {wanted:?} (known: {})", self.service, known.join(", ")))
+        })
+    }
+
+    /// The backend holding an existing resource, or `unavailable` if its backend is not configured
+    /// (any more).
+    pub fn holding(&self, what: &str, name: &str, backend: &str) -> Result<&Arc<Backend<I>>, ApiError> {
+        self.list.iter().find(|b| b.name == backend).ok_or_else(|| {
+            ApiError::new(
+                ErrorKind::Unavailable,
+                format!("{what} {name:?}: {} backend {backend:?} is not configured", self.service),
+            )
+        })
+    }
+
+    /// Every backend, in configuration order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Backend<I>>> {
+        self.list.iter()
+    }
+
+    /// Every backend as the host controls it.
+    pub fn controls(&self) -> &[Arc<dyn BackendControl>] {
+        &self.controls
+    }
+
+    /// The default backend's name.
+    pub fn default_name(&self) -> &str {
+        &self.default
+    }
+
+    /// Checks every backend's health (periodic work).
+    pub fn check_health(&self) {
+        for b in &self.controls {
+            b.check_health();
+        }
+    }
+}
+
+/// A value per backend refreshed by periodic work (capacity stats, ...).
+#[derive(Debug, Default)]
+pub(crate) struct PerBackend<T>(Mutex<BTreeMap<String, T>>);
+
+impl<T: Clone> PerBackend<T> {
+    pub(crate) fn set(&self, backend: &str, value: T) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).insert(backend.to_owned(), value);
+    }
+    pub(crate) fn get(&self, backend: &str) -> Option<T> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).get(backend).cloned()
+    }
+}
+
+/// Resource names follow [`plughost_api::check_name`], the rule drivers use too.
+pub fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
+    plughost_api::check_name(what, name).map_err(ApiError::from)
+}
+
+/// Turns a `ctl` subcommand's typed operation into the operation's name and JSON arguments: the same
+/// type the server parses, so that the two cannot disagree on a field.
+pub(crate) fn op_to_request<T: Serialize>(op: &T) -> Result<(String, String), String> {
+    let v = serde_json::to_value(op).map_err(|e| e.to_string())?;
+    match v {
+        serde_json::Value::Object(m) if m.len() == 1 => {
+            let (name, args) = m.into_iter().next().expect("one entry");
+            Ok((name, args.to_string()))
+        }
+        serde_json::Value::String(name) => Ok((name, "{}".to_owned())),
+        other => Err(format!("cannot encode operation {other}")),
+    }
+}
+
+/// Parses an answer's result as `T` (for formatting).
+pub(crate) fn parse_result<T: DeserializeOwned>(result: &str) -> Result<T, String> {
+    serde_json::from_str(result).map_err(|e| format!("unexpected answer: {e}"))
+}

@@ -1,0 +1,841 @@
+//! The volume service (cinder's volume manager): names and sizes are validated here, each volume has a
+//! record (its id, status and where it lives), conflicting operations on one volume run one after the
+//! other, and the backend's driver does the work.
+
+use std::sync::Arc;
+
+use plughost_api::host::{VolumeInterface, VolumeMethod};
+use plughost_api::{CapacityStats, Volume};
+use serde::{Deserialize, Serialize};
+
+use super::records::{new_id, now, Record, Records};
+use super::{
+    check_name, op_to_request, parse_result, Backends, DynService, PerBackend, Service, ServiceContext, ServiceKind,
+};
+use crate::backend::{Backend, BackendControl};
+use crate::protocol::{ApiError, Capacity, ErrorKind, Removed, Size};
+
+/// The volume service in the table.
+pub static KIND: ServiceKind = ServiceKind {
+    name: "volume",
+    about: "Volume operations",
+    default_driver: "file-volume",
+    build,
+    ctl: ctl_command,
+    ctl_request,
+    format,
+};
+
+// ---------------------------------------------------------------------------------------------------
+// Protocol
+
+/// A volume operation and its arguments. `backend` on an operation by name checks that the volume is
+/// on that backend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum VolumeOp {
+    /// Creates a volume.
+    Create {
+        /// Its name.
+        name: String,
+        /// Its size.
+        size: Size,
+        /// The backend (default: the service's default).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        backend: Option<String>,
+    },
+    /// One volume, refreshed from its driver.
+    Get {
+        /// The volume.
+        name: String,
+        /// Its backend, if the caller wants it checked.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        backend: Option<String>,
+    },
+    /// Every volume (of one backend).
+    List {
+        /// Only this backend.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        backend: Option<String>,
+    },
+    /// Grows a volume.
+    Extend {
+        /// The volume.
+        name: String,
+        /// The new size.
+        size: Size,
+        /// Its backend, if the caller wants it checked.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        backend: Option<String>,
+    },
+    /// Snapshots a volume into a new one.
+    Snapshot {
+        /// The source volume.
+        name: String,
+        /// The new volume's name.
+        snapshot: String,
+        /// The source's backend, if the caller wants it checked.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        backend: Option<String>,
+    },
+    /// Deletes a volume.
+    Delete {
+        /// The volume.
+        name: String,
+        /// Its backend, if the caller wants it checked.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        backend: Option<String>,
+    },
+    /// A backend's capacity, from its driver.
+    Stats {
+        /// The backend (default: the service's default).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        backend: Option<String>,
+    },
+}
+
+/// Where a volume is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VolumeStatus {
+    /// Being created (or snapshotted into).
+    Creating,
+    /// Ready.
+    Available,
+    /// Being grown.
+    Extending,
+    /// Being deleted.
+    Deleting,
+    /// Something is wrong; `reason` says what.
+    Error,
+}
+
+impl std::fmt::Display for VolumeStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VolumeStatus::Creating => "creating",
+            VolumeStatus::Available => "available",
+            VolumeStatus::Extending => "extending",
+            VolumeStatus::Deleting => "deleting",
+            VolumeStatus::Error => "error",
+        })
+    }
+}
+
+/// What the service knows about one volume.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VolumeRecord {
+    /// Stable id.
+    pub id: String,
+    /// Name, unique within the service.
+    pub name: String,
+    /// Backend holding it.
+    pub backend: String,
+    /// Where it is in its life.
+    pub status: VolumeStatus,
+    /// Provisioned bytes.
+    pub size: u64,
+    /// Allocated bytes, as last reported by the driver.
+    pub allocated: u64,
+    /// Driver-specific location.
+    pub location: String,
+    /// The volume it was snapshotted from.
+    pub source: Option<String>,
+    /// Creation time, seconds since the epoch.
+    pub created_at: u64,
+    /// Last change, seconds since the epoch.
+    pub updated_at: u64,
+    /// Why the status is `error`.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Found on the backend without a record and adopted (with a new id).
+    #[serde(default)]
+    pub adopted: bool,
+}
+
+impl VolumeRecord {
+    fn new(name: &str, backend: &str, status: VolumeStatus, size: u64, source: Option<&str>) -> VolumeRecord {
+        let t = now();
+        VolumeRecord {
+            id: new_id(),
+            name: name.to_owned(),
+            backend: backend.to_owned(),
+            status,
+            size,
+            allocated: 0,
+            location: String::new(),
+            source: source.map(str::to_owned),
+            created_at: t,
+            updated_at: t,
+            reason: None,
+            adopted: false,
+        }
+    }
+
+    /// Takes what the driver reports; whether anything changed.
+    fn apply(&mut self, v: &Volume) -> bool {
+        let changed = self.size != v.size
+            || self.allocated != v.allocated
+            || self.location != v.location
+            || (v.source.is_some() && self.source != v.source);
+        self.size = v.size;
+        self.allocated = v.allocated;
+        self.location.clone_from(&v.location);
+        if v.source.is_some() {
+            self.source.clone_from(&v.source);
+        }
+        if changed {
+            self.updated_at = now();
+        }
+        changed
+    }
+
+    fn fail(&mut self, reason: &str) {
+        self.status = VolumeStatus::Error;
+        self.reason = Some(reason.to_owned());
+        self.updated_at = now();
+    }
+}
+
+impl Record for VolumeRecord {
+    type Status = VolumeStatus;
+    const WHAT: &'static str = "volume";
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn backend(&self) -> &str {
+        &self.backend
+    }
+    fn status(&self) -> VolumeStatus {
+        self.status
+    }
+    fn set_status(&mut self, status: VolumeStatus) {
+        self.status = status;
+        if status != VolumeStatus::Error {
+            self.reason = None;
+        }
+        self.updated_at = now();
+    }
+}
+
+/// The answer to `stats`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeStats {
+    /// The backend.
+    pub backend: String,
+    /// Total bytes.
+    pub total_bytes: u64,
+    /// Free bytes.
+    pub free_bytes: u64,
+    /// Sum of provisioned sizes.
+    pub provisioned_bytes: u64,
+    /// Sum of allocated bytes.
+    pub allocated_bytes: u64,
+    /// Number of volumes.
+    pub volumes: u64,
+}
+
+/// What volume operations answer.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum VolumeReply {
+    /// One volume.
+    Record(VolumeRecord),
+    /// Several.
+    Records(Vec<VolumeRecord>),
+    /// A deleted one.
+    Removed(Removed),
+    /// Capacity.
+    Stats(VolumeStats),
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The service
+
+/// The volume service.
+pub struct VolumeService {
+    backends: Backends<VolumeInterface>,
+    records: Records<VolumeRecord>,
+    capacity: PerBackend<CapacityStats>,
+}
+
+/// What the volume file is called in the state dir.
+pub const RECORDS_FILE: &str = "volumes.json";
+
+fn build(ctx: &ServiceContext<'_>) -> Result<Arc<dyn DynService>, Vec<String>> {
+    let backends = Backends::build(KIND.name, ctx)?;
+    let records = Records::json(ctx.state_dir.join(RECORDS_FILE)).map_err(|e| vec![e])?;
+    Ok(Arc::new(VolumeService::new(backends, records)))
+}
+
+impl VolumeService {
+    pub(crate) fn new(backends: Backends<VolumeInterface>, records: Records<VolumeRecord>) -> VolumeService {
+        let s = VolumeService { backends, records, capacity: PerBackend::default() };
+        for b in s.backends.iter() {
+            s.reconcile(b);
+        }
+        s
+    }
+
+    /// Brings the records of one backend in line with what its driver reports, after a restart:
+    /// operations interrupted in the middle are finished or undone, volumes the driver no longer has are
+    /// kept as `error` ("missing from backend"), volumes it has without a record are adopted. Nothing is
+    /// silently dropped or given a new id.
+    fn reconcile(&self, b: &Backend<VolumeInterface>) {
+        if b.health() != crate::backend::Health::Up {
+            log::warn!("volume backend {:?} is down: its records are kept as they are", b.name);
+            return;
+        }
+        let vols = match b.call(VolumeMethod::list, |d| d.list()) {
+            Ok(v) => v,
+            Err(e) => return log::warn!("volume backend {:?}: cannot list volumes, records kept: {e}", b.name),
+        };
+        let reported: std::collections::BTreeMap<&str, &Volume> = vols.iter().map(|v| (v.name.as_str(), v)).collect();
+        let mut finished_deletes = std::collections::BTreeSet::new();
+        for r in self.records.list(Some(&b.name)) {
+            let _held = self.records.hold(&r.name);
+            let found = reported.get(r.name.as_str());
+            match (r.status, found) {
+                (VolumeStatus::Creating, Some(v)) | (VolumeStatus::Extending, Some(v)) => {
+                    log::info!("volume {:?}: interrupted {} completed on the backend; now available", r.name, r.status);
+                    self.records.update(&r.name, |r| {
+                        r.apply(v);
+                        r.set_status(VolumeStatus::Available);
+                        true
+                    });
+                }
+                (VolumeStatus::Creating, None) => {
+                    log::info!("volume {:?}: interrupted create never completed; record removed", r.name);
+                    self.records.remove(&r.name);
+                }
+                (VolumeStatus::Deleting, Some(_)) => match b.call(VolumeMethod::delete, |d| d.delete(&r.name)) {
+                    Ok(()) => {
+                        log::info!("volume {:?}: interrupted delete finished", r.name);
+                        self.records.remove(&r.name);
+                        finished_deletes.insert(r.name.clone());
+                    }
+                    Err(e) => {
+                        log::warn!("volume {:?}: cannot finish an interrupted delete: {e}", r.name);
+                        self.records.update(&r.name, |r| {
+                            r.fail(&format!("interrupted delete could not finish: {}", e.message));
+                            true
+                        });
+                    }
+                },
+                (VolumeStatus::Deleting, None) => {
+                    log::info!("volume {:?}: interrupted delete had completed; record removed", r.name);
+                    self.records.remove(&r.name);
+                }
+                (_, Some(v)) => {
+                    self.records.update(&r.name, |r| {
+                        let back = r.status == VolumeStatus::Error;
+                        if back {
+                            log::info!("volume {:?} is on its backend again; available", r.name);
+                            r.set_status(VolumeStatus::Available);
+                        }
+                        r.apply(v) || back
+                    });
+                }
+                (_, None) => {
+                    if r.reason.as_deref() != Some(MISSING) {
+                        log::warn!("volume {:?}: missing from backend {:?}; kept as error", r.name, b.name);
+                        self.records.update(&r.name, |r| {
+                            r.fail(MISSING);
+                            true
+                        });
+                    }
+                }
+            }
+        }
+        for v in vols.iter().filter(|v| !finished_deletes.contains(&v.name)) {
+            let _held = self.records.hold(&v.name);
+            if self.records.get(&v.name).is_none() {
+                log::info!("volume {:?}: found on backend {:?} without a record; adopted", v.name, b.name);
+                let mut r = VolumeRecord::new(&v.name, &b.name, VolumeStatus::Available, 0, None);
+                r.adopted = true;
+                r.apply(v);
+                self.records.put(r);
+            }
+        }
+    }
+
+    fn existing(
+        &self,
+        name: &str,
+        backend: Option<&str>,
+    ) -> Result<(VolumeRecord, &Arc<Backend<VolumeInterface>>), ApiError> {
+        check_name("volume", name)?;
+        let r = self.records.existing(name)?;
+        if let Some(b) = backend {
+            self.backends.pick(Some(b))?;
+            if r.backend != b {
+                return Err(ApiError::not_found(format!(
+                    "volume {name:?} not found on backend {b:?} (it is on {:?})",
+                    r.backend
+                )));
+            }
+        }
+        let b = self.backends.holding("volume", name, &r.backend)?;
+        Ok((r, b))
+    }
+
+    fn create(&self, name: &str, size: u64, backend: Option<&str>) -> Result<VolumeRecord, ApiError> {
+        check_name("volume", name)?;
+        let b = self.backends.pick(backend)?;
+        let _held = self.records.hold(name);
+        let record = VolumeRecord::new(name, &b.name, VolumeStatus::Creating, size, None);
+        self.records.create(record, || b.call(VolumeMethod::create, |d| d.create(name, size)), made)
+    }
+
+    fn snapshot(&self, name: &str, snapshot: &str, backend: Option<&str>) -> Result<VolumeRecord, ApiError> {
+        check_name("volume", snapshot)?;
+        let _held = self.records.hold_two(name, snapshot);
+        let (source, b) = self.existing(name, backend)?;
+        let record = VolumeRecord::new(snapshot, &b.name, VolumeStatus::Creating, source.size, Some(name));
+        self.records.create(record, || b.call(VolumeMethod::snapshot, |d| d.snapshot(name, snapshot)), made)
+    }
+
+    fn extend(&self, name: &str, size: u64, backend: Option<&str>) -> Result<VolumeRecord, ApiError> {
+        let _held = self.records.hold(name);
+        let (r, b) = self.existing(name, backend)?;
+        if size < r.size {
+            return Err(ApiError::invalid(format!(
+                "volume {name:?}: new size {size} is smaller than current size {}",
+                r.size
+            )));
+        }
+        self.records.transition(
+            r,
+            VolumeStatus::Extending,
+            || b.call(VolumeMethod::extend, |d| d.extend(name, size)),
+            made,
+        )
+    }
+
+    fn delete(&self, name: &str, backend: Option<&str>) -> Result<Removed, ApiError> {
+        let _held = self.records.hold(name);
+        let (r, b) = self.existing(name, backend)?;
+        self.records.removal(r, VolumeStatus::Deleting, || b.call(VolumeMethod::delete, |d| d.delete(name)))?;
+        Ok(Removed { name: name.to_owned(), deleted: Some(true), destroyed: None })
+    }
+
+    /// Refreshes one volume from its driver. A driver error is the answer (the record is not shown as if
+    /// it were fresh); a driver that no longer has the volume turns the record to `error`.
+    fn get(&self, name: &str, backend: Option<&str>) -> Result<VolumeRecord, ApiError> {
+        let _held = self.records.hold(name);
+        let (r, b) = self.existing(name, backend)?;
+        match b.call(VolumeMethod::get, |d| d.get(name)) {
+            Ok(v) => Ok(self.records.update(name, |r| r.apply(&v)).unwrap_or(r)),
+            Err(e) if e.kind == ErrorKind::NotFound => Ok(self
+                .records
+                .update(name, |r| {
+                    let changed = r.reason.as_deref() != Some(MISSING);
+                    if changed {
+                        r.fail(MISSING);
+                    }
+                    changed
+                })
+                .unwrap_or(r)),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn stats(&self, backend: Option<&str>) -> Result<VolumeStats, ApiError> {
+        let b = self.backends.pick(backend)?;
+        let s = b.call(VolumeMethod::stats, |d| d.stats())?;
+        self.capacity.set(&b.name, s);
+        Ok(VolumeStats {
+            backend: b.name.clone(),
+            total_bytes: s.total_bytes,
+            free_bytes: s.free_bytes,
+            provisioned_bytes: s.provisioned_bytes,
+            allocated_bytes: s.allocated_bytes,
+            volumes: s.volumes,
+        })
+    }
+}
+
+const MISSING: &str = "missing from backend";
+
+/// Records what the driver made and marks the volume available.
+fn made(r: &mut VolumeRecord, v: Volume) {
+    r.apply(&v);
+    r.set_status(VolumeStatus::Available);
+}
+
+impl Service for VolumeService {
+    type Op = VolumeOp;
+    type Reply = VolumeReply;
+
+    fn kind(&self) -> &'static ServiceKind {
+        &KIND
+    }
+
+    fn handle(&self, op: VolumeOp) -> Result<VolumeReply, ApiError> {
+        Ok(match op {
+            VolumeOp::Create { name, size, backend } => {
+                VolumeReply::Record(self.create(&name, size.0, backend.as_deref())?)
+            }
+            VolumeOp::Get { name, backend } => VolumeReply::Record(self.get(&name, backend.as_deref())?),
+            VolumeOp::List { backend } => {
+                if let Some(b) = &backend {
+                    self.backends.pick(Some(b))?;
+                }
+                VolumeReply::Records(self.records.list(backend.as_deref()))
+            }
+            VolumeOp::Extend { name, size, backend } => {
+                VolumeReply::Record(self.extend(&name, size.0, backend.as_deref())?)
+            }
+            VolumeOp::Snapshot { name, snapshot, backend } => {
+                VolumeReply::Record(self.snapshot(&name, &snapshot, backend.as_deref())?)
+            }
+            VolumeOp::Delete { name, backend } => VolumeReply::Removed(self.delete(&name, backend.as_deref())?),
+            VolumeOp::Stats { backend } => VolumeReply::Stats(self.stats(backend.as_deref())?),
+        })
+    }
+
+    fn periodic(&self) {
+        for b in self.backends.iter() {
+            let was_up = b.health() == crate::backend::Health::Up;
+            b.check_health();
+            if b.health() != crate::backend::Health::Up {
+                continue;
+            }
+            if !was_up {
+                // Back from down (a root that was missing is there again): look again.
+                self.reconcile(b);
+            }
+            if let Ok(s) = b.call(VolumeMethod::stats, |d| d.stats()) {
+                self.capacity.set(&b.name, s);
+            }
+        }
+    }
+
+    fn backends(&self) -> &[Arc<dyn BackendControl>] {
+        self.backends.controls()
+    }
+
+    fn default_backend(&self) -> &str {
+        self.backends.default_name()
+    }
+
+    fn capacity(&self, backend: &str) -> Option<Capacity> {
+        self.capacity.get(backend).map(|s| Capacity {
+            total_bytes: s.total_bytes,
+            free_bytes: s.free_bytes,
+            provisioned_bytes: s.provisioned_bytes,
+            volumes: s.volumes,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// ctl
+
+/// `plughost ctl volume ...`.
+#[derive(clap::Subcommand, Debug)]
+enum VolumeCmd {
+    /// Create a volume
+    Create {
+        /// Volume name
+        name: String,
+        /// Size, e.g. 10MiB
+        #[arg(long)]
+        size: String,
+        /// Backend (default: the service's default backend)
+        #[arg(long)]
+        backend: Option<String>,
+    },
+    /// List volumes
+    List {
+        /// Only this backend
+        #[arg(long)]
+        backend: Option<String>,
+    },
+    /// Show one volume
+    Get {
+        /// Volume name
+        name: String,
+    },
+    /// Grow a volume
+    Extend {
+        /// Volume name
+        name: String,
+        /// New size, e.g. 20MiB
+        #[arg(long)]
+        size: String,
+    },
+    /// Snapshot a volume into a new one
+    Snapshot {
+        /// Source volume
+        name: String,
+        /// Snapshot name
+        snapshot: String,
+    },
+    /// Delete a volume
+    Delete {
+        /// Volume name
+        name: String,
+    },
+    /// Capacity of a backend
+    Stats {
+        /// Backend
+        #[arg(long)]
+        backend: Option<String>,
+    },
+}
+
+fn ctl_command() -> clap::Command {
+    use clap::Subcommand;
+    VolumeCmd::augment_subcommands(clap::Command::new(KIND.name).about(KIND.about).subcommand_required(true))
+}
+
+fn size_flag(text: &str) -> Result<Size, String> {
+    plughost_api::parse_size(text).map(Size).map_err(|e| format!("--size {text:?}: {e}"))
+}
+
+fn ctl_request(m: &clap::ArgMatches) -> Result<(String, String), String> {
+    use clap::FromArgMatches;
+    let cmd = VolumeCmd::from_arg_matches(m).map_err(|e| e.to_string())?;
+    let op = match cmd {
+        VolumeCmd::Create { name, size, backend } => VolumeOp::Create { name, size: size_flag(&size)?, backend },
+        VolumeCmd::List { backend } => VolumeOp::List { backend },
+        VolumeCmd::Get { name } => VolumeOp::Get { name, backend: None },
+        VolumeCmd::Extend { name, size } => VolumeOp::Extend { name, size: size_flag(&size)?, backend: None },
+        VolumeCmd::Snapshot { name, snapshot } => VolumeOp::Snapshot { name, snapshot, backend: None },
+        VolumeCmd::Delete { name } => VolumeOp::Delete { name, backend: None },
+        VolumeCmd::Stats { backend } => VolumeOp::Stats { backend },
+    };
+    op_to_request(&op)
+}
+
+fn format(op: &str, result: &str) -> Result<String, String> {
+    use crate::ctl::{human_size, key_values, table};
+    Ok(match op {
+        "list" => {
+            let list: Vec<VolumeRecord> = parse_result(result)?;
+            let rows: Vec<[String; 6]> = list
+                .iter()
+                .map(|v| {
+                    [
+                        v.name.clone(),
+                        v.backend.clone(),
+                        v.status.to_string(),
+                        human_size(v.size),
+                        human_size(v.allocated),
+                        v.reason.clone().unwrap_or_else(|| v.location.clone()),
+                    ]
+                })
+                .collect();
+            let header = ["NAME", "BACKEND", "STATUS", "SIZE", "ALLOCATED", "LOCATION"].map(String::from);
+            table(std::iter::once(&header).chain(rows.iter()), "")
+        }
+        _ => key_values(result)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use plughost_api::{DriverError, VolumeClient, VolumeDriver};
+    use std::collections::BTreeMap;
+    use std::sync::mpsc;
+    use std::sync::Mutex;
+
+    /// An in-memory driver whose `extend` can be held until the test lets it go, and whose `get` can be
+    /// told to fail.
+    #[derive(Default)]
+    struct Scripted {
+        volumes: Mutex<BTreeMap<String, u64>>,
+        hold_extend: Mutex<Option<mpsc::Receiver<()>>>,
+        fail_get: std::sync::atomic::AtomicBool,
+        creates: std::sync::atomic::AtomicUsize,
+    }
+
+    fn vol(name: &str, size: u64) -> Volume {
+        Volume { name: name.into(), size, location: format!("mem:{name}"), ..Volume::default() }
+    }
+
+    impl VolumeDriver for Scripted {
+        fn create(&self, name: &str, size: u64) -> Result<Volume, DriverError> {
+            self.creates.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            let mut m = self.volumes.lock().unwrap();
+            if m.contains_key(name) {
+                return Err(DriverError::already_exists(format!("volume {name:?} exists")));
+            }
+            m.insert(name.into(), size);
+            Ok(vol(name, size))
+        }
+        fn delete(&self, name: &str) -> Result<(), DriverError> {
+            self.volumes.lock().unwrap().remove(name).map(drop).ok_or_else(|| DriverError::not_found("gone"))
+        }
+        fn extend(&self, name: &str, new_size: u64) -> Result<Volume, DriverError> {
+            if let Some(rx) = self.hold_extend.lock().unwrap().take() {
+                let _ = rx.recv();
+            }
+            self.volumes.lock().unwrap().insert(name.into(), new_size);
+            Ok(vol(name, new_size))
+        }
+        fn snapshot(&self, name: &str, snapshot: &str) -> Result<Volume, DriverError> {
+            let size = *self.volumes.lock().unwrap().get(name).ok_or_else(|| DriverError::not_found("no source"))?;
+            self.create(snapshot, size).map(|v| Volume { source: Some(name.into()), ..v })
+        }
+        fn list(&self) -> Result<Vec<Volume>, DriverError> {
+            Ok(self.volumes.lock().unwrap().iter().map(|(n, s)| vol(n, *s)).collect())
+        }
+        fn get(&self, name: &str) -> Result<Volume, DriverError> {
+            if self.fail_get.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(DriverError::internal("disk on fire"));
+            }
+            self.volumes.lock().unwrap().get(name).map(|s| vol(name, *s)).ok_or_else(|| DriverError::not_found("no"))
+        }
+        fn stats(&self) -> Result<CapacityStats, DriverError> {
+            Ok(CapacityStats::default())
+        }
+    }
+
+    fn service_with(driver: Arc<Scripted>, records: Records<VolumeRecord>) -> VolumeService {
+        struct Shared(Arc<Scripted>);
+        impl VolumeDriver for Shared {
+            fn create(&self, n: &str, s: u64) -> Result<Volume, DriverError> {
+                self.0.create(n, s)
+            }
+            fn delete(&self, n: &str) -> Result<(), DriverError> {
+                self.0.delete(n)
+            }
+            fn extend(&self, n: &str, s: u64) -> Result<Volume, DriverError> {
+                self.0.extend(n, s)
+            }
+            fn snapshot(&self, n: &str, s: &str) -> Result<Volume, DriverError> {
+                self.0.snapshot(n, s)
+            }
+            fn list(&self) -> Result<Vec<Volume>, DriverError> {
+                self.0.list()
+            }
+            fn get(&self, n: &str) -> Result<Volume, DriverError> {
+                self.0.get(n)
+            }
+            fn stats(&self) -> Result<CapacityStats, DriverError> {
+                self.0.stats()
+            }
+        }
+        // Through the real stable-ABI objects, as a loaded driver would be called.
+        let client: Box<dyn VolumeDriver> = Box::new(VolumeClient::in_process(Shared(driver)));
+        let backend = Backend::<VolumeInterface>::in_process("volume", "default", client, "scripted");
+        VolumeService::new(Backends::from_list("volume", vec![backend]), records)
+    }
+
+    fn service() -> (VolumeService, Arc<Scripted>) {
+        let d = Arc::new(Scripted::default());
+        (service_with(d.clone(), Records::in_memory()), d)
+    }
+
+    #[test]
+    fn names_sizes_and_backends_are_validated_before_the_driver_is_called() {
+        let (s, d) = service();
+        for bad in ["../etc", "", "a/b", ".hidden"] {
+            assert_eq!(s.create(bad, 1, None).unwrap_err().kind, ErrorKind::InvalidArgument, "{bad:?}");
+        }
+        let e = s.create("v", 1, Some("nope")).unwrap_err();
+        assert_eq!(
+            (e.kind, e.message.as_str()),
+            (ErrorKind::NotFound, "unknown volume backend \"nope\" (known: default)")
+        );
+        assert_eq!(d.creates.load(std::sync::atomic::Ordering::SeqCst), 0);
+        s.create("v", 100, None).unwrap();
+        let e = s.extend("v", 50, None).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidArgument);
+        assert!(e.message.contains("smaller than current size 100"), "{e}");
+        let e = s.create("v", 1, None).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::AlreadyExists);
+        assert_eq!(e.message, "volume \"v\" already exists (backend \"default\", available)");
+        assert_eq!(s.get("missing", None).unwrap_err().kind, ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn a_transition_is_visible_while_the_driver_works_and_the_name_is_held() {
+        let (s, d) = service();
+        s.create("v", 10, None).unwrap();
+        let (tx, rx) = mpsc::channel();
+        *d.hold_extend.lock().unwrap() = Some(rx);
+        let s = Arc::new(s);
+        let s2 = s.clone();
+        let extending = std::thread::spawn(move || s2.extend("v", 20, None));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while s.records.get("v").unwrap().status != VolumeStatus::Extending {
+            assert!(std::time::Instant::now() < deadline);
+            std::thread::yield_now();
+        }
+        // Another operation on the same name waits for the extend; one on another name does not.
+        let s3 = s.clone();
+        let deleting = std::thread::spawn(move || s3.delete("v", None));
+        s.create("w", 1, None).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!deleting.is_finished(), "delete waited for the extend of the same volume");
+        tx.send(()).unwrap();
+        assert_eq!(extending.join().unwrap().unwrap().size, 20);
+        assert!(deleting.join().unwrap().is_ok());
+        assert!(s.records.get("v").is_none());
+    }
+
+    #[test]
+    fn concurrent_creates_of_one_name_reach_the_driver_once() {
+        let (s, d) = service();
+        let s = Arc::new(s);
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let s = s.clone();
+                std::thread::spawn(move || s.create("same", 1, None))
+            })
+            .collect();
+        let ok = threads.into_iter().map(|t| t.join().unwrap()).filter(Result::is_ok).count();
+        assert_eq!(ok, 1);
+        assert_eq!(d.creates.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn get_answers_driver_errors_and_marks_volumes_the_driver_lost() {
+        let (s, d) = service();
+        s.create("v", 10, None).unwrap();
+        d.fail_get.store(true, std::sync::atomic::Ordering::SeqCst);
+        let e = s.get("v", None).unwrap_err();
+        assert_eq!((e.kind, e.message.as_str()), (ErrorKind::Internal, "disk on fire"));
+        d.fail_get.store(false, std::sync::atomic::Ordering::SeqCst);
+        d.volumes.lock().unwrap().remove("v");
+        let r = s.get("v", None).unwrap();
+        assert_eq!((r.status, r.reason.as_deref()), (VolumeStatus::Error, Some(MISSING)));
+        assert_eq!(s.get("v", Some("default")).unwrap().name, "v");
+        assert_eq!(s.get("v", Some("nope")).unwrap_err().kind, ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn reconcile_finishes_or_undoes_interrupted_work_and_never_drops_or_reidentifies() {
+        let d = Arc::new(Scripted::default());
+        d.volumes.lock().unwrap().extend([
+            ("kept".to_owned(), 5),
+            ("made".to_owned(), 6),
+            ("stray".to_owned(), 7),
+            ("half-deleted".to_owned(), 1),
+        ]);
+        let records = Records::in_memory();
+        let rec = |name: &str, status| VolumeRecord::new(name, "default", status, 1, None);
+        let kept = rec("kept", VolumeStatus::Available);
+        records.put(kept.clone());
+        records.put(rec("made", VolumeStatus::Creating));
+        records.put(rec("never-made", VolumeStatus::Creating));
+        records.put(rec("lost", VolumeStatus::Available));
+        records.put(rec("half-deleted", VolumeStatus::Deleting));
+        let s = service_with(d.clone(), records);
+        let get = |n: &str| s.records.get(n);
+        assert_eq!(get("kept").unwrap().id, kept.id, "same id");
+        assert_eq!(get("kept").unwrap().size, 5, "refreshed from the driver");
+        assert_eq!(get("made").unwrap().status, VolumeStatus::Available);
+        assert!(get("never-made").is_none());
+        assert_eq!(get("lost").unwrap().reason.as_deref(), Some(MISSING));
+        assert!(get("half-deleted").is_none());
+        assert!(!d.volumes.lock().unwrap().contains_key("half-deleted"), "the interrupted delete was finished");
+        let stray = get("stray").unwrap();
+        assert!(stray.adopted && stray.status == VolumeStatus::Available);
+    }
+}
