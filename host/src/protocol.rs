@@ -401,10 +401,45 @@ impl Answer {
     }
 }
 
-/// A size in bytes: a non-negative integer, or a string with a unit (`"10MiB"`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(transparent)]
-pub struct Size(pub u64);
+/// A size in bytes: a non-negative integer, or a string with a unit (`"10MiB"`). It serializes the way
+/// it was written.
+#[derive(Debug, Clone)]
+pub struct Size {
+    bytes: u64,
+    written: Option<String>,
+}
+
+impl Size {
+    /// A size given in bytes.
+    pub fn bytes(bytes: u64) -> Size {
+        Size { bytes, written: None }
+    }
+    /// A size written with a unit, as a user would (`"10MiB"`).
+    pub fn parse(text: &str) -> Result<Size, String> {
+        plughost_api::parse_size(text).map(|bytes| Size { bytes, written: Some(text.to_owned()) })
+    }
+    /// The number of bytes.
+    pub fn get(&self) -> u64 {
+        self.bytes
+    }
+}
+
+impl PartialEq for Size {
+    fn eq(&self, other: &Size) -> bool {
+        self.bytes == other.bytes
+    }
+}
+
+impl Eq for Size {}
+
+impl Serialize for Size {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match &self.written {
+            Some(t) => s.serialize_str(t),
+            None => s.serialize_u64(self.bytes),
+        }
+    }
+}
 
 impl<'de> Deserialize<'de> for Size {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Size, D::Error> {
@@ -416,10 +451,10 @@ impl<'de> Deserialize<'de> for Size {
                 f.write_str(EXPECTED)
             }
             fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Size, E> {
-                Ok(Size(v))
+                Ok(Size::bytes(v))
             }
             fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Size, E> {
-                u64::try_from(v).map(Size).map_err(|_| E::custom(format!("size {v} is negative")))
+                u64::try_from(v).map(Size::bytes).map_err(|_| E::custom(format!("size {v} is negative")))
             }
             fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Size, E> {
                 if v < 0.0 {
@@ -431,7 +466,7 @@ impl<'de> Deserialize<'de> for Size {
                 }
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Size, E> {
-                plughost_api::parse_size(v).map(Size).map_err(E::custom)
+                Size::parse(v).map_err(E::custom)
             }
         }
         d.deserialize_any(V)
@@ -440,7 +475,7 @@ impl<'de> Deserialize<'de> for Size {
 
 impl fmt::Display for Size {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)
+        write!(f, "{}", self.bytes)
     }
 }
 
@@ -724,7 +759,7 @@ mod tests {
         let v: VolumeOp =
             parse_op("volume", "create", RawValue::from_string(r#"{"name":"v","size":"1KiB"}"#.into()).ok().as_deref())
                 .unwrap();
-        assert_eq!(v, VolumeOp::Create { name: "v".into(), size: Size(1024), backend: None });
+        assert_eq!(v, VolumeOp::Create { name: "v".into(), size: Size::bytes(1024), backend: None });
         let raw = |s: &str| RawValue::from_string(s.to_owned()).unwrap();
         let e = parse_op::<VolumeOp>("volume", "frobnicate", None).unwrap_err();
         assert_eq!(e.kind, ErrorKind::InvalidRequest);

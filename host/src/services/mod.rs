@@ -236,9 +236,9 @@ pub fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
     plughost_api::check_name(what, name).map_err(ApiError::from)
 }
 
-/// Turns a `ctl` subcommand's typed operation into the operation's name and JSON arguments: the same
+/// Turns a typed operation into the operation's name and JSON arguments (what `ctl` sends): the same
 /// type the server parses, so that the two cannot disagree on a field.
-pub(crate) fn op_to_request<T: Serialize>(op: &T) -> Result<(String, String), String> {
+pub fn op_to_request<T: Serialize>(op: &T) -> Result<(String, String), String> {
     let v = serde_json::to_value(op).map_err(|e| e.to_string())?;
     match v {
         serde_json::Value::Object(m) if m.len() == 1 => {

@@ -474,7 +474,7 @@ impl Service for VolumeService {
     fn handle(&self, op: VolumeOp) -> Result<VolumeReply, ApiError> {
         Ok(match op {
             VolumeOp::Create { name, size, backend } => {
-                VolumeReply::Record(self.create(&name, size.0, backend.as_deref())?)
+                VolumeReply::Record(self.create(&name, size.get(), backend.as_deref())?)
             }
             VolumeOp::Get { name, backend } => VolumeReply::Record(self.get(&name, backend.as_deref())?),
             VolumeOp::List { backend } => {
@@ -484,7 +484,7 @@ impl Service for VolumeService {
                 VolumeReply::Records(self.records.list(backend.as_deref()))
             }
             VolumeOp::Extend { name, size, backend } => {
-                VolumeReply::Record(self.extend(&name, size.0, backend.as_deref())?)
+                VolumeReply::Record(self.extend(&name, size.get(), backend.as_deref())?)
             }
             VolumeOp::Snapshot { name, snapshot, backend } => {
                 VolumeReply::Record(self.snapshot(&name, &snapshot, backend.as_deref())?)
@@ -591,7 +591,7 @@ fn ctl_command() -> clap::Command {
 }
 
 fn size_flag(text: &str) -> Result<Size, String> {
-    plughost_api::parse_size(text).map(Size).map_err(|e| format!("--size {text:?}: {e}"))
+    Size::parse(text).map_err(|e| format!("--size {text:?}: {e}"))
 }
 
 fn ctl_request(m: &clap::ArgMatches) -> Result<(String, String), String> {

@@ -1,0 +1,250 @@
+//! docs/protocol.md is the contract: every example there parses into the protocol's types and
+//! serializes back to the same JSON, and a real host answers the documented requests as documented.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+
+use host::protocol::{
+    parse_op, parse_request, Answer, ApiError, Body, ComputeOp, HostStatus, InstanceRecord, Pong, ReloadEntry, Removed,
+    SwapReport, VolumeOp, VolumeRecord, VolumeStats,
+};
+use host::services::op_to_request;
+use plughost_tests::process::Daemon;
+use plughost_tests::{workspace_root, TempDir};
+use serde_json::{json, Value};
+
+/// The `> request` / `< answer` pairs of every `jsonl` block, in order.
+fn examples() -> Vec<(String, String)> {
+    let doc = std::fs::read_to_string(workspace_root().join("docs/protocol.md")).unwrap();
+    let mut out = Vec::new();
+    let mut inside = false;
+    let mut pending: Option<String> = None;
+    for line in doc.lines() {
+        if line.starts_with("```") {
+            inside = line == "```jsonl";
+            continue;
+        }
+        if !inside {
+            continue;
+        }
+        if let Some(req) = line.strip_prefix("> ") {
+            assert!(pending.is_none(), "two requests in a row: {line}");
+            pending = Some(req.to_owned());
+        } else if let Some(ans) = line.strip_prefix("< ") {
+            out.push((pending.take().expect("an answer follows a request"), ans.to_owned()));
+        }
+    }
+    assert!(out.len() >= 15, "only {} examples found", out.len());
+    out
+}
+
+fn round_trip<T: serde::de::DeserializeOwned + serde::Serialize>(result: &Value) -> Value {
+    let typed: T = serde_json::from_value(result.clone()).unwrap_or_else(|e| panic!("{e}: {result}"));
+    serde_json::to_value(typed).unwrap()
+}
+
+/// The typed re-serialization of a request's `args` (service operations and swap).
+fn request_round_trip(req: &str) -> Option<Value> {
+    let parsed = parse_request(req).ok()?;
+    let (service, op, args) = match parsed.body {
+        Body::Ping => return Some(json!({"op": "ping"})),
+        Body::Status => return Some(json!({"op": "status"})),
+        Body::Reload => return Some(json!({"op": "reload"})),
+        Body::Swap { service, args } => (service, "swap".to_owned(), serde_json::to_value(args).unwrap()),
+        Body::Service { service, op, args } => {
+            let (name, args) = match service.as_str() {
+                "volume" => match parse_op::<VolumeOp>(&service, &op, args) {
+                    Ok(op) => op_to_request(&op).unwrap(),
+                    Err(_) => return None, // a documented refusal
+                },
+                "compute" => match parse_op::<ComputeOp>(&service, &op, args) {
+                    Ok(op) => op_to_request(&op).unwrap(),
+                    Err(_) => return None,
+                },
+                other => panic!("example for unknown service {other}"),
+            };
+            (service, name, serde_json::from_str(&args).unwrap())
+        }
+    };
+    Some(json!({"service": service, "op": op, "args": args}))
+}
+
+/// The typed re-serialization of a successful answer's result, by the operation asked.
+fn result_round_trip(req: &Value, result: &Value) -> Value {
+    let op = req["op"].as_str().unwrap();
+    match (req["service"].as_str(), op) {
+        (None, "ping") => round_trip::<Pong>(result),
+        (None, "status") => round_trip::<HostStatus>(result),
+        (None, "reload") => round_trip::<Vec<ReloadEntry>>(result),
+        (Some(_), "swap") => round_trip::<SwapReport>(result),
+        (Some("volume"), "list") => round_trip::<Vec<VolumeRecord>>(result),
+        (Some("volume"), "stats") => round_trip::<VolumeStats>(result),
+        (Some("volume"), "delete") | (Some("compute"), "destroy") => round_trip::<Removed>(result),
+        (Some("volume"), _) => round_trip::<VolumeRecord>(result),
+        (Some("compute"), "list") => round_trip::<Vec<InstanceRecord>>(result),
+        (Some("compute"), _) => round_trip::<InstanceRecord>(result),
+        other => panic!("no result type for {other:?}"),
+    }
+}
+
+#[test]
+fn documented_examples_parse_into_the_protocol_types_and_back() {
+    for (req, ans) in examples() {
+        let req_value: Option<Value> = serde_json::from_str(&req).ok();
+        if let Some(req_value) = &req_value {
+            if let Some(typed) = request_round_trip(&req) {
+                let mut expected = json!({"op": req_value["op"]});
+                if let Some(s) = req_value.get("service") {
+                    expected["service"] = s.clone();
+                    expected["args"] = req_value.get("args").cloned().unwrap_or_else(|| json!({}));
+                }
+                assert_eq!(typed, expected, "request {req}");
+            }
+        } else {
+            assert!(parse_request(&req).is_err(), "{req}");
+        }
+        let answer: Answer = serde_json::from_str(&ans).unwrap_or_else(|e| panic!("{e}: {ans}"));
+        let ans_value: Value = serde_json::from_str(&ans).unwrap();
+        if answer.ok {
+            let result = &ans_value["result"];
+            assert_eq!(&result_round_trip(req_value.as_ref().unwrap(), result), result, "answer {ans}");
+        } else {
+            let e: ApiError = serde_json::from_value(ans_value["error"].clone()).unwrap();
+            assert_eq!(serde_json::to_value(&e).unwrap(), ans_value["error"], "answer {ans}");
+        }
+    }
+}
+
+fn keys(v: &Value) -> BTreeSet<String> {
+    match v {
+        Value::Object(m) => m.keys().cloned().collect(),
+        Value::Array(a) => a.first().map(keys).unwrap_or_default(),
+        _ => BTreeSet::new(),
+    }
+}
+
+#[test]
+fn a_real_host_answers_as_documented() {
+    let t = TempDir::new("protocol-doc");
+    let mut d = Daemon::start(t.path(), &["--volume-driver", "fake-volume", "--compute-driver", "fake-compute"]);
+    for (req, ans) in examples() {
+        let got: Value = serde_json::from_str(&d.raw(&req)).unwrap();
+        let want: Value = serde_json::from_str(&ans).unwrap();
+        assert_eq!(got["id"], want["id"], "{req}");
+        assert_eq!(got["ok"], want["ok"], "{req}\ngot {got}");
+        if want["ok"] == false {
+            assert_eq!(got["error"], want["error"], "{req}");
+        } else {
+            assert_eq!(keys(&got["result"]), keys(&want["result"]), "{req}\ngot {got}");
+        }
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn an_oversized_line_is_refused_without_being_buffered_and_the_host_goes_on() {
+    use std::io::{BufRead, BufReader, Write};
+    let t = TempDir::new("protocol-cap");
+    let mut d = Daemon::start(t.path(), &["--volume-driver", "fake-volume", "--compute-driver", "none"]);
+    d.ok("", "ping", json!({}));
+    let before = rss_kib(d.pid());
+    for _ in 0..4 {
+        let s = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let writer = std::thread::spawn(move || {
+            let mut s = s;
+            let chunk = vec![b'x'; 1 << 20];
+            // 64 MiB without a newline; the host stops reading after its 1 MiB limit.
+            for _ in 0..64 {
+                if s.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        let v: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["error"]["kind"], "invalid_request", "{v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains("longer than 1048576 bytes"), "{v}");
+        line.clear();
+        assert_eq!(r.read_line(&mut line).unwrap(), 0, "the connection is closed after an oversized line");
+        writer.join().unwrap();
+    }
+    let after = rss_kib(d.pid());
+    assert!(after < before + 32 * 1024, "RSS grew from {before} KiB to {after} KiB");
+    assert_eq!(d.ok("", "ping", json!({}))["pong"], true);
+
+    // The limit is configurable.
+    drop(d);
+    let mut d = Daemon::start(
+        t.path(),
+        &["--volume-driver", "fake-volume", "--compute-driver", "none", "--max-request-bytes", "100"],
+    );
+    let long = format!("{{\"op\":\"ping\",\"id\":\"{}\"}}", "y".repeat(200));
+    let v: Value = serde_json::from_str(&d.raw(&long)).unwrap();
+    assert!(v["error"]["message"].as_str().unwrap().contains("longer than 100 bytes"), "{v}");
+}
+
+#[test]
+fn a_line_that_is_not_utf8_is_answered_and_the_connection_stays() {
+    use std::io::{BufRead, BufReader, Write};
+    let t = TempDir::new("protocol-utf8");
+    let d = Daemon::start(t.path(), &["--volume-driver", "fake-volume", "--compute-driver", "none"]);
+    let mut s = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    s.write_all(b"{\"id\":1,\"op\":\"\xff\xfe\"}\n{\"id\":2,\"op\":\"ping\"}\n").unwrap();
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    let v: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!((v["ok"].clone(), v["error"]["kind"].clone()), (json!(false), json!("invalid_request")), "{v}");
+    line.clear();
+    r.read_line(&mut line).unwrap();
+    let v: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!((v["id"].clone(), v["ok"].clone()), (json!(2), json!(true)), "{v}");
+}
+
+#[test]
+fn a_backend_whose_health_check_fails_refuses_and_get_answers_driver_errors() {
+    let t = TempDir::new("protocol-down");
+    let mut d = Daemon::start(
+        t.path(),
+        &[
+            "--volume-driver",
+            "faulty",
+            "--volume-opt",
+            "fail_in=get",
+            "--volume-backend",
+            "sick=faulty",
+            "--volume-opt",
+            "sick:unhealthy=true",
+            "--compute-driver",
+            "none",
+        ],
+    );
+    d.ok("volume", "create", json!({"name": "v", "size": 1}));
+    let e = d.call("volume", "get", json!({"name": "v"}));
+    assert_eq!(e["error"]["kind"], "internal", "a driver error is the answer, not the stale record: {e}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let st = d.ok("", "status", json!({}));
+        if st["services"][0]["backends"][1]["state"] == "down" {
+            assert_eq!(st["services"][0]["state"], "degraded", "{st}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the health check never ran");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let e = d.call("volume", "create", json!({"name": "w", "size": 1, "backend": "sick"}));
+    assert_eq!(e["error"]["kind"], "unavailable", "{e}");
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("volume backend \"sick\" is down: driver unhealthy"),
+        "{e}"
+    );
+    assert_eq!(d.ok("volume", "list", json!({})).as_array().unwrap().len(), 1, "records are still answered");
+    d.ok("volume", "create", json!({"name": "w", "size": 1}));
+}
