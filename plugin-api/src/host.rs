@@ -21,9 +21,6 @@ use serde::Serialize;
 use crate::interface::RawDriver;
 use crate::{DriverError, DriverKind, DriverModuleRef, OptionSpec, Options};
 
-pub use crate::compute::{ComputeCall, ComputeInterface, ComputeMethod, ComputeReply, RemoteCompute};
-pub use crate::volume::{RemoteVolume, VolumeCall, VolumeInterface, VolumeMethod, VolumeReply};
-
 /// The name of the symbol every driver library exports (abi_stable's root-module loader), for hosts
 /// that look for it in a file before loading anything.
 pub const ROOT_SYMBOL: &str = crate::module::__private::ROOT_SYMBOL;
@@ -383,8 +380,8 @@ mod tests {
             assert_eq!(DriverKind::from_name(k.as_str()), Some(k));
             assert!(k.layout().is_some());
         }
-        assert_eq!(VolumeInterface::KIND, DriverKind::VOLUME);
-        assert_eq!(ComputeInterface::KIND, DriverKind::COMPUTE);
+        assert_eq!(crate::VolumeInterface::KIND, DriverKind::VOLUME);
+        assert_eq!(crate::ComputeInterface::KIND, DriverKind::COMPUTE);
     }
 
     #[test]

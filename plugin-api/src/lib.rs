@@ -119,6 +119,8 @@ mod options;
 mod panic;
 mod volume;
 
+#[cfg(feature = "host")]
+pub use compute::{ComputeCall, ComputeInterface, ComputeMethod, ComputeReply, RemoteCompute};
 pub use compute::{ComputeClient, ComputeDriver, Instance, InstanceSpec, InstanceState};
 pub use error::{check_name, DriverError, ErrorKind};
 pub use module::DriverKind;
@@ -126,12 +128,24 @@ pub use module::DriverKind;
 pub use module::{__private, DriverModule, DriverModuleRef, RawOptions};
 pub use options::{normalize_value, parse_bool, parse_size, validate, OptionError, OptionSpec, OptionType, Options};
 pub use volume::{CapacityStats, Volume, VolumeClient, VolumeDriver};
+#[cfg(feature = "host")]
+pub use volume::{RemoteVolume, VolumeCall, VolumeInterface, VolumeMethod, VolumeReply};
 
 /// The version of the plugin API a library was built against (this crate's version).
 pub const API_VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// The driver kinds: one line per kind (its interface file defines the rest).
+// The driver kinds. Adding one: its interface file (`mod`, `pub use` above), a line in `KINDS` and a
+// line in `kinds`; see "Adding a driver kind" in ARCHITECTURE.md.
+
+/// The registry of kinds: what the host checks a library's kind and interface layout against.
 const KINDS: &[module::KindInfo] = &[
     module::KindInfo { kind: volume::__kind::KIND, name: volume::__kind::NAME, layout: volume::__kind::LAYOUT },
     module::KindInfo { kind: compute::__kind::KIND, name: compute::__kind::NAME, layout: compute::__kind::LAYOUT },
 ];
+
+/// The kinds by the name `export_driver!` takes (`kind: volume`).
+#[doc(hidden)]
+pub mod kinds {
+    pub use crate::compute::__kind as compute;
+    pub use crate::volume::__kind as volume;
+}

@@ -139,11 +139,7 @@ pub mod __private {
 
     use super::*;
 
-    /// The kinds, by the name `export_driver!` takes.
-    pub mod kinds {
-        pub use crate::compute::__kind as compute;
-        pub use crate::volume::__kind as volume;
-    }
+    pub use crate::kinds;
 
     /// The exported symbol's name, checked against abi_stable's by a unit test.
     pub const ROOT_SYMBOL: &str = "_1as_0lib_1header_0root_bmodule_bloader";

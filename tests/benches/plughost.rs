@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use fake_volume::FakeVolume;
 use host::backend::{Backend, BuildContext, Configured};
 use host::Loader;
-use plughost_api::host::{VolumeInterface, VolumeMethod};
 use plughost_api::{Options, VolumeDriver};
+use plughost_api::{VolumeInterface, VolumeMethod};
 use plughost_tests::{fixtures, release_dir, target_dir, TempDir};
 use serde_json::{json, Value};
 

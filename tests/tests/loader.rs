@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use host::{LoadErrorKind, Loader};
-use plughost_api::host::{ComputeInterface, VolumeInterface};
+use plughost_api::{ComputeInterface, VolumeInterface};
 use plughost_api::{DriverKind, ErrorKind, Options};
 use plughost_tests::process::run;
 use plughost_tests::{driver, fixtures, TempDir};

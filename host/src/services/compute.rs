@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use plughost_api::host::{ComputeInterface, ComputeMethod};
 use plughost_api::{ComputeDriver, Instance, InstanceSpec, InstanceState};
+use plughost_api::{ComputeInterface, ComputeMethod};
 use serde::{Deserialize, Serialize};
 
 use super::records::{new_id, now, Record, Records};
@@ -23,6 +23,7 @@ pub static KIND: ServiceKind = ServiceKind {
     ctl: ctl_command,
     ctl_request,
     format,
+    reencode: super::reencode::<ComputeOp, ComputeReply>,
 };
 
 // ---------------------------------------------------------------------------------------------------
@@ -287,7 +288,7 @@ impl Record for InstanceRecord {
 }
 
 /// What compute operations answer.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum ComputeReply {
     /// One instance.

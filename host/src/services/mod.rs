@@ -42,6 +42,31 @@ pub struct ServiceKind {
     pub ctl_request: fn(&clap::ArgMatches) -> Result<(String, String), String>,
     /// Formats a successful answer to `op` for people.
     pub format: fn(op: &str, result: &str) -> Result<String, String>,
+    /// Parses an operation and (if given) an answer's result into this kind's types and serializes
+    /// them back: how the protocol document's examples are checked ([`reencode`]).
+    pub reencode: ReencodeFn,
+}
+
+/// See [`ServiceKind::reencode`].
+pub type ReencodeFn = fn(&str, Option<&RawValue>, Option<&str>) -> Result<(String, String, Option<String>), ApiError>;
+
+/// Parses `op` with `args` as `O` and `result` as `R`, and serializes both back: (op name, args JSON,
+/// result JSON).
+pub fn reencode<O: DeserializeOwned + Serialize, R: DeserializeOwned + Serialize>(
+    op: &str,
+    args: Option<&RawValue>,
+    result: Option<&str>,
+) -> Result<(String, String, Option<String>), ApiError> {
+    let typed: O = parse_op("any", op, args)?;
+    let (op, args) = op_to_request(&typed).map_err(ApiError::internal)?;
+    let result = match result {
+        Some(r) => {
+            let typed: R = serde_json::from_str(r).map_err(|e| ApiError::internal(format!("result of {op}: {e}")))?;
+            Some(to_json(&typed)?)
+        }
+        None => None,
+    };
+    Ok((op, args, result))
 }
 
 impl std::fmt::Debug for ServiceKind {
@@ -74,7 +99,7 @@ pub trait Service: Send + Sync + 'static {
     /// Its operations, with their arguments (an externally tagged enum of struct variants).
     type Op: DeserializeOwned + Serialize;
     /// What its operations answer.
-    type Reply: Serialize;
+    type Reply: Serialize + DeserializeOwned;
     /// Its entry in [`KINDS`].
     fn kind(&self) -> &'static ServiceKind;
     /// Runs one operation.

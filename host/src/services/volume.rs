@@ -4,8 +4,8 @@
 
 use std::sync::Arc;
 
-use plughost_api::host::{VolumeInterface, VolumeMethod};
 use plughost_api::{CapacityStats, Volume};
+use plughost_api::{VolumeInterface, VolumeMethod};
 use serde::{Deserialize, Serialize};
 
 use super::records::{new_id, now, Record, Records};
@@ -24,6 +24,7 @@ pub static KIND: ServiceKind = ServiceKind {
     ctl: ctl_command,
     ctl_request,
     format,
+    reencode: super::reencode::<VolumeOp, VolumeReply>,
 };
 
 // ---------------------------------------------------------------------------------------------------
@@ -236,7 +237,7 @@ pub struct VolumeStats {
 }
 
 /// What volume operations answer.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum VolumeReply {
     /// One volume.
