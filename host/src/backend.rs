@@ -1,6 +1,9 @@
 //! A backend: one constructed driver serving a service, swappable while serving, with its health and
 //! per-method call statistics. One type for every driver kind (`Backend<I>` over the plugin API's
 //! [`Interface`]); services reach drivers only through [`Backend::call`].
+//!
+//! Why this file is long: build, call, health, swap and retirement share one state (the RCU cell and the
+//! health gate); keeping them together keeps the swap invariants in one reviewable place.
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -1,6 +1,9 @@
 //! `plughost run` settings: command line > environment (`PLUGHOST_*`, read by clap) > config file
 //! (TOML) > built-in defaults. The per-service parts (`[volume]`, `--volume-driver`, ...) come from the
 //! service table ([`crate::services::KINDS`]). A [`ConfigSource`] is what the host re-reads on reload.
+//!
+//! Why this file is long: it holds the whole configuration contract (file format, flags and their
+//! environment variables, precedence, reload source) so that the rules can be read in one place.
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -82,7 +82,9 @@ impl clap::Subcommand for CtlCommand {
                                 .help("New driver; default: the configured PATH or NAME, loaded again"),
                         ),
                 );
-        KINDS.iter().fold(cmd, |cmd, k| cmd.subcommand((k.ctl)()))
+        KINDS.iter().fold(cmd, |cmd, k| {
+            cmd.subcommand((k.ctl)(clap::Command::new(k.name).about(k.about).subcommand_required(true)))
+        })
     }
     fn augment_subcommands_for_update(cmd: clap::Command) -> clap::Command {
         Self::augment_subcommands(cmd)
@@ -245,6 +247,30 @@ pub fn table<'a, const N: usize>(rows: impl Iterator<Item = &'a [String; N]> + C
         }
         let trimmed = s.trim_end().len();
         s.truncate(trimmed);
+        s.push('\n');
+    }
+    s
+}
+
+/// Like [`table`], for rows of any length (the first row's length counts).
+pub fn table_rows(rows: &[Vec<String>], indent: &str) -> String {
+    let n = rows.first().map(Vec::len).unwrap_or(0);
+    let mut widths = vec![0usize; n];
+    for r in rows {
+        for (i, c) in r.iter().enumerate().take(n) {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let mut s = String::new();
+    for r in rows {
+        let mut line = indent.to_owned();
+        for (i, c) in r.iter().enumerate().take(n) {
+            line.push_str(c);
+            if i + 1 < n {
+                line.push_str(&" ".repeat(widths[i] - c.chars().count() + 2));
+            }
+        }
+        s.push_str(line.trim_end());
         s.push('\n');
     }
     s

@@ -17,6 +17,9 @@
 //! 5. the copy is opened with `RTLD_NOW` and abi_stable checks its header, the plugin API version, and
 //!    the layout of the root module and of the kind's interface ([`plughost_api::host::open`]);
 //! 6. the metadata (name, version, option schema, panic strategy) is validated.
+//!
+//! Why this file is long: the order of the checks is the safety argument, kept in one file so that it
+//! reads top to bottom.
 
 use std::collections::HashMap;
 use std::fs;

@@ -5,6 +5,10 @@
 //!
 //! Per-kind operations and records live with their service (`services/volume.rs`, ...) and are
 //! re-exported here.
+//! re-exported here.
+//!
+//! Why this file is long: it is the whole wire contract in one place on purpose (every request, answer,
+//! error and status type), so that the server, `ctl` and the tests share it and review sees it whole.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -13,8 +17,9 @@ use serde::de::{DeserializeOwned, Deserializer, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-pub use crate::services::compute::{ComputeOp, InstanceRecord, InstanceStatus};
+pub use crate::services::compute::{ComputeOp, EnvVar, InstanceRecord, InstanceStatus};
 pub use crate::services::volume::{VolumeOp, VolumeRecord, VolumeStats, VolumeStatus};
+pub use crate::services::{Named, OnBackend};
 
 /// What kind of error an answer carries. Serialized as its snake_case name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -470,6 +475,13 @@ impl<'de> Deserialize<'de> for Size {
             }
         }
         d.deserialize_any(V)
+    }
+}
+
+impl std::str::FromStr for Size {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Size, String> {
+        Size::parse(text)
     }
 }
 

@@ -204,13 +204,7 @@ driver_interface! {
     /// Errors name the instance (`instance "web" not found`) and use the kinds the contract requires:
     /// `not_found` for an instance that does not exist, `already_exists` for a name in use, `busy` for
     /// starting a running instance.
-    kind compute = 2, "compute";
-    author ComputeDriver;
-    ffi ComputeDriverFfi, ComputeDriverFfi_TO;
-    adapter ComputeAdapter;
-    /// A constructed compute driver: from a loaded library (host side) or compiled into this process
-    /// ([`ComputeClient::in_process`]). It implements [`ComputeDriver`] by calling through the stable ABI.
-    client ComputeClient;
+    kind compute = 2, "compute": ComputeDriver, ComputeClient, ComputeAdapter, ComputeDriverFfi, ComputeDriverFfi_TO;
     host ComputeInterface, ComputeCall, ComputeReply, RemoteCompute, ComputeMethod;
     methods {
         /// Creates and starts an instance.

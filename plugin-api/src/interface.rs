@@ -325,12 +325,7 @@ macro_rules! __author_fn {
 macro_rules! driver_interface {
     (
         $(#[$kind_meta:meta])*
-        kind $kind:ident = $kind_value:expr, $kind_name:literal;
-        author $Author:ident;
-        ffi $Ffi:ident, $FfiTO:ident;
-        adapter $Adapter:ident;
-        $(#[$client_meta:meta])*
-        client $Client:ident;
+        kind $kind:ident = $kind_value:expr, $kind_name:literal: $Author:ident, $Client:ident, $Adapter:ident, $Ffi:ident, $FfiTO:ident;
         host $Iface:ident, $Call:ident, $Reply:ident, $Remote:ident, $Method:ident;
         methods {
             $(
@@ -490,7 +485,9 @@ macro_rules! driver_interface {
             }
         }
 
-        $(#[$client_meta])*
+        #[doc = concat!("A constructed ", $kind_name, " driver: from a loaded library (host side) or compiled into")]
+        #[doc = concat!("this process (`", stringify!($Client), "::in_process`). It implements [`", stringify!($Author), "`] by calling")]
+        #[doc = "through the stable ABI; a `&[u8]` argument crosses as a pointer and a length, without copying."]
         pub struct $Client {
             base: $crate::interface::DriverBaseBox,
             object: __kind::Object,

@@ -94,14 +94,7 @@ driver_interface! {
     /// driver. Errors name the volume (`volume "v1" not found`) and use the kinds the contract requires:
     /// `not_found` for a volume that does not exist, `already_exists` for a name in use,
     /// `invalid_argument` for a shrink or a size over the driver's limit, `no_capacity` when full.
-    kind volume = 1, "volume";
-    author VolumeDriver;
-    ffi VolumeDriverFfi, VolumeDriverFfi_TO;
-    adapter VolumeAdapter;
-    /// A constructed volume driver: from a loaded library (host side) or compiled into this process
-    /// ([`VolumeClient::in_process`]). It implements [`VolumeDriver`] by calling through the stable
-    /// ABI; a `&[u8]` crosses as a pointer and a length, without copying.
-    client VolumeClient;
+    kind volume = 1, "volume": VolumeDriver, VolumeClient, VolumeAdapter, VolumeDriverFfi, VolumeDriverFfi_TO;
     host VolumeInterface, VolumeCall, VolumeReply, RemoteVolume, VolumeMethod;
     methods {
         /// Creates a volume of `size` bytes.

@@ -3,102 +3,92 @@
 //! the backend's driver runs the instances.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use plughost_api::{ComputeDriver, Instance, InstanceSpec, InstanceState};
 use plughost_api::{ComputeInterface, ComputeMethod};
 use serde::{Deserialize, Serialize};
 
-use super::records::{new_id, now, Record, Records};
-use super::{check_name, op_to_request, parse_result, Backends, DynService, Service, ServiceContext, ServiceKind};
-use crate::backend::{Backend, BackendControl, Health};
-use crate::protocol::{ApiError, ErrorKind, Removed};
+use super::records::{impl_record, new_id, now, Records};
+use super::{check_name, BackendTable, Backends, Listed, Named, OnBackend, Reply, Service, ServiceKind};
+use crate::backend::{BackendControl, Health};
+use crate::protocol::{ApiError, Removed};
 
 /// The compute service in the table.
-pub static KIND: ServiceKind = ServiceKind {
-    name: "compute",
-    about: "Compute operations",
-    default_driver: "process-compute",
-    build,
-    ctl: ctl_command,
-    ctl_request,
-    format,
-    reencode: super::reencode::<ComputeOp, ComputeReply>,
-};
+pub static KIND: ServiceKind = ServiceKind::of::<ComputeService>("compute", "Compute operations", "process-compute");
 
 // ---------------------------------------------------------------------------------------------------
 // Protocol
 
-/// A compute operation and its arguments. `backend` on an operation by name checks that the instance
-/// is on that backend.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A compute operation and its arguments: what the socket carries and what `plughost ctl compute`
+/// takes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clap::Subcommand)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum ComputeOp {
-    /// Creates and starts an instance.
+    /// Start a new instance running CMD ARGS... (after --)
     Spawn {
-        /// Its name.
+        /// Instance name
         name: String,
-        /// The program.
+        /// The program to run
+        #[arg(value_name = "CMD")]
         command: String,
-        /// Its arguments.
+        /// Its arguments
+        #[arg(value_name = "ARGS", trailing_var_arg = true, allow_hyphen_values = true)]
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         args: Vec<String>,
-        /// Extra environment variables.
-        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-        env: BTreeMap<String, String>,
-        /// Working directory.
+        /// Environment variable K=V (repeatable)
+        #[arg(long = "env", value_name = "K=V")]
+        #[serde(default, skip_serializing_if = "Vec::is_empty", with = "env_object")]
+        env: Vec<EnvVar>,
+        /// Working directory
+        #[arg(long)]
         #[serde(default, skip_serializing_if = "Option::is_none")]
         workdir: Option<String>,
-        /// The backend (default: the service's default).
+        /// Backend (default: the service's default backend)
+        #[arg(long)]
         #[serde(default, skip_serializing_if = "Option::is_none")]
         backend: Option<String>,
     },
-    /// One instance, refreshed from its driver.
-    Get {
-        /// The instance.
-        name: String,
-        /// Its backend, if the caller wants it checked.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        backend: Option<String>,
-    },
-    /// Every instance (of one backend), refreshed from the drivers.
-    List {
-        /// Only this backend.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        backend: Option<String>,
-    },
-    /// Starts a stopped instance.
-    Start {
-        /// The instance.
-        name: String,
-        /// Its backend, if the caller wants it checked.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        backend: Option<String>,
-    },
-    /// Stops an instance.
-    Stop {
-        /// The instance.
-        name: String,
-        /// Its backend, if the caller wants it checked.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        backend: Option<String>,
-    },
-    /// Stops and starts an instance.
-    Reboot {
-        /// The instance.
-        name: String,
-        /// Its backend, if the caller wants it checked.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        backend: Option<String>,
-    },
-    /// Stops and removes an instance.
-    Destroy {
-        /// The instance.
-        name: String,
-        /// Its backend, if the caller wants it checked.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        backend: Option<String>,
-    },
+    /// Show one instance, refreshed from its driver
+    Get(Named),
+    /// List instances, refreshed from the drivers
+    List(OnBackend),
+    /// Start a stopped instance
+    Start(Named),
+    /// Stop an instance
+    Stop(Named),
+    /// Stop and start an instance
+    Reboot(Named),
+    /// Stop and remove an instance, with everything it started
+    Destroy(Named),
+}
+
+/// One extra environment variable: `K=V` on the command line; the list is an object on the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvVar(pub String, pub String);
+
+impl std::str::FromStr for EnvVar {
+    type Err = String;
+    fn from_str(kv: &str) -> Result<EnvVar, String> {
+        match kv.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok(EnvVar(k.to_owned(), v.to_owned())),
+            _ => Err(format!("{kv:?}: expected K=V")),
+        }
+    }
+}
+
+/// `Vec<EnvVar>` as a JSON object.
+mod env_object {
+    use super::EnvVar;
+    use std::collections::BTreeMap;
+
+    pub fn serialize<S: serde::Serializer>(vars: &[EnvVar], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(vars.iter().map(|v| (&v.0, &v.1)))
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<EnvVar>, D::Error> {
+        let map: BTreeMap<String, String> = serde::Deserialize::deserialize(d)?;
+        Ok(map.into_iter().map(|(k, v)| EnvVar(k, v)).collect())
+    }
 }
 
 /// Where an instance is in its life.
@@ -266,38 +256,18 @@ impl InstanceRecord {
     }
 }
 
-impl Record for InstanceRecord {
-    type Status = InstanceStatus;
-    const WHAT: &'static str = "instance";
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn backend(&self) -> &str {
-        &self.backend
-    }
-    fn status(&self) -> InstanceStatus {
-        self.status
-    }
-    fn set_status(&mut self, status: InstanceStatus) {
-        self.status = status;
-        if status != InstanceStatus::Error {
-            self.reason = None;
-        }
-        self.updated_at = now();
+impl_record!(InstanceRecord, InstanceStatus, "instance", InstanceStatus::Error);
+
+impl Listed for InstanceRecord {
+    const COLUMNS: &'static [&'static str] = &["PID", "RSS", "CPU", "COMMAND"];
+    fn cells(&self) -> Vec<String> {
+        let pid = self.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".to_owned());
+        vec![pid, crate::ctl::human_size(self.rss_bytes), format!("{}ms", self.cpu_time_ms), self.command.clone()]
     }
 }
 
 /// What compute operations answer.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum ComputeReply {
-    /// One instance.
-    Record(Box<InstanceRecord>),
-    /// Several.
-    Records(Vec<InstanceRecord>),
-    /// A destroyed one.
-    Removed(Removed),
-}
+pub type ComputeReply = Reply<InstanceRecord>;
 
 // ---------------------------------------------------------------------------------------------------
 // The service
@@ -308,24 +278,7 @@ pub struct ComputeService {
     records: Records<InstanceRecord>,
 }
 
-/// What the instance records file is called in the state dir.
-pub const RECORDS_FILE: &str = "instances.json";
-
-fn build(ctx: &ServiceContext<'_>) -> Result<Arc<dyn DynService>, Vec<String>> {
-    let backends = Backends::build(KIND.name, ctx)?;
-    let records = Records::json(ctx.state_dir.join(RECORDS_FILE)).map_err(|e| vec![e])?;
-    Ok(Arc::new(ComputeService::new(backends, records)))
-}
-
-const MISSING: &str = "missing from backend";
-
 impl ComputeService {
-    pub(crate) fn new(backends: Backends<ComputeInterface>, records: Records<InstanceRecord>) -> ComputeService {
-        let s = ComputeService { backends, records };
-        s.sync(None);
-        s
-    }
-
     /// Brings records in line with what the drivers report (periodic, and before `list`): instances
     /// an operation is working on are skipped; an instance a driver no longer has becomes `error`
     /// ("missing from backend"); one it has without a record is adopted.
@@ -350,40 +303,15 @@ impl ComputeService {
                 }
             }
             for r in self.records.list(Some(&b.name)) {
-                if list.iter().any(|i| i.name == r.name) || r.reason.as_deref() == Some(MISSING) {
+                if list.iter().any(|i| i.name == r.name) {
                     continue;
                 }
                 let Some(_held) = self.records.try_hold(&r.name) else { continue };
                 if matches!(self.records.get(&r.name), Some(r) if r.status != InstanceStatus::Spawning) {
-                    log::warn!("instance {:?}: missing from backend {:?}; kept as error", r.name, b.name);
-                    self.records.update(&r.name, |r| {
-                        r.set_status(InstanceStatus::Error);
-                        r.reason = Some(MISSING.to_owned());
-                        true
-                    });
+                    self.records.mark_missing(&r.name);
                 }
             }
         }
-    }
-
-    fn existing(
-        &self,
-        name: &str,
-        backend: Option<&str>,
-    ) -> Result<(InstanceRecord, &Arc<Backend<ComputeInterface>>), ApiError> {
-        check_name("instance", name)?;
-        let r = self.records.existing(name)?;
-        if let Some(b) = backend {
-            self.backends.pick(Some(b))?;
-            if r.backend != b {
-                return Err(ApiError::not_found(format!(
-                    "instance {name:?} not found on backend {b:?} (it is on {:?})",
-                    r.backend
-                )));
-            }
-        }
-        let b = self.backends.holding("instance", name, &r.backend)?;
-        Ok((r, b))
     }
 
     fn spawn(&self, spec: InstanceSpec, backend: Option<&str>) -> Result<InstanceRecord, ApiError> {
@@ -412,7 +340,7 @@ impl ComputeService {
         f: impl FnOnce(&dyn ComputeDriver) -> Result<Instance, plughost_api::DriverError>,
     ) -> Result<InstanceRecord, ApiError> {
         let _held = self.records.hold(name);
-        let (r, b) = self.existing(name, backend)?;
+        let (r, b) = self.backends.locate(&self.records, name, backend)?;
         self.records.transition(
             r,
             during,
@@ -425,7 +353,7 @@ impl ComputeService {
 
     fn destroy(&self, name: &str, backend: Option<&str>) -> Result<Removed, ApiError> {
         let _held = self.records.hold(name);
-        let (r, b) = self.existing(name, backend)?;
+        let (r, b) = self.backends.locate(&self.records, name, backend)?;
         self.records.removal(r, InstanceStatus::Deleting, || b.call(ComputeMethod::destroy, |d| d.destroy(name)))?;
         Ok(Removed { name: name.to_owned(), deleted: None, destroyed: Some(true) })
     }
@@ -435,60 +363,60 @@ impl ComputeService {
     /// `error`.
     fn get(&self, name: &str, backend: Option<&str>) -> Result<InstanceRecord, ApiError> {
         let _held = self.records.hold(name);
-        let (r, b) = self.existing(name, backend)?;
-        match b.call(ComputeMethod::get, |d| d.get(name)) {
-            Ok(i) => Ok(self.records.update(name, |r| r.apply(&i)).unwrap_or(r)),
-            Err(e) if e.kind == ErrorKind::NotFound => Ok(self
-                .records
-                .update(name, |r| {
-                    r.set_status(InstanceStatus::Error);
-                    r.reason = Some(MISSING.to_owned());
-                    true
-                })
-                .unwrap_or(r)),
-            Err(e) => Err(e),
-        }
+        let (r, b) = self.backends.locate(&self.records, name, backend)?;
+        self.records.refresh(r, b.call(ComputeMethod::get, |d| d.get(name)), InstanceRecord::apply)
     }
 }
 
 impl Service for ComputeService {
     type Op = ComputeOp;
-    type Reply = ComputeReply;
-
-    fn kind(&self) -> &'static ServiceKind {
-        &KIND
-    }
-
     fn handle(&self, op: ComputeOp) -> Result<ComputeReply, ApiError> {
         use ComputeMethod as M;
         use InstanceStatus as S;
         Ok(match op {
             ComputeOp::Spawn { name, command, args, env, workdir, backend } => {
-                let spec = InstanceSpec { name, command, args, env: env.into_iter().collect(), workdir };
-                ComputeReply::Record(Box::new(self.spawn(spec, backend.as_deref())?))
+                let env = env.into_iter().map(|EnvVar(k, v)| (k, v)).collect();
+                let spec = InstanceSpec { name, command, args, env, workdir };
+                ComputeReply::One(self.spawn(spec, backend.as_deref())?)
             }
-            ComputeOp::Get { name, backend } => ComputeReply::Record(Box::new(self.get(&name, backend.as_deref())?)),
-            ComputeOp::List { backend } => {
+            ComputeOp::Get(Named { name, backend }) => ComputeReply::One(self.get(&name, backend.as_deref())?),
+            ComputeOp::List(OnBackend { backend }) => {
                 if let Some(b) = &backend {
                     self.backends.pick(Some(b))?;
                 }
                 self.sync(backend.as_deref());
-                ComputeReply::Records(self.records.list(backend.as_deref()))
+                ComputeReply::Many(self.records.list(backend.as_deref()))
             }
-            ComputeOp::Start { name, backend } => {
+            ComputeOp::Start(Named { name, backend }) => {
                 let r = self.transition(&name, backend.as_deref(), S::Starting, M::start, |d| d.start(&name))?;
-                ComputeReply::Record(Box::new(r))
+                ComputeReply::One(r)
             }
-            ComputeOp::Stop { name, backend } => {
+            ComputeOp::Stop(Named { name, backend }) => {
                 let r = self.transition(&name, backend.as_deref(), S::Stopping, M::stop, |d| d.stop(&name))?;
-                ComputeReply::Record(Box::new(r))
+                ComputeReply::One(r)
             }
-            ComputeOp::Reboot { name, backend } => {
+            ComputeOp::Reboot(Named { name, backend }) => {
                 let r = self.transition(&name, backend.as_deref(), S::Rebooting, M::reboot, |d| d.reboot(&name))?;
-                ComputeReply::Record(Box::new(r))
+                ComputeReply::One(r)
             }
-            ComputeOp::Destroy { name, backend } => ComputeReply::Removed(self.destroy(&name, backend.as_deref())?),
+            ComputeOp::Destroy(Named { name, backend }) => {
+                ComputeReply::Removed(self.destroy(&name, backend.as_deref())?)
+            }
         })
+    }
+
+    type Reply = ComputeReply;
+    type Interface = ComputeInterface;
+    type Record = InstanceRecord;
+
+    fn new(backends: Backends<ComputeInterface>, records: Records<InstanceRecord>) -> ComputeService {
+        let s = ComputeService { backends, records };
+        s.sync(None);
+        s
+    }
+
+    fn kind(&self) -> &'static ServiceKind {
+        &KIND
     }
 
     fn periodic(&self) {
@@ -496,134 +424,18 @@ impl Service for ComputeService {
         self.sync(None);
     }
 
-    fn backends(&self) -> &[Arc<dyn BackendControl>] {
-        self.backends.controls()
+    fn table(&self) -> &BackendTable {
+        self.backends.table()
     }
-
-    fn default_backend(&self) -> &str {
-        self.backends.default_name()
-    }
-}
-
-// ---------------------------------------------------------------------------------------------------
-// ctl
-
-/// `plughost ctl compute ...`.
-#[derive(clap::Subcommand, Debug)]
-enum ComputeCmd {
-    /// Start a new instance running CMD ARGS...
-    Spawn {
-        /// Instance name
-        name: String,
-        /// Environment variable K=V (repeatable)
-        #[arg(long = "env", value_name = "K=V")]
-        env: Vec<String>,
-        /// Working directory
-        #[arg(long)]
-        workdir: Option<String>,
-        /// Backend
-        #[arg(long)]
-        backend: Option<String>,
-        /// Command and arguments, after --
-        #[arg(last = true, required = true, value_name = "CMD")]
-        command: Vec<String>,
-    },
-    /// List instances
-    List {
-        /// Only this backend
-        #[arg(long)]
-        backend: Option<String>,
-    },
-    /// Show one instance
-    Get {
-        /// Instance name
-        name: String,
-    },
-    /// Stop an instance
-    Stop {
-        /// Instance name
-        name: String,
-    },
-    /// Start a stopped instance
-    Start {
-        /// Instance name
-        name: String,
-    },
-    /// Stop and start an instance
-    Reboot {
-        /// Instance name
-        name: String,
-    },
-    /// Stop and remove an instance
-    Destroy {
-        /// Instance name
-        name: String,
-    },
-}
-
-fn ctl_command() -> clap::Command {
-    use clap::Subcommand;
-    ComputeCmd::augment_subcommands(clap::Command::new(KIND.name).about(KIND.about).subcommand_required(true))
-}
-
-fn ctl_request(m: &clap::ArgMatches) -> Result<(String, String), String> {
-    use clap::FromArgMatches;
-    let cmd = ComputeCmd::from_arg_matches(m).map_err(|e| e.to_string())?;
-    let op = match cmd {
-        ComputeCmd::Spawn { name, env, workdir, backend, command } => {
-            let mut vars = BTreeMap::new();
-            for kv in env {
-                match kv.split_once('=') {
-                    Some((k, v)) if !k.is_empty() => {
-                        vars.insert(k.to_owned(), v.to_owned());
-                    }
-                    _ => return Err(format!("--env {kv:?}: expected K=V")),
-                }
-            }
-            let mut command = command.into_iter();
-            let program = command.next().unwrap_or_default();
-            ComputeOp::Spawn { name, command: program, args: command.collect(), env: vars, workdir, backend }
-        }
-        ComputeCmd::List { backend } => ComputeOp::List { backend },
-        ComputeCmd::Get { name } => ComputeOp::Get { name, backend: None },
-        ComputeCmd::Stop { name } => ComputeOp::Stop { name, backend: None },
-        ComputeCmd::Start { name } => ComputeOp::Start { name, backend: None },
-        ComputeCmd::Reboot { name } => ComputeOp::Reboot { name, backend: None },
-        ComputeCmd::Destroy { name } => ComputeOp::Destroy { name, backend: None },
-    };
-    op_to_request(&op)
-}
-
-fn format(op: &str, result: &str) -> Result<String, String> {
-    use crate::ctl::{human_size, key_values, table};
-    Ok(match op {
-        "list" => {
-            let list: Vec<InstanceRecord> = parse_result(result)?;
-            let rows: Vec<[String; 7]> = list
-                .iter()
-                .map(|i| {
-                    [
-                        i.name.clone(),
-                        i.backend.clone(),
-                        i.status.to_string(),
-                        i.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".to_owned()),
-                        human_size(i.rss_bytes),
-                        format!("{}ms", i.cpu_time_ms),
-                        i.reason.clone().unwrap_or_else(|| i.command.clone()),
-                    ]
-                })
-                .collect();
-            let header = ["NAME", "BACKEND", "STATUS", "PID", "RSS", "CPU", "COMMAND"].map(String::from);
-            table(std::iter::once(&header).chain(rows.iter()), "")
-        }
-        _ => key_values(result)?,
-    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::Backend;
+    use crate::protocol::ErrorKind;
     use plughost_api::{ComputeClient, DriverError};
+    use std::sync::Arc;
     use std::sync::Mutex;
 
     /// Instances in memory; `stop` of one named "slow" blocks until released.
@@ -715,8 +527,8 @@ mod tests {
             std::thread::yield_now();
         }
         assert_eq!(s.get("quick", None).unwrap().status, InstanceStatus::Running, "answers while the other stops");
-        let listed = s.handle(ComputeOp::List { backend: None }).unwrap();
-        let ComputeReply::Records(list) = listed else { panic!("list answers records") };
+        let listed = s.handle(ComputeOp::List(OnBackend { backend: None })).unwrap();
+        let ComputeReply::Many(list) = listed else { panic!("list answers records") };
         assert_eq!(list.iter().find(|r| r.name == "slow").unwrap().status, InstanceStatus::Stopping, "sync skips it");
         tx.send(()).unwrap();
         assert_eq!(stopping.join().unwrap().unwrap().status, InstanceStatus::Stopped);
@@ -736,6 +548,6 @@ mod tests {
         s.backends.iter().next().unwrap().call(ComputeMethod::destroy, |d| d.destroy("a")).unwrap();
         s.sync(None);
         let a = s.records.get("a").unwrap();
-        assert_eq!((a.status, a.reason.as_deref()), (InstanceStatus::Error, Some(MISSING)));
+        assert_eq!((a.status, a.reason.as_deref()), (InstanceStatus::Error, Some(super::super::records::MISSING)));
     }
 }

@@ -21,6 +21,7 @@ use serde_json::value::RawValue;
 use crate::backend::{Backend, BackendControl, BuildContext, Configured};
 use crate::config::ServiceSpec;
 use crate::protocol::{parse_op, to_json, ApiError, Capacity, ErrorKind};
+use records::{Record, Records};
 
 /// Builds a service from its configuration; every error found.
 pub type BuildFn = fn(&ServiceContext<'_>) -> Result<Arc<dyn DynService>, Vec<String>>;
@@ -36,8 +37,9 @@ pub struct ServiceKind {
     pub default_driver: &'static str,
     /// Builds the service from its configuration (every error found).
     pub build: BuildFn,
-    /// The `plughost ctl SERVICE ...` subcommands.
-    pub ctl: fn() -> clap::Command,
+    /// Adds the `plughost ctl SERVICE ...` subcommands (a derived `clap::Subcommand`'s
+    /// `augment_subcommands`).
+    pub ctl: fn(clap::Command) -> clap::Command,
     /// Turns parsed `ctl` arguments into the operation's name and its JSON arguments.
     pub ctl_request: fn(&clap::ArgMatches) -> Result<(String, String), String>,
     /// Formats a successful answer to `op` for people.
@@ -45,6 +47,55 @@ pub struct ServiceKind {
     /// Parses an operation and (if given) an answer's result into this kind's types and serializes
     /// them back: how the protocol document's examples are checked ([`reencode`]).
     pub reencode: ReencodeFn,
+}
+
+impl ServiceKind {
+    /// The table entry of service `S`: everything but its name, help line and default driver comes from
+    /// its types.
+    pub(crate) const fn of<S: Service>(
+        name: &'static str,
+        about: &'static str,
+        default_driver: &'static str,
+    ) -> ServiceKind {
+        ServiceKind {
+            name,
+            about,
+            default_driver,
+            build: build_service::<S>,
+            ctl: <S::Op as clap::Subcommand>::augment_subcommands,
+            ctl_request: ctl_request::<S::Op>,
+            format: format::<S::Record>,
+            reencode: reencode::<S::Op, S::Reply>,
+        }
+    }
+}
+
+/// A record as `ctl SERVICE list` shows it, one row per record: name, backend and status, then the
+/// kind's own columns; the last one shows why a record is in error, when it is.
+pub(crate) trait Listed: Record {
+    /// The titles of the kind's own columns.
+    const COLUMNS: &'static [&'static str];
+    /// The kind's own cells.
+    fn cells(&self) -> Vec<String>;
+}
+
+/// Formats a successful answer for people: `list` as a table of `R`, anything else as `key: value`.
+fn format<R: Listed>(op: &str, result: &str) -> Result<String, String> {
+    if op != "list" {
+        return crate::ctl::key_values(result);
+    }
+    let list: Vec<R> = parse_result(result)?;
+    let titles = ["NAME", "BACKEND", "STATUS"].iter().chain(R::COLUMNS);
+    let mut rows = vec![titles.map(|c| (*c).to_owned()).collect::<Vec<_>>()];
+    rows.extend(list.iter().map(|r| {
+        let mut row = vec![r.name().to_owned(), r.backend().to_owned(), r.status().to_string()];
+        row.extend(r.cells());
+        if let (Some(reason), Some(last)) = (r.reason(), row.last_mut()) {
+            *last = reason.to_owned();
+        }
+        row
+    }));
+    Ok(crate::ctl::table_rows(&rows, ""))
 }
 
 /// See [`ServiceKind::reencode`].
@@ -95,32 +146,96 @@ pub struct ServiceContext<'a> {
 }
 
 /// A service with typed operations.
-pub trait Service: Send + Sync + 'static {
-    /// Its operations, with their arguments (an externally tagged enum of struct variants).
-    type Op: DeserializeOwned + Serialize;
+pub(crate) trait Service: Send + Sync + Sized + 'static {
+    /// Its operations with their arguments: an externally tagged enum, which is also its `ctl`
+    /// subcommand.
+    type Op: DeserializeOwned + Serialize + clap::Subcommand + clap::FromArgMatches;
     /// What its operations answer.
     type Reply: Serialize + DeserializeOwned;
+    /// The driver kind it serves.
+    type Interface: Interface;
+    /// What it keeps about each resource.
+    type Record: Listed;
+    /// The file its records are kept in, in the state dir: `volumes.json`, `instances.json`.
+    fn records_file() -> String {
+        format!("{}s.json", <Self::Record as Record>::WHAT)
+    }
+    /// The service over its backends and records.
+    fn new(backends: Backends<Self::Interface>, records: Records<Self::Record>) -> Self;
     /// Its entry in [`KINDS`].
     fn kind(&self) -> &'static ServiceKind;
     /// Runs one operation.
     fn handle(&self, op: Self::Op) -> Result<Self::Reply, ApiError>;
     /// One round of periodic work (health checks, refreshing what drivers report).
     fn periodic(&self);
-    /// Its backends.
-    fn backends(&self) -> &[Arc<dyn BackendControl>];
-    /// The backend used when a request names none.
-    fn default_backend(&self) -> &str;
+    /// Its backends, as the host controls them, and the default one.
+    fn table(&self) -> &BackendTable;
     /// A backend's capacity as last refreshed, for kinds that have one.
     fn capacity(&self, _backend: &str) -> Option<Capacity> {
         None
     }
     /// Runs every backend's cleanup at host stop, once no request is in flight.
     fn cleanup(&self) {
-        for b in self.backends() {
+        for b in &self.table().controls {
             b.cleanup();
         }
     }
 }
+
+/// The arguments of an operation on one resource by name: `backend` checks that it is on that backend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct Named {
+    /// Its name
+    pub name: String,
+    /// Check that it is on this backend
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+}
+
+/// The arguments of an operation on a whole backend (default: the service's default backend) or on
+/// all of them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct OnBackend {
+    /// The backend
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+}
+
+/// `ServiceKind::ctl_request`: the op enum is its own `ctl` subcommand.
+fn ctl_request<O: clap::FromArgMatches + Serialize>(m: &clap::ArgMatches) -> Result<(String, String), String> {
+    let op = O::from_arg_matches(m).map_err(|e| e.to_string())?;
+    op_to_request(&op)
+}
+
+/// A service's backends as the host controls them (whatever their kind) and the default one.
+pub struct BackendTable {
+    /// In configuration order.
+    pub controls: Vec<Arc<dyn BackendControl>>,
+    /// The backend used when a request names none.
+    pub default: String,
+}
+
+/// What a service's operations answer: one record, several, a removal, or something of the kind's own.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+#[serde(untagged)]
+pub enum Reply<R, X = Never> {
+    /// One record.
+    One(R),
+    /// Several.
+    Many(Vec<R>),
+    /// A removed one.
+    Removed(crate::protocol::Removed),
+    /// Something else.
+    Other(X),
+}
+
+/// No value: a [`Reply`] of a kind that answers nothing else.
+#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize)]
+pub enum Never {}
 
 /// A service seen through the JSON edge: what the host holds.
 pub trait DynService: Send + Sync {
@@ -152,10 +267,10 @@ impl<S: Service> DynService for S {
         Service::periodic(self)
     }
     fn backends(&self) -> &[Arc<dyn BackendControl>] {
-        Service::backends(self)
+        &self.table().controls
     }
     fn default_backend(&self) -> &str {
-        Service::default_backend(self)
+        &self.table().default
     }
     fn capacity(&self, backend: &str) -> Option<Capacity> {
         Service::capacity(self, backend)
@@ -166,11 +281,10 @@ impl<S: Service> DynService for S {
 }
 
 /// The backends of one service and which one is the default.
-pub struct Backends<I: Interface> {
+pub(crate) struct Backends<I: Interface> {
     service: &'static str,
     list: Vec<Arc<Backend<I>>>,
-    controls: Vec<Arc<dyn BackendControl>>,
-    default: String,
+    table: BackendTable,
 }
 
 impl<I: Interface> Backends<I> {
@@ -188,21 +302,25 @@ impl<I: Interface> Backends<I> {
         if !errors.is_empty() {
             return Err(errors);
         }
+        Ok(Backends::assemble(service, list, ctx.spec.default_backend.clone()))
+    }
+
+    fn assemble(service: &'static str, list: Vec<Arc<Backend<I>>>, default: String) -> Backends<I> {
         let controls = list.iter().map(|b| b.clone() as Arc<dyn BackendControl>).collect();
-        Ok(Backends { service, list, controls, default: ctx.spec.default_backend.clone() })
+        Backends { service, list, table: BackendTable { controls, default } }
     }
 
     /// Backends built elsewhere (tests, benchmarks); the first is the default.
+    #[cfg(test)]
     pub fn from_list(service: &'static str, list: Vec<Backend<I>>) -> Backends<I> {
         let list: Vec<Arc<Backend<I>>> = list.into_iter().map(Arc::new).collect();
         let default = list.first().map(|b| b.name.clone()).unwrap_or_default();
-        let controls = list.iter().map(|b| b.clone() as Arc<dyn BackendControl>).collect();
-        Backends { service, list, controls, default }
+        Backends::assemble(service, list, default)
     }
 
     /// The backend named `name`, or the default one: the one place an unknown backend is refused.
     pub fn pick(&self, name: Option<&str>) -> Result<&Arc<Backend<I>>, ApiError> {
-        let wanted = name.unwrap_or(&self.default);
+        let wanted = name.unwrap_or(&self.table.default);
         self.list.iter().find(|b| b.name == wanted).ok_or_else(|| {
             let known: Vec<&str> = self.list.iter().map(|b| b.name.as_str()).collect();
             ApiError::not_found(format!("unknown {} backend {wanted:?} (known: {})", self.service, known.join(", ")))
@@ -225,22 +343,47 @@ impl<I: Interface> Backends<I> {
         self.list.iter()
     }
 
-    /// Every backend as the host controls it.
-    pub fn controls(&self) -> &[Arc<dyn BackendControl>] {
-        &self.controls
-    }
-
-    /// The default backend's name.
-    pub fn default_name(&self) -> &str {
-        &self.default
+    /// Every backend as the host controls it, and the default one.
+    pub fn table(&self) -> &BackendTable {
+        &self.table
     }
 
     /// Checks every backend's health (periodic work).
     pub fn check_health(&self) {
-        for b in &self.controls {
+        for b in &self.table.controls {
             b.check_health();
         }
     }
+
+    /// An existing record and the backend holding it; with `backend`, checks that it is that one.
+    pub(crate) fn locate<R: Record>(
+        &self,
+        records: &Records<R>,
+        name: &str,
+        backend: Option<&str>,
+    ) -> Result<(R, &Arc<Backend<I>>), ApiError> {
+        check_name(R::WHAT, name)?;
+        let r = records.existing(name)?;
+        if let Some(b) = backend {
+            self.pick(Some(b))?;
+            if r.backend() != b {
+                return Err(ApiError::not_found(format!(
+                    "{} {name:?} not found on backend {b:?} (it is on {:?})",
+                    R::WHAT,
+                    r.backend()
+                )));
+            }
+        }
+        let b = self.holding(R::WHAT, name, r.backend())?;
+        Ok((r, b))
+    }
+}
+
+/// Builds service `S` from its configuration, its records from `STATE_DIR/S::records_file()`.
+fn build_service<S: Service>(ctx: &ServiceContext<'_>) -> Result<Arc<dyn DynService>, Vec<String>> {
+    let backends = Backends::build(ctx.spec.kind.name, ctx)?;
+    let records = Records::json(ctx.state_dir.join(S::records_file())).map_err(|e| vec![e])?;
+    Ok(Arc::new(S::new(backends, records)))
 }
 
 /// A value per backend refreshed by periodic work (capacity stats, ...).

@@ -24,9 +24,51 @@ pub(crate) trait Record: Clone + Serialize + DeserializeOwned + Send + Sync + 's
     fn backend(&self) -> &str;
     /// Its status.
     fn status(&self) -> Self::Status;
-    /// Changes its status and its `updated_at`.
+    /// Changes its status (clearing `reason` unless it is the error status) and its `updated_at`.
     fn set_status(&mut self, status: Self::Status);
+    /// Why it is in error, if it is.
+    fn reason(&self) -> Option<&str>;
+    /// Puts it in error, saying why.
+    fn fail(&mut self, reason: &str);
 }
+
+/// Implements [`Record`] for a record type with the usual fields (`name`, `backend`, `status`,
+/// `reason`, `updated_at`), given its status type, what it is called and its error status.
+macro_rules! impl_record {
+    ($record:ty, $status:ty, $what:literal, $error:expr) => {
+        impl $crate::services::records::Record for $record {
+            type Status = $status;
+            const WHAT: &'static str = $what;
+            fn name(&self) -> &str {
+                &self.name
+            }
+            fn backend(&self) -> &str {
+                &self.backend
+            }
+            fn status(&self) -> $status {
+                self.status
+            }
+            fn set_status(&mut self, status: $status) {
+                self.status = status;
+                if status != $error {
+                    self.reason = None;
+                }
+                self.updated_at = $crate::services::records::now();
+            }
+            fn reason(&self) -> Option<&str> {
+                self.reason.as_deref()
+            }
+            fn fail(&mut self, reason: &str) {
+                self.set_status($error);
+                self.reason = Some(reason.to_owned());
+            }
+        }
+    };
+}
+pub(crate) use impl_record;
+
+/// Why a record is in error when its driver no longer reports the resource.
+pub(crate) const MISSING: &str = "missing from backend";
 
 /// A fresh record id: 16 hex digits, unique within this host.
 pub(crate) fn new_id() -> String {
@@ -178,6 +220,36 @@ impl<R: Record> Records<R> {
         self.persist();
     }
 
+    /// Records that the driver no longer has `name` (once; later calls change nothing).
+    pub(crate) fn mark_missing(&self, name: &str) -> Option<R> {
+        self.update(name, |r| {
+            let first = r.reason() != Some(MISSING);
+            if first {
+                log::warn!("{} {:?}: missing from backend {:?}; kept as error", R::WHAT, r.name(), r.backend());
+                r.fail(MISSING);
+            }
+            first
+        })
+    }
+
+    /// The refresh flow (`get`). The caller holds the name and passes its current record and what the
+    /// driver said: the record takes what the driver reports (`apply` says whether anything worth
+    /// writing changed); a driver error is the answer, never the stale record as if it were fresh; a
+    /// driver that no longer has it turns the record to error.
+    pub(crate) fn refresh<T>(
+        &self,
+        record: R,
+        fetched: Result<T, ApiError>,
+        apply: impl FnOnce(&mut R, &T) -> bool,
+    ) -> Result<R, ApiError> {
+        let name = record.name().to_owned();
+        match fetched {
+            Ok(v) => Ok(self.update(&name, |r| apply(r, &v)).unwrap_or(record)),
+            Err(e) if e.kind == ErrorKind::NotFound => Ok(self.mark_missing(&name).unwrap_or(record)),
+            Err(e) => Err(e),
+        }
+    }
+
     /// The create flow. The caller holds `record`'s name. Records it (in its transitional status) if the
     /// name is free, runs `make` (the driver call), then records the outcome (`apply`) or forgets the
     /// name again.
@@ -272,28 +344,16 @@ mod tests {
     #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
     struct Thing {
         name: String,
+        backend: String,
         status: u8,
+        reason: Option<String>,
+        updated_at: u64,
     }
 
-    impl Record for Thing {
-        type Status = u8;
-        const WHAT: &'static str = "thing";
-        fn name(&self) -> &str {
-            &self.name
-        }
-        fn backend(&self) -> &str {
-            "b"
-        }
-        fn status(&self) -> u8 {
-            self.status
-        }
-        fn set_status(&mut self, s: u8) {
-            self.status = s;
-        }
-    }
+    impl_record!(Thing, u8, "thing", 99);
 
     fn thing(name: &str, status: u8) -> Thing {
-        Thing { name: name.into(), status }
+        Thing { name: name.into(), backend: "b".into(), status, reason: None, updated_at: 0 }
     }
 
     #[test]
@@ -321,6 +381,16 @@ mod tests {
         assert_eq!(r.get("a").unwrap().status, 3, "restored");
         r.removal(r.get("a").unwrap(), 5, || Err(ApiError::not_found("gone already"))).unwrap();
         assert!(r.get("a").is_none(), "a driver that lost it counts as removed");
+        r.put(thing("b", 1));
+        let e = r.refresh(r.get("b").unwrap(), Err::<u8, _>(ApiError::internal("disk on fire")), |_, _| true);
+        assert_eq!(e.unwrap_err().message, "disk on fire", "a driver error is the answer");
+        let lost = r.refresh(r.get("b").unwrap(), Err::<u8, _>(ApiError::not_found("no")), |_, _| true).unwrap();
+        assert_eq!((lost.status, lost.reason.as_deref()), (99, Some(MISSING)));
+        let back = r.refresh(lost, Ok(1u8), |t, v| {
+            t.set_status(*v);
+            true
+        });
+        assert_eq!(back.unwrap().reason, None);
     }
 
     #[test]

@@ -2,97 +2,68 @@
 //! record (its id, status and where it lives), conflicting operations on one volume run one after the
 //! other, and the backend's driver does the work.
 
-use std::sync::Arc;
-
 use plughost_api::{CapacityStats, Volume};
 use plughost_api::{VolumeInterface, VolumeMethod};
 use serde::{Deserialize, Serialize};
 
-use super::records::{new_id, now, Record, Records};
-use super::{
-    check_name, op_to_request, parse_result, Backends, DynService, PerBackend, Service, ServiceContext, ServiceKind,
-};
+use super::records::{impl_record, new_id, now, Record, Records, MISSING};
+use super::{check_name, BackendTable, Backends, Listed, Named, OnBackend, PerBackend, Reply, Service, ServiceKind};
 use crate::backend::{Backend, BackendControl};
-use crate::protocol::{ApiError, Capacity, ErrorKind, Removed, Size};
+use crate::protocol::{ApiError, Capacity, Removed, Size};
 
 /// The volume service in the table.
-pub static KIND: ServiceKind = ServiceKind {
-    name: "volume",
-    about: "Volume operations",
-    default_driver: "file-volume",
-    build,
-    ctl: ctl_command,
-    ctl_request,
-    format,
-    reencode: super::reencode::<VolumeOp, VolumeReply>,
-};
+pub static KIND: ServiceKind = ServiceKind::of::<VolumeService>("volume", "Volume operations", "file-volume");
 
 // ---------------------------------------------------------------------------------------------------
 // Protocol
 
-/// A volume operation and its arguments. `backend` on an operation by name checks that the volume is
-/// on that backend.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A volume operation and its arguments: what the socket carries and what `plughost ctl volume` takes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clap::Subcommand)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum VolumeOp {
-    /// Creates a volume.
+    /// Create a volume
     Create {
-        /// Its name.
+        /// Volume name
         name: String,
-        /// Its size.
+        /// Size in bytes, or with a unit: 10MiB
+        #[arg(long)]
         size: Size,
-        /// The backend (default: the service's default).
+        /// Backend (default: the service's default backend)
+        #[arg(long)]
         #[serde(default, skip_serializing_if = "Option::is_none")]
         backend: Option<String>,
     },
-    /// One volume, refreshed from its driver.
-    Get {
-        /// The volume.
-        name: String,
-        /// Its backend, if the caller wants it checked.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        backend: Option<String>,
-    },
-    /// Every volume (of one backend).
-    List {
-        /// Only this backend.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        backend: Option<String>,
-    },
-    /// Grows a volume.
+    /// Show one volume, refreshed from its driver
+    Get(Named),
+    /// List volumes (from the records)
+    List(OnBackend),
+    /// Grow a volume
     Extend {
-        /// The volume.
+        /// Volume name
         name: String,
-        /// The new size.
+        /// New size, e.g. 20MiB
+        #[arg(long)]
         size: Size,
-        /// Its backend, if the caller wants it checked.
+        /// Check that the volume is on this backend
+        #[arg(long)]
         #[serde(default, skip_serializing_if = "Option::is_none")]
         backend: Option<String>,
     },
-    /// Snapshots a volume into a new one.
+    /// Snapshot a volume into a new one
     Snapshot {
-        /// The source volume.
+        /// Source volume
         name: String,
-        /// The new volume's name.
+        /// Snapshot name
         snapshot: String,
-        /// The source's backend, if the caller wants it checked.
+        /// Check that the source is on this backend
+        #[arg(long)]
         #[serde(default, skip_serializing_if = "Option::is_none")]
         backend: Option<String>,
     },
-    /// Deletes a volume.
-    Delete {
-        /// The volume.
-        name: String,
-        /// Its backend, if the caller wants it checked.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        backend: Option<String>,
-    },
-    /// A backend's capacity, from its driver.
-    Stats {
-        /// The backend (default: the service's default).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        backend: Option<String>,
-    },
+    /// Delete a volume
+    Delete(Named),
+    /// Capacity of a backend, from its driver
+    Stats(OnBackend),
 }
 
 /// Where a volume is in its life.
@@ -190,32 +161,15 @@ impl VolumeRecord {
         }
         changed
     }
-
-    fn fail(&mut self, reason: &str) {
-        self.status = VolumeStatus::Error;
-        self.reason = Some(reason.to_owned());
-        self.updated_at = now();
-    }
 }
 
-impl Record for VolumeRecord {
-    type Status = VolumeStatus;
-    const WHAT: &'static str = "volume";
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn backend(&self) -> &str {
-        &self.backend
-    }
-    fn status(&self) -> VolumeStatus {
-        self.status
-    }
-    fn set_status(&mut self, status: VolumeStatus) {
-        self.status = status;
-        if status != VolumeStatus::Error {
-            self.reason = None;
-        }
-        self.updated_at = now();
+impl_record!(VolumeRecord, VolumeStatus, "volume", VolumeStatus::Error);
+
+impl Listed for VolumeRecord {
+    const COLUMNS: &'static [&'static str] = &["SIZE", "ALLOCATED", "LOCATION"];
+    fn cells(&self) -> Vec<String> {
+        use crate::ctl::human_size;
+        vec![human_size(self.size), human_size(self.allocated), self.location.clone()]
     }
 }
 
@@ -237,18 +191,7 @@ pub struct VolumeStats {
 }
 
 /// What volume operations answer.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum VolumeReply {
-    /// One volume.
-    Record(VolumeRecord),
-    /// Several.
-    Records(Vec<VolumeRecord>),
-    /// A deleted one.
-    Removed(Removed),
-    /// Capacity.
-    Stats(VolumeStats),
-}
+pub type VolumeReply = Reply<VolumeRecord, VolumeStats>;
 
 // ---------------------------------------------------------------------------------------------------
 // The service
@@ -260,24 +203,7 @@ pub struct VolumeService {
     capacity: PerBackend<CapacityStats>,
 }
 
-/// What the volume file is called in the state dir.
-pub const RECORDS_FILE: &str = "volumes.json";
-
-fn build(ctx: &ServiceContext<'_>) -> Result<Arc<dyn DynService>, Vec<String>> {
-    let backends = Backends::build(KIND.name, ctx)?;
-    let records = Records::json(ctx.state_dir.join(RECORDS_FILE)).map_err(|e| vec![e])?;
-    Ok(Arc::new(VolumeService::new(backends, records)))
-}
-
 impl VolumeService {
-    pub(crate) fn new(backends: Backends<VolumeInterface>, records: Records<VolumeRecord>) -> VolumeService {
-        let s = VolumeService { backends, records, capacity: PerBackend::default() };
-        for b in s.backends.iter() {
-            s.reconcile(b);
-        }
-        s
-    }
-
     /// Brings the records of one backend in line with what its driver reports, after a restart:
     /// operations interrupted in the middle are finished or undone, volumes the driver no longer has are
     /// kept as `error` ("missing from backend"), volumes it has without a record are adopted. Nothing is
@@ -338,13 +264,7 @@ impl VolumeService {
                     });
                 }
                 (_, None) => {
-                    if r.reason.as_deref() != Some(MISSING) {
-                        log::warn!("volume {:?}: missing from backend {:?}; kept as error", r.name, b.name);
-                        self.records.update(&r.name, |r| {
-                            r.fail(MISSING);
-                            true
-                        });
-                    }
+                    self.records.mark_missing(&r.name);
                 }
             }
         }
@@ -360,26 +280,6 @@ impl VolumeService {
         }
     }
 
-    fn existing(
-        &self,
-        name: &str,
-        backend: Option<&str>,
-    ) -> Result<(VolumeRecord, &Arc<Backend<VolumeInterface>>), ApiError> {
-        check_name("volume", name)?;
-        let r = self.records.existing(name)?;
-        if let Some(b) = backend {
-            self.backends.pick(Some(b))?;
-            if r.backend != b {
-                return Err(ApiError::not_found(format!(
-                    "volume {name:?} not found on backend {b:?} (it is on {:?})",
-                    r.backend
-                )));
-            }
-        }
-        let b = self.backends.holding("volume", name, &r.backend)?;
-        Ok((r, b))
-    }
-
     fn create(&self, name: &str, size: u64, backend: Option<&str>) -> Result<VolumeRecord, ApiError> {
         check_name("volume", name)?;
         let b = self.backends.pick(backend)?;
@@ -391,14 +291,14 @@ impl VolumeService {
     fn snapshot(&self, name: &str, snapshot: &str, backend: Option<&str>) -> Result<VolumeRecord, ApiError> {
         check_name("volume", snapshot)?;
         let _held = self.records.hold_two(name, snapshot);
-        let (source, b) = self.existing(name, backend)?;
+        let (source, b) = self.backends.locate(&self.records, name, backend)?;
         let record = VolumeRecord::new(snapshot, &b.name, VolumeStatus::Creating, source.size, Some(name));
         self.records.create(record, || b.call(VolumeMethod::snapshot, |d| d.snapshot(name, snapshot)), made)
     }
 
     fn extend(&self, name: &str, size: u64, backend: Option<&str>) -> Result<VolumeRecord, ApiError> {
         let _held = self.records.hold(name);
-        let (r, b) = self.existing(name, backend)?;
+        let (r, b) = self.backends.locate(&self.records, name, backend)?;
         if size < r.size {
             return Err(ApiError::invalid(format!(
                 "volume {name:?}: new size {size} is smaller than current size {}",
@@ -415,7 +315,7 @@ impl VolumeService {
 
     fn delete(&self, name: &str, backend: Option<&str>) -> Result<Removed, ApiError> {
         let _held = self.records.hold(name);
-        let (r, b) = self.existing(name, backend)?;
+        let (r, b) = self.backends.locate(&self.records, name, backend)?;
         self.records.removal(r, VolumeStatus::Deleting, || b.call(VolumeMethod::delete, |d| d.delete(name)))?;
         Ok(Removed { name: name.to_owned(), deleted: Some(true), destroyed: None })
     }
@@ -424,21 +324,14 @@ impl VolumeService {
     /// it were fresh); a driver that no longer has the volume turns the record to `error`.
     fn get(&self, name: &str, backend: Option<&str>) -> Result<VolumeRecord, ApiError> {
         let _held = self.records.hold(name);
-        let (r, b) = self.existing(name, backend)?;
-        match b.call(VolumeMethod::get, |d| d.get(name)) {
-            Ok(v) => Ok(self.records.update(name, |r| r.apply(&v)).unwrap_or(r)),
-            Err(e) if e.kind == ErrorKind::NotFound => Ok(self
-                .records
-                .update(name, |r| {
-                    let changed = r.reason.as_deref() != Some(MISSING);
-                    if changed {
-                        r.fail(MISSING);
-                    }
-                    changed
-                })
-                .unwrap_or(r)),
-            Err(e) => Err(e),
-        }
+        let (r, b) = self.backends.locate(&self.records, name, backend)?;
+        self.records.refresh(r, b.call(VolumeMethod::get, |d| d.get(name)), |r, v| {
+            let back = r.status == VolumeStatus::Error && r.reason.as_deref() == Some(MISSING);
+            if back {
+                r.set_status(VolumeStatus::Available);
+            }
+            r.apply(v) || back
+        })
     }
 
     fn stats(&self, backend: Option<&str>) -> Result<VolumeStats, ApiError> {
@@ -456,8 +349,6 @@ impl VolumeService {
     }
 }
 
-const MISSING: &str = "missing from backend";
-
 /// Records what the driver made and marks the volume available.
 fn made(r: &mut VolumeRecord, v: Volume) {
     r.apply(&v);
@@ -466,33 +357,43 @@ fn made(r: &mut VolumeRecord, v: Volume) {
 
 impl Service for VolumeService {
     type Op = VolumeOp;
-    type Reply = VolumeReply;
-
-    fn kind(&self) -> &'static ServiceKind {
-        &KIND
-    }
-
     fn handle(&self, op: VolumeOp) -> Result<VolumeReply, ApiError> {
         Ok(match op {
             VolumeOp::Create { name, size, backend } => {
-                VolumeReply::Record(self.create(&name, size.get(), backend.as_deref())?)
+                VolumeReply::One(self.create(&name, size.get(), backend.as_deref())?)
             }
-            VolumeOp::Get { name, backend } => VolumeReply::Record(self.get(&name, backend.as_deref())?),
-            VolumeOp::List { backend } => {
+            VolumeOp::Get(Named { name, backend }) => VolumeReply::One(self.get(&name, backend.as_deref())?),
+            VolumeOp::List(OnBackend { backend }) => {
                 if let Some(b) = &backend {
                     self.backends.pick(Some(b))?;
                 }
-                VolumeReply::Records(self.records.list(backend.as_deref()))
+                VolumeReply::Many(self.records.list(backend.as_deref()))
             }
             VolumeOp::Extend { name, size, backend } => {
-                VolumeReply::Record(self.extend(&name, size.get(), backend.as_deref())?)
+                VolumeReply::One(self.extend(&name, size.get(), backend.as_deref())?)
             }
             VolumeOp::Snapshot { name, snapshot, backend } => {
-                VolumeReply::Record(self.snapshot(&name, &snapshot, backend.as_deref())?)
+                VolumeReply::One(self.snapshot(&name, &snapshot, backend.as_deref())?)
             }
-            VolumeOp::Delete { name, backend } => VolumeReply::Removed(self.delete(&name, backend.as_deref())?),
-            VolumeOp::Stats { backend } => VolumeReply::Stats(self.stats(backend.as_deref())?),
+            VolumeOp::Delete(Named { name, backend }) => VolumeReply::Removed(self.delete(&name, backend.as_deref())?),
+            VolumeOp::Stats(OnBackend { backend }) => VolumeReply::Other(self.stats(backend.as_deref())?),
         })
+    }
+
+    type Reply = VolumeReply;
+    type Interface = VolumeInterface;
+    type Record = VolumeRecord;
+
+    fn new(backends: Backends<VolumeInterface>, records: Records<VolumeRecord>) -> VolumeService {
+        let s = VolumeService { backends, records, capacity: PerBackend::default() };
+        for b in s.backends.iter() {
+            s.reconcile(b);
+        }
+        s
+    }
+
+    fn kind(&self) -> &'static ServiceKind {
+        &KIND
     }
 
     fn periodic(&self) {
@@ -512,12 +413,8 @@ impl Service for VolumeService {
         }
     }
 
-    fn backends(&self) -> &[Arc<dyn BackendControl>] {
-        self.backends.controls()
-    }
-
-    fn default_backend(&self) -> &str {
-        self.backends.default_name()
+    fn table(&self) -> &BackendTable {
+        self.backends.table()
     }
 
     fn capacity(&self, backend: &str) -> Option<Capacity> {
@@ -530,117 +427,14 @@ impl Service for VolumeService {
     }
 }
 
-// ---------------------------------------------------------------------------------------------------
-// ctl
-
-/// `plughost ctl volume ...`.
-#[derive(clap::Subcommand, Debug)]
-enum VolumeCmd {
-    /// Create a volume
-    Create {
-        /// Volume name
-        name: String,
-        /// Size, e.g. 10MiB
-        #[arg(long)]
-        size: String,
-        /// Backend (default: the service's default backend)
-        #[arg(long)]
-        backend: Option<String>,
-    },
-    /// List volumes
-    List {
-        /// Only this backend
-        #[arg(long)]
-        backend: Option<String>,
-    },
-    /// Show one volume
-    Get {
-        /// Volume name
-        name: String,
-    },
-    /// Grow a volume
-    Extend {
-        /// Volume name
-        name: String,
-        /// New size, e.g. 20MiB
-        #[arg(long)]
-        size: String,
-    },
-    /// Snapshot a volume into a new one
-    Snapshot {
-        /// Source volume
-        name: String,
-        /// Snapshot name
-        snapshot: String,
-    },
-    /// Delete a volume
-    Delete {
-        /// Volume name
-        name: String,
-    },
-    /// Capacity of a backend
-    Stats {
-        /// Backend
-        #[arg(long)]
-        backend: Option<String>,
-    },
-}
-
-fn ctl_command() -> clap::Command {
-    use clap::Subcommand;
-    VolumeCmd::augment_subcommands(clap::Command::new(KIND.name).about(KIND.about).subcommand_required(true))
-}
-
-fn size_flag(text: &str) -> Result<Size, String> {
-    Size::parse(text).map_err(|e| format!("--size {text:?}: {e}"))
-}
-
-fn ctl_request(m: &clap::ArgMatches) -> Result<(String, String), String> {
-    use clap::FromArgMatches;
-    let cmd = VolumeCmd::from_arg_matches(m).map_err(|e| e.to_string())?;
-    let op = match cmd {
-        VolumeCmd::Create { name, size, backend } => VolumeOp::Create { name, size: size_flag(&size)?, backend },
-        VolumeCmd::List { backend } => VolumeOp::List { backend },
-        VolumeCmd::Get { name } => VolumeOp::Get { name, backend: None },
-        VolumeCmd::Extend { name, size } => VolumeOp::Extend { name, size: size_flag(&size)?, backend: None },
-        VolumeCmd::Snapshot { name, snapshot } => VolumeOp::Snapshot { name, snapshot, backend: None },
-        VolumeCmd::Delete { name } => VolumeOp::Delete { name, backend: None },
-        VolumeCmd::Stats { backend } => VolumeOp::Stats { backend },
-    };
-    op_to_request(&op)
-}
-
-fn format(op: &str, result: &str) -> Result<String, String> {
-    use crate::ctl::{human_size, key_values, table};
-    Ok(match op {
-        "list" => {
-            let list: Vec<VolumeRecord> = parse_result(result)?;
-            let rows: Vec<[String; 6]> = list
-                .iter()
-                .map(|v| {
-                    [
-                        v.name.clone(),
-                        v.backend.clone(),
-                        v.status.to_string(),
-                        human_size(v.size),
-                        human_size(v.allocated),
-                        v.reason.clone().unwrap_or_else(|| v.location.clone()),
-                    ]
-                })
-                .collect();
-            let header = ["NAME", "BACKEND", "STATUS", "SIZE", "ALLOCATED", "LOCATION"].map(String::from);
-            table(std::iter::once(&header).chain(rows.iter()), "")
-        }
-        _ => key_values(result)?,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::ErrorKind;
     use plughost_api::{DriverError, VolumeClient, VolumeDriver};
     use std::collections::BTreeMap;
     use std::sync::mpsc;
+    use std::sync::Arc;
     use std::sync::Mutex;
 
     /// An in-memory driver whose `extend` can be held until the test lets it go, and whose `get` can be
