@@ -157,10 +157,30 @@ impl DriverInfo {
     }
 }
 
+/// A constructed driver: in this process (called by its concrete type, without dynamic dispatch) or
+/// any other implementation of the author trait (in-process test drivers; drivers in another process).
+pub enum Driver<I: Interface> {
+    /// A driver loaded in this process.
+    Loaded(I::Client),
+    /// Any other.
+    Other(Box<I::Object>),
+}
+
+impl<I: Interface> Driver<I> {
+    /// The driver as the author trait object.
+    #[inline(always)]
+    pub fn object(&self) -> &I::Object {
+        match self {
+            Driver::Loaded(c) => I::as_object(c),
+            Driver::Other(o) => o,
+        }
+    }
+}
+
 /// The driver currently serving a backend, with what it was built from.
 pub struct Active<I: Interface> {
     /// The constructed driver.
-    pub driver: Box<I::Object>,
+    pub driver: Driver<I>,
     /// What it was built from.
     pub info: DriverInfo,
     /// Options as shown in status (secrets replaced by `(secret)`).
@@ -232,8 +252,8 @@ fn prepare<I: Interface>(
     }
     let options = library.validate_options(&given).map_err(fail)?;
     let constructed = library.construct::<I>(&options).map_err(fail)?;
-    let driver = constructed.driver;
-    let init_error = I::init(&driver).err().map(|e| format!("driver init failed: {}", e.message()));
+    let driver = Driver::Loaded(constructed.driver);
+    let init_error = I::init(driver.object()).err().map(|e| format!("driver init failed: {}", e.message()));
     let shown_options = shown_options(&library, &options);
     let extensions = constructed.extensions.iter().map(|e| (*e).to_owned()).collect();
     Ok(Active { driver, info: DriverInfo::of(&library), shown_options, init_error, generation, extensions })
@@ -275,7 +295,8 @@ impl<I: Interface> Backend<I> {
     /// A backend serving a driver compiled into this process (for tests and benchmarks): initialised
     /// here, described as `driver_name` in status.
     pub fn in_process(service: &'static str, name: &str, driver: Box<I::Object>, driver_name: &str) -> Backend<I> {
-        let init_error = I::init(&driver).err().map(|e| format!("driver init failed: {}", e.message()));
+        let driver = Driver::Other(driver);
+        let init_error = I::init(driver.object()).err().map(|e| format!("driver init failed: {}", e.message()));
         let info = DriverInfo {
             name: driver_name.to_owned(),
             version: "in-process".to_owned(),
@@ -294,20 +315,24 @@ impl<I: Interface> Backend<I> {
     /// Calls the active driver, recording count, errors and sampled latency under `method`. Refuses
     /// with `unavailable` while the backend is down. Never waits for a swap, and a swap never waits for
     /// it: the call keeps the driver it started with (inside an RCU read section) until it returns.
-    #[inline]
+    #[inline(always)]
     pub fn call<T>(
         &self,
         method: I::Method,
         f: impl FnOnce(&I::Object) -> Result<T, DriverError>,
     ) -> Result<T, ApiError> {
-        if !self.serving.load(Ordering::Relaxed) {
-            return Err(self.unavailable());
-        }
         self.active.read(|active| {
+            if !self.serving.load(Ordering::Relaxed) {
+                return Err(self.unavailable());
+            }
             let pending = self.calls.begin(I::method_index(method));
-            let r = f(&*active.driver);
+            // One call per arm, so that a loaded driver's methods are called directly (devirtualized).
+            let r = match &active.driver {
+                Driver::Loaded(client) => f(I::as_object(client)),
+                Driver::Other(object) => f(object),
+            };
             self.calls.end(pending, r.is_err());
-            r.map_err(ApiError::from)
+            r.map_err(driver_error)
         })
     }
 
@@ -402,7 +427,7 @@ impl<I: Interface> BackendControl for Backend<I> {
             ApiError::new(ErrorKind::SwapFailed, format!("{}; the old driver keeps serving", e.one_line()))
         })?;
         if let Some(e) = &fresh.init_error {
-            let _ = I::cleanup(&fresh.driver);
+            let _ = I::cleanup(fresh.driver.object());
             return Err(ApiError::new(
                 ErrorKind::SwapFailed,
                 format!(
@@ -489,7 +514,7 @@ impl<I: Interface> BackendControl for Backend<I> {
             Some(e) => Health::Down(e.clone()),
             None => {
                 let pending = self.calls.begin(2); // "health" is method 2 of every kind
-                let r = I::health(&active.driver);
+                let r = I::health(active.driver.object());
                 self.calls.end(pending, r.is_err());
                 match r {
                     Ok(()) => Health::Up,
@@ -503,7 +528,7 @@ impl<I: Interface> BackendControl for Backend<I> {
     fn cleanup(&self) {
         self.active.read(|active| {
             if active.init_error.is_none() {
-                if let Err(e) = I::cleanup(&active.driver) {
+                if let Err(e) = I::cleanup(active.driver.object()) {
                     log::warn!("{} backend {:?}: cleanup failed: {e}", self.service, self.name);
                 }
             }
@@ -520,7 +545,7 @@ impl<I: Interface> BackendControl for Backend<I> {
 fn retire<I: Interface>(old: Retired<Active<I>>, timeout: Duration, service: &'static str, backend: &str) -> DriverRef {
     fn finish<I: Interface>(old: Active<I>, service: &str, backend: &str) {
         if old.init_error.is_none() {
-            if let Err(e) = I::cleanup(&old.driver) {
+            if let Err(e) = I::cleanup(old.driver.object()) {
                 log::warn!("{service} backend {backend:?}: retired driver's cleanup failed: {e}");
             }
         }
@@ -553,6 +578,14 @@ fn retire<I: Interface>(old: Retired<Active<I>>, timeout: Duration, service: &'s
             DriverRef { draining: true, ..info }
         }
     }
+}
+
+/// A driver's error as the protocol answers it; out of line, so that the success path of
+/// [`Backend::call`] stays small enough to inline.
+#[cold]
+#[inline(never)]
+fn driver_error(e: DriverError) -> ApiError {
+    ApiError::from(e)
 }
 
 /// Seconds since the epoch.

@@ -117,8 +117,18 @@ impl ApiError {
 
 impl From<plughost_api::DriverError> for ApiError {
     fn from(e: plughost_api::DriverError) -> ApiError {
-        let kind = serde_json::from_value(serde_json::Value::String(e.kind().as_str().to_owned()))
-            .unwrap_or(ErrorKind::Unknown);
+        use plughost_api::ErrorKind as K;
+        let kind = match e.kind() {
+            K::NOT_FOUND => ErrorKind::NotFound,
+            K::INVALID_ARGUMENT => ErrorKind::InvalidArgument,
+            K::ALREADY_EXISTS => ErrorKind::AlreadyExists,
+            K::UNSUPPORTED => ErrorKind::Unsupported,
+            K::BUSY => ErrorKind::Busy,
+            K::INTERNAL => ErrorKind::Internal,
+            K::PANICKED => ErrorKind::Panicked,
+            K::NO_CAPACITY => ErrorKind::NoCapacity,
+            _ => ErrorKind::Unknown,
+        };
         ApiError { kind, message: e.message().to_owned() }
     }
 }

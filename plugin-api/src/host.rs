@@ -33,6 +33,9 @@ pub trait Interface: Send + Sync + Sized + 'static {
     const METHODS: &'static [&'static str];
     /// The author trait as an object (`dyn VolumeDriver`): what services call.
     type Object: ?Sized + Send + Sync + 'static;
+    /// A driver loaded in this process (`VolumeClient`): an [`Object`](Self::Object) that callers can
+    /// also hold by its concrete type, so that calls through it need no dynamic dispatch.
+    type Client: Send + Sync + 'static;
     /// A method, for call statistics.
     type Method: Copy + Send + Sync + std::fmt::Debug + 'static;
     /// One call with owned arguments (what crosses a process boundary).
@@ -42,6 +45,8 @@ pub trait Interface: Send + Sync + Sized + 'static {
 
     #[doc(hidden)]
     fn from_raw(raw: RawDriver, checked: &'static TypeLayout) -> Result<Constructed<Self>, String>;
+    /// The client as the author trait object.
+    fn as_object(client: &Self::Client) -> &Self::Object;
     /// See the author trait's `init`.
     fn init(object: &Self::Object) -> Result<(), DriverError>;
     /// See the author trait's `cleanup`.
@@ -61,7 +66,7 @@ pub trait Interface: Send + Sync + Sized + 'static {
 /// A constructed driver, and the extensions it provides.
 pub struct Constructed<I: Interface> {
     /// The driver.
-    pub driver: Box<I::Object>,
+    pub driver: I::Client,
     /// The ids of the extensions it provides (methods added by later minor versions of the API).
     pub extensions: Vec<&'static str>,
 }

@@ -22,7 +22,7 @@
 //!   new major version.
 
 use abi_stable::pointer_trait::TransmuteElement;
-use abi_stable::std_types::{RBox, ROption, RResult, RSlice, RStr, RString, RVec};
+use abi_stable::std_types::{RArc, RBox, RResult, RSlice, RStr, RString, RVec, Tuple2};
 use abi_stable::type_layout::TypeLayout;
 use abi_stable::StableAbi;
 
@@ -68,27 +68,29 @@ impl RawObject {
 pub(crate) mod ffi {
     use super::*;
 
-    /// What every driver has whatever its kind: lifecycle, and lookup of extensions by id. Frozen.
+    /// What every driver has whatever its kind: its lifecycle. Frozen.
     #[abi_stable::sabi_trait]
     pub trait DriverBaseFfi: Send + Sync {
         fn init(&self) -> RResult<(), DriverError>;
         fn cleanup(&self) -> RResult<(), DriverError>;
         fn health(&self) -> RResult<(), DriverError>;
-        fn extension(&self, id: RStr<'_>) -> ROption<RawObject>;
     }
 }
 
 /// The stable-ABI lifecycle object of a constructed driver.
 #[doc(hidden)]
-pub type DriverBaseBox = ffi::DriverBaseFfi_TO<'static, RBox<()>>;
+pub type DriverBaseBox = ffi::DriverBaseFfi_TO<'static, RArc<()>>;
 
-/// What a driver constructor returns: the lifecycle object and the kind's object, type-erased.
+/// What a driver constructor returns: the lifecycle object, the kind's object, and the driver's
+/// extensions by id, all sharing the one driver value. Frozen; the list of extensions is where later
+/// minor versions add.
 #[doc(hidden)]
 #[repr(C)]
 #[derive(StableAbi)]
 pub struct RawDriver {
     pub(crate) base: DriverBaseBox,
     pub(crate) object: RawObject,
+    pub(crate) extensions: RVec<Tuple2<RStr<'static>, RawObject>>,
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -392,10 +394,10 @@ macro_rules! driver_interface {
             )*
         }
 
-        /// Plugin side: the author's driver, shared by every stable-ABI object made from it; every call
-        /// runs inside the panic guard.
+        /// Plugin side: the author's driver (in one `RArc` shared by every stable-ABI object made from
+        /// it); every call runs inside the panic guard.
         #[doc(hidden)]
-        pub struct $Adapter<D>(std::sync::Arc<D>);
+        pub struct $Adapter<D>(D);
 
         #[allow(clippy::unused_unit)]
         impl<D: $Author> ffi::$Ffi for $Adapter<D> {
@@ -433,19 +435,6 @@ macro_rules! driver_interface {
             fn health(&self) -> abi_stable::std_types::RResult<(), $crate::DriverError> {
                 $crate::panic::guard(|| self.0.health())
             }
-            #[allow(unused_variables)]
-            fn extension(
-                &self,
-                id: abi_stable::std_types::RStr<'_>,
-            ) -> abi_stable::std_types::ROption<$crate::interface::RawObject> {
-                $(
-                    if id.as_str() == $x_id {
-                        let object = ffi::$XFfiTO::from_value($Adapter(self.0.clone()), abi_stable::sabi_trait::TD_Opaque);
-                        return abi_stable::std_types::ROption::RSome($crate::interface::RawObject::new(object));
-                    }
-                )*
-                abi_stable::std_types::ROption::RNone
-            }
         }
 
         /// The kind's part of every library: what the export macro and the host's registry use.
@@ -458,7 +447,7 @@ macro_rules! driver_interface {
             /// Its name.
             pub const NAME: &str = $kind_name;
             /// The frozen object every driver of this kind hands over.
-            pub type Object = ffi::$FfiTO<'static, abi_stable::std_types::RBox<()>>;
+            pub type Object = ffi::$FfiTO<'static, abi_stable::std_types::RArc<()>>;
             /// The layout of [`Object`], recorded in the library's root module.
             pub const LAYOUT: &abi_stable::type_layout::TypeLayout = <Object as abi_stable::StableAbi>::LAYOUT;
 
@@ -469,19 +458,22 @@ macro_rules! driver_interface {
                 new: fn(&$crate::Options) -> Result<D, $crate::DriverError>,
             ) -> abi_stable::std_types::RResult<$crate::interface::RawDriver, $crate::DriverError> {
                 let options = $crate::Options::from_raw(raw, schema);
-                $crate::panic::guard(|| {
-                    let driver = std::sync::Arc::new(new(&options)?);
-                    Ok($crate::interface::RawDriver {
-                        base: $crate::interface::ffi::DriverBaseFfi_TO::from_value(
-                            $Adapter(driver.clone()),
-                            abi_stable::sabi_trait::TD_Opaque,
+                $crate::panic::guard(|| Ok(raw_driver(new(&options)?)))
+            }
+
+            /// Hands a driver over: one shared value, every object made from it.
+            pub(crate) fn raw_driver<D: $Author>(driver: D) -> $crate::interface::RawDriver {
+                let shared = abi_stable::std_types::RArc::new($Adapter(driver));
+                $crate::interface::RawDriver {
+                    base: $crate::interface::ffi::DriverBaseFfi_TO::from_ptr(shared.clone(), abi_stable::sabi_trait::TD_Opaque),
+                    extensions: abi_stable::std_types::RVec::from(vec![$(
+                        abi_stable::std_types::Tuple2(
+                            abi_stable::std_types::RStr::from_str($x_id),
+                            $crate::interface::RawObject::new(ffi::$XFfiTO::from_ptr(shared.clone(), abi_stable::sabi_trait::TD_Opaque)),
                         ),
-                        object: $crate::interface::RawObject::new(Object::from_value(
-                            $Adapter(driver),
-                            abi_stable::sabi_trait::TD_Opaque,
-                        )),
-                    })
-                })
+                    )*]),
+                    object: $crate::interface::RawObject::new(Object::from_ptr(shared, abi_stable::sabi_trait::TD_Opaque)),
+                }
             }
         }
 
@@ -491,7 +483,7 @@ macro_rules! driver_interface {
         pub struct $Client {
             base: $crate::interface::DriverBaseBox,
             object: __kind::Object,
-            $( $x_field: Option<ffi::$XFfiTO<'static, abi_stable::std_types::RBox<()>>>, )*
+            $( $x_field: Option<ffi::$XFfiTO<'static, abi_stable::std_types::RArc<()>>>, )*
         }
 
         impl std::fmt::Debug for $Client {
@@ -506,15 +498,30 @@ macro_rules! driver_interface {
             /// Wraps a driver compiled into this process, through the same stable-ABI objects and panic
             /// guard as a loaded library (for a driver's own tests, the conformance suite, benchmarks).
             pub fn in_process<D: $Author>(driver: D) -> $Client {
-                let driver = std::sync::Arc::new(driver);
-                $Client {
-                    base: $crate::interface::ffi::DriverBaseFfi_TO::from_value(
-                        $Adapter(driver.clone()),
-                        abi_stable::sabi_trait::TD_Opaque,
-                    ),
-                    $( $x_field: Some(ffi::$XFfiTO::from_value($Adapter(driver.clone()), abi_stable::sabi_trait::TD_Opaque)), )*
-                    object: __kind::Object::from_value($Adapter(driver), abi_stable::sabi_trait::TD_Opaque),
-                }
+                let raw = __kind::raw_driver(driver);
+                // SAFETY: made just above by this very crate: every layout is the one expected.
+                unsafe { $Client::from_raw_unchecked(raw) }
+            }
+
+            /// Unwraps a raw driver without checking layouts.
+            ///
+            /// # Safety
+            /// Every object in `raw` must have the layout this crate expects.
+            unsafe fn from_raw_unchecked(raw: $crate::interface::RawDriver) -> $Client {
+                let $crate::interface::RawDriver { base, object, extensions } = raw;
+                #[allow(unused_mut, unused_variables)]
+                let mut extensions: Vec<_> = extensions.into_iter().map(|t| (t.0, t.1)).collect();
+                $(
+                    let $x_field = extensions
+                        .iter()
+                        .position(|(id, _)| id.as_str() == $x_id)
+                        .map(|i| extensions.swap_remove(i).1)
+                        // SAFETY: the caller guarantees the layout.
+                        .map(|raw| unsafe { raw.into_typed::<ffi::$XFfiTO<'static, abi_stable::std_types::RArc<()>>>() });
+                )*
+                // SAFETY: the caller guarantees the layout.
+                let object = unsafe { object.into_typed::<__kind::Object>() };
+                $Client { base, object, $($x_field,)* }
             }
 
             /// Host side: a constructed driver from a loaded library. Checks the layout of the kind's
@@ -524,26 +531,22 @@ macro_rules! driver_interface {
                 raw: $crate::interface::RawDriver,
                 checked: &'static abi_stable::type_layout::TypeLayout,
             ) -> Result<$Client, String> {
-                let $crate::interface::RawDriver { base, object } = raw;
-                if !std::ptr::eq(object.layout(), checked) {
-                    $crate::host::check_layout(__kind::LAYOUT, object.layout())?;
+                if !std::ptr::eq(raw.object.layout(), checked) {
+                    $crate::host::check_layout(__kind::LAYOUT, raw.object.layout())?;
                 }
-                $(
-                    let $x_field = match base.extension(abi_stable::std_types::RStr::from($x_id)) {
-                        abi_stable::std_types::ROption::RSome(raw) => {
-                            type X = ffi::$XFfiTO<'static, abi_stable::std_types::RBox<()>>;
-                            $crate::host::check_layout(<X as abi_stable::StableAbi>::LAYOUT, raw.layout())
-                                .map_err(|e| format!("extension {:?}: {e}", $x_id))?;
-                            // SAFETY: the layout was checked just above.
-                            Some(unsafe { raw.into_typed::<X>() })
-                        }
-                        abi_stable::std_types::ROption::RNone => None,
+                for t in raw.extensions.iter() {
+                    let expected: Option<&'static abi_stable::type_layout::TypeLayout> = match t.0.as_str() {
+                        $( $x_id => Some(<ffi::$XFfiTO<'static, abi_stable::std_types::RArc<()>> as abi_stable::StableAbi>::LAYOUT), )*
+                        _ => None,
                     };
-                )*
-                // SAFETY: the layout of the kind's object was checked when the library was loaded (the
-                // same static) or just above.
-                let object = unsafe { object.into_typed::<__kind::Object>() };
-                Ok($Client { base, object, $($x_field,)* })
+                    if let Some(expected) = expected {
+                        $crate::host::check_layout(expected, t.1.layout()).map_err(|e| format!("extension {:?}: {e}", t.0.as_str()))?;
+                    }
+                }
+                // SAFETY: the kind's object was checked when the library was loaded (the same static) or
+                // just above, and every extension this host knows was checked just above; the others are
+                // dropped unread.
+                Ok(unsafe { $Client::from_raw_unchecked(raw) })
             }
 
             /// The ids of the extensions this driver provides.
@@ -675,6 +678,7 @@ macro_rules! driver_interface {
             const METHODS: &'static [&'static str] =
                 &["init", "cleanup", "health", $(stringify!($m),)* $($(stringify!($xm),)*)*];
             type Object = dyn $Author;
+            type Client = $Client;
             type Method = $Method;
             type Call = $Call;
             type Reply = $Reply;
@@ -685,7 +689,11 @@ macro_rules! driver_interface {
             ) -> Result<$crate::host::Constructed<$Iface>, String> {
                 let client = $Client::from_raw(raw, checked)?;
                 let extensions = client.extensions();
-                Ok($crate::host::Constructed { driver: Box::new(client), extensions })
+                Ok($crate::host::Constructed { driver: client, extensions })
+            }
+            #[inline(always)]
+            fn as_object(client: &$Client) -> &(dyn $Author + 'static) {
+                client
             }
             fn init(object: &dyn $Author) -> Result<(), $crate::DriverError> {
                 object.init()

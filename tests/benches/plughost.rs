@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use fake_volume::FakeVolume;
 use host::backend::{Backend, BuildContext, Configured};
 use host::Loader;
-use plughost_api::{Options, VolumeDriver};
+use plughost_api::{Options, VolumeClient, VolumeDriver};
 use plughost_api::{VolumeInterface, VolumeMethod};
 use plughost_tests::{fixtures, release_dir, target_dir, TempDir};
 use serde_json::{json, Value};
@@ -65,9 +65,8 @@ fn call_benchmarks(out: &mut Vec<Metric>, work: &Path) {
     let lib_path = release_dir().join("libfake_volume.so");
     let loader = Loader::new();
     let lib = loader.load(&lib_path).unwrap();
-    // What services hold: the stable-ABI client behind the author trait.
-    let client: Box<dyn VolumeDriver> =
-        lib.construct::<VolumeInterface>(&lib.validate_options(&[]).unwrap()).unwrap().driver;
+    // The stable-ABI client of the loaded library, which implements the author trait.
+    let client: VolumeClient = lib.construct::<VolumeInterface>(&lib.validate_options(&[]).unwrap()).unwrap().driver;
     let ctx = BuildContext { loader: &loader, state_dir: work, driver_dirs: &[] };
     let backend: Backend<VolumeInterface> = Backend::build(
         ctx,
@@ -76,7 +75,8 @@ fn call_benchmarks(out: &mut Vec<Metric>, work: &Path) {
         Configured { driver: lib_path.display().to_string(), options: Vec::new() },
     )
     .unwrap();
-    let native: Box<dyn VolumeDriver> = Box::new(FakeVolume::new(&Options::default()).unwrap());
+    let native: Box<dyn VolumeDriver> =
+        Box::new(FakeVolume::new(&Options::for_schema(fake_volume::OPTIONS, [] as [(&str, &str); 0])).unwrap());
     let raw_lib_path = fixtures::noop_cdylib_release();
     // SAFETY: a fixture library of ours whose only code is the no-op function looked up below.
     let raw_lib = unsafe { libloading::Library::new(&raw_lib_path) }.unwrap();
@@ -111,7 +111,7 @@ fn call_benchmarks(out: &mut Vec<Metric>, work: &Path) {
             },
             &mut |n| {
                 for _ in 0..n {
-                    let _ = black_box(backend.with_active(|a| a.driver.health()));
+                    let _ = black_box(backend.with_active(|a| a.driver.object().health()));
                 }
             },
             &mut |n| {

@@ -5,8 +5,8 @@
 use std::path::Path;
 
 use host::{LoadErrorKind, Loader};
+use plughost_api::{ComputeDriver, DriverKind, ErrorKind, Options, VolumeDriver};
 use plughost_api::{ComputeInterface, VolumeInterface};
-use plughost_api::{DriverKind, ErrorKind, Options};
 use plughost_tests::process::run;
 use plughost_tests::{driver, fixtures, TempDir};
 
