@@ -5,6 +5,7 @@
 //! benchmarks use.
 
 pub mod backend;
+pub mod check;
 pub mod config;
 pub mod ctl;
 pub mod drivers;

@@ -60,6 +60,20 @@ enum Command {
         after_help = "Examples:\n  plughost ctl status\n  plughost ctl volume create v1 --size 10MiB\n  plughost ctl compute spawn web --env PORT=8080 -- python3 -m http.server 8080\n\nExit codes: 0 ok, 1 the server answered with an error or could not be reached, 2 usage."
     )]
     Ctl(CtlArgs),
+    /// Run the driver conformance suite on a library, through the real loader, in a child process
+    #[command(
+        after_help = "Example:\n  plughost check target/debug/libmy_driver.so\n  plughost check --json target/release/libfile_volume.so --opt sync=false\n\nOption values may use ${state_dir} (a private temporary directory) and ${backend} (\"check\").\nExit codes: 0 every check passed, 1 a check failed or the library could not be checked, 2 usage."
+    )]
+    Check {
+        /// Print the report as JSON
+        #[arg(long)]
+        json: bool,
+        /// Driver option KEY=VALUE (repeatable)
+        #[arg(long = "opt", value_name = "KEY=VALUE")]
+        opts: Vec<String>,
+        /// The driver library
+        path: PathBuf,
+    },
     /// Configuration helpers
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -67,6 +81,18 @@ enum Command {
     #[command(name = "__probe", hide = true)]
     Probe {
         /// The file
+        path: PathBuf,
+    },
+    /// Internal: the child side of `check`
+    #[command(name = "__check", hide = true)]
+    CheckChild {
+        /// Private state directory
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// Driver options
+        #[arg(long = "opt")]
+        opts: Vec<String>,
+        /// The driver library
         path: PathBuf,
     },
 }
@@ -169,6 +195,24 @@ fn main() -> ExitCode {
             Err(CtlError::Failed(e)) => fail([e]),
         },
         Command::Config(ConfigCommand::Sample { driver_dirs, drivers }) => sample(&driver_dirs, drivers),
+        Command::Check { json, opts, path } => {
+            let exe = match std::env::current_exe() {
+                Ok(e) => e,
+                Err(e) => return fail([format!("cannot find the plughost executable: {e}")]),
+            };
+            let report = host::check::check(&exe, &path, &opts);
+            if json {
+                println!("{}", serde_json::to_string(&report).expect("a check report always serializes"));
+            } else {
+                print!("{}", report.text());
+            }
+            ExitCode::from(if report.passed { 0 } else { 1 })
+        }
+        Command::CheckChild { state_dir, opts, path } => {
+            let report = host::check::child(&path, &state_dir, &opts);
+            println!("{}", serde_json::to_string(&report).expect("a check report always serializes"));
+            ExitCode::SUCCESS
+        }
         Command::Probe { path } => {
             // The child side of the loader's probe: survive loading `path` and say so. A rejection is
             // an answer too; only dying, exiting otherwise or hanging counts against the file.

@@ -117,6 +117,8 @@ pub mod interface;
 mod module;
 mod options;
 mod panic;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod volume;
 
 #[cfg(feature = "host")]

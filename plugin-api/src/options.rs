@@ -348,6 +348,11 @@ impl Options {
         Options { schema, ..Options::from_pairs(pairs) }
     }
 
+    /// Every option at its schema default (for a driver's own tests).
+    pub fn defaults(schema: &'static [OptionSpec]) -> Options {
+        Options { values: Vec::new(), schema }
+    }
+
     pub(crate) fn from_raw(raw: crate::RawOptions<'_>, schema: &'static [OptionSpec]) -> Options {
         Options { values: raw.iter().map(|t| (t.0.as_str().to_owned(), t.1.as_str().to_owned())).collect(), schema }
     }

@@ -124,7 +124,19 @@ driver_interface! {
             Err(crate::DriverError::unsupported(format!("volume {name:?}: this driver does not support reads")))
         };
     }
-    extensions {}
+    extensions {
+        /// Added in 1.1.0: revert to a snapshot (cinder's revert-to-snapshot).
+        "volume.revert" => VolumeRevertFfi, VolumeRevertFfi_TO, revert {
+            /// Restores volume `name` to the content and size of `snapshot`, a snapshot taken of it, and
+            /// returns the volume; the snapshot is kept. `not_found` if either is missing,
+            /// `invalid_argument` if `snapshot` is not a snapshot of `name`. Optional (added in 1.1.0):
+            /// a driver without it, or built against 1.0, answers `unsupported`.
+            fn revert(name: &str => RStr<'_>, String, snapshot: &str => RStr<'_>, String) -> Volume => FfiVolume, default {
+                let _ = snapshot;
+                Err(crate::DriverError::unsupported(format!("volume {name:?}: this driver does not support revert")))
+            };
+        }
+    }
 }
 
 #[cfg(test)]

@@ -22,6 +22,9 @@ pub struct Built {
     pub file_volume_b: PathBuf,
     /// faulty, with `panic_new` defaulting to true: its constructor panics under default options.
     pub faulty_panics: PathBuf,
+    /// fake-volume with two contract violations: it accepts a shrink, and its stats count one volume too
+    /// many. The conformance suite must fail exactly `shrink_is_invalid_argument` and `stats_match_list`.
+    pub sloppy_volume: PathBuf,
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -163,9 +166,17 @@ pub fn built() -> &'static Built {
             "OptionSpec::boolean(\"panic_new\", \"the constructor panics\").default(\"true\")",
         );
         driver_crate(&ws, "fixture-faulty-panics", &real_api, &faulty);
+        let sloppy = replace_once(
+            &fake_volume_source("sloppy-volume"),
+            "        if new_size < old {",
+            "        if new_size < old && false {",
+        );
+        let sloppy = replace_once(&sloppy, "self.ensure_room(&map, new_size - old)?;", "self.ensure_room(&map, new_size.saturating_sub(old))?;");
+        let sloppy = replace_once(&sloppy, "            volumes: map.len() as u64,", "            volumes: map.len() as u64 + 1,");
+        driver_crate(&ws, "fixture-sloppy-volume", &real_api, &sloppy);
         build_workspace(
             &ws,
-            &["fixture-api-minor", "fixture-bad-metadata", "fixture-file-volume-b", "fixture-faulty-panics"],
+            &["fixture-api-minor", "fixture-bad-metadata", "fixture-file-volume-b", "fixture-faulty-panics", "fixture-sloppy-volume"],
         );
 
         let out = profile_dir();
@@ -176,6 +187,7 @@ pub fn built() -> &'static Built {
             bad_metadata: out.join("libfixture_bad_metadata.so"),
             file_volume_b: out.join("libfixture_file_volume_b.so"),
             faulty_panics: out.join("libfixture_faulty_panics.so"),
+            sloppy_volume: out.join("libfixture_sloppy_volume.so"),
         }
     })
 }

@@ -354,8 +354,13 @@ fn inspect_accepts_every_reference_driver_and_rejects_everything_else_in_the_bui
         let name = p.file_name().unwrap().to_string_lossy().into_owned();
         // The compatible-minor fixture is a valid driver too; every other fixture is broken on purpose.
         let reference = plughost_tests::DRIVERS.iter().any(|d| name == format!("lib{}.so", d.replace('-', "_")))
-            || ["libfixture_api_minor.so", "libfixture_file_volume_b.so", "libfixture_faulty_panics.so"]
-                .contains(&name.as_str());
+            || [
+                "libfixture_api_minor.so",
+                "libfixture_file_volume_b.so",
+                "libfixture_faulty_panics.so",
+                "libfixture_sloppy_volume.so",
+            ]
+            .contains(&name.as_str());
         assert_eq!(v[0]["ok"], reference, "{name}: {v}");
         assert_eq!(r.code, if reference { 0 } else { 1 }, "{name}");
         checked += 1;

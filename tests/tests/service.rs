@@ -333,3 +333,34 @@ fn config_sample_covers_every_option() {
     }
     assert!(r.stdout.contains("secret: never logged or shown"));
 }
+
+#[test]
+fn revert_restores_a_volume_file_to_its_snapshot() {
+    use std::os::unix::fs::FileExt;
+    let t = TempDir::new("revert");
+    let d = Daemon::start(t.path(), &["--volume-driver", "file-volume", "--compute-driver", "none"]);
+    let sock = d.socket.to_str().unwrap().to_owned();
+    let ctl = |args: &[&str]| {
+        let mut all = vec!["ctl", "--socket", sock.as_str()];
+        all.extend_from_slice(args);
+        run(&all)
+    };
+    assert_eq!(ctl(&["volume", "create", "db", "--size", "4MiB"]).code, 0);
+    let file = t.join("volumes/default/db.vol");
+    let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+    f.write_all_at(b"before", 1 << 20).unwrap();
+    assert_eq!(ctl(&["volume", "snapshot", "db", "db-snap"]).code, 0);
+    f.write_all_at(b"after!", 1 << 20).unwrap();
+    assert_eq!(ctl(&["volume", "extend", "db", "--size", "8MiB"]).code, 0);
+    let r = ctl(&["--json", "volume", "revert", "db", "db-snap"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!((v["result"]["size"].clone(), v["result"]["status"].clone()), (json!(4 << 20), json!("available")));
+    let mut back = [0u8; 6];
+    std::fs::File::open(&file).unwrap().read_exact_at(&mut back, 1 << 20).unwrap();
+    assert_eq!(&back, b"before");
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 4 << 20);
+    let r = ctl(&["volume", "revert", "db-snap", "db"]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("invalid_argument: volume \"db\" is not a snapshot of \"db-snap\""), "{}", r.stderr);
+}

@@ -2,7 +2,7 @@
 //! nova/cinder *manager*) in its own file; [`KINDS`] registers them, and the configuration, the `run`
 //! flags, `ctl` and the socket derive their per-kind parts from it.
 //!
-//! A service implements [`Service`] with typed operations; [`DynService`] is the same service seen
+//! A service implements `Service` with typed operations; [`DynService`] is the same service seen
 //! through the JSON edge, which is how the host holds it.
 
 pub mod compute;
@@ -243,15 +243,15 @@ pub trait DynService: Send + Sync {
     fn kind(&self) -> &'static ServiceKind;
     /// Parses `op` and `args`, runs the operation, serializes the answer.
     fn handle_json(&self, op: &str, args: Option<&RawValue>) -> Result<String, ApiError>;
-    /// See [`Service::periodic`].
+    /// One round of periodic work (health checks, refreshing what drivers report).
     fn periodic(&self);
-    /// See [`Service::backends`].
+    /// Its backends, as the host controls them.
     fn backends(&self) -> &[Arc<dyn BackendControl>];
-    /// See [`Service::default_backend`].
+    /// The backend used when a request names none.
     fn default_backend(&self) -> &str;
-    /// See [`Service::capacity`].
+    /// A backend's capacity as last refreshed, for kinds that have one.
     fn capacity(&self, backend: &str) -> Option<Capacity>;
-    /// See [`Service::cleanup`].
+    /// Runs every backend's cleanup at host stop, once no request is in flight.
     fn cleanup(&self);
 }
 

@@ -60,6 +60,17 @@ pub enum VolumeOp {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         backend: Option<String>,
     },
+    /// Restore a volume to a snapshot taken of it (the snapshot is kept)
+    Revert {
+        /// Volume name
+        name: String,
+        /// A snapshot of it
+        snapshot: String,
+        /// Check that the volume is on this backend
+        #[arg(long)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        backend: Option<String>,
+    },
     /// Delete a volume
     Delete(Named),
     /// Capacity of a backend, from its driver
@@ -76,6 +87,8 @@ pub enum VolumeStatus {
     Available,
     /// Being grown.
     Extending,
+    /// Being restored to a snapshot.
+    Reverting,
     /// Being deleted.
     Deleting,
     /// Something is wrong; `reason` says what.
@@ -88,6 +101,7 @@ impl std::fmt::Display for VolumeStatus {
             VolumeStatus::Creating => "creating",
             VolumeStatus::Available => "available",
             VolumeStatus::Extending => "extending",
+            VolumeStatus::Reverting => "reverting",
             VolumeStatus::Deleting => "deleting",
             VolumeStatus::Error => "error",
         })
@@ -223,7 +237,7 @@ impl VolumeService {
             let _held = self.records.hold(&r.name);
             let found = reported.get(r.name.as_str());
             match (r.status, found) {
-                (VolumeStatus::Creating, Some(v)) | (VolumeStatus::Extending, Some(v)) => {
+                (VolumeStatus::Creating | VolumeStatus::Extending | VolumeStatus::Reverting, Some(v)) => {
                     log::info!("volume {:?}: interrupted {} completed on the backend; now available", r.name, r.status);
                     self.records.update(&r.name, |r| {
                         r.apply(v);
@@ -313,6 +327,22 @@ impl VolumeService {
         )
     }
 
+    /// Restores `name` to `snapshot`, which must be a snapshot of it on the same backend.
+    fn revert(&self, name: &str, snapshot: &str, backend: Option<&str>) -> Result<VolumeRecord, ApiError> {
+        let _held = self.records.hold_two(name, snapshot);
+        let (r, b) = self.backends.locate(&self.records, name, backend)?;
+        let (snap, _) = self.backends.locate(&self.records, snapshot, Some(&r.backend))?;
+        if snap.source.as_deref() != Some(name) {
+            return Err(ApiError::invalid(format!("volume {snapshot:?} is not a snapshot of {name:?}")));
+        }
+        self.records.transition(
+            r,
+            VolumeStatus::Reverting,
+            || b.call(VolumeMethod::revert, |d| d.revert(name, snapshot)),
+            made,
+        )
+    }
+
     fn delete(&self, name: &str, backend: Option<&str>) -> Result<Removed, ApiError> {
         let _held = self.records.hold(name);
         let (r, b) = self.backends.locate(&self.records, name, backend)?;
@@ -374,6 +404,9 @@ impl Service for VolumeService {
             }
             VolumeOp::Snapshot { name, snapshot, backend } => {
                 VolumeReply::One(self.snapshot(&name, &snapshot, backend.as_deref())?)
+            }
+            VolumeOp::Revert { name, snapshot, backend } => {
+                VolumeReply::One(self.revert(&name, &snapshot, backend.as_deref())?)
             }
             VolumeOp::Delete(Named { name, backend }) => VolumeReply::Removed(self.delete(&name, backend.as_deref())?),
             VolumeOp::Stats(OnBackend { backend }) => VolumeReply::Other(self.stats(backend.as_deref())?),
@@ -572,6 +605,24 @@ mod tests {
         assert_eq!(extending.join().unwrap().unwrap().size, 20);
         assert!(deleting.join().unwrap().is_ok());
         assert!(s.records.get("v").is_none());
+    }
+
+    #[test]
+    fn revert_needs_a_snapshot_of_the_volume_and_answers_what_the_driver_says() {
+        let (s, _) = service();
+        s.create("v", 10, None).unwrap();
+        s.create("other", 10, None).unwrap();
+        s.snapshot("v", "v-snap", None).unwrap();
+        let e = s.revert("v", "other", None).unwrap_err();
+        assert_eq!(
+            (e.kind, e.message.as_str()),
+            (ErrorKind::InvalidArgument, "volume \"other\" is not a snapshot of \"v\"")
+        );
+        assert_eq!(s.revert("v", "missing", None).unwrap_err().kind, ErrorKind::NotFound);
+        // This driver does not implement revert: the default answers, and the record is as it was.
+        let e = s.revert("v", "v-snap", None).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Unsupported);
+        assert_eq!(s.records.get("v").unwrap().status, VolumeStatus::Available);
     }
 
     #[test]

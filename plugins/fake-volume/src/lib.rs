@@ -118,6 +118,21 @@ impl VolumeDriver for FakeVolume {
         Ok(self.lock()?.iter().map(|(n, v)| self.info(n, v)).collect())
     }
 
+    fn revert(&self, name: &str, snapshot: &str) -> Result<Volume, DriverError> {
+        let mut map = self.lock()?;
+        let snap = map.get(snapshot).ok_or_else(|| not_found(snapshot))?;
+        if snap.source.as_deref() != Some(name) {
+            return Err(DriverError::invalid_argument(format!("volume {snapshot:?} is not a snapshot of {name:?}")));
+        }
+        let (size, data) = (snap.size, snap.data.clone());
+        let current = map.get(name).ok_or_else(|| not_found(name))?.size;
+        self.ensure_room(&map, size.saturating_sub(current))?;
+        let v = map.get_mut(name).ok_or_else(|| not_found(name))?;
+        v.size = size;
+        v.data = data;
+        Ok(self.info(name, v))
+    }
+
     fn get(&self, name: &str) -> Result<Volume, DriverError> {
         let map = self.lock()?;
         map.get(name).map(|v| self.info(name, v)).ok_or_else(|| not_found(name))

@@ -116,7 +116,13 @@ impl VolumeDriver for Faulty {
         self.enter("extend")?;
         let mut m = self.map()?;
         let s = m.get_mut(name).ok_or_else(|| not_found(name))?;
-        *s = (*s).max(new_size);
+        if new_size < *s {
+            return Err(DriverError::invalid_argument(format!(
+                "volume {name:?}: cannot shrink from {} to {new_size}",
+                *s
+            )));
+        }
+        *s = new_size;
         Ok(vol(name, *s))
     }
     fn snapshot(&self, name: &str, snapshot: &str) -> Result<Volume, DriverError> {

@@ -324,6 +324,51 @@ impl VolumeDriver for FileVolume {
         self.info(snapshot, &dst_path)
     }
 
+    fn revert(&self, name: &str, snapshot: &str) -> Result<Volume, DriverError> {
+        let vol_path = self.path(name)?;
+        let snap_path = self.path(snapshot)?;
+        if !vol_path.exists() {
+            return Err(DriverError::not_found(format!("volume {name:?} not found")));
+        }
+        let snap = File::open(&snap_path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => DriverError::not_found(format!("volume {snapshot:?} not found")),
+            _ => DriverError::io(format!("volume {snapshot:?}: opening"), &e),
+        })?;
+        let source = fs::read_to_string(self.source_path(snapshot)).ok().map(|s| s.trim().to_owned());
+        if source.as_deref() != Some(name) {
+            return Err(DriverError::invalid_argument(format!("volume {snapshot:?} is not a snapshot of {name:?}")));
+        }
+        let len = snap.metadata().map_err(|e| DriverError::io(format!("volume {snapshot:?}"), &e))?.len();
+        // The snapshot's content under a temporary name, renamed over the volume once complete: a revert
+        // interrupted at any point leaves the volume as it was.
+        let tmp = self.partial_path(name);
+        let made = (|| {
+            let dst = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
+                .map_err(|e| DriverError::io(format!("volume {name:?}: creating {}", tmp.display()), &e))?;
+            let copied = if self.reflink && try_reflink(&snap, &dst) { Ok(()) } else { sparse_copy(&snap, &dst, len) };
+            copied.map_err(|e| DriverError::io(format!("reverting {name:?} to {snapshot:?}"), &e))?;
+            if self.sync {
+                dst.sync_all().map_err(|e| DriverError::io(format!("volume {name:?}: syncing"), &e))?;
+            }
+            fs::rename(&tmp, &vol_path)
+                .map_err(|e| DriverError::io(format!("volume {name:?}: renaming into place"), &e))?;
+            if self.sync {
+                File::open(&self.root)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| DriverError::io(format!("volume {name:?}: syncing the volume root"), &e))?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = made {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        self.info(name, &vol_path)
+    }
+
     fn list(&self) -> Result<Vec<Volume>, DriverError> {
         let rd = fs::read_dir(&self.root)
             .map_err(|e| DriverError::io(format!("listing volume root {}", self.root.display()), &e))?;
@@ -437,6 +482,12 @@ mod tests {
         assert_eq!((s.size, s.source.as_deref()), (10 << 20, Some("v1")));
         assert!(s.allocated < s.size, "snapshot stays sparse: {s:?}");
         assert_eq!(d.read_at("s1", 5 << 20, 18).unwrap(), b"data in the middle");
+        d.write_at("v1", 5 << 20, b"DATA CHANGED LATER").unwrap();
+        assert_eq!(d.revert("s1", "v1").unwrap_err().kind(), ErrorKind::INVALID_ARGUMENT, "v1 is not a snapshot of s1");
+        let reverted = d.revert("v1", "s1").unwrap();
+        assert_eq!((reverted.size, reverted.source), (10 << 20, None));
+        assert_eq!(d.read_at("v1", 5 << 20, 18).unwrap(), b"data in the middle");
+        assert_eq!(d.revert("v1", "nope").unwrap_err().kind(), ErrorKind::NOT_FOUND);
         assert_eq!(d.extend("v1", 20 << 20).unwrap().size, 20 << 20);
         assert_eq!(d.extend("v1", 1).unwrap_err().kind(), ErrorKind::INVALID_ARGUMENT);
         assert_eq!(d.create("v1", 1).unwrap_err().kind(), ErrorKind::ALREADY_EXISTS);

@@ -1,0 +1,638 @@
+//! The conformance suite (feature `testing`): the contract every driver of a kind must meet, written
+//! once and run two ways: in a driver's own `cargo test`, on its Rust type, through the same stable-ABI
+//! glue a host uses; and by `plughost check LIB.so`, through the real loader, on the built library.
+//!
+//! ```
+//! # use std::collections::BTreeMap;
+//! # use std::sync::Mutex;
+//! # use plughost_api::{CapacityStats, DriverError, Options, Volume, VolumeDriver};
+//! # #[derive(Default)] struct Mine(Mutex<BTreeMap<String, u64>>);
+//! # fn v(n: &str, s: u64) -> Volume { Volume { name: n.into(), size: s, ..Volume::default() } }
+//! # fn nf(n: &str) -> DriverError { DriverError::not_found(format!("volume {n:?} not found")) }
+//! # impl VolumeDriver for Mine {
+//! #     fn create(&self, n: &str, s: u64) -> Result<Volume, DriverError> {
+//! #         let mut m = self.0.lock().unwrap();
+//! #         if m.contains_key(n) { return Err(DriverError::already_exists(format!("volume {n:?} exists"))); }
+//! #         m.insert(n.into(), s); Ok(v(n, s))
+//! #     }
+//! #     fn delete(&self, n: &str) -> Result<(), DriverError> { self.0.lock().unwrap().remove(n).map(drop).ok_or_else(|| nf(n)) }
+//! #     fn extend(&self, n: &str, s: u64) -> Result<Volume, DriverError> {
+//! #         let mut m = self.0.lock().unwrap();
+//! #         let cur = m.get_mut(n).ok_or_else(|| nf(n))?;
+//! #         if s < *cur { return Err(DriverError::invalid_argument(format!("volume {n:?}: cannot shrink"))); }
+//! #         *cur = s; Ok(v(n, s))
+//! #     }
+//! #     fn snapshot(&self, n: &str, s: &str) -> Result<Volume, DriverError> {
+//! #         let size = self.get(n)?.size;
+//! #         self.create(s, size).map(|x| Volume { source: Some(n.into()), ..x })
+//! #     }
+//! #     fn list(&self) -> Result<Vec<Volume>, DriverError> { Ok(self.0.lock().unwrap().iter().map(|(n, s)| v(n, *s)).collect()) }
+//! #     fn get(&self, n: &str) -> Result<Volume, DriverError> { self.0.lock().unwrap().get(n).map(|s| v(n, *s)).ok_or_else(|| nf(n)) }
+//! #     fn stats(&self) -> Result<CapacityStats, DriverError> {
+//! #         let m = self.0.lock().unwrap();
+//! #         Ok(CapacityStats { volumes: m.len() as u64, provisioned_bytes: m.values().sum(), ..Default::default() })
+//! #     }
+//! # }
+//! // In the driver crate's tests:
+//! let report = plughost_api::testing::check_volume(&|| Ok(Box::new(plughost_api::VolumeClient::in_process(Mine::default()))));
+//! report.assert_passed();
+//! ```
+//!
+//! Each check runs on a fresh driver from `make` (initialised first, cleaned up last) and uses names of
+//! its own (`conformance-...`), which it removes again, so that drivers whose state outlives an instance
+//! (files on disk) are checked too. A check fails on a wrong outcome, on any panic (kind `panicked`), and
+//! on an error whose message is empty or longer than one line.
+
+use std::fmt;
+
+use crate::{ComputeDriver, DriverError, ErrorKind, InstanceSpec, InstanceState, VolumeDriver};
+
+/// The outcome of one named check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckResult {
+    /// The check's name (stable: tools and tests refer to it).
+    pub name: &'static str,
+    /// Whether the driver met it.
+    pub passed: bool,
+    /// Why it failed, or a note (an optional method the driver does not provide).
+    pub detail: String,
+}
+
+/// The outcome of a whole suite.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// The driver kind checked.
+    pub kind: &'static str,
+    /// One result per check, in suite order.
+    pub results: Vec<CheckResult>,
+}
+
+impl Report {
+    /// Whether every check passed.
+    pub fn passed(&self) -> bool {
+        self.results.iter().all(|r| r.passed)
+    }
+
+    /// The names of the checks that failed.
+    pub fn failed(&self) -> Vec<&'static str> {
+        self.results.iter().filter(|r| !r.passed).map(|r| r.name).collect()
+    }
+
+    /// A table: one line per check.
+    pub fn table(&self) -> String {
+        let width = self.results.iter().map(|r| r.name.len()).max().unwrap_or(0);
+        self.results
+            .iter()
+            .map(|r| {
+                let mark = if r.passed { "pass" } else { "FAIL" };
+                let detail = if r.detail.is_empty() { String::new() } else { format!("  {}", r.detail) };
+                format!("{}\n", format!("{mark}  {:width$}{detail}", r.name).trim_end())
+            })
+            .collect()
+    }
+
+    /// Panics, listing every failed check, unless all passed (for `cargo test`).
+    #[track_caller]
+    pub fn assert_passed(&self) {
+        assert!(
+            self.passed(),
+            "{} driver conformance: {} failed\n{}",
+            self.kind,
+            self.failed().join(", "),
+            self.table()
+        );
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.table())
+    }
+}
+
+/// Why a check failed.
+type Fail = String;
+
+/// What a check expects of a call's error: its kind, a one-line non-empty message, and never a panic.
+fn expect_err<T: fmt::Debug>(what: &str, r: Result<T, DriverError>, kind: ErrorKind) -> Result<(), Fail> {
+    match r {
+        Ok(v) => Err(format!("{what}: expected {kind}, got Ok({v:?})")),
+        Err(e) => {
+            well_formed(what, &e)?;
+            if e.kind() == kind {
+                Ok(())
+            } else {
+                Err(format!("{what}: expected {kind}, got {}: {}", e.kind(), e.message()))
+            }
+        }
+    }
+}
+
+/// What a check expects of a call that must succeed.
+fn expect_ok<T>(what: &str, r: Result<T, DriverError>) -> Result<T, Fail> {
+    r.map_err(|e| match well_formed(what, &e) {
+        Err(f) => f,
+        Ok(()) => format!("{what}: {}: {}", e.kind(), e.message()),
+    })
+}
+
+fn well_formed(what: &str, e: &DriverError) -> Result<(), Fail> {
+    if e.kind() == ErrorKind::PANICKED {
+        return Err(format!("{what}: the driver panicked: {}", e.message()));
+    }
+    if e.message().trim().is_empty() {
+        return Err(format!("{what}: error {} with an empty message", e.kind()));
+    }
+    if e.message().contains('\n') {
+        return Err(format!("{what}: error message is not one line: {:?}", e.message()));
+    }
+    Ok(())
+}
+
+fn check(cond: bool, message: impl FnOnce() -> String) -> Result<(), Fail> {
+    if cond {
+        Ok(())
+    } else {
+        Err(message())
+    }
+}
+
+/// Runs `body` on a fresh driver from `make`, initialised first and cleaned up last.
+fn with_driver<D: ?Sized>(
+    make: &dyn Fn() -> Result<Box<D>, DriverError>,
+    init: fn(&D) -> Result<(), DriverError>,
+    cleanup: fn(&D) -> Result<(), DriverError>,
+    body: impl FnOnce(&D) -> Result<String, Fail>,
+) -> Result<String, Fail> {
+    let d = expect_ok("constructing the driver", make())?;
+    expect_ok("init", init(&d))?;
+    let outcome = body(&d);
+    let cleaned = expect_ok("cleanup", cleanup(&d));
+    let note = outcome?;
+    cleaned.map(|()| note)
+}
+
+/// A named check of a driver of type `D`.
+type Named<D> = (&'static str, fn(&D) -> Result<String, Fail>);
+
+fn run<D: ?Sized>(
+    kind: &'static str,
+    make: &dyn Fn() -> Result<Box<D>, DriverError>,
+    init: fn(&D) -> Result<(), DriverError>,
+    cleanup: fn(&D) -> Result<(), DriverError>,
+    checks: &[Named<D>],
+) -> Report {
+    let results = checks
+        .iter()
+        .map(|(name, body)| match with_driver(make, init, cleanup, body) {
+            Ok(note) => CheckResult { name, passed: true, detail: note },
+            Err(why) => CheckResult { name, passed: false, detail: why },
+        })
+        .collect();
+    Report { kind, results }
+}
+
+const MIB: u64 = 1 << 20;
+
+/// Names of one check's own, removed again at the end.
+fn names(check: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("conformance-{check}-{i}")).collect()
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Volume
+
+type VolumeCheck = fn(&dyn VolumeDriver) -> Result<String, Fail>;
+
+/// The volume checks, in order.
+pub const VOLUME_CHECKS: &[&str] = &[
+    "lifecycle",
+    "create_then_get",
+    "create_existing_is_already_exists",
+    "missing_is_not_found",
+    "extend_grows",
+    "shrink_is_invalid_argument",
+    "snapshot_records_its_source",
+    "snapshot_onto_existing_is_already_exists",
+    "delete_removes",
+    "list_matches_creates",
+    "stats_match_list",
+    "concurrent_create_delete",
+    "write_read_round_trip",
+    "revert_to_snapshot",
+];
+
+fn volume_checks() -> Vec<(&'static str, VolumeCheck)> {
+    let bodies: [VolumeCheck; 14] = [
+        |d| {
+            expect_ok("health", d.health())?;
+            Ok(String::new())
+        },
+        |d| {
+            let [a] = names_n("get");
+            let made = expect_ok("create", d.create(&a, MIB))?;
+            check(made.name == a && made.size == MIB, || format!("create returned {made:?}"))?;
+            let got = expect_ok("get", d.get(&a))?;
+            check(got.name == a && got.size == MIB, || format!("get returned {got:?}"))?;
+            expect_ok("delete", d.delete(&a))?;
+            Ok(String::new())
+        },
+        |d| {
+            let [a] = names_n("dup");
+            expect_ok("create", d.create(&a, MIB))?;
+            let dup = expect_err("create of an existing volume", d.create(&a, MIB), ErrorKind::ALREADY_EXISTS);
+            expect_ok("delete", d.delete(&a))?;
+            dup.map(|()| String::new())
+        },
+        |d| {
+            let [a, b] = names_n("missing");
+            expect_err("get of a missing volume", d.get(&a), ErrorKind::NOT_FOUND)?;
+            expect_err("delete of a missing volume", d.delete(&a), ErrorKind::NOT_FOUND)?;
+            expect_err("extend of a missing volume", d.extend(&a, MIB), ErrorKind::NOT_FOUND)?;
+            expect_err("snapshot of a missing volume", d.snapshot(&a, &b), ErrorKind::NOT_FOUND)?;
+            Ok(String::new())
+        },
+        |d| {
+            let [a] = names_n("extend");
+            expect_ok("create", d.create(&a, MIB))?;
+            let grown = expect_ok("extend", d.extend(&a, 2 * MIB));
+            let got = d.get(&a);
+            expect_ok("delete", d.delete(&a))?;
+            let grown = grown?;
+            check(grown.size == 2 * MIB, || format!("extend returned {grown:?}"))?;
+            let got = expect_ok("get", got)?;
+            check(got.size == 2 * MIB, || format!("get after extend returned {got:?}"))?;
+            Ok(String::new())
+        },
+        |d| {
+            let [a] = names_n("shrink");
+            expect_ok("create", d.create(&a, 2 * MIB))?;
+            let shrink = expect_err("extend to a smaller size", d.extend(&a, MIB), ErrorKind::INVALID_ARGUMENT);
+            expect_ok("delete", d.delete(&a))?;
+            shrink.map(|()| String::new())
+        },
+        |d| {
+            let [a, s] = names_n("snap");
+            expect_ok("create", d.create(&a, MIB))?;
+            let snap = expect_ok("snapshot", d.snapshot(&a, &s));
+            let _ = d.delete(&s);
+            expect_ok("delete", d.delete(&a))?;
+            let snap = snap?;
+            check(snap.name == s && snap.source.as_deref() == Some(a.as_str()) && snap.size == MIB, || {
+                format!("snapshot returned {snap:?}")
+            })?;
+            Ok(String::new())
+        },
+        |d| {
+            let [a, b] = names_n("snapdup");
+            expect_ok("create", d.create(&a, MIB))?;
+            expect_ok("create", d.create(&b, MIB))?;
+            let dup = expect_err("snapshot onto an existing name", d.snapshot(&a, &b), ErrorKind::ALREADY_EXISTS);
+            expect_ok("delete", d.delete(&a))?;
+            expect_ok("delete", d.delete(&b))?;
+            dup.map(|()| String::new())
+        },
+        |d| {
+            let [a] = names_n("delete");
+            expect_ok("create", d.create(&a, MIB))?;
+            expect_ok("delete", d.delete(&a))?;
+            expect_err("get after delete", d.get(&a), ErrorKind::NOT_FOUND)?;
+            let listed = expect_ok("list", d.list())?;
+            check(!listed.iter().any(|v| v.name == a), || format!("{a} is still listed after delete"))?;
+            Ok(String::new())
+        },
+        |d| {
+            let made = names("list", 3);
+            for n in &made {
+                expect_ok("create", d.create(n, MIB))?;
+            }
+            let listed = d.list();
+            for n in &made {
+                expect_ok("delete", d.delete(n))?;
+            }
+            let mut ours: Vec<String> = expect_ok("list", listed)?
+                .into_iter()
+                .map(|v| v.name)
+                .filter(|n| n.starts_with("conformance-list-"))
+                .collect();
+            ours.sort();
+            check(ours == made, || format!("list shows {ours:?}, created {made:?}"))?;
+            Ok(String::new())
+        },
+        |d| {
+            let made = names("stats", 2);
+            for n in &made {
+                expect_ok("create", d.create(n, MIB))?;
+            }
+            let (stats, listed) = (d.stats(), d.list());
+            for n in &made {
+                expect_ok("delete", d.delete(n))?;
+            }
+            let (stats, listed) = (expect_ok("stats", stats)?, expect_ok("list", listed)?);
+            check(stats.volumes == listed.len() as u64, || {
+                format!("stats counts {} volumes, list shows {}", stats.volumes, listed.len())
+            })?;
+            let sum: u64 = listed.iter().map(|v| v.size).sum();
+            check(stats.provisioned_bytes == sum, || {
+                format!("stats says {} bytes provisioned, the listed sizes add up to {sum}", stats.provisioned_bytes)
+            })?;
+            Ok(String::new())
+        },
+        |d| {
+            let kept = std::sync::Mutex::new(Vec::new());
+            let failure = std::sync::Mutex::new(None::<Fail>);
+            std::thread::scope(|s| {
+                for t in 0..8 {
+                    let (kept, failure) = (&kept, &failure);
+                    s.spawn(move || {
+                        for (i, n) in names(&format!("conc{t}"), 10).into_iter().enumerate() {
+                            let step = expect_ok("create", d.create(&n, MIB)).and_then(|_| {
+                                if i % 2 == 0 {
+                                    expect_ok("delete", d.delete(&n))
+                                } else {
+                                    Ok(())
+                                }
+                            });
+                            match step {
+                                Ok(()) if i % 2 == 1 => kept.lock().unwrap_or_else(|p| p.into_inner()).push(n),
+                                Ok(()) => {}
+                                Err(e) => {
+                                    failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                                }
+                            }
+                        }
+                    });
+                }
+            });
+            let mut kept = kept.into_inner().unwrap_or_else(|p| p.into_inner());
+            let listed = d.list();
+            for n in &kept {
+                let _ = d.delete(n);
+            }
+            if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+                return Err(e);
+            }
+            let mut ours: Vec<String> = expect_ok("list", listed)?
+                .into_iter()
+                .map(|v| v.name)
+                .filter(|n| n.starts_with("conformance-conc"))
+                .collect();
+            ours.sort();
+            kept.sort();
+            check(ours == kept, || {
+                format!("after 8 threads of creates and deletes, list shows {} of the {} kept", ours.len(), kept.len())
+            })?;
+            Ok(String::new())
+        },
+        |d| {
+            let [a] = names_n("io");
+            expect_ok("create", d.create(&a, MIB))?;
+            let outcome = (|| {
+                match d.write_at(&a, 4096, b"conformance") {
+                    Err(e) if e.kind() == ErrorKind::UNSUPPORTED => {
+                        return Ok("write_at unsupported (optional)".to_owned())
+                    }
+                    other => {
+                        let n = expect_ok("write_at", other)?;
+                        check(n == 11, || format!("write_at reported {n} bytes written, expected 11"))?;
+                    }
+                }
+                match d.read_at(&a, 4096, 11) {
+                    Err(e) if e.kind() == ErrorKind::UNSUPPORTED => Ok("read_at unsupported (optional)".to_owned()),
+                    other => {
+                        let back = expect_ok("read_at", other)?;
+                        check(back == b"conformance", || format!("read_at returned {back:?}"))?;
+                        Ok(String::new())
+                    }
+                }
+            })();
+            expect_ok("delete", d.delete(&a))?;
+            outcome
+        },
+        |d| {
+            let [a, s] = names_n("revert");
+            expect_ok("create", d.create(&a, MIB))?;
+            let outcome = (|| {
+                expect_ok("snapshot", d.snapshot(&a, &s))?;
+                expect_ok("extend", d.extend(&a, 2 * MIB))?;
+                match d.revert(&a, &s) {
+                    Err(e) if e.kind() == ErrorKind::UNSUPPORTED => {
+                        well_formed("revert", &e)?;
+                        Ok("revert unsupported (optional)".to_owned())
+                    }
+                    other => {
+                        let v = expect_ok("revert", other)?;
+                        check(v.name == a && v.size == MIB, || {
+                            format!("revert returned {v:?}, expected {a} at the snapshot's size")
+                        })?;
+                        expect_err(
+                            "revert to a missing snapshot",
+                            d.revert(&a, "conformance-revert-none"),
+                            ErrorKind::NOT_FOUND,
+                        )?;
+                        Ok(String::new())
+                    }
+                }
+            })();
+            let _ = d.delete(&s);
+            expect_ok("delete", d.delete(&a))?;
+            outcome
+        },
+    ];
+    VOLUME_CHECKS.iter().copied().zip(bodies).collect()
+}
+
+fn names_n<const N: usize>(check: &str) -> [String; N] {
+    std::array::from_fn(|i| format!("conformance-{check}-{i}"))
+}
+
+/// Runs the volume suite on drivers made by `make` (each check gets a fresh one).
+pub fn check_volume(make: &dyn Fn() -> Result<Box<dyn VolumeDriver>, DriverError>) -> Report {
+    run("volume", make, |d| d.init(), |d| d.cleanup(), &volume_checks())
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Compute
+
+type ComputeCheck = fn(&dyn ComputeDriver, &InstanceSpec) -> Result<String, Fail>;
+
+/// The compute checks, in order.
+pub const COMPUTE_CHECKS: &[&str] = &[
+    "lifecycle",
+    "spawn_then_get",
+    "spawn_existing_is_already_exists",
+    "missing_is_not_found",
+    "stop_then_start",
+    "start_running_is_busy",
+    "reboot_runs",
+    "destroy_removes",
+    "list_matches_spawns",
+    "concurrent_spawn_destroy",
+];
+
+fn spec_for(template: &InstanceSpec, name: &str) -> InstanceSpec {
+    InstanceSpec { name: name.to_owned(), ..template.clone() }
+}
+
+fn compute_checks() -> Vec<(&'static str, ComputeCheck)> {
+    let bodies: [ComputeCheck; 10] = [
+        |d, _| {
+            expect_ok("health", d.health())?;
+            Ok(String::new())
+        },
+        |d, t| {
+            let [a] = names_n("spawn");
+            let i = expect_ok("spawn", d.spawn(&spec_for(t, &a)));
+            let got = d.get(&a);
+            let _ = d.destroy(&a);
+            let i = i?;
+            check(i.name == a && i.state == InstanceState::Running, || format!("spawn returned {i:?}"))?;
+            let got = expect_ok("get", got)?;
+            check(got.name == a && got.state == InstanceState::Running, || format!("get returned {got:?}"))?;
+            Ok(String::new())
+        },
+        |d, t| {
+            let [a] = names_n("dup");
+            expect_ok("spawn", d.spawn(&spec_for(t, &a)))?;
+            let dup = expect_err("spawn of an existing instance", d.spawn(&spec_for(t, &a)), ErrorKind::ALREADY_EXISTS);
+            expect_ok("destroy", d.destroy(&a))?;
+            dup.map(|()| String::new())
+        },
+        |d, _| {
+            let [a] = names_n("missing");
+            expect_err("get of a missing instance", d.get(&a), ErrorKind::NOT_FOUND)?;
+            expect_err("stop of a missing instance", d.stop(&a), ErrorKind::NOT_FOUND)?;
+            expect_err("start of a missing instance", d.start(&a), ErrorKind::NOT_FOUND)?;
+            expect_err("reboot of a missing instance", d.reboot(&a), ErrorKind::NOT_FOUND)?;
+            expect_err("destroy of a missing instance", d.destroy(&a), ErrorKind::NOT_FOUND)?;
+            Ok(String::new())
+        },
+        |d, t| {
+            let [a] = names_n("stopstart");
+            expect_ok("spawn", d.spawn(&spec_for(t, &a)))?;
+            let outcome = (|| {
+                let stopped = expect_ok("stop", d.stop(&a))?;
+                check(stopped.state == InstanceState::Stopped, || format!("stop returned {stopped:?}"))?;
+                let started = expect_ok("start", d.start(&a))?;
+                check(started.state == InstanceState::Running, || format!("start returned {started:?}"))?;
+                Ok(String::new())
+            })();
+            expect_ok("destroy", d.destroy(&a))?;
+            outcome
+        },
+        |d, t| {
+            let [a] = names_n("busy");
+            expect_ok("spawn", d.spawn(&spec_for(t, &a)))?;
+            let busy = expect_err("start of a running instance", d.start(&a), ErrorKind::BUSY);
+            expect_ok("destroy", d.destroy(&a))?;
+            busy.map(|()| String::new())
+        },
+        |d, t| {
+            let [a] = names_n("reboot");
+            expect_ok("spawn", d.spawn(&spec_for(t, &a)))?;
+            let rebooted = expect_ok("reboot", d.reboot(&a));
+            expect_ok("destroy", d.destroy(&a))?;
+            let rebooted = rebooted?;
+            check(rebooted.state == InstanceState::Running, || format!("reboot returned {rebooted:?}"))?;
+            Ok(String::new())
+        },
+        |d, t| {
+            let [a] = names_n("destroy");
+            expect_ok("spawn", d.spawn(&spec_for(t, &a)))?;
+            expect_ok("destroy", d.destroy(&a))?;
+            expect_err("get after destroy", d.get(&a), ErrorKind::NOT_FOUND)?;
+            let listed = expect_ok("list", d.list())?;
+            check(!listed.iter().any(|i| i.name == a), || format!("{a} is still listed after destroy"))?;
+            Ok(String::new())
+        },
+        |d, t| {
+            let made = names("list", 3);
+            for n in &made {
+                expect_ok("spawn", d.spawn(&spec_for(t, n)))?;
+            }
+            let listed = d.list();
+            for n in &made {
+                expect_ok("destroy", d.destroy(n))?;
+            }
+            let mut ours: Vec<String> = expect_ok("list", listed)?
+                .into_iter()
+                .map(|i| i.name)
+                .filter(|n| n.starts_with("conformance-list-"))
+                .collect();
+            ours.sort();
+            check(ours == made, || format!("list shows {ours:?}, spawned {made:?}"))?;
+            Ok(String::new())
+        },
+        |d, t| {
+            let kept = std::sync::Mutex::new(Vec::new());
+            let failure = std::sync::Mutex::new(None::<Fail>);
+            std::thread::scope(|s| {
+                for th in 0..8 {
+                    let (kept, failure) = (&kept, &failure);
+                    s.spawn(move || {
+                        for (i, n) in names(&format!("conc{th}"), 4).into_iter().enumerate() {
+                            let step = expect_ok("spawn", d.spawn(&spec_for(t, &n))).and_then(|_| {
+                                if i % 2 == 0 {
+                                    expect_ok("destroy", d.destroy(&n))
+                                } else {
+                                    Ok(())
+                                }
+                            });
+                            match step {
+                                Ok(()) if i % 2 == 1 => kept.lock().unwrap_or_else(|p| p.into_inner()).push(n),
+                                Ok(()) => {}
+                                Err(e) => {
+                                    failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                                }
+                            }
+                        }
+                    });
+                }
+            });
+            let mut kept = kept.into_inner().unwrap_or_else(|p| p.into_inner());
+            let listed = d.list();
+            for n in &kept {
+                let _ = d.destroy(n);
+            }
+            if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+                return Err(e);
+            }
+            let mut ours: Vec<String> = expect_ok("list", listed)?
+                .into_iter()
+                .map(|i| i.name)
+                .filter(|n| n.starts_with("conformance-conc"))
+                .collect();
+            ours.sort();
+            kept.sort();
+            check(ours == kept, || {
+                format!("after 8 threads of spawns and destroys, list shows {} of the {} kept", ours.len(), kept.len())
+            })?;
+            Ok(String::new())
+        },
+    ];
+    COMPUTE_CHECKS.iter().copied().zip(bodies).collect()
+}
+
+/// A harmless instance for the compute checks: `sleep 60`.
+pub fn harmless_instance() -> InstanceSpec {
+    InstanceSpec { name: String::new(), command: "sleep".into(), args: vec!["60".into()], ..InstanceSpec::default() }
+}
+
+/// Runs the compute suite on drivers made by `make`, spawning instances like `template` (its name is
+/// replaced; [`harmless_instance`] is a good one).
+pub fn check_compute(
+    make: &dyn Fn() -> Result<Box<dyn ComputeDriver>, DriverError>,
+    template: &InstanceSpec,
+) -> Report {
+    let checks = compute_checks();
+    let results = checks
+        .iter()
+        .map(|(name, body)| {
+            match with_driver(make, |d: &dyn ComputeDriver| d.init(), |d| d.cleanup(), |d| body(d, template)) {
+                Ok(note) => CheckResult { name, passed: true, detail: note },
+                Err(why) => CheckResult { name, passed: false, detail: why },
+            }
+        })
+        .collect();
+    Report { kind: "compute", results }
+}
