@@ -16,6 +16,7 @@ pub mod protocol;
 pub(crate) mod rcu;
 pub mod runtime;
 pub mod sample;
+pub mod scaffold;
 pub mod server;
 pub mod services;
 pub mod stats;

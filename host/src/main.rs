@@ -74,6 +74,20 @@ enum Command {
         /// The driver library
         path: PathBuf,
     },
+    /// Create a new driver crate that builds and passes `cargo test` and `plughost check` as it is
+    #[command(
+        after_help = "Example:\n  plughost new my-volume --kind volume\n  cd my-volume && cargo test && cargo build && plughost check target/debug/libmy_volume.so"
+    )]
+    New {
+        /// Driver (and crate) name: a-z 0-9 - _
+        name: String,
+        /// What kind of driver
+        #[arg(long, value_parser = ["volume", "compute"])]
+        kind: String,
+        /// Where to create the NAME directory [default: the current directory]
+        #[arg(long, value_name = "DIR", default_value = ".")]
+        path: PathBuf,
+    },
     /// Configuration helpers
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -208,6 +222,18 @@ fn main() -> ExitCode {
             }
             ExitCode::from(if report.passed { 0 } else { 1 })
         }
+        Command::New { name, kind, path } => match host::scaffold::new_driver(&name, &kind, &path) {
+            Ok(dir) => {
+                println!("created {} ({kind} driver {name:?})", dir.display());
+                println!(
+                    "next: cd {} && cargo test && cargo build && plughost check target/debug/lib{}.so",
+                    dir.display(),
+                    name.replace('-', "_")
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail([e]),
+        },
         Command::CheckChild { state_dir, opts, path } => {
             let report = host::check::child(&path, &state_dir, &opts);
             println!("{}", serde_json::to_string(&report).expect("a check report always serializes"));

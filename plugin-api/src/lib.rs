@@ -103,6 +103,17 @@
 //!   the driver lacks them; an older host ignores what a newer driver adds. How: the evolution rules in
 //!   the [`interface`] module.
 //! - Different major version: refused, naming both versions.
+//!
+//! What each released host does with each released driver (`tests/tests/compat.rs` builds every
+//! release listed in `RELEASES` from the repository's history, runs each host with each driver, and
+//! checks this table; "revert" is the method 1.1.0 added):
+//!
+//! <!-- compat-table -->
+//! | driver built against | host 1.0.0 | host 1.1.0 |
+//! |---|---|---|
+//! | 1.0.0 | loads, revert not offered by this host | loads, revert answers unsupported |
+//! | 1.1.0 | loads, revert not offered by this host | loads, revert works |
+//!
 //! - A driver built against a modified copy of this crate under the same version: refused as a layout
 //!   mismatch, naming the differing type and field.
 //! - A driver built with a different abi_stable ABI (0.10 and older): refused.

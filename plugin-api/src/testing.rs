@@ -194,6 +194,80 @@ fn run<D: ?Sized>(
 
 const MIB: u64 = 1 << 20;
 
+/// 8 threads each make 10 (volume) or 4 (compute) resources and remove every other one; the names kept,
+/// or the first failure.
+fn churn(
+    per_thread: usize,
+    make: &(dyn Fn(&str) -> Result<(), Fail> + Sync),
+    remove: &(dyn Fn(&str) -> Result<(), Fail> + Sync),
+) -> Result<Vec<String>, Fail> {
+    let kept = std::sync::Mutex::new(Vec::new());
+    let failure = std::sync::Mutex::new(None::<Fail>);
+    std::thread::scope(|s| {
+        for t in 0..8 {
+            let (kept, failure) = (&kept, &failure);
+            s.spawn(move || {
+                for (i, n) in names(&format!("conc{t}"), per_thread).into_iter().enumerate() {
+                    let step = make(&n).and_then(|()| if i % 2 == 0 { remove(&n) } else { Ok(()) });
+                    match step {
+                        Ok(()) if i % 2 == 1 => kept.lock().unwrap_or_else(|p| p.into_inner()).push(n),
+                        Ok(()) => {}
+                        Err(e) => {
+                            failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                        }
+                    }
+                }
+            });
+        }
+    });
+    match failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(kept.into_inner().unwrap_or_else(|p| p.into_inner())),
+    }
+}
+
+/// Checks that the listed names starting with `prefix` are exactly `expected`.
+fn listed_exactly(listed: Vec<String>, prefix: &str, mut expected: Vec<String>) -> Result<(), Fail> {
+    let mut ours: Vec<String> = listed.into_iter().filter(|n| n.starts_with(prefix)).collect();
+    ours.sort();
+    expected.sort();
+    check(ours == expected, || format!("list shows {ours:?}, expected {expected:?}"))
+}
+
+/// Makes three resources, lists, removes them; the list showed exactly them.
+fn list_round_trip(
+    make: &dyn Fn(&str) -> Result<(), Fail>,
+    list: &dyn Fn() -> Result<Vec<String>, Fail>,
+    remove: &dyn Fn(&str) -> Result<(), Fail>,
+) -> Result<String, Fail> {
+    let made = names("list", 3);
+    for n in &made {
+        make(n)?;
+    }
+    let listed = list();
+    for n in &made {
+        remove(n)?;
+    }
+    listed_exactly(listed?, "conformance-list-", made)?;
+    Ok(String::new())
+}
+
+/// Churns, lists, removes what was kept; the list showed exactly what was kept.
+fn churn_round_trip(
+    per_thread: usize,
+    make: &(dyn Fn(&str) -> Result<(), Fail> + Sync),
+    list: &dyn Fn() -> Result<Vec<String>, Fail>,
+    remove: &(dyn Fn(&str) -> Result<(), Fail> + Sync),
+) -> Result<String, Fail> {
+    let kept = churn(per_thread, make, remove)?;
+    let listed = list();
+    for n in &kept {
+        let _ = remove(n);
+    }
+    listed_exactly(listed?, "conformance-conc", kept)?;
+    Ok(String::new())
+}
+
 /// Names of one check's own, removed again at the end.
 fn names(check: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("conformance-{check}-{i}")).collect()
@@ -302,22 +376,11 @@ fn volume_checks() -> Vec<(&'static str, VolumeCheck)> {
             Ok(String::new())
         },
         |d| {
-            let made = names("list", 3);
-            for n in &made {
-                expect_ok("create", d.create(n, MIB))?;
-            }
-            let listed = d.list();
-            for n in &made {
-                expect_ok("delete", d.delete(n))?;
-            }
-            let mut ours: Vec<String> = expect_ok("list", listed)?
-                .into_iter()
-                .map(|v| v.name)
-                .filter(|n| n.starts_with("conformance-list-"))
-                .collect();
-            ours.sort();
-            check(ours == made, || format!("list shows {ours:?}, created {made:?}"))?;
-            Ok(String::new())
+            list_round_trip(
+                &|n| expect_ok("create", d.create(n, MIB)).map(drop),
+                &|| expect_ok("list", d.list()).map(|l| l.into_iter().map(|v| v.name).collect()),
+                &|n| expect_ok("delete", d.delete(n)),
+            )
         },
         |d| {
             let made = names("stats", 2);
@@ -339,50 +402,12 @@ fn volume_checks() -> Vec<(&'static str, VolumeCheck)> {
             Ok(String::new())
         },
         |d| {
-            let kept = std::sync::Mutex::new(Vec::new());
-            let failure = std::sync::Mutex::new(None::<Fail>);
-            std::thread::scope(|s| {
-                for t in 0..8 {
-                    let (kept, failure) = (&kept, &failure);
-                    s.spawn(move || {
-                        for (i, n) in names(&format!("conc{t}"), 10).into_iter().enumerate() {
-                            let step = expect_ok("create", d.create(&n, MIB)).and_then(|_| {
-                                if i % 2 == 0 {
-                                    expect_ok("delete", d.delete(&n))
-                                } else {
-                                    Ok(())
-                                }
-                            });
-                            match step {
-                                Ok(()) if i % 2 == 1 => kept.lock().unwrap_or_else(|p| p.into_inner()).push(n),
-                                Ok(()) => {}
-                                Err(e) => {
-                                    failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
-                                }
-                            }
-                        }
-                    });
-                }
-            });
-            let mut kept = kept.into_inner().unwrap_or_else(|p| p.into_inner());
-            let listed = d.list();
-            for n in &kept {
-                let _ = d.delete(n);
-            }
-            if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
-                return Err(e);
-            }
-            let mut ours: Vec<String> = expect_ok("list", listed)?
-                .into_iter()
-                .map(|v| v.name)
-                .filter(|n| n.starts_with("conformance-conc"))
-                .collect();
-            ours.sort();
-            kept.sort();
-            check(ours == kept, || {
-                format!("after 8 threads of creates and deletes, list shows {} of the {} kept", ours.len(), kept.len())
-            })?;
-            Ok(String::new())
+            churn_round_trip(
+                10,
+                &|n| expect_ok("create", d.create(n, MIB)).map(drop),
+                &|| expect_ok("list", d.list()).map(|l| l.into_iter().map(|v| v.name).collect()),
+                &|n| expect_ok("delete", d.delete(n)),
+            )
         },
         |d| {
             let [a] = names_n("io");
@@ -546,68 +571,19 @@ fn compute_checks() -> Vec<(&'static str, ComputeCheck)> {
             Ok(String::new())
         },
         |d, t| {
-            let made = names("list", 3);
-            for n in &made {
-                expect_ok("spawn", d.spawn(&spec_for(t, n)))?;
-            }
-            let listed = d.list();
-            for n in &made {
-                expect_ok("destroy", d.destroy(n))?;
-            }
-            let mut ours: Vec<String> = expect_ok("list", listed)?
-                .into_iter()
-                .map(|i| i.name)
-                .filter(|n| n.starts_with("conformance-list-"))
-                .collect();
-            ours.sort();
-            check(ours == made, || format!("list shows {ours:?}, spawned {made:?}"))?;
-            Ok(String::new())
+            list_round_trip(
+                &|n| expect_ok("spawn", d.spawn(&spec_for(t, n))).map(drop),
+                &|| expect_ok("list", d.list()).map(|l| l.into_iter().map(|i| i.name).collect()),
+                &|n| expect_ok("destroy", d.destroy(n)),
+            )
         },
         |d, t| {
-            let kept = std::sync::Mutex::new(Vec::new());
-            let failure = std::sync::Mutex::new(None::<Fail>);
-            std::thread::scope(|s| {
-                for th in 0..8 {
-                    let (kept, failure) = (&kept, &failure);
-                    s.spawn(move || {
-                        for (i, n) in names(&format!("conc{th}"), 4).into_iter().enumerate() {
-                            let step = expect_ok("spawn", d.spawn(&spec_for(t, &n))).and_then(|_| {
-                                if i % 2 == 0 {
-                                    expect_ok("destroy", d.destroy(&n))
-                                } else {
-                                    Ok(())
-                                }
-                            });
-                            match step {
-                                Ok(()) if i % 2 == 1 => kept.lock().unwrap_or_else(|p| p.into_inner()).push(n),
-                                Ok(()) => {}
-                                Err(e) => {
-                                    failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
-                                }
-                            }
-                        }
-                    });
-                }
-            });
-            let mut kept = kept.into_inner().unwrap_or_else(|p| p.into_inner());
-            let listed = d.list();
-            for n in &kept {
-                let _ = d.destroy(n);
-            }
-            if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
-                return Err(e);
-            }
-            let mut ours: Vec<String> = expect_ok("list", listed)?
-                .into_iter()
-                .map(|i| i.name)
-                .filter(|n| n.starts_with("conformance-conc"))
-                .collect();
-            ours.sort();
-            kept.sort();
-            check(ours == kept, || {
-                format!("after 8 threads of spawns and destroys, list shows {} of the {} kept", ours.len(), kept.len())
-            })?;
-            Ok(String::new())
+            churn_round_trip(
+                4,
+                &|n| expect_ok("spawn", d.spawn(&spec_for(t, n))).map(drop),
+                &|| expect_ok("list", d.list()).map(|l| l.into_iter().map(|i| i.name).collect()),
+                &|n| expect_ok("destroy", d.destroy(n)),
+            )
         },
     ];
     COMPUTE_CHECKS.iter().copied().zip(bodies).collect()

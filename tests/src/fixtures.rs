@@ -55,9 +55,11 @@ pub fn api_manifest(version: &str) -> String {
     )
 }
 
-/// Copies plugin-api to `dir/plugin-api` at `version`, applying `patch` to `src/volume.rs`.
+/// Copies plugin-api to `dir/api-copy` at `version`, applying `patch` to `src/volume.rs`. (Not to
+/// `dir/plugin-api`: cargo tells path dependencies apart by name, version and path relative to their
+/// workspace, so a copy there at this version would be taken for the real one in the shared target dir.)
 fn api_copy(dir: &Path, version: &str, patch: impl Fn(String) -> String) -> PathBuf {
-    let dest = dir.join("plugin-api");
+    let dest = dir.join("api-copy");
     let _ = fs::remove_dir_all(&dest);
     copy_dir(&workspace_root().join("plugin-api/src"), &dest.join("src"));
     fs::write(dest.join("Cargo.toml"), api_manifest(version)).unwrap();

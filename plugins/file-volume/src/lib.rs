@@ -91,6 +91,25 @@ impl FileVolume {
         Ok(())
     }
 
+    /// Copies `src` (`len` bytes; a reflink where possible, otherwise the data extents) to a fresh
+    /// temporary file for `name`; returns its path and the open file. The caller publishes it or removes it.
+    fn copy_to_partial(&self, src: &File, len: u64, name: &str) -> Result<(PathBuf, File), DriverError> {
+        let tmp = self.partial_path(name);
+        let dst = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| DriverError::io(format!("volume {name:?}: creating {}", tmp.display()), &e))?;
+        let copied = if self.reflink && try_reflink(src, &dst) { Ok(()) } else { sparse_copy(src, &dst, len) };
+        match copied {
+            Ok(()) => Ok((tmp, dst)),
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                Err(DriverError::io(format!("volume {name:?}: copying"), &e))
+            }
+        }
+    }
+
     /// Removes what interrupted operations left: temporary files and source records of volumes that
     /// were never completed.
     fn remove_leftovers(&self) -> Result<(), DriverError> {
@@ -299,23 +318,17 @@ impl VolumeDriver for FileVolume {
         let len = src.metadata().map_err(|e| DriverError::io(format!("volume {name:?}"), &e))?.len();
         // The source record first (a leftover without its volume is removed at init), then the data under
         // a temporary name, renamed into place once complete.
-        let tmp = self.partial_path(snapshot);
         let made = (|| {
             let source_tmp = self.partial_path(&format!("{snapshot}.source"));
             fs::write(&source_tmp, name)
                 .and_then(|()| fs::rename(&source_tmp, self.source_path(snapshot)))
                 .map_err(|e| DriverError::io(format!("snapshot {snapshot:?}: recording its source"), &e))?;
-            let dst = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&tmp)
-                .map_err(|e| DriverError::io(format!("volume {snapshot:?}: creating {}", tmp.display()), &e))?;
-            let copied = if self.reflink && try_reflink(&src, &dst) { Ok(()) } else { sparse_copy(&src, &dst, len) };
-            copied.map_err(|e| DriverError::io(format!("snapshot {snapshot:?} of {name:?}"), &e))?;
-            self.publish(&tmp, &dst, &dst_path, snapshot)
+            let (tmp, dst) = self.copy_to_partial(&src, len, snapshot)?;
+            self.publish(&tmp, &dst, &dst_path, snapshot).inspect_err(|_| {
+                let _ = fs::remove_file(&tmp);
+            })
         })();
         if let Err(e) = made {
-            let _ = fs::remove_file(&tmp);
             if !dst_path.exists() {
                 let _ = fs::remove_file(self.source_path(snapshot));
             }
@@ -341,15 +354,8 @@ impl VolumeDriver for FileVolume {
         let len = snap.metadata().map_err(|e| DriverError::io(format!("volume {snapshot:?}"), &e))?.len();
         // The snapshot's content under a temporary name, renamed over the volume once complete: a revert
         // interrupted at any point leaves the volume as it was.
-        let tmp = self.partial_path(name);
+        let (tmp, dst) = self.copy_to_partial(&snap, len, name)?;
         let made = (|| {
-            let dst = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&tmp)
-                .map_err(|e| DriverError::io(format!("volume {name:?}: creating {}", tmp.display()), &e))?;
-            let copied = if self.reflink && try_reflink(&snap, &dst) { Ok(()) } else { sparse_copy(&snap, &dst, len) };
-            copied.map_err(|e| DriverError::io(format!("reverting {name:?} to {snapshot:?}"), &e))?;
             if self.sync {
                 dst.sync_all().map_err(|e| DriverError::io(format!("volume {name:?}: syncing"), &e))?;
             }
