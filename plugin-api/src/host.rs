@@ -145,42 +145,65 @@ fn one_line(text: &str) -> String {
 }
 
 /// The type and field where two layouts differ, innermost first, and how, in one line:
-/// `parameter new_size of method extend (in VolumeDriverFfi): expected u64, found u32`.
+/// `parameter new_size of method extend (in VolumeDriverFfi_TO): expected u64, found u32`.
 fn summarize(errors: &AbiInstabilityErrors) -> String {
     use abi_stable::type_layout::TLFieldOrFunction;
-    let Some(first) = errors.errors.iter().min_by_key(|e| e.index) else {
+    // abi_stable reports the chain down to the difference; the deepest error that says something is it.
+    let Some(first) = errors.errors.iter().filter(|e| !e.errs.is_empty()).max_by_key(|e| e.stack_trace.len()) else {
         return "the interface types differ".to_owned();
     };
-    let mut path: Vec<String> = first
-        .stack_trace
-        .iter()
-        .rev()
-        .map(|ef| match &ef.expected {
-            TLFieldOrFunction::Field(f) => format!("field {} ({})", f.name(), f.layout().full_type()),
-            TLFieldOrFunction::Function(f) => format!("method {}", f.name),
-        })
-        .collect();
+    let trace: Vec<&TLFieldOrFunction> = first.stack_trace.iter().map(|ef| &ef.expected).collect();
+    let mut path = Vec::new();
+    for (i, step) in trace.iter().enumerate().rev() {
+        match step {
+            TLFieldOrFunction::Function(f) => {
+                let last = path.last().map(String::as_str);
+                if last != Some(&*format!("method {}", f.name)) {
+                    path.push(format!("method {}", f.name));
+                }
+            }
+            TLFieldOrFunction::Field(field) => {
+                let name = field.name();
+                // sabi_trait's own plumbing says nothing to a driver author.
+                if matches!(name, "obj" | "vtable" | "0" | "ptr") {
+                    continue;
+                }
+                let param = name.strip_prefix("param_").and_then(|n| n.parse::<usize>().ok());
+                match (param, i.checked_sub(1).map(|j| trace[j])) {
+                    (Some(n), Some(TLFieldOrFunction::Function(f))) => {
+                        // The layout numbers parameters from `self` (param_0) and keeps no names.
+                        let pname =
+                            n.checked_sub(1).and_then(|i| crate::module::param_names(f.name.as_str())?.get(i).copied());
+                        path.push(format!("parameter {}", pname.unwrap_or(name)));
+                    }
+                    _ if name == "__returns" => path.push("return value".to_owned()),
+                    // A vtable field is named after its method, which the next step names.
+                    _ if matches!(trace.get(i + 1), Some(TLFieldOrFunction::Function(f)) if f.name.as_str() == name) => {
+                    }
+                    _ => path.push(format!("field {name}")),
+                }
+            }
+        }
+    }
     path.truncate(4);
     let what = first.errs.first().map(|e| match e {
         AbiInstability::MismatchedPrimitive(v) => format!("expected {:?}, found {:?}", v.expected, v.found),
-        AbiInstability::Name(v) => format!("expected type {}, found {}", v.expected, v.found),
+        AbiInstability::Name(v) => format!("expected {}, found {}", v.expected, v.found),
         AbiInstability::FieldCountMismatch(v) => {
             format!("expected {} fields or methods, found {}", v.expected, v.found)
         }
-        AbiInstability::UnexpectedField(v) => {
-            format!("expected field {}, found {}", v.expected.name(), v.found.name())
-        }
+        AbiInstability::UnexpectedField(v) => format!("expected field {}, found {}", v.expected.name(), v.found.name()),
         AbiInstability::Size(v) => format!("expected size {}, found {}", v.expected, v.found),
         AbiInstability::Package(v) => format!("expected package {}, found {}", v.expected, v.found),
         AbiInstability::PackageVersion(v) => format!("expected version {}, found {}", v.expected, v.found),
         other => one_line(&format!("{other:?}")).chars().take(120).collect(),
     });
     let what = what.unwrap_or_else(|| "they differ".to_owned());
-    let interface = errors.interface.full_type().to_string();
+    let interface = errors.interface.full_type().to_string().replace("<'lt>", "");
     if path.is_empty() {
         format!("{interface}: {what}")
     } else {
-        format!("{} (in {interface}): {what}", path.join(" in "))
+        format!("{} (in {interface}): {what}", path.join(" of "))
     }
 }
 

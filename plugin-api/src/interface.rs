@@ -448,6 +448,9 @@ macro_rules! driver_interface {
             pub const NAME: &str = $kind_name;
             /// The frozen object every driver of this kind hands over.
             pub type Object = ffi::$FfiTO<'static, abi_stable::std_types::RArc<()>>;
+            /// Each method's parameter names (after `self`), for messages about a layout mismatch.
+            pub const PARAMS: &[(&str, &[&str])] =
+                &[$( (stringify!($m), &[$(stringify!($p)),*]), )* $($( (stringify!($xm), &[$(stringify!($xp)),*]), )*)*];
             /// The layout of [`Object`], recorded in the library's root module.
             pub const LAYOUT: &abi_stable::type_layout::TypeLayout = <Object as abi_stable::StableAbi>::LAYOUT;
 

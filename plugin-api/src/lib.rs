@@ -152,8 +152,13 @@ pub const API_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// The registry of kinds: what the host checks a library's kind and interface layout against.
 const KINDS: &[module::KindInfo] = &[
-    module::KindInfo { kind: volume::__kind::KIND, name: volume::__kind::NAME, layout: volume::__kind::LAYOUT },
-    module::KindInfo { kind: compute::__kind::KIND, name: compute::__kind::NAME, layout: compute::__kind::LAYOUT },
+    module::KindInfo::of(volume::__kind::KIND, volume::__kind::NAME, volume::__kind::LAYOUT, volume::__kind::PARAMS),
+    module::KindInfo::of(
+        compute::__kind::KIND,
+        compute::__kind::NAME,
+        compute::__kind::LAYOUT,
+        compute::__kind::PARAMS,
+    ),
 ];
 
 /// The kinds by the name `export_driver!` takes (`kind: volume`).

@@ -81,6 +81,26 @@ pub(crate) struct KindInfo {
     pub(crate) name: &'static str,
     #[cfg_attr(not(feature = "host"), allow(dead_code))]
     pub(crate) layout: &'static TypeLayout,
+    /// Each method's parameter names.
+    #[cfg_attr(not(feature = "host"), allow(dead_code))]
+    pub(crate) params: &'static [(&'static str, &'static [&'static str])],
+}
+
+impl KindInfo {
+    pub(crate) const fn of(
+        kind: DriverKind,
+        name: &'static str,
+        layout: &'static TypeLayout,
+        params: &'static [(&'static str, &'static [&'static str])],
+    ) -> KindInfo {
+        KindInfo { kind, name, layout, params }
+    }
+}
+
+/// A method's parameter names (after `self`), from any kind's interface definition.
+#[cfg(feature = "host")]
+pub(crate) fn param_names(method: &str) -> Option<&'static [&'static str]> {
+    crate::KINDS.iter().flat_map(|k| k.params.iter()).find(|(m, _)| *m == method).map(|(_, p)| *p)
 }
 
 /// Validated options as they cross the boundary: `(name, normalized value)` pairs.

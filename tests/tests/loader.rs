@@ -161,6 +161,10 @@ fn changed_method_signature_is_a_layout_mismatch() {
     assert!(!e.details.is_empty() && e.details.len() <= 3, "{:?}", e.details);
     let details = e.details.join("\n");
     assert!(details.contains("u64") && details.contains("u32"), "{details}");
+    assert!(
+        e.reason.contains("parameter new_size of method extend (in VolumeDriverFfi_TO): expected u64, found u32"),
+        "the one-line reason names the differing type and field: {e}"
+    );
     let r = run(&["inspect", p.to_str().unwrap()]);
     assert_eq!(r.code, 1);
     assert!(r.stderr.lines().count() <= 4, "summary, not abi_stable's dump:\n{}", r.stderr);
