@@ -53,6 +53,8 @@ pub struct Configured {
     pub driver: String,
     /// Raw options, before `${...}` expansion and validation.
     pub options: Vec<(String, String)>,
+    /// Host-level settings (not the driver's business).
+    pub settings: crate::config::BackendSettings,
 }
 
 /// Why a backend's driver could not be built: the backend, and what went wrong (named once each).
@@ -308,7 +310,8 @@ impl<I: Interface> Backend<I> {
         };
         let active =
             Active { driver, info, shown_options: BTreeMap::new(), init_error, generation: 0, extensions: Vec::new() };
-        let configured = Configured { driver: driver_name.to_owned(), options: Vec::new() };
+        let configured =
+            Configured { driver: driver_name.to_owned(), options: Vec::new(), settings: Default::default() };
         Backend::assemble(service, name, configured, active)
     }
 
@@ -398,6 +401,8 @@ pub trait BackendControl: Send + Sync {
     fn cleanup(&self);
     /// The digest of the active driver's library.
     fn active_digest(&self) -> String;
+    /// Changes the host-level settings (they take effect at once; the driver is not involved).
+    fn set_settings(&self, settings: crate::config::BackendSettings);
 }
 
 impl<I: Interface> BackendControl for Backend<I> {
@@ -421,6 +426,7 @@ impl<I: Interface> BackendControl for Backend<I> {
         let wanted = Configured {
             driver: driver.map(str::to_owned).unwrap_or_else(|| current.driver.clone()),
             options: options.unwrap_or_else(|| current.options.clone()),
+            settings: current.settings.clone(),
         };
         let generation = self.active.read(|a| a.generation) + 1;
         let fresh: Active<I> = prepare(ctx, self.service, &self.name, &wanted, generation).map_err(|e| {
@@ -537,6 +543,10 @@ impl<I: Interface> BackendControl for Backend<I> {
 
     fn active_digest(&self) -> String {
         self.digest()
+    }
+
+    fn set_settings(&self, settings: crate::config::BackendSettings) {
+        self.configured.lock().unwrap_or_else(|p| p.into_inner()).settings = settings;
     }
 }
 

@@ -131,6 +131,10 @@ pub struct ServiceConfig {
     pub backends: Vec<BackendConfig>,
     /// Which backend serves requests that name none.
     pub default_backend: Option<String>,
+    /// Host-level setting for every backend of the service (each backend may override it): see
+    /// [`BackendSettings::stop_instances_on_exit`]. (Settings are plain keys, not a flattened struct:
+    /// serde's `flatten` would lose the line and column of errors.)
+    pub stop_instances_on_exit: Option<bool>,
 }
 
 /// `[[volume.backends]]`.
@@ -144,6 +148,43 @@ pub struct BackendConfig {
     /// Options.
     #[serde(default)]
     pub options: BTreeMap<String, toml::Value>,
+    /// Host-level setting of this backend: see [`BackendSettings::stop_instances_on_exit`].
+    pub stop_instances_on_exit: Option<bool>,
+}
+
+/// Host-level backend settings as a config section gives them (unset: inherited or the default).
+#[derive(Debug, Default, Clone)]
+struct SettingsConfig {
+    stop_instances_on_exit: Option<bool>,
+}
+
+/// What the host does around a backend's driver (not driver options: the driver never sees them).
+/// Which settings a kind of service accepts is in [`ServiceKind::settings`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BackendSettings {
+    /// At a graceful stop, stop this backend's instances first. Off by default: instances outlive the
+    /// host, and a restarted host re-adopts them.
+    pub stop_instances_on_exit: bool,
+}
+
+impl SettingsConfig {
+    /// These settings over `base`; an error names a setting the service does not take.
+    fn apply(&self, kind: &ServiceKind, base: &BackendSettings, at: &str) -> Result<BackendSettings, ConfigError> {
+        let mut s = base.clone();
+        if let Some(v) = self.stop_instances_on_exit {
+            check_setting(kind, "stop_instances_on_exit", at)?;
+            s.stop_instances_on_exit = v;
+        }
+        Ok(s)
+    }
+}
+
+/// Refuses a setting the service does not take.
+fn check_setting(kind: &ServiceKind, setting: &str, at: &str) -> Result<(), ConfigError> {
+    if kind.settings.contains(&setting) {
+        return Ok(());
+    }
+    Err(ConfigError::Invalid(format!("{at}: {} backends have no setting {setting:?}", kind.name)))
 }
 
 /// One backend to start: a name, a driver spec (PATH or NAME) and raw options.
@@ -155,6 +196,8 @@ pub struct BackendSpec {
     pub driver: String,
     /// Raw `(key, value)` options, validated later against the driver's schema.
     pub options: Vec<(String, String)>,
+    /// Host-level settings.
+    pub settings: BackendSettings,
 }
 
 /// One service to start.
@@ -287,6 +330,10 @@ pub struct RunFlags {
     /// Largest request line accepted on the control socket, in bytes [default: 1048576]
     #[arg(long, value_name = "BYTES")]
     pub max_request_bytes: Option<u64>,
+    /// Stop the instances of SERVICE (every backend) or SERVICE/BACKEND when plughost stops; by default
+    /// they keep running and a restarted plughost re-adopts them (repeatable)
+    #[arg(long, value_name = "SERVICE[/BACKEND]")]
+    pub stop_instances_on_exit: Vec<String>,
     /// Per-service flags.
     #[command(flatten)]
     pub services: ServiceFlagSet,
@@ -341,9 +388,22 @@ pub fn resolve(flags: &RunFlags, file: &FileConfig) -> Result<Settings, Vec<Conf
         let none = ServiceFlags::default();
         let f = flags.services.0.get(k.name).unwrap_or(&none);
         match service_spec(k, file.services.get(k.name), f) {
-            Ok(Some(s)) => services.push(s),
+            Ok(Some(mut s)) => match apply_setting_flags(&mut s, &flags.stop_instances_on_exit) {
+                Ok(()) => services.push(s),
+                Err(e) => errors.push(e),
+            },
             Ok(None) => {}
             Err(e) => errors.push(e),
+        }
+    }
+    for target in &flags.stop_instances_on_exit {
+        let service = target.split('/').next().unwrap_or_default();
+        if services::kind(service).is_none() {
+            let known: Vec<&str> = KINDS.iter().map(|k| k.name).collect();
+            errors.push(ConfigError::Invalid(format!(
+                "--stop-instances-on-exit {target:?}: unknown service {service:?} ({})",
+                known.join(", ")
+            )));
         }
     }
     if errors.is_empty() && services.is_empty() {
@@ -434,21 +494,46 @@ pub fn service_spec(
     if default_driver.as_deref() == Some("none") {
         return Ok(None);
     }
+    let section = format!("[{name}]");
+    let service_settings = match file {
+        Some(f) => SettingsConfig { stop_instances_on_exit: f.stop_instances_on_exit }.apply(
+            kind,
+            &BackendSettings::default(),
+            &section,
+        )?,
+        None => BackendSettings::default(),
+    };
     // The `default` backend exists when a driver is named for it, or when no backend is named at all.
     if default_driver.is_some() || (file_backends.is_empty() && cli_backends.is_empty()) {
         backends.push(BackendSpec {
             name: "default".to_owned(),
             driver: default_driver.unwrap_or_else(|| kind.default_driver.to_owned()),
             options: file.map(|f| options(&f.options)).transpose()?.unwrap_or_default(),
+            settings: service_settings.clone(),
         });
     }
     for b in file_backends {
-        backends.push(BackendSpec { name: b.name.clone(), driver: b.driver.clone(), options: options(&b.options)? });
+        let at = format!("[[{name}.backends]] {:?}", b.name);
+        backends.push(BackendSpec {
+            name: b.name.clone(),
+            driver: b.driver.clone(),
+            options: options(&b.options)?,
+            settings: SettingsConfig { stop_instances_on_exit: b.stop_instances_on_exit }.apply(
+                kind,
+                &service_settings,
+                &at,
+            )?,
+        });
     }
     for (backend, driver) in cli_backends {
         match backends.iter_mut().find(|b| b.name == backend) {
             Some(b) => b.driver = driver,
-            None => backends.push(BackendSpec { name: backend, driver, options: Vec::new() }),
+            None => backends.push(BackendSpec {
+                name: backend,
+                driver,
+                options: Vec::new(),
+                settings: service_settings.clone(),
+            }),
         }
     }
     for (i, b) in backends.iter().enumerate() {
@@ -483,6 +568,33 @@ pub fn service_spec(
         return Err(ConfigError::Invalid(format!("default {name} backend {default_backend:?} is not defined")));
     }
     Ok(Some(ServiceSpec { kind, backends, default_backend }))
+}
+
+/// Applies `--stop-instances-on-exit SERVICE[/BACKEND]` flags naming this service.
+fn apply_setting_flags(spec: &mut ServiceSpec, targets: &[String]) -> Result<(), ConfigError> {
+    for target in targets {
+        let (service, backend) = match target.split_once('/') {
+            Some((s, b)) => (s, Some(b)),
+            None => (target.as_str(), None),
+        };
+        if service != spec.kind.name {
+            continue;
+        }
+        let flag = format!("--stop-instances-on-exit {target:?}");
+        check_setting(spec.kind, "stop_instances_on_exit", &flag)?;
+        let mut matched = false;
+        for b in spec.backends.iter_mut().filter(|b| backend.is_none_or(|n| n == b.name)) {
+            b.settings.stop_instances_on_exit = true;
+            matched = true;
+        }
+        if !matched {
+            return Err(ConfigError::Invalid(format!(
+                "{flag}: no {service} backend named {:?}",
+                backend.unwrap_or("")
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Replaces `${state_dir}` and `${backend}` in an option value.

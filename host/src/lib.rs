@@ -19,6 +19,7 @@ pub mod sample;
 pub mod scaffold;
 pub mod server;
 pub mod services;
+pub mod state;
 pub mod stats;
 
 pub use error::{LoadError, LoadErrorKind};

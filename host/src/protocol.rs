@@ -562,6 +562,8 @@ pub struct SwapReport {
 pub enum Outcome {
     /// The driver or its options changed and the new one serves.
     Swapped,
+    /// Only host-level settings changed: they apply now, the driver keeps serving.
+    Updated,
     /// Nothing changed.
     Unchanged,
     /// The change was refused; the old driver serves.
@@ -649,6 +651,13 @@ pub struct ServiceStatus {
     pub default_backend: String,
     /// Each backend.
     pub backends: Vec<BackendStatus>,
+    /// How many records there are.
+    #[serde(default)]
+    pub records: u64,
+    /// What the last reconcile of the records with the drivers decided (at start, and when a backend
+    /// that was down came back).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_reconcile: Option<crate::services::ReconcileCounts>,
 }
 
 /// One backend in [`ServiceStatus`].

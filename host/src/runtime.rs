@@ -17,6 +17,7 @@ use crate::protocol::{
 };
 use crate::server::{Handler, Server};
 use crate::services::{DynService, ServiceContext};
+use crate::state::{DirLock, StateDb};
 
 /// Shared state of a running host.
 pub struct Host {
@@ -28,6 +29,8 @@ pub struct Host {
     stopping: AtomicBool,
     in_flight: AtomicU64,
     started: Instant,
+    /// Keeps other hosts off the state dir while this one runs.
+    _lock: DirLock,
 }
 
 impl std::fmt::Debug for Host {
@@ -47,6 +50,8 @@ impl Host {
     pub fn start_with(source: ConfigSource, settings: Settings) -> Result<Arc<Host>, Vec<String>> {
         std::fs::create_dir_all(&settings.state_dir)
             .map_err(|e| vec![format!("cannot create state dir \"{}\": {e}", settings.state_dir.display())])?;
+        let lock = DirLock::take(&settings.state_dir).map_err(|e| vec![e.to_string()])?;
+        let db = Arc::new(StateDb::open(&settings.state_dir).map_err(|e| vec![e.to_string()])?);
         let mut loader = Loader::new();
         if let Some(exe) = &settings.probe {
             loader = loader.with_probe(exe.clone());
@@ -56,7 +61,7 @@ impl Host {
         let mut errors = Vec::new();
         let mut services = Vec::new();
         for spec in &settings.services {
-            let ctx = ServiceContext { build, spec, state_dir: &settings.state_dir };
+            let ctx = ServiceContext { build, spec, state_dir: &settings.state_dir, db: &db };
             match (spec.kind.build)(&ctx) {
                 Ok(s) => services.push(s),
                 Err(e) => errors.extend(e),
@@ -76,6 +81,7 @@ impl Host {
             stopping: AtomicBool::new(false),
             in_flight: AtomicU64::new(0),
             started: Instant::now(),
+            _lock: lock,
         }))
     }
 
@@ -131,6 +137,8 @@ impl Host {
                     heartbeat_age_ms: heartbeats.get(s.kind().name).map(|t| t.elapsed().as_millis() as u64),
                     default_backend: default.to_owned(),
                     backends,
+                    records: s.records() as u64,
+                    last_reconcile: s.last_reconcile(),
                 }
             })
             .collect();
@@ -216,7 +224,13 @@ impl Host {
                 };
                 let current = b.configured();
                 if current.driver == w.driver && current.options == w.options {
-                    report.push(entry(name, Some(b.name()), Outcome::Unchanged));
+                    let outcome = if current.settings == w.settings {
+                        Outcome::Unchanged
+                    } else {
+                        b.set_settings(w.settings.clone());
+                        Outcome::Updated
+                    };
+                    report.push(entry(name, Some(b.name()), outcome));
                     continue;
                 }
                 match b.swap(
@@ -226,6 +240,7 @@ impl Host {
                     self.settings.shutdown_timeout,
                 ) {
                     Ok(r) => {
+                        b.set_settings(w.settings.clone());
                         report.push(ReloadEntry { swap: Some(r), ..entry(name, Some(b.name()), Outcome::Swapped) })
                     }
                     Err(e) => {

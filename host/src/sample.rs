@@ -53,14 +53,21 @@ pub fn sample(drivers: &[Library]) -> String {
     );
     for lib in drivers {
         out.push_str(&format!(
-            "\n# {} {}: {}\n[{}]\ndriver = {:?}\n[{}.options]\n",
+            "\n# {} {}: {}\n[{}]\ndriver = {:?}\n",
             lib.name(),
             lib.version(),
             lib.summary(),
             lib.kind(),
             lib.name(),
-            lib.kind()
         ));
+        let kind = crate::services::kind(lib.kind().as_str());
+        if kind.is_some_and(|k| k.settings.contains(&"stop_instances_on_exit")) {
+            out.push_str(
+                "# Stop this service's instances when plughost stops (host setting; by default they keep\n\
+                 # running and the next start re-adopts them)\n# stop_instances_on_exit = false\n",
+            );
+        }
+        out.push_str(&format!("[{}.options]\n", lib.kind()));
         for o in lib.options() {
             option_lines(o, &mut out);
         }

@@ -72,7 +72,7 @@ fn call_benchmarks(out: &mut Vec<Metric>, work: &Path) {
         ctx,
         "volume",
         "bench",
-        Configured { driver: lib_path.display().to_string(), options: Vec::new() },
+        Configured { driver: lib_path.display().to_string(), options: Vec::new(), settings: Default::default() },
     )
     .unwrap();
     let native: Box<dyn VolumeDriver> =

@@ -85,6 +85,7 @@ fn spawned_instance_has_a_live_pid_that_is_gone_after_destroy() {
         assert!(Instant::now() < deadline, "{i}");
         std::thread::sleep(Duration::from_millis(50));
     }
+    d.ok("compute", "destroy", json!({"name": "quick"}));
     let (code, _) = d.stop();
     assert_eq!(code, 0);
 }

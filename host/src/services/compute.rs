@@ -8,13 +8,15 @@ use plughost_api::{ComputeDriver, Instance, InstanceSpec, InstanceState};
 use plughost_api::{ComputeInterface, ComputeMethod};
 use serde::{Deserialize, Serialize};
 
-use super::records::{impl_record, new_id, now, Records};
-use super::{check_name, BackendTable, Backends, Listed, Named, OnBackend, Reply, Service, ServiceKind};
-use crate::backend::{BackendControl, Health};
+use super::records::{impl_record, new_id, now, Counter, ReconcileCounts, Record, Records, Verdict};
+use super::{check_name, BackendTable, Backends, Latest, Listed, Named, OnBackend, Reply, Service, ServiceKind};
+use crate::backend::{Backend, BackendControl, Health};
 use crate::protocol::{ApiError, Removed};
+use crate::state::{Column, ColumnType};
 
 /// The compute service in the table.
-pub static KIND: ServiceKind = ServiceKind::of::<ComputeService>("compute", "Compute operations", "process-compute");
+pub static KIND: ServiceKind =
+    ServiceKind::of::<ComputeService>("compute", "Compute operations", "process-compute", &["stop_instances_on_exit"]);
 
 // ---------------------------------------------------------------------------------------------------
 // Protocol
@@ -179,7 +181,37 @@ pub struct InstanceRecord {
     /// Why the status is `error`.
     #[serde(default)]
     pub reason: Option<String>,
+    /// Found on the backend without a record and adopted (with a new id).
+    #[serde(default)]
+    pub adopted: bool,
+    /// The digest of the driver library that created it (`blake3:…`), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver_digest: Option<String>,
 }
+
+/// The `instances` table: one column per field.
+const COLUMNS: &[Column] = &[
+    Column::new("name", ColumnType::Text),
+    Column::new("id", ColumnType::Text),
+    Column::new("backend", ColumnType::Text),
+    Column::new("status", ColumnType::Text),
+    Column::new("pid", ColumnType::Int),
+    Column::new("exit_code", ColumnType::Int),
+    Column::new("exit_signal", ColumnType::Int),
+    Column::new("exit_unknown", ColumnType::Bool),
+    Column::new("rss_bytes", ColumnType::Int),
+    Column::new("cpu_time_ms", ColumnType::Int),
+    Column::new("uptime_ms", ColumnType::Int),
+    Column::new("command", ColumnType::Text),
+    Column::new("started_at_ms", ColumnType::Int),
+    Column::new("details", ColumnType::Json),
+    Column::new("spec", ColumnType::Json),
+    Column::new("created_at", ColumnType::Int),
+    Column::new("updated_at", ColumnType::Int),
+    Column::new("reason", ColumnType::Text),
+    Column::new("adopted", ColumnType::Bool),
+    Column::new("driver_digest", ColumnType::Text),
+];
 
 /// An instance's spec as recorded.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -224,6 +256,8 @@ impl InstanceRecord {
             created_at: t,
             updated_at: t,
             reason: None,
+            adopted: false,
+            driver_digest: None,
         }
     }
 
@@ -256,10 +290,10 @@ impl InstanceRecord {
     }
 }
 
-impl_record!(InstanceRecord, InstanceStatus, "instance", InstanceStatus::Error);
+impl_record!(InstanceRecord, InstanceStatus, "instance", "instances", COLUMNS, InstanceStatus::Error);
 
 impl Listed for InstanceRecord {
-    const COLUMNS: &'static [&'static str] = &["PID", "RSS", "CPU", "COMMAND"];
+    const HEADINGS: &'static [&'static str] = &["PID", "RSS", "CPU", "COMMAND"];
     fn cells(&self) -> Vec<String> {
         let pid = self.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".to_owned());
         vec![pid, crate::ctl::human_size(self.rss_bytes), format!("{}ms", self.cpu_time_ms), self.command.clone()]
@@ -276,41 +310,117 @@ pub type ComputeReply = Reply<InstanceRecord>;
 pub struct ComputeService {
     backends: Backends<ComputeInterface>,
     records: Records<InstanceRecord>,
+    last_reconcile: Latest<ReconcileCounts>,
 }
 
 impl ComputeService {
-    /// Brings records in line with what the drivers report (periodic, and before `list`): instances
-    /// an operation is working on are skipped; an instance a driver no longer has becomes `error`
-    /// ("missing from backend"); one it has without a record is adopted.
-    fn sync(&self, only: Option<&str>) {
-        for b in self.backends.iter().filter(|b| only.is_none_or(|o| o == b.name)) {
-            if b.health() != Health::Up {
-                continue;
+    /// Brings the records of one backend in line with what its driver reports. At start (and when a
+    /// backend that was down is up again) this finishes or undoes operations a crash interrupted;
+    /// periodically (and before `list`) it refreshes what drivers report, skipping instances an
+    /// operation is working on. An instance the driver no longer has becomes `error` ("missing from
+    /// backend"); one it has without a record is adopted.
+    fn reconcile(&self, b: &Backend<ComputeInterface>, concurrent: bool) -> ReconcileCounts {
+        let skipped = ReconcileCounts { skipped_backends: 1, at: now(), ..ReconcileCounts::default() };
+        if b.health() != Health::Up {
+            return skipped;
+        }
+        let list = match b.call(ComputeMethod::list, |d| d.list()) {
+            Ok(l) => l,
+            Err(e) => {
+                log::warn!("compute backend {:?}: cannot list instances, records kept: {e}", b.name);
+                return skipped;
             }
-            let Ok(list) = b.call(ComputeMethod::list, |d| d.list()) else { continue };
-            for i in &list {
-                let Some(_held) = self.records.try_hold(&i.name) else { continue };
-                if self.records.get(&i.name).is_some() {
-                    self.records.update(&i.name, |r| r.backend == b.name && r.apply(i));
-                } else {
+        };
+        let recheck = |name: &str| b.call(ComputeMethod::get, |d| d.get(name)).ok();
+        self.records.reconcile(
+            &b.name,
+            list,
+            |i| &i.name,
+            concurrent,
+            recheck,
+            |record, found| {
+                use InstanceStatus as S;
+                let Some(r) = record else {
+                    let i = found.expect("a name comes from a record or from the driver");
                     log::info!("instance {:?}: found on backend {:?} without a record; adopted", i.name, b.name);
                     let spec =
                         InstanceSpec { name: i.name.clone(), command: i.command.clone(), ..InstanceSpec::default() };
-                    let mut r = InstanceRecord::new(&spec, &b.name, InstanceStatus::Unknown);
+                    let mut r = InstanceRecord::new(&spec, &b.name, S::Unknown);
                     r.spec = None;
+                    r.adopted = true;
                     r.apply(i);
-                    self.records.put(r);
+                    return Verdict::Put(r, Counter::Adopted);
+                };
+                let mut r = r.clone();
+                match (r.status, found) {
+                    (S::Spawning, None) => {
+                        log::info!("instance {:?}: interrupted spawn never completed; record removed", r.name);
+                        Verdict::Remove(Counter::Undone)
+                    }
+                    (S::Deleting, None) => {
+                        log::info!("instance {:?}: interrupted destroy had completed; record removed", r.name);
+                        Verdict::Remove(Counter::Completed)
+                    }
+                    (S::Deleting, Some(_)) => match b.call(ComputeMethod::destroy, |d| d.destroy(&r.name)) {
+                        Ok(()) => {
+                            log::info!("instance {:?}: interrupted destroy finished", r.name);
+                            Verdict::Remove(Counter::Completed)
+                        }
+                        Err(e) => {
+                            log::warn!("instance {:?}: cannot finish an interrupted destroy: {e}", r.name);
+                            r.fail(&format!("interrupted destroy could not finish: {}", e.message));
+                            Verdict::Put(r, Counter::Failed)
+                        }
+                    },
+                    (S::Stopping, Some(i)) => match b.call(ComputeMethod::stop, |d| d.stop(&r.name)) {
+                        Ok(i) => {
+                            log::info!("instance {:?}: interrupted stop finished", r.name);
+                            r.apply(&i);
+                            Verdict::Put(r, Counter::Completed)
+                        }
+                        Err(e) => {
+                            log::warn!("instance {:?}: cannot finish an interrupted stop: {e}", r.name);
+                            r.apply(i);
+                            Verdict::Put(r, Counter::Failed)
+                        }
+                    },
+                    (S::Spawning | S::Starting | S::Rebooting, Some(i)) => {
+                        log::info!(
+                            "instance {:?}: interrupted {} completed on the backend; {}",
+                            r.name,
+                            r.status,
+                            i.state
+                        );
+                        r.apply(i);
+                        Verdict::Put(r, Counter::Completed)
+                    }
+                    (_, Some(i)) => match r.apply(i) {
+                        true => Verdict::Put(r, Counter::Refreshed),
+                        false => Verdict::Refresh(r),
+                    },
+                    (_, None) => Verdict::Missing,
                 }
-            }
-            for r in self.records.list(Some(&b.name)) {
-                if list.iter().any(|i| i.name == r.name) {
-                    continue;
-                }
-                let Some(_held) = self.records.try_hold(&r.name) else { continue };
-                if matches!(self.records.get(&r.name), Some(r) if r.status != InstanceStatus::Spawning) {
-                    self.records.mark_missing(&r.name);
-                }
-            }
+            },
+        )
+    }
+
+    /// Reconciles every backend (one that is up again after being down, or all of them) and keeps the
+    /// counts for `status`.
+    fn reconcile_all(&self, only: Option<&str>) {
+        let started = std::time::Instant::now();
+        let mut total = ReconcileCounts { at: now(), ..ReconcileCounts::default() };
+        for b in self.backends.iter().filter(|b| only.is_none_or(|o| o == b.name)) {
+            total.add(&self.reconcile(b, only.is_some()));
+        }
+        total.duration_ms = started.elapsed().as_millis() as u64;
+        log::info!("instance records reconciled: {total:?}");
+        self.last_reconcile.set(total);
+    }
+
+    /// Refreshes records from the drivers (periodic work, and before `list`).
+    fn sync(&self, only: Option<&str>) {
+        for b in self.backends.iter().filter(|b| only.is_none_or(|o| o == b.name)) {
+            self.reconcile(b, true);
         }
     }
 
@@ -321,7 +431,8 @@ impl ComputeService {
         }
         let b = self.backends.pick(backend)?;
         let _held = self.records.hold(&spec.name);
-        let record = InstanceRecord::new(&spec, &b.name, InstanceStatus::Spawning);
+        let mut record = InstanceRecord::new(&spec, &b.name, InstanceStatus::Spawning);
+        record.driver_digest = Some(b.digest());
         self.records.create(
             record,
             || b.call(ComputeMethod::spawn, |d| d.spawn(&spec)),
@@ -410,8 +521,8 @@ impl Service for ComputeService {
     type Record = InstanceRecord;
 
     fn new(backends: Backends<ComputeInterface>, records: Records<InstanceRecord>) -> ComputeService {
-        let s = ComputeService { backends, records };
-        s.sync(None);
+        let s = ComputeService { backends, records, last_reconcile: Latest::default() };
+        s.reconcile_all(None);
         s
     }
 
@@ -420,12 +531,53 @@ impl Service for ComputeService {
     }
 
     fn periodic(&self) {
-        self.backends.check_health();
+        for b in self.backends.iter() {
+            let was_up = b.health() == Health::Up;
+            b.check_health();
+            if !was_up && b.health() == Health::Up {
+                self.reconcile_all(Some(&b.name));
+            }
+        }
         self.sync(None);
     }
 
     fn table(&self) -> &BackendTable {
         self.backends.table()
+    }
+
+    fn last_reconcile(&self) -> Option<ReconcileCounts> {
+        self.last_reconcile.get()
+    }
+
+    fn records(&self) -> &Records<InstanceRecord> {
+        &self.records
+    }
+
+    /// Instances outlive the host: only backends set to `stop_instances_on_exit` have theirs stopped
+    /// (all at once, each through the stop flow, so that the records say `stopped`) before the drivers'
+    /// cleanup.
+    fn cleanup(&self) {
+        std::thread::scope(|scope| {
+            for b in self.backends.iter().filter(|b| b.configured().settings.stop_instances_on_exit) {
+                for r in self.records.list(Some(&b.name)) {
+                    if !matches!(r.status, InstanceStatus::Running | InstanceStatus::Paused | InstanceStatus::Unknown) {
+                        continue;
+                    }
+                    scope.spawn(move || {
+                        log::info!("instance {:?}: stopping (backend {:?} stops instances on exit)", r.name, b.name);
+                        let stop = self.transition(&r.name, None, InstanceStatus::Stopping, ComputeMethod::stop, |d| {
+                            d.stop(&r.name)
+                        });
+                        if let Err(e) = stop {
+                            log::warn!("instance {:?}: stop at exit failed: {}", r.name, e.message);
+                        }
+                    });
+                }
+            }
+        });
+        for b in &self.table().controls {
+            b.cleanup();
+        }
     }
 }
 

@@ -21,6 +21,7 @@ use serde_json::value::RawValue;
 use crate::backend::{Backend, BackendControl, BuildContext, Configured};
 use crate::config::ServiceSpec;
 use crate::protocol::{parse_op, to_json, ApiError, Capacity, ErrorKind};
+pub use records::ReconcileCounts;
 use records::{Record, Records};
 
 /// Builds a service from its configuration; every error found.
@@ -35,6 +36,9 @@ pub struct ServiceKind {
     pub about: &'static str,
     /// The driver of the `default` backend when the configuration names none.
     pub default_driver: &'static str,
+    /// The host-level backend settings it takes ([`crate::config::BackendSettings`]) besides the
+    /// driver's options.
+    pub settings: &'static [&'static str],
     /// Builds the service from its configuration (every error found).
     pub build: BuildFn,
     /// Adds the `plughost ctl SERVICE ...` subcommands (a derived `clap::Subcommand`'s
@@ -50,17 +54,19 @@ pub struct ServiceKind {
 }
 
 impl ServiceKind {
-    /// The table entry of service `S`: everything but its name, help line and default driver comes from
-    /// its types.
+    /// The table entry of service `S`: everything but its name, help line, default driver and settings
+    /// comes from its types.
     pub(crate) const fn of<S: Service>(
         name: &'static str,
         about: &'static str,
         default_driver: &'static str,
+        settings: &'static [&'static str],
     ) -> ServiceKind {
         ServiceKind {
             name,
             about,
             default_driver,
+            settings,
             build: build_service::<S>,
             ctl: <S::Op as clap::Subcommand>::augment_subcommands,
             ctl_request: ctl_request::<S::Op>,
@@ -74,7 +80,7 @@ impl ServiceKind {
 /// kind's own columns; the last one shows why a record is in error, when it is.
 pub(crate) trait Listed: Record {
     /// The titles of the kind's own columns.
-    const COLUMNS: &'static [&'static str];
+    const HEADINGS: &'static [&'static str];
     /// The kind's own cells.
     fn cells(&self) -> Vec<String>;
 }
@@ -85,7 +91,7 @@ fn format<R: Listed>(op: &str, result: &str) -> Result<String, String> {
         return crate::ctl::key_values(result);
     }
     let list: Vec<R> = parse_result(result)?;
-    let titles = ["NAME", "BACKEND", "STATUS"].iter().chain(R::COLUMNS);
+    let titles = ["NAME", "BACKEND", "STATUS"].iter().chain(R::HEADINGS);
     let mut rows = vec![titles.map(|c| (*c).to_owned()).collect::<Vec<_>>()];
     rows.extend(list.iter().map(|r| {
         let mut row = vec![r.name().to_owned(), r.backend().to_owned(), r.status().to_string()];
@@ -143,6 +149,8 @@ pub struct ServiceContext<'a> {
     pub spec: &'a ServiceSpec,
     /// Where it keeps its records.
     pub state_dir: &'a Path,
+    /// The state database.
+    pub db: &'a Arc<crate::state::StateDb>,
 }
 
 /// A service with typed operations.
@@ -156,10 +164,6 @@ pub(crate) trait Service: Send + Sync + Sized + 'static {
     type Interface: Interface;
     /// What it keeps about each resource.
     type Record: Listed;
-    /// The file its records are kept in, in the state dir: `volumes.json`, `instances.json`.
-    fn records_file() -> String {
-        format!("{}s.json", <Self::Record as Record>::WHAT)
-    }
     /// The service over its backends and records.
     fn new(backends: Backends<Self::Interface>, records: Records<Self::Record>) -> Self;
     /// Its entry in [`KINDS`].
@@ -174,6 +178,10 @@ pub(crate) trait Service: Send + Sync + Sized + 'static {
     fn capacity(&self, _backend: &str) -> Option<Capacity> {
         None
     }
+    /// The counts of the last reconcile of its records with its drivers.
+    fn last_reconcile(&self) -> Option<ReconcileCounts>;
+    /// Its records.
+    fn records(&self) -> &Records<Self::Record>;
     /// Runs every backend's cleanup at host stop, once no request is in flight.
     fn cleanup(&self) {
         for b in &self.table().controls {
@@ -251,6 +259,10 @@ pub trait DynService: Send + Sync {
     fn default_backend(&self) -> &str;
     /// A backend's capacity as last refreshed, for kinds that have one.
     fn capacity(&self, backend: &str) -> Option<Capacity>;
+    /// The counts of the last reconcile of its records with its drivers.
+    fn last_reconcile(&self) -> Option<ReconcileCounts>;
+    /// How many records it has.
+    fn records(&self) -> usize;
     /// Runs every backend's cleanup at host stop, once no request is in flight.
     fn cleanup(&self);
 }
@@ -275,6 +287,12 @@ impl<S: Service> DynService for S {
     fn capacity(&self, backend: &str) -> Option<Capacity> {
         Service::capacity(self, backend)
     }
+    fn last_reconcile(&self) -> Option<ReconcileCounts> {
+        Service::last_reconcile(self)
+    }
+    fn records(&self) -> usize {
+        Service::records(self).len()
+    }
     fn cleanup(&self) {
         Service::cleanup(self)
     }
@@ -293,7 +311,8 @@ impl<I: Interface> Backends<I> {
         let mut list = Vec::new();
         let mut errors = Vec::new();
         for b in &ctx.spec.backends {
-            let configured = Configured { driver: b.driver.clone(), options: b.options.clone() };
+            let configured =
+                Configured { driver: b.driver.clone(), options: b.options.clone(), settings: b.settings.clone() };
             match Backend::<I>::build(ctx.build, service, &b.name, configured) {
                 Ok(backend) => list.push(Arc::new(backend)),
                 Err(e) => errors.push(e.report()),
@@ -348,13 +367,6 @@ impl<I: Interface> Backends<I> {
         &self.table
     }
 
-    /// Checks every backend's health (periodic work).
-    pub fn check_health(&self) {
-        for b in &self.table.controls {
-            b.check_health();
-        }
-    }
-
     /// An existing record and the backend holding it; with `backend`, checks that it is that one.
     pub(crate) fn locate<R: Record>(
         &self,
@@ -379,11 +391,24 @@ impl<I: Interface> Backends<I> {
     }
 }
 
-/// Builds service `S` from its configuration, its records from `STATE_DIR/S::records_file()`.
+/// Builds service `S` from its configuration, its records from the state database.
 fn build_service<S: Service>(ctx: &ServiceContext<'_>) -> Result<Arc<dyn DynService>, Vec<String>> {
+    let records = Records::open(ctx.db.clone(), ctx.state_dir).map_err(|e| vec![e.to_string()])?;
     let backends = Backends::build(ctx.spec.kind.name, ctx)?;
-    let records = Records::json(ctx.state_dir.join(S::records_file())).map_err(|e| vec![e])?;
     Ok(Arc::new(S::new(backends, records)))
+}
+
+/// The latest value of something (the last reconcile's counts, ...).
+#[derive(Debug, Default)]
+pub(crate) struct Latest<T>(Mutex<Option<T>>);
+
+impl<T: Clone> Latest<T> {
+    pub(crate) fn set(&self, value: T) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(value);
+    }
+    pub(crate) fn get(&self) -> Option<T> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 /// A value per backend refreshed by periodic work (capacity stats, ...).
@@ -421,4 +446,24 @@ pub fn op_to_request<T: Serialize>(op: &T) -> Result<(String, String), String> {
 /// Parses an answer's result as `T` (for formatting).
 pub(crate) fn parse_result<T: DeserializeOwned>(result: &str) -> Result<T, String> {
     serde_json::from_str(result).map_err(|e| format!("unexpected answer: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every record type's columns are its table's, in the schema the migrations build.
+    #[test]
+    fn record_columns_match_the_schema() {
+        fn check<R: Record>(db: &crate::state::StateDb) {
+            let want: Vec<&str> = R::COLUMNS.iter().map(|c| c.name).collect();
+            assert_eq!(db.table_columns(R::TABLE).unwrap(), want, "table {}", R::TABLE);
+        }
+        let dir = std::env::temp_dir().join(format!("plughost-schema-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = crate::state::StateDb::open(&dir).unwrap();
+        check::<volume::VolumeRecord>(&db);
+        check::<compute::InstanceRecord>(&db);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

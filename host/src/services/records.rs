@@ -2,7 +2,7 @@
 //! serialize conflicting operations on one resource, the create and transition flows, and persistence.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
@@ -11,6 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::protocol::{ApiError, ErrorKind};
+use crate::state::{from_row, to_row, Column, StateDb, StateError, Table, Write};
 
 /// A resource record (a volume, an instance).
 pub(crate) trait Record: Clone + Serialize + DeserializeOwned + Send + Sync + 'static {
@@ -18,6 +19,11 @@ pub(crate) trait Record: Clone + Serialize + DeserializeOwned + Send + Sync + 's
     type Status: Copy + PartialEq + std::fmt::Debug + std::fmt::Display + Send;
     /// What the resource is called in messages: `volume`, `instance`.
     const WHAT: &'static str;
+    /// Its table in the state database: `volumes`, `instances` (and `STATE_DIR/<table>.json`, the file
+    /// imported from older versions).
+    const TABLE: &'static str;
+    /// The table's columns, one per serialized field (checked against the schema by a test).
+    const COLUMNS: &'static [Column];
     /// Its name, unique within the service.
     fn name(&self) -> &str;
     /// The backend holding it.
@@ -33,12 +39,15 @@ pub(crate) trait Record: Clone + Serialize + DeserializeOwned + Send + Sync + 's
 }
 
 /// Implements [`Record`] for a record type with the usual fields (`name`, `backend`, `status`,
-/// `reason`, `updated_at`), given its status type, what it is called and its error status.
+/// `reason`, `updated_at`), given its status type, what it is called, its table and columns, and its
+/// error status.
 macro_rules! impl_record {
-    ($record:ty, $status:ty, $what:literal, $error:expr) => {
+    ($record:ty, $status:ty, $what:literal, $table:literal, $columns:expr, $error:expr) => {
         impl $crate::services::records::Record for $record {
             type Status = $status;
             const WHAT: &'static str = $what;
+            const TABLE: &'static str = $table;
+            const COLUMNS: &'static [$crate::state::Column] = $columns;
             fn name(&self) -> &str {
                 &self.name
             }
@@ -100,18 +109,107 @@ impl NameLocks {
     }
 }
 
-/// A JSON file of records, rewritten whole (synced, then renamed into place) after every change.
-struct JsonStore {
-    path: PathBuf,
-    write: Mutex<()>,
+/// Where a service's records persist: its table in the state database.
+struct Store {
+    db: Arc<StateDb>,
+    table: Table,
 }
 
-/// The records of one service.
+/// One change to the records, applied with others in one transaction.
+#[derive(Debug)]
+pub(crate) enum Change<R> {
+    /// Insert or replace.
+    Put(R),
+    /// Forget the record of this name.
+    Remove(String),
+}
+
+/// What a reconcile decided about one name (the caller logs the decision itself).
+#[derive(Debug)]
+pub(crate) enum Verdict<R> {
+    /// Nothing to change.
+    Unchanged,
+    /// Show this record (counters that are not worth a write); nothing is written.
+    Refresh(R),
+    /// Store this record, counting it under `counter`.
+    Put(R, Counter),
+    /// Forget the record, counting it under `counter`.
+    Remove(Counter),
+    /// The driver no longer has it: the record becomes `error` ("missing from backend"), kept.
+    Missing,
+}
+
+/// What a reconcile counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Counter {
+    /// A record refreshed from what the driver reports.
+    Refreshed,
+    /// An interrupted operation that had completed on the backend: finished.
+    Completed,
+    /// An interrupted operation that had not: undone.
+    Undone,
+    /// A resource found on the backend without a record: adopted.
+    Adopted,
+    /// An interrupted operation that could not be finished: the record is in error.
+    Failed,
+}
+
+/// The counts of one reconcile of one service (all its backends), as `status` shows them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ReconcileCounts {
+    /// When it ran, seconds since the epoch.
+    pub at: u64,
+    /// How long it took, in milliseconds.
+    pub duration_ms: u64,
+    /// Records examined.
+    pub records: u64,
+    /// Records refreshed from their driver.
+    pub refreshed: u64,
+    /// Interrupted operations finished.
+    pub completed: u64,
+    /// Interrupted operations undone.
+    pub undone: u64,
+    /// Records the driver no longer has (kept as `error`).
+    pub missing: u64,
+    /// Resources found without a record and adopted.
+    pub adopted: u64,
+    /// Interrupted operations that could not be finished (records in `error`).
+    pub failed: u64,
+    /// Backends that could not be asked (down, or their list failed): their records are kept as they are.
+    pub skipped_backends: u64,
+}
+
+impl ReconcileCounts {
+    fn count(&mut self, c: Counter) {
+        match c {
+            Counter::Refreshed => self.refreshed += 1,
+            Counter::Completed => self.completed += 1,
+            Counter::Undone => self.undone += 1,
+            Counter::Adopted => self.adopted += 1,
+            Counter::Failed => self.failed += 1,
+        }
+    }
+
+    /// Adds another backend's counts.
+    pub(crate) fn add(&mut self, o: &ReconcileCounts) {
+        self.records += o.records;
+        self.refreshed += o.refreshed;
+        self.completed += o.completed;
+        self.undone += o.undone;
+        self.missing += o.missing;
+        self.adopted += o.adopted;
+        self.failed += o.failed;
+        self.skipped_backends += o.skipped_backends;
+    }
+}
+
+/// The records of one service: in memory for reads, in the state database for durability. Every change
+/// is written (and synced) before it is visible in memory and before the operation that made it goes on.
 pub(crate) struct Records<R: Record> {
     map: Mutex<BTreeMap<String, R>>,
     locks: NameLocks,
     /// Where they persist (none: as long as the process).
-    store: Option<JsonStore>,
+    store: Option<Store>,
 }
 
 impl<R: Record> Records<R> {
@@ -121,44 +219,67 @@ impl<R: Record> Records<R> {
         Records { map: Mutex::new(BTreeMap::new()), locks: NameLocks::default(), store: None }
     }
 
-    /// Records kept in a JSON file, loaded from it now.
-    pub(crate) fn json(path: PathBuf) -> Result<Records<R>, String> {
-        let map: BTreeMap<String, R> = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| format!("{} records \"{}\" are unreadable: {e}", R::WHAT, path.display()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(e) => return Err(format!("cannot read {} records \"{}\": {e}", R::WHAT, path.display())),
-        };
-        Ok(Records {
-            map: Mutex::new(map),
-            locks: NameLocks::default(),
-            store: Some(JsonStore { path, write: Mutex::new(()) }),
-        })
+    /// The records in their table of `db`, loaded now. A legacy JSON file of them in `state_dir`
+    /// (`volumes.json`) is imported first, once, and renamed `….imported`.
+    pub(crate) fn open(db: Arc<StateDb>, state_dir: &Path) -> Result<Records<R>, StateError> {
+        let table = Table::new(R::TABLE, R::COLUMNS);
+        import_legacy::<R>(&db, &table, state_dir)?;
+        let started = std::time::Instant::now();
+        let rows = db.rows(&table)?;
+        let mut map = BTreeMap::new();
+        for row in rows {
+            let r: R = from_row(&table, row).map_err(|reason| StateError::Corrupt {
+                what: format!("a row of table {}", R::TABLE),
+                path: db.path().to_owned(),
+                reason,
+            })?;
+            map.insert(r.name().to_owned(), r);
+        }
+        log::info!("{} records: {} loaded from {} in {:?}", R::WHAT, map.len(), db.path().display(), started.elapsed());
+        Ok(Records { map: Mutex::new(map), locks: NameLocks::default(), store: Some(Store { db, table }) })
     }
 
     fn map(&self) -> MutexGuard<'_, BTreeMap<String, R>> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn persist(&self) {
-        let Some(JsonStore { path, write }) = &self.store else { return };
-        // One writer at a time, and the snapshot is taken inside: an older snapshot never lands last.
-        let _one = write.lock().unwrap_or_else(|p| p.into_inner());
-        let text = match serde_json::to_vec_pretty(&*self.map()) {
-            Ok(t) => t,
-            Err(e) => return log::error!("cannot serialize {} records: {e}", R::WHAT),
-        };
-        let tmp = path.with_extension("tmp");
-        let write = || -> std::io::Result<()> {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&text)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, path)
-        };
-        if let Err(e) = write() {
-            log::error!("cannot save {} records to \"{}\": {e}", R::WHAT, path.display());
+    /// Writes `changes` in one transaction, then shows them in memory. On a write error nothing changes.
+    pub(crate) fn write(&self, changes: Vec<Change<R>>) -> Result<(), ApiError> {
+        if changes.is_empty() {
+            return Ok(());
         }
+        if let Some(Store { db, table }) = &self.store {
+            let writes = changes
+                .iter()
+                .map(|c| match c {
+                    Change::Put(r) => to_row(table, r)
+                        .map(Write::Put)
+                        .map_err(|e| ApiError::internal(format!("cannot store {} {:?}: {e}", R::WHAT, r.name()))),
+                    Change::Remove(name) => Ok(Write::Remove(name.clone())),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            db.write(table, &writes).map_err(|e| {
+                let what = match &changes[..] {
+                    [Change::Put(r)] => format!("{} {:?}", R::WHAT, r.name()),
+                    [Change::Remove(n)] => format!("{} {n:?}", R::WHAT),
+                    _ => format!("{} {} records", changes.len(), R::WHAT),
+                };
+                log::error!("cannot record {what}: {e}");
+                ApiError::internal(format!("cannot record {what}: {e}"))
+            })?;
+        }
+        let mut map = self.map();
+        for c in changes {
+            match c {
+                Change::Put(r) => {
+                    map.insert(r.name().to_owned(), r);
+                }
+                Change::Remove(name) => {
+                    map.remove(&name);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Serializes operations on `name` until the guard is dropped.
@@ -194,42 +315,41 @@ impl<R: Record> Records<R> {
         self.map().values().filter(|r| backend.is_none_or(|b| r.backend() == b)).cloned().collect()
     }
 
-    /// Stores a record (new or changed) and persists.
-    pub(crate) fn put(&self, r: R) {
-        self.map().insert(r.name().to_owned(), r);
-        self.persist();
+    /// The names of every record of one backend.
+    pub(crate) fn names(&self, backend: &str) -> Vec<String> {
+        self.map().values().filter(|r| r.backend() == backend).map(|r| r.name().to_owned()).collect()
     }
 
-    /// Changes a record in place if it exists; persists only if `f` says it changed something.
-    pub(crate) fn update(&self, name: &str, f: impl FnOnce(&mut R) -> bool) -> Option<R> {
-        let (r, changed) = {
-            let mut map = self.map();
-            let r = map.get_mut(name)?;
-            let changed = f(r);
-            (r.clone(), changed)
-        };
-        if changed {
-            self.persist();
+    /// How many records there are.
+    pub(crate) fn len(&self) -> usize {
+        self.map().len()
+    }
+
+    /// Stores a record (new or changed).
+    pub(crate) fn put(&self, r: R) -> Result<(), ApiError> {
+        self.write(vec![Change::Put(r)])
+    }
+
+    /// Changes a record if it exists; stores it only if `f` says it changed something worth writing
+    /// (what `f` changed is shown either way).
+    pub(crate) fn update(&self, name: &str, f: impl FnOnce(&mut R) -> bool) -> Result<Option<R>, ApiError> {
+        let Some(mut r) = self.get(name) else { return Ok(None) };
+        if f(&mut r) {
+            self.put(r.clone())?;
+        } else {
+            self.map().insert(name.to_owned(), r.clone());
         }
-        Some(r)
+        Ok(Some(r))
     }
 
-    /// Forgets a record and persists.
-    pub(crate) fn remove(&self, name: &str) {
-        self.map().remove(name);
-        self.persist();
+    /// Forgets a record.
+    pub(crate) fn remove(&self, name: &str) -> Result<(), ApiError> {
+        self.write(vec![Change::Remove(name.to_owned())])
     }
 
     /// Records that the driver no longer has `name` (once; later calls change nothing).
-    pub(crate) fn mark_missing(&self, name: &str) -> Option<R> {
-        self.update(name, |r| {
-            let first = r.reason() != Some(MISSING);
-            if first {
-                log::warn!("{} {:?}: missing from backend {:?}; kept as error", R::WHAT, r.name(), r.backend());
-                r.fail(MISSING);
-            }
-            first
-        })
+    pub(crate) fn mark_missing(&self, name: &str) -> Result<Option<R>, ApiError> {
+        self.update(name, |r| mark_missing(r))
     }
 
     /// The refresh flow (`get`). The caller holds the name and passes its current record and what the
@@ -244,15 +364,15 @@ impl<R: Record> Records<R> {
     ) -> Result<R, ApiError> {
         let name = record.name().to_owned();
         match fetched {
-            Ok(v) => Ok(self.update(&name, |r| apply(r, &v)).unwrap_or(record)),
-            Err(e) if e.kind == ErrorKind::NotFound => Ok(self.mark_missing(&name).unwrap_or(record)),
+            Ok(v) => Ok(self.update(&name, |r| apply(r, &v))?.unwrap_or(record)),
+            Err(e) if e.kind == ErrorKind::NotFound => Ok(self.mark_missing(&name)?.unwrap_or(record)),
             Err(e) => Err(e),
         }
     }
 
-    /// The create flow. The caller holds `record`'s name. Records it (in its transitional status) if the
-    /// name is free, runs `make` (the driver call), then records the outcome (`apply`) or forgets the
-    /// name again.
+    /// The create flow. The caller holds `record`'s name. Records it (in its transitional status: the
+    /// intent) if the name is free, runs `make` (the driver call), then records the outcome (`apply`)
+    /// or forgets the name again. The driver is not called unless the intent is on disk.
     pub(crate) fn create<T>(
         &self,
         record: R,
@@ -271,24 +391,24 @@ impl<R: Record> Records<R> {
                 ),
             ));
         }
-        self.put(record.clone());
+        self.put(record.clone())?;
         match make() {
             Ok(v) => {
                 let mut r = record;
                 apply(&mut r, v);
-                self.put(r.clone());
+                self.put(r.clone())?;
                 Ok(r)
             }
             Err(e) => {
-                self.remove(record.name());
+                self.remove(record.name())?;
                 Err(e)
             }
         }
     }
 
     /// The transition flow. The caller holds the name and passes its current record. Records the
-    /// transitional status `during`, runs `run` (the driver call), then records the outcome (`done`) or
-    /// restores the status it had.
+    /// transitional status `during` (the intent), runs `run` (the driver call), then records the outcome
+    /// (`done`) or restores the record as it was.
     pub(crate) fn transition<T>(
         &self,
         record: R,
@@ -296,19 +416,18 @@ impl<R: Record> Records<R> {
         run: impl FnOnce() -> Result<T, ApiError>,
         done: impl FnOnce(&mut R, T),
     ) -> Result<R, ApiError> {
-        let before = record.status();
+        let before = record.clone();
         let mut r = record;
         r.set_status(during);
-        self.put(r.clone());
+        self.put(r.clone())?;
         match run() {
             Ok(v) => {
                 done(&mut r, v);
-                self.put(r.clone());
+                self.put(r.clone())?;
                 Ok(r)
             }
             Err(e) => {
-                r.set_status(before);
-                self.put(r);
+                self.put(before)?;
                 Err(e)
             }
         }
@@ -323,7 +442,7 @@ impl<R: Record> Records<R> {
         run: impl FnOnce() -> Result<(), ApiError>,
     ) -> Result<(), ApiError> {
         let name = record.name().to_owned();
-        let outcome = self.transition(
+        self.transition(
             record,
             during,
             || match run() {
@@ -331,9 +450,148 @@ impl<R: Record> Records<R> {
                 other => other,
             },
             |_, ()| {},
-        );
-        outcome.map(|_| self.remove(&name))
+        )?;
+        self.remove(&name)
     }
+
+    /// Brings the records of `backend` in line with what its driver reports (`reported`, named by
+    /// `name_of`), one name at a time in name order. `verdict` decides for each name from its record
+    /// (if any) and what the driver reports (if anything); it may call the driver (to finish an
+    /// interrupted delete) and logs its decision.
+    ///
+    /// With `concurrent` (operations may be running: periodic work), names an operation holds are
+    /// skipped, each change is written while its name is held, and a record missing from the list is
+    /// looked up once more with `recheck` under its lock before it is called missing (the list may
+    /// predate an operation that just finished). Without it (start-up, nothing served yet), every
+    /// change is written in one transaction. A name reported by this backend but recorded on another
+    /// one is left alone, logged.
+    pub(crate) fn reconcile<T>(
+        &self,
+        backend: &str,
+        reported: Vec<T>,
+        name_of: impl Fn(&T) -> &str,
+        concurrent: bool,
+        recheck: impl Fn(&str) -> Option<T>,
+        mut verdict: impl FnMut(Option<&R>, Option<&T>) -> Verdict<R>,
+    ) -> ReconcileCounts {
+        let started = std::time::Instant::now();
+        let mut counts = ReconcileCounts { at: now(), ..ReconcileCounts::default() };
+        let mut by_name: BTreeMap<String, Option<T>> = self.names(backend).into_iter().map(|n| (n, None)).collect();
+        let mut rest = Vec::new();
+        for t in reported {
+            match by_name.get_mut(name_of(&t)) {
+                Some(slot) => *slot = Some(t),
+                None => rest.push(t),
+            }
+        }
+        for t in rest {
+            by_name.insert(name_of(&t).to_owned(), Some(t));
+        }
+        let total = by_name.len();
+        let mut changes = Vec::new();
+        for (i, (name, found)) in by_name.into_iter().enumerate() {
+            if i > 0 && i % 20_000 == 0 {
+                log::info!("{} backend {backend:?}: reconciled {i} of {total} names", R::WHAT);
+            }
+            let guard = if concurrent {
+                match self.try_hold(&name) {
+                    Some(g) => g,
+                    None => continue,
+                }
+            } else {
+                self.hold(&name)
+            };
+            let record = self.get(&name);
+            if let Some(r) = &record {
+                if r.backend() != backend {
+                    log::warn!(
+                        "{} {name:?}: reported by backend {backend:?} but recorded on {:?}; left alone",
+                        R::WHAT,
+                        r.backend()
+                    );
+                    continue;
+                }
+                counts.records += 1;
+            }
+            let found = match (found, &record, concurrent) {
+                (None, Some(_), true) => recheck(&name),
+                (found, _, _) => found,
+            };
+            let change = match verdict(record.as_ref(), found.as_ref()) {
+                Verdict::Unchanged => None,
+                Verdict::Refresh(r) => {
+                    self.map().insert(name, r);
+                    None
+                }
+                Verdict::Put(r, c) => {
+                    counts.count(c);
+                    Some(Change::Put(r))
+                }
+                Verdict::Remove(c) => {
+                    counts.count(c);
+                    Some(Change::Remove(name))
+                }
+                Verdict::Missing => record.and_then(|mut r| {
+                    mark_missing(&mut r).then(|| {
+                        counts.missing += 1;
+                        Change::Put(r)
+                    })
+                }),
+            };
+            match change {
+                Some(c) if concurrent => {
+                    if let Err(e) = self.write(vec![c]) {
+                        log::error!("{} backend {backend:?}: reconcile: {}", R::WHAT, e.message);
+                    }
+                }
+                Some(c) => changes.push(c),
+                None => {}
+            }
+            drop(guard);
+        }
+        if let Err(e) = self.write(changes) {
+            log::error!("{} backend {backend:?}: reconcile could not record its decisions: {}", R::WHAT, e.message);
+        }
+        counts.duration_ms = started.elapsed().as_millis() as u64;
+        counts
+    }
+}
+
+/// Marks a record missing from its backend; whether it was not already.
+fn mark_missing<R: Record>(r: &mut R) -> bool {
+    let first = r.reason() != Some(MISSING);
+    if first {
+        log::warn!("{} {:?}: missing from backend {:?}; kept as error", R::WHAT, r.name(), r.backend());
+        r.fail(MISSING);
+    }
+    first
+}
+
+/// Imports `STATE_DIR/<table>.json` (the format before the state database) once, then renames it
+/// `<table>.json.imported`.
+fn import_legacy<R: Record>(db: &StateDb, table: &Table, state_dir: &Path) -> Result<(), StateError> {
+    let file = format!("{}.json", R::TABLE);
+    let path = state_dir.join(&file);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(StateError::Io { path, reason: crate::error::io_text(&e) }),
+    };
+    if !db.imported(&file)? {
+        let corrupt =
+            |reason: String| StateError::Corrupt { what: format!("{} records", R::WHAT), path: path.clone(), reason };
+        let old: BTreeMap<String, R> = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        let rows = old.values().map(|r| to_row(table, r)).collect::<Result<Vec<_>, _>>().map_err(corrupt)?;
+        let n = rows.len();
+        db.import(&file, table, rows)?;
+        log::info!("imported {n} {} records from {}", R::WHAT, path.display());
+    }
+    let done = state_dir.join(format!("{file}.imported"));
+    std::fs::rename(&path, &done)
+        .and_then(|()| std::fs::File::open(state_dir)?.sync_all())
+        .map_err(|e| StateError::Io { path: path.clone(), reason: crate::error::io_text(&e) })?;
+    log::info!("{} renamed {}", path.display(), done.display());
+    Ok(())
 }
 
 #[cfg(test)]
@@ -350,7 +608,7 @@ mod tests {
         updated_at: u64,
     }
 
-    impl_record!(Thing, u8, "thing", 99);
+    impl_record!(Thing, u8, "thing", "things", &[], 99);
 
     fn thing(name: &str, status: u8) -> Thing {
         Thing { name: name.into(), backend: "b".into(), status, reason: None, updated_at: 0 }
@@ -372,7 +630,7 @@ mod tests {
     #[test]
     fn transitions_show_while_running_and_restore_on_failure() {
         let r = Records::<Thing>::in_memory();
-        r.put(thing("a", 1));
+        r.put(thing("a", 1)).unwrap();
         let seen =
             r.transition(r.get("a").unwrap(), 2, || Ok(r.get("a").unwrap().status), |t, during| t.status = during + 1);
         assert_eq!(seen.unwrap().status, 3, "the transitional status was visible during the call");
@@ -381,7 +639,7 @@ mod tests {
         assert_eq!(r.get("a").unwrap().status, 3, "restored");
         r.removal(r.get("a").unwrap(), 5, || Err(ApiError::not_found("gone already"))).unwrap();
         assert!(r.get("a").is_none(), "a driver that lost it counts as removed");
-        r.put(thing("b", 1));
+        r.put(thing("b", 1)).unwrap();
         let e = r.refresh(r.get("b").unwrap(), Err::<u8, _>(ApiError::internal("disk on fire")), |_, _| true);
         assert_eq!(e.unwrap_err().message, "disk on fire", "a driver error is the answer");
         let lost = r.refresh(r.get("b").unwrap(), Err::<u8, _>(ApiError::not_found("no")), |_, _| true).unwrap();
@@ -415,21 +673,5 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
-    }
-
-    #[test]
-    fn json_store_survives_a_reload() {
-        let dir = std::env::temp_dir().join(format!("plughost-records-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("things.json");
-        let r = Records::<Thing>::json(path.clone()).unwrap();
-        r.put(thing("a", 1));
-        r.put(thing("b", 2));
-        r.remove("a");
-        let again = Records::<Thing>::json(path.clone()).unwrap();
-        assert_eq!(again.list(None), vec![thing("b", 2)]);
-        std::fs::write(&path, "{not json").unwrap();
-        assert!(Records::<Thing>::json(path).err().is_some_and(|e| e.contains("unreadable")));
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

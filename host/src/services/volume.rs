@@ -6,13 +6,16 @@ use plughost_api::{CapacityStats, Volume};
 use plughost_api::{VolumeInterface, VolumeMethod};
 use serde::{Deserialize, Serialize};
 
-use super::records::{impl_record, new_id, now, Record, Records, MISSING};
-use super::{check_name, BackendTable, Backends, Listed, Named, OnBackend, PerBackend, Reply, Service, ServiceKind};
+use super::records::{impl_record, new_id, now, Counter, ReconcileCounts, Record, Records, Verdict, MISSING};
+use super::{
+    check_name, BackendTable, Backends, Latest, Listed, Named, OnBackend, PerBackend, Reply, Service, ServiceKind,
+};
 use crate::backend::{Backend, BackendControl};
 use crate::protocol::{ApiError, Capacity, Removed, Size};
+use crate::state::{Column, ColumnType};
 
 /// The volume service in the table.
-pub static KIND: ServiceKind = ServiceKind::of::<VolumeService>("volume", "Volume operations", "file-volume");
+pub static KIND: ServiceKind = ServiceKind::of::<VolumeService>("volume", "Volume operations", "file-volume", &[]);
 
 // ---------------------------------------------------------------------------------------------------
 // Protocol
@@ -137,7 +140,27 @@ pub struct VolumeRecord {
     /// Found on the backend without a record and adopted (with a new id).
     #[serde(default)]
     pub adopted: bool,
+    /// The digest of the driver library that created it (`blake3:…`), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver_digest: Option<String>,
 }
+
+/// The `volumes` table: one column per field.
+const COLUMNS: &[Column] = &[
+    Column::new("name", ColumnType::Text),
+    Column::new("id", ColumnType::Text),
+    Column::new("backend", ColumnType::Text),
+    Column::new("status", ColumnType::Text),
+    Column::new("size", ColumnType::Int),
+    Column::new("allocated", ColumnType::Int),
+    Column::new("location", ColumnType::Text),
+    Column::new("source", ColumnType::Text),
+    Column::new("created_at", ColumnType::Int),
+    Column::new("updated_at", ColumnType::Int),
+    Column::new("reason", ColumnType::Text),
+    Column::new("adopted", ColumnType::Bool),
+    Column::new("driver_digest", ColumnType::Text),
+];
 
 impl VolumeRecord {
     fn new(name: &str, backend: &str, status: VolumeStatus, size: u64, source: Option<&str>) -> VolumeRecord {
@@ -155,6 +178,7 @@ impl VolumeRecord {
             updated_at: t,
             reason: None,
             adopted: false,
+            driver_digest: None,
         }
     }
 
@@ -177,10 +201,10 @@ impl VolumeRecord {
     }
 }
 
-impl_record!(VolumeRecord, VolumeStatus, "volume", VolumeStatus::Error);
+impl_record!(VolumeRecord, VolumeStatus, "volume", "volumes", COLUMNS, VolumeStatus::Error);
 
 impl Listed for VolumeRecord {
-    const COLUMNS: &'static [&'static str] = &["SIZE", "ALLOCATED", "LOCATION"];
+    const HEADINGS: &'static [&'static str] = &["SIZE", "ALLOCATED", "LOCATION"];
     fn cells(&self) -> Vec<String> {
         use crate::ctl::human_size;
         vec![human_size(self.size), human_size(self.allocated), self.location.clone()]
@@ -215,90 +239,111 @@ pub struct VolumeService {
     backends: Backends<VolumeInterface>,
     records: Records<VolumeRecord>,
     capacity: PerBackend<CapacityStats>,
+    last_reconcile: Latest<ReconcileCounts>,
 }
 
 impl VolumeService {
-    /// Brings the records of one backend in line with what its driver reports, after a restart:
-    /// operations interrupted in the middle are finished or undone, volumes the driver no longer has are
-    /// kept as `error` ("missing from backend"), volumes it has without a record are adopted. Nothing is
-    /// silently dropped or given a new id.
-    fn reconcile(&self, b: &Backend<VolumeInterface>) {
+    /// Brings the records of one backend in line with what its driver reports (at start, and when a
+    /// backend that was down is up again): operations interrupted in the middle are finished or undone,
+    /// volumes the driver no longer has are kept as `error` ("missing from backend"), volumes it has
+    /// without a record are adopted. Nothing is silently dropped or given a new id.
+    fn reconcile(&self, b: &Backend<VolumeInterface>, concurrent: bool) -> ReconcileCounts {
+        let skipped = ReconcileCounts { skipped_backends: 1, at: now(), ..ReconcileCounts::default() };
         if b.health() != crate::backend::Health::Up {
             log::warn!("volume backend {:?} is down: its records are kept as they are", b.name);
-            return;
+            return skipped;
         }
         let vols = match b.call(VolumeMethod::list, |d| d.list()) {
             Ok(v) => v,
-            Err(e) => return log::warn!("volume backend {:?}: cannot list volumes, records kept: {e}", b.name),
+            Err(e) => {
+                log::warn!("volume backend {:?}: cannot list volumes, records kept: {e}", b.name);
+                return skipped;
+            }
         };
-        let reported: std::collections::BTreeMap<&str, &Volume> = vols.iter().map(|v| (v.name.as_str(), v)).collect();
-        let mut finished_deletes = std::collections::BTreeSet::new();
-        for r in self.records.list(Some(&b.name)) {
-            let _held = self.records.hold(&r.name);
-            let found = reported.get(r.name.as_str());
-            match (r.status, found) {
-                (VolumeStatus::Creating | VolumeStatus::Extending | VolumeStatus::Reverting, Some(v)) => {
-                    log::info!("volume {:?}: interrupted {} completed on the backend; now available", r.name, r.status);
-                    self.records.update(&r.name, |r| {
+        log::info!("volume backend {:?}: reconciling {} reported volumes with the records", b.name, vols.len());
+        let recheck = |name: &str| b.call(VolumeMethod::get, |d| d.get(name)).ok();
+        self.records.reconcile(
+            &b.name,
+            vols,
+            |v| &v.name,
+            concurrent,
+            recheck,
+            |record, found| {
+                use VolumeStatus as S;
+                let Some(r) = record else {
+                    let v = found.expect("a name comes from a record or from the driver");
+                    log::info!("volume {:?}: found on backend {:?} without a record; adopted", v.name, b.name);
+                    let mut r = VolumeRecord::new(&v.name, &b.name, S::Available, 0, None);
+                    r.adopted = true;
+                    r.apply(v);
+                    return Verdict::Put(r, Counter::Adopted);
+                };
+                let mut r = r.clone();
+                match (r.status, found) {
+                    (S::Creating | S::Extending | S::Reverting, Some(v)) => {
+                        log::info!(
+                            "volume {:?}: interrupted {} completed on the backend; now available",
+                            r.name,
+                            r.status
+                        );
                         r.apply(v);
-                        r.set_status(VolumeStatus::Available);
-                        true
-                    });
-                }
-                (VolumeStatus::Creating, None) => {
-                    log::info!("volume {:?}: interrupted create never completed; record removed", r.name);
-                    self.records.remove(&r.name);
-                }
-                (VolumeStatus::Deleting, Some(_)) => match b.call(VolumeMethod::delete, |d| d.delete(&r.name)) {
-                    Ok(()) => {
-                        log::info!("volume {:?}: interrupted delete finished", r.name);
-                        self.records.remove(&r.name);
-                        finished_deletes.insert(r.name.clone());
+                        r.set_status(S::Available);
+                        Verdict::Put(r, Counter::Completed)
                     }
-                    Err(e) => {
-                        log::warn!("volume {:?}: cannot finish an interrupted delete: {e}", r.name);
-                        self.records.update(&r.name, |r| {
+                    (S::Creating, None) => {
+                        log::info!("volume {:?}: interrupted create never completed; record removed", r.name);
+                        Verdict::Remove(Counter::Undone)
+                    }
+                    (S::Deleting, Some(_)) => match b.call(VolumeMethod::delete, |d| d.delete(&r.name)) {
+                        Ok(()) => {
+                            log::info!("volume {:?}: interrupted delete finished", r.name);
+                            Verdict::Remove(Counter::Completed)
+                        }
+                        Err(e) => {
+                            log::warn!("volume {:?}: cannot finish an interrupted delete: {e}", r.name);
                             r.fail(&format!("interrupted delete could not finish: {}", e.message));
-                            true
-                        });
+                            Verdict::Put(r, Counter::Failed)
+                        }
+                    },
+                    (S::Deleting, None) => {
+                        log::info!("volume {:?}: interrupted delete had completed; record removed", r.name);
+                        Verdict::Remove(Counter::Completed)
                     }
-                },
-                (VolumeStatus::Deleting, None) => {
-                    log::info!("volume {:?}: interrupted delete had completed; record removed", r.name);
-                    self.records.remove(&r.name);
-                }
-                (_, Some(v)) => {
-                    self.records.update(&r.name, |r| {
-                        let back = r.status == VolumeStatus::Error;
+                    (_, Some(v)) => {
+                        let back = r.status == S::Error && r.reason.as_deref() == Some(MISSING);
                         if back {
                             log::info!("volume {:?} is on its backend again; available", r.name);
-                            r.set_status(VolumeStatus::Available);
+                            r.set_status(S::Available);
                         }
-                        r.apply(v) || back
-                    });
+                        match r.apply(v) || back {
+                            true => Verdict::Put(r, Counter::Refreshed),
+                            false => Verdict::Unchanged,
+                        }
+                    }
+                    (_, None) => Verdict::Missing,
                 }
-                (_, None) => {
-                    self.records.mark_missing(&r.name);
-                }
-            }
+            },
+        )
+    }
+
+    /// Reconciles every backend and keeps the counts for `status`.
+    fn reconcile_all(&self) {
+        let started = std::time::Instant::now();
+        let mut total = ReconcileCounts { at: now(), ..ReconcileCounts::default() };
+        for b in self.backends.iter() {
+            total.add(&self.reconcile(b, false));
         }
-        for v in vols.iter().filter(|v| !finished_deletes.contains(&v.name)) {
-            let _held = self.records.hold(&v.name);
-            if self.records.get(&v.name).is_none() {
-                log::info!("volume {:?}: found on backend {:?} without a record; adopted", v.name, b.name);
-                let mut r = VolumeRecord::new(&v.name, &b.name, VolumeStatus::Available, 0, None);
-                r.adopted = true;
-                r.apply(v);
-                self.records.put(r);
-            }
-        }
+        total.duration_ms = started.elapsed().as_millis() as u64;
+        log::info!("volume records reconciled: {total:?}");
+        self.last_reconcile.set(total);
     }
 
     fn create(&self, name: &str, size: u64, backend: Option<&str>) -> Result<VolumeRecord, ApiError> {
         check_name("volume", name)?;
         let b = self.backends.pick(backend)?;
         let _held = self.records.hold(name);
-        let record = VolumeRecord::new(name, &b.name, VolumeStatus::Creating, size, None);
+        let mut record = VolumeRecord::new(name, &b.name, VolumeStatus::Creating, size, None);
+        record.driver_digest = Some(b.digest());
         self.records.create(record, || b.call(VolumeMethod::create, |d| d.create(name, size)), made)
     }
 
@@ -306,7 +351,8 @@ impl VolumeService {
         check_name("volume", snapshot)?;
         let _held = self.records.hold_two(name, snapshot);
         let (source, b) = self.backends.locate(&self.records, name, backend)?;
-        let record = VolumeRecord::new(snapshot, &b.name, VolumeStatus::Creating, source.size, Some(name));
+        let mut record = VolumeRecord::new(snapshot, &b.name, VolumeStatus::Creating, source.size, Some(name));
+        record.driver_digest = Some(b.digest());
         self.records.create(record, || b.call(VolumeMethod::snapshot, |d| d.snapshot(name, snapshot)), made)
     }
 
@@ -418,10 +464,8 @@ impl Service for VolumeService {
     type Record = VolumeRecord;
 
     fn new(backends: Backends<VolumeInterface>, records: Records<VolumeRecord>) -> VolumeService {
-        let s = VolumeService { backends, records, capacity: PerBackend::default() };
-        for b in s.backends.iter() {
-            s.reconcile(b);
-        }
+        let s = VolumeService { backends, records, capacity: PerBackend::default(), last_reconcile: Latest::default() };
+        s.reconcile_all();
         s
     }
 
@@ -438,7 +482,7 @@ impl Service for VolumeService {
             }
             if !was_up {
                 // Back from down (a root that was missing is there again): look again.
-                self.reconcile(b);
+                self.last_reconcile.set(self.reconcile(b, true));
             }
             if let Ok(s) = b.call(VolumeMethod::stats, |d| d.stats()) {
                 self.capacity.set(&b.name, s);
@@ -448,6 +492,14 @@ impl Service for VolumeService {
 
     fn table(&self) -> &BackendTable {
         self.backends.table()
+    }
+
+    fn last_reconcile(&self) -> Option<ReconcileCounts> {
+        self.last_reconcile.get()
+    }
+
+    fn records(&self) -> &Records<VolumeRecord> {
+        &self.records
     }
 
     fn capacity(&self, backend: &str) -> Option<Capacity> {
@@ -667,11 +719,11 @@ mod tests {
         let records = Records::in_memory();
         let rec = |name: &str, status| VolumeRecord::new(name, "default", status, 1, None);
         let kept = rec("kept", VolumeStatus::Available);
-        records.put(kept.clone());
-        records.put(rec("made", VolumeStatus::Creating));
-        records.put(rec("never-made", VolumeStatus::Creating));
-        records.put(rec("lost", VolumeStatus::Available));
-        records.put(rec("half-deleted", VolumeStatus::Deleting));
+        records.put(kept.clone()).unwrap();
+        records.put(rec("made", VolumeStatus::Creating)).unwrap();
+        records.put(rec("never-made", VolumeStatus::Creating)).unwrap();
+        records.put(rec("lost", VolumeStatus::Available)).unwrap();
+        records.put(rec("half-deleted", VolumeStatus::Deleting)).unwrap();
         let s = service_with(d.clone(), records);
         let get = |n: &str| s.records.get(n);
         assert_eq!(get("kept").unwrap().id, kept.id, "same id");
@@ -683,5 +735,74 @@ mod tests {
         assert!(!d.volumes.lock().unwrap().contains_key("half-deleted"), "the interrupted delete was finished");
         let stray = get("stray").unwrap();
         assert!(stray.adopted && stray.status == VolumeStatus::Available);
+    }
+}
+
+#[cfg(test)]
+mod store_tests {
+    use super::*;
+    use crate::state::StateDb;
+    use std::sync::Arc;
+
+    fn temp_dir(tag: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("plughost-volume-store-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn records_survive_a_reopen_field_for_field() {
+        let dir = temp_dir("reopen");
+        let db = Arc::new(StateDb::open(&dir).unwrap());
+        let r = Records::<VolumeRecord>::open(db.clone(), &dir).unwrap();
+        let mut a = VolumeRecord::new("a", "default", VolumeStatus::Available, 1 << 40, None);
+        a.allocated = 4096;
+        a.location = "/x/a".into();
+        a.adopted = true;
+        a.driver_digest = Some("blake3:00ff".into());
+        let mut b = VolumeRecord::new("b", "fast", VolumeStatus::Error, 7, Some("a"));
+        b.reason = Some("missing from backend".into());
+        r.put(a.clone()).unwrap();
+        r.put(b.clone()).unwrap();
+        r.put(VolumeRecord::new("c", "default", VolumeStatus::Creating, 1, None)).unwrap();
+        r.remove("c").unwrap();
+        drop(r);
+        let again = Records::<VolumeRecord>::open(db, &dir).unwrap();
+        assert_eq!(again.list(None), vec![a, b]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_legacy_volumes_json_is_imported_once_with_its_ids() {
+        let dir = temp_dir("import");
+        // The format written before the state database (plughost 0.1).
+        let legacy = r#"{
+  "old": {"id": "1f2e3d4c5b6a7980", "name": "old", "backend": "default", "status": "available",
+          "size": 1048576, "allocated": 0, "location": "/v/old", "source": null,
+          "created_at": 1700000000, "updated_at": 1700000001},
+  "snap": {"id": "0a0b0c0d0e0f1011", "name": "snap", "backend": "default", "status": "available",
+           "size": 1048576, "allocated": 4096, "location": "/v/snap", "source": "old",
+           "created_at": 1700000002, "updated_at": 1700000003, "reason": null}
+}"#;
+        std::fs::write(dir.join("volumes.json"), legacy).unwrap();
+        let db = Arc::new(StateDb::open(&dir).unwrap());
+        let r = Records::<VolumeRecord>::open(db.clone(), &dir).unwrap();
+        assert_eq!(r.get("old").unwrap().id, "1f2e3d4c5b6a7980");
+        assert_eq!(r.get("snap").unwrap().source.as_deref(), Some("old"));
+        assert!(!dir.join("volumes.json").exists());
+        assert!(dir.join("volumes.json.imported").exists());
+        r.remove("old").unwrap();
+        // A crash between the import's commit and the rename: the file is back, but it is not imported
+        // again (the removal stands).
+        std::fs::rename(dir.join("volumes.json.imported"), dir.join("volumes.json")).unwrap();
+        let again = Records::<VolumeRecord>::open(db, &dir).unwrap();
+        assert!(again.get("old").is_none());
+        assert!(dir.join("volumes.json.imported").exists());
+        std::fs::write(dir.join("volumes.json"), "{not json").unwrap();
+        let db = Arc::new(StateDb::open(&temp_dir("import-bad")).unwrap());
+        let e = Records::<VolumeRecord>::open(db, &dir).err().unwrap().to_string();
+        assert!(e.starts_with("volume records in \"") && e.contains("volumes.json\": key must be a string"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

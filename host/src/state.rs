@@ -1,0 +1,475 @@
+//! The host's durable state: `STATE_DIR/state.db`, one SQLite database (WAL mode) holding every
+//! service's records, with a versioned schema and the migrations that build it; and the state-dir lock
+//! that keeps a second host off the same directory.
+//!
+//! Durability: every write is its own transaction (or one transaction for a batch) committed with
+//! `synchronous = FULL`, so an acknowledged change survives a process crash, `kill -9` and a power
+//! loss; the WAL keeps each commit to one fsync (about 0.1 ms here, see docs/performance.md).
+
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use rusqlite::types::Value;
+use rusqlite::{params_from_iter, Connection, OptionalExtension};
+
+/// The database file, in the state dir.
+pub const DB_FILE: &str = "state.db";
+
+/// The lock file, in the state dir: held (`flock`) by the host using the directory.
+pub const LOCK_FILE: &str = "plughost.lock";
+
+/// Why the state could not be opened, read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// Another process holds the state dir.
+    #[error("state dir \"{dir}\" is in use by another plughost{}", pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    InUse {
+        /// The state dir.
+        dir: PathBuf,
+        /// The pid written by the holder, if readable.
+        pid: Option<u32>,
+    },
+    /// A filesystem operation on a state file failed.
+    #[error("state file \"{path}\": {reason}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// SQLite refused an operation.
+    #[error("state database \"{path}\": {reason}")]
+    Db {
+        /// The database file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The database was written by a newer plughost.
+    #[error("state database \"{path}\" has schema version {found}, newer than this plughost understands ({known})")]
+    TooNew {
+        /// The database file.
+        path: PathBuf,
+        /// Its version.
+        found: i64,
+        /// The newest this build knows.
+        known: i64,
+    },
+    /// A row or a legacy file could not be turned into a record.
+    #[error("{what} in \"{path}\": {reason}")]
+    Corrupt {
+        /// What was being read.
+        what: String,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The schema, one migration per version: `MIGRATIONS[i]` takes the database from version `i` to `i + 1`.
+/// Append new ones; never edit one that has shipped.
+const MIGRATIONS: &[&str] = &[
+    // 1: records of the volume and compute services.
+    "CREATE TABLE volumes (
+        name TEXT PRIMARY KEY NOT NULL,
+        id TEXT NOT NULL UNIQUE,
+        backend TEXT NOT NULL,
+        status TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        allocated INTEGER NOT NULL,
+        location TEXT NOT NULL,
+        source TEXT,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        reason TEXT,
+        adopted INTEGER NOT NULL DEFAULT 0,
+        driver_digest TEXT
+    ) WITHOUT ROWID;
+    CREATE INDEX volumes_backend ON volumes (backend);
+    CREATE TABLE instances (
+        name TEXT PRIMARY KEY NOT NULL,
+        id TEXT NOT NULL UNIQUE,
+        backend TEXT NOT NULL,
+        status TEXT NOT NULL,
+        pid INTEGER,
+        exit_code INTEGER,
+        exit_signal INTEGER,
+        exit_unknown INTEGER NOT NULL DEFAULT 0,
+        rss_bytes INTEGER NOT NULL DEFAULT 0,
+        cpu_time_ms INTEGER NOT NULL DEFAULT 0,
+        uptime_ms INTEGER NOT NULL DEFAULT 0,
+        command TEXT NOT NULL,
+        started_at_ms INTEGER,
+        details TEXT NOT NULL DEFAULT '{}',
+        spec TEXT,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        reason TEXT,
+        adopted INTEGER NOT NULL DEFAULT 0,
+        driver_digest TEXT
+    ) WITHOUT ROWID;
+    CREATE INDEX instances_backend ON instances (backend);
+    CREATE TABLE imports (
+        file TEXT PRIMARY KEY NOT NULL,
+        records INTEGER NOT NULL,
+        at INTEGER NOT NULL
+    );",
+];
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// How a column's SQL value maps to the record's JSON field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColumnType {
+    /// TEXT ↔ string.
+    Text,
+    /// INTEGER ↔ number.
+    Int,
+    /// INTEGER 0/1 ↔ boolean.
+    Bool,
+    /// TEXT holding JSON ↔ object or array.
+    Json,
+}
+
+/// One column of a record table: the record's field of the same name.
+#[derive(Debug, Clone, Copy)]
+pub struct Column {
+    /// Column and field name.
+    pub name: &'static str,
+    /// How it maps.
+    pub ty: ColumnType,
+}
+
+impl Column {
+    /// A column.
+    pub const fn new(name: &'static str, ty: ColumnType) -> Column {
+        Column { name, ty }
+    }
+}
+
+/// The open database.
+pub struct StateDb {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+}
+
+impl std::fmt::Debug for StateDb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateDb").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+/// A record table's statements, built once from its columns.
+#[derive(Debug)]
+pub struct Table {
+    name: &'static str,
+    columns: &'static [Column],
+    upsert: String,
+    delete: String,
+    select: String,
+}
+
+impl Table {
+    /// The table `name` with `columns` (the first is the key: `name`).
+    pub fn new(name: &'static str, columns: &'static [Column]) -> Table {
+        let cols: Vec<&str> = columns.iter().map(|c| c.name).collect();
+        let marks: Vec<String> = (1..=cols.len()).map(|i| format!("?{i}")).collect();
+        Table {
+            name,
+            columns,
+            upsert: format!("INSERT OR REPLACE INTO {name} ({}) VALUES ({})", cols.join(", "), marks.join(", ")),
+            delete: format!("DELETE FROM {name} WHERE name = ?1"),
+            select: format!("SELECT {} FROM {name}", cols.join(", ")),
+        }
+    }
+
+    /// Its name.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+}
+
+/// One change to a record table.
+#[derive(Debug)]
+pub enum Write {
+    /// Insert or replace a row (the record's fields as columns).
+    Put(Vec<Value>),
+    /// Delete the row of this name.
+    Remove(String),
+}
+
+impl StateDb {
+    /// Opens (creating it, private to its owner) `STATE_DIR/state.db` and brings its schema up to date.
+    pub fn open(state_dir: &Path) -> Result<StateDb, StateError> {
+        let path = state_dir.join(DB_FILE);
+        let io = |e: std::io::Error| StateError::Io { path: path.clone(), reason: crate::error::io_text(&e) };
+        // Created 0600 before SQLite opens it (its -wal and -shm files take the same mode).
+        std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(&path).map_err(io)?;
+        let db_err = |e: rusqlite::Error| StateError::Db { path: path.clone(), reason: e.to_string() };
+        let conn = Connection::open(&path).map_err(db_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(db_err)?;
+        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(db_err)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StateError::Db { path, reason: format!("cannot use WAL mode (got {mode})") });
+        }
+        conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;").map_err(db_err)?;
+        let db = StateDb { path, conn: Mutex::new(conn) };
+        db.migrate()?;
+        Ok(db)
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn err(&self, e: rusqlite::Error) -> StateError {
+        StateError::Db { path: self.path.clone(), reason: e.to_string() }
+    }
+
+    /// The schema version of the database.
+    pub fn version(&self) -> Result<i64, StateError> {
+        let conn = self.conn();
+        let has_table: bool = conn
+            .query_row("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map(|n| n > 0)
+            .map_err(|e| self.err(e))?;
+        if !has_table {
+            return Ok(0);
+        }
+        conn.query_row("SELECT coalesce(max(version), 0) FROM schema_version", [], |r| r.get(0))
+            .map_err(|e| self.err(e))
+    }
+
+    fn migrate(&self) -> Result<(), StateError> {
+        let found = self.version()?;
+        if found > SCHEMA_VERSION {
+            return Err(StateError::TooNew { path: self.path.clone(), found, known: SCHEMA_VERSION });
+        }
+        let mut conn = self.conn();
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(usize::try_from(found).unwrap_or(0)) {
+            let version = i as i64 + 1;
+            let tx = conn.transaction().map_err(|e| self.err(e))?;
+            tx.execute_batch(
+                "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)",
+            )
+            .map_err(|e| self.err(e))?;
+            tx.execute_batch(sql).map_err(|e| self.err(e))?;
+            tx.execute(
+                "INSERT INTO schema_version (version, applied_at) VALUES (?1, ?2)",
+                rusqlite::params![version, crate::services::records::now() as i64],
+            )
+            .map_err(|e| self.err(e))?;
+            tx.commit().map_err(|e| self.err(e))?;
+            log::info!("state database {}: schema version {version}", self.path.display());
+        }
+        Ok(())
+    }
+
+    /// Every row of `table`, as column values in the table's column order.
+    pub fn rows(&self, table: &Table) -> Result<Vec<Vec<Value>>, StateError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&table.select).map_err(|e| self.err(e))?;
+        let n = table.columns.len();
+        let rows = stmt
+            .query_map([], |row| (0..n).map(|i| row.get::<_, Value>(i)).collect::<Result<Vec<_>, _>>())
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
+    }
+
+    /// Applies `writes` to `table` in one transaction (one fsync).
+    pub fn write(&self, table: &Table, writes: &[Write]) -> Result<(), StateError> {
+        let mut conn = self.conn();
+        if let [one] = writes {
+            return Self::apply(&conn, table, one).map_err(|e| self.err(e));
+        }
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        for w in writes {
+            Self::apply(&tx, table, w).map_err(|e| self.err(e))?;
+        }
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    fn apply(conn: &Connection, table: &Table, w: &Write) -> Result<(), rusqlite::Error> {
+        match w {
+            Write::Put(values) => conn.prepare_cached(&table.upsert)?.execute(params_from_iter(values.iter())),
+            Write::Remove(name) => conn.prepare_cached(&table.delete)?.execute([name]),
+        }
+        .map(drop)
+    }
+
+    /// Whether the legacy file `file` was imported already.
+    pub fn imported(&self, file: &str) -> Result<bool, StateError> {
+        self.conn()
+            .query_row("SELECT 1 FROM imports WHERE file = ?1", [file], |_| Ok(()))
+            .optional()
+            .map(|o| o.is_some())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Imports rows from the legacy file `file` into `table`, in one transaction that also records the
+    /// import (so that it happens once, even if renaming the file afterwards is interrupted).
+    pub fn import(&self, file: &str, table: &Table, rows: Vec<Vec<Value>>) -> Result<(), StateError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        for row in &rows {
+            Self::apply(&tx, table, &Write::Put(row.clone())).map_err(|e| self.err(e))?;
+        }
+        tx.execute(
+            "INSERT INTO imports (file, records, at) VALUES (?1, ?2, ?3)",
+            rusqlite::params![file, rows.len() as i64, crate::services::records::now() as i64],
+        )
+        .map_err(|e| self.err(e))?;
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    /// The columns of `table` as the database has them (for checking a record type against the schema).
+    pub fn table_columns(&self, table: &str) -> Result<Vec<String>, StateError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!("PRAGMA table_info({table})")).map_err(|e| self.err(e))?;
+        let cols = stmt.query_map([], |r| r.get::<_, String>(1)).map_err(|e| self.err(e))?;
+        cols.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
+    }
+}
+
+/// Turns a record into its row: each column takes the serialized field of the same name.
+pub fn to_row<T: serde::Serialize>(table: &Table, record: &T) -> Result<Vec<Value>, String> {
+    let v = serde_json::to_value(record).map_err(|e| e.to_string())?;
+    let serde_json::Value::Object(mut fields) = v else { return Err("a record is not a JSON object".into()) };
+    let row = table
+        .columns
+        .iter()
+        .map(|c| {
+            let f = fields.remove(c.name).unwrap_or(serde_json::Value::Null);
+            Ok(match (c.ty, f) {
+                (_, serde_json::Value::Null) => Value::Null,
+                (ColumnType::Text, serde_json::Value::String(s)) => Value::Text(s),
+                (ColumnType::Int, serde_json::Value::Number(n)) => Value::Integer(
+                    n.as_i64()
+                        .ok_or_else(|| format!("field {:?}: {n} does not fit a signed 64-bit integer", c.name))?,
+                ),
+                (ColumnType::Bool, serde_json::Value::Bool(b)) => Value::Integer(i64::from(b)),
+                (ColumnType::Json, v) => Value::Text(v.to_string()),
+                (ty, v) => return Err(format!("field {:?}: {v} does not fit a {ty:?} column", c.name)),
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    if let Some(extra) = fields.keys().next() {
+        return Err(format!("field {extra:?} has no column in table {}", table.name));
+    }
+    Ok(row)
+}
+
+/// Turns a row back into a record.
+pub fn from_row<T: serde::de::DeserializeOwned>(table: &Table, row: Vec<Value>) -> Result<T, String> {
+    let mut fields = serde_json::Map::with_capacity(row.len());
+    for (c, v) in table.columns.iter().zip(row) {
+        let j = match (c.ty, v) {
+            (_, Value::Null) => serde_json::Value::Null,
+            (ColumnType::Text, Value::Text(s)) => serde_json::Value::String(s),
+            (ColumnType::Int, Value::Integer(i)) => serde_json::Value::from(i),
+            (ColumnType::Bool, Value::Integer(i)) => serde_json::Value::Bool(i != 0),
+            (ColumnType::Json, Value::Text(s)) => {
+                serde_json::from_str(&s).map_err(|e| format!("column {:?}: {e}", c.name))?
+            }
+            (ty, v) => return Err(format!("column {:?}: {v:?} is not {ty:?}", c.name)),
+        };
+        fields.insert(c.name.to_owned(), j);
+    }
+    serde_json::from_value(serde_json::Value::Object(fields)).map_err(|e| e.to_string())
+}
+
+/// The state-dir lock: held for as long as the host runs, released by the kernel when the process ends
+/// (however it ends).
+#[derive(Debug)]
+pub struct DirLock {
+    _file: std::fs::File,
+}
+
+impl DirLock {
+    /// Takes the lock on `state_dir`, or says which process holds it.
+    pub fn take(state_dir: &Path) -> Result<DirLock, StateError> {
+        use std::io::{Read, Seek, Write};
+        use std::os::fd::AsRawFd;
+        let path = state_dir.join(LOCK_FILE);
+        let io = |e: std::io::Error| StateError::Io { path: path.clone(), reason: crate::error::io_text(&e) };
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(io)?;
+        // SAFETY: flock on a descriptor we own; no memory is involved.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                let mut text = String::new();
+                let _ = f.read_to_string(&mut text);
+                return Err(StateError::InUse { dir: state_dir.to_owned(), pid: text.trim().parse().ok() });
+            }
+            return Err(io(e));
+        }
+        f.set_len(0).map_err(io)?;
+        f.rewind().map_err(io)?;
+        writeln!(f, "{}", std::process::id()).map_err(io)?;
+        Ok(DirLock { _file: f })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("plughost-state-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).expect("temp dir");
+        d
+    }
+
+    #[test]
+    fn migrations_run_once_and_a_newer_schema_is_refused() {
+        let dir = temp_dir("migrate");
+        let db = StateDb::open(&dir).unwrap();
+        assert_eq!(db.version().unwrap(), SCHEMA_VERSION);
+        drop(db);
+        let db = StateDb::open(&dir).unwrap();
+        assert_eq!(db.version().unwrap(), SCHEMA_VERSION, "reopening applies nothing twice");
+        db.conn().execute("INSERT INTO schema_version VALUES (999, 0)", []).unwrap();
+        drop(db);
+        let e = StateDb::open(&dir).unwrap_err();
+        assert!(matches!(e, StateError::TooNew { found: 999, .. }), "{e}");
+        assert!(e.to_string().ends_with("has schema version 999, newer than this plughost understands (1)"), "{e}");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join(DB_FILE)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_second_holder_of_the_state_dir_is_refused_with_the_first_ones_pid() {
+        let dir = temp_dir("lock");
+        let held = DirLock::take(&dir).unwrap();
+        // flock locks belong to the open file description: a second open in this process conflicts too.
+        let e = DirLock::take(&dir).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("state dir \"{}\" is in use by another plughost (pid {})", dir.display(), std::process::id())
+        );
+        drop(held);
+        DirLock::take(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
