@@ -275,8 +275,17 @@ impl<I: Interface> Backend<I> {
     }
 
     fn assemble(service: &'static str, name: &str, configured: Configured, active: Active<I>) -> Backend<I> {
+        // Up only once `init` and a first health check pass (a volume root that is not there, ...);
+        // a failed health check is checked again periodically, a failed `init` is not.
         let health = match &active.init_error {
-            None => Health::Up,
+            None => match I::health(active.driver.object()) {
+                Ok(()) => Health::Up,
+                Err(e) => {
+                    let why = format!("driver unhealthy: {}", e.message());
+                    log::error!("{service} backend {name:?} ({}): {why}; it reports down", active.info.name);
+                    Health::Down(why)
+                }
+            },
             Some(e) => {
                 log::error!("{service} backend {name:?} ({}): {e}; it reports down", active.info.name);
                 Health::Down(e.clone())
@@ -432,7 +441,11 @@ impl<I: Interface> BackendControl for Backend<I> {
         let fresh: Active<I> = prepare(ctx, self.service, &self.name, &wanted, generation).map_err(|e| {
             ApiError::new(ErrorKind::SwapFailed, format!("{}; the old driver keeps serving", e.one_line()))
         })?;
-        if let Some(e) = &fresh.init_error {
+        let unhealthy = match &fresh.init_error {
+            Some(e) => Some(e.clone()),
+            None => I::health(fresh.driver.object()).err().map(|e| format!("driver unhealthy: {}", e.message())),
+        };
+        if let Some(e) = &unhealthy {
             let _ = I::cleanup(fresh.driver.object());
             return Err(ApiError::new(
                 ErrorKind::SwapFailed,

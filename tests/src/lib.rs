@@ -6,6 +6,7 @@
 
 pub mod fixtures;
 pub mod process;
+pub mod procs;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -158,3 +158,250 @@ fn check_after_interruption(d: &mut Daemon, root: &Path, before: &[u8], mib: u64
     let err = d.call("volume", "get", json!({"name": "snap"}));
     assert_eq!(err["ok"], false, "{err}");
 }
+
+/// A tiny deterministic generator (xorshift), so that a failing round can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// What a client knows about one of its volumes.
+#[derive(Debug, Clone, Default)]
+struct Known {
+    /// Acknowledged as existing (created, extended, snapshotted into) rather than deleted.
+    exists: bool,
+    size: u64,
+    id: Option<Value>,
+    /// An operation on it was in flight when the host died: either outcome is acceptable.
+    in_doubt: bool,
+}
+
+/// One client's burst of random creates, extends, snapshots and deletes on its own names, until the
+/// host dies. Returns what was acknowledged.
+fn burst(socket: &Path, prefix: &str, seed: u64) -> BTreeMap<String, Known> {
+    let mut cl = Client::connect(socket);
+    let mut rng = Rng(seed | 1);
+    let mut known: BTreeMap<String, Known> = BTreeMap::new();
+    for n in 0.. {
+        let existing: Vec<String> = known.iter().filter(|(_, k)| k.exists).map(|(n, _)| n.clone()).collect();
+        let pick = |rng: &mut Rng| existing[rng.below(existing.len() as u64) as usize].clone();
+        let (name, op, args) = match rng.below(10) {
+            _ if existing.len() < 3 => {
+                let name = format!("{prefix}-{n}");
+                (name.clone(), "create", json!({"name": name, "size": 4096 * (1 + rng.below(16))}))
+            }
+            0..=3 => {
+                let name = format!("{prefix}-{n}");
+                (name.clone(), "create", json!({"name": name, "size": 4096 * (1 + rng.below(16))}))
+            }
+            4..=5 => {
+                let name = pick(&mut rng);
+                let size = known[&name].size + 4096;
+                (name.clone(), "extend", json!({"name": name, "size": size}))
+            }
+            6..=7 => {
+                let source = pick(&mut rng);
+                let name = format!("{prefix}-{n}");
+                (name.clone(), "snapshot", json!({"name": source, "snapshot": name}))
+            }
+            _ => {
+                let name = pick(&mut rng);
+                (name.clone(), "delete", json!({"name": name}))
+            }
+        };
+        let k = known.entry(name.clone()).or_default();
+        k.in_doubt = true;
+        let Some(answer) = cl.call("volume", op, args) else { return known };
+        assert_eq!(answer["ok"], true, "{op} {name}: {answer}");
+        let r = &answer["result"];
+        *k = match op {
+            "delete" => Known::default(),
+            _ => Known { exists: true, size: r["size"].as_u64().unwrap(), id: Some(r["id"].clone()), in_doubt: false },
+        };
+    }
+    known
+}
+
+/// After a restart: records and files agree, and every acknowledged operation stands.
+fn check_consistent(round: usize, d: &mut Daemon, root: &Path, known: &BTreeMap<String, Known>) {
+    let list = d.ok("volume", "list", json!({}));
+    let records = list.as_array().unwrap();
+    let mut by_name = BTreeMap::new();
+    for r in records {
+        let name = r["name"].as_str().unwrap().to_owned();
+        assert!(by_name.insert(name.clone(), r.clone()).is_none(), "round {round}: {name} listed twice");
+        let status = r["status"].as_str().unwrap();
+        assert!(matches!(status, "available" | "error"), "round {round}: unfinished after reconcile: {r}");
+        if status == "available" {
+            let meta = std::fs::metadata(root.join(format!("{name}.vol")))
+                .unwrap_or_else(|e| panic!("round {round}: {name} is available without its file: {e}"));
+            assert_eq!(meta.len(), r["size"].as_u64().unwrap(), "round {round}: {r}");
+        }
+    }
+    for e in std::fs::read_dir(root).unwrap().flatten() {
+        let file = e.file_name().to_string_lossy().into_owned();
+        if let Some(name) = file.strip_suffix(".vol") {
+            assert!(by_name.contains_key(name), "round {round}: {file} has no record");
+        }
+    }
+    for (name, k) in known.iter().filter(|(_, k)| !k.in_doubt) {
+        match (k.exists, by_name.get(name)) {
+            (true, Some(r)) => {
+                assert_eq!(r["status"], "available", "round {round}: {r}");
+                assert_eq!((r["size"].as_u64(), Some(&r["id"])), (Some(k.size), k.id.as_ref()), "round {round}: {r}");
+            }
+            (true, None) => panic!("round {round}: acknowledged {name} is missing"),
+            (false, Some(r)) => panic!("round {round}: acknowledged delete of {name} is back: {r}"),
+            (false, None) => {}
+        }
+    }
+}
+
+#[test]
+fn random_bursts_cut_by_kill_9_keep_records_and_files_in_step() {
+    let t = TempDir::new("bursts");
+    let root = t.join("volumes/default");
+    let mut known: BTreeMap<String, Known> = BTreeMap::new();
+    let mut seed = 0x5eed_u64;
+    let mut acknowledged = 0;
+    for round in 0..30 {
+        let d = Daemon::start(t.path(), FILE_VOLUME);
+        let clients: Vec<_> = (0..4)
+            .map(|c| {
+                let socket = d.socket.clone();
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let s = seed;
+                std::thread::spawn(move || burst(&socket, &format!("r{round}c{c}"), s))
+            })
+            .collect();
+        let mut rng = Rng(seed);
+        std::thread::sleep(Duration::from_millis(20 + rng.below(300)));
+        d.kill9();
+        for c in clients {
+            let k = c.join().unwrap();
+            acknowledged += k.values().filter(|k| !k.in_doubt).count();
+            known.extend(k);
+        }
+        let mut d = Daemon::start(t.path(), FILE_VOLUME);
+        check_consistent(round, &mut d, &root, &known);
+        // What was in doubt is settled now: take the host's word for it for the next rounds.
+        for (name, k) in known.iter_mut().filter(|(_, k)| k.in_doubt) {
+            *k = match d.call("volume", "get", json!({"name": name})) {
+                v if v["ok"] == true && v["result"]["status"] == "available" => Known {
+                    exists: true,
+                    size: v["result"]["size"].as_u64().unwrap(),
+                    id: Some(v["result"]["id"].clone()),
+                    in_doubt: false,
+                },
+                v if v["ok"] == false => Known::default(),
+                v => {
+                    // An interrupted snapshot or create kept as error: delete it to settle it.
+                    assert_eq!(v["result"]["status"], "error", "{v}");
+                    d.ok("volume", "delete", json!({"name": name}));
+                    Known::default()
+                }
+            };
+        }
+        drop(d);
+    }
+    assert!(acknowledged > 200, "only {acknowledged} operations were acknowledged");
+}
+
+#[test]
+fn a_changed_driver_option_removes_nothing_silently() {
+    let t = TempDir::new("changed-option");
+    let mut d = Daemon::start(t.path(), FILE_VOLUME);
+    let ids: Vec<Value> =
+        ["a", "b"].iter().map(|n| d.ok("volume", "create", json!({"name": n, "size": 4096}))["id"].clone()).collect();
+    drop(d);
+    // Another root: the volumes are not there. They are shown as errors, not dropped.
+    let elsewhere = t.join("elsewhere");
+    let mut args = FILE_VOLUME.to_vec();
+    let opt = format!("root={}", elsewhere.display());
+    args.extend(["--volume-opt", &opt]);
+    let mut d = Daemon::start(t.path(), &args);
+    let listed = names_and_ids(&mut d);
+    for (n, id) in ["a", "b"].iter().zip(&ids) {
+        assert_eq!(
+            (&listed[*n]["id"], &listed[*n]["status"], &listed[*n]["reason"]),
+            (id, &json!("error"), &json!("missing from backend"))
+        );
+    }
+    let status = d.ok("", "status", json!({}));
+    assert_eq!(status["services"][0]["last_reconcile"]["missing"], 2, "{status}");
+    drop(d);
+    // Back to the old root: available again, same ids.
+    let mut d = Daemon::start(t.path(), FILE_VOLUME);
+    let listed = names_and_ids(&mut d);
+    for (n, id) in ["a", "b"].iter().zip(&ids) {
+        assert_eq!((&listed[*n]["id"], &listed[*n]["status"]), (id, &json!("available")));
+    }
+}
+
+#[test]
+fn a_missing_volume_root_keeps_the_backend_down_and_its_records() {
+    let t = TempDir::new("root-moved");
+    let root = t.join("volumes/default");
+    let mut d = Daemon::start(t.path(), FILE_VOLUME);
+    let id = d.ok("volume", "create", json!({"name": "v", "size": 8192}))["id"].clone();
+    drop(d);
+    std::fs::rename(&root, t.join("moved")).unwrap();
+    let mut d = Daemon::start(t.path(), FILE_VOLUME);
+    let backend = d.ok("", "status", json!({}))["services"][0]["backends"][0].clone();
+    assert_eq!(backend["state"], "down", "{backend}");
+    assert!(backend["reason"].as_str().unwrap().contains("is missing"), "{backend}");
+    assert!(!root.exists(), "the root is not recreated empty");
+    assert_eq!(names_and_ids(&mut d)["v"]["id"], id, "the record is kept");
+    assert_eq!(d.err("volume", "get", json!({"name": "v"})), "unavailable");
+    // Put back while running: the next health check brings the backend up, with the same volume.
+    std::fs::rename(t.join("moved"), &root).unwrap();
+    wait_up(&mut d);
+    assert_eq!(d.ok("volume", "get", json!({"name": "v"}))["id"], id);
+    drop(d);
+    let mut d = Daemon::start(t.path(), FILE_VOLUME);
+    let v = d.ok("volume", "get", json!({"name": "v"}));
+    assert_eq!((&v["id"], &v["status"]), (&id, &json!("available")));
+}
+
+fn wait_up(d: &mut Daemon) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while d.ok("", "status", json!({}))["services"][0]["backends"][0]["state"] != "up" {
+        assert!(Instant::now() < deadline, "the backend never came up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn volumes_json_of_the_previous_version_is_imported_with_its_ids() {
+    let t = TempDir::new("import");
+    let root = t.join("volumes/default");
+    std::fs::create_dir_all(&root).unwrap();
+    // The state plughost 0.1 left: volumes.json and the volume files (no root marker yet).
+    std::fs::File::create(root.join("old.vol")).unwrap().set_len(1 << 20).unwrap();
+    std::fs::File::create(root.join("snap.vol")).unwrap().set_len(1 << 20).unwrap();
+    std::fs::write(root.join(".source.snap"), "old").unwrap();
+    let legacy = json!({
+        "old": {"id": "1f2e3d4c5b6a7980", "name": "old", "backend": "default", "status": "available",
+                "size": 1048576, "allocated": 0, "location": root.join("old.vol"), "source": null,
+                "created_at": 1_700_000_000, "updated_at": 1_700_000_001},
+        "snap": {"id": "0a0b0c0d0e0f1011", "name": "snap", "backend": "default", "status": "available",
+                 "size": 1048576, "allocated": 0, "location": root.join("snap.vol"), "source": "old",
+                 "created_at": 1_700_000_002, "updated_at": 1_700_000_003, "reason": null}
+    });
+    std::fs::write(t.join("volumes.json"), serde_json::to_vec_pretty(&legacy).unwrap()).unwrap();
+    let mut d = Daemon::start(t.path(), FILE_VOLUME);
+    let listed = names_and_ids(&mut d);
+    assert_eq!((&listed["old"]["id"], &listed["old"]["status"]), (&json!("1f2e3d4c5b6a7980"), &json!("available")));
+    assert_eq!((&listed["snap"]["id"], &listed["snap"]["source"]), (&json!("0a0b0c0d0e0f1011"), &json!("old")));
+    assert!(!t.join("volumes.json").exists() && t.join("volumes.json.imported").exists());
+    assert!(t.join("state.db").exists());
+    drop(d);
+    let mut d = Daemon::start(t.path(), FILE_VOLUME);
+    assert_eq!(names_and_ids(&mut d)["old"]["id"], "1f2e3d4c5b6a7980", "imported once, kept");
+}

@@ -559,10 +559,9 @@ impl Service for ComputeService {
     fn cleanup(&self) {
         std::thread::scope(|scope| {
             for b in self.backends.iter().filter(|b| b.configured().settings.stop_instances_on_exit) {
+                // Every instance, not only running ones: one whose first process exited may have left
+                // processes behind, and stop ends them too.
                 for r in self.records.list(Some(&b.name)) {
-                    if !matches!(r.status, InstanceStatus::Running | InstanceStatus::Paused | InstanceStatus::Unknown) {
-                        continue;
-                    }
                     scope.spawn(move || {
                         log::info!("instance {:?}: stopping (backend {:?} stops instances on exit)", r.name, b.name);
                         let stop = self.transition(&r.name, None, InstanceStatus::Stopping, ComputeMethod::stop, |d| {

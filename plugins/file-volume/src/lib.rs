@@ -6,6 +6,13 @@
 //! (`.partial.*`, never listed) and renamed into place only when complete; an interrupted one (a crash,
 //! `kill -9`, a stop that outlasted the shutdown timeout) leaves only a temporary file, removed at the
 //! next `init`.
+//!
+//! A missing root is never silently recreated empty. The root carries a marker (`.file-volume`) and
+//! its parent remembers it (`.<root name>.file-volume`): the first start creates the root (or takes an
+//! existing directory) and both markers; later, a root that is missing (moved away) or unmarked (an
+//! unmounted filesystem's mount point) makes the driver unhealthy, so the backend is down with the
+//! reason and its records are kept, until the root is back (the next health check sees it) or option
+//! `create_root` says to start afresh.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -18,8 +25,13 @@ use plughost_api::{CapacityStats, DriverError, OptionSpec, Options, Volume, Volu
 
 /// The options this driver takes. `${state_dir}` and `${backend}` are expanded by the host.
 pub const OPTIONS: &[OptionSpec] = &[
-    OptionSpec::path("root", "directory holding the volume files (created if missing)")
+    OptionSpec::path("root", "directory holding the volume files (created at first use)")
         .default("${state_dir}/volumes/${backend}"),
+    OptionSpec::boolean(
+        "create_root",
+        "create a missing root, or take a directory without this driver's marker, even where a root was used before (an empty one then replaces it)",
+    )
+    .default("false"),
     OptionSpec::size("max_volume_size", "largest volume size accepted").default("16TiB"),
     OptionSpec::boolean("reflink", "try a reflink (FICLONE) for snapshots before copying").default("true"),
     OptionSpec::boolean("sync", "fsync new volumes and the volume root, so that they survive a power loss")
@@ -33,9 +45,14 @@ pub struct FileVolume {
     max_size: u64,
     reflink: bool,
     sync: bool,
+    create_root: bool,
+    /// Why the root cannot be used, until it can (checked again by `health`).
+    root_problem: std::sync::Mutex<Option<String>>,
 }
 
 const SUFFIX: &str = ".vol";
+/// The marker in the root.
+const MARKER: &str = ".file-volume";
 const SOURCE_PREFIX: &str = ".source.";
 const PARTIAL_PREFIX: &str = ".partial.";
 
@@ -53,7 +70,72 @@ impl FileVolume {
             max_size: options.size("max_volume_size")?,
             reflink: options.boolean("reflink")?,
             sync: options.boolean("sync")?,
+            create_root: options.boolean("create_root")?,
+            root_problem: std::sync::Mutex::new(None),
         })
+    }
+
+    /// The parent's memory of the root: `<parent>/.<root name>.file-volume` (none for `/`).
+    fn parent_marker(&self) -> Option<PathBuf> {
+        let name = self.root.file_name()?.to_str()?;
+        Some(self.root.parent()?.join(format!(".{name}{MARKER}")))
+    }
+
+    /// Writes both markers (the parent's is best effort: its directory may not be ours to write).
+    fn mark_root(&self) -> Result<(), DriverError> {
+        let text = format!("file-volume root {}\n", self.root.display());
+        let marker = self.root.join(MARKER);
+        fs::write(&marker, &text).map_err(|e| DriverError::io(format!("writing {}", marker.display()), &e))?;
+        if let Some(p) = self.parent_marker() {
+            let _ = fs::write(p, &text);
+        }
+        if self.sync {
+            let _ = File::open(&self.root).and_then(|d| d.sync_all());
+        }
+        Ok(())
+    }
+
+    /// Makes the root usable if the rules allow, or says why not: creates it at first use (no parent
+    /// marker yet) or with `create_root`; takes an unmarked directory on the same terms.
+    fn prepare_root(&self) -> Result<(), String> {
+        let first_use = self.parent_marker().is_none_or(|p| !p.exists());
+        let may_create = first_use || self.create_root;
+        match fs::metadata(&self.root) {
+            Ok(m) if !m.is_dir() => Err(format!("volume root {} is not a directory", self.root.display())),
+            Ok(_) if self.root.join(MARKER).exists() => Ok(()),
+            Ok(_) if may_create => self.mark_root().map_err(|e| e.message().to_owned()),
+            Ok(_) => Err(format!(
+                "volume root {} lacks its marker {MARKER}: not the directory this backend used (an unmounted filesystem?); mount it, or set create_root = true to use it as it is",
+                self.root.display()
+            )),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && may_create => fs::create_dir_all(&self.root)
+                .map_err(|e| format!("creating volume root {}: {e}", self.root.display()))
+                .and_then(|()| self.mark_root().map_err(|e| e.message().to_owned())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(format!(
+                "volume root {} is missing (it held this backend's volumes: moved away or not mounted?); put it back, or set create_root = true to start an empty one",
+                self.root.display()
+            )),
+            Err(e) => Err(format!("volume root {}: {e}", self.root.display())),
+        }
+    }
+
+    /// Checks the root (at `init`, and again while it was unusable or if its marker is gone); once it
+    /// is usable, removes what interrupted operations left in it.
+    fn root_ready(&self, init: bool) -> Result<(), DriverError> {
+        let mut problem = self.root_problem.lock().unwrap_or_else(|p| p.into_inner());
+        if init || problem.is_some() || !self.root.join(MARKER).exists() {
+            match self.prepare_root() {
+                Ok(()) => {
+                    *problem = None;
+                    self.remove_leftovers()?;
+                }
+                Err(why) => {
+                    *problem = Some(why.clone());
+                    return Err(DriverError::internal(why));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn path(&self, name: &str) -> Result<PathBuf, DriverError> {
@@ -238,19 +320,16 @@ fn rename_noreplace(src: &Path, dst: &Path) -> io::Result<()> {
 }
 
 impl VolumeDriver for FileVolume {
+    /// Prepares the root (see the module docs). A root that cannot be used does not fail `init`: the
+    /// driver reports unhealthy with the reason until it can be, so that it recovers on its own when the
+    /// root comes back.
     fn init(&self) -> Result<(), DriverError> {
-        fs::create_dir_all(&self.root)
-            .map_err(|e| DriverError::io(format!("creating volume root {}", self.root.display()), &e))?;
-        self.remove_leftovers()
+        let _ = self.root_ready(true);
+        Ok(())
     }
 
     fn health(&self) -> Result<(), DriverError> {
-        let meta = fs::metadata(&self.root)
-            .map_err(|e| DriverError::io(format!("volume root {}", self.root.display()), &e))?;
-        if !meta.is_dir() {
-            return Err(DriverError::internal(format!("volume root {} is not a directory", self.root.display())));
-        }
-        Ok(())
+        self.root_ready(false)
     }
 
     fn create(&self, name: &str, size: u64) -> Result<Volume, DriverError> {
@@ -528,9 +607,44 @@ mod tests {
         let mut left: Vec<String> =
             fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         left.sort();
-        assert_eq!(left, ["v1.vol"]);
+        assert_eq!(left, [MARKER, "v1.vol"]);
         assert_eq!(again.snapshot("v1", "s1").unwrap().source.as_deref(), Some("v1"));
         assert_eq!(again.snapshot("v1", "s1").unwrap_err().kind(), ErrorKind::ALREADY_EXISTS);
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The first start makes the root; later a missing or unmarked root keeps the driver unhealthy (never
+    /// recreated empty) until it is back or `create_root` says otherwise.
+    #[test]
+    fn a_root_used_before_is_never_recreated_empty() {
+        let base = std::env::temp_dir().join(format!("file-volume-root-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&base);
+        fs::create_dir_all(&base).unwrap();
+        let root = base.join("vols");
+        let d = driver(&root);
+        d.create("v", 1 << 20).unwrap();
+        assert!(root.join(MARKER).exists() && base.join(".vols.file-volume").exists());
+        fs::rename(&root, base.join("moved")).unwrap();
+        let again = driver(&root);
+        let e = again.health().unwrap_err();
+        assert!(e.message().contains("is missing (it held this backend's volumes"), "{}", e.message());
+        assert!(!root.exists(), "not recreated");
+        // An empty directory in its place (a mount point without its filesystem) is not taken either.
+        fs::create_dir(&root).unwrap();
+        let e = again.health().unwrap_err();
+        assert!(e.message().contains("lacks its marker .file-volume"), "{}", e.message());
+        fs::remove_dir(&root).unwrap();
+        // Back where it was: healthy again, without a restart, with its volume.
+        fs::rename(base.join("moved"), &root).unwrap();
+        again.health().unwrap();
+        assert_eq!(again.get("v").unwrap().size, 1 << 20);
+        // create_root starts an empty one.
+        fs::rename(&root, base.join("moved")).unwrap();
+        let o = Options::for_schema(OPTIONS, [("root", root.to_str().unwrap()), ("create_root", "true")]);
+        let fresh = FileVolume::new(&o).unwrap();
+        fresh.init().unwrap();
+        fresh.health().unwrap();
+        assert!(fresh.list().unwrap().is_empty());
+        fs::remove_dir_all(&base).unwrap();
     }
 }

@@ -138,7 +138,19 @@ struct Proc {
     removed: bool,
 }
 
-type Slot = Arc<Mutex<Proc>>;
+/// One instance: its state, locked while an operation on it runs (a stop may take `stop_timeout_ms`),
+/// and what it last looked like, for `list` to show without waiting for that lock.
+#[derive(Debug)]
+struct SlotInner {
+    proc: Mutex<Proc>,
+    shown: Mutex<Option<Instance>>,
+}
+
+type Slot = Arc<SlotInner>;
+
+fn slot_of(p: Proc) -> Slot {
+    Arc::new(SlotInner { proc: Mutex::new(p), shown: Mutex::new(None) })
+}
 
 /// How instances are contained.
 #[derive(Debug, Clone)]
@@ -534,18 +546,20 @@ impl ProcessCompute {
             self.persist(name, &p)?;
         }
         let mut map = lock(&self.instances);
-        Ok(map.entry(name.to_owned()).or_insert_with(|| Arc::new(Mutex::new(p))).clone())
+        Ok(map.entry(name.to_owned()).or_insert_with(|| slot_of(p)).clone())
     }
 
     /// The instance locked, refreshed (an ended run collected), or `not_found`.
     fn with<T>(&self, name: &str, f: impl FnOnce(&mut Proc) -> Result<T, DriverError>) -> Result<T, DriverError> {
         let slot = self.slot(name)?;
-        let mut p = lock(&slot);
+        let mut p = lock(&slot.proc);
         if p.removed {
             return Err(not_found(name));
         }
         self.refresh(name, &mut p)?;
-        f(&mut p)
+        let out = f(&mut p);
+        *lock(&slot.shown) = Some(self.info(name, &p));
+        out
     }
 
     /// Notices an ended run: its exit status if it was our child, else unknown.
@@ -645,7 +659,7 @@ impl ProcessCompute {
                 true => live += 1,
                 false => ended += 1,
             }
-            lock(&self.instances).insert(name.clone(), Arc::new(Mutex::new(p)));
+            lock(&self.instances).insert(name.clone(), slot_of(p));
         }
         if let Containment::Cgroup(parent) = self.containment() {
             for entry in fs::read_dir(&parent).into_iter().flatten().flatten() {
@@ -917,7 +931,7 @@ impl ComputeDriver for ProcessCompute {
     /// Leaves every instance running: they outlive the driver, and the next driver on this `log_dir`
     /// re-adopts them.
     fn cleanup(&self) -> Result<(), DriverError> {
-        let running = lock(&self.instances).values().filter(|s| lock(s).run.is_some()).count();
+        let running = lock(&self.instances).values().filter(|s| lock(&s.proc).run.is_some()).count();
         if running > 0 {
             note!("leaving {running} instance(s) running; they are re-adopted at the next start");
         }
@@ -946,15 +960,9 @@ impl ComputeDriver for ProcessCompute {
             self.slot(name)?;
             return Err(taken());
         }
-        let slot: Slot = Arc::new(Mutex::new(Proc {
-            spec: spec.clone(),
-            run: None,
-            last_exit: None,
-            pgid: None,
-            cgroup: None,
-            removed: false,
-        }));
-        let mut p = lock(&slot);
+        let slot =
+            slot_of(Proc { spec: spec.clone(), run: None, last_exit: None, pgid: None, cgroup: None, removed: false });
+        let mut p = lock(&slot.proc);
         {
             let mut map = lock(&self.instances);
             if map.contains_key(name) {
@@ -985,12 +993,14 @@ impl ComputeDriver for ProcessCompute {
             lock(&self.instances).remove(name);
             return Err(e);
         }
-        Ok(self.info(name, &p))
+        let info = self.info(name, &p);
+        *lock(&slot.shown) = Some(info.clone());
+        Ok(info)
     }
 
     fn destroy(&self, name: &str) -> Result<(), DriverError> {
         let slot = self.slot(name)?;
-        let mut p = lock(&slot);
+        let mut p = lock(&slot.proc);
         if p.removed {
             return Err(not_found(name));
         }
@@ -1050,11 +1060,28 @@ impl ComputeDriver for ProcessCompute {
         }
         let mut out = Vec::with_capacity(names.len());
         for name in names {
-            match self.with(&name, |p| Ok(self.info(&name, p))) {
-                Ok(i) => out.push(i),
-                Err(e) if e.kind() == plughost_api::ErrorKind::NOT_FOUND => {}
+            let slot = match self.slot(&name) {
+                Ok(s) => s,
+                Err(e) if e.kind() == plughost_api::ErrorKind::NOT_FOUND => continue,
                 Err(e) => return Err(e),
-            }
+            };
+            // An instance an operation is working on (a stop waiting for its processes) is shown as it
+            // last was: list never waits for it.
+            let shown = match slot.proc.try_lock() {
+                Ok(mut p) if !p.removed => {
+                    self.refresh(&name, &mut p)?;
+                    let i = self.info(&name, &p);
+                    *lock(&slot.shown) = Some(i.clone());
+                    Some(i)
+                }
+                Ok(_) => None,
+                Err(std::sync::TryLockError::Poisoned(e)) => {
+                    let p = e.into_inner();
+                    (!p.removed).then(|| self.info(&name, &p))
+                }
+                Err(std::sync::TryLockError::WouldBlock) => lock(&slot.shown).clone(),
+            };
+            out.extend(shown);
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
