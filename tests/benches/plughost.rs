@@ -534,6 +534,111 @@ fn swap_benchmarks(out: &mut Vec<Metric>, work: &Path) {
     drop(server);
 }
 
+/// Seconds from spawning `plughost run` to its socket answering, and the server.
+fn timed_start(state: &Path, args: &[&str]) -> (f64, Server) {
+    let t = Instant::now();
+    let server = Server::start(state, args);
+    let mut c = Conn::new(&server.socket);
+    assert!(c.ask("{\"id\":0,\"op\":\"ping\"}\n"));
+    (t.elapsed().as_secs_f64(), server)
+}
+
+/// Start-up with 100k volumes: the first start adopts 100k volume files found without records; a
+/// restart reconciles 100k records with 100k files. Side by side with a start on an empty state dir.
+fn startup_benchmarks(out: &mut Vec<Metric>, work: &Path) {
+    const N: usize = 100_000;
+    let state = work.join("startup-100k");
+    let root = state.join("volumes/default");
+    std::fs::create_dir_all(&root).unwrap();
+    for i in 0..N {
+        std::fs::File::create(root.join(format!("v{i:06}.vol"))).unwrap().set_len(1 << 20).unwrap();
+    }
+    let args = ["--volume-driver", "file-volume", "--compute-driver", "none"];
+    let (first, server) = timed_start(&state, &args);
+    let mut c = Conn::new(&server.socket);
+    let status = c.json(&json!({"id": 1, "op": "status"}));
+    assert_eq!(status["result"]["services"][0]["records"], N, "{status}");
+    drop(server);
+    let empty = work.join("startup-empty");
+    let (mut restarts, mut empties) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        let (t, server) = timed_start(&state, &args);
+        restarts.push(t * 1e3);
+        drop(server);
+        let _ = std::fs::remove_dir_all(&empty);
+        let (t, server) = timed_start(&empty, &args);
+        empties.push(t * 1e3);
+        drop(server);
+    }
+    let empty_ms = median(&mut empties);
+    out.push(metric("startup_100k.empty_state", empty_ms, "ms", None, ""));
+    out.push(metric(
+        "startup_100k.first_start_adopting",
+        first * 1e3,
+        "ms",
+        Some(("startup_100k.empty_state", empty_ms)),
+        "",
+    ));
+    out.push(metric(
+        "startup_100k.restart",
+        median(&mut restarts),
+        "ms",
+        Some(("startup_100k.empty_state", empty_ms)),
+        "<= 2000 ms",
+    ));
+}
+
+/// Create + delete with 100k records, side by side with the same on an empty host; the host's share is
+/// the round trip minus the driver's own time (from status).
+fn mutation_benchmarks(out: &mut Vec<Metric>, work: &Path) {
+    const N: usize = 100_000;
+    let big = work.join("mutation-100k");
+    let root = big.join("volumes/default");
+    std::fs::create_dir_all(&root).unwrap();
+    for i in 0..N {
+        std::fs::File::create(root.join(format!("v{i:06}.vol"))).unwrap().set_len(1 << 20).unwrap();
+    }
+    let args = ["--volume-driver", "file-volume", "--compute-driver", "none"];
+    let with_100k = Server::start(&big, &args);
+    let empty = Server::start(&work.join("mutation-empty"), &args);
+    let mut conns = [Conn::new(&with_100k.socket), Conn::new(&empty.socket)];
+    let mut lat: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..400 {
+        for (i, c) in conns.iter_mut().enumerate() {
+            let name = format!("m{round}");
+            let t = Instant::now();
+            assert!(c.ask(&format!(
+                "{{\"id\":1,\"service\":\"volume\",\"op\":\"create\",\"args\":{{\"name\":\"{name}\",\"size\":4096}}}}\n"
+            )));
+            assert!(c.ask(&format!(
+                "{{\"id\":2,\"service\":\"volume\",\"op\":\"delete\",\"args\":{{\"name\":\"{name}\"}}}}\n"
+            )));
+            if round >= 50 {
+                lat[i].push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+    }
+    let driver_ms = |c: &mut Conn| {
+        let s = c.json(&json!({"id": 3, "op": "status"}));
+        let calls = &s["result"]["services"][0]["backends"][0]["calls"];
+        (calls["create"]["mean_us"].as_f64().unwrap() + calls["delete"]["mean_us"].as_f64().unwrap()) / 1e3
+    };
+    let driver_big = driver_ms(&mut conns[0]);
+    let driver_empty = driver_ms(&mut conns[1]);
+    let [big_lat, empty_lat] = &mut lat;
+    let (p_big, p_empty) = (median(big_lat), median(empty_lat));
+    out.push(metric("mutation_with_100k.empty.create_delete_p50", p_empty, "ms", None, ""));
+    out.push(metric(
+        "mutation_with_100k.create_delete_p50",
+        p_big,
+        "ms",
+        Some(("mutation_with_100k.empty.create_delete_p50", p_empty)),
+        "~1x",
+    ));
+    out.push(metric("mutation_with_100k.empty.host_overhead", p_empty - driver_empty, "ms", None, ""));
+    out.push(metric("mutation_with_100k.host_overhead", p_big - driver_big, "ms", None, "<= 2 ms per create+delete"));
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; a filter argument selects groups by prefix.
     let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
@@ -552,6 +657,12 @@ fn main() {
     }
     if wanted("swap") {
         swap_benchmarks(&mut out, work.path());
+    }
+    if wanted("startup") {
+        startup_benchmarks(&mut out, work.path());
+    }
+    if wanted("mutation") {
+        mutation_benchmarks(&mut out, work.path());
     }
 
     println!("{:<44} {:>12} {:<6} {:>9}  goal", "metric", "value", "unit", "ratio");
