@@ -204,6 +204,12 @@ driver_interface! {
     /// Errors name the instance (`instance "web" not found`) and use the kinds the contract requires:
     /// `not_found` for an instance that does not exist, `already_exists` for a name in use, `busy` for
     /// starting a running instance.
+    ///
+    /// Instances outlive the driver: `cleanup` must not stop them (the host stops them first when it is
+    /// told to), and a new driver object on the same state (after a restart of the host, a swap or a
+    /// reload) should find them again, reporting an exit it could not observe with
+    /// [`Instance::exit_unknown`] rather than an invented status. `stop` and `destroy` end everything
+    /// the instance started. A slow `stop` of one instance must not hold up calls on the others.
     kind compute = 2, "compute": ComputeDriver, ComputeClient, ComputeAdapter, ComputeDriverFfi, ComputeDriverFfi_TO;
     host ComputeInterface, ComputeCall, ComputeReply, RemoteCompute, ComputeMethod;
     methods {
