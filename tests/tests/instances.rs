@@ -185,3 +185,25 @@ fn a_slow_stop_holds_up_no_other_instance() {
         d.ok("compute", "destroy", json!({"name": name}));
     }
 }
+
+/// A swapped-in driver (here the same library, reloaded) re-adopts the running instances; they are
+/// still this host's children, so their exit status is known.
+#[test]
+fn a_swapped_driver_readopts_running_instances() {
+    let t = TempDir::new("swap-adopt");
+    let mut d = Daemon::start(t.path(), COMPUTE);
+    let (p, pgid) = sleeper(&mut d, "kept");
+    let swapped = d.ok("compute", "swap", json!({}));
+    assert_eq!(swapped["generation"], 1, "{swapped}");
+    let i = get(&mut d, "kept");
+    assert_eq!((i["status"].as_str(), i["pid"].as_u64()), (Some("running"), Some(u64::from(p.pid))), "{i}");
+    assert!(p.alive(), "the old driver's cleanup left it running");
+    let stopped = d.ok("compute", "stop", json!({"name": "kept"}));
+    assert_eq!(
+        (stopped["exit_signal"].as_i64(), stopped["exit_unknown"].as_bool()),
+        (Some(15), Some(false)),
+        "{stopped}"
+    );
+    assert!(!p.alive() && !group_alive(pgid));
+    d.ok("compute", "destroy", json!({"name": "kept"}));
+}
