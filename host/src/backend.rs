@@ -241,7 +241,7 @@ fn prepare<I: Interface>(
         backend: backend.to_owned(),
         cause: BackendCause::NotFound(reason),
     })?;
-    let library = ctx.loader.load(&path).map_err(fail)?;
+    let library = ctx.loader.load_pinned(&path, configured.settings.digest.as_deref()).map_err(fail)?;
     library.expect_kind(I::KIND).map_err(fail)?;
     let mut given: Vec<(String, String)> =
         configured.options.iter().map(|(k, v)| (k.clone(), expand(v, ctx.state_dir, backend))).collect();
@@ -398,6 +398,7 @@ pub trait BackendControl: Send + Sync {
         ctx: BuildContext<'_>,
         driver: Option<&str>,
         options: Option<Vec<(String, String)>>,
+        settings: Option<crate::config::BackendSettings>,
         drain_timeout: Duration,
     ) -> Result<SwapReport, ApiError>;
     /// The status of this backend.
@@ -428,6 +429,7 @@ impl<I: Interface> BackendControl for Backend<I> {
         ctx: BuildContext<'_>,
         driver: Option<&str>,
         options: Option<Vec<(String, String)>>,
+        settings: Option<crate::config::BackendSettings>,
         drain_timeout: Duration,
     ) -> Result<SwapReport, ApiError> {
         let _one_swap_at_a_time = self.swap_lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -435,11 +437,15 @@ impl<I: Interface> BackendControl for Backend<I> {
         let wanted = Configured {
             driver: driver.map(str::to_owned).unwrap_or_else(|| current.driver.clone()),
             options: options.unwrap_or_else(|| current.options.clone()),
-            settings: current.settings.clone(),
+            settings: settings.unwrap_or_else(|| current.settings.clone()),
         };
         let generation = self.active.read(|a| a.generation) + 1;
         let fresh: Active<I> = prepare(ctx, self.service, &self.name, &wanted, generation).map_err(|e| {
-            ApiError::new(ErrorKind::SwapFailed, format!("{}; the old driver keeps serving", e.one_line()))
+            let kind = match &e.cause {
+                BackendCause::Load(l) if l.kind.is_trust() => ErrorKind::UntrustedDriver,
+                _ => ErrorKind::SwapFailed,
+            };
+            ApiError::new(kind, format!("{}; the old driver keeps serving", e.one_line()))
         })?;
         let unhealthy = match &fresh.init_error {
             Some(e) => Some(e.clone()),
@@ -496,7 +502,7 @@ impl<I: Interface> BackendControl for Backend<I> {
                 })
             })
             .collect();
-        let configured = self.configured().driver;
+        let Configured { driver: configured, settings, .. } = self.configured();
         self.active.read(|active| {
             let info = &active.info;
             BackendStatus {
@@ -517,6 +523,7 @@ impl<I: Interface> BackendControl for Backend<I> {
                     generation: active.generation,
                     extensions: active.extensions.clone(),
                 },
+                pinned: settings.digest.clone(),
                 options: active.shown_options.clone(),
                 calls,
                 capacity,

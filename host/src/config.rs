@@ -59,12 +59,58 @@ pub struct FileConfig {
     pub periodic_interval_ms: Option<u64>,
     /// Largest request line accepted on the control socket.
     pub max_request_bytes: Option<u64>,
+    /// The group whose members may read (status, get, list, stats) through the socket.
+    pub socket_group: Option<String>,
+    /// `[trust]`.
+    pub trust: TrustConfig,
     /// `[volume]`, `[compute]`, ... by service name.
     pub services: BTreeMap<&'static str, ServiceConfig>,
 }
 
-const GLOBAL_KEYS: &[&str] =
-    &["state_dir", "socket", "driver_dirs", "shutdown_timeout_ms", "periodic_interval_ms", "max_request_bytes"];
+/// `[trust]`: which driver code may load, and what the socket may ask for.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustConfig {
+    /// Refuse driver files that others could have written (default true).
+    pub strict: Option<bool>,
+    /// A file of allowed digests.
+    pub allowlist: Option<PathBuf>,
+    /// Refuse backends without a `digest` pin.
+    pub require_pins: Option<bool>,
+    /// Let `swap` name a driver file outside the driver directories.
+    pub allow_swap_paths: Option<bool>,
+}
+
+/// The trust settings in effect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustSettings {
+    /// Driver files, and every directory above them, must be owned by root or plughost's user and not
+    /// writable by others (default); off, they load with a warning.
+    pub strict: bool,
+    /// Nothing whose digest is not listed in this file loads.
+    pub allowlist: Option<PathBuf>,
+    /// Every backend must pin its driver's digest.
+    pub require_pins: bool,
+    /// `swap` may name a path outside the driver directories.
+    pub allow_swap_paths: bool,
+}
+
+impl Default for TrustSettings {
+    fn default() -> TrustSettings {
+        TrustSettings { strict: true, allowlist: None, require_pins: false, allow_swap_paths: false }
+    }
+}
+
+const GLOBAL_KEYS: &[&str] = &[
+    "state_dir",
+    "socket",
+    "driver_dirs",
+    "shutdown_timeout_ms",
+    "periodic_interval_ms",
+    "max_request_bytes",
+    "socket_group",
+    "trust",
+];
 
 /// Every top-level key, for error messages.
 fn top_level_keys() -> &'static [&'static str] {
@@ -105,6 +151,8 @@ impl<'de> Deserialize<'de> for FileConfig {
                         "shutdown_timeout_ms" => c.shutdown_timeout_ms = Some(map.next_value()?),
                         "periodic_interval_ms" => c.periodic_interval_ms = Some(map.next_value()?),
                         "max_request_bytes" => c.max_request_bytes = Some(map.next_value()?),
+                        "socket_group" => c.socket_group = Some(map.next_value()?),
+                        "trust" => c.trust = map.next_value()?,
                         service => {
                             c.services.insert(service, map.next_value()?);
                         }
@@ -135,6 +183,8 @@ pub struct ServiceConfig {
     /// [`BackendSettings::stop_instances_on_exit`]. (Settings are plain keys, not a flattened struct:
     /// serde's `flatten` would lose the line and column of errors.)
     pub stop_instances_on_exit: Option<bool>,
+    /// The `default` backend's pinned driver digest (`blake3:…`).
+    pub digest: Option<String>,
 }
 
 /// `[[volume.backends]]`.
@@ -150,12 +200,33 @@ pub struct BackendConfig {
     pub options: BTreeMap<String, toml::Value>,
     /// Host-level setting of this backend: see [`BackendSettings::stop_instances_on_exit`].
     pub stop_instances_on_exit: Option<bool>,
+    /// This backend's pinned driver digest (`blake3:…`).
+    pub digest: Option<String>,
 }
 
 /// Host-level backend settings as a config section gives them (unset: inherited or the default).
 #[derive(Debug, Default, Clone)]
 struct SettingsConfig {
     stop_instances_on_exit: Option<bool>,
+}
+
+/// Splits `DRIVER@blake3:HEX` into the driver and its pin.
+fn split_pin(flag: &str, spec: &str) -> Result<(String, Option<String>), ConfigError> {
+    match spec.rsplit_once("@blake3:") {
+        Some((driver, hex)) => {
+            let pin = format!("blake3:{hex}");
+            check_digest(flag, &pin)?;
+            Ok((driver.to_owned(), Some(pin.to_ascii_lowercase())))
+        }
+        None => Ok((spec.to_owned(), None)),
+    }
+}
+
+fn check_digest(at: &str, digest: &str) -> Result<(), ConfigError> {
+    if crate::loader::is_digest(digest) {
+        return Ok(());
+    }
+    Err(ConfigError::Invalid(format!("{at}: digest {digest:?} is not blake3: and 64 hex digits")))
 }
 
 /// What the host does around a backend's driver (not driver options: the driver never sees them).
@@ -165,6 +236,8 @@ pub struct BackendSettings {
     /// At a graceful stop, stop this backend's instances first. Off by default: instances outlive the
     /// host, and a restarted host re-adopts them.
     pub stop_instances_on_exit: bool,
+    /// The only driver content this backend loads (`blake3:…`), at start, swap and reload.
+    pub digest: Option<String>,
 }
 
 impl SettingsConfig {
@@ -274,7 +347,7 @@ impl clap::Args for ServiceFlagSet {
                         .env(format!("PLUGHOST_{}_DRIVER", n.to_uppercase()))
                         .value_name("PATH|NAME")
                         .help(format!(
-                            "Driver of the default {n} backend (PATH or NAME, or `none`) [default: {}]",
+                            "Driver of the default {n} backend (PATH or NAME, or `none`; DRIVER@blake3:HEX pins its digest) [default: {}]",
                             k.default_driver
                         )),
                 )
@@ -283,7 +356,9 @@ impl clap::Args for ServiceFlagSet {
                         .long(format!("{n}-backend"))
                         .value_name("NAME=DRIVER")
                         .action(ArgAction::Append)
-                        .help(format!("Another {n} backend, NAME=PATH|DRIVER (repeatable)")),
+                        .help(format!(
+                            "Another {n} backend, NAME=PATH|DRIVER, optionally pinned: NAME=DRIVER@blake3:HEX (repeatable)"
+                        )),
                 )
                 .arg(
                     Arg::new(opts)
@@ -330,6 +405,17 @@ pub struct RunFlags {
     /// Largest request line accepted on the control socket, in bytes [default: 1048576]
     #[arg(long, value_name = "BYTES")]
     pub max_request_bytes: Option<u64>,
+    /// Load driver files even if others could have written them (trust.strict = false); logged as a
+    /// warning and shown in status
+    #[arg(long)]
+    pub allow_untrusted_drivers: bool,
+    /// Let `swap` name a driver file outside the driver directories (trust.allow_swap_paths = true)
+    #[arg(long)]
+    pub allow_swap_paths: bool,
+    /// Members of GROUP may read through the control socket (status, get, list, stats); mutations,
+    /// swap and reload stay with root and plughost's user
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
     /// Stop the instances of SERVICE (every backend) or SERVICE/BACKEND when plughost stops; by default
     /// they keep running and a restarted plughost re-adopts them (repeatable)
     #[arg(long, value_name = "SERVICE[/BACKEND]")]
@@ -359,6 +445,10 @@ pub struct Settings {
     /// The `plughost` executable, to load new driver content in a child process first; `None` loads
     /// in-process only.
     pub probe: Option<PathBuf>,
+    /// Which driver code may load.
+    pub trust: TrustSettings,
+    /// The group that may read through the socket.
+    pub socket_group: Option<String>,
 }
 
 /// Where the configuration comes from: the flags given at start (environment included) and the file
@@ -419,6 +509,30 @@ pub fn resolve(flags: &RunFlags, file: &FileConfig) -> Result<Settings, Vec<Conf
     let mut dirs = flags.driver_dirs.clone();
     dirs.extend(file.driver_dirs.iter().cloned());
     let max_request_bytes = flags.max_request_bytes.or(file.max_request_bytes).unwrap_or(1 << 20);
+    let t = &file.trust;
+    let trust = TrustSettings {
+        strict: !flags.allow_untrusted_drivers && t.strict.unwrap_or(true),
+        allowlist: t.allowlist.clone(),
+        require_pins: t.require_pins.unwrap_or(false),
+        allow_swap_paths: flags.allow_swap_paths || t.allow_swap_paths.unwrap_or(false),
+    };
+    if trust.require_pins {
+        let unpinned: Vec<String> = services
+            .iter()
+            .flat_map(|s| {
+                s.backends
+                    .iter()
+                    .filter(|b| b.settings.digest.is_none())
+                    .map(move |b| format!("{} backend {:?}", s.kind.name, b.name))
+            })
+            .collect();
+        if !unpinned.is_empty() {
+            return Err(vec![ConfigError::Invalid(format!(
+                "trust.require_pins is set but these backends pin no digest: {}",
+                unpinned.join(", ")
+            ))]);
+        }
+    }
     Ok(Settings {
         driver_dirs: crate::drivers::driver_dirs(&dirs),
         state_dir,
@@ -432,6 +546,8 @@ pub fn resolve(flags: &RunFlags, file: &FileConfig) -> Result<Settings, Vec<Conf
         ),
         max_request_bytes: usize::try_from(max_request_bytes.max(64)).unwrap_or(usize::MAX),
         probe: std::env::current_exe().ok(),
+        trust,
+        socket_group: flags.socket_group.clone().or_else(|| file.socket_group.clone()),
     })
 }
 
@@ -487,7 +603,24 @@ pub fn service_spec(
 ) -> Result<Option<ServiceSpec>, ConfigError> {
     let name = kind.name;
     let mut backends: Vec<BackendSpec> = Vec::new();
-    let default_driver = flags.driver.clone().or_else(|| file.and_then(|f| f.driver.clone()));
+    let (flag_driver, flag_pin) = match &flags.driver {
+        Some(d) => {
+            let (d, pin) = split_pin(&format!("--{name}-driver"), d)?;
+            (Some(d), pin)
+        }
+        None => (None, None),
+    };
+    let default_driver = flag_driver.or_else(|| file.and_then(|f| f.driver.clone()));
+    let default_pin = match flag_pin {
+        Some(p) => Some(p),
+        None => match file.and_then(|f| f.digest.clone()) {
+            Some(d) => {
+                check_digest(&format!("[{name}] digest"), &d)?;
+                Some(d.to_ascii_lowercase())
+            }
+            None => None,
+        },
+    };
     let file_backends = file.map(|f| f.backends.as_slice()).unwrap_or_default();
     let cli_backends: Vec<(String, String)> =
         flags.backends.iter().map(|b| split_kv(&format!("--{name}-backend"), b)).collect::<Result<_, _>>()?;
@@ -509,30 +642,38 @@ pub fn service_spec(
             name: "default".to_owned(),
             driver: default_driver.unwrap_or_else(|| kind.default_driver.to_owned()),
             options: file.map(|f| options(&f.options)).transpose()?.unwrap_or_default(),
-            settings: service_settings.clone(),
+            settings: BackendSettings { digest: default_pin, ..service_settings.clone() },
         });
     }
     for b in file_backends {
         let at = format!("[[{name}.backends]] {:?}", b.name);
+        let mut settings =
+            SettingsConfig { stop_instances_on_exit: b.stop_instances_on_exit }.apply(kind, &service_settings, &at)?;
+        if let Some(d) = &b.digest {
+            check_digest(&at, d)?;
+            settings.digest = Some(d.to_ascii_lowercase());
+        }
         backends.push(BackendSpec {
             name: b.name.clone(),
             driver: b.driver.clone(),
             options: options(&b.options)?,
-            settings: SettingsConfig { stop_instances_on_exit: b.stop_instances_on_exit }.apply(
-                kind,
-                &service_settings,
-                &at,
-            )?,
+            settings,
         });
     }
     for (backend, driver) in cli_backends {
+        let (driver, pin) = split_pin(&format!("--{name}-backend {backend}"), &driver)?;
         match backends.iter_mut().find(|b| b.name == backend) {
-            Some(b) => b.driver = driver,
+            Some(b) => {
+                b.driver = driver;
+                if pin.is_some() {
+                    b.settings.digest = pin;
+                }
+            }
             None => backends.push(BackendSpec {
                 name: backend,
                 driver,
                 options: Vec::new(),
-                settings: service_settings.clone(),
+                settings: BackendSettings { digest: pin, ..service_settings.clone() },
             }),
         }
     }

@@ -17,6 +17,11 @@ pub enum CtlCommand {
     Status,
     /// `reload`.
     Reload,
+    /// `audit [--since WHEN]`.
+    Audit {
+        /// `--since` as given.
+        since: Option<String>,
+    },
     /// `swap SERVICE[/BACKEND] [PATH|NAME]`.
     Swap {
         /// `SERVICE[/BACKEND]`.
@@ -40,6 +45,7 @@ impl clap::FromArgMatches for CtlCommand {
         match m.subcommand() {
             Some(("status", _)) => Ok(CtlCommand::Status),
             Some(("reload", _)) => Ok(CtlCommand::Reload),
+            Some(("audit", s)) => Ok(CtlCommand::Audit { since: s.get_one::<String>("since").cloned() }),
             Some(("swap", s)) => Ok(CtlCommand::Swap {
                 target: s.get_one::<String>("target").cloned().unwrap_or_default(),
                 driver: s.get_one::<String>("driver").cloned(),
@@ -69,6 +75,13 @@ impl clap::Subcommand for CtlCommand {
                     "Re-read the configuration and swap every backend whose driver or options changed (as SIGHUP)",
                 ))
                 .subcommand(
+                    Command::new("audit")
+                        .about("Who changed what: the audit log of mutations, swaps and reloads (admins only)")
+                        .arg(Arg::new("since").long("since").value_name("WHEN").help(
+                            "Only entries since WHEN: seconds since the epoch, YYYY-MM-DD[THH:MM:SSZ], or an age (15m, 2h, 7d)",
+                        )),
+                )
+                .subcommand(
                     Command::new("swap")
                         .about("Replace a backend's driver while serving: SERVICE[/BACKEND] [PATH|NAME]")
                         .after_help(SWAP_HELP)
@@ -90,7 +103,7 @@ impl clap::Subcommand for CtlCommand {
         Self::augment_subcommands(cmd)
     }
     fn has_subcommand(name: &str) -> bool {
-        matches!(name, "status" | "reload" | "swap") || services::kind(name).is_some()
+        matches!(name, "status" | "reload" | "audit" | "swap") || services::kind(name).is_some()
     }
 }
 
@@ -153,6 +166,16 @@ pub fn run(socket: Option<PathBuf>, json: bool, command: &CtlCommand) -> Result<
     let (service, op, args): (Option<&str>, String, String) = match command {
         CtlCommand::Status => (None, "status".into(), "{}".into()),
         CtlCommand::Reload => (None, "reload".into(), "{}".into()),
+        CtlCommand::Audit { since } => {
+            let since = since
+                .as_deref()
+                .map(|t| crate::audit::parse_since(t, crate::services::records::now()))
+                .transpose()
+                .map_err(CtlError::Usage)?;
+            let args = serde_json::to_string(&crate::protocol::AuditArgs { since })
+                .map_err(|e| CtlError::Usage(e.to_string()))?;
+            (None, "audit".into(), args)
+        }
         CtlCommand::Swap { target, driver } => {
             let (svc, backend) = match target.split_once('/') {
                 Some((s, b)) => (s, Some(b.to_owned())),
@@ -186,6 +209,7 @@ pub fn run(socket: Option<PathBuf>, json: bool, command: &CtlCommand) -> Result<
     let stdout = match (service, op.as_str()) {
         (None, "status") => parse::<HostStatus>(&result).map(|s| format_status(&s)),
         (None, "reload") => parse::<Vec<ReloadEntry>>(&result).map(|r| format_reload(&r)),
+        (None, "audit") => parse::<Vec<crate::protocol::AuditEntry>>(&result).map(|e| format_audit(&e)),
         (Some(_), "swap") => parse::<SwapReport>(&result).map(|r| format_swap(&r)),
         (Some(name), op) => match services::kind(name) {
             Some(k) => (k.format)(op, &result).map_err(CtlError::Failed),
@@ -304,6 +328,18 @@ pub fn format_status(st: &HostStatus) -> String {
             })
             .collect();
         out.push_str(&table(std::iter::once(&header).chain(rows.iter()), ""));
+        let mut line = format!("  records: {}", svc.records);
+        if let Some(r) = &svc.last_reconcile {
+            line.push_str(&format!(
+                "; last reconcile ({} ms): {} refreshed, {} completed, {} undone, {} missing, {} adopted, {} failed",
+                r.duration_ms, r.refreshed, r.completed, r.undone, r.missing, r.adopted, r.failed
+            ));
+            if r.skipped_backends > 0 {
+                line.push_str(&format!(", {} backend(s) not asked (down)", r.skipped_backends));
+            }
+        }
+        out.push_str(&line);
+        out.push('\n');
     }
     let libs = &st.libraries;
     out.push_str(&format!(
@@ -314,6 +350,27 @@ pub fn format_status(st: &HostStatus) -> String {
         human_size(libs.retired_bytes),
     ));
     out
+}
+
+/// `ctl audit` for people: one line per entry.
+pub fn format_audit(entries: &[crate::protocol::AuditEntry]) -> String {
+    let rows: Vec<[String; 5]> = entries
+        .iter()
+        .map(|e| {
+            let what = match &e.service {
+                Some(s) => format!("{s} {}", e.op),
+                None => e.op.clone(),
+            };
+            let args = e.args.as_ref().map(|a| a.to_string()).unwrap_or_default();
+            let outcome = match &e.message {
+                Some(m) => format!("{}: {m}", e.outcome),
+                None => e.outcome.clone(),
+            };
+            [e.time.clone(), format!("uid {} pid {}", e.uid, e.pid), what, args, outcome]
+        })
+        .collect();
+    let header = ["TIME", "PEER", "REQUEST", "ARGS", "OUTCOME"].map(String::from);
+    table(std::iter::once(&header).chain(rows.iter()), "")
 }
 
 /// `ctl swap` for people.

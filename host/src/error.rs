@@ -42,9 +42,21 @@ pub enum LoadErrorKind {
     Crashed,
     /// Larger than the size cap for driver files.
     TooLarge,
+    /// The file, a directory above it or a symlink on the way may be written by someone the host does
+    /// not trust (the trust policy).
+    UntrustedDriver,
+    /// The content differs from the backend's pinned digest.
+    DigestMismatch,
+    /// The content is not in the allow list.
+    NotAllowed,
 }
 
 impl LoadErrorKind {
+    /// Whether the trust policy, a pin or the allow list refused it (rather than the file being broken).
+    pub fn is_trust(self) -> bool {
+        matches!(self, LoadErrorKind::UntrustedDriver | LoadErrorKind::DigestMismatch | LoadErrorKind::NotAllowed)
+    }
+
     /// The snake_case name used in `--json` output and on the control socket.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -66,6 +78,9 @@ impl LoadErrorKind {
             LoadErrorKind::RuntimeDir => "runtime_dir",
             LoadErrorKind::Crashed => "crashed",
             LoadErrorKind::TooLarge => "too_large",
+            LoadErrorKind::UntrustedDriver => "untrusted_driver",
+            LoadErrorKind::DigestMismatch => "digest_mismatch",
+            LoadErrorKind::NotAllowed => "not_allowed",
         }
     }
 }

@@ -4,6 +4,7 @@
 //! library is not a stable API (plughost-api is): it exports what the binary, the tests and the
 //! benchmarks use.
 
+pub mod audit;
 pub mod backend;
 pub mod check;
 pub mod config;
@@ -21,6 +22,7 @@ pub mod server;
 pub mod services;
 pub mod state;
 pub mod stats;
+pub mod trust;
 
 pub use error::{LoadError, LoadErrorKind};
 pub use loader::{Library, Loader};

@@ -2,13 +2,16 @@
 //!
 //! Order of checks, cheapest and safest first; no code from the library runs before the dynamic loader
 //! opens it in step 5:
+//! 0. the trust policy ([`crate::trust::check_driver_file`]): the file and everything above it belong
+//!    to root or the host's user and nobody else can write them;
 //! 1. the path is opened once; everything after reads that one descriptor: it must be a regular file no
 //!    larger than the size cap;
 //! 2. its ELF header is read and checked (a complete shared object for this machine) before the rest
 //!    of the file is read;
 //! 3. the whole file is read, its dynamic symbol table must export the plughost root symbol (foreign
-//!    libraries are refused without being loaded), and its BLAKE3 digest is computed; a digest already
-//!    verified in this process reuses that library;
+//!    libraries are refused without being loaded), and its BLAKE3 digest is computed and checked against
+//!    the backend's pin and the allow list; a digest already verified in this process reuses that
+//!    library;
 //! 4. the bytes just hashed are copied into a sealed memfd (**copy-on-load**: the dynamic loader caches
 //!    by path, so a rebuilt file at the same path would otherwise not load, and overwriting a mapped file
 //!    in place crashes the process; a sealed memfd also means the bytes loaded are the bytes checked, as
@@ -172,6 +175,49 @@ pub struct Loader {
     /// The `plughost` executable used to probe new content in a child process first, if set.
     probe: Option<PathBuf>,
     max_bytes: u64,
+    /// Refuse driver files others could have written (the trust policy); off: warn only.
+    strict: std::sync::atomic::AtomicBool,
+    /// Digests outside which nothing loads, if set (replaced on reload).
+    allowlist: Mutex<Option<Allowlist>>,
+    /// Whether paths go through the trust policy at all (not for a copy the parent process verified).
+    check_paths: bool,
+}
+
+/// `trust.allowlist`: the digests allowed to load.
+#[derive(Debug, Clone)]
+pub struct Allowlist {
+    /// The file it was read from.
+    pub path: PathBuf,
+    digests: std::collections::HashSet<String>,
+}
+
+impl Allowlist {
+    /// Reads an allow list: one `blake3:HEX` per line; `#` starts a comment; blank lines are ignored.
+    pub fn read(path: &Path) -> Result<Allowlist, String> {
+        let text = fs::read_to_string(path)
+            .map_err(|e| format!("trust.allowlist \"{}\": {}", path.display(), crate::error::io_text(&e)))?;
+        let mut digests = std::collections::HashSet::new();
+        for (n, line) in text.lines().enumerate() {
+            let entry = line.split('#').next().unwrap_or("").trim();
+            if entry.is_empty() {
+                continue;
+            }
+            if !is_digest(entry) {
+                return Err(format!(
+                    "trust.allowlist \"{}\": line {}: {entry:?} is not blake3: and 64 hex digits",
+                    path.display(),
+                    n + 1
+                ));
+            }
+            digests.insert(entry.to_ascii_lowercase());
+        }
+        Ok(Allowlist { path: path.to_owned(), digests })
+    }
+}
+
+/// Whether `s` is a digest as plughost writes them: `blake3:` and 64 hex digits.
+pub fn is_digest(s: &str) -> bool {
+    s.strip_prefix("blake3:").is_some_and(|h| h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 impl Default for Loader {
@@ -223,7 +269,34 @@ impl Loader {
             seen: Mutex::new(HashMap::new()),
             probe: None,
             max_bytes: DEFAULT_MAX_DRIVER_BYTES,
+            strict: std::sync::atomic::AtomicBool::new(true),
+            allowlist: Mutex::new(None),
+            check_paths: true,
         }
+    }
+
+    /// A loader for a copy another (parent) process already checked and passes by descriptor
+    /// (`/proc/self/fd/N`): its path is not subject to the trust policy, which the parent applied to
+    /// the real file.
+    pub fn for_verified_copy() -> Loader {
+        Loader { check_paths: false, ..Loader::new() }
+    }
+
+    /// With `strict` off, driver files the trust policy would refuse are loaded, with a warning.
+    pub fn with_strict(self, strict: bool) -> Loader {
+        self.set_trust(strict, None);
+        self
+    }
+
+    /// Changes the trust policy and the allow list (at start, and on reload).
+    pub fn set_trust(&self, strict: bool, allowlist: Option<Allowlist>) {
+        self.strict.store(strict, std::sync::atomic::Ordering::SeqCst);
+        *self.allowlist.lock().unwrap_or_else(|p| p.into_inner()) = allowlist;
+    }
+
+    /// Whether the trust policy is enforced.
+    pub fn strict(&self) -> bool {
+        self.strict.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Makes the loader try every new file content in a child process (`EXE __probe`) before loading it
@@ -254,7 +327,22 @@ impl Loader {
 
     /// Loads and verifies `path`. See the module documentation for the order of checks.
     pub fn load(&self, path: &Path) -> Result<Library, LoadError> {
+        self.load_pinned(path, None)
+    }
+
+    /// Loads and verifies `path`, whose content must have digest `pin` if given.
+    pub fn load_pinned(&self, path: &Path, pin: Option<&str>) -> Result<Library, LoadError> {
         let err = |kind, reason: String| LoadError::new(kind, path, reason);
+        let checked = if self.check_paths { crate::trust::check_driver_file(path) } else { Ok(()) };
+        if let Err(u) = checked {
+            if u.missing {
+                return Err(err(LoadErrorKind::NotFound, "no such file".to_owned()));
+            }
+            if self.strict() {
+                return Err(err(LoadErrorKind::UntrustedDriver, format!("untrusted: {u}")));
+            }
+            log::warn!("loading {} although it is untrusted (trust.strict is off): {u}", path.display());
+        }
         let file =
             fs::OpenOptions::new().read(true).custom_flags(libc::O_CLOEXEC).open(path).map_err(|e| match e.kind() {
                 io::ErrorKind::NotFound => err(LoadErrorKind::NotFound, "no such file".to_owned()),
@@ -274,6 +362,7 @@ impl Loader {
         let key = FileKey::of(&meta);
         let known = self.seen.lock().ok().and_then(|m| m.get(path).filter(|(k, _)| *k == key).map(|(_, d)| d.clone()));
         if let Some(digest) = known {
+            self.check_digest(path, &digest, pin)?;
             if let Some(lib) = self.verified.lock().ok().and_then(|m| m.get(&digest).copied()) {
                 log::debug!("{}: unchanged since it was verified ({digest})", path.display());
                 return Ok(Library {
@@ -294,6 +383,7 @@ impl Loader {
             ));
         }
         let digest = format!("blake3:{}", blake3::hash(&bytes).to_hex());
+        self.check_digest(path, &digest, pin)?;
         let cached = self.verified.lock().ok().and_then(|m| m.get(&digest).copied());
         let lib = match cached {
             Some(lib) => {
@@ -315,6 +405,27 @@ impl Loader {
             }
         }
         Ok(Library { path: path.to_owned(), digest, size: bytes.len() as u64, loaded_at: SystemTime::now(), lib })
+    }
+
+    /// The pin and the allow list, checked on the digest before anything of the file is loaded.
+    fn check_digest(&self, path: &Path, digest: &str, pin: Option<&str>) -> Result<(), LoadError> {
+        if let Some(pin) = pin.filter(|p| !p.eq_ignore_ascii_case(digest)) {
+            return Err(LoadError::new(
+                LoadErrorKind::DigestMismatch,
+                path,
+                format!("content {digest} differs from the pinned digest {pin}"),
+            ));
+        }
+        if let Some(list) = &*self.allowlist.lock().unwrap_or_else(|p| p.into_inner()) {
+            if !list.digests.contains(digest) {
+                return Err(LoadError::new(
+                    LoadErrorKind::NotAllowed,
+                    path,
+                    format!("content {digest} is not in the allow list {}", list.path.display()),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn open_copy(&self, path: &Path, bytes: &[u8], digest: &str) -> Result<DriverLibrary, LoadError> {

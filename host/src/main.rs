@@ -242,7 +242,7 @@ fn main() -> ExitCode {
         Command::Probe { path } => {
             // The child side of the loader's probe: survive loading `path` and say so. A rejection is
             // an answer too; only dying, exiting otherwise or hanging counts against the file.
-            let verdict = match Loader::new().load(&path) {
+            let verdict = match Loader::for_verified_copy().load(&path) {
                 Ok(_) => "ok".to_owned(),
                 Err(e) => e.kind.to_string(),
             };

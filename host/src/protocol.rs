@@ -53,6 +53,10 @@ pub enum ErrorKind {
     SwapFailed,
     /// A reload found the configuration invalid; nothing changed.
     InvalidConfig,
+    /// A driver file refused by the trust policy, a pinned digest or the allow list; nothing changed.
+    UntrustedDriver,
+    /// The peer may not do this (it is a reader, not an admin; or a swap path outside the driver dirs).
+    PermissionDenied,
     /// A kind this version does not know (from a newer host or driver).
     #[serde(other)]
     Unknown,
@@ -76,6 +80,8 @@ impl ErrorKind {
             ErrorKind::ShuttingDown => "shutting_down",
             ErrorKind::SwapFailed => "swap_failed",
             ErrorKind::InvalidConfig => "invalid_config",
+            ErrorKind::UntrustedDriver => "untrusted_driver",
+            ErrorKind::PermissionDenied => "permission_denied",
             ErrorKind::Unknown => "unknown",
         }
     }
@@ -162,6 +168,8 @@ pub enum Body<'a> {
     Status,
     /// `reload`: re-read the configuration, swap what changed.
     Reload,
+    /// `audit`: the audit log's entries (admins only).
+    Audit(AuditArgs),
     /// `swap` on a service: replace a backend's driver.
     Swap {
         /// The service.
@@ -178,6 +186,41 @@ pub enum Body<'a> {
         /// Its arguments (`{}` when omitted).
         args: Option<&'a RawValue>,
     },
+}
+
+/// Arguments of `audit`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditArgs {
+    /// Only entries at or after this time, seconds since the epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<u64>,
+}
+
+/// One entry of the audit log (`STATE_DIR/audit.log`, one JSON object per line).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// When, UTC, `YYYY-MM-DDTHH:MM:SSZ`.
+    pub time: String,
+    /// When, seconds since the epoch.
+    pub at: u64,
+    /// The peer's uid.
+    pub uid: u32,
+    /// The peer's pid.
+    pub pid: u32,
+    /// The service, for service operations and swaps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// The operation.
+    pub op: String,
+    /// Its arguments as sent (verbatim: large numbers stay as written).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args: Option<Box<RawValue>>,
+    /// `ok`, or the error kind.
+    pub outcome: String,
+    /// The error message, if it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// Arguments of `swap`.
@@ -243,10 +286,15 @@ pub fn parse_request(line: &str) -> Result<Request<'_>, BadRequest<'_>> {
         (None, "ping") => Body::Ping,
         (None, "status") => Body::Status,
         (None, "reload") => Body::Reload,
+        (None, "audit") => {
+            Body::Audit(parse_args::<AuditArgs>("audit", env.args).map_err(|error| BadRequest { id, error })?)
+        }
         (None, other) => {
             return Err(invalid(
                 id,
-                format!("unknown operation {other:?} (top-level: ping, status, reload; others need \"service\")"),
+                format!(
+                    "unknown operation {other:?} (top-level: ping, status, reload, audit; others need \"service\")"
+                ),
             ))
         }
         (Some(service), "swap") => {
@@ -634,6 +682,27 @@ pub struct HostStatus {
     pub services: Vec<ServiceStatus>,
     /// Driver libraries mapped into the host.
     pub libraries: LibrariesStatus,
+    /// Which driver code may load.
+    #[serde(default)]
+    pub trust: TrustStatus,
+}
+
+/// The trust settings in effect, in [`HostStatus`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TrustStatus {
+    /// Driver files others could write are refused.
+    pub strict: bool,
+    /// The allow list file, if any.
+    pub allowlist: Option<String>,
+    /// Every backend must pin a digest.
+    pub require_pins: bool,
+    /// `swap` may name a path outside the driver directories.
+    pub allow_swap_paths: bool,
+    /// The group that may read through the socket.
+    pub socket_group: Option<String>,
+    /// What is weaker than the default, if anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 /// One service in [`HostStatus`].
@@ -673,6 +742,9 @@ pub struct BackendStatus {
     pub reason: Option<String>,
     /// The active driver.
     pub driver: DriverStatus,
+    /// The digest this backend is pinned to, if any.
+    #[serde(default)]
+    pub pinned: Option<String>,
     /// Options as validated (secrets shown as `(secret)`).
     pub options: BTreeMap<String, String>,
     /// Per-method call statistics.

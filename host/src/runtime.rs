@@ -13,9 +13,9 @@ use crate::config::{ConfigSource, Settings};
 use crate::loader::Loader;
 use crate::protocol::{
     answer, parse_request, to_json, ApiError, Body, ErrorKind, HostStatus, LibrariesStatus, Outcome, Pong, ReloadEntry,
-    ServiceStatus, State, SwapArgs, SwapReport,
+    ServiceStatus, State, SwapArgs, SwapReport, TrustStatus,
 };
-use crate::server::{Handler, Server};
+use crate::server::{Handler, Peer, Server};
 use crate::services::{DynService, ServiceContext};
 use crate::state::{DirLock, StateDb};
 
@@ -31,6 +31,10 @@ pub struct Host {
     started: Instant,
     /// Keeps other hosts off the state dir while this one runs.
     _lock: DirLock,
+    /// The trust settings in effect (changed by reload).
+    trust: Mutex<crate::config::TrustSettings>,
+    /// Who changed what (none for hosts built without a state dir of their own, in tests).
+    audit: Option<crate::audit::AuditLog>,
 }
 
 impl std::fmt::Debug for Host {
@@ -48,11 +52,22 @@ impl Host {
 
     /// Builds every service from settings already loaded from `source`.
     pub fn start_with(source: ConfigSource, settings: Settings) -> Result<Arc<Host>, Vec<String>> {
-        std::fs::create_dir_all(&settings.state_dir)
-            .map_err(|e| vec![format!("cannot create state dir \"{}\": {e}", settings.state_dir.display())])?;
+        crate::trust::private_dir(&settings.state_dir, "state dir", false, true).map_err(|e| vec![e])?;
+        if let Some(dir) = settings.socket.parent().filter(|d| !d.as_os_str().is_empty()) {
+            crate::trust::private_dir(dir, "socket directory", true, false).map_err(|e| vec![e])?;
+        }
         let lock = DirLock::take(&settings.state_dir).map_err(|e| vec![e.to_string()])?;
         let db = Arc::new(StateDb::open(&settings.state_dir).map_err(|e| vec![e.to_string()])?);
+        let audit = crate::audit::AuditLog::open(&settings.state_dir).map_err(|e| vec![e])?;
+        let allowlist = match &settings.trust.allowlist {
+            Some(p) => Some(crate::loader::Allowlist::read(p).map_err(|e| vec![e])?),
+            None => None,
+        };
+        if !settings.trust.strict {
+            log::warn!("trust.strict is off: driver files that others could have written are loaded");
+        }
         let mut loader = Loader::new();
+        loader.set_trust(settings.trust.strict, allowlist);
         if let Some(exe) = &settings.probe {
             loader = loader.with_probe(exe.clone());
         }
@@ -72,6 +87,7 @@ impl Host {
         }
         let now = Instant::now();
         let heartbeats = services.iter().map(|s| (s.kind().name, now)).collect();
+        let trust = settings.trust.clone();
         Ok(Arc::new(Host {
             services,
             loader,
@@ -82,6 +98,8 @@ impl Host {
             in_flight: AtomicU64::new(0),
             started: Instant::now(),
             _lock: lock,
+            trust: Mutex::new(trust),
+            audit: Some(audit),
         }))
     }
 
@@ -102,13 +120,59 @@ impl Host {
         })
     }
 
-    fn dispatch(&self, body: Body<'_>) -> Result<String, ApiError> {
+    /// Refuses a peer that is not an admin.
+    fn admin(peer: &Peer, what: &str) -> Result<(), ApiError> {
+        if peer.is_admin() {
+            return Ok(());
+        }
+        Err(ApiError::new(
+            ErrorKind::PermissionDenied,
+            format!(
+                "{what}: uid {} may only read (status, get, list, stats); changes need root or plughost's user",
+                peer.uid
+            ),
+        ))
+    }
+
+    /// Runs one request for `peer`. Reads are open to every peer that can connect; mutations, swaps,
+    /// reloads and the audit log need an admin. Every mutation, swap and reload (and every refusal) is
+    /// audited.
+    fn dispatch(&self, body: Body<'_>, peer: &Peer) -> Result<String, ApiError> {
+        let audited = |service: Option<&str>,
+                       op: &str,
+                       args: Option<Box<serde_json::value::RawValue>>,
+                       r: &Result<String, ApiError>| {
+            if let Some(a) = &self.audit {
+                a.record(peer, service, op, args, r.as_ref().map(drop));
+            }
+        };
         match body {
             Body::Ping => to_json(&Pong { pong: true }),
             Body::Status => to_json(&self.status()),
-            Body::Reload => to_json(&self.reload()?),
-            Body::Swap { service, args } => to_json(&self.swap(&service, &args)?),
-            Body::Service { service, op, args } => self.service(&service)?.handle_json(&op, args),
+            Body::Audit(args) => {
+                Self::admin(peer, "audit")?;
+                let log = self.audit.as_ref().ok_or_else(|| ApiError::internal("this host keeps no audit log"))?;
+                to_json(&log.read(args.since)?)
+            }
+            Body::Reload => {
+                let r = Self::admin(peer, "reload").and_then(|()| to_json(&self.reload()?));
+                audited(None, "reload", None, &r);
+                r
+            }
+            Body::Swap { service, args } => {
+                let r = Self::admin(peer, "swap").and_then(|()| to_json(&self.swap(&service, &args)?));
+                audited(Some(&service), "swap", serde_json::value::to_raw_value(&args).ok(), &r);
+                r
+            }
+            Body::Service { service, op, args } => {
+                let s = self.service(&service)?;
+                if s.reads(&op) {
+                    return s.handle_json(&op, args);
+                }
+                let r = Self::admin(peer, &format!("{service} {op}")).and_then(|()| s.handle_json(&op, args));
+                audited(Some(&service), &op, args.map(ToOwned::to_owned), &r);
+                r
+            }
         }
     }
 
@@ -160,6 +224,19 @@ impl Host {
                 note: "driver libraries are never unloaded; each distinct file content stays mapped until exit"
                     .to_owned(),
             },
+            trust: {
+                let t = self.trust.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                TrustStatus {
+                    strict: t.strict,
+                    allowlist: t.allowlist.as_ref().map(|p| p.display().to_string()),
+                    require_pins: t.require_pins,
+                    allow_swap_paths: t.allow_swap_paths,
+                    socket_group: self.settings.socket_group.clone(),
+                    warning: (!t.strict).then(|| {
+                        "trust.strict is off: driver files that others could have written are loaded".to_owned()
+                    }),
+                }
+            },
         }
     }
 
@@ -181,7 +258,34 @@ impl Host {
             ApiError::not_found(format!("unknown {service} backend {name:?} (known: {})", known.join(", ")))
         })?;
         let driver = args.driver.as_deref().filter(|d| !d.is_empty());
-        backend.swap(self.build_context(), driver, None, self.settings.shutdown_timeout)
+        if let Some(d) = driver.filter(|d| d.contains('/') || d.ends_with(".so")) {
+            self.check_swap_path(d)?;
+        }
+        backend.swap(self.build_context(), driver, None, None, self.settings.shutdown_timeout)
+    }
+
+    /// A swap to a PATH (rather than a NAME looked up in the driver directories) must stay inside the
+    /// driver directories unless `trust.allow_swap_paths` says otherwise: whoever can write the socket
+    /// should not be able to point the host at any file on the machine.
+    fn check_swap_path(&self, given: &str) -> Result<(), ApiError> {
+        if self.trust.lock().unwrap_or_else(|p| p.into_inner()).allow_swap_paths {
+            return Ok(());
+        }
+        let path = std::fs::canonicalize(given)
+            .map_err(|e| ApiError::not_found(format!("swap to {given:?}: {}", crate::error::io_text(&e))))?;
+        let inside =
+            self.settings.driver_dirs.iter().filter_map(|d| std::fs::canonicalize(d).ok()).any(|d| path.starts_with(d));
+        if inside {
+            return Ok(());
+        }
+        let dirs: Vec<String> = self.settings.driver_dirs.iter().map(|d| d.display().to_string()).collect();
+        Err(ApiError::new(
+            ErrorKind::PermissionDenied,
+            format!(
+                "swap to {given:?}: outside the driver directories ({}); set trust.allow_swap_paths = true to allow it",
+                dirs.join(", ")
+            ),
+        ))
     }
 
     /// Re-reads the configuration (the file and the flags given at start) and swaps each backend whose
@@ -196,6 +300,16 @@ impl Host {
                 format!("configuration rejected, nothing changed: {}", text.join("; ")),
             )
         })?;
+        // The trust policy and the allow list first: the swaps below load under the new ones.
+        let allowlist = match &wanted.trust.allowlist {
+            Some(p) => Some(crate::loader::Allowlist::read(p).map_err(|e| {
+                log::error!("reload: configuration rejected, nothing changed: {e}");
+                ApiError::new(ErrorKind::InvalidConfig, format!("configuration rejected, nothing changed: {e}"))
+            })?),
+            None => None,
+        };
+        self.loader.set_trust(wanted.trust.strict, allowlist);
+        *self.trust.lock().unwrap_or_else(|p| p.into_inner()) = wanted.trust.clone();
         let entry = |service: &str, backend: Option<&str>, outcome| ReloadEntry {
             service: Some(service.to_owned()),
             backend: backend.map(str::to_owned),
@@ -223,7 +337,9 @@ impl Host {
                     continue;
                 };
                 let current = b.configured();
-                if current.driver == w.driver && current.options == w.options {
+                // A changed pin is checked against the file, as a swap would: not taken on trust.
+                let same_pin = current.settings.digest == w.settings.digest;
+                if current.driver == w.driver && current.options == w.options && same_pin {
                     let outcome = if current.settings == w.settings {
                         Outcome::Unchanged
                     } else {
@@ -237,10 +353,10 @@ impl Host {
                     self.build_context(),
                     Some(&w.driver),
                     Some(w.options.clone()),
+                    Some(w.settings.clone()),
                     self.settings.shutdown_timeout,
                 ) {
                     Ok(r) => {
-                        b.set_settings(w.settings.clone());
                         report.push(ReloadEntry { swap: Some(r), ..entry(name, Some(b.name()), Outcome::Swapped) })
                     }
                     Err(e) => {
@@ -307,7 +423,7 @@ impl Host {
 }
 
 impl Handler for Host {
-    fn handle(&self, line: &[u8]) -> String {
+    fn handle(&self, line: &[u8], peer: &Peer) -> String {
         let Ok(line) = std::str::from_utf8(line) else {
             return answer(None, Err(ApiError::new(ErrorKind::InvalidRequest, "request is not valid UTF-8")));
         };
@@ -319,7 +435,7 @@ impl Handler for Host {
             return answer(req.id, Err(ApiError::new(ErrorKind::ShuttingDown, "plughost is stopping")));
         }
         self.in_flight.fetch_add(1, Ordering::SeqCst);
-        let result = self.dispatch(req.body);
+        let result = self.dispatch(req.body, peer);
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
         answer(req.id, result)
     }
@@ -356,7 +472,12 @@ impl Running {
     /// Starts serving the socket and the periodic tasks (one thread per service, first run after a
     /// random delay so that services do not all wake at once).
     pub fn start(host: Arc<Host>) -> Result<Running, String> {
-        let server = Server::serve(host.clone(), &host.settings.socket, host.settings.max_request_bytes)?;
+        let server = Server::serve(
+            host.clone(),
+            &host.settings.socket,
+            host.settings.socket_group.as_deref(),
+            host.settings.max_request_bytes,
+        )?;
         let mut periodic = Vec::new();
         for i in 0..host.services.len() {
             let h = host.clone();
@@ -415,6 +536,8 @@ pub fn run(source: ConfigSource, ready: impl FnOnce(&[String])) -> Result<(), Ve
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .map_err(|e| vec![format!("cannot install signal handlers: {e}")])?;
+    // Everything created from here on (records, volume files, logs, drivers' files) is private.
+    crate::trust::private_umask();
     let host = Host::start(source)?;
     let running = Running::start(host).map_err(|e| vec![e])?;
     let settings = running.host().settings();

@@ -13,10 +13,58 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+/// Who is on the other end of a connection (`SO_PEERCRED`, taken when it connected).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    /// Its uid.
+    pub uid: u32,
+    /// Its gid.
+    pub gid: u32,
+    /// Its pid.
+    pub pid: u32,
+}
+
+impl Peer {
+    /// Root and plughost's own user administer; everyone else who can connect (members of
+    /// `socket_group`) only reads.
+    pub fn is_admin(&self) -> bool {
+        self.uid == 0 || self.uid == crate::trust::euid()
+    }
+
+    /// This process, as a peer (for tests and in-process callers).
+    pub fn this_process() -> Peer {
+        // SAFETY: getgid has no preconditions and cannot fail.
+        let gid = unsafe { libc::getgid() };
+        Peer { uid: crate::trust::euid(), gid, pid: std::process::id() }
+    }
+
+    /// The peer of a connected Unix socket.
+    pub fn of(stream: &UnixStream) -> std::io::Result<Peer> {
+        let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `cred`, which lives across the call; the
+        // descriptor is a connected Unix socket owned by `stream`.
+        let r = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                (&mut cred as *mut libc::ucred).cast(),
+                &mut len,
+            )
+        };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Peer { uid: cred.uid, gid: cred.gid, pid: u32::try_from(cred.pid).unwrap_or(0) })
+    }
+}
+
 /// What answers request lines.
 pub trait Handler: Send + Sync + 'static {
-    /// Answers one request line (without its newline); returns the answer line without newline.
-    fn handle(&self, line: &[u8]) -> String;
+    /// Answers one request line (without its newline) from `peer`; returns the answer line without
+    /// newline.
+    fn handle(&self, line: &[u8], peer: &Peer) -> String;
     /// Answers a line that was longer than the limit (the connection is closed after it).
     fn too_long(&self, limit: usize) -> String;
 }
@@ -29,9 +77,11 @@ pub struct Server {
     accept: Option<JoinHandle<()>>,
 }
 
-/// Binds `path` (mode 0600). An existing socket nobody answers on is stale and replaced; anything else
-/// at `path` (a regular file, a directory, a live server's socket) is left alone and refused.
-pub fn bind(path: &Path) -> Result<UnixListener, String> {
+/// Binds `path`: mode 0600, or 0660 with group `group` (its members may connect, as readers). An
+/// existing socket nobody answers on is stale and replaced; anything else at `path` (a regular file, a
+/// directory, a live server's socket) is left alone and refused.
+pub fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, String> {
+    let gid = group.map(|g| group_id(g).map_err(|e| format!("socket_group {g:?}: {e}"))).transpose()?;
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
             if UnixStream::connect(path).is_ok() {
@@ -53,15 +103,44 @@ pub fn bind(path: &Path) -> Result<UnixListener, String> {
             .map_err(|e| format!("socket \"{}\": cannot create its directory: {e}", path.display()))?;
     }
     let l = UnixListener::bind(path).map_err(|e| format!("socket \"{}\": cannot bind: {e}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| format!("socket \"{}\": cannot set mode 0600: {e}", path.display()))?;
+    if let Some(gid) = gid {
+        std::os::unix::fs::chown(path, None, Some(gid))
+            .map_err(|e| format!("socket \"{}\": cannot give it to group {gid}: {e}", path.display()))?;
+    }
+    let mode = if gid.is_some() { 0o660 } else { 0o600 };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| format!("socket \"{}\": cannot set mode {mode:04o}: {e}", path.display()))?;
     Ok(l)
+}
+
+/// A group's id by name (or a number).
+fn group_id(name: &str) -> Result<u32, String> {
+    if let Ok(n) = name.parse::<u32>() {
+        return Ok(n);
+    }
+    let c = std::ffi::CString::new(name).map_err(|_| "a group name cannot contain NUL".to_owned())?;
+    let mut buf = vec![0 as libc::c_char; 16 << 10];
+    // SAFETY: an all-zero group is a valid value for getgrnam_r to fill in.
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call: the name, the group, the buffer with its length, and
+    // the result pointer; getgrnam_r writes only into them.
+    let r = unsafe { libc::getgrnam_r(c.as_ptr(), &mut grp, buf.as_mut_ptr(), buf.len(), &mut found) };
+    if r != 0 || found.is_null() {
+        return Err("no such group".to_owned());
+    }
+    Ok(grp.gr_gid)
 }
 
 impl Server {
     /// Binds `socket` and serves each connection on its own thread.
-    pub fn serve(handler: Arc<dyn Handler>, socket: &Path, max_line: usize) -> Result<Server, String> {
-        let listener = bind(socket)?;
+    pub fn serve(
+        handler: Arc<dyn Handler>,
+        socket: &Path,
+        group: Option<&str>,
+        max_line: usize,
+    ) -> Result<Server, String> {
+        let listener = bind(socket, group)?;
         let listener_fd = listener.as_raw_fd();
         let accept = std::thread::Builder::new()
             .name("accept".to_owned())
@@ -151,6 +230,10 @@ fn read_line(r: &mut impl BufRead, max: usize) -> std::io::Result<Line> {
 }
 
 fn serve_connection(handler: &dyn Handler, stream: UnixStream, max_line: usize) {
+    let peer = match Peer::of(&stream) {
+        Ok(p) => p,
+        Err(e) => return log::warn!("control socket: cannot tell who connected (SO_PEERCRED): {e}"),
+    };
     let Ok(write_half) = stream.try_clone() else { return };
     let mut out = std::io::BufWriter::new(write_half);
     let mut input = BufReader::with_capacity(64 << 10, stream);
@@ -163,7 +246,7 @@ fn serve_connection(handler: &dyn Handler, stream: UnixStream, max_line: usize) 
                 if trimmed.iter().all(u8::is_ascii_whitespace) {
                     continue;
                 }
-                (handler.handle(trimmed), false)
+                (handler.handle(trimmed, &peer), false)
             }
         };
         if out.write_all(reply.as_bytes()).and_then(|()| out.write_all(b"\n")).and_then(|()| out.flush()).is_err()
@@ -198,13 +281,17 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("precious");
         std::fs::write(&file, "data").unwrap();
-        assert!(bind(&file).unwrap_err().contains("not a socket"));
+        assert!(bind(&file, None).unwrap_err().contains("not a socket"));
         assert_eq!(std::fs::read_to_string(&file).unwrap(), "data");
         let sock = dir.join("s.sock");
-        let live = bind(&sock).unwrap();
-        assert!(bind(&sock).unwrap_err().contains("already serving"));
+        let live = bind(&sock, None).unwrap();
+        assert!(bind(&sock, None).unwrap_err().contains("already serving"));
         drop(live);
-        assert!(bind(&sock).is_ok(), "a stale socket is replaced");
+        assert!(bind(&sock, None).is_ok(), "a stale socket is replaced");
+        assert_eq!(
+            bind(&dir.join("g.sock"), Some("no-such-group-here")).unwrap_err(),
+            "socket_group \"no-such-group-here\": no such group"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

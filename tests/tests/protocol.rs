@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 
-use host::protocol::{parse_request, Answer, ApiError, Body, HostStatus, Pong, ReloadEntry, SwapReport};
+use host::protocol::{parse_request, Answer, ApiError, AuditEntry, Body, HostStatus, Pong, ReloadEntry, SwapReport};
 use plughost_tests::process::Daemon;
 use plughost_tests::{workspace_root, TempDir};
 use serde_json::{json, Value};
@@ -49,6 +49,10 @@ fn reencode(req: &str, result: Option<&Value>) -> Option<(Value, Option<Value>)>
         Body::Ping => (json!({"op": "ping"}), result.map(round_trip::<Pong>)),
         Body::Status => (json!({"op": "status"}), result.map(round_trip::<HostStatus>)),
         Body::Reload => (json!({"op": "reload"}), result.map(round_trip::<Vec<ReloadEntry>>)),
+        Body::Audit(args) => (
+            json!({"op": "audit", "args": serde_json::to_value(args).unwrap()}),
+            result.map(round_trip::<Vec<AuditEntry>>),
+        ),
         Body::Swap { service, args } => (
             json!({"service": service, "op": "swap", "args": serde_json::to_value(args).unwrap()}),
             result.map(round_trip::<SwapReport>),
@@ -76,6 +80,8 @@ fn documented_examples_parse_into_the_protocol_types_and_back() {
                 if let Some(s) = req_value.get("service") {
                     expected["service"] = s.clone();
                     expected["args"] = req_value.get("args").cloned().unwrap_or_else(|| json!({}));
+                } else if let Some(a) = req_value.get("args") {
+                    expected["args"] = a.clone();
                 }
                 assert_eq!(typed_req, expected, "request {req}");
                 assert_eq!(typed_result, result, "answer {ans}");

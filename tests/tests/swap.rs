@@ -136,6 +136,8 @@ fn failed_swaps_leave_the_old_driver_serving() {
             "f=faulty",
             "--compute-driver",
             "none",
+            // Fixtures live outside the driver directories.
+            "--allow-swap-paths",
         ],
     );
     d.ok("volume", "create", json!({"name": "before", "size": "1MiB"}));

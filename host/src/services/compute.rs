@@ -519,6 +519,7 @@ impl Service for ComputeService {
     type Reply = ComputeReply;
     type Interface = ComputeInterface;
     type Record = InstanceRecord;
+    const READS: &'static [&'static str] = &["get", "list"];
 
     fn new(backends: Backends<ComputeInterface>, records: Records<InstanceRecord>) -> ComputeService {
         let s = ComputeService { backends, records, last_reconcile: Latest::default() };

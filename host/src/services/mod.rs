@@ -164,6 +164,9 @@ pub(crate) trait Service: Send + Sync + Sized + 'static {
     type Interface: Interface;
     /// What it keeps about each resource.
     type Record: Listed;
+    /// The operations that only read (open to `socket_group` readers); every other one changes
+    /// something and needs an admin.
+    const READS: &'static [&'static str];
     /// The service over its backends and records.
     fn new(backends: Backends<Self::Interface>, records: Records<Self::Record>) -> Self;
     /// Its entry in [`KINDS`].
@@ -251,6 +254,8 @@ pub trait DynService: Send + Sync {
     fn kind(&self) -> &'static ServiceKind;
     /// Parses `op` and `args`, runs the operation, serializes the answer.
     fn handle_json(&self, op: &str, args: Option<&RawValue>) -> Result<String, ApiError>;
+    /// Whether `op` only reads.
+    fn reads(&self, op: &str) -> bool;
     /// One round of periodic work (health checks, refreshing what drivers report).
     fn periodic(&self);
     /// Its backends, as the host controls them.
@@ -274,6 +279,9 @@ impl<S: Service> DynService for S {
     fn handle_json(&self, op: &str, args: Option<&RawValue>) -> Result<String, ApiError> {
         let op = parse_op::<S::Op>(Service::kind(self).name, op, args)?;
         to_json(&self.handle(op)?)
+    }
+    fn reads(&self, op: &str) -> bool {
+        S::READS.contains(&op)
     }
     fn periodic(&self) {
         Service::periodic(self)

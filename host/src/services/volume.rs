@@ -462,6 +462,7 @@ impl Service for VolumeService {
     type Reply = VolumeReply;
     type Interface = VolumeInterface;
     type Record = VolumeRecord;
+    const READS: &'static [&'static str] = &["get", "list", "stats"];
 
     fn new(backends: Backends<VolumeInterface>, records: Records<VolumeRecord>) -> VolumeService {
         let s = VolumeService { backends, records, capacity: PerBackend::default(), last_reconcile: Latest::default() };
