@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::ctl::table;
-use crate::loader::Library;
+use crate::loader::Described;
 use crate::{LoadError, Loader};
 
 /// The environment variable holding extra driver directories (`:`-separated).
@@ -120,6 +120,20 @@ pub struct OptionDescription {
     pub help: String,
 }
 
+impl OptionDescription {
+    /// An option of a schema.
+    pub fn of(o: &plughost_api::OptionSpec) -> OptionDescription {
+        OptionDescription {
+            name: o.name().to_owned(),
+            ty: o.ty().to_string(),
+            default: if o.is_secret() { None } else { o.default_value().map(str::to_owned) },
+            required: o.is_required(),
+            secret: o.is_secret(),
+            help: o.help().to_owned(),
+        }
+    }
+}
+
 /// Why a library was rejected.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RejectionDescription {
@@ -131,8 +145,8 @@ pub struct RejectionDescription {
     pub details: Vec<String>,
 }
 
-/// The description of a load result, as `inspect --json` and `list --json` print it.
-pub fn describe(path: &Path, result: &Result<Library, LoadError>) -> Description {
+/// The description of a result of [`Loader::describe`], as `inspect --json` and `list --json` print it.
+pub fn describe(path: &Path, result: &Result<Described, LoadError>) -> Description {
     let mut d = Description {
         path: path.display().to_string(),
         ok: result.is_ok(),
@@ -147,27 +161,16 @@ pub fn describe(path: &Path, result: &Result<Library, LoadError>) -> Description
         error: None,
     };
     match result {
-        Ok(lib) => {
-            d.name = Some(lib.name().to_owned());
-            d.kind = Some(lib.kind().to_string());
-            d.version = Some(lib.version().to_owned());
-            d.api_version = Some(lib.api_version().to_owned());
-            d.summary = Some(lib.summary().to_owned());
-            d.digest = Some(lib.digest.clone());
-            d.size = Some(lib.size);
-            d.options = Some(
-                lib.options()
-                    .iter()
-                    .map(|o| OptionDescription {
-                        name: o.name().to_owned(),
-                        ty: o.ty().to_string(),
-                        default: if o.is_secret() { None } else { o.default_value().map(str::to_owned) },
-                        required: o.is_required(),
-                        secret: o.is_secret(),
-                        help: o.help().to_owned(),
-                    })
-                    .collect(),
-            );
+        Ok(found) => {
+            let m = &found.meta;
+            d.name = Some(m.name.clone());
+            d.kind = Some(m.kind.clone());
+            d.version = Some(m.version.clone());
+            d.api_version = Some(m.api_version.clone());
+            d.summary = Some(m.summary.clone());
+            d.digest = Some(found.digest.clone());
+            d.size = Some(found.size);
+            d.options = Some(m.options.clone());
         }
         Err(e) => {
             d.error = Some(RejectionDescription {
@@ -180,40 +183,45 @@ pub fn describe(path: &Path, result: &Result<Library, LoadError>) -> Description
     d
 }
 
-/// The human description `inspect` prints for a valid driver.
-pub fn describe_text(lib: &Library) -> String {
+/// The human description `inspect` prints for a valid driver, with the line to add to an allow list.
+pub fn describe_text(path: &Path, found: &Described) -> String {
+    let m = &found.meta;
     let mut s = format!(
-        "{}\n  name:        {}\n  kind:        {}\n  version:     {}\n  plugin-api:  {}\n  summary:     {}\n  digest:      {}\n",
-        lib.path.display(),
-        lib.name(),
-        lib.kind(),
-        lib.version(),
-        lib.api_version(),
-        lib.summary(),
-        lib.digest
+        "{}\n  name:        {}\n  kind:        {}\n  version:     {}\n  plugin-api:  {}\n  summary:     {}\n  digest:      {}\n  allowlist:   {} # {} {} {}\n",
+        path.display(),
+        m.name,
+        m.kind,
+        m.version,
+        m.api_version,
+        m.summary,
+        found.digest,
+        found.digest,
+        m.name,
+        m.version,
+        path.display()
     );
-    let opts = lib.options();
-    if opts.is_empty() {
+    if m.options.is_empty() {
         s.push_str("  options:     none\n");
         return s;
     }
     s.push_str("  options:\n");
-    let rows: Vec<[String; 5]> = opts
+    let rows: Vec<[String; 5]> = m
+        .options
         .iter()
         .map(|o| {
             let mut flags = Vec::new();
-            if o.is_required() {
+            if o.required {
                 flags.push("required");
             }
-            if o.is_secret() {
+            if o.secret {
                 flags.push("secret");
             }
-            let default = match (o.is_secret(), o.default_value()) {
-                (true, Some(_)) => "(secret)".to_owned(),
-                (_, Some(d)) => d.to_owned(),
+            let default = match (o.secret, &o.default) {
+                (true, _) => "(secret)".to_owned(),
+                (_, Some(d)) => d.clone(),
                 (_, None) => "-".to_owned(),
             };
-            [o.name().to_owned(), o.ty().to_string(), default, flags.join(","), o.help().to_owned()]
+            [o.name.clone(), o.ty.clone(), default, flags.join(","), o.help.clone()]
         })
         .collect();
     let header = ["NAME", "TYPE", "DEFAULT", "FLAGS", "HELP"].map(String::from);
@@ -221,9 +229,10 @@ pub fn describe_text(lib: &Library) -> String {
     s
 }
 
-/// Loads every path, keeping every result (errors are reported together, never just the first).
-pub fn load_all(loader: &Loader, paths: &[PathBuf]) -> Vec<(PathBuf, Result<Library, LoadError>)> {
-    paths.iter().map(|p| (p.clone(), loader.load(p))).collect()
+/// Describes every path, keeping every result (errors are reported together, never just the first).
+/// Nothing is loaded in this process.
+pub fn describe_all(loader: &Loader, paths: &[PathBuf]) -> Vec<(PathBuf, Result<Described, LoadError>)> {
+    paths.iter().map(|p| (p.clone(), loader.describe(p))).collect()
 }
 
 /// What `inspect` or `list` prints, and whether every library was accepted.
@@ -239,7 +248,7 @@ pub struct Report {
 
 /// `plughost inspect [--json] PATH...`.
 pub fn inspect(loader: &Loader, paths: &[PathBuf], json: bool) -> Report {
-    let results = load_all(loader, paths);
+    let results = describe_all(loader, paths);
     let ok = results.iter().all(|(_, r)| r.is_ok());
     if json {
         let all: Vec<Description> = results.iter().map(|(p, r)| describe(p, r)).collect();
@@ -247,13 +256,13 @@ pub fn inspect(loader: &Loader, paths: &[PathBuf], json: bool) -> Report {
         return Report { stdout, stderr: Vec::new(), ok };
     }
     let mut report = Report { ok, ..Report::default() };
-    for (_, r) in &results {
+    for (p, r) in &results {
         match r {
-            Ok(lib) => {
+            Ok(found) => {
                 if !report.stdout.is_empty() {
                     report.stdout.push('\n');
                 }
-                report.stdout.push_str(&describe_text(lib));
+                report.stdout.push_str(&describe_text(p, found));
             }
             Err(e) => report.stderr.push(e.report()),
         }
@@ -264,7 +273,7 @@ pub fn inspect(loader: &Loader, paths: &[PathBuf], json: bool) -> Report {
 /// `plughost list [--driver-dir DIR]... [--json]`.
 pub fn list(loader: &Loader, extra_dirs: &[PathBuf], json: bool) -> Report {
     let dirs = driver_dirs(extra_dirs);
-    let results = load_all(loader, &scan(&dirs));
+    let results = describe_all(loader, &scan(&dirs));
     if json {
         let all: Vec<Description> = results.iter().map(|(p, r)| describe(p, r)).collect();
         let stdout = serde_json::to_string(&all).expect("descriptions always serialize") + "\n";
@@ -273,7 +282,7 @@ pub fn list(loader: &Loader, extra_dirs: &[PathBuf], json: bool) -> Report {
     let rows: Vec<[String; 4]> = results
         .iter()
         .map(|(p, r)| match r {
-            Ok(l) => [l.name().to_owned(), l.kind().to_string(), l.version().to_owned(), p.display().to_string()],
+            Ok(l) => [l.meta.name.clone(), l.meta.kind.clone(), l.meta.version.clone(), p.display().to_string()],
             Err(e) => ["-".to_owned(), "rejected".to_owned(), "-".to_owned(), format!("{}: {}", p.display(), e.reason)],
         })
         .collect();

@@ -52,6 +52,36 @@ pub enum LoadErrorKind {
 }
 
 impl LoadErrorKind {
+    /// Every kind.
+    pub const ALL: &'static [LoadErrorKind] = &[
+        LoadErrorKind::NotFound,
+        LoadErrorKind::NotAFile,
+        LoadErrorKind::NotElf,
+        LoadErrorKind::WrongMachine,
+        LoadErrorKind::DlopenFailed,
+        LoadErrorKind::NotADriver,
+        LoadErrorKind::IncompatibleAbiStable,
+        LoadErrorKind::IncompatibleApiVersion,
+        LoadErrorKind::LayoutMismatch,
+        LoadErrorKind::WrongKind,
+        LoadErrorKind::InvalidMetadata,
+        LoadErrorKind::InvalidOptions,
+        LoadErrorKind::ConstructorFailed,
+        LoadErrorKind::ConstructorPanicked,
+        LoadErrorKind::InitFailed,
+        LoadErrorKind::RuntimeDir,
+        LoadErrorKind::Crashed,
+        LoadErrorKind::TooLarge,
+        LoadErrorKind::UntrustedDriver,
+        LoadErrorKind::DigestMismatch,
+        LoadErrorKind::NotAllowed,
+    ];
+
+    /// The kind of a snake_case name.
+    pub fn from_name(name: &str) -> Option<LoadErrorKind> {
+        LoadErrorKind::ALL.iter().copied().find(|k| k.as_str() == name)
+    }
+
     /// Whether the trust policy, a pin or the allow list refused it (rather than the file being broken).
     pub fn is_trust(self) -> bool {
         matches!(self, LoadErrorKind::UntrustedDriver | LoadErrorKind::DigestMismatch | LoadErrorKind::NotAllowed)

@@ -17,6 +17,7 @@ pub mod protocol;
 pub(crate) mod rcu;
 pub mod runtime;
 pub mod sample;
+pub mod sandbox;
 pub mod scaffold;
 pub mod server;
 pub mod services;

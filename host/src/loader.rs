@@ -143,6 +143,63 @@ pub struct Mapped {
     pub size: u64,
 }
 
+/// A file read and checked, not loaded.
+struct ReadFile {
+    bytes: Vec<u8>,
+    digest: String,
+    key: FileKey,
+}
+
+/// The outcome of [`Loader::check`].
+enum Checked {
+    /// Unchanged since this loader verified it.
+    Known { digest: String, key: FileKey, lib: DriverLibrary },
+    /// Read and checked; not loaded.
+    Read(ReadFile),
+}
+
+/// What [`Loader::describe`] found.
+#[derive(Debug, Clone)]
+pub struct Described {
+    /// The content digest.
+    pub digest: String,
+    /// The file size.
+    pub size: u64,
+    /// What the library says about itself.
+    pub meta: DriverMeta,
+}
+
+/// What a driver library says about itself (its static metadata), as a child reports it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct DriverMeta {
+    /// Driver name.
+    pub name: String,
+    /// Driver kind.
+    pub kind: String,
+    /// Driver version.
+    pub version: String,
+    /// Plugin API version it was built against.
+    pub api_version: String,
+    /// One line.
+    pub summary: String,
+    /// The option schema.
+    pub options: Vec<crate::drivers::OptionDescription>,
+}
+
+impl DriverMeta {
+    /// The metadata of a loaded library.
+    pub fn of(lib: &Library) -> DriverMeta {
+        DriverMeta {
+            name: lib.name().to_owned(),
+            kind: lib.kind().to_string(),
+            version: lib.version().to_owned(),
+            api_version: lib.api_version().to_owned(),
+            summary: lib.summary().to_owned(),
+            options: lib.options().iter().map(crate::drivers::OptionDescription::of).collect(),
+        }
+    }
+}
+
 /// What identifies a file's content without reading it: any write changes mtime or ctime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct FileKey {
@@ -333,8 +390,50 @@ impl Loader {
     /// Loads and verifies `path`, whose content must have digest `pin` if given.
     pub fn load_pinned(&self, path: &Path, pin: Option<&str>) -> Result<Library, LoadError> {
         let err = |kind, reason: String| LoadError::new(kind, path, reason);
-        let checked = if self.check_paths { crate::trust::check_driver_file(path) } else { Ok(()) };
-        if let Err(u) = checked {
+        let checked = match self.check(path, pin)? {
+            Checked::Known { digest, key, lib } => {
+                log::debug!("{}: unchanged since it was verified ({digest})", path.display());
+                return Ok(Library {
+                    path: path.to_owned(),
+                    digest,
+                    size: key.size,
+                    loaded_at: SystemTime::now(),
+                    lib,
+                });
+            }
+            Checked::Read(c) => c,
+        };
+        let ReadFile { bytes, digest, key } = checked;
+        let cached = self.verified.lock().ok().and_then(|m| m.get(&digest).copied());
+        let lib = match cached {
+            Some(lib) => {
+                log::debug!("{}: content {digest} already verified in this process", path.display());
+                lib
+            }
+            None => {
+                let lib = self.open_copy(path, &bytes, &digest)?;
+                if let Ok(mut m) = self.verified.lock() {
+                    m.insert(digest.clone(), lib);
+                }
+                lib
+            }
+        };
+        // Remember the identity only if the file did not change while we read it.
+        if fs::metadata(path).map(|m| FileKey::of(&m) == key).unwrap_or(false) {
+            if let Ok(mut m) = self.seen.lock() {
+                m.insert(path.to_owned(), (key, digest.clone()));
+            }
+        }
+        let _ = err;
+        Ok(Library { path: path.to_owned(), digest, size: bytes.len() as u64, loaded_at: SystemTime::now(), lib })
+    }
+
+    /// Everything checked without loading anything: the trust policy, the file (one descriptor, size
+    /// cap, ELF header first), the root symbol, the digest against the pin and the allow list.
+    fn check(&self, path: &Path, pin: Option<&str>) -> Result<Checked, LoadError> {
+        let err = |kind, reason: String| LoadError::new(kind, path, reason);
+        let trusted = if self.check_paths { crate::trust::check_driver_file(path) } else { Ok(()) };
+        if let Err(u) = trusted {
             if u.missing {
                 return Err(err(LoadErrorKind::NotFound, "no such file".to_owned()));
             }
@@ -364,14 +463,7 @@ impl Loader {
         if let Some(digest) = known {
             self.check_digest(path, &digest, pin)?;
             if let Some(lib) = self.verified.lock().ok().and_then(|m| m.get(&digest).copied()) {
-                log::debug!("{}: unchanged since it was verified ({digest})", path.display());
-                return Ok(Library {
-                    path: path.to_owned(),
-                    digest,
-                    size: key.size,
-                    loaded_at: SystemTime::now(),
-                    lib,
-                });
+                return Ok(Checked::Known { digest, key, lib });
             }
         }
         let bytes = read_checked(&file, meta.len()).map_err(|(kind, reason)| err(kind, reason))?;
@@ -384,27 +476,39 @@ impl Loader {
         }
         let digest = format!("blake3:{}", blake3::hash(&bytes).to_hex());
         self.check_digest(path, &digest, pin)?;
-        let cached = self.verified.lock().ok().and_then(|m| m.get(&digest).copied());
-        let lib = match cached {
-            Some(lib) => {
-                log::debug!("{}: content {digest} already verified in this process", path.display());
-                lib
-            }
-            None => {
-                let lib = self.open_copy(path, &bytes, &digest)?;
-                if let Ok(mut m) = self.verified.lock() {
-                    m.insert(digest.clone(), lib);
-                }
-                lib
+        Ok(Checked::Read(ReadFile { bytes, digest, key }))
+    }
+
+    /// What a library says about itself, without loading it in this process: everything
+    /// [`check`](Self::check) does here, then a sandboxed child ([`crate::sandbox`]) loads a sealed copy
+    /// and reports. For `inspect`, `list` and `config sample`.
+    pub fn describe(&self, path: &Path) -> Result<Described, LoadError> {
+        let exe = self.probe.as_ref().ok_or_else(|| {
+            LoadError::new(LoadErrorKind::RuntimeDir, path, "no plughost executable to describe drivers with")
+        })?;
+        let (bytes, digest) = match self.check(path, None)? {
+            Checked::Read(ReadFile { bytes, digest, .. }) => (bytes, digest),
+            Checked::Known { .. } => {
+                let mut f = fs::File::open(path).map_err(|e| {
+                    LoadError::new(LoadErrorKind::NotAFile, path, format!("cannot read: {}", crate::error::io_text(&e)))
+                })?;
+                let mut bytes = Vec::new();
+                f.read_to_end(&mut bytes).map_err(|e| {
+                    LoadError::new(LoadErrorKind::NotAFile, path, format!("cannot read: {}", crate::error::io_text(&e)))
+                })?;
+                let digest = format!("blake3:{}", blake3::hash(&bytes).to_hex());
+                (bytes, digest)
             }
         };
-        // Remember the identity only if the file did not change while we read it.
-        if fs::metadata(path).map(|m| FileKey::of(&m) == key).unwrap_or(false) {
-            if let Ok(mut m) = self.seen.lock() {
-                m.insert(path.to_owned(), (key, digest.clone()));
+        let copy = sealed_copy(path, &bytes, &digest)?;
+        let answer = in_child(exe, path, &copy)?;
+        match answer {
+            ChildAnswer::Described(meta) => Ok(Described { digest, size: bytes.len() as u64, meta }),
+            ChildAnswer::Rejected { kind, reason, details } => {
+                let kind = LoadErrorKind::from_name(&kind).unwrap_or(LoadErrorKind::InvalidMetadata);
+                Err(LoadError::new(kind, path, reason).with_details(details))
             }
         }
-        Ok(Library { path: path.to_owned(), digest, size: bytes.len() as u64, loaded_at: SystemTime::now(), lib })
     }
 
     /// The pin and the allow list, checked on the digest before anything of the file is loaded.
@@ -430,11 +534,11 @@ impl Loader {
 
     fn open_copy(&self, path: &Path, bytes: &[u8], digest: &str) -> Result<DriverLibrary, LoadError> {
         let err = |kind, reason: String| LoadError::new(kind, path, reason);
-        let short = digest.trim_start_matches("blake3:").get(..12).unwrap_or("0");
-        let copy = SealedCopy::new(short, bytes)
-            .map_err(|e| err(LoadErrorKind::RuntimeDir, format!("cannot make a private copy in memory: {e}")))?;
+        let copy = sealed_copy(path, bytes, digest)?;
         if let Some(exe) = &self.probe {
-            probe(exe, path, &copy)?;
+            // Whatever the child thinks of the library, it survived loading it; the checks below give
+            // the same answer here.
+            in_child(exe, path, &copy)?;
         }
         let opened = open_verified(path, &copy.path());
         match &opened {
@@ -480,11 +584,8 @@ fn read_checked(mut file: &fs::File, len: u64) -> Result<Vec<u8>, (LoadErrorKind
     Ok(bytes)
 }
 
-/// How long a probe may take before the library counts as hanging the loader.
+/// How long a child may take to load a library before the library counts as hanging the loader.
 const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// The descriptor number a probe child finds the library copy at.
-const PROBE_FD: i32 = 3;
 
 /// A signal's name, for messages.
 pub fn signal_name(sig: i32) -> &'static str {
@@ -499,71 +600,76 @@ pub fn signal_name(sig: i32) -> &'static str {
         libc::SIGTRAP => "SIGTRAP",
         libc::SIGINT => "SIGINT",
         libc::SIGHUP => "SIGHUP",
+        libc::SIGXCPU => "SIGXCPU",
         _ => "signal",
     }
 }
 
-/// Loads the copy in a child process (`exe __probe /proc/self/fd/3`, the copy's descriptor passed as
-/// fd 3). Only a child that dies, exits without answering, or hangs makes this fail; ordinary rejections
-/// are left to the in-process checks, which give the same answer without the risk.
-fn probe(exe: &Path, path: &Path, copy: &SealedCopy) -> Result<(), LoadError> {
-    use std::os::unix::process::{CommandExt, ExitStatusExt};
-    use std::process::{Command, Stdio};
+/// The bytes of a library in a sealed memfd.
+fn sealed_copy(path: &Path, bytes: &[u8], digest: &str) -> Result<SealedCopy, LoadError> {
+    let short = digest.trim_start_matches("blake3:").get(..12).unwrap_or("0");
+    SealedCopy::new(short, bytes).map_err(|e| {
+        LoadError::new(LoadErrorKind::RuntimeDir, path, format!("cannot make a private copy in memory: {e}"))
+    })
+}
+
+/// What a child said about a library.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChildAnswer {
+    /// It loaded, and this is what it says about itself.
+    Described(DriverMeta),
+    /// The child's loader refused it (a refusal the parent's own checks would make too).
+    Rejected {
+        /// The [`LoadErrorKind`] name.
+        kind: String,
+        /// The one-line reason.
+        reason: String,
+        /// Detail lines.
+        details: Vec<String>,
+    },
+}
+
+/// The child side (`plughost __describe`): loads the library on fd 3 (already checked by the parent)
+/// and says what it found. Run after [`crate::sandbox::enter`].
+pub fn child_answer() -> ChildAnswer {
+    match Loader::for_verified_copy().load(&crate::sandbox::library_path()) {
+        Ok(lib) => ChildAnswer::Described(DriverMeta::of(&lib)),
+        Err(e) => ChildAnswer::Rejected { kind: e.kind.as_str().to_owned(), reason: e.reason, details: e.details },
+    }
+}
+
+/// Loads the copy in a sandboxed child (`exe __describe`, the copy on fd 3). A child that dies,
+/// exits without answering, or hangs makes this fail with [`LoadErrorKind::Crashed`].
+fn in_child(exe: &Path, path: &Path, copy: &SealedCopy) -> Result<ChildAnswer, LoadError> {
+    use std::os::unix::process::ExitStatusExt;
     let crashed = |reason: String| LoadError::new(LoadErrorKind::Crashed, path, reason);
-    let fd = copy.fd.as_raw_fd();
-    let mut cmd = Command::new(exe);
-    cmd.arg("__probe")
-        .arg(format!("/proc/self/fd/{PROBE_FD}"))
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    // SAFETY: the closure runs in the child between fork and exec and only calls dup2, which is
-    // async-signal-safe; it allocates nothing and takes no lock.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::dup2(fd, PROBE_FD) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().map_err(|e| {
-        LoadError::new(LoadErrorKind::RuntimeDir, path, format!("cannot start probe {}: {e}", exe.display()))
+    let outcome = crate::sandbox::run(exe, &["__describe"], &copy.fd, PROBE_TIMEOUT).map_err(|e| {
+        LoadError::new(LoadErrorKind::RuntimeDir, path, format!("cannot start a child process {}: {e}", exe.display()))
     })?;
-    let deadline = std::time::Instant::now() + PROBE_TIMEOUT;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(s)) => break s,
-            Ok(None) if std::time::Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(2)),
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(crashed(format!(
-                    "loading it hung a probe process for {}s; not loaded",
-                    PROBE_TIMEOUT.as_secs()
-                )));
-            }
-            Err(e) => return Err(crashed(format!("cannot wait for the probe process: {e}"))),
+    let (status, printed) = match outcome {
+        crate::sandbox::Outcome::Hung => {
+            return Err(crashed(format!(
+                "loading it hung a probe process for {}s; not loaded",
+                PROBE_TIMEOUT.as_secs()
+            )))
         }
+        crate::sandbox::Outcome::Exited(status, printed) => (status, printed),
     };
-    let mut answer = String::new();
-    if let Some(mut out) = child.stdout.take() {
-        let _ = out.read_to_string(&mut answer);
-    }
     if let Some(sig) = status.signal() {
         return Err(crashed(format!(
             "loading it killed a probe process (signal {sig}, {}); not loaded",
             signal_name(sig)
         )));
     }
-    if status.code() != Some(0) || !answer.starts_with("probe:") {
-        return Err(crashed(format!(
+    let answer = printed.lines().find_map(|l| serde_json::from_str::<ChildAnswer>(l).ok());
+    match (status.code(), answer) {
+        (Some(0), Some(a)) => Ok(a),
+        (code, _) => Err(crashed(format!(
             "a probe process exited with status {} while loading it; not loaded",
-            status.code().unwrap_or(-1)
-        )));
+            code.unwrap_or(-1)
+        ))),
     }
-    Ok(())
 }
 
 fn open_verified(path: &Path, copy: &Path) -> Result<DriverLibrary, LoadError> {

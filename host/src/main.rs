@@ -91,11 +91,12 @@ enum Command {
     /// Configuration helpers
     #[command(subcommand)]
     Config(ConfigCommand),
-    /// Internal: load one file in this (throw-away) process and say whether it survived
-    #[command(name = "__probe", hide = true)]
-    Probe {
-        /// The file
-        path: PathBuf,
+    /// Internal: in a sandbox, load the library passed on fd 3 and say what it is (or why it is refused)
+    #[command(name = "__describe", hide = true)]
+    Describe {
+        /// The private working directory the parent made
+        #[arg(long)]
+        dir: PathBuf,
     },
     /// Internal: the child side of `check`
     #[command(name = "__check", hide = true)]
@@ -159,7 +160,7 @@ fn fail<T: std::fmt::Display>(lines: impl IntoIterator<Item = T>) -> ExitCode {
     ExitCode::from(1)
 }
 
-/// A loader for this process that probes new content in a child first.
+/// A loader for this process that loads driver code only in sandboxed children.
 fn probing_loader() -> Loader {
     match std::env::current_exe() {
         Ok(exe) => Loader::new().with_probe(exe),
@@ -239,14 +240,13 @@ fn main() -> ExitCode {
             println!("{}", serde_json::to_string(&report).expect("a check report always serializes"));
             ExitCode::SUCCESS
         }
-        Command::Probe { path } => {
-            // The child side of the loader's probe: survive loading `path` and say so. A rejection is
-            // an answer too; only dying, exiting otherwise or hanging counts against the file.
-            let verdict = match Loader::for_verified_copy().load(&path) {
-                Ok(_) => "ok".to_owned(),
-                Err(e) => e.kind.to_string(),
-            };
-            println!("probe: {verdict}");
+        Command::Describe { dir } => {
+            // Limits, an unprivileged uid, a private directory: before anything of the library runs.
+            if let Err(e) = host::sandbox::enter(&dir) {
+                return fail([e]);
+            }
+            let answer = host::loader::child_answer();
+            println!("{}", serde_json::to_string(&answer).expect("a child answer always serializes"));
             ExitCode::SUCCESS
         }
     }
@@ -265,9 +265,9 @@ fn sample(driver_dirs: &[PathBuf], drivers: Vec<String>) -> ExitCode {
     for d in &drivers {
         match drivers::resolve(d, &dirs)
             .map_err(|e| e.to_string())
-            .and_then(|p| loader.load(&p).map_err(|e| e.report()))
+            .and_then(|p| loader.describe(&p).map_err(|e| e.report()))
         {
-            Ok(l) => libs.push(l),
+            Ok(l) => libs.push(l.meta),
             Err(e) => errors.push(e),
         }
     }

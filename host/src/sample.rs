@@ -2,9 +2,18 @@
 //! Every option line is valid TOML once uncommented: defaults as typed values, options without one as
 //! a placeholder of the right type, marked `required` where the driver says so.
 
-use plughost_api::{OptionSpec, OptionType};
+use plughost_api::OptionType;
 
-use crate::loader::Library;
+use crate::drivers::OptionDescription;
+use crate::loader::DriverMeta;
+
+/// An option type by its name (as a child described it).
+fn option_type(name: &str) -> OptionType {
+    [OptionType::STRING, OptionType::INTEGER, OptionType::BOOL, OptionType::SIZE, OptionType::PATH]
+        .into_iter()
+        .find(|t| t.as_str() == name)
+        .unwrap_or(OptionType::STRING)
+}
 
 /// A TOML value for an option's default, as the user would write it.
 fn toml_value(ty: OptionType, text: &str) -> String {
@@ -27,48 +36,57 @@ fn placeholder(ty: OptionType) -> &'static str {
     }
 }
 
-fn option_lines(o: &OptionSpec, out: &mut String) {
-    let mut flags = vec![o.ty().as_str().to_owned()];
-    if o.is_required() {
+fn option_lines(o: &OptionDescription, out: &mut String) {
+    let ty = option_type(&o.ty);
+    let mut flags = vec![o.ty.clone()];
+    if o.required {
         flags.push("required".to_owned());
     }
-    if o.is_secret() {
+    if o.secret {
         flags.push("secret: never logged or shown".to_owned());
     }
-    out.push_str(&format!("# {} ({})\n", o.help(), flags.join(", ")));
-    match o.default_value() {
-        Some(v) if !o.is_secret() => out.push_str(&format!("# {} = {}\n", o.name(), toml_value(o.ty(), v))),
-        _ => out.push_str(&format!("# {} = {}\n", o.name(), placeholder(o.ty()))),
+    out.push_str(&format!("# {} ({})\n", o.help, flags.join(", ")));
+    match &o.default {
+        Some(v) if !o.secret => out.push_str(&format!("# {} = {}\n", o.name, toml_value(ty, v))),
+        _ => out.push_str(&format!("# {} = {}\n", o.name, placeholder(ty))),
     }
 }
 
 /// The sample configuration for these drivers.
-pub fn sample(drivers: &[Library]) -> String {
+pub fn sample(drivers: &[DriverMeta]) -> String {
     let mut out = String::from(
         "# plughost sample configuration, generated from the drivers' option schemas.\n\
          # Precedence: command line > environment (PLUGHOST_*) > this file > defaults.\n\n\
          # state_dir = \"/var/lib/plughost\"\n# socket = \"/var/lib/plughost/plughost.sock\"\n\
          # driver_dirs = [\"/usr/lib/plughost/drivers\"]\n# shutdown_timeout_ms = 10000\n\
-         # periodic_interval_ms = 10000\n# max_request_bytes = 1048576\n",
+         # periodic_interval_ms = 10000\n# max_request_bytes = 1048576\n\
+         # Members of this group may read through the socket (status, get, list, stats)\n\
+         # socket_group = \"plughost\"\n\n\
+         # Which driver code may load (see plughost inspect for the digest of a library)\n\
+         [trust]\n\
+         # Refuse driver files that anyone but root or plughost's user could have written\n\
+         # strict = true\n\
+         # A file of allowed digests, one blake3:HEX per line\n\
+         # allowlist = \"/etc/plughost/allowlist\"\n\
+         # Refuse backends that pin no digest (digest = \"blake3:...\" next to driver)\n\
+         # require_pins = false\n\
+         # Let swap name a driver file outside the driver directories\n\
+         # allow_swap_paths = false\n",
     );
     for lib in drivers {
         out.push_str(&format!(
-            "\n# {} {}: {}\n[{}]\ndriver = {:?}\n",
-            lib.name(),
-            lib.version(),
-            lib.summary(),
-            lib.kind(),
-            lib.name(),
+            "\n# {} {}: {}\n[{}]\ndriver = {:?}\n# Pin this backend to one build of its driver\n# digest = \"blake3:...\"\n",
+            lib.name, lib.version, lib.summary, lib.kind, lib.name,
         ));
-        let kind = crate::services::kind(lib.kind().as_str());
+        let kind = crate::services::kind(&lib.kind);
         if kind.is_some_and(|k| k.settings.contains(&"stop_instances_on_exit")) {
             out.push_str(
                 "# Stop this service's instances when plughost stops (host setting; by default they keep\n\
                  # running and the next start re-adopts them)\n# stop_instances_on_exit = false\n",
             );
         }
-        out.push_str(&format!("[{}.options]\n", lib.kind()));
-        for o in lib.options() {
+        out.push_str(&format!("[{}.options]\n", lib.kind));
+        for o in &lib.options {
             option_lines(o, &mut out);
         }
     }
@@ -78,6 +96,8 @@ pub fn sample(drivers: &[Library]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use plughost_api::OptionSpec;
 
     #[test]
     fn every_option_line_is_valid_toml_once_uncommented() {
@@ -90,7 +110,7 @@ mod tests {
         ];
         let mut out = String::new();
         for o in SCHEMA {
-            option_lines(o, &mut out);
+            option_lines(&OptionDescription::of(o), &mut out);
         }
         assert!(!out.contains("hunter2"), "{out}");
         let uncommented: String =

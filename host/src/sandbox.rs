@@ -1,0 +1,159 @@
+//! Child processes that load driver code on plughost's behalf without being plughost: the probe that
+//! tries new content before the host loads it, and the one that reads a library's metadata for
+//! `inspect`, `list` and `config sample`, so that those never load library code in their own process.
+//!
+//! The parent passes the library as a sealed memfd on fd 3 and a fresh private directory; the child
+//! calls [`enter`] before anything of the library is loaded: no new privileges, resource limits, an
+//! unprivileged uid (65534) when it runs as root, that directory as its working directory and an empty
+//! environment. The parent waits with a timeout, kills a child that hangs, and removes the directory
+//! whatever became of the child.
+
+use std::io::Read;
+use std::os::unix::io::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// The uid and gid a sandboxed child runs as when plughost runs as root (`nobody`).
+pub const UNPRIVILEGED: u32 = 65534;
+
+/// The descriptor a child finds the library at.
+pub const LIBRARY_FD: i32 = 3;
+
+/// A fresh private directory for one child, removed when dropped.
+#[derive(Debug)]
+struct ChildDir(PathBuf);
+
+impl ChildDir {
+    fn new() -> std::io::Result<ChildDir> {
+        use std::os::unix::fs::DirBuilderExt;
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("plughost-child-{}-{n}", std::process::id()));
+        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        if crate::trust::euid() == 0 {
+            std::os::unix::fs::chown(&dir, Some(UNPRIVILEGED), Some(UNPRIVILEGED))?;
+        }
+        Ok(ChildDir(dir))
+    }
+}
+
+impl Drop for ChildDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// How a sandboxed child ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// It exited; its status and what it printed.
+    Exited(ExitStatus, String),
+    /// It did not finish within the timeout and was killed.
+    Hung,
+}
+
+/// Runs `exe ARGS... --dir DIR` with `library` on fd 3, waits up to `timeout`.
+pub fn run(exe: &Path, args: &[&str], library: &impl AsRawFd, timeout: Duration) -> std::io::Result<Outcome> {
+    let dir = ChildDir::new()?;
+    let fd = library.as_raw_fd();
+    let mut cmd = Command::new(exe);
+    cmd.args(args)
+        .arg("--dir")
+        .arg(&dir.0)
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    // SAFETY: the closure runs in the child between fork and exec and only calls dup2 and fcntl, which
+    // are async-signal-safe; it allocates nothing and takes no lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            // dup2 onto itself keeps close-on-exec: clear it explicitly then.
+            let r = if fd == LIBRARY_FD { libc::fcntl(fd, libc::F_SETFD, 0) } else { libc::dup2(fd, LIBRARY_FD) };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn()?;
+    let mut out = child.stdout.take();
+    // Read while waiting, so that a child printing a lot cannot block on a full pipe.
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(o) = out.as_mut() {
+            let _ = o.take(1 << 20).read_to_string(&mut s);
+        }
+        s
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait()? {
+            Some(s) => break Some(s),
+            None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+        }
+    };
+    let printed = reader.join().unwrap_or_default();
+    drop(dir);
+    Ok(match status {
+        Some(s) => Outcome::Exited(s, printed),
+        None => Outcome::Hung,
+    })
+}
+
+fn limit(resource: libc::__rlimit_resource_t, value: u64) {
+    let r = libc::rlimit { rlim_cur: value, rlim_max: value };
+    // SAFETY: setrlimit reads one valid rlimit; lowering a limit is always allowed.
+    unsafe {
+        libc::setrlimit(resource, &r);
+    }
+}
+
+/// The child side, before anything of the library is loaded: no new privileges, limits (memory, CPU,
+/// files, no core dumps, no new processes), an unprivileged uid when running as root, `dir` as the
+/// working directory. Returns an error naming what could not be done.
+pub fn enter(dir: &Path) -> Result<(), String> {
+    let os = |what: &str| format!("sandbox: {what}: {}", std::io::Error::last_os_error());
+    // SAFETY: prctl with PR_SET_NO_NEW_PRIVS takes integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(os("no_new_privs"));
+    }
+    limit(libc::RLIMIT_AS, 4 << 30);
+    limit(libc::RLIMIT_CPU, 30);
+    limit(libc::RLIMIT_NOFILE, 64);
+    limit(libc::RLIMIT_FSIZE, 64 << 20);
+    limit(libc::RLIMIT_CORE, 0);
+    if crate::trust::euid() == 0 {
+        // SAFETY: setgroups with an empty list, then setgid and setuid: integer arguments only; this
+        // process is single-threaded here (nothing was started before).
+        unsafe {
+            if libc::setgroups(0, std::ptr::null()) != 0 {
+                return Err(os("setgroups"));
+            }
+            if libc::setgid(UNPRIVILEGED) != 0 {
+                return Err(os("setgid"));
+            }
+            if libc::setuid(UNPRIVILEGED) != 0 {
+                return Err(os("setuid"));
+            }
+            // A uid change makes the process undumpable, which closes /proc/self/fd to it: the library
+            // is opened through /proc/self/fd/3.
+            libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0);
+        }
+        limit(libc::RLIMIT_NPROC, 0);
+    }
+    std::env::set_current_dir(dir).map_err(|e| format!("sandbox: chdir {}: {e}", dir.display()))?;
+    Ok(())
+}
+
+/// The path a child opens the library by.
+pub fn library_path() -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{LIBRARY_FD}"))
+}
