@@ -61,6 +61,8 @@ pub struct FileConfig {
     pub max_request_bytes: Option<u64>,
     /// The group whose members may read (status, get, list, stats) through the socket.
     pub socket_group: Option<String>,
+    /// Largest driver file accepted.
+    pub max_driver_bytes: Option<u64>,
     /// `[trust]`.
     pub trust: TrustConfig,
     /// `[volume]`, `[compute]`, ... by service name.
@@ -109,6 +111,7 @@ const GLOBAL_KEYS: &[&str] = &[
     "periodic_interval_ms",
     "max_request_bytes",
     "socket_group",
+    "max_driver_bytes",
     "trust",
 ];
 
@@ -152,6 +155,7 @@ impl<'de> Deserialize<'de> for FileConfig {
                         "periodic_interval_ms" => c.periodic_interval_ms = Some(map.next_value()?),
                         "max_request_bytes" => c.max_request_bytes = Some(map.next_value()?),
                         "socket_group" => c.socket_group = Some(map.next_value()?),
+                        "max_driver_bytes" => c.max_driver_bytes = Some(map.next_value()?),
                         "trust" => c.trust = map.next_value()?,
                         service => {
                             c.services.insert(service, map.next_value()?);
@@ -409,6 +413,10 @@ pub struct RunFlags {
     /// warning and shown in status
     #[arg(long)]
     pub allow_untrusted_drivers: bool,
+    /// Largest driver file accepted, in bytes; larger ones are refused before they are read [default:
+    /// 268435456]
+    #[arg(long, value_name = "BYTES")]
+    pub max_driver_bytes: Option<u64>,
     /// Let `swap` name a driver file outside the driver directories (trust.allow_swap_paths = true)
     #[arg(long)]
     pub allow_swap_paths: bool,
@@ -449,6 +457,8 @@ pub struct Settings {
     pub trust: TrustSettings,
     /// The group that may read through the socket.
     pub socket_group: Option<String>,
+    /// Largest driver file accepted.
+    pub max_driver_bytes: u64,
 }
 
 /// Where the configuration comes from: the flags given at start (environment included) and the file
@@ -548,6 +558,10 @@ pub fn resolve(flags: &RunFlags, file: &FileConfig) -> Result<Settings, Vec<Conf
         probe: std::env::current_exe().ok(),
         trust,
         socket_group: flags.socket_group.clone().or_else(|| file.socket_group.clone()),
+        max_driver_bytes: flags
+            .max_driver_bytes
+            .or(file.max_driver_bytes)
+            .unwrap_or(crate::loader::DEFAULT_MAX_DRIVER_BYTES),
     })
 }
 

@@ -573,12 +573,14 @@ fn read_checked(mut file: &fs::File, len: u64) -> Result<Vec<u8>, (LoadErrorKind
         elf::ElfProblem::NotElf(r) => (LoadErrorKind::NotElf, r),
         elf::ElfProblem::WrongMachine(r) => (LoadErrorKind::WrongMachine, r),
     };
-    let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+    let mut bytes = Vec::with_capacity(elf::HEADER_LEN);
     file.by_ref()
         .take(elf::HEADER_LEN as u64)
         .read_to_end(&mut bytes)
         .map_err(|e| (LoadErrorKind::NotAFile, format!("cannot read: {e}")))?;
     elf::check_header(&bytes, len).map_err(elf_problem)?;
+    // Only a plausible shared object gets memory for its whole size.
+    bytes.reserve(usize::try_from(len).unwrap_or(0).saturating_sub(bytes.len()));
     file.read_to_end(&mut bytes).map_err(|e| (LoadErrorKind::NotAFile, format!("cannot read: {e}")))?;
     elf::check(&bytes).map_err(elf_problem)?;
     Ok(bytes)

@@ -66,7 +66,7 @@ impl Host {
         if !settings.trust.strict {
             log::warn!("trust.strict is off: driver files that others could have written are loaded");
         }
-        let mut loader = Loader::new();
+        let mut loader = Loader::new().with_max_bytes(settings.max_driver_bytes);
         loader.set_trust(settings.trust.strict, allowlist);
         if let Some(exe) = &settings.probe {
             loader = loader.with_probe(exe.clone());

@@ -293,3 +293,44 @@ pub fn crash_on_load() -> PathBuf {
         })
         .clone()
 }
+
+/// A library that exports the plughost root symbol and, from an ELF initializer (the earliest code of
+/// a library that runs), writes `PID UID` to [`marker_path`]: which process ran its code, as whom.
+pub fn marker_on_load() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let ws = target_dir().join("fixtures").join("marker-on-load");
+            let krate = ws.join("marker-on-load");
+            fs::create_dir_all(krate.join("src")).unwrap();
+            let marker_dir = marker_path().parent().unwrap().to_owned();
+            fs::create_dir_all(&marker_dir).unwrap();
+            // Anyone may write the marker: the point is to see who did.
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&marker_dir, fs::Permissions::from_mode(0o1777)).unwrap();
+            fs::write(
+                krate.join("Cargo.toml"),
+                "[package]\nname = \"marker-on-load\"\nversion = \"0.0.1\"\nedition = \"2021\"\n\n[lib]\ncrate-type = [\"cdylib\"]\n",
+            )
+            .unwrap();
+            fs::write(
+                krate.join("src/lib.rs"),
+                format!(
+                    "#[no_mangle]\npub static {}: [u8; 64] = [0; 64];\n\nextern \"C\" {{ fn getuid() -> u32; }}\n\nextern \"C\" fn mark() {{\n    // SAFETY: getuid has no preconditions.\n    let uid = unsafe {{ getuid() }};\n    let _ = std::fs::write({:?}, format!(\"{{}} {{}}\", std::process::id(), uid));\n}}\n\n#[used]\n#[link_section = \".init_array\"]\nstatic INIT: extern \"C\" fn() = mark;\n",
+                    plughost_api::host::ROOT_SYMBOL,
+                    marker_path().display().to_string()
+                ),
+            )
+            .unwrap();
+            fs::write(ws.join("Cargo.toml"), "[workspace]\nresolver = \"2\"\nmembers = [\"marker-on-load\"]\n").unwrap();
+            let status = cargo().current_dir(&ws).args(["build", "--quiet", "--offline"]).status().unwrap();
+            assert!(status.success(), "building the marker-on-load fixture failed");
+            profile_dir().join("libmarker_on_load.so")
+        })
+        .clone()
+}
+
+/// Where [`marker_on_load`]'s initializer writes.
+pub fn marker_path() -> PathBuf {
+    target_dir().join("fixtures").join("marker-on-load").join("out").join("marker")
+}

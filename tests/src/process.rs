@@ -56,14 +56,25 @@ impl Daemon {
     /// Starts `plughost run --state-dir STATE ARGS...` and waits until it answers `ping`.
     /// Panics with its stderr if it exits first.
     pub fn start(state_dir: &std::path::Path, args: &[&str]) -> Daemon {
-        let socket = state_dir.join("plughost.sock");
+        Daemon::start_with(state_dir, None, args, |_| {})
+    }
+
+    /// Like [`start`](Self::start), with the control socket at `socket` (default: in the state dir)
+    /// and `prepare` applied to the command first (a umask, limits, ...).
+    pub fn start_with(
+        state_dir: &std::path::Path,
+        socket: Option<&std::path::Path>,
+        args: &[&str],
+        prepare: impl FnOnce(&mut Command),
+    ) -> Daemon {
+        let socket = socket.map(ToOwned::to_owned).unwrap_or_else(|| state_dir.join("plughost.sock"));
         let mut all = vec!["run", "--state-dir", state_dir.to_str().unwrap(), "--periodic-interval-ms", "200"];
+        all.extend(["--socket", socket.to_str().unwrap()]);
         all.extend_from_slice(args);
-        let child = command(&all)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("plughost run starts");
+        let mut cmd = command(&all);
+        cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+        prepare(&mut cmd);
+        let child = cmd.spawn().expect("plughost run starts");
         let mut d = Daemon { child: Some(child), socket, state_dir: state_dir.to_owned(), conn: None, next_id: 1 };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         loop {
