@@ -341,6 +341,12 @@ pub fn format_status(st: &HostStatus) -> String {
         out.push_str(&line);
         out.push('\n');
     }
+    if let Some(w) = &st.trust.warning {
+        out.push_str(&format!("warning: {w}\n"));
+    }
+    if let Some(g) = &st.trust.socket_group {
+        out.push_str(&format!("socket readers: group {g} (status, get, list, stats)\n"));
+    }
     let libs = &st.libraries;
     out.push_str(&format!(
         "libraries mapped: {} ({}), of which not in use (swapped out or refused) but still mapped: {} ({})\n",

@@ -465,3 +465,24 @@ fn socket_and_oversized_files_are_handled_without_harm() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not an ELF"), "{err}");
 }
+
+#[test]
+fn a_child_that_crashes_leaves_nothing_behind() {
+    let child = command(&["inspect", fixtures::crash_on_load().to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("killed a probe process"), "{out:?}");
+    let prefix = format!("plughost-child-{pid}-");
+    let left: Vec<String> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
