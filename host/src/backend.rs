@@ -9,13 +9,13 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use plughost_api::host::Interface;
 use plughost_api::{DriverError, Options};
 
-use crate::config::expand;
+use crate::config::{expand, Isolation};
 use crate::drivers::resolve;
 use crate::error::LoadError;
 use crate::loader::{Library, Loader};
@@ -24,6 +24,7 @@ use crate::protocol::{
 };
 use crate::rcu::{RcuCell, Retired};
 use crate::stats::CallStats;
+use crate::worker::{SetupReply, SupervisedTransport, Supervisor, WorkerConfig};
 
 /// Whether a backend can serve.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +45,8 @@ pub struct BuildContext<'a> {
     pub state_dir: &'a Path,
     /// For NAME lookups.
     pub driver_dirs: &'a [PathBuf],
+    /// The `plughost` executable, to start workers for isolated backends.
+    pub exe: Option<&'a Path>,
 }
 
 /// The configured driver (PATH or NAME, as given) and raw options: what a reload rebuilds from.
@@ -193,6 +196,99 @@ pub struct Active<I: Interface> {
     pub generation: u64,
     /// Extensions the driver provides.
     pub extensions: Vec<String>,
+    /// The worker process serving it, for an isolated backend.
+    pub supervisor: Option<Arc<Supervisor>>,
+    /// `init` has not run yet (in-process drivers: it runs bounded, or in the background at start).
+    pub init_pending: bool,
+}
+
+impl<I: Interface> Active<I> {
+    /// Runs the driver's cleanup (if it initialised) and stops its worker, if it has one.
+    fn finish(&self, service: &str, backend: &str) {
+        if self.init_error.is_none() {
+            if let Err(e) = I::cleanup(self.driver.object()) {
+                log::warn!("{service} backend {backend:?}: cleanup failed: {e}");
+            }
+        }
+        if let Some(s) = &self.supervisor {
+            s.stop();
+        }
+    }
+}
+
+/// Runs an in-process driver's `init` in a thread of its own, waiting up to `timeout`. A driver whose
+/// `init` does not return in time is given up on: the thread keeps it until `init` returns, then drops
+/// it (no `cleanup`: it never served).
+fn init_bounded<I: Interface>(active: Active<I>, timeout: Duration) -> Result<Active<I>, String> {
+    let shared = Arc::new(active);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mine = shared.clone();
+    let handle = std::thread::Builder::new()
+        .name("driver-init".to_owned())
+        .spawn(move || {
+            let r = I::init(mine.driver.object());
+            drop(mine);
+            let _ = tx.send(r);
+        })
+        .map_err(|e| format!("cannot start a thread for init: {e}"))?;
+    match rx.recv_timeout(timeout) {
+        Ok(r) => {
+            let _ = handle.join();
+            let mut active = Arc::try_unwrap(shared)
+                .unwrap_or_else(|_| unreachable!("the init thread dropped its reference before answering"));
+            active.init_error = r.err().map(|e| format!("driver init failed: {}", e.message()));
+            active.init_pending = false;
+            Ok(active)
+        }
+        Err(_) => Err(format!("driver init did not finish within {}s", timeout.as_secs_f64())),
+    }
+}
+
+/// Where a backend's first `init` is (it runs in the background at start).
+#[derive(Debug, Clone)]
+enum InitState {
+    /// Running since then.
+    Running(Instant),
+    /// Failed or timed out: the backend stays down until a swap.
+    Failed(String),
+    /// Done (or not needed).
+    Done,
+}
+
+/// A backend's health, shared with its worker's supervisor (which takes it down when the circuit
+/// opens, and up again on `ctl restart`).
+#[derive(Debug)]
+pub struct HealthCell {
+    health: Mutex<Health>,
+    /// `health == Up`, read on every call without a lock.
+    serving: AtomicBool,
+    label: String,
+}
+
+impl HealthCell {
+    fn new(service: &str, backend: &str) -> HealthCell {
+        HealthCell {
+            health: Mutex::new(Health::Down("starting".to_owned())),
+            serving: AtomicBool::new(false),
+            label: format!("{service} backend {backend:?}"),
+        }
+    }
+
+    fn get(&self) -> Health {
+        self.health.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set(&self, h: Health) {
+        let mut g = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        if *g != h {
+            match &h {
+                Health::Up => log::info!("{} is up", self.label),
+                Health::Down(r) => log::warn!("{} is down: {r}", self.label),
+            }
+        }
+        self.serving.store(h == Health::Up, Ordering::Relaxed);
+        *g = h;
+    }
 }
 
 /// One backend: the active driver (swappable while serving) and its bookkeeping.
@@ -203,10 +299,12 @@ pub struct Backend<I: Interface> {
     active: RcuCell<Active<I>>,
     configured: Mutex<Configured>,
     swap_lock: Mutex<()>,
-    health: Mutex<Health>,
-    /// `health == Up`, read on every call without a lock.
-    serving: AtomicBool,
+    health: Arc<HealthCell>,
     calls: CallStats,
+    /// The first `init` (at start).
+    init: Mutex<InitState>,
+    /// A health check still running, since then (a driver's `health` may hang too).
+    health_running: Mutex<Option<Instant>>,
 }
 
 impl<I: Interface> fmt::Debug for Backend<I> {
@@ -226,14 +324,38 @@ fn shown_options(lib: &Library, given: &Options) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// Resolves, loads, validates, constructs and initialises a driver. Load, option and constructor
-/// errors are `Err`; an `init` failure is recorded in `Active::init_error`.
+/// The configured options of a backend, `${...}` expanded (in defaults too) and validated against the
+/// library's schema; and as status shows them. Used in this process and in workers.
+pub fn prepared_options(
+    library: &Library,
+    configured: &[(String, String)],
+    state_dir: &Path,
+    backend: &str,
+) -> Result<(Options, BTreeMap<String, String>), LoadError> {
+    let mut given: Vec<(String, String)> =
+        configured.iter().map(|(k, v)| (k.clone(), expand(v, state_dir, backend))).collect();
+    for o in library.options() {
+        if let Some(d) = o.default_value() {
+            if d.contains("${") && !given.iter().any(|(k, _)| k == o.name()) {
+                given.push((o.name().to_owned(), expand(d, state_dir, backend)));
+            }
+        }
+    }
+    let options = library.validate_options(&given)?;
+    let shown = shown_options(library, &options);
+    Ok((options, shown))
+}
+
+/// Resolves, loads, validates, constructs and initialises a driver, in this process or (isolation
+/// `process`) in a worker. Load, option and constructor errors are `Err`; an `init` failure is recorded
+/// in `Active::init_error`.
 fn prepare<I: Interface>(
     ctx: BuildContext<'_>,
     service: &'static str,
     backend: &str,
     configured: &Configured,
     generation: u64,
+    health: &Arc<HealthCell>,
 ) -> Result<Active<I>, BackendError> {
     let fail = |e| BackendError { service, backend: backend.to_owned(), cause: BackendCause::Load(e) };
     let path = resolve(&configured.driver, ctx.driver_dirs).map_err(|reason| BackendError {
@@ -241,24 +363,103 @@ fn prepare<I: Interface>(
         backend: backend.to_owned(),
         cause: BackendCause::NotFound(reason),
     })?;
-    let library = ctx.loader.load_pinned(&path, configured.settings.digest.as_deref()).map_err(fail)?;
-    library.expect_kind(I::KIND).map_err(fail)?;
-    let mut given: Vec<(String, String)> =
-        configured.options.iter().map(|(k, v)| (k.clone(), expand(v, ctx.state_dir, backend))).collect();
-    for o in library.options() {
-        if let Some(d) = o.default_value() {
-            if d.contains("${") && !given.iter().any(|(k, _)| k == o.name()) {
-                given.push((o.name().to_owned(), expand(d, ctx.state_dir, backend)));
-            }
-        }
+    let pin = configured.settings.digest.as_deref();
+    if configured.settings.isolation == Isolation::Process {
+        return prepare_isolated(ctx, service, backend, configured, generation, health, &path).map_err(fail);
     }
-    let options = library.validate_options(&given).map_err(fail)?;
+    let library = ctx.loader.load_pinned(&path, pin).map_err(fail)?;
+    library.expect_kind(I::KIND).map_err(fail)?;
+    let (options, shown_options) =
+        prepared_options(&library, &configured.options, ctx.state_dir, backend).map_err(fail)?;
     let constructed = library.construct::<I>(&options).map_err(fail)?;
     let driver = Driver::Loaded(constructed.driver);
-    let init_error = I::init(driver.object()).err().map(|e| format!("driver init failed: {}", e.message()));
-    let shown_options = shown_options(&library, &options);
     let extensions = constructed.extensions.iter().map(|e| (*e).to_owned()).collect();
-    Ok(Active { driver, info: DriverInfo::of(&library), shown_options, init_error, generation, extensions })
+    Ok(Active {
+        driver,
+        info: DriverInfo::of(&library),
+        shown_options,
+        init_error: None,
+        generation,
+        extensions,
+        supervisor: None,
+        init_pending: true,
+    })
+}
+
+/// [`prepare`] for an isolated backend: every check that needs no loading here, then a worker loads,
+/// constructs and initialises the driver. Nothing of the library is mapped into this process.
+fn prepare_isolated<I: Interface>(
+    ctx: BuildContext<'_>,
+    service: &'static str,
+    backend: &str,
+    configured: &Configured,
+    generation: u64,
+    health: &Arc<HealthCell>,
+    path: &Path,
+) -> Result<Active<I>, LoadError> {
+    let settings = &configured.settings;
+    let exe = ctx.exe.ok_or_else(|| {
+        LoadError::new(crate::LoadErrorKind::RuntimeDir, path, "no plughost executable to start a worker with")
+    })?;
+    let copy = ctx.loader.checked_copy(path, settings.digest.as_deref())?;
+    let user = match &settings.user {
+        Some(u) => Some(
+            crate::worker::user_ids(u, settings.group.as_deref())
+                .map_err(|e| LoadError::new(crate::LoadErrorKind::RuntimeDir, path, e))?,
+        ),
+        None => None,
+    };
+    let config = WorkerConfig {
+        exe: exe.to_owned(),
+        kind: I::KIND.as_str(),
+        setup: crate::worker::Setup {
+            service: service.to_owned(),
+            backend: backend.to_owned(),
+            path: path.to_owned(),
+            state_dir: ctx.state_dir.to_owned(),
+            options: configured.options.clone(),
+        },
+        user,
+        memory_limit: settings.memory_limit,
+        call_timeout: settings.call_timeout,
+    };
+    let cell = health.clone();
+    let on_health = Box::new(move |down: Option<String>| {
+        cell.set(match down {
+            Some(r) => Health::Down(r),
+            None => Health::Up,
+        })
+    });
+    let (supervisor, reply) = Supervisor::start(config, copy.fd, on_health)?;
+    match reply {
+        SetupReply::Refused { kind, reason, details } => {
+            supervisor.stop();
+            let kind = crate::LoadErrorKind::from_name(&kind).unwrap_or(crate::LoadErrorKind::InvalidMetadata);
+            Err(LoadError::new(kind, path, reason).with_details(details))
+        }
+        SetupReply::Ready { name, version, api_version, extensions, shown_options, init_error } => {
+            let driver = Driver::Other(I::remote(Box::new(SupervisedTransport::<I>::new(supervisor.clone()))));
+            let info = DriverInfo {
+                name,
+                version,
+                api_version,
+                path: path.to_owned(),
+                digest: copy.digest,
+                size: copy.size,
+                loaded_at: SystemTime::now(),
+            };
+            Ok(Active {
+                driver,
+                info,
+                shown_options,
+                init_error,
+                generation,
+                extensions,
+                supervisor: Some(supervisor),
+                init_pending: false,
+            })
+        }
+    }
 }
 
 impl<I: Interface> Backend<I> {
@@ -270,14 +471,23 @@ impl<I: Interface> Backend<I> {
         name: &str,
         configured: Configured,
     ) -> Result<Backend<I>, BackendError> {
-        let active: Active<I> = prepare(ctx, service, name, &configured, 0)?;
-        Ok(Backend::assemble(service, name, configured, active))
+        let health = Arc::new(HealthCell::new(service, name));
+        let active: Active<I> = prepare(ctx, service, name, &configured, 0, &health)?;
+        Ok(Backend::assemble(service, name, configured, active, health))
     }
 
-    fn assemble(service: &'static str, name: &str, configured: Configured, active: Active<I>) -> Backend<I> {
+    fn assemble(
+        service: &'static str,
+        name: &str,
+        configured: Configured,
+        active: Active<I>,
+        cell: Arc<HealthCell>,
+    ) -> Backend<I> {
         // Up only once `init` and a first health check pass (a volume root that is not there, ...);
-        // a failed health check is checked again periodically, a failed `init` is not.
+        // a failed health check is checked again periodically, a failed `init` is not. A pending
+        // `init` runs in the background ([`Backend::start_init`]).
         let health = match &active.init_error {
+            _ if active.init_pending => Health::Down("starting: init running".to_owned()),
             None => match I::health(active.driver.object()) {
                 Ok(()) => Health::Up,
                 Err(e) => {
@@ -291,16 +501,88 @@ impl<I: Interface> Backend<I> {
                 Health::Down(e.clone())
             }
         };
+        cell.set(health);
         Backend {
             name: name.to_owned(),
             service,
-            serving: AtomicBool::new(health == Health::Up),
             active: RcuCell::new(active),
             configured: Mutex::new(configured),
             swap_lock: Mutex::new(()),
-            health: Mutex::new(health),
+            health: cell,
             calls: CallStats::new(I::METHODS.len()),
+            init: Mutex::new(InitState::Done),
+            health_running: Mutex::new(None),
         }
+    }
+
+    /// Runs the driver's first `init` in the background (at start: a slow `init` of one backend holds up
+    /// no other). The backend is `starting` until it returns; one that outlasts the call timeout is
+    /// given up on (down; a swap or a restart brings a new driver).
+    pub fn start_init(self: &Arc<Self>) {
+        if !self.active.read(|a| a.init_pending) {
+            return;
+        }
+        *self.init.lock().unwrap_or_else(|p| p.into_inner()) = InitState::Running(Instant::now());
+        let me = self.clone();
+        let spawned = std::thread::Builder::new().name("driver-init".to_owned()).spawn(move || {
+            let r = me.active.read(|a| I::init(a.driver.object()));
+            let mut st = me.init.lock().unwrap_or_else(|p| p.into_inner());
+            if !matches!(*st, InitState::Running(_)) {
+                return; // given up on meanwhile
+            }
+            match r {
+                Ok(()) => {
+                    *st = InitState::Done;
+                    drop(st);
+                    let h = me.active.read(|a| match I::health(a.driver.object()) {
+                        Ok(()) => Health::Up,
+                        Err(e) => Health::Down(format!("driver unhealthy: {}", e.message())),
+                    });
+                    me.set_health(h);
+                }
+                Err(e) => {
+                    let why = format!("driver init failed: {}", e.message());
+                    log::error!("{} backend {:?}: {why}; it reports down", me.service, me.name);
+                    *st = InitState::Failed(why.clone());
+                    drop(st);
+                    me.set_health(Health::Down(why));
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            let why = format!("cannot start a thread for init: {e}");
+            *self.init.lock().unwrap_or_else(|p| p.into_inner()) = InitState::Failed(why.clone());
+            self.set_health(Health::Down(why));
+        }
+    }
+
+    /// Runs a pending first `init` here and now, unbounded (benchmarks and tests that build a backend
+    /// by hand; the host uses [`start_init`](Self::start_init)).
+    pub fn init_now(&self) {
+        if !self.active.read(|a| a.init_pending) {
+            return;
+        }
+        let h = self.active.read(|a| match I::init(a.driver.object()) {
+            Ok(()) => match I::health(a.driver.object()) {
+                Ok(()) => Health::Up,
+                Err(e) => Health::Down(format!("driver unhealthy: {}", e.message())),
+            },
+            Err(e) => Health::Down(format!("driver init failed: {}", e.message())),
+        });
+        *self.init.lock().unwrap_or_else(|p| p.into_inner()) = match &h {
+            Health::Down(why) if why.starts_with("driver init failed") => InitState::Failed(why.clone()),
+            _ => InitState::Done,
+        };
+        self.set_health(h);
+    }
+
+    /// Whether the first `init` is still running.
+    pub fn starting(&self) -> bool {
+        matches!(*self.init.lock().unwrap_or_else(|p| p.into_inner()), InitState::Running(_))
+    }
+
+    fn call_timeout(&self) -> Duration {
+        self.configured.lock().unwrap_or_else(|p| p.into_inner()).settings.call_timeout
     }
 
     /// A backend serving a driver compiled into this process (for tests and benchmarks): initialised
@@ -317,11 +599,19 @@ impl<I: Interface> Backend<I> {
             size: 0,
             loaded_at: SystemTime::now(),
         };
-        let active =
-            Active { driver, info, shown_options: BTreeMap::new(), init_error, generation: 0, extensions: Vec::new() };
+        let active = Active {
+            driver,
+            info,
+            shown_options: BTreeMap::new(),
+            init_error,
+            generation: 0,
+            extensions: Vec::new(),
+            supervisor: None,
+            init_pending: false,
+        };
         let configured =
             Configured { driver: driver_name.to_owned(), options: Vec::new(), settings: Default::default() };
-        Backend::assemble(service, name, configured, active)
+        Backend::assemble(service, name, configured, active, Arc::new(HealthCell::new(service, name)))
     }
 
     /// Calls the active driver, recording count, errors and sampled latency under `method`. Refuses
@@ -334,7 +624,7 @@ impl<I: Interface> Backend<I> {
         f: impl FnOnce(&I::Object) -> Result<T, DriverError>,
     ) -> Result<T, ApiError> {
         self.active.read(|active| {
-            if !self.serving.load(Ordering::Relaxed) {
+            if !self.health.serving.load(Ordering::Relaxed) {
                 return Err(self.unavailable());
             }
             let pending = self.calls.begin(I::method_index(method));
@@ -363,15 +653,7 @@ impl<I: Interface> Backend<I> {
     }
 
     fn set_health(&self, h: Health) {
-        let mut g = self.health.lock().unwrap_or_else(|p| p.into_inner());
-        if *g != h {
-            match &h {
-                Health::Up => log::info!("{} backend {:?} is up", self.service, self.name),
-                Health::Down(r) => log::warn!("{} backend {:?} is down: {r}", self.service, self.name),
-            }
-        }
-        self.serving.store(h == Health::Up, Ordering::Relaxed);
-        *g = h;
+        self.health.set(h);
     }
 
     /// The active driver's digest.
@@ -405,14 +687,25 @@ pub trait BackendControl: Send + Sync {
     fn status(&self, default: bool, capacity: Option<Capacity>) -> BackendStatus;
     /// Current health.
     fn health(&self) -> Health;
-    /// Runs the driver's health check and records the result (a periodic task).
-    fn check_health(&self);
+    /// Runs the driver's health check and records the result (a periodic task), waiting at most the
+    /// backend's call timeout.
+    fn check_health(self: Arc<Self>);
     /// Runs the active driver's cleanup (host stop).
     fn cleanup(&self);
     /// The digest of the active driver's library.
     fn active_digest(&self) -> String;
     /// Changes the host-level settings (they take effect at once; the driver is not involved).
     fn set_settings(&self, settings: crate::config::BackendSettings);
+    /// Changes whenever another driver object starts serving (a swap, a restarted worker): its state
+    /// may differ from what the records say, so services reconcile then.
+    fn incarnation(&self) -> u64;
+    /// `ctl restart`: a fresh worker for an isolated backend (closing its circuit); for an in-process
+    /// one, the configured driver loaded again (a swap).
+    fn restart(
+        &self,
+        ctx: BuildContext<'_>,
+        drain_timeout: Duration,
+    ) -> Result<crate::protocol::RestartReport, ApiError>;
 }
 
 impl<I: Interface> BackendControl for Backend<I> {
@@ -440,19 +733,33 @@ impl<I: Interface> BackendControl for Backend<I> {
             settings: settings.unwrap_or_else(|| current.settings.clone()),
         };
         let generation = self.active.read(|a| a.generation) + 1;
-        let fresh: Active<I> = prepare(ctx, self.service, &self.name, &wanted, generation).map_err(|e| {
-            let kind = match &e.cause {
-                BackendCause::Load(l) if l.kind.is_trust() => ErrorKind::UntrustedDriver,
-                _ => ErrorKind::SwapFailed,
-            };
-            ApiError::new(kind, format!("{}; the old driver keeps serving", e.one_line()))
-        })?;
+        let prepared: Active<I> =
+            prepare(ctx, self.service, &self.name, &wanted, generation, &self.health).map_err(|e| {
+                let kind = match &e.cause {
+                    BackendCause::Load(l) if l.kind.is_trust() => ErrorKind::UntrustedDriver,
+                    _ => ErrorKind::SwapFailed,
+                };
+                ApiError::new(kind, format!("{}; the old driver keeps serving", e.one_line()))
+            })?;
+        let fresh = if prepared.init_pending {
+            init_bounded(prepared, wanted.settings.call_timeout).map_err(|why| {
+                ApiError::new(
+                    ErrorKind::SwapFailed,
+                    format!(
+                        "{} backend {:?}: new driver: {why}; the old driver keeps serving",
+                        self.service, self.name
+                    ),
+                )
+            })?
+        } else {
+            prepared
+        };
         let unhealthy = match &fresh.init_error {
             Some(e) => Some(e.clone()),
             None => I::health(fresh.driver.object()).err().map(|e| format!("driver unhealthy: {}", e.message())),
         };
         if let Some(e) = &unhealthy {
-            let _ = I::cleanup(fresh.driver.object());
+            fresh.finish(self.service, &self.name);
             return Err(ApiError::new(
                 ErrorKind::SwapFailed,
                 format!(
@@ -465,6 +772,7 @@ impl<I: Interface> BackendControl for Backend<I> {
         let started = Instant::now();
         let old = self.active.replace(fresh);
         let swap_us = started.elapsed().as_micros() as u64;
+        *self.init.lock().unwrap_or_else(|p| p.into_inner()) = InitState::Done;
         *self.configured.lock().unwrap_or_else(|p| p.into_inner()) = wanted;
         self.set_health(Health::Up);
         log::info!(
@@ -524,6 +832,8 @@ impl<I: Interface> BackendControl for Backend<I> {
                     extensions: active.extensions.clone(),
                 },
                 pinned: settings.digest.clone(),
+                isolation: settings.isolation.as_str().to_owned(),
+                worker: active.supervisor.as_ref().map(|s| s.status()),
                 options: active.shown_options.clone(),
                 calls,
                 capacity,
@@ -532,33 +842,74 @@ impl<I: Interface> BackendControl for Backend<I> {
     }
 
     fn health(&self) -> Health {
-        self.health.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.health.get()
     }
 
-    fn check_health(&self) {
-        let h = self.active.read(|active| match &active.init_error {
-            Some(e) => Health::Down(e.clone()),
-            None => {
-                let pending = self.calls.begin(2); // "health" is method 2 of every kind
-                let r = I::health(active.driver.object());
-                self.calls.end(pending, r.is_err());
-                match r {
-                    Ok(()) => Health::Up,
-                    Err(e) => Health::Down(format!("driver unhealthy: {}", e.message())),
+    fn check_health(self: Arc<Self>) {
+        let timeout = self.call_timeout();
+        let init = self.init.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match init {
+            InitState::Running(since) if since.elapsed() > timeout => {
+                let why = format!("driver init did not finish within {}s; given up on", timeout.as_secs_f64());
+                *self.init.lock().unwrap_or_else(|p| p.into_inner()) = InitState::Failed(why.clone());
+                return self.set_health(Health::Down(why));
+            }
+            InitState::Running(since) => {
+                let why = format!("starting: init running for {}s", since.elapsed().as_secs());
+                return self.set_health(Health::Down(why));
+            }
+            InitState::Failed(why) => return self.set_health(Health::Down(why)),
+            InitState::Done => {}
+        }
+        // A health check that is still running is not started again; one that outlasts the timeout
+        // takes the backend down.
+        {
+            let mut running = self.health_running.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(since) = *running {
+                if since.elapsed() > timeout {
+                    drop(running);
+                    let why = format!("health check did not answer within {}s", timeout.as_secs_f64());
+                    self.set_health(Health::Down(why));
+                }
+                return;
+            }
+            *running = Some(Instant::now());
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let me = self.clone();
+        let spawned = std::thread::Builder::new().name("health".to_owned()).spawn(move || {
+            let h = me.active.read(|active| match &active.init_error {
+                Some(e) => Health::Down(e.clone()),
+                None => {
+                    let pending = me.calls.begin(2); // "health" is method 2 of every kind
+                    let r = I::health(active.driver.object());
+                    me.calls.end(pending, r.is_err());
+                    match r {
+                        Ok(()) => Health::Up,
+                        Err(e) => Health::Down(format!("driver unhealthy: {}", e.message())),
+                    }
+                }
+            });
+            *me.health_running.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            me.set_health(h.clone());
+            let _ = tx.send(h);
+        });
+        match spawned {
+            Ok(_) => {
+                if rx.recv_timeout(timeout).is_err() {
+                    let why = format!("health check did not answer within {}s", timeout.as_secs_f64());
+                    self.set_health(Health::Down(why));
                 }
             }
-        });
-        self.set_health(h);
+            Err(e) => {
+                *self.health_running.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                log::warn!("{} backend {:?}: cannot start a health check: {e}", self.service, self.name);
+            }
+        }
     }
 
     fn cleanup(&self) {
-        self.active.read(|active| {
-            if active.init_error.is_none() {
-                if let Err(e) = I::cleanup(active.driver.object()) {
-                    log::warn!("{} backend {:?}: cleanup failed: {e}", self.service, self.name);
-                }
-            }
-        });
+        self.active.read(|active| active.finish(self.service, &self.name));
     }
 
     fn active_digest(&self) -> String {
@@ -568,17 +919,52 @@ impl<I: Interface> BackendControl for Backend<I> {
     fn set_settings(&self, settings: crate::config::BackendSettings) {
         self.configured.lock().unwrap_or_else(|p| p.into_inner()).settings = settings;
     }
+
+    fn incarnation(&self) -> u64 {
+        self.active.read(|a| (a.generation << 32) | a.supervisor.as_ref().map(|s| s.epoch()).unwrap_or(0))
+    }
+
+    fn restart(
+        &self,
+        ctx: BuildContext<'_>,
+        drain_timeout: Duration,
+    ) -> Result<crate::protocol::RestartReport, ApiError> {
+        let supervisor = self.active.read(|a| a.supervisor.clone());
+        let Some(sup) = supervisor else {
+            let swap = self.swap(ctx, None, None, None, drain_timeout)?;
+            return Ok(crate::protocol::RestartReport {
+                backend: self.name.clone(),
+                isolation: "in-process".to_owned(),
+                worker_pid: None,
+                generation: swap.generation,
+            });
+        };
+        let pid = sup.restart_now().map_err(|e| {
+            ApiError::new(ErrorKind::SwapFailed, format!("{} backend {:?}: restart: {e}", self.service, self.name))
+        })?;
+        log::info!("{} backend {:?}: worker restarted on request (pid {pid})", self.service, self.name);
+        let (generation, health) = self.active.read(|a| {
+            let h = match I::health(a.driver.object()) {
+                Ok(()) => Health::Up,
+                Err(e) => Health::Down(format!("driver unhealthy: {}", e.message())),
+            };
+            (a.generation, h)
+        });
+        self.set_health(health);
+        Ok(crate::protocol::RestartReport {
+            backend: self.name.clone(),
+            isolation: "process".to_owned(),
+            worker_pid: Some(pid),
+            generation,
+        })
+    }
 }
 
 /// Waits for every call that may still use `old` to return, then runs its cleanup and frees it; in
 /// the background once `timeout` has passed. Returns a description of the old driver.
 fn retire<I: Interface>(old: Retired<Active<I>>, timeout: Duration, service: &'static str, backend: &str) -> DriverRef {
     fn finish<I: Interface>(old: Active<I>, service: &str, backend: &str) {
-        if old.init_error.is_none() {
-            if let Err(e) = I::cleanup(old.driver.object()) {
-                log::warn!("{service} backend {backend:?}: retired driver's cleanup failed: {e}");
-            }
-        }
+        old.finish(service, backend);
     }
     let info = old.peek(|a| a.info.reference(false));
     match old.wait(timeout) {

@@ -189,6 +189,16 @@ pub struct ServiceConfig {
     pub stop_instances_on_exit: Option<bool>,
     /// The `default` backend's pinned driver digest (`blake3:…`).
     pub digest: Option<String>,
+    /// Host-level setting: where the driver runs (`in-process` or `process`).
+    pub isolation: Option<String>,
+    /// Host-level setting: an isolated backend's worker's user.
+    pub user: Option<String>,
+    /// Host-level setting: an isolated backend's worker's group.
+    pub group: Option<String>,
+    /// Host-level setting: an isolated backend's worker's address-space limit (`512MiB`).
+    pub memory_limit: Option<toml::Value>,
+    /// Host-level setting: how long one call to an isolated backend may take (ms, or `60s`).
+    pub call_timeout: Option<toml::Value>,
 }
 
 /// `[[volume.backends]]`.
@@ -206,12 +216,27 @@ pub struct BackendConfig {
     pub stop_instances_on_exit: Option<bool>,
     /// This backend's pinned driver digest (`blake3:…`).
     pub digest: Option<String>,
+    /// Host-level setting: where the driver runs (`in-process` or `process`).
+    pub isolation: Option<String>,
+    /// Host-level setting: an isolated backend's worker's user.
+    pub user: Option<String>,
+    /// Host-level setting: an isolated backend's worker's group.
+    pub group: Option<String>,
+    /// Host-level setting: an isolated backend's worker's address-space limit (`512MiB`).
+    pub memory_limit: Option<toml::Value>,
+    /// Host-level setting: how long one call to an isolated backend may take (ms, or `60s`).
+    pub call_timeout: Option<toml::Value>,
 }
 
 /// Host-level backend settings as a config section gives them (unset: inherited or the default).
 #[derive(Debug, Default, Clone)]
 struct SettingsConfig {
     stop_instances_on_exit: Option<bool>,
+    isolation: Option<String>,
+    user: Option<String>,
+    group: Option<String>,
+    memory_limit: Option<toml::Value>,
+    call_timeout: Option<toml::Value>,
 }
 
 /// Splits `DRIVER@blake3:HEX` into the driver and its pin.
@@ -234,23 +259,92 @@ fn check_digest(at: &str, digest: &str) -> Result<(), ConfigError> {
 }
 
 /// What the host does around a backend's driver (not driver options: the driver never sees them).
-/// Which settings a kind of service accepts is in [`ServiceKind::settings`].
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Which kind-specific settings a kind of service accepts is in [`ServiceKind::settings`].
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendSettings {
     /// At a graceful stop, stop this backend's instances first. Off by default: instances outlive the
     /// host, and a restarted host re-adopts them.
     pub stop_instances_on_exit: bool,
     /// The only driver content this backend loads (`blake3:…`), at start, swap and reload.
     pub digest: Option<String>,
+    /// Where the driver runs: in the host, or in a worker process.
+    pub isolation: Isolation,
+    /// An isolated backend's worker runs as this user (name or uid).
+    pub user: Option<String>,
+    /// ...and this group (name or gid; default: the user's primary group).
+    pub group: Option<String>,
+    /// An isolated backend's worker's address-space limit, bytes.
+    pub memory_limit: Option<u64>,
+    /// How long one call to an isolated backend may take before it is answered `timeout` and the
+    /// worker killed.
+    pub call_timeout: Duration,
+}
+
+impl Default for BackendSettings {
+    fn default() -> BackendSettings {
+        BackendSettings {
+            stop_instances_on_exit: false,
+            digest: None,
+            isolation: Isolation::InProcess,
+            user: None,
+            group: None,
+            memory_limit: None,
+            call_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Where a backend's driver runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Isolation {
+    /// In the host process: fastest, and the driver is trusted with everything the host has.
+    #[default]
+    InProcess,
+    /// In a worker process: no fault of the driver can take the host down.
+    Process,
+}
+
+impl Isolation {
+    /// `in-process` or `process`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Isolation::InProcess => "in-process",
+            Isolation::Process => "process",
+        }
+    }
 }
 
 impl SettingsConfig {
-    /// These settings over `base`; an error names a setting the service does not take.
+    /// These settings over `base`; an error names the setting and where it was given.
     fn apply(&self, kind: &ServiceKind, base: &BackendSettings, at: &str) -> Result<BackendSettings, ConfigError> {
         let mut s = base.clone();
+        let bad = |key: &str, why: String| ConfigError::Invalid(format!("{at}: {key}: {why}"));
         if let Some(v) = self.stop_instances_on_exit {
             check_setting(kind, "stop_instances_on_exit", at)?;
             s.stop_instances_on_exit = v;
+        }
+        if let Some(i) = &self.isolation {
+            s.isolation = match i.as_str() {
+                "in-process" => Isolation::InProcess,
+                "process" => Isolation::Process,
+                other => {
+                    return Err(bad("isolation", format!("expected \"in-process\" or \"process\", got {other:?}")))
+                }
+            };
+        }
+        if let Some(u) = &self.user {
+            s.user = Some(u.clone());
+        }
+        if let Some(g) = &self.group {
+            s.group = Some(g.clone());
+        }
+        if let Some(m) = &self.memory_limit {
+            let text = value_text("memory_limit", m)?;
+            s.memory_limit = Some(plughost_api::parse_size(&text).map_err(|e| bad("memory_limit", e))?);
+        }
+        if let Some(t) = &self.call_timeout {
+            let text = value_text("call_timeout", t)?;
+            s.call_timeout = crate::worker::parse_duration(&text).map_err(|e| bad("call_timeout", e))?;
         }
         Ok(s)
     }
@@ -424,6 +518,10 @@ pub struct RunFlags {
     /// swap and reload stay with root and plughost's user
     #[arg(long, value_name = "GROUP")]
     pub socket_group: Option<String>,
+    /// Run the drivers of SERVICE (every backend) or SERVICE/BACKEND in worker processes (isolation =
+    /// "process"): no fault of theirs can take plughost down (repeatable)
+    #[arg(long, value_name = "SERVICE[/BACKEND]")]
+    pub isolate: Vec<String>,
     /// Stop the instances of SERVICE (every backend) or SERVICE/BACKEND when plughost stops; by default
     /// they keep running and a restarted plughost re-adopts them (repeatable)
     #[arg(long, value_name = "SERVICE[/BACKEND]")]
@@ -488,7 +586,7 @@ pub fn resolve(flags: &RunFlags, file: &FileConfig) -> Result<Settings, Vec<Conf
         let none = ServiceFlags::default();
         let f = flags.services.0.get(k.name).unwrap_or(&none);
         match service_spec(k, file.services.get(k.name), f) {
-            Ok(Some(mut s)) => match apply_setting_flags(&mut s, &flags.stop_instances_on_exit) {
+            Ok(Some(mut s)) => match apply_setting_flags(&mut s, &flags.stop_instances_on_exit, &flags.isolate) {
                 Ok(()) => services.push(s),
                 Err(e) => errors.push(e),
             },
@@ -496,12 +594,13 @@ pub fn resolve(flags: &RunFlags, file: &FileConfig) -> Result<Settings, Vec<Conf
             Err(e) => errors.push(e),
         }
     }
-    for target in &flags.stop_instances_on_exit {
+    let targets = flags.stop_instances_on_exit.iter().map(|t| ("--stop-instances-on-exit", t));
+    for (flag, target) in targets.chain(flags.isolate.iter().map(|t| ("--isolate", t))) {
         let service = target.split('/').next().unwrap_or_default();
         if services::kind(service).is_none() {
             let known: Vec<&str> = KINDS.iter().map(|k| k.name).collect();
             errors.push(ConfigError::Invalid(format!(
-                "--stop-instances-on-exit {target:?}: unknown service {service:?} ({})",
+                "{flag} {target:?}: unknown service {service:?} ({})",
                 known.join(", ")
             )));
         }
@@ -643,11 +742,15 @@ pub fn service_spec(
     }
     let section = format!("[{name}]");
     let service_settings = match file {
-        Some(f) => SettingsConfig { stop_instances_on_exit: f.stop_instances_on_exit }.apply(
-            kind,
-            &BackendSettings::default(),
-            &section,
-        )?,
+        Some(f) => SettingsConfig {
+            stop_instances_on_exit: f.stop_instances_on_exit,
+            isolation: f.isolation.clone(),
+            user: f.user.clone(),
+            group: f.group.clone(),
+            memory_limit: f.memory_limit.clone(),
+            call_timeout: f.call_timeout.clone(),
+        }
+        .apply(kind, &BackendSettings::default(), &section)?,
         None => BackendSettings::default(),
     };
     // The `default` backend exists when a driver is named for it, or when no backend is named at all.
@@ -661,8 +764,15 @@ pub fn service_spec(
     }
     for b in file_backends {
         let at = format!("[[{name}.backends]] {:?}", b.name);
-        let mut settings =
-            SettingsConfig { stop_instances_on_exit: b.stop_instances_on_exit }.apply(kind, &service_settings, &at)?;
+        let mut settings = SettingsConfig {
+            stop_instances_on_exit: b.stop_instances_on_exit,
+            isolation: b.isolation.clone(),
+            user: b.user.clone(),
+            group: b.group.clone(),
+            memory_limit: b.memory_limit.clone(),
+            call_timeout: b.call_timeout.clone(),
+        }
+        .apply(kind, &service_settings, &at)?;
         if let Some(d) = &b.digest {
             check_digest(&at, d)?;
             settings.digest = Some(d.to_ascii_lowercase());
@@ -725,9 +835,10 @@ pub fn service_spec(
     Ok(Some(ServiceSpec { kind, backends, default_backend }))
 }
 
-/// Applies `--stop-instances-on-exit SERVICE[/BACKEND]` flags naming this service.
-fn apply_setting_flags(spec: &mut ServiceSpec, targets: &[String]) -> Result<(), ConfigError> {
-    for target in targets {
+/// Applies the `--stop-instances-on-exit` and `--isolate SERVICE[/BACKEND]` flags naming this service.
+fn apply_setting_flags(spec: &mut ServiceSpec, stop: &[String], isolate: &[String]) -> Result<(), ConfigError> {
+    let flags = stop.iter().map(|t| ("--stop-instances-on-exit", t)).chain(isolate.iter().map(|t| ("--isolate", t)));
+    for (name, target) in flags {
         let (service, backend) = match target.split_once('/') {
             Some((s, b)) => (s, Some(b)),
             None => (target.as_str(), None),
@@ -735,11 +846,17 @@ fn apply_setting_flags(spec: &mut ServiceSpec, targets: &[String]) -> Result<(),
         if service != spec.kind.name {
             continue;
         }
-        let flag = format!("--stop-instances-on-exit {target:?}");
-        check_setting(spec.kind, "stop_instances_on_exit", &flag)?;
+        let flag = format!("{name} {target:?}");
+        if name == "--stop-instances-on-exit" {
+            check_setting(spec.kind, "stop_instances_on_exit", &flag)?;
+        }
         let mut matched = false;
         for b in spec.backends.iter_mut().filter(|b| backend.is_none_or(|n| n == b.name)) {
-            b.settings.stop_instances_on_exit = true;
+            if name == "--isolate" {
+                b.settings.isolation = Isolation::Process;
+            } else {
+                b.settings.stop_instances_on_exit = true;
+            }
             matched = true;
         }
         if !matched {

@@ -22,6 +22,11 @@ pub enum CtlCommand {
         /// `--since` as given.
         since: Option<String>,
     },
+    /// `restart SERVICE[/BACKEND]`.
+    Restart {
+        /// `SERVICE[/BACKEND]`.
+        target: String,
+    },
     /// `swap SERVICE[/BACKEND] [PATH|NAME]`.
     Swap {
         /// `SERVICE[/BACKEND]`.
@@ -46,6 +51,9 @@ impl clap::FromArgMatches for CtlCommand {
             Some(("status", _)) => Ok(CtlCommand::Status),
             Some(("reload", _)) => Ok(CtlCommand::Reload),
             Some(("audit", s)) => Ok(CtlCommand::Audit { since: s.get_one::<String>("since").cloned() }),
+            Some(("restart", s)) => {
+                Ok(CtlCommand::Restart { target: s.get_one::<String>("target").cloned().unwrap_or_default() })
+            }
             Some(("swap", s)) => Ok(CtlCommand::Swap {
                 target: s.get_one::<String>("target").cloned().unwrap_or_default(),
                 driver: s.get_one::<String>("driver").cloned(),
@@ -75,6 +83,11 @@ impl clap::Subcommand for CtlCommand {
                     "Re-read the configuration and swap every backend whose driver or options changed (as SIGHUP)",
                 ))
                 .subcommand(
+                    Command::new("restart")
+                        .about("A fresh worker for an isolated backend, closing its circuit (in-process: the configured driver loaded again)")
+                        .arg(Arg::new("target").required(true).value_name("SERVICE[/BACKEND]")),
+                )
+                .subcommand(
                     Command::new("audit")
                         .about("Who changed what: the audit log of mutations, swaps and reloads (admins only)")
                         .arg(Arg::new("since").long("since").value_name("WHEN").help(
@@ -103,7 +116,7 @@ impl clap::Subcommand for CtlCommand {
         Self::augment_subcommands(cmd)
     }
     fn has_subcommand(name: &str) -> bool {
-        matches!(name, "status" | "reload" | "audit" | "swap") || services::kind(name).is_some()
+        matches!(name, "status" | "reload" | "audit" | "restart" | "swap") || services::kind(name).is_some()
     }
 }
 
@@ -177,20 +190,16 @@ pub fn run(socket: Option<PathBuf>, json: bool, command: &CtlCommand) -> Result<
             (None, "audit".into(), args)
         }
         CtlCommand::Swap { target, driver } => {
-            let (svc, backend) = match target.split_once('/') {
-                Some((s, b)) => (s, Some(b.to_owned())),
-                None => (target.as_str(), None),
-            };
-            let svc = services::kind(svc).map(|k| k.name).ok_or_else(|| {
-                let known: Vec<&str> = KINDS.iter().map(|k| k.name).collect();
-                CtlError::Usage(format!(
-                    "swap target {svc:?}: expected SERVICE[/BACKEND] with SERVICE one of {}",
-                    known.join(", ")
-                ))
-            })?;
+            let (svc, backend) = split_target("swap", target)?;
             let args = serde_json::to_string(&SwapArgs { backend, driver: driver.clone() })
                 .map_err(|e| CtlError::Usage(e.to_string()))?;
             (Some(svc), "swap".into(), args)
+        }
+        CtlCommand::Restart { target } => {
+            let (svc, backend) = split_target("restart", target)?;
+            let args = serde_json::to_string(&crate::protocol::RestartArgs { backend })
+                .map_err(|e| CtlError::Usage(e.to_string()))?;
+            (Some(svc), "restart".into(), args)
         }
         CtlCommand::Service { kind, matches } => {
             let (op, args) = (kind.ctl_request)(matches).map_err(CtlError::Usage)?;
@@ -218,6 +227,22 @@ pub fn run(socket: Option<PathBuf>, json: bool, command: &CtlCommand) -> Result<
         (None, _) => key_values(&result).map_err(CtlError::Failed),
     }?;
     Ok(CtlOutput { stdout, ok: true })
+}
+
+/// `SERVICE[/BACKEND]`.
+fn split_target(what: &str, target: &str) -> Result<(&'static str, Option<String>), CtlError> {
+    let (svc, backend) = match target.split_once('/') {
+        Some((s, b)) => (s, Some(b.to_owned())),
+        None => (target, None),
+    };
+    let svc = services::kind(svc).map(|k| k.name).ok_or_else(|| {
+        let known: Vec<&str> = KINDS.iter().map(|k| k.name).collect();
+        CtlError::Usage(format!(
+            "{what} target {svc:?}: expected SERVICE[/BACKEND] with SERVICE one of {}",
+            known.join(", ")
+        ))
+    })?;
+    Ok((svc, backend))
 }
 
 fn parse<T: serde::de::DeserializeOwned>(result: &str) -> Result<T, CtlError> {

@@ -158,6 +158,17 @@ enum Checked {
     Read(ReadFile),
 }
 
+/// A library's bytes, checked and sealed in a memfd, for a worker ([`Loader::checked_copy`]).
+#[derive(Debug)]
+pub struct CheckedCopy {
+    /// The sealed memfd.
+    pub fd: OwnedFd,
+    /// The digest of its content.
+    pub digest: String,
+    /// Its size.
+    pub size: u64,
+}
+
 /// What [`Loader::describe`] found.
 #[derive(Debug, Clone)]
 pub struct Described {
@@ -477,6 +488,26 @@ impl Loader {
         let digest = format!("blake3:{}", blake3::hash(&bytes).to_hex());
         self.check_digest(path, &digest, pin)?;
         Ok(Checked::Read(ReadFile { bytes, digest, key }))
+    }
+
+    /// Everything [`check`](Self::check) does, then a sealed copy of the bytes checked, for a worker to
+    /// load: nothing of the library is loaded in this process.
+    pub fn checked_copy(&self, path: &Path, pin: Option<&str>) -> Result<CheckedCopy, LoadError> {
+        let (bytes, digest) = match self.check(path, pin)? {
+            Checked::Read(ReadFile { bytes, digest, .. }) => (bytes, digest),
+            Checked::Known { .. } => {
+                // Verified (and loaded) here before: read it again for the copy, and check the digest
+                // of what was read.
+                let bytes = fs::read(path).map_err(|e| {
+                    LoadError::new(LoadErrorKind::NotAFile, path, format!("cannot read: {}", crate::error::io_text(&e)))
+                })?;
+                let digest = format!("blake3:{}", blake3::hash(&bytes).to_hex());
+                self.check_digest(path, &digest, pin)?;
+                (bytes, digest)
+            }
+        };
+        let copy = sealed_copy(path, &bytes, &digest)?;
+        Ok(CheckedCopy { fd: copy.fd, digest, size: bytes.len() as u64 })
     }
 
     /// What a library says about itself, without loading it in this process: everything

@@ -91,6 +91,19 @@ enum Command {
     /// Configuration helpers
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Internal: serve one isolated backend's driver for the host (socket on fd 3, library on fd 4)
+    #[command(name = "__worker", hide = true)]
+    Worker {
+        /// The host's pid
+        #[arg(long)]
+        parent: u32,
+        /// Run as this uid
+        #[arg(long)]
+        uid: Option<u32>,
+        /// Run as this gid
+        #[arg(long)]
+        gid: Option<u32>,
+    },
     /// Internal: in a sandbox, load the library passed on fd 3 and say what it is (or why it is refused)
     #[command(name = "__describe", hide = true)]
     Describe {
@@ -239,6 +252,15 @@ fn main() -> ExitCode {
             let report = host::check::child(&path, &state_dir, &opts);
             println!("{}", serde_json::to_string(&report).expect("a check report always serializes"));
             ExitCode::SUCCESS
+        }
+        Command::Worker { parent, uid, gid } => {
+            let args = host::worker::WorkerArgs { parent, uid, gid };
+            let why = host::worker::child_main(&args, |kind, stream, setup| match host::services::kind(kind) {
+                Some(k) => (k.serve_worker)(stream, setup),
+                None => format!("unknown driver kind {kind:?}"),
+            });
+            eprintln!("worker: {why}");
+            ExitCode::from(1)
         }
         Command::Describe { dir } => {
             // Limits, an unprivileged uid, a private directory: before anything of the library runs.

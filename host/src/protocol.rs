@@ -41,6 +41,10 @@ pub enum ErrorKind {
     Panicked,
     /// Not enough capacity.
     NoCapacity,
+    /// The worker process serving an isolated backend died during the call (it is restarted).
+    DriverCrashed,
+    /// A call to an isolated backend took longer than its `call_timeout`; the worker was killed.
+    Timeout,
     /// The request is malformed: not JSON, not an object, unknown operation, line too long.
     InvalidRequest,
     /// No such service, or the service is not enabled.
@@ -74,6 +78,8 @@ impl ErrorKind {
             ErrorKind::Internal => "internal",
             ErrorKind::Panicked => "panicked",
             ErrorKind::NoCapacity => "no_capacity",
+            ErrorKind::DriverCrashed => "driver_crashed",
+            ErrorKind::Timeout => "timeout",
             ErrorKind::InvalidRequest => "invalid_request",
             ErrorKind::UnknownService => "unknown_service",
             ErrorKind::Unavailable => "unavailable",
@@ -133,6 +139,8 @@ impl From<plughost_api::DriverError> for ApiError {
             K::INTERNAL => ErrorKind::Internal,
             K::PANICKED => ErrorKind::Panicked,
             K::NO_CAPACITY => ErrorKind::NoCapacity,
+            K::DRIVER_CRASHED => ErrorKind::DriverCrashed,
+            K::TIMEOUT => ErrorKind::Timeout,
             _ => ErrorKind::Unknown,
         };
         ApiError { kind, message: e.message().to_owned() }
@@ -170,6 +178,13 @@ pub enum Body<'a> {
     Reload,
     /// `audit`: the audit log's entries (admins only).
     Audit(AuditArgs),
+    /// `restart` on a service: a fresh worker for an isolated backend (closing its circuit).
+    Restart {
+        /// The service.
+        service: String,
+        /// Which backend.
+        args: RestartArgs,
+    },
     /// `swap` on a service: replace a backend's driver.
     Swap {
         /// The service.
@@ -300,6 +315,10 @@ pub fn parse_request(line: &str) -> Result<Request<'_>, BadRequest<'_>> {
         (Some(service), "swap") => {
             let args = parse_args::<SwapArgs>("swap", env.args).map_err(|error| BadRequest { id, error })?;
             Body::Swap { service, args }
+        }
+        (Some(service), "restart") => {
+            let args = parse_args::<RestartArgs>("restart", env.args).map_err(|error| BadRequest { id, error })?;
+            Body::Restart { service, args }
         }
         (Some(service), _) => Body::Service { service, op, args: env.args },
     };
@@ -604,6 +623,28 @@ pub struct SwapReport {
     pub swap_us: u64,
 }
 
+/// Arguments of `restart`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestartArgs {
+    /// The backend (default: the service's default backend).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+}
+
+/// The answer to `restart`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestartReport {
+    /// The backend.
+    pub backend: String,
+    /// `process`: a fresh worker serves; `in-process`: the configured driver was loaded again.
+    pub isolation: String,
+    /// The new worker's pid, for an isolated backend.
+    pub worker_pid: Option<u32>,
+    /// The backend's driver generation.
+    pub generation: u64,
+}
+
 /// What a reload did with one backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -745,6 +786,12 @@ pub struct BackendStatus {
     /// The digest this backend is pinned to, if any.
     #[serde(default)]
     pub pinned: Option<String>,
+    /// Where its driver runs: `in-process` or `process`.
+    #[serde(default)]
+    pub isolation: String,
+    /// Its worker, for an isolated backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<crate::worker::WorkerStatus>,
     /// Options as validated (secrets shown as `(secret)`).
     pub options: BTreeMap<String, String>,
     /// Per-method call statistics.

@@ -71,15 +71,35 @@ impl Host {
         if let Some(exe) = &settings.probe {
             loader = loader.with_probe(exe.clone());
         }
-        let build =
-            BuildContext { loader: &loader, state_dir: &settings.state_dir, driver_dirs: &settings.driver_dirs };
+        let build = BuildContext {
+            loader: &loader,
+            state_dir: &settings.state_dir,
+            driver_dirs: &settings.driver_dirs,
+            exe: settings.probe.as_deref(),
+        };
         let mut errors = Vec::new();
         let mut services = Vec::new();
-        for spec in &settings.services {
-            let ctx = ServiceContext { build, spec, state_dir: &settings.state_dir, db: &db };
-            match (spec.kind.build)(&ctx) {
-                Ok(s) => services.push(s),
-                Err(e) => errors.extend(e),
+        // Services build side by side: a slow backend of one holds up no other.
+        let built: Vec<_> = std::thread::scope(|scope| {
+            let handles: Vec<_> = settings
+                .services
+                .iter()
+                .map(|spec| {
+                    let db = &db;
+                    let state_dir = &settings.state_dir;
+                    scope.spawn(move || {
+                        let ctx = ServiceContext { build, spec, state_dir, db };
+                        (spec.kind.build)(&ctx)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join()).collect()
+        });
+        for b in built {
+            match b {
+                Ok(Ok(s)) => services.push(s),
+                Ok(Err(e)) => errors.extend(e),
+                Err(_) => errors.push("building a service panicked".to_owned()),
             }
         }
         if !errors.is_empty() {
@@ -164,6 +184,11 @@ impl Host {
                 audited(Some(&service), "swap", serde_json::value::to_raw_value(&args).ok(), &r);
                 r
             }
+            Body::Restart { service, args } => {
+                let r = Self::admin(peer, "restart").and_then(|()| to_json(&self.restart(&service, &args)?));
+                audited(Some(&service), "restart", serde_json::value::to_raw_value(&args).ok(), &r);
+                r
+            }
             Body::Service { service, op, args } => {
                 let s = self.service(&service)?;
                 if s.reads(&op) {
@@ -245,7 +270,24 @@ impl Host {
             loader: &self.loader,
             state_dir: &self.settings.state_dir,
             driver_dirs: &self.settings.driver_dirs,
+            exe: self.settings.probe.as_deref(),
         }
+    }
+
+    /// `restart`: a fresh worker for an isolated backend (closing its circuit), or the configured driver
+    /// loaded again for an in-process one.
+    pub fn restart(
+        &self,
+        service: &str,
+        args: &crate::protocol::RestartArgs,
+    ) -> Result<crate::protocol::RestartReport, ApiError> {
+        let s = self.service(service)?;
+        let name = args.backend.as_deref().unwrap_or(s.default_backend());
+        let backend = s.backends().iter().find(|b| b.name() == name).ok_or_else(|| {
+            let known: Vec<&str> = s.backends().iter().map(|b| b.name()).collect();
+            ApiError::not_found(format!("unknown {service} backend {name:?} (known: {})", known.join(", ")))
+        })?;
+        backend.restart(self.build_context(), self.settings.shutdown_timeout)
     }
 
     /// `swap`: replaces a backend's driver (default: the service's default backend) with `args.driver`
@@ -508,10 +550,12 @@ impl Running {
     /// Graceful stop: refuse new requests, let in-flight ones finish (up to the shutdown timeout), stop
     /// periodic tasks, run driver cleanup, remove the socket.
     pub fn stop(mut self) {
-        let host = &self.host;
+        let host = self.host.clone();
         host.stopping.store(true, Ordering::SeqCst);
         self.server.stop();
         let deadline = Instant::now() + host.settings.shutdown_timeout;
+        // Whatever the drivers do, the stop ends by then.
+        let hard = deadline + STOP_MARGIN;
         while host.in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -519,15 +563,46 @@ impl Running {
         if left > 0 {
             log::warn!("stopping with {left} request(s) still in flight after {:?}", host.settings.shutdown_timeout);
         }
+        // Periodic tasks notice the stop within 50 ms, unless one is inside a driver call that hangs.
         for t in self.periodic.drain(..) {
-            let _ = t.join();
+            while !t.is_finished() && Instant::now() < hard {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                log::warn!("a periodic task is still inside a driver call; not waiting for it");
+            }
         }
-        for s in &host.services {
-            s.cleanup();
+        // Cleanups side by side, each as long as the deadline allows.
+        let cleanups: Vec<_> = host
+            .services
+            .iter()
+            .filter_map(|s| {
+                let s = s.clone();
+                let name = s.kind().name;
+                std::thread::Builder::new()
+                    .name(format!("cleanup-{name}"))
+                    .spawn(move || s.cleanup())
+                    .map(|t| (name, t))
+                    .ok()
+            })
+            .collect();
+        let budget = hard.max(Instant::now() + STOP_MARGIN);
+        for (name, t) in cleanups {
+            while !t.is_finished() && Instant::now() < budget {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if !t.is_finished() {
+                log::warn!("{name} cleanup did not finish in time; stopping without it");
+            }
         }
         log::info!("stopped");
     }
 }
+
+/// How long past the shutdown timeout a graceful stop may take for periodic tasks and cleanups.
+pub const STOP_MARGIN: Duration = Duration::from_secs(2);
 
 /// `plughost run`: starts the host, serves until SIGTERM or SIGINT (SIGHUP reloads the configuration),
 /// then stops gracefully. `ready` gets the startup lines once the socket is serving. Every start error
@@ -553,8 +628,19 @@ pub fn run(source: ConfigSource, ready: impl FnOnce(&[String])) -> Result<(), Ve
             }
             continue;
         }
-        log::info!("signal {sig} received: stopping gracefully");
+        log::info!("signal {sig} received: stopping gracefully (a second SIGTERM or SIGINT exits at once)");
         break;
+    }
+    let second = std::thread::Builder::new().name("signals".to_owned()).spawn(move || {
+        for sig in signals.forever() {
+            if sig != SIGHUP {
+                log::warn!("signal {sig} received again: exiting now");
+                std::process::exit(1);
+            }
+        }
+    });
+    if let Err(e) = second {
+        log::warn!("cannot watch for a second signal: {e}");
     }
     running.stop();
     Ok(())

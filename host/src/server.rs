@@ -114,7 +114,7 @@ pub fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, String> {
 }
 
 /// A group's id by name (or a number).
-fn group_id(name: &str) -> Result<u32, String> {
+pub(crate) fn group_id(name: &str) -> Result<u32, String> {
     if let Ok(n) = name.parse::<u32>() {
         return Ok(n);
     }

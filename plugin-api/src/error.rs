@@ -30,6 +30,12 @@ impl ErrorKind {
     pub const PANICKED: ErrorKind = ErrorKind(7);
     /// Not enough space, memory or other capacity.
     pub const NO_CAPACITY: ErrorKind = ErrorKind(8);
+    /// The process serving the driver died during the call (a host sets this for a driver isolated in
+    /// a worker process; drivers never return it).
+    pub const DRIVER_CRASHED: ErrorKind = ErrorKind(9);
+    /// The call did not finish in time and the process serving the driver was stopped (a host sets
+    /// this; drivers never return it).
+    pub const TIMEOUT: ErrorKind = ErrorKind(10);
 
     /// The stable snake_case name used in logs and on the control socket.
     pub fn as_str(self) -> &'static str {
@@ -42,13 +48,15 @@ impl ErrorKind {
             6 => "internal",
             7 => "panicked",
             8 => "no_capacity",
+            9 => "driver_crashed",
+            10 => "timeout",
             _ => "unknown",
         }
     }
 
     /// The kind with the given [`as_str`](Self::as_str) name, if there is one.
     pub fn from_name(name: &str) -> Option<ErrorKind> {
-        (1..=8).map(ErrorKind).find(|k| k.as_str() == name)
+        (1..=10).map(ErrorKind).find(|k| k.as_str() == name)
     }
 }
 
@@ -211,7 +219,7 @@ mod tests {
 
     #[test]
     fn kind_names_round_trip_and_unknown_is_safe() {
-        for n in 1..=8 {
+        for n in 1..=10 {
             let k = ErrorKind(n);
             assert_eq!(ErrorKind::from_name(k.as_str()), Some(k));
         }

@@ -67,7 +67,7 @@ fn call_benchmarks(out: &mut Vec<Metric>, work: &Path) {
     let lib = loader.load(&lib_path).unwrap();
     // The stable-ABI client of the loaded library, which implements the author trait.
     let client: VolumeClient = lib.construct::<VolumeInterface>(&lib.validate_options(&[]).unwrap()).unwrap().driver;
-    let ctx = BuildContext { loader: &loader, state_dir: work, driver_dirs: &[] };
+    let ctx = BuildContext { loader: &loader, state_dir: work, driver_dirs: &[], exe: None };
     let backend: Backend<VolumeInterface> = Backend::build(
         ctx,
         "volume",
@@ -75,6 +75,7 @@ fn call_benchmarks(out: &mut Vec<Metric>, work: &Path) {
         Configured { driver: lib_path.display().to_string(), options: Vec::new(), settings: Default::default() },
     )
     .unwrap();
+    backend.init_now();
     let native: Box<dyn VolumeDriver> =
         Box::new(FakeVolume::new(&Options::for_schema(fake_volume::OPTIONS, [] as [(&str, &str); 0])).unwrap());
     let raw_lib_path = fixtures::noop_cdylib_release();

@@ -167,7 +167,7 @@ pub fn built() -> &'static Built {
             "OptionSpec::boolean(\"panic_new\", \"the constructor panics\").default(\"false\")",
             "OptionSpec::boolean(\"panic_new\", \"the constructor panics\").default(\"true\")",
         );
-        driver_crate(&ws, "fixture-faulty-panics", &real_api, &faulty);
+        driver_crate_with(&ws, "fixture-faulty-panics", &real_api, &faulty, "libc = \"0.2\"\n");
         let sloppy = replace_once(
             &fake_volume_source("sloppy-volume"),
             "        if new_size < old {",

@@ -4,7 +4,9 @@
 
 use std::collections::BTreeSet;
 
-use host::protocol::{parse_request, Answer, ApiError, AuditEntry, Body, HostStatus, Pong, ReloadEntry, SwapReport};
+use host::protocol::{
+    parse_request, Answer, ApiError, AuditEntry, Body, HostStatus, Pong, ReloadEntry, RestartReport, SwapReport,
+};
 use plughost_tests::process::Daemon;
 use plughost_tests::{workspace_root, TempDir};
 use serde_json::{json, Value};
@@ -56,6 +58,10 @@ fn reencode(req: &str, result: Option<&Value>) -> Option<(Value, Option<Value>)>
         Body::Swap { service, args } => (
             json!({"service": service, "op": "swap", "args": serde_json::to_value(args).unwrap()}),
             result.map(round_trip::<SwapReport>),
+        ),
+        Body::Restart { service, args } => (
+            json!({"service": service, "op": "restart", "args": serde_json::to_value(args).unwrap()}),
+            result.map(round_trip::<RestartReport>),
         ),
         Body::Service { service, op, args } => {
             let kind =

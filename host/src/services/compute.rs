@@ -311,6 +311,7 @@ pub struct ComputeService {
     backends: Backends<ComputeInterface>,
     records: Records<InstanceRecord>,
     last_reconcile: Latest<ReconcileCounts>,
+    incarnations: super::PerBackend<u64>,
 }
 
 impl ComputeService {
@@ -522,7 +523,15 @@ impl Service for ComputeService {
     const READS: &'static [&'static str] = &["get", "list"];
 
     fn new(backends: Backends<ComputeInterface>, records: Records<InstanceRecord>) -> ComputeService {
-        let s = ComputeService { backends, records, last_reconcile: Latest::default() };
+        let s = ComputeService {
+            backends,
+            records,
+            last_reconcile: Latest::default(),
+            incarnations: super::PerBackend::default(),
+        };
+        for b in s.backends.iter() {
+            s.incarnations.set(&b.name, b.incarnation());
+        }
         s.reconcile_all(None);
         s
     }
@@ -534,8 +543,11 @@ impl Service for ComputeService {
     fn periodic(&self) {
         for b in self.backends.iter() {
             let was_up = b.health() == Health::Up;
-            b.check_health();
-            if !was_up && b.health() == Health::Up {
+            BackendControl::check_health(b.clone());
+            let incarnation = b.incarnation();
+            let replaced = self.incarnations.get(&b.name).is_some_and(|seen| seen != incarnation);
+            self.incarnations.set(&b.name, incarnation);
+            if b.health() == Health::Up && (!was_up || replaced) {
                 self.reconcile_all(Some(&b.name));
             }
         }

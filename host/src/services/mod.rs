@@ -51,6 +51,8 @@ pub struct ServiceKind {
     /// Parses an operation and (if given) an answer's result into this kind's types and serializes
     /// them back: how the protocol document's examples are checked ([`reencode`]).
     pub reencode: ReencodeFn,
+    /// Serves a driver of this kind in a worker process (`plughost __worker`).
+    pub serve_worker: fn(std::os::unix::net::UnixStream, crate::worker::Setup) -> !,
 }
 
 impl ServiceKind {
@@ -72,6 +74,7 @@ impl ServiceKind {
             ctl_request: ctl_request::<S::Op>,
             format: format::<S::Record>,
             reencode: reencode::<S::Op, S::Reply>,
+            serve_worker: crate::worker::serve::<S::Interface>,
         }
     }
 }
@@ -222,6 +225,9 @@ fn ctl_request<O: clap::FromArgMatches + Serialize>(m: &clap::ArgMatches) -> Res
     op_to_request(&op)
 }
 
+/// How long a service waits for its backends' first `init` before it serves without the slow ones.
+pub const STARTUP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A service's backends as the host controls them (whatever their kind) and the default one.
 pub struct BackendTable {
     /// In configuration order.
@@ -328,6 +334,18 @@ impl<I: Interface> Backends<I> {
         }
         if !errors.is_empty() {
             return Err(errors);
+        }
+        // Every backend's first init runs on its own; the service starts once they are done, or after
+        // STARTUP_WAIT at most: a slow one is then `starting` while the others serve.
+        for b in &list {
+            b.start_init();
+        }
+        let deadline = std::time::Instant::now() + STARTUP_WAIT;
+        while list.iter().any(|b| b.starting()) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        for b in list.iter().filter(|b| b.starting()) {
+            log::warn!("{service} backend {:?}: init still running after {STARTUP_WAIT:?}; serving without it", b.name);
         }
         Ok(Backends::assemble(service, list, ctx.spec.default_backend.clone()))
     }

@@ -399,6 +399,9 @@ impl<R: Record> Records<R> {
                 self.put(r.clone())?;
                 Ok(r)
             }
+            // The driver's process died (or was stopped) during the call: whether it did the work is
+            // not known. The intent stays; the reconcile after the worker's restart settles it.
+            Err(e) if outcome_unknown(&e) => Err(e),
             Err(e) => {
                 self.remove(record.name())?;
                 Err(e)
@@ -426,6 +429,7 @@ impl<R: Record> Records<R> {
                 self.put(r.clone())?;
                 Ok(r)
             }
+            Err(e) if outcome_unknown(&e) => Err(e),
             Err(e) => {
                 self.put(before)?;
                 Err(e)
@@ -555,6 +559,12 @@ impl<R: Record> Records<R> {
         counts.duration_ms = started.elapsed().as_millis() as u64;
         counts
     }
+}
+
+/// Whether a failed driver call may still have done its work (its worker died or was stopped during
+/// the call): then a flow leaves the intent recorded, for the next reconcile to settle.
+fn outcome_unknown(e: &ApiError) -> bool {
+    matches!(e.kind, ErrorKind::DriverCrashed | ErrorKind::Timeout)
 }
 
 /// Marks a record missing from its backend; whether it was not already.

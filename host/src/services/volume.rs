@@ -240,6 +240,7 @@ pub struct VolumeService {
     records: Records<VolumeRecord>,
     capacity: PerBackend<CapacityStats>,
     last_reconcile: Latest<ReconcileCounts>,
+    incarnations: PerBackend<u64>,
 }
 
 impl VolumeService {
@@ -465,7 +466,16 @@ impl Service for VolumeService {
     const READS: &'static [&'static str] = &["get", "list", "stats"];
 
     fn new(backends: Backends<VolumeInterface>, records: Records<VolumeRecord>) -> VolumeService {
-        let s = VolumeService { backends, records, capacity: PerBackend::default(), last_reconcile: Latest::default() };
+        let s = VolumeService {
+            backends,
+            records,
+            capacity: PerBackend::default(),
+            last_reconcile: Latest::default(),
+            incarnations: PerBackend::default(),
+        };
+        for b in s.backends.iter() {
+            s.incarnations.set(&b.name, b.incarnation());
+        }
         s.reconcile_all();
         s
     }
@@ -477,12 +487,16 @@ impl Service for VolumeService {
     fn periodic(&self) {
         for b in self.backends.iter() {
             let was_up = b.health() == crate::backend::Health::Up;
-            b.check_health();
+            BackendControl::check_health(b.clone());
             if b.health() != crate::backend::Health::Up {
                 continue;
             }
-            if !was_up {
-                // Back from down (a root that was missing is there again): look again.
+            let incarnation = b.incarnation();
+            let replaced = self.incarnations.get(&b.name).is_some_and(|seen| seen != incarnation);
+            self.incarnations.set(&b.name, incarnation);
+            if !was_up || replaced {
+                // Back from down (a root that was missing is there again), or another driver object
+                // serves (a swap, a restarted worker, which may have left work half done): look again.
                 self.last_reconcile.set(self.reconcile(b, true));
             }
             if let Ok(s) = b.call(VolumeMethod::stats, |d| d.stats()) {

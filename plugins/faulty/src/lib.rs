@@ -1,6 +1,8 @@
 //! `faulty`: a volume driver that misbehaves on request, so that tests can drive every failure path of
 //! the host (constructor errors and panics, init failures, unhealthy backends, methods that fail, panic
-//! or are slow). When told nothing it behaves like a minimal in-memory volume driver.
+//! or are slow), and faults only a process boundary can contain (`crash`: a segfault, an abort, an exit,
+//! a hang, a deadlock, a leak, on `crash_on` after `crash_after` calls). When told nothing it behaves
+//! like a minimal in-memory volume driver. Never load it with `crash` set in-process outside a test.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -18,7 +20,87 @@ pub const OPTIONS: &[OptionSpec] = &[
     OptionSpec::string("panic_in", "comma-separated methods that panic").default(""),
     OptionSpec::integer("delay_ms", "sleep this long in every volume method").default("0"),
     OptionSpec::string("password", "a secret that must never be logged or shown").secret(),
+    OptionSpec::string("crash", "a fault that takes the whole process: segv, abort, exit, hang, deadlock or leak")
+        .default(""),
+    OptionSpec::string(
+        "crash_on",
+        "comma-separated methods that fault (new for the constructor; init, health, cleanup; default: every volume method)",
+    )
+    .default(""),
+    OptionSpec::integer("crash_after", "fault only after this many matching calls succeeded").default("0"),
 ];
+
+/// A fault that takes the whole process down or makes it unresponsive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Crash {
+    Segv,
+    Abort,
+    Exit,
+    Hang,
+    Deadlock,
+    Leak,
+}
+
+impl Crash {
+    fn parse(s: &str) -> Result<Option<Crash>, DriverError> {
+        Ok(Some(match s {
+            "" => return Ok(None),
+            "segv" => Crash::Segv,
+            "abort" => Crash::Abort,
+            "exit" => Crash::Exit,
+            "hang" => Crash::Hang,
+            "deadlock" => Crash::Deadlock,
+            "leak" => Crash::Leak,
+            other => {
+                return Err(DriverError::invalid_argument(format!(
+                    "option \"crash\": expected segv, abort, exit, hang, deadlock or leak, got {other:?}"
+                )))
+            }
+        }))
+    }
+
+    /// Does it. Never returns.
+    fn strike(self) -> ! {
+        match self {
+            // SAFETY: signal and raise have no memory-safety preconditions. The Rust runtime's SIGSEGV
+            // handler (for stack overflows) would swallow a raised signal: back to the default action
+            // first, which ends the process as a real segfault does.
+            Crash::Segv => unsafe {
+                libc::signal(libc::SIGSEGV, libc::SIG_DFL);
+                libc::raise(libc::SIGSEGV);
+                std::process::abort()
+            },
+            Crash::Abort => std::process::abort(),
+            Crash::Exit => std::process::exit(3),
+            Crash::Hang => loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            },
+            Crash::Deadlock => {
+                static HELD: Mutex<()> = Mutex::new(());
+                let (tx, rx) = std::sync::mpsc::channel();
+                std::thread::spawn(move || {
+                    let _g = HELD.lock();
+                    let _ = tx.send(());
+                    loop {
+                        std::thread::sleep(Duration::from_secs(3600));
+                    }
+                });
+                let _ = rx.recv();
+                let _never = HELD.lock();
+                loop {
+                    std::thread::sleep(Duration::from_secs(3600));
+                }
+            }
+            Crash::Leak => {
+                let mut kept: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    // Touched, so that it is really used; until the allocator gives up.
+                    kept.push(vec![1u8; 64 << 20]);
+                }
+            }
+        }
+    }
+}
 
 /// The driver.
 pub struct Faulty {
@@ -28,6 +110,10 @@ pub struct Faulty {
     panic_in: Vec<String>,
     delay: Duration,
     volumes: Mutex<BTreeMap<String, u64>>,
+    crash: Option<Crash>,
+    crash_on: Vec<String>,
+    crash_after: u64,
+    calls: std::sync::atomic::AtomicU64,
 }
 
 fn list_option(options: &Options, name: &str) -> Vec<String> {
@@ -37,6 +123,14 @@ fn list_option(options: &Options, name: &str) -> Vec<String> {
 impl Faulty {
     /// Builds the driver; fails or panics here if told to.
     pub fn new(options: &Options) -> Result<Faulty, DriverError> {
+        let crash = Crash::parse(&options.string("crash")?)?;
+        let crash_on = list_option(options, "crash_on");
+        let crash_after = u64::try_from(options.integer("crash_after")?).unwrap_or(0);
+        if let Some(c) = crash {
+            if crash_on.iter().any(|m| m == "new") && crash_after == 0 {
+                c.strike();
+            }
+        }
         if options.boolean("panic_new")? {
             panic!("faulty: constructor panicked as asked (panic_new=true)");
         }
@@ -51,11 +145,22 @@ impl Faulty {
             panic_in: list_option(options, "panic_in"),
             delay: Duration::from_millis(u64::try_from(delay).unwrap_or(0)),
             volumes: Mutex::new(BTreeMap::new()),
+            crash,
+            crash_on,
+            crash_after,
+            calls: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
     /// Applies the configured misbehaviour for `method`.
     fn enter(&self, method: &str) -> Result<(), DriverError> {
+        if let Some(c) = self.crash {
+            let lifecycle = matches!(method, "init" | "cleanup" | "health");
+            let chosen = if self.crash_on.is_empty() { !lifecycle } else { self.crash_on.iter().any(|m| m == method) };
+            if chosen && self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= self.crash_after {
+                c.strike();
+            }
+        }
         if !self.delay.is_zero() {
             std::thread::sleep(self.delay);
         }
