@@ -878,6 +878,8 @@ impl<I: Interface> BackendControl for Backend<I> {
         let (tx, rx) = std::sync::mpsc::channel();
         let me = self.clone();
         let spawned = std::thread::Builder::new().name("health".to_owned()).spawn(move || {
+            // An answer about a worker that was replaced meanwhile (a restart) says nothing now.
+            let incarnation = me.incarnation();
             let h = me.active.read(|active| match &active.init_error {
                 Some(e) => Health::Down(e.clone()),
                 None => {
@@ -891,7 +893,9 @@ impl<I: Interface> BackendControl for Backend<I> {
                 }
             });
             *me.health_running.lock().unwrap_or_else(|p| p.into_inner()) = None;
-            me.set_health(h.clone());
+            if me.incarnation() == incarnation {
+                me.set_health(h.clone());
+            }
             let _ = tx.send(h);
         });
         match spawned {

@@ -343,9 +343,9 @@ impl Loader {
         }
     }
 
-    /// A loader for a copy another (parent) process already checked and passes by descriptor
-    /// (`/proc/self/fd/N`): its path is not subject to the trust policy, which the parent applied to
-    /// the real file.
+    /// A loader for a copy another (parent) process already checked, hashed and sealed, and passes by
+    /// descriptor (`/proc/self/fd/N`): it is opened as it is (the trust policy, the file checks and the
+    /// private copy were the parent's).
     pub fn for_verified_copy() -> Loader {
         Loader { check_paths: false, ..Loader::new() }
     }
@@ -401,6 +401,20 @@ impl Loader {
     /// Loads and verifies `path`, whose content must have digest `pin` if given.
     pub fn load_pinned(&self, path: &Path, pin: Option<&str>) -> Result<Library, LoadError> {
         let err = |kind, reason: String| LoadError::new(kind, path, reason);
+        if !self.check_paths {
+            // A sealed copy the parent process read, checked and hashed: opened as it is.
+            let lib = open_verified(path, path)?;
+            check_metadata(&lib)
+                .map_err(|(reason, details)| err(LoadErrorKind::InvalidMetadata, reason).with_details(details))?;
+            let size = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+            return Ok(Library {
+                path: path.to_owned(),
+                digest: "verified-by-parent".to_owned(),
+                size,
+                loaded_at: SystemTime::now(),
+                lib,
+            });
+        }
         let checked = match self.check(path, pin)? {
             Checked::Known { digest, key, lib } => {
                 log::debug!("{}: unchanged since it was verified ({digest})", path.display());

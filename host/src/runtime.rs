@@ -613,6 +613,13 @@ pub fn run(source: ConfigSource, ready: impl FnOnce(&[String])) -> Result<(), Ve
         .map_err(|e| vec![format!("cannot install signal handlers: {e}")])?;
     // Everything created from here on (records, volume files, logs, drivers' files) is private.
     crate::trust::private_umask();
+    // Buffers of a megabyte and more (driver files read for a swap: tens of MB in debug builds) come
+    // from and go back to the system at once. By default glibc raises this threshold after the first
+    // large free, and each connection thread's arena then keeps what a swap read (20 MB per 100 swaps).
+    // SAFETY: mallopt only changes allocator tuning; called before the host starts its threads.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
     let host = Host::start(source)?;
     let running = Running::start(host).map_err(|e| vec![e])?;
     let settings = running.host().settings();

@@ -314,6 +314,8 @@ struct Worker {
     /// How it died, once it did.
     died: Mutex<Option<String>>,
     started: Instant,
+    /// Stopped on purpose (retired, or replaced by `ctl restart`): its end is not a crash.
+    retired: AtomicBool,
 }
 
 impl Worker {
@@ -416,7 +418,7 @@ fn spawn_from_keeper(cmd: Command) -> std::io::Result<Child> {
 fn start_worker(
     config: &WorkerConfig,
     library: &OwnedFd,
-    on_death: impl FnOnce(String) + Send + 'static,
+    on_death: impl FnOnce(String, bool) + Send + 'static,
 ) -> Result<(Arc<Worker>, SetupReply), LoadError> {
     let path = &config.setup.path;
     let fail = |kind: LoadErrorKind, reason: String| LoadError::new(kind, path, reason);
@@ -478,6 +480,7 @@ fn start_worker(
         next_id: AtomicU64::new(1),
         died: Mutex::new(None),
         started: Instant::now(),
+        retired: AtomicBool::new(false),
     });
     let (setup_tx, setup_rx) = mpsc::sync_channel::<Vec<u8>>(1);
     {
@@ -541,7 +544,7 @@ fn read_answers(
     mut reader: UnixStream,
     mut child: Child,
     setup_tx: mpsc::SyncSender<Vec<u8>>,
-    on_death: impl FnOnce(String),
+    on_death: impl FnOnce(String, bool),
 ) {
     let mut setup_tx = Some(setup_tx);
     loop {
@@ -571,7 +574,7 @@ fn read_answers(
     for tx in waiting {
         let _ = tx.send(Err(why.clone()));
     }
-    on_death(why);
+    on_death(why, worker.retired.load(Ordering::SeqCst));
 }
 
 /// `Child::wait` with a bound: kills it if it does not end in time.
@@ -652,6 +655,8 @@ struct SupervisorState {
     backoff: Duration,
     /// Bumped for each new worker, so that a death report of an old one is ignored.
     epoch: u64,
+    /// Why the circuit is open, while it is.
+    open_reason: Option<String>,
 }
 
 /// Keeps one isolated backend's worker running: restarts it after a crash (with backoff), opens the
@@ -665,6 +670,9 @@ pub struct Supervisor {
     in_flight: AtomicU64,
     /// Set once retired: no more restarts.
     stopped: AtomicBool,
+    /// Bumped when a worker dies and when a new one takes over: an answer that spans a change says
+    /// nothing about the current worker.
+    incarnation: AtomicU64,
     /// Called with `Some(reason)` when the backend cannot serve (circuit open), `None` when it can again.
     on_health: Box<dyn Fn(Option<String>) + Send + Sync>,
 }
@@ -695,10 +703,12 @@ impl Supervisor {
                 last_crash: None,
                 backoff: BACKOFF_START,
                 epoch: 0,
+                open_reason: None,
             }),
             changed: Condvar::new(),
             in_flight: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
+            incarnation: AtomicU64::new(0),
             on_health,
         });
         let reply = sup.spawn_worker()?;
@@ -717,12 +727,15 @@ impl Supervisor {
             st.epoch
         };
         let weak = Arc::downgrade(self);
-        let (worker, reply) = start_worker(&self.config, &self.library, move |why| {
+        let (worker, reply) = start_worker(&self.config, &self.library, move |why, retired| {
             if let Some(sup) = weak.upgrade() {
-                sup.died(epoch, why);
+                if !retired {
+                    sup.died(epoch, why);
+                }
             }
         })?;
         if let SetupReply::Refused { .. } = &reply {
+            worker.retired.store(true, Ordering::SeqCst);
             worker.kill();
             return Ok(reply);
         }
@@ -730,6 +743,7 @@ impl Supervisor {
         if st.epoch == epoch {
             st.worker = Some(worker);
             st.state = WorkerState::Running;
+            self.incarnation.fetch_add(1, Ordering::SeqCst);
         }
         self.changed.notify_all();
         Ok(reply)
@@ -742,11 +756,8 @@ impl Supervisor {
         }
         let (wait, open) = {
             let mut st = lock(&self.state);
-            if st.epoch != epoch {
-                return;
-            }
-            let served = st.worker.as_ref().map(|w| w.started.elapsed()).unwrap_or_default();
-            st.worker = None;
+            // Every unexpected death is a crash, even of a worker already replaced (by `ctl restart`
+            // right after the call that saw it die).
             let now = Instant::now();
             st.crashes.push_back(now);
             while st.crashes.front().is_some_and(|t| now.duration_since(*t) > CIRCUIT_WINDOW) {
@@ -755,6 +766,12 @@ impl Supervisor {
             st.total_crashes += 1;
             let at = crate::backend::unix_secs(SystemTime::now());
             st.last_crash = Some(Crash { reason: why.clone(), at });
+            if st.epoch != epoch {
+                return;
+            }
+            let served = st.worker.as_ref().map(|w| w.started.elapsed()).unwrap_or_default();
+            st.worker = None;
+            self.incarnation.fetch_add(1, Ordering::SeqCst);
             if served >= HEALTHY_AFTER {
                 st.backoff = BACKOFF_START;
             }
@@ -770,6 +787,7 @@ impl Supervisor {
                 "circuit open: {CIRCUIT_CRASHES} worker crashes within {}s, the last: {why}; not restarted until a swap, a reload or plughost ctl restart",
                 CIRCUIT_WINDOW.as_secs()
             );
+            lock(&self.state).open_reason = Some(reason.clone());
             log::error!("{}: {reason}", self.label());
             (self.on_health)(Some(reason));
             return;
@@ -801,6 +819,7 @@ impl Supervisor {
                 let pid = lock(&self.state).worker.as_ref().map(|w| w.pid);
                 lock(&self.state).restarts += 1;
                 log::info!("{}: worker restarted (pid {})", self.label(), pid.unwrap_or(0));
+                (self.on_health)(None);
             }
             Ok(SetupReply::Ready { init_error: Some(e), .. }) => {
                 // It serves, but its driver is unhealthy: periodic health checks will say so.
@@ -825,10 +844,14 @@ impl Supervisor {
             st.crashes.clear();
             st.backoff = BACKOFF_START;
             st.state = WorkerState::Restarting;
+            st.open_reason = None;
             st.epoch += 1; // the old worker's death is not a crash
             st.worker.take()
         };
-        if let Some(w) = old {
+        // Replacing a live worker is not a crash; one that already died (its death not yet counted)
+        // was one, and is counted as such.
+        if let Some(w) = old.filter(|w| w.dead().is_none()) {
+            w.retired.store(true, Ordering::SeqCst);
             w.kill();
         }
         match self.spawn_worker()? {
@@ -854,6 +877,7 @@ impl Supervisor {
             st.worker.take()
         };
         if let Some(w) = worker {
+            w.retired.store(true, Ordering::SeqCst);
             // SAFETY: shutdown on a socket we own: the worker reads the end of the stream and exits.
             unsafe {
                 libc::shutdown(lock(&w.writer).as_raw_fd(), libc::SHUT_RDWR);
@@ -885,9 +909,9 @@ impl Supervisor {
         lock(&self.state).worker.as_ref().map(|w| w.pid)
     }
 
-    /// How many workers have been started (changes with every restart).
+    /// Changes whenever a worker dies or a new one takes over.
     pub fn epoch(&self) -> u64 {
-        lock(&self.state).epoch
+        self.incarnation.load(Ordering::SeqCst)
     }
 
     /// Sends one encoded call to the current worker.
@@ -896,6 +920,10 @@ impl Supervisor {
             let st = lock(&self.state);
             match (&st.worker, st.state) {
                 (Some(w), WorkerState::Running) => w.clone(),
+                (_, WorkerState::CircuitOpen) if st.open_reason.is_some() => {
+                    let reason = st.open_reason.clone().unwrap_or_default();
+                    return Err(DriverError::new(ErrorKind::DRIVER_CRASHED, format!("{}: {reason}", self.label())));
+                }
                 (_, state) => {
                     let last = st.last_crash.as_ref().map(|c| c.reason.as_str()).unwrap_or("no worker");
                     let what = match state {

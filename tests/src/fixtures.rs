@@ -22,6 +22,9 @@ pub struct Built {
     pub file_volume_b: PathBuf,
     /// faulty, with `panic_new` defaulting to true: its constructor panics under default options.
     pub faulty_panics: PathBuf,
+    /// faulty whose `init` segfaults under default options (`crash = "segv"`, `crash_on = "init"`):
+    /// load it isolated only.
+    pub faulty_segv_init: PathBuf,
     /// fake-volume with two contract violations: it accepts a shrink, and its stats count one volume too
     /// many. The conformance suite must fail exactly `shrink_is_invalid_argument` and `stats_match_list`.
     pub sloppy_volume: PathBuf,
@@ -168,6 +171,14 @@ pub fn built() -> &'static Built {
             "OptionSpec::boolean(\"panic_new\", \"the constructor panics\").default(\"true\")",
         );
         driver_crate_with(&ws, "fixture-faulty-panics", &real_api, &faulty, "libc = \"0.2\"\n");
+        let segv = fs::read_to_string(workspace_root().join("plugins/faulty/src/lib.rs")).unwrap();
+        let segv = replace_once(
+            &segv,
+            "OptionSpec::string(\"crash\", \"a fault that takes the whole process: segv, abort, exit, hang, deadlock or leak\")\n        .default(\"\"),",
+            "OptionSpec::string(\"crash\", \"a fault that takes the whole process: segv, abort, exit, hang, deadlock or leak\")\n        .default(\"segv\"),",
+        );
+        let segv = replace_once(&segv, "    .default(\"\"),\n    OptionSpec::integer(\"crash_after\"", "    .default(\"init\"),\n    OptionSpec::integer(\"crash_after\"");
+        driver_crate_with(&ws, "fixture-faulty-segv-init", &real_api, &segv, "libc = \"0.2\"\n");
         let sloppy = replace_once(
             &fake_volume_source("sloppy-volume"),
             "        if new_size < old {",
@@ -178,7 +189,14 @@ pub fn built() -> &'static Built {
         driver_crate(&ws, "fixture-sloppy-volume", &real_api, &sloppy);
         build_workspace(
             &ws,
-            &["fixture-api-minor", "fixture-bad-metadata", "fixture-file-volume-b", "fixture-faulty-panics", "fixture-sloppy-volume"],
+            &[
+                "fixture-api-minor",
+                "fixture-bad-metadata",
+                "fixture-file-volume-b",
+                "fixture-faulty-panics",
+                "fixture-faulty-segv-init",
+                "fixture-sloppy-volume",
+            ],
         );
 
         let out = profile_dir();
@@ -189,6 +207,7 @@ pub fn built() -> &'static Built {
             bad_metadata: out.join("libfixture_bad_metadata.so"),
             file_volume_b: out.join("libfixture_file_volume_b.so"),
             faulty_panics: out.join("libfixture_faulty_panics.so"),
+            faulty_segv_init: out.join("libfixture_faulty_segv_init.so"),
             sloppy_volume: out.join("libfixture_sloppy_volume.so"),
         }
     })

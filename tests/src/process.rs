@@ -50,6 +50,9 @@ pub struct Daemon {
     pub state_dir: std::path::PathBuf,
     conn: Option<(std::os::unix::net::UnixStream, std::io::BufReader<std::os::unix::net::UnixStream>)>,
     next_id: u64,
+    /// Everything the server wrote to stderr so far, read continuously (a full pipe would block a
+    /// server that logs a lot).
+    stderr: Option<std::thread::JoinHandle<String>>,
 }
 
 impl Daemon {
@@ -74,14 +77,26 @@ impl Daemon {
         let mut cmd = command(&all);
         cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
         prepare(&mut cmd);
-        let child = cmd.spawn().expect("plughost run starts");
-        let mut d = Daemon { child: Some(child), socket, state_dir: state_dir.to_owned(), conn: None, next_id: 1 };
+        let mut child = cmd.spawn().expect("plughost run starts");
+        let mut pipe = child.stderr.take().unwrap();
+        let stderr = std::thread::spawn(move || {
+            use std::io::Read;
+            let mut buf = Vec::new();
+            let _ = pipe.read_to_end(&mut buf);
+            String::from_utf8_lossy(&buf).into_owned()
+        });
+        let mut d = Daemon {
+            child: Some(child),
+            socket,
+            state_dir: state_dir.to_owned(),
+            conn: None,
+            next_id: 1,
+            stderr: Some(stderr),
+        };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         loop {
             if let Some(status) = d.child.as_mut().unwrap().try_wait().unwrap() {
-                let mut err = String::new();
-                use std::io::Read;
-                d.child.as_mut().unwrap().stderr.take().unwrap().read_to_string(&mut err).unwrap();
+                let err = d.stderr.take().unwrap().join().unwrap_or_default();
                 panic!("plughost run exited with {status} before serving:\n{err}");
             }
             if std::os::unix::net::UnixStream::connect(&d.socket).is_ok() {
@@ -142,16 +157,9 @@ impl Daemon {
     }
 
     /// Sends SIGTERM and returns the exit code and stderr.
-    pub fn stop(mut self) -> (i32, String) {
-        self.conn = None;
-        let child = self.child.take().unwrap();
-        // SAFETY: kill has no memory-safety preconditions.
-        unsafe {
-            libc::kill(child.id() as i32, libc::SIGTERM);
-        }
-        let out = child.wait_with_output().unwrap();
-        let r: Ran = out.into();
-        (r.code, r.stderr)
+    pub fn stop(self) -> (i32, String) {
+        self.signal(libc::SIGTERM);
+        self.wait()
     }
 }
 
@@ -173,8 +181,14 @@ impl Daemon {
     /// Waits for the server to exit (after a signal) and returns its exit code and stderr.
     pub fn wait(mut self) -> (i32, String) {
         self.conn = None;
-        let r: Ran = self.child.take().unwrap().wait_with_output().unwrap().into();
-        (r.code, r.stderr)
+        let status = self.child.take().unwrap().wait().unwrap();
+        let stderr = self.stderr.take().unwrap().join().unwrap_or_default();
+        let code = match (status.code(), status.signal()) {
+            (Some(c), _) => c,
+            (None, Some(s)) => panic!("plughost died by signal {s}; stderr:\n{stderr}"),
+            (None, None) => panic!("plughost ended without code or signal"),
+        };
+        (code, stderr)
     }
 }
 

@@ -18,7 +18,8 @@ pub const OPTIONS: &[OptionSpec] = &[
     OptionSpec::boolean("unhealthy", "health() reports the backend unhealthy").default("false"),
     OptionSpec::string("fail_in", "comma-separated methods that return an internal error").default(""),
     OptionSpec::string("panic_in", "comma-separated methods that panic").default(""),
-    OptionSpec::integer("delay_ms", "sleep this long in every volume method").default("0"),
+    OptionSpec::integer("delay_ms", "sleep this long in every method (see delay_in)").default("0"),
+    OptionSpec::string("delay_in", "comma-separated methods that sleep delay_ms (default: every one)").default(""),
     OptionSpec::string("password", "a secret that must never be logged or shown").secret(),
     OptionSpec::string("crash", "a fault that takes the whole process: segv, abort, exit, hang, deadlock or leak")
         .default(""),
@@ -109,6 +110,7 @@ pub struct Faulty {
     fail_in: Vec<String>,
     panic_in: Vec<String>,
     delay: Duration,
+    delay_in: Vec<String>,
     volumes: Mutex<BTreeMap<String, u64>>,
     crash: Option<Crash>,
     crash_on: Vec<String>,
@@ -144,6 +146,7 @@ impl Faulty {
             fail_in: list_option(options, "fail_in"),
             panic_in: list_option(options, "panic_in"),
             delay: Duration::from_millis(u64::try_from(delay).unwrap_or(0)),
+            delay_in: list_option(options, "delay_in"),
             volumes: Mutex::new(BTreeMap::new()),
             crash,
             crash_on,
@@ -161,7 +164,7 @@ impl Faulty {
                 c.strike();
             }
         }
-        if !self.delay.is_zero() {
+        if !self.delay.is_zero() && (self.delay_in.is_empty() || self.delay_in.iter().any(|m| m == method)) {
             std::thread::sleep(self.delay);
         }
         if self.panic_in.iter().any(|m| m == method) {

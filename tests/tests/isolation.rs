@@ -1,0 +1,418 @@
+//! Isolated backends: the same driver `.so` in a worker process, so that no driver can take the host
+//! down. Real workers, real signals, real crashes.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use plughost_tests::process::{Client, Daemon};
+use plughost_tests::procs::{wait_for, Proc};
+use plughost_tests::TempDir;
+use serde_json::{json, Value};
+
+/// A config with a healthy in-process default backend, and the given extra volume backends.
+fn config(t: &TempDir, backends: &str) -> String {
+    let cfg = t.join("plughost.toml");
+    let text = format!("[volume]\ndriver = \"fake-volume\"\n{backends}\n[compute]\ndriver = \"fake-compute\"\n");
+    std::fs::write(&cfg, text).unwrap();
+    cfg.display().to_string()
+}
+
+fn isolated_faulty(name: &str, options: &str, extra: &str) -> String {
+    format!(
+        "[[volume.backends]]\nname = \"{name}\"\ndriver = \"faulty\"\nisolation = \"process\"\n{extra}\noptions = {{ {options} }}\n"
+    )
+}
+
+fn backend(d: &mut Daemon, name: &str) -> Value {
+    let status = d.ok("", "status", json!({}));
+    status["services"][0]["backends"].as_array().unwrap().iter().find(|b| b["name"] == name).unwrap().clone()
+}
+
+/// Keeps loading the healthy backend and the other service; counts failures.
+struct Load {
+    stop: Arc<AtomicBool>,
+    failures: Arc<AtomicU64>,
+    done: Arc<AtomicU64>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(socket: &Path, clients: usize) -> Load {
+        let (stop, failures, done) =
+            (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let threads = (0..clients)
+            .map(|c| {
+                let (socket, stop, failures, done) = (socket.to_owned(), stop.clone(), failures.clone(), done.clone());
+                std::thread::spawn(move || {
+                    let mut cl = Client::connect(&socket);
+                    let name = format!("load-{c}");
+                    let created = cl.call("volume", "create", json!({"name": name, "size": 4096})).unwrap();
+                    assert_eq!(created["ok"], true, "{created}");
+                    while !stop.load(Ordering::Relaxed) {
+                        for (svc, op, args) in [
+                            ("volume", "get", json!({"name": name})),
+                            ("compute", "list", json!({})),
+                            ("", "ping", json!({})),
+                        ] {
+                            match cl.call(svc, op, args) {
+                                Some(v) if v["ok"] == true => {}
+                                other => {
+                                    eprintln!("failed: {svc} {op}: {other:?}");
+                                    failures.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                        }
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        Load { stop, failures, done, threads }
+    }
+
+    /// Stops the clients; (requests done, failures).
+    fn finish(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        (self.done.load(Ordering::Relaxed), self.failures.load(Ordering::Relaxed))
+    }
+}
+
+fn wait_running(d: &mut Daemon, name: &str) -> Value {
+    let mut last = Value::Null;
+    wait_for(&format!("backend {name}'s worker to run"), || {
+        last = backend(d, name);
+        last["worker"]["state"] == "running" && last["state"] == "up"
+    });
+    last
+}
+
+#[test]
+fn each_fault_is_answered_with_its_kind_and_the_worker_comes_back() {
+    let t = TempDir::new("iso-faults");
+    let faults = [
+        ("segv", "driver_crashed", "SIGSEGV", ""),
+        ("abort", "driver_crashed", "SIGABRT", ""),
+        ("exit", "driver_crashed", "exited with status 3", ""),
+        ("leak", "driver_crashed", "", "memory_limit = \"512MiB\"\n"),
+        ("hang", "timeout", "did not answer within 1500ms", ""),
+        ("deadlock", "timeout", "did not answer within 1500ms", ""),
+    ];
+    let mut backends = String::new();
+    for (kind, _, _, extra) in &faults {
+        let extra = format!("call_timeout = 1500\n{extra}");
+        backends.push_str(&isolated_faulty(kind, &format!("crash = \"{kind}\", crash_on = \"create\""), &extra));
+    }
+    let cfg = config(&t, &backends);
+    let mut d = Daemon::start(&t.join("state"), &["--config", &cfg]);
+    let load = Load::start(&d.socket, 2);
+    for (kind, want, why, _) in faults {
+        let before = wait_running(&mut d, kind);
+        let pid = before["worker"]["pid"].as_u64().unwrap();
+        let started = Instant::now();
+        let v = d.call("volume", "create", json!({"name": format!("x-{kind}"), "size": 4096, "backend": kind}));
+        let took = started.elapsed();
+        assert_eq!(v["error"]["kind"], want, "{kind}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(&format!("volume backend \"{kind}\"")) && msg.contains(why), "{kind}: {msg}");
+        // Within the call timeout and a margin (generous: the machine may be busy).
+        assert!(took < Duration::from_millis(1500) + Duration::from_secs(5), "{kind}: answered after {took:?}");
+        let mut after = Value::Null;
+        wait_for(&format!("{kind}: a new worker"), || {
+            after = backend(&mut d, kind);
+            after["worker"]["state"] == "running"
+                && after["worker"]["pid"].as_u64() != Some(pid)
+                && after["state"] == "up"
+        });
+        assert!(after["worker"]["restarts"].as_u64().unwrap() >= 1, "{after}");
+        // The next call succeeds (the intent record of the create is settled by the reconcile).
+        assert_eq!(d.ok("volume", "stats", json!({"backend": kind}))["backend"], kind);
+        assert_eq!(backend(&mut d, "default")["state"], "up");
+    }
+    let (done, failures) = load.finish();
+    assert_eq!(failures, 0, "{failures} of {done} requests on the healthy backend failed");
+    assert!(done > 0);
+}
+
+#[test]
+fn a_thousand_faults_leave_the_healthy_backend_and_the_host_alone() {
+    let t = TempDir::new("iso-thousand");
+    let mut backends = String::new();
+    let kinds = ["segv", "abort", "exit"];
+    for kind in kinds {
+        // create: periodic work never calls it, so every crash is one of ours.
+        backends.push_str(&isolated_faulty(kind, &format!("crash = \"{kind}\", crash_on = \"create\""), ""));
+    }
+    let cfg = config(&t, &backends);
+    let mut d = Daemon::start(&t.join("state"), &["--config", &cfg]);
+    let load = Load::start(&d.socket, 4);
+    let mut crashes = [0u64; 3];
+    for i in 0..1000 {
+        let k = i % kinds.len();
+        let v = d.call("volume", "create", json!({"name": format!("v{i}"), "size": 4096, "backend": kinds[k]}));
+        assert_eq!(v["error"]["kind"], "driver_crashed", "{v}");
+        crashes[k] += 1;
+        // Straight back (no backoff, no circuit): a restart on request.
+        let r = d.ok("volume", "restart", json!({"backend": kinds[k]}));
+        assert!(r["worker_pid"].as_u64().is_some(), "{r}");
+    }
+    let (done, failures) = load.finish();
+    assert_eq!(failures, 0, "{failures} of {done} requests on the healthy backend failed");
+    let status = d.ok("", "status", json!({}));
+    assert_eq!(status["services"][0]["backends"][0]["state"], "up");
+    for (k, kind) in kinds.iter().enumerate() {
+        assert_eq!(backend(&mut d, kind)["worker"]["crashes"], crashes[k], "{kind}");
+    }
+    let (code, stderr) = d.stop();
+    assert_eq!(code, 0, "{stderr}");
+}
+
+#[test]
+fn the_circuit_opens_after_five_quick_crashes_and_closes_on_restart() {
+    let t = TempDir::new("iso-circuit");
+    let cfg = config(&t, &isolated_faulty("f", "crash = \"exit\", crash_on = \"create\"", ""));
+    let mut d = Daemon::start(&t.join("state"), &["--config", &cfg]);
+    let mut crashed = None;
+    for n in 1..=5 {
+        // A worker that is not the one that just crashed (its death may not be noticed yet).
+        let mut b = Value::Null;
+        wait_for("a fresh worker", || {
+            b = backend(&mut d, "f");
+            b["worker"]["state"] == "running" && b["state"] == "up" && b["worker"]["pid"].as_u64() != crashed
+        });
+        crashed = b["worker"]["pid"].as_u64();
+        let v = d.call("volume", "create", json!({"name": format!("c{n}"), "size": 1, "backend": "f"}));
+        assert_eq!(v["error"]["kind"], "driver_crashed", "crash {n}: {v}");
+    }
+    let mut b = Value::Null;
+    wait_for("the circuit to open", || {
+        b = backend(&mut d, "f");
+        b["worker"]["state"] == "circuit_open"
+    });
+    assert_eq!(b["state"], "down", "{b}");
+    assert!(b["reason"].as_str().unwrap().contains("circuit open: 5 worker crashes within 60s"), "{b}");
+    assert_eq!(b["worker"]["crashes"], 5);
+    // It stays open: nothing restarts it by itself.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(backend(&mut d, "f")["worker"]["state"], "circuit_open");
+    let r = d.ok("volume", "restart", json!({"backend": "f"}));
+    assert_eq!(r["isolation"], "process");
+    let b = backend(&mut d, "f");
+    assert_eq!((b["state"].as_str(), b["worker"]["state"].as_str()), (Some("up"), Some("running")), "{b}");
+    assert_eq!(d.err("volume", "get", json!({"name": "none", "backend": "f"})), "not_found");
+}
+
+/// The host's worker children.
+fn workers(host: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let ppid =
+                stat.rsplit(')').next().and_then(|r| r.split_whitespace().nth(1)).and_then(|p| p.parse::<u32>().ok());
+            let cmd = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            ppid == Some(host) && cmd.contains("__worker")
+        })
+        .collect()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status.lines().find(|l| l.starts_with("VmRSS:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn two_hundred_swaps_of_an_isolated_backend_under_load() {
+    let t = TempDir::new("iso-swaps");
+    let cfg = t.join("plughost.toml");
+    std::fs::write(&cfg, "[volume]\ndriver = \"fake-volume\"\nisolation = \"process\"\n[compute]\ndriver = \"none\"\n")
+        .unwrap();
+    let mut d = Daemon::start(&t.join("state"), &["--config", cfg.to_str().unwrap()]);
+    let host = d.pid();
+    let mapped_before = d.ok("", "status", json!({}))["libraries"]["mapped"].clone();
+    let swap = |d: &mut Daemon, driver: &str| d.ok("volume", "swap", json!({"driver": driver}));
+    // Warm up (allocator arenas, thread stacks) before the baseline.
+    for i in 0..10 {
+        swap(&mut d, if i % 2 == 0 { "faulty" } else { "fake-volume" });
+    }
+    let before = rss_kib(host);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (failures, done) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let client = {
+        let (socket, stop, failures, done) = (d.socket.clone(), stop.clone(), failures.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut cl = Client::connect(&socket);
+            while !stop.load(Ordering::Relaxed) {
+                match cl.call("volume", "stats", json!({})) {
+                    Some(v) if v["ok"] == true => {}
+                    other => {
+                        eprintln!("failed during swaps: {other:?}");
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    for i in 0..200 {
+        let r = swap(&mut d, if i % 2 == 0 { "faulty" } else { "fake-volume" });
+        assert_eq!(r["generation"], 11 + i, "{r}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    client.join().unwrap();
+    assert_eq!(failures.load(Ordering::Relaxed), 0, "of {}", done.load(Ordering::Relaxed));
+    wait_for("old workers to exit", || workers(host).len() == 1);
+    let after = rss_kib(host);
+    assert!(after < before + 8 * 1024, "RSS grew from {before} KiB to {after} KiB over 200 swaps");
+    let status = d.ok("", "status", json!({}));
+    assert_eq!(status["libraries"]["mapped"], mapped_before, "isolated drivers add no mapped library to the host");
+    let (code, stderr) = d.stop();
+    assert_eq!(code, 0, "{stderr}");
+    wait_for("the last worker to exit", || workers(host).is_empty());
+}
+
+#[test]
+fn kill_9_of_the_host_leaves_no_worker_running() {
+    let t = TempDir::new("iso-kill9");
+    let d = Daemon::start(
+        &t.join("state"),
+        &[
+            "--volume-driver",
+            "fake-volume",
+            "--compute-driver",
+            "fake-compute",
+            "--isolate",
+            "volume",
+            "--isolate",
+            "compute",
+        ],
+    );
+    let list = workers(d.pid());
+    assert_eq!(list.len(), 2, "one worker per isolated backend");
+    let procs: Vec<Proc> = list.iter().map(|p| Proc::of(*p)).collect();
+    d.kill9();
+    wait_for("the workers to die with the host", || procs.iter().all(|p| !p.alive()));
+}
+
+#[test]
+fn a_driver_that_crashes_while_it_loads_is_a_clean_error_and_the_old_worker_serves() {
+    let t = TempDir::new("iso-load-crash");
+    // At start: the constructor segfaults in the worker; the host says so and exits 1.
+    let r = plughost_tests::process::run(&[
+        "run",
+        "--state-dir",
+        t.join("state").to_str().unwrap(),
+        "--volume-driver",
+        "faulty",
+        "--volume-opt",
+        "crash=segv",
+        "--volume-opt",
+        "crash_on=new",
+        "--isolate",
+        "volume",
+        "--compute-driver",
+        "none",
+    ]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("was killed by signal 11 (SIGSEGV)"), "{}", r.stderr);
+    // By reload: init segfaults in the new worker; the old one keeps serving.
+    let cfg = t.join("plughost.toml");
+    let write = |opts: &str| {
+        std::fs::write(
+            &cfg,
+            format!("[trust]\nallow_swap_paths = true\n[volume]\ndriver = \"faulty\"\nisolation = \"process\"\noptions = {{ {opts} }}\n[compute]\ndriver = \"none\"\n"),
+        )
+        .unwrap()
+    };
+    write("");
+    let mut d = Daemon::start(&t.join("state"), &["--config", cfg.to_str().unwrap()]);
+    d.ok("volume", "create", json!({"name": "kept", "size": 4096}));
+    let pid = backend(&mut d, "default")["worker"]["pid"].clone();
+    write("crash = \"segv\", crash_on = \"init\"");
+    let r = d.ok("", "reload", json!({}));
+    assert_eq!(r[0]["outcome"], "failed", "{r}");
+    assert!(r[0]["error"].as_str().unwrap().contains("SIGSEGV"), "{r}");
+    let b = backend(&mut d, "default");
+    assert_eq!((&b["worker"]["pid"], &b["driver"]["generation"]), (&pid, &json!(0)));
+    assert_eq!(d.ok("volume", "get", json!({"name": "kept"}))["size"], 4096);
+    // By swap to a file whose init segfaults (under its default options): swap_failed, the old worker
+    // serves.
+    let segv = plughost_tests::fixtures::built().faulty_segv_init.clone();
+    let v = d.call("volume", "swap", json!({"driver": segv.to_str().unwrap()}));
+    assert_eq!(v["error"]["kind"], "swap_failed", "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("SIGSEGV"), "{v}");
+    let b = backend(&mut d, "default");
+    assert_eq!((&b["worker"]["pid"], &b["driver"]["generation"]), (&pid, &json!(0)));
+    assert_eq!(d.ok("volume", "get", json!({"name": "kept"}))["size"], 4096);
+}
+
+#[test]
+fn a_stalled_init_holds_up_nothing_and_a_stop_is_bounded() {
+    let t = TempDir::new("iso-bounded");
+    // An in-process backend whose init sleeps for a minute: the host serves the others meanwhile.
+    let mut d = Daemon::start(
+        &t.join("state"),
+        &[
+            "--volume-driver",
+            "fake-volume",
+            "--volume-backend",
+            "slow=faulty",
+            "--volume-opt",
+            "slow:delay_ms=60000",
+            "--volume-opt",
+            "slow:delay_in=init",
+            "--compute-driver",
+            "fake-compute",
+            "--shutdown-timeout-ms",
+            "1000",
+        ],
+    );
+    d.ok("volume", "create", json!({"name": "v", "size": 4096}));
+    d.ok("compute", "spawn", json!({"name": "i", "command": "sleep"}));
+    let slow = backend(&mut d, "slow");
+    assert_eq!(slow["state"], "down", "{slow}");
+    assert!(slow["reason"].as_str().unwrap().starts_with("starting: init running"), "{slow}");
+    assert_eq!(d.err("volume", "stats", json!({"backend": "slow"})), "unavailable");
+    // A graceful stop with a driver stuck in init ends (shutdown timeout 1 s + margin), not after it.
+    d.signal(libc::SIGTERM);
+    let (code, stderr) = d.wait();
+    assert_eq!(code, 0, "{stderr}");
+}
+
+#[test]
+fn a_second_signal_exits_at_once() {
+    let t = TempDir::new("iso-second-signal");
+    let d = Daemon::start(
+        &t.join("state"),
+        &[
+            "--volume-driver",
+            "faulty",
+            "--volume-opt",
+            "delay_ms=60000",
+            "--volume-opt",
+            "delay_in=stats",
+            "--compute-driver",
+            "none",
+            "--shutdown-timeout-ms",
+            "60000",
+        ],
+    );
+    // A request stuck in the driver for a minute; the stop would wait for it.
+    let socket = d.socket.clone();
+    let stuck = std::thread::spawn(move || Client::connect(&socket).call("volume", "stats", json!({})));
+    std::thread::sleep(Duration::from_millis(300));
+    d.signal(libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(300));
+    d.signal(libc::SIGINT);
+    let (code, stderr) = d.wait();
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("received again: exiting now"), "{stderr}");
+    assert!(stuck.join().unwrap().is_none(), "the stuck request died with the host");
+}
