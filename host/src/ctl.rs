@@ -353,6 +353,24 @@ pub fn format_status(st: &HostStatus) -> String {
             })
             .collect();
         out.push_str(&table(std::iter::once(&header).chain(rows.iter()), ""));
+        for b in &svc.backends {
+            if let Some(w) = &b.worker {
+                let state = serde_json::to_value(w.state).ok().and_then(|v| v.as_str().map(str::to_owned));
+                let mut line = format!(
+                    "  worker of {}: {}, pid {}, {} restart(s), {} crash(es)",
+                    b.name,
+                    state.unwrap_or_default(),
+                    w.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".to_owned()),
+                    w.restarts,
+                    w.crashes
+                );
+                if let Some(c) = &w.last_crash {
+                    line.push_str(&format!("; last: {} at {}", c.reason, crate::audit::utc(c.at)));
+                }
+                out.push_str(&line);
+                out.push('\n');
+            }
+        }
         let mut line = format!("  records: {}", svc.records);
         if let Some(r) = &svc.last_reconcile {
             line.push_str(&format!(

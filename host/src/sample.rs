@@ -78,6 +78,12 @@ pub fn sample(drivers: &[DriverMeta]) -> String {
             "\n# {} {}: {}\n[{}]\ndriver = {:?}\n# Pin this backend to one build of its driver\n# digest = \"blake3:...\"\n",
             lib.name, lib.version, lib.summary, lib.kind, lib.name,
         ));
+        out.push_str(
+            "# Where the driver runs: \"in-process\" (fastest) or \"process\" (a worker: its faults cannot take\n\
+             # plughost down). For an isolated backend: the worker's user and group, address-space limit, and\n\
+             # how long one call may take before it is answered timeout and the worker restarted\n\
+             # isolation = \"in-process\"\n# user = \"nobody\"\n# group = \"nogroup\"\n# memory_limit = \"1GiB\"\n# call_timeout = \"60s\"\n",
+        );
         let kind = crate::services::kind(&lib.kind);
         if kind.is_some_and(|k| k.settings.contains(&"stop_instances_on_exit")) {
             out.push_str(

@@ -268,6 +268,13 @@ pub fn child_main(args: &WorkerArgs, serve_kind: impl FnOnce(&str, UnixStream, S
             libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0);
         }
     }
+    // What the driver starts (a compute driver's instances) must not inherit the socket or the
+    // library: a child holding the socket would keep the host from noticing this worker's death.
+    // SAFETY: fcntl on descriptors this process owns (set up by the host before exec).
+    unsafe {
+        libc::fcntl(SOCKET_FD, libc::F_SETFD, libc::FD_CLOEXEC);
+        libc::fcntl(LIBRARY_FD, libc::F_SETFD, libc::FD_CLOEXEC);
+    }
     // SAFETY: fd 3 was set up by the host as this worker's end of the socketpair; nothing else owns it.
     let stream = UnixStream::from(unsafe { OwnedFd::from_raw_fd(SOCKET_FD) });
     let setup = match read_frame(&mut &stream) {
@@ -429,12 +436,8 @@ fn start_worker(
     if let Some((uid, gid)) = config.user {
         cmd.arg("--uid").arg(uid.to_string()).arg("--gid").arg(gid.to_string());
     }
-    cmd.env_clear()
-        .env("RUST_BACKTRACE", "0")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .process_group(0);
+    // The host's environment (instances a compute driver starts inherit it, as they would in-process).
+    cmd.env("RUST_BACKTRACE", "0").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).process_group(0);
     let (sock, lib) = (worker_end.as_raw_fd(), library.as_raw_fd());
     let limit = config.memory_limit;
     // SAFETY: the closure runs in the child between fork and exec and only makes async-signal-safe

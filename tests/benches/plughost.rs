@@ -640,6 +640,79 @@ fn mutation_benchmarks(out: &mut Vec<Metric>, work: &Path) {
     out.push(metric("mutation_with_100k.host_overhead", p_big - driver_big, "ms", None, "<= 2 ms per create+delete"));
 }
 
+/// A no-op call (`health`) through an isolated backend (a worker process over a socketpair), against
+/// the floor: a ping-pong of frames of the same sizes between two threads over a socketpair; and
+/// against the same call in-process.
+fn call_isolated_benchmarks(out: &mut Vec<Metric>, work: &Path) {
+    use host::config::{BackendSettings, Isolation};
+    use plughost_api::VolumeCall;
+    let lib_path = release_dir().join("libfake_volume.so");
+    let exe = release_dir().join("plughost");
+    let loader = Loader::new();
+    let ctx = BuildContext { loader: &loader, state_dir: work, driver_dirs: &[], exe: Some(&exe) };
+    let build = |isolation| {
+        let settings = BackendSettings { isolation, ..BackendSettings::default() };
+        let configured = Configured { driver: lib_path.display().to_string(), options: Vec::new(), settings };
+        let b: Backend<VolumeInterface> = Backend::build(ctx, "volume", "bench", configured).unwrap();
+        b.init_now();
+        b
+    };
+    let isolated = build(Isolation::Process);
+    let in_process = build(Isolation::InProcess);
+    // The frames of one health call and its answer (as the worker wire has them: 4 + 8 + payload).
+    let request = postcard::to_stdvec(&VolumeCall::health).unwrap().len() + 12;
+    let reply = postcard::to_stdvec(&plughost_api::VolumeReply::health(Ok(()))).unwrap().len() + 12;
+    let (mut a, b) = UnixStream::pair().unwrap();
+    let echo = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut b = b;
+        let mut inbuf = vec![0u8; request];
+        let outbuf = vec![1u8; reply];
+        while b.read_exact(&mut inbuf).is_ok() {
+            if b.write_all(&outbuf).is_err() {
+                break;
+            }
+        }
+    });
+    let (req_buf, mut rep_buf) = (vec![2u8; request], vec![0u8; reply]);
+    let r = side_by_side(
+        11,
+        20_000,
+        &mut [
+            &mut |n| {
+                use std::io::Read;
+                for _ in 0..n {
+                    a.write_all(&req_buf).unwrap();
+                    a.read_exact(&mut rep_buf).unwrap();
+                }
+            },
+            &mut |n| {
+                for _ in 0..n {
+                    black_box(isolated.call(VolumeMethod::health, |d| d.health())).unwrap();
+                }
+            },
+            &mut |n| {
+                for _ in 0..n {
+                    black_box(in_process.call(VolumeMethod::health, |d| d.health())).unwrap();
+                }
+            },
+        ],
+    );
+    drop(a);
+    let _ = echo.join();
+    let floor_us = r[0] / 1000.0;
+    out.push(metric("call_isolated.socketpair_pingpong_floor", floor_us, "us", None, ""));
+    out.push(metric(
+        "call_isolated.noop",
+        r[1] / 1000.0,
+        "us",
+        Some(("call_isolated.socketpair_pingpong_floor", floor_us)),
+        "<= 2x",
+    ));
+    out.push(metric("call_isolated.in_process", r[2], "ns", None, ""));
+    host::backend::BackendControl::cleanup(&isolated);
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; a filter argument selects groups by prefix.
     let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
@@ -658,6 +731,9 @@ fn main() {
     }
     if wanted("swap") {
         swap_benchmarks(&mut out, work.path());
+    }
+    if wanted("call_isolated") {
+        call_isolated_benchmarks(&mut out, work.path());
     }
     if wanted("startup") {
         startup_benchmarks(&mut out, work.path());

@@ -416,3 +416,39 @@ fn a_second_signal_exits_at_once() {
     assert!(stderr.contains("received again: exiting now"), "{stderr}");
     assert!(stuck.join().unwrap().is_none(), "the stuck request died with the host");
 }
+
+/// process-compute in a worker: instances are not lost with the worker. A crash (the worker is
+/// killed) and a swap each bring a new worker, which re-adopts the running instances.
+#[test]
+fn instances_outlive_their_worker_and_are_readopted() {
+    let t = TempDir::new("iso-compute");
+    let mut d = Daemon::start(
+        &t.join("state"),
+        &["--volume-driver", "none", "--compute-driver", "process-compute", "--isolate", "compute"],
+    );
+    let compute = |d: &mut Daemon| {
+        let status = d.ok("", "status", json!({}));
+        status["services"][0]["backends"][0].clone()
+    };
+    let i = d.ok("compute", "spawn", json!({"name": "web", "command": "sh", "args": ["-c", "exec sleep 300"]}));
+    let inst = Proc::of(i["pid"].as_u64().unwrap() as u32);
+    let first = compute(&mut d)["worker"]["pid"].as_u64().unwrap() as u32;
+    // The worker dies (as if it crashed): the instance runs on; the new worker finds it.
+    // SAFETY: kill has no memory-safety preconditions; the pid is the test host's worker.
+    unsafe { libc::kill(first as i32, libc::SIGKILL) };
+    let mut b = Value::Null;
+    wait_for("a new worker", || {
+        b = compute(&mut d);
+        b["worker"]["state"] == "running" && b["worker"]["pid"].as_u64() != Some(u64::from(first)) && b["state"] == "up"
+    });
+    assert!(inst.alive(), "the instance outlived its worker");
+    let got = d.ok("compute", "get", json!({"name": "web"}));
+    assert_eq!((got["status"].as_str(), got["pid"].as_u64()), (Some("running"), Some(u64::from(inst.pid))), "{got}");
+    assert_eq!(got["details"]["adopted"], "true", "{got}");
+    // A swap (the same driver, loaded again): a third worker, the same instance.
+    d.ok("compute", "swap", json!({}));
+    let got = d.ok("compute", "get", json!({"name": "web"}));
+    assert_eq!((got["status"].as_str(), got["pid"].as_u64()), (Some("running"), Some(u64::from(inst.pid))), "{got}");
+    d.ok("compute", "destroy", json!({"name": "web"}));
+    assert!(!inst.alive());
+}
