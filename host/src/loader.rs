@@ -504,7 +504,7 @@ impl Loader {
         Ok(Checked::Read(ReadFile { bytes, digest, key }))
     }
 
-    /// Everything [`check`](Self::check) does, then a sealed copy of the bytes checked, for a worker to
+    /// Everything `check` does (the trust policy, the file, the digest), then a sealed copy of the bytes checked, for a worker to
     /// load: nothing of the library is loaded in this process.
     pub fn checked_copy(&self, path: &Path, pin: Option<&str>) -> Result<CheckedCopy, LoadError> {
         let (bytes, digest) = match self.check(path, pin)? {
@@ -525,7 +525,7 @@ impl Loader {
     }
 
     /// What a library says about itself, without loading it in this process: everything
-    /// [`check`](Self::check) does here, then a sandboxed child ([`crate::sandbox`]) loads a sealed copy
+    /// `check` does here, then a sandboxed child ([`crate::sandbox`]) loads a sealed copy
     /// and reports. For `inspect`, `list` and `config sample`.
     pub fn describe(&self, path: &Path) -> Result<Described, LoadError> {
         let exe = self.probe.as_ref().ok_or_else(|| {
