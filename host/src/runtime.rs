@@ -281,24 +281,24 @@ impl Host {
         service: &str,
         args: &crate::protocol::RestartArgs,
     ) -> Result<crate::protocol::RestartReport, ApiError> {
+        let backend = self.backend(service, args.backend.as_deref())?;
+        backend.restart(self.build_context(), self.settings.shutdown_timeout)
+    }
+
+    /// A service's backend by name (default: its default backend), or `not_found` naming the known ones.
+    fn backend(&self, service: &str, name: Option<&str>) -> Result<&Arc<dyn crate::backend::BackendControl>, ApiError> {
         let s = self.service(service)?;
-        let name = args.backend.as_deref().unwrap_or(s.default_backend());
-        let backend = s.backends().iter().find(|b| b.name() == name).ok_or_else(|| {
+        let name = name.unwrap_or(s.default_backend());
+        s.backends().iter().find(|b| b.name() == name).ok_or_else(|| {
             let known: Vec<&str> = s.backends().iter().map(|b| b.name()).collect();
             ApiError::not_found(format!("unknown {service} backend {name:?} (known: {})", known.join(", ")))
-        })?;
-        backend.restart(self.build_context(), self.settings.shutdown_timeout)
+        })
     }
 
     /// `swap`: replaces a backend's driver (default: the service's default backend) with `args.driver`
     /// (PATH or NAME; default: the configured one, reloaded from disk).
     pub fn swap(&self, service: &str, args: &SwapArgs) -> Result<SwapReport, ApiError> {
-        let s = self.service(service)?;
-        let name = args.backend.as_deref().unwrap_or(s.default_backend());
-        let backend = s.backends().iter().find(|b| b.name() == name).ok_or_else(|| {
-            let known: Vec<&str> = s.backends().iter().map(|b| b.name()).collect();
-            ApiError::not_found(format!("unknown {service} backend {name:?} (known: {})", known.join(", ")))
-        })?;
+        let backend = self.backend(service, args.backend.as_deref())?;
         let driver = args.driver.as_deref().filter(|d| !d.is_empty());
         if let Some(d) = driver.filter(|d| d.contains('/') || d.ends_with(".so")) {
             self.check_swap_path(d)?;

@@ -28,7 +28,7 @@ use std::io::{BufRead, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
@@ -1032,11 +1032,6 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "m" => Duration::from_secs(n * 60),
         _ => return Err(format!("{text:?}: expected milliseconds or a number with ms, s or m")),
     })
-}
-
-/// Whether a path is the worker's library (for the loader in a worker).
-pub fn library_path() -> &'static Path {
-    Path::new("/proc/self/fd/4")
 }
 
 #[cfg(test)]
