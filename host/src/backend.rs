@@ -283,6 +283,9 @@ impl HealthCell {
         if *g != h {
             match &h {
                 Health::Up => log::info!("{} is up", self.label),
+                // Starting is expected, not a fault; a backend stuck there is reported by its
+                // reason's growing "init running for Ns" at each health check.
+                Health::Down(r) if r.starts_with("starting") => log::info!("{} is {r}", self.label),
                 Health::Down(r) => log::warn!("{} is down: {r}", self.label),
             }
         }
@@ -418,9 +421,9 @@ fn prepare_isolated<I: Interface>(
             path: path.to_owned(),
             state_dir: ctx.state_dir.to_owned(),
             options: configured.options.clone(),
+            memory_limit: settings.memory_limit,
         },
         user,
-        memory_limit: settings.memory_limit,
         call_timeout: settings.call_timeout,
     };
     let cell = health.clone();

@@ -336,14 +336,15 @@ pub fn format_status(st: &HostStatus) -> String {
             svc.reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default(),
             svc.heartbeat_age_ms.map(|a| a.to_string()).unwrap_or_else(|| "-".into())
         ));
-        let header = ["  BACKEND", "STATE", "DRIVER", "DIGEST", "GEN", "CALLS", "PATH"].map(String::from);
-        let rows: Vec<[String; 7]> = svc
+        let header = ["  BACKEND", "STATE", "ISOLATION", "DRIVER", "DIGEST", "GEN", "CALLS", "PATH"].map(String::from);
+        let rows: Vec<[String; 8]> = svc
             .backends
             .iter()
             .map(|b| {
                 [
                     format!("  {}{}", b.name, if b.default { "*" } else { "" }),
                     b.state.to_string(),
+                    b.isolation.clone(),
                     format!("{} {}", b.driver.name, b.driver.version),
                     b.driver.digest.chars().take(19).collect(),
                     b.driver.generation.to_string(),

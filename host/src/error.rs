@@ -36,7 +36,8 @@ pub enum LoadErrorKind {
     ConstructorPanicked,
     /// The driver's `init` failed.
     InitFailed,
-    /// The host could not prepare its private copy of the file.
+    /// The host could not prepare what loading needs: its private copy of the file, a worker process,
+    /// or a backend setting it cannot apply (`user`, `group`, `memory_limit`).
     RuntimeDir,
     /// Loading it killed, stopped or hung a probe process: it would have taken the host down.
     Crashed,

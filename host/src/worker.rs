@@ -30,7 +30,7 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -56,6 +56,14 @@ const CIRCUIT_CRASHES: usize = 5;
 const CIRCUIT_WINDOW: Duration = Duration::from_secs(60);
 /// Threads serving calls in a worker.
 const WORKER_THREADS: usize = 16;
+/// [`Supervisor::spawn_worker`]'s phases of a worker, as its death callback sees them.
+const SETTING_UP: u8 = 0;
+const SERVING: u8 = 1;
+const DIED_SETTING_UP: u8 = 2;
+/// The stack of each serving thread (Rust's default, fixed so that `memory_limit` can account for it).
+const WORKER_STACK: usize = 2 << 20;
+/// Address space a worker keeps beyond its measured start for the loader's own allocations.
+const LIMIT_HEADROOM: u64 = 16 << 20;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -108,6 +116,8 @@ pub struct Setup {
     pub state_dir: PathBuf,
     /// The configured options, before expansion.
     pub options: Vec<(String, String)>,
+    /// Address-space limit (`RLIMIT_AS`), applied by the worker before the library is opened.
+    pub memory_limit: Option<u64>,
 }
 
 /// What a worker answers to [`Setup`].
@@ -161,6 +171,11 @@ pub fn serve<I: Interface>(stream: UnixStream, setup: Setup) -> ! {
         send_setup(stream, &reply);
         std::process::exit(0)
     };
+    if let Some(limit) = setup.memory_limit {
+        if let Err(why) = limit_memory(limit) {
+            refuse(&stream, LoadError::new(LoadErrorKind::RuntimeDir, &setup.path, why));
+        }
+    }
     let lib =
         match crate::loader::Loader::for_verified_copy().load(&PathBuf::from(format!("/proc/self/fd/{LIBRARY_FD}"))) {
             Ok(l) => l,
@@ -196,9 +211,10 @@ pub fn serve<I: Interface>(stream: UnixStream, setup: Setup) -> ! {
     let writer = Arc::new(Mutex::new(stream));
     let driver = Arc::new(driver);
     std::thread::scope(|s| {
-        for _ in 0..WORKER_THREADS {
+        for started in 0..WORKER_THREADS {
             let (reader, writer, driver) = (reader.clone(), writer.clone(), driver.clone());
-            s.spawn(move || loop {
+            let thread = std::thread::Builder::new().name("worker".to_owned()).stack_size(WORKER_STACK);
+            let spawned = thread.spawn_scoped(s, move || loop {
                 // Whoever reads a frame runs it; the next thread reads on meanwhile.
                 let frame = {
                     let mut r = lock(&reader);
@@ -227,9 +243,62 @@ pub fn serve<I: Interface>(stream: UnixStream, setup: Setup) -> ! {
                     std::process::exit(0);
                 }
             });
+            if let Err(e) = spawned {
+                // Fewer threads serve fewer calls at once; none serve nothing.
+                eprintln!("cannot start a worker thread: {e}");
+                if started == 0 {
+                    std::process::exit(1);
+                }
+                break;
+            }
         }
     });
     std::process::exit(0)
+}
+
+/// Applies `memory_limit` as `RLIMIT_AS`, refusing (in words) a limit the worker itself would already
+/// exceed before its driver allocated anything: the plughost binary, its serving threads' stacks and
+/// the library to be mapped. Under a limit, malloc keeps to one arena: each further arena reserves
+/// 64 MiB of address space, which would count against the driver's budget unpredictably.
+fn limit_memory(limit: u64) -> Result<(), String> {
+    // SAFETY: mallopt only changes allocator tuning; the worker has no other threads yet.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+    let page = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|t| t.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()))
+        .ok_or("memory_limit: cannot read /proc/self/statm")?;
+    // SAFETY: sysconf has no preconditions.
+    let page_size = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    // SAFETY: fstat on a descriptor the host set up for this worker, into a zeroed stat.
+    let library = unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstat(LIBRARY_FD, &mut st) == 0 {
+            u64::try_from(st.st_size).unwrap_or(0)
+        } else {
+            0
+        }
+    };
+    let stacks = WORKER_THREADS as u64 * (WORKER_STACK as u64 + page_size);
+    let need = page * page_size + stacks + library + LIMIT_HEADROOM;
+    if limit < need {
+        return Err(format!(
+            "memory_limit {} is below the {} a worker may need before its driver allocates anything \
+             (the plughost binary, {WORKER_THREADS} thread stacks, the library); give at least that plus what the driver needs",
+            crate::ctl::human_size(limit),
+            crate::ctl::human_size(need)
+        ));
+    }
+    let r = libc::rlimit { rlim_cur: limit, rlim_max: limit };
+    // SAFETY: setrlimit reads the struct passed by reference.
+    if unsafe { libc::setrlimit(libc::RLIMIT_AS, &r) } != 0 {
+        return Err(format!(
+            "memory_limit: cannot set RLIMIT_AS: {}",
+            crate::error::io_text(&std::io::Error::last_os_error())
+        ));
+    }
+    Ok(())
 }
 
 fn send_setup(mut stream: &UnixStream, reply: &SetupReply) {
@@ -302,8 +371,6 @@ pub struct WorkerConfig {
     pub setup: Setup,
     /// The user and group to run as.
     pub user: Option<(u32, u32)>,
-    /// Address-space limit, bytes.
-    pub memory_limit: Option<u64>,
     /// How long one call may take.
     pub call_timeout: Duration,
 }
@@ -323,6 +390,8 @@ struct Worker {
     started: Instant,
     /// Stopped on purpose (retired, or replaced by `ctl restart`): its end is not a crash.
     retired: AtomicBool,
+    /// Why the host killed it, when it did (a call or its setup outlasted `call_timeout`).
+    killed_for: Mutex<Option<String>>,
 }
 
 impl Worker {
@@ -334,6 +403,12 @@ impl Worker {
                 libc::kill(-pid, libc::SIGKILL);
             }
         }
+    }
+
+    /// Kills it, remembering why: its death then reads "killed by plughost: WHY", not just SIGKILL.
+    fn kill_for(&self, why: String) {
+        *lock(&self.killed_for) = Some(why);
+        self.kill();
     }
 
     fn dead(&self) -> Option<String> {
@@ -439,9 +514,8 @@ fn start_worker(
     // The host's environment (instances a compute driver starts inherit it, as they would in-process).
     cmd.env("RUST_BACKTRACE", "0").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).process_group(0);
     let (sock, lib) = (worker_end.as_raw_fd(), library.as_raw_fd());
-    let limit = config.memory_limit;
     // SAFETY: the closure runs in the child between fork and exec and only makes async-signal-safe
-    // system calls (fcntl, dup2, prctl, setrlimit, close_range) on memory prepared before the fork.
+    // system calls (fcntl, dup2, prctl, close_range) on memory prepared before the fork.
     unsafe {
         cmd.pre_exec(move || {
             let (s, l) = (high(sock)?, high(lib)?);
@@ -451,12 +525,6 @@ fn start_worker(
             // Only 0-4 cross the exec (the rest is close-on-exec already; this is belt and braces).
             libc::syscall(libc::SYS_close_range, 5u32, u32::MAX, 0u32);
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
-            if let Some(bytes) = limit {
-                let r = libc::rlimit { rlim_cur: bytes, rlim_max: bytes };
-                if libc::setrlimit(libc::RLIMIT_AS, &r) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
             Ok(())
         });
     }
@@ -484,6 +552,7 @@ fn start_worker(
         died: Mutex::new(None),
         started: Instant::now(),
         retired: AtomicBool::new(false),
+        killed_for: Mutex::new(None),
     });
     let (setup_tx, setup_rx) = mpsc::sync_channel::<Vec<u8>>(1);
     {
@@ -510,12 +579,15 @@ fn start_worker(
             Ok((worker, reply))
         }
         Err(mpsc::RecvTimeoutError::Timeout) => {
-            worker.kill();
+            worker.kill_for(format!(
+                "loading did not finish within {}s (call_timeout)",
+                config.call_timeout.as_secs_f64()
+            ));
             Err(fail(
                 LoadErrorKind::Crashed,
                 format!(
                     "loading it hung worker {pid} for {}s (call_timeout); the worker was killed",
-                    config.call_timeout.as_secs()
+                    config.call_timeout.as_secs_f64()
                 ),
             ))
         }
@@ -570,7 +642,12 @@ fn read_answers(
         Some(s) => ended(s),
         None => "stopped answering".to_owned(),
     };
-    let why = format!("worker (pid {}) {status}", worker.pid);
+    let why = match lock(&worker.killed_for).take() {
+        Some(because) if status.contains("SIGKILL") => {
+            format!("worker (pid {}) was killed by plughost: {because}", worker.pid)
+        }
+        _ => format!("worker (pid {}) {status}", worker.pid),
+    };
     *lock(&worker.died) = Some(why.clone());
     drop(setup_tx);
     let waiting: Vec<Waiter> = lock(&worker.pending).drain().map(|(_, tx)| tx).collect();
@@ -730,11 +807,15 @@ impl Supervisor {
             st.epoch
         };
         let weak = Arc::downgrade(self);
+        // A death during setup is this call's error, reported to its caller only (a failed first
+        // start or swap must not leave restarts behind); a death after it is a crash, reported once,
+        // by whichever side sees it second.
+        let phase = Arc::new(AtomicU8::new(SETTING_UP));
+        let seen = phase.clone();
         let (worker, reply) = start_worker(&self.config, &self.library, move |why, retired| {
-            if let Some(sup) = weak.upgrade() {
-                if !retired {
-                    sup.died(epoch, why);
-                }
+            let during_setup = seen.compare_exchange(SETTING_UP, DIED_SETTING_UP, Ordering::SeqCst, Ordering::SeqCst);
+            if let (Some(sup), false, Err(_)) = (weak.upgrade(), retired, during_setup) {
+                sup.died(epoch, why);
             }
         })?;
         if let SetupReply::Refused { .. } = &reply {
@@ -742,13 +823,20 @@ impl Supervisor {
             worker.kill();
             return Ok(reply);
         }
-        let mut st = lock(&self.state);
-        if st.epoch == epoch {
-            st.worker = Some(worker);
-            st.state = WorkerState::Running;
-            self.incarnation.fetch_add(1, Ordering::SeqCst);
+        let died_meanwhile = phase.compare_exchange(SETTING_UP, SERVING, Ordering::SeqCst, Ordering::SeqCst).is_err();
+        {
+            let mut st = lock(&self.state);
+            if st.epoch == epoch {
+                st.worker = Some(worker.clone());
+                st.state = WorkerState::Running;
+                self.incarnation.fetch_add(1, Ordering::SeqCst);
+            }
         }
         self.changed.notify_all();
+        if died_meanwhile {
+            // It answered its setup and died before it was ours: a crash like any later one.
+            self.died(epoch, worker.dead().unwrap_or_else(|| "the worker went away".to_owned()));
+        }
         Ok(reply)
     }
 
@@ -857,17 +945,23 @@ impl Supervisor {
             w.retired.store(true, Ordering::SeqCst);
             w.kill();
         }
-        match self.spawn_worker()? {
-            SetupReply::Ready { .. } => {
+        let failed = match self.spawn_worker() {
+            Ok(SetupReply::Ready { .. }) => {
                 (self.on_health)(None);
                 lock(&self.state).restarts += 1;
-                Ok(lock(&self.state).worker.as_ref().map(|w| w.pid).unwrap_or(0))
+                return Ok(lock(&self.state).worker.as_ref().map(|w| w.pid).unwrap_or(0));
             }
-            SetupReply::Refused { kind, reason, details } => {
+            Ok(SetupReply::Refused { kind, reason, details }) => {
                 let kind = LoadErrorKind::from_name(&kind).unwrap_or(LoadErrorKind::InvalidMetadata);
-                Err(LoadError::new(kind, &self.config.setup.path, reason).with_details(details))
+                LoadError::new(kind, &self.config.setup.path, reason).with_details(details)
             }
-        }
+            Err(e) => e,
+        };
+        // No worker: a crash like any other, so that the backoff (or the circuit) takes over rather
+        // than leaving the backend without a worker and nothing to start one.
+        let epoch = lock(&self.state).epoch;
+        self.died(epoch, format!("restart failed: {}", failed.reason));
+        Err(failed)
     }
 
     /// Stops for good: no restarts; the worker is told to go (its socket closes) and killed if it does
@@ -949,20 +1043,15 @@ impl Supervisor {
                 DriverError::new(ErrorKind::DRIVER_CRASHED, format!("{}: {method}: the {why}", self.label()))
             }
             CallError::Timeout => {
-                log::error!(
-                    "{}: {method} did not answer within {:?} (call_timeout); killing worker {}",
-                    self.label(),
-                    self.config.call_timeout,
-                    worker.pid
+                let late = format!(
+                    "{method} did not answer within {}s (call_timeout)",
+                    self.config.call_timeout.as_secs_f64()
                 );
-                worker.kill();
+                log::error!("{}: {late}; killing worker {}", self.label(), worker.pid);
+                worker.kill_for(late.clone());
                 DriverError::new(
                     ErrorKind::TIMEOUT,
-                    format!(
-                        "{}: {method} did not answer within {}ms (call_timeout); the worker was killed and is restarted",
-                        self.label(),
-                        self.config.call_timeout.as_millis()
-                    ),
+                    format!("{}: {late}; the worker was killed and is restarted", self.label()),
                 )
             }
         })

@@ -100,8 +100,8 @@ fn each_fault_is_answered_with_its_kind_and_the_worker_comes_back() {
         ("abort", "driver_crashed", "SIGABRT", ""),
         ("exit", "driver_crashed", "exited with status 3", ""),
         ("leak", "driver_crashed", "", "memory_limit = \"512MiB\"\n"),
-        ("hang", "timeout", "did not answer within 1500ms", ""),
-        ("deadlock", "timeout", "did not answer within 1500ms", ""),
+        ("hang", "timeout", "did not answer within 1.5s", ""),
+        ("deadlock", "timeout", "did not answer within 1.5s", ""),
     ];
     let mut backends = String::new();
     for (kind, _, _, extra) in &faults {
@@ -130,6 +130,13 @@ fn each_fault_is_answered_with_its_kind_and_the_worker_comes_back() {
                 && after["state"] == "up"
         });
         assert!(after["worker"]["restarts"].as_u64().unwrap() >= 1, "{after}");
+        let last = after["worker"]["last_crash"]["reason"].as_str().unwrap_or_default();
+        if want == "timeout" {
+            // The host killed it, and the crash record says why rather than just SIGKILL.
+            assert!(last.contains("killed by plughost: create did not answer"), "{kind}: {last}");
+        } else {
+            assert!(last.contains(why), "{kind}: {last}");
+        }
         // The next call succeeds (the intent record of the create is settled by the reconcile).
         assert_eq!(d.ok("volume", "stats", json!({"backend": kind}))["backend"], kind);
         assert_eq!(backend(&mut d, "default")["state"], "up");
@@ -351,6 +358,13 @@ fn a_driver_that_crashes_while_it_loads_is_a_clean_error_and_the_old_worker_serv
     let b = backend(&mut d, "default");
     assert_eq!((&b["worker"]["pid"], &b["driver"]["generation"]), (&pid, &json!(0)));
     assert_eq!(d.ok("volume", "get", json!({"name": "kept"}))["size"], 4096);
+    // A worker that dies while it loads is the load's error, not a crash to restart after: nothing
+    // keeps starting workers of a refused driver behind the scenes.
+    assert_eq!(b["worker"]["crashes"], 0, "{b}");
+    assert_eq!(workers(d.pid()), vec![pid.as_u64().unwrap() as u32]);
+    let (code, stderr) = d.stop();
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!stderr.contains("restarting in"), "{stderr}");
 }
 
 #[test]
@@ -451,4 +465,53 @@ fn instances_outlive_their_worker_and_are_readopted() {
     assert_eq!((got["status"].as_str(), got["pid"].as_u64()), (Some("running"), Some(u64::from(inst.pid))), "{got}");
     d.ok("compute", "destroy", json!({"name": "web"}));
     assert!(!inst.alive());
+}
+
+#[test]
+fn user_and_memory_limit_apply_or_are_refused_at_start() {
+    let t = TempDir::new("iso-settings");
+    let start = |extra: &str| {
+        let cfg = t.join("plughost.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[volume]\ndriver = \"fake-volume\"\nisolation = \"process\"\n{extra}\n[compute]\ndriver = \"none\"\n"
+            ),
+        )
+        .unwrap();
+        plughost_tests::process::run(&[
+            "run",
+            "--state-dir",
+            t.join("state").to_str().unwrap(),
+            "--config",
+            cfg.to_str().unwrap(),
+        ])
+    };
+    for (extra, says) in [
+        ("user = \"no-such-user-plughost\"", "user \"no-such-user-plughost\": no such user"),
+        ("user = \"nobody\"\ngroup = \"no-such-group-plughost\"", "group \"no-such-group-plughost\""),
+        ("memory_limit = \"1MiB\"", "memory_limit 1.0MiB is below the "),
+    ] {
+        let r = start(extra);
+        assert_eq!(r.code, 1, "{extra}: {}", r.stderr);
+        let line = r.stderr.lines().find(|l| l.contains(says)).unwrap_or_else(|| panic!("{extra}: {}", r.stderr));
+        assert!(line.starts_with("plughost: volume backend \"default\": "), "{line}");
+    }
+    // Applied: the worker runs as nobody with its address space limited, and serves.
+    let cfg = t.join("applied.toml");
+    std::fs::write(
+        &cfg,
+        "[volume]\ndriver = \"fake-volume\"\nisolation = \"process\"\nuser = \"nobody\"\nmemory_limit = \"1GiB\"\n[compute]\ndriver = \"none\"\n",
+    )
+    .unwrap();
+    let mut d = Daemon::start(&t.join("state"), &["--config", cfg.to_str().unwrap()]);
+    let pid = backend(&mut d, "default")["worker"]["pid"].as_u64().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert_eq!(uid.split_whitespace().skip(1).collect::<Vec<_>>(), ["65534"; 4], "{uid}");
+    assert!(status.lines().any(|l| l.starts_with("NoNewPrivs:") && l.ends_with('1')), "{status}");
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let address = limits.lines().find(|l| l.starts_with("Max address space")).unwrap();
+    assert!(address.contains(&(1u64 << 30).to_string()), "{address}");
+    assert_eq!(d.ok("volume", "create", json!({"name": "v", "size": 4096}))["size"], 4096);
 }
