@@ -56,6 +56,8 @@ const CIRCUIT_CRASHES: usize = 5;
 const CIRCUIT_WINDOW: Duration = Duration::from_secs(60);
 /// Threads serving calls in a worker.
 const WORKER_THREADS: usize = 16;
+/// Set when a worker that switched users made itself dumpable again to open its library.
+static REOPENED_PROC: AtomicBool = AtomicBool::new(false);
 /// [`Supervisor::spawn_worker`]'s phases of a worker, as its death callback sees them.
 const SETTING_UP: u8 = 0;
 const SERVING: u8 = 1;
@@ -181,6 +183,14 @@ pub fn serve<I: Interface>(stream: UnixStream, setup: Setup) -> ! {
             Ok(l) => l,
             Err(e) => refuse(&stream, e),
         };
+    if REOPENED_PROC.load(Ordering::SeqCst) {
+        // Loaded: close /proc/PID (environ, mem, fd) and ptrace to the other processes of the user we
+        // switched to, which would otherwise read the host's environment or steer the driver.
+        // SAFETY: prctl with integer arguments.
+        unsafe {
+            libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+        }
+    }
     if let Err(e) = lib.expect_kind(I::KIND) {
         refuse(&stream, e);
     }
@@ -333,8 +343,10 @@ pub fn child_main(args: &WorkerArgs, serve_kind: impl FnOnce(&str, UnixStream, S
             if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(gid) != 0 || libc::setuid(uid) != 0 {
                 return format!("cannot switch to uid {uid} gid {gid}: {}", std::io::Error::last_os_error());
             }
-            // The library is opened through /proc/self/fd, which a uid change closes to the process.
+            // The library is opened through /proc/self/fd, which a uid change closes to the process;
+            // open again until it is loaded (see `serve`).
             libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0);
+            REOPENED_PROC.store(true, Ordering::SeqCst);
         }
     }
     // What the driver starts (a compute driver's instances) must not inherit the socket or the

@@ -498,6 +498,11 @@ fn user_and_memory_limit_apply_or_are_refused_at_start() {
         assert!(line.starts_with("plughost: volume backend \"default\": "), "{line}");
     }
     // Applied: the worker runs as nobody with its address space limited, and serves.
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to run a worker as another user");
+        return;
+    }
     let cfg = t.join("applied.toml");
     std::fs::write(
         &cfg,
@@ -514,4 +519,18 @@ fn user_and_memory_limit_apply_or_are_refused_at_start() {
     let address = limits.lines().find(|l| l.starts_with("Max address space")).unwrap();
     assert!(address.contains(&(1u64 << 30).to_string()), "{address}");
     assert_eq!(d.ok("volume", "create", json!({"name": "v", "size": 4096}))["size"], 4096);
+    // Another process of that user may signal the worker (a reason to use a dedicated user) but not
+    // read its memory or its environment, which is the host's.
+    for what in ["environ", "fd"] {
+        let mut peek = std::process::Command::new("ls");
+        peek.arg("-l").arg(format!("/proc/{pid}/{what}/"));
+        if what != "fd" {
+            peek = std::process::Command::new("head");
+            peek.arg("-c1").arg(format!("/proc/{pid}/{what}"));
+        }
+        std::os::unix::process::CommandExt::uid(&mut peek, 65534);
+        std::os::unix::process::CommandExt::gid(&mut peek, 65534);
+        let out = peek.output().unwrap();
+        assert!(!out.status.success(), "{what}: readable by nobody: {}", String::from_utf8_lossy(&out.stdout));
+    }
 }
