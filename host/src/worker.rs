@@ -56,6 +56,8 @@ const CIRCUIT_CRASHES: usize = 5;
 const CIRCUIT_WINDOW: Duration = Duration::from_secs(60);
 /// Threads serving calls in a worker.
 const WORKER_THREADS: usize = 16;
+/// The host's environment variables a worker running as another `user` keeps (and `LC_*`).
+const WORKER_USER_ENV: &[&str] = &["PATH", "LANG", "TZ", "RUST_LOG"];
 /// Set when a worker that switched users made itself dumpable again to open its library.
 static REOPENED_PROC: AtomicBool = AtomicBool::new(false);
 /// [`Supervisor::spawn_worker`]'s phases of a worker, as its death callback sees them.
@@ -520,10 +522,18 @@ fn start_worker(
         UnixStream::pair().map_err(|e| fail(LoadErrorKind::RuntimeDir, format!("cannot make a socket pair: {e}")))?;
     let mut cmd = Command::new(&config.exe);
     cmd.arg("__worker").arg("--parent").arg(std::process::id().to_string());
+    // The host's environment (instances a compute driver starts inherit it, as they would in-process);
+    // a worker running as another user gets only what is needed to run programs and log, since the
+    // host's environment may hold credentials that user should not see.
     if let Some((uid, gid)) = config.user {
         cmd.arg("--uid").arg(uid.to_string()).arg("--gid").arg(gid.to_string());
+        cmd.env_clear();
+        for (k, v) in std::env::vars_os() {
+            if k.to_str().is_some_and(|k| WORKER_USER_ENV.contains(&k) || k.starts_with("LC_")) {
+                cmd.env(k, v);
+            }
+        }
     }
-    // The host's environment (instances a compute driver starts inherit it, as they would in-process).
     cmd.env("RUST_BACKTRACE", "0").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).process_group(0);
     let (sock, lib) = (worker_end.as_raw_fd(), library.as_raw_fd());
     // SAFETY: the closure runs in the child between fork and exec and only makes async-signal-safe

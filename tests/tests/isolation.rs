@@ -511,8 +511,18 @@ fn user_and_memory_limit_apply_or_are_refused_at_start() {
         "[volume]\ndriver = \"fake-volume\"\nisolation = \"process\"\nuser = \"nobody\"\nmemory_limit = \"1GiB\"\n[compute]\ndriver = \"none\"\n",
     )
     .unwrap();
-    let mut d = Daemon::start(&t.join("state"), &["--config", cfg.to_str().unwrap()]);
+    let mut d = Daemon::start_with(&t.join("state"), None, &["--config", cfg.to_str().unwrap()], |c| {
+        c.env("PLUGHOST_TEST_SECRET", "hunter2").env("LANG", "C.UTF-8");
+    });
     let pid = backend(&mut d, "default")["worker"]["pid"].as_u64().unwrap();
+    // It does not inherit the host's environment beyond what running programs and logging need.
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let names: Vec<String> = environ
+        .split(|b| *b == 0)
+        .filter_map(|kv| std::str::from_utf8(kv).ok()?.split('=').next().map(str::to_owned))
+        .filter(|n| !n.is_empty())
+        .collect();
+    assert!(names.contains(&"LANG".to_owned()) && !names.contains(&"PLUGHOST_TEST_SECRET".to_owned()), "{names:?}");
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
     assert_eq!(uid.split_whitespace().skip(1).collect::<Vec<_>>(), ["65534"; 4], "{uid}");
