@@ -533,13 +533,9 @@ fn user_and_memory_limit_apply_or_are_refused_at_start() {
     assert_eq!(d.ok("volume", "create", json!({"name": "v", "size": 4096}))["size"], 4096);
     // Another process of that user may signal the worker (a reason to use a dedicated user) but not
     // read its memory or its environment, which is the host's.
-    for what in ["environ", "fd"] {
-        let mut peek = std::process::Command::new("ls");
-        peek.arg("-l").arg(format!("/proc/{pid}/{what}/"));
-        if what != "fd" {
-            peek = std::process::Command::new("head");
-            peek.arg("-c1").arg(format!("/proc/{pid}/{what}"));
-        }
+    for (program, arg, what) in [("head", "-c1", "environ"), ("ls", "-l", "fd")] {
+        let mut peek = std::process::Command::new(program);
+        peek.arg(arg).arg(format!("/proc/{pid}/{what}"));
         std::os::unix::process::CommandExt::uid(&mut peek, 65534);
         std::os::unix::process::CommandExt::gid(&mut peek, 65534);
         let out = peek.output().unwrap();
