@@ -325,6 +325,8 @@ impl ComputeService {
         if b.health() != Health::Up {
             return skipped;
         }
+        // Before listing: what is written from now on is looked up again (the list may be stale).
+        let watch = concurrent.then(|| self.records.watch());
         let list = match b.call(ComputeMethod::list, |d| d.list()) {
             Ok(l) => l,
             Err(e) => {
@@ -337,7 +339,7 @@ impl ComputeService {
             &b.name,
             list,
             |i| &i.name,
-            concurrent,
+            watch.as_ref(),
             recheck,
             |record, found| {
                 use InstanceStatus as S;

@@ -1,7 +1,7 @@
 //! What every service keeps about its resources, written once: the records, per-name locks that
 //! serialize conflicting operations on one resource, the create and transition flows, and persistence.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -210,13 +210,43 @@ pub(crate) struct Records<R: Record> {
     locks: NameLocks,
     /// Where they persist (none: as long as the process).
     store: Option<Store>,
+    /// The names written while a concurrent reconcile runs (see [`Records::watch`]).
+    touched: Mutex<Touched>,
+}
+
+/// The names written since the oldest running [`Watch`] began.
+#[derive(Debug, Default)]
+struct Touched {
+    watches: usize,
+    names: HashSet<String>,
+}
+
+/// While it lives, every name written is remembered: a concurrent reconcile looks up again, under the
+/// name's lock, what a driver listing taken after the watch began may report stale.
+pub(crate) struct Watch<'a, R: Record> {
+    records: &'a Records<R>,
+}
+
+impl<R: Record> Drop for Watch<'_, R> {
+    fn drop(&mut self) {
+        let mut t = self.records.touched();
+        t.watches -= 1;
+        if t.watches == 0 {
+            t.names = HashSet::new();
+        }
+    }
 }
 
 impl<R: Record> Records<R> {
     /// Records kept in memory only.
     #[cfg(test)]
     pub(crate) fn in_memory() -> Records<R> {
-        Records { map: Mutex::new(BTreeMap::new()), locks: NameLocks::default(), store: None }
+        Records {
+            map: Mutex::new(BTreeMap::new()),
+            locks: NameLocks::default(),
+            store: None,
+            touched: Mutex::default(),
+        }
     }
 
     /// The records in their table of `db`, loaded now. A legacy JSON file of them in `state_dir`
@@ -236,11 +266,27 @@ impl<R: Record> Records<R> {
             map.insert(r.name().to_owned(), r);
         }
         log::info!("{} records: {} loaded from {} in {:?}", R::WHAT, map.len(), db.path().display(), started.elapsed());
-        Ok(Records { map: Mutex::new(map), locks: NameLocks::default(), store: Some(Store { db, table }) })
+        Ok(Records {
+            map: Mutex::new(map),
+            locks: NameLocks::default(),
+            store: Some(Store { db, table }),
+            touched: Mutex::default(),
+        })
     }
 
     fn map(&self) -> MutexGuard<'_, BTreeMap<String, R>> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn touched(&self) -> MutexGuard<'_, Touched> {
+        self.touched.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts remembering the names written from now on, for a concurrent reconcile: take it before
+    /// listing what the driver has.
+    pub(crate) fn watch(&self) -> Watch<'_, R> {
+        self.touched().watches += 1;
+        Watch { records: self }
     }
 
     /// Writes `changes` in one transaction, then shows them in memory. On a write error nothing changes.
@@ -267,6 +313,18 @@ impl<R: Record> Records<R> {
                 log::error!("cannot record {what}: {e}");
                 ApiError::internal(format!("cannot record {what}: {e}"))
             })?;
+        }
+        {
+            let mut t = self.touched();
+            if t.watches > 0 {
+                for c in &changes {
+                    let name = match c {
+                        Change::Put(r) => r.name(),
+                        Change::Remove(name) => name,
+                    };
+                    t.names.insert(name.to_owned());
+                }
+            }
         }
         let mut map = self.map();
         for c in changes {
@@ -463,18 +521,19 @@ impl<R: Record> Records<R> {
     /// (if any) and what the driver reports (if anything); it may call the driver (to finish an
     /// interrupted delete) and logs its decision.
     ///
-    /// With `concurrent` (operations may be running: periodic work), names an operation holds are
-    /// skipped, each change is written while its name is held, and a record missing from the list is
-    /// looked up once more with `recheck` under its lock before it is called missing (the list may
-    /// predate an operation that just finished). Without it (start-up, nothing served yet), every
-    /// change is written in one transaction. A name reported by this backend but recorded on another
-    /// one is left alone, logged.
+    /// With `concurrent` (operations may be running: periodic work; a [`Watch`] taken before `reported`
+    /// was listed), names an operation holds are skipped, and each change is written while its name is
+    /// held. The list may predate an operation that finished since: a record missing from it, and any
+    /// name written since the watch began, is looked up once more with `recheck` under its lock (so a
+    /// volume deleted meanwhile is not adopted again, nor a size refreshed back). Without it (start-up,
+    /// nothing served yet), every change is written in one transaction. A name reported by this backend
+    /// but recorded on another one is left alone, logged.
     pub(crate) fn reconcile<T>(
         &self,
         backend: &str,
         reported: Vec<T>,
         name_of: impl Fn(&T) -> &str,
-        concurrent: bool,
+        concurrent: Option<&Watch<'_, R>>,
         recheck: impl Fn(&str) -> Option<T>,
         mut verdict: impl FnMut(Option<&R>, Option<&T>) -> Verdict<R>,
     ) -> ReconcileCounts {
@@ -497,7 +556,7 @@ impl<R: Record> Records<R> {
             if i > 0 && i % 20_000 == 0 {
                 log::info!("{} backend {backend:?}: reconciled {i} of {total} names", R::WHAT);
             }
-            let guard = if concurrent {
+            let guard = if concurrent.is_some() {
                 match self.try_hold(&name) {
                     Some(g) => g,
                     None => continue,
@@ -518,9 +577,14 @@ impl<R: Record> Records<R> {
                 counts.records += 1;
             }
             let found = match (found, &record, concurrent) {
-                (None, Some(_), true) => recheck(&name),
+                (None, Some(_), Some(_)) => recheck(&name),
+                (_, _, Some(_)) if self.touched().names.contains(&name) => recheck(&name),
                 (found, _, _) => found,
             };
+            if record.is_none() && found.is_none() {
+                // Reported, then gone (deleted meanwhile): nothing to record.
+                continue;
+            }
             let change = match verdict(record.as_ref(), found.as_ref()) {
                 Verdict::Unchanged => None,
                 Verdict::Refresh(r) => {
@@ -543,7 +607,7 @@ impl<R: Record> Records<R> {
                 }),
             };
             match change {
-                Some(c) if concurrent => {
+                Some(c) if concurrent.is_some() => {
                     if let Err(e) = self.write(vec![c]) {
                         log::error!("{} backend {backend:?}: reconcile: {}", R::WHAT, e.message);
                     }
@@ -683,5 +747,40 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
+    }
+
+    /// The driver's list is taken, then an operation deletes one name and changes another before the
+    /// reconcile reaches them: what the list says of them is stale and must not be written back.
+    #[test]
+    fn a_concurrent_reconcile_does_not_write_back_what_changed_after_the_listing() {
+        let r = Records::<Thing>::in_memory();
+        r.put(thing("changed", 1)).unwrap();
+        r.put(thing("deleted", 1)).unwrap();
+        let driver = Mutex::new(BTreeMap::from([("changed".to_owned(), 1u8), ("deleted".to_owned(), 1u8)]));
+        let watch = r.watch();
+        let listed: Vec<(String, u8)> = driver.lock().unwrap().iter().map(|(n, s)| (n.clone(), *s)).collect();
+        // Meanwhile, under their locks: one deleted, one changed (driver first, then the record).
+        driver.lock().unwrap().remove("deleted");
+        r.write(vec![Change::Remove("deleted".to_owned())]).unwrap();
+        driver.lock().unwrap().insert("changed".to_owned(), 2);
+        r.put(thing("changed", 2)).unwrap();
+        let counts = r.reconcile(
+            "b",
+            listed,
+            |(n, _)| n,
+            Some(&watch),
+            |name| driver.lock().unwrap().get(name).map(|s| (name.to_owned(), *s)),
+            |record, found| match (record, found) {
+                (None, Some((n, s))) => Verdict::Put(thing(n, *s), Counter::Adopted),
+                (Some(rec), Some((_, s))) if rec.status != *s => Verdict::Put(thing(&rec.name, *s), Counter::Refreshed),
+                (Some(_), Some(_)) => Verdict::Unchanged,
+                (_, None) => Verdict::Missing,
+            },
+        );
+        drop(watch);
+        assert!(r.get("deleted").is_none(), "a name deleted after the listing was adopted again");
+        assert_eq!(r.get("changed").unwrap().status, 2, "a stale listing was written back");
+        assert_eq!((counts.adopted, counts.refreshed, counts.missing), (0, 0, 0), "{counts:?}");
+        assert!(r.touched().names.is_empty() && r.touched().watches == 0);
     }
 }

@@ -254,6 +254,8 @@ impl VolumeService {
             log::warn!("volume backend {:?} is down: its records are kept as they are", b.name);
             return skipped;
         }
+        // Before listing: what is written from now on is looked up again (the list may be stale).
+        let watch = concurrent.then(|| self.records.watch());
         let vols = match b.call(VolumeMethod::list, |d| d.list()) {
             Ok(v) => v,
             Err(e) => {
@@ -267,7 +269,7 @@ impl VolumeService {
             &b.name,
             vols,
             |v| &v.name,
-            concurrent,
+            watch.as_ref(),
             recheck,
             |record, found| {
                 use VolumeStatus as S;
