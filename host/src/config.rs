@@ -27,6 +27,15 @@ pub enum ConfigError {
         /// Why.
         reason: String,
     },
+    /// The file (or a directory above it) could have been written by another user: whoever can write
+    /// the config decides what code the host runs.
+    #[error("config \"{path}\": untrusted: {reason}", path = .path.display())]
+    Untrusted {
+        /// The file.
+        path: PathBuf,
+        /// The offending path and why, with its owner and mode.
+        reason: String,
+    },
     /// The file is not valid TOML or has unknown or mistyped keys.
     #[error("config \"{path}\": line {line}, column {column}: {reason}")]
     Parse {
@@ -100,6 +109,28 @@ pub struct TrustSettings {
 impl Default for TrustSettings {
     fn default() -> TrustSettings {
         TrustSettings { strict: true, allowlist: None, require_pins: false, allow_swap_paths: false }
+    }
+}
+
+impl TrustSettings {
+    /// What `new` would relax compared with these settings: each as the key and its change. A reload may
+    /// tighten the policy or change the allow list's contents, never relax it (that takes a restart, by
+    /// whoever may start the host).
+    pub fn relaxed_by(&self, new: &TrustSettings) -> Vec<String> {
+        let mut relaxed = Vec::new();
+        if self.strict && !new.strict {
+            relaxed.push("trust.strict true -> false".to_owned());
+        }
+        if self.require_pins && !new.require_pins {
+            relaxed.push("trust.require_pins true -> false".to_owned());
+        }
+        if !self.allow_swap_paths && new.allow_swap_paths {
+            relaxed.push("trust.allow_swap_paths false -> true".to_owned());
+        }
+        if self.allowlist.is_some() && new.allowlist.is_none() {
+            relaxed.push("trust.allowlist removed".to_owned());
+        }
+        relaxed
     }
 }
 
@@ -666,6 +697,11 @@ pub fn resolve(flags: &RunFlags, file: &FileConfig) -> Result<Settings, Vec<Conf
 
 /// Reads and parses a config file.
 pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    if let Err(u) = crate::trust::check_config_file(path) {
+        if !u.missing {
+            return Err(ConfigError::Untrusted { path: path.to_owned(), reason: u.relative_to(path) });
+        }
+    }
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError::Read { path: path.to_owned(), reason: crate::error::io_text(&e) })?;
     parse(path, &text)

@@ -262,6 +262,11 @@ pub struct Allowlist {
 impl Allowlist {
     /// Reads an allow list: one `blake3:HEX` per line; `#` starts a comment; blank lines are ignored.
     pub fn read(path: &Path) -> Result<Allowlist, String> {
+        if let Err(u) = crate::trust::check_config_file(path) {
+            if !u.missing {
+                return Err(format!("trust.allowlist \"{}\": untrusted: {}", path.display(), u.relative_to(path)));
+            }
+        }
         let text = fs::read_to_string(path)
             .map_err(|e| format!("trust.allowlist \"{}\": {}", path.display(), crate::error::io_text(&e)))?;
         let mut digests = std::collections::HashSet::new();

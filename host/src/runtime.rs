@@ -342,7 +342,17 @@ impl Host {
                 format!("configuration rejected, nothing changed: {}", text.join("; ")),
             )
         })?;
-        // The trust policy and the allow list first: the swaps below load under the new ones.
+        // The trust policy and the allow list first: the swaps below load under the new ones. A reload
+        // never relaxes them: the config is a trust root, and relaxing takes a restart.
+        let relaxed = self.trust.lock().unwrap_or_else(|p| p.into_inner()).relaxed_by(&wanted.trust);
+        if !relaxed.is_empty() {
+            let text = format!(
+                "configuration rejected, nothing changed: a reload cannot relax the trust policy ({}); restart the host to relax it",
+                relaxed.join(", ")
+            );
+            log::error!("reload: {text}");
+            return Err(ApiError::new(ErrorKind::InvalidConfig, text));
+        }
         let allowlist = match &wanted.trust.allowlist {
             Some(p) => Some(crate::loader::Allowlist::read(p).map_err(|e| {
                 log::error!("reload: configuration rejected, nothing changed: {e}");

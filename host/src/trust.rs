@@ -27,6 +27,19 @@ pub struct Untrusted {
     pub missing: bool,
 }
 
+impl Untrusted {
+    /// The reason, naming the offending path only when it is not `subject` itself (which the caller's
+    /// message names already).
+    pub fn relative_to(&self, subject: &Path) -> String {
+        let same = std::path::absolute(subject).is_ok_and(|a| a == self.path) || self.path == subject;
+        if same {
+            self.why.clone()
+        } else {
+            self.to_string()
+        }
+    }
+}
+
 /// The host's effective uid.
 pub fn euid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.
@@ -119,6 +132,17 @@ fn walk(path: &Path, depth: u32) -> Result<(PathBuf, fs::Metadata), Untrusted> {
 
 /// The trust policy for a driver file: see the module docs.
 pub fn check_driver_file(path: &Path) -> Result<(), Untrusted> {
+    check_file(path)
+}
+
+/// The same policy for every file that decides what the host trusts: the config file and every file it
+/// names (the allow list). Whoever can write one of them can set `trust.strict = false` or name their
+/// own library, so they are held to the driver files' rule whatever `trust.strict` says.
+pub fn check_config_file(path: &Path) -> Result<(), Untrusted> {
+    check_file(path)
+}
+
+fn check_file(path: &Path) -> Result<(), Untrusted> {
     let (resolved, m) = walk(path, 0)?;
     if !trusted_owner(m.uid()) {
         return Err(untrusted(&resolved, format!("owned by another user ({})", describe(&m))));

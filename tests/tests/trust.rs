@@ -486,3 +486,123 @@ fn a_child_that_crashes_leaves_nothing_behind() {
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+/// Writes `text` to `path` as `nobody` (a real second user), as an attacker would.
+fn write_as_nobody(path: &Path, text: &str) -> std::process::Output {
+    let mut c = Command::new("sh");
+    c.args(["-c", "cat > \"$0\"", path.to_str().unwrap()]).uid(NOBODY).gid(NOBODY);
+    c.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn the_config_file_is_a_trust_root() {
+    if !root() {
+        return;
+    }
+    let t = TempDir::new("trust-config");
+    let etc = mkdir(&t.join("etc"), 0o755);
+    let cfg = etc.join("plughost.toml");
+    let good = "[volume]\ndriver = \"fake-volume\"\n[compute]\ndriver = \"none\"\n";
+    std::fs::write(&cfg, good).unwrap();
+    chmod(&cfg, 0o644);
+    let state = t.join("state");
+    let start = |cfg: &Path| run(&["run", "--state-dir", state.to_str().unwrap(), "--config", cfg.to_str().unwrap()]);
+
+    // A driver of nobody's, and the config nobody would like the host to read.
+    let theirs = mkdir(&t.join("theirs"), 0o755);
+    let lib = driver_copy(&theirs.join("libtheirs.so"), 0o644);
+    chown_nobody(&lib);
+    chown_nobody(&theirs);
+    let evil = format!(
+        "[trust]\nstrict = false\nallow_swap_paths = true\n[volume]\ndriver = \"{}\"\n[compute]\ndriver = \"none\"\n",
+        lib.display()
+    );
+
+    // At start: a config others can write, or in a directory another user owns, is refused, naming it.
+    chmod(&cfg, 0o666);
+    let r = start(&cfg);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let want = format!(
+        "plughost: config \"{}\": untrusted: writable by group or others (owner uid 0, mode 0666)\n",
+        cfg.display()
+    );
+    assert_eq!(r.stderr, want);
+    chmod(&cfg, 0o644);
+    let nobodys = mkdir(&t.join("nobodys"), 0o755);
+    let cfg2 = nobodys.join("plughost.toml");
+    std::fs::write(&cfg2, good).unwrap();
+    chown_nobody(&nobodys);
+    let r = start(&cfg2);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let want = format!(
+        "plughost: config \"{}\": untrusted: {}: directory owned by another user (owner uid {NOBODY}",
+        cfg2.display(),
+        nobodys.display()
+    );
+    assert!(r.stderr.starts_with(&want), "{}", r.stderr);
+
+    // While serving: the file is made writable by others (a careless chmod), nobody rewrites it to relax
+    // the policy and name their library, root reloads: refused, nothing of nobody's is loaded.
+    let mut d = Daemon::start(&state, &["--config", cfg.to_str().unwrap()]);
+    let backend = |d: &mut Daemon| d.ok("", "status", json!({}))["services"][0]["backends"][0].clone();
+    let before = backend(&mut d)["driver"].clone();
+    chmod(&cfg, 0o666);
+    let w = write_as_nobody(&cfg, &evil);
+    assert!(w.status.success(), "nobody could not write the file: {}", String::from_utf8_lossy(&w.stderr));
+    assert_eq!(std::fs::metadata(&cfg).unwrap().uid(), 0, "still root's file, nobody's content");
+    let v = d.call("", "reload", json!({}));
+    assert_eq!(v["error"]["kind"], "invalid_config", "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains(&format!("config \"{}\": untrusted: writable by group or others", cfg.display())), "{msg}");
+    assert_eq!(backend(&mut d)["driver"], before, "nothing changed");
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", d.pid())).unwrap();
+    assert!(!maps.contains("libtheirs"), "nobody's library is mapped in the host");
+
+    // The same content in a file only root can write: a reload still cannot relax [trust].
+    std::fs::remove_file(&cfg).unwrap();
+    std::fs::write(&cfg, &evil).unwrap();
+    chmod(&cfg, 0o644);
+    let v = d.call("", "reload", json!({}));
+    assert_eq!(v["error"]["kind"], "invalid_config", "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains(
+            "a reload cannot relax the trust policy (trust.strict true -> false, trust.allow_swap_paths false -> true)"
+        ),
+        "{msg}"
+    );
+    assert_eq!(backend(&mut d)["driver"], before, "nothing changed");
+    // Tightening is fine.
+    std::fs::write(&cfg, format!("[trust]\nrequire_pins = false\n{good}")).unwrap();
+    let r = d.ok("", "reload", json!({}));
+    assert_eq!(r[0]["outcome"], "unchanged", "{r}");
+    drop(d);
+
+    // A file the config names (the allow list) is held to the same rule, at start and at reload.
+    let list = etc.join("allowlist");
+    std::fs::write(&list, format!("{}\n", digest_of(&driver("fake-volume")))).unwrap();
+    chmod(&list, 0o666);
+    std::fs::write(&cfg, format!("[trust]\nallowlist = \"{}\"\n{good}", list.display())).unwrap();
+    let r = start(&cfg);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let want = format!(
+        "trust.allowlist \"{}\": untrusted: writable by group or others (owner uid 0, mode 0666)",
+        list.display()
+    );
+    assert!(r.stderr.contains(&want), "{}", r.stderr);
+    chmod(&list, 0o644);
+    let mut d = Daemon::start(&state, &["--config", cfg.to_str().unwrap()]);
+    chmod(&list, 0o666);
+    let v = d.call("", "reload", json!({}));
+    assert_eq!(v["error"]["kind"], "invalid_config", "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains(&want), "{v}");
+    // Removing the allow list is relaxing it.
+    chmod(&list, 0o644);
+    std::fs::write(&cfg, good).unwrap();
+    let v = d.call("", "reload", json!({}));
+    assert!(v["error"]["message"].as_str().unwrap().contains("trust.allowlist removed"), "{v}");
+}
