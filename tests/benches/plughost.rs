@@ -2,6 +2,9 @@
 //!
 //! The machine is shared and noisy, so every ratio compares two things measured side by side in this
 //! one run: variants are sampled round-robin and each reports the median of its samples.
+//!
+//! `--quick` (as `.ci/run` runs it) runs every group with small counts: its numbers mean nothing, but a
+//! group that no longer runs (a refused swap, a changed protocol) fails CI.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::hint::black_box;
@@ -20,6 +23,17 @@ use plughost_api::{Options, VolumeClient, VolumeDriver};
 use plughost_api::{VolumeInterface, VolumeMethod};
 use plughost_tests::{fixtures, release_dir, target_dir, TempDir};
 use serde_json::{json, Value};
+
+static QUICK: AtomicBool = AtomicBool::new(false);
+
+/// `full`, or `quick` in quick mode.
+fn q<T>(full: T, quick: T) -> T {
+    if QUICK.load(Ordering::Relaxed) {
+        quick
+    } else {
+        full
+    }
+}
 
 /// One line of the results.
 struct Metric {
@@ -85,9 +99,9 @@ fn call_benchmarks(out: &mut Vec<Metric>, work: &Path) {
     let raw: extern "C" fn(u64) -> u64 = unsafe { *raw_lib.get(b"plughost_bench_noop\0").unwrap() };
 
     let stats = host::stats::CallStats::new(1);
-    let n = 2_000_000;
+    let n = q(2_000_000, 2_000);
     let r = side_by_side(
-        15,
+        q(15, 3),
         n,
         &mut [
             &mut |n| {
@@ -148,8 +162,8 @@ fn call_benchmarks(out: &mut Vec<Metric>, work: &Path) {
     client.create("b", 1 << 20).unwrap();
     backend.call(VolumeMethod::create, |d| d.create("b", 1 << 20)).unwrap();
     let r = side_by_side(
-        15,
-        200_000,
+        q(15, 3),
+        q(200_000, 200),
         &mut [
             &mut |n| {
                 for _ in 0..n {
@@ -237,7 +251,7 @@ fn load_benchmarks(out: &mut Vec<Metric>, work: &Path) {
     loader.load(&known).unwrap();
     let (mut raw, mut cold, mut same_content, mut same_path) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let per_sample = 4;
-    for _ in 0..11 {
+    for _ in 0..q(11, 2) {
         let paths: Vec<PathBuf> = (0..per_sample).map(|_| copy(false)).collect();
         let t = Instant::now();
         for p in &paths {
@@ -299,8 +313,8 @@ fn load_benchmarks(out: &mut Vec<Metric>, work: &Path) {
         "<= 1.5x",
     ));
 
-    let raw_paths: Vec<PathBuf> = (0..100).map(|_| copy(false)).collect();
-    let new_paths: Vec<PathBuf> = (0..100).map(|_| copy(true)).collect();
+    let raw_paths: Vec<PathBuf> = (0..q(100, 4)).map(|_| copy(false)).collect();
+    let new_paths: Vec<PathBuf> = (0..q(100, 4)).map(|_| copy(true)).collect();
     let t = Instant::now();
     for p in &raw_paths {
         // SAFETY: as above.
@@ -382,21 +396,22 @@ fn ctl_benchmarks(out: &mut Vec<Metric>, work: &Path) {
     );
     let get = "{\"id\":1,\"service\":\"volume\",\"op\":\"get\",\"args\":{\"name\":\"bench\"}}\n";
     let ping = "{\"id\":1,\"op\":\"ping\"}\n";
-    for _ in 0..2000 {
+    for _ in 0..q(2000, 20) {
         c.ask(get);
         c.ask(ping);
     }
     let (mut get_lat, mut ping_lat) = (Vec::new(), Vec::new());
     let mut get_time = Duration::ZERO;
-    for _ in 0..20 {
+    let rounds = q(500, 20);
+    for _ in 0..q(20, 2) {
         let t = Instant::now();
-        for _ in 0..500 {
+        for _ in 0..rounds {
             let s = Instant::now();
             assert!(c.ask(get));
             get_lat.push(s.elapsed().as_secs_f64() * 1e6);
         }
         get_time += t.elapsed();
-        for _ in 0..500 {
+        for _ in 0..rounds {
             let s = Instant::now();
             assert!(c.ask(ping));
             ping_lat.push(s.elapsed().as_secs_f64() * 1e6);
@@ -429,7 +444,7 @@ fn ctl_benchmarks(out: &mut Vec<Metric>, work: &Path) {
     ));
 
     for (label, req) in [("ping", ping), ("get", get)] {
-        let per_client = 5000;
+        let per_client = q(5000, 50);
         let socket = server.socket.clone();
         let t = Instant::now();
         let threads: Vec<_> = (0..4)
@@ -463,14 +478,26 @@ fn ctl_benchmarks(out: &mut Vec<Metric>, work: &Path) {
 }
 
 fn swap_benchmarks(out: &mut Vec<Metric>, work: &Path) {
+    // Both builds in driver directories: swapping to any other path is refused by the trust policy.
     let a = release_dir().join("libfile_volume.so");
-    let b = work.join("libfile_volume_b.so");
+    let drivers = work.join("swap-drivers");
+    std::fs::create_dir_all(&drivers).unwrap();
+    let b = drivers.join("libfile_volume_b.so");
     let mut bytes = std::fs::read(&a).unwrap();
     bytes.extend_from_slice(b"plughost-bench-second-build");
     std::fs::write(&b, bytes).unwrap();
     let server = Server::start(
         &work.join("swap"),
-        &["--volume-driver", a.to_str().unwrap(), "--compute-driver", "none", "--periodic-interval-ms", "1000"],
+        &[
+            "--volume-driver",
+            a.to_str().unwrap(),
+            "--compute-driver",
+            "none",
+            "--periodic-interval-ms",
+            "1000",
+            "--driver-dir",
+            drivers.to_str().unwrap(),
+        ],
     );
     let mut c = Conn::new(&server.socket);
     assert_eq!(
@@ -499,11 +526,11 @@ fn swap_benchmarks(out: &mut Vec<Metric>, work: &Path) {
         }
         samples
     });
-    std::thread::sleep(Duration::from_millis(1500));
+    std::thread::sleep(Duration::from_millis(q(1500, 100)));
     let swaps_start = (Instant::now() - origin).as_secs_f64();
     let mut swap_lat = Vec::new();
     let mut swap_failures = 0;
-    for k in 0..1000 {
+    for k in 0..q(1000, 10) {
         let p = if k % 2 == 0 { &b } else { &a };
         let s = Instant::now();
         let v = c.json(&json!({"id": 1, "service": "volume", "op": "swap", "args": {"driver": p.to_str().unwrap()}}));
@@ -520,6 +547,9 @@ fn swap_benchmarks(out: &mut Vec<Metric>, work: &Path) {
     let during: Vec<&(f64, f64, bool)> = samples.iter().filter(|s| s.0 >= swaps_start && s.0 <= swaps_end).collect();
     let worst = during.iter().map(|s| s.1).fold(0.0, f64::max);
     let failed = samples.iter().filter(|s| !s.2).count() + swap_failures;
+    if QUICK.load(Ordering::Relaxed) {
+        assert_eq!(failed, 0, "requests or swaps failed while swapping");
+    }
     let steady_p99 = percentile(&mut steady, 0.99);
     out.push(metric("swap_stall.steady_p99", steady_p99, "us", None, ""));
     out.push(metric(
@@ -547,22 +577,22 @@ fn timed_start(state: &Path, args: &[&str]) -> (f64, Server) {
 /// Start-up with 100k volumes: the first start adopts 100k volume files found without records; a
 /// restart reconciles 100k records with 100k files. Side by side with a start on an empty state dir.
 fn startup_benchmarks(out: &mut Vec<Metric>, work: &Path) {
-    const N: usize = 100_000;
+    let n = q(100_000, 500);
     let state = work.join("startup-100k");
     let root = state.join("volumes/default");
     std::fs::create_dir_all(&root).unwrap();
-    for i in 0..N {
+    for i in 0..n {
         std::fs::File::create(root.join(format!("v{i:06}.vol"))).unwrap().set_len(1 << 20).unwrap();
     }
     let args = ["--volume-driver", "file-volume", "--compute-driver", "none"];
     let (first, server) = timed_start(&state, &args);
     let mut c = Conn::new(&server.socket);
     let status = c.json(&json!({"id": 1, "op": "status"}));
-    assert_eq!(status["result"]["services"][0]["records"], N, "{status}");
+    assert_eq!(status["result"]["services"][0]["records"], n, "{status}");
     drop(server);
     let empty = work.join("startup-empty");
     let (mut restarts, mut empties) = (Vec::new(), Vec::new());
-    for _ in 0..5 {
+    for _ in 0..q(5, 1) {
         let (t, server) = timed_start(&state, &args);
         restarts.push(t * 1e3);
         drop(server);
@@ -592,11 +622,11 @@ fn startup_benchmarks(out: &mut Vec<Metric>, work: &Path) {
 /// Create + delete with 100k records, side by side with the same on an empty host; the host's share is
 /// the round trip minus the driver's own time (from status).
 fn mutation_benchmarks(out: &mut Vec<Metric>, work: &Path) {
-    const N: usize = 100_000;
+    let n = q(100_000, 500);
     let big = work.join("mutation-100k");
     let root = big.join("volumes/default");
     std::fs::create_dir_all(&root).unwrap();
-    for i in 0..N {
+    for i in 0..n {
         std::fs::File::create(root.join(format!("v{i:06}.vol"))).unwrap().set_len(1 << 20).unwrap();
     }
     let args = ["--volume-driver", "file-volume", "--compute-driver", "none"];
@@ -604,7 +634,8 @@ fn mutation_benchmarks(out: &mut Vec<Metric>, work: &Path) {
     let empty = Server::start(&work.join("mutation-empty"), &args);
     let mut conns = [Conn::new(&with_100k.socket), Conn::new(&empty.socket)];
     let mut lat: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
-    for round in 0..400 {
+    let warmup = q(50, 2);
+    for round in 0..q(400, 6) {
         for (i, c) in conns.iter_mut().enumerate() {
             let name = format!("m{round}");
             let t = Instant::now();
@@ -614,7 +645,7 @@ fn mutation_benchmarks(out: &mut Vec<Metric>, work: &Path) {
             assert!(c.ask(&format!(
                 "{{\"id\":2,\"service\":\"volume\",\"op\":\"delete\",\"args\":{{\"name\":\"{name}\"}}}}\n"
             )));
-            if round >= 50 {
+            if round >= warmup {
                 lat[i].push(t.elapsed().as_secs_f64() * 1e3);
             }
         }
@@ -676,8 +707,8 @@ fn call_isolated_benchmarks(out: &mut Vec<Metric>, work: &Path) {
     });
     let (req_buf, mut rep_buf) = (vec![2u8; request], vec![0u8; reply]);
     let r = side_by_side(
-        11,
-        20_000,
+        q(11, 3),
+        q(20_000, 100),
         &mut [
             &mut |n| {
                 use std::io::Read;
@@ -716,6 +747,7 @@ fn call_isolated_benchmarks(out: &mut Vec<Metric>, work: &Path) {
 fn main() {
     // `cargo bench` passes `--bench`; a filter argument selects groups by prefix.
     let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    QUICK.store(std::env::args().any(|a| a == "--quick"), Ordering::Relaxed);
     let wanted = |g: &str| filter.is_empty() || filter.iter().any(|f| g.starts_with(f.as_str()));
     plughost_tests::build_release();
     let work = TempDir::new("bench");
@@ -768,7 +800,7 @@ fn main() {
     }
     let dir = target_dir().join("bench");
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("summary.json");
+    let path = dir.join(q("summary.json", "summary.quick.json"));
     std::fs::write(&path, serde_json::to_string_pretty(&Value::Object(summary)).unwrap()).unwrap();
     println!("\nwrote {}", path.display());
 }
