@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 use plughost_api::host::Interface;
 use plughost_api::{DriverError, Options};
 
-use crate::config::{expand, Isolation};
+use crate::config::Isolation;
 use crate::drivers::resolve;
 use crate::error::LoadError;
 use crate::loader::{Library, Loader};
@@ -335,16 +335,7 @@ pub fn prepared_options(
     state_dir: &Path,
     backend: &str,
 ) -> Result<(Options, BTreeMap<String, String>), LoadError> {
-    let mut given: Vec<(String, String)> =
-        configured.iter().map(|(k, v)| (k.clone(), expand(v, state_dir, backend))).collect();
-    for o in library.options() {
-        if let Some(d) = o.default_value() {
-            if d.contains("${") && !given.iter().any(|(k, _)| k == o.name()) {
-                given.push((o.name().to_owned(), expand(d, state_dir, backend)));
-            }
-        }
-    }
-    let options = library.validate_options(&given)?;
+    let options = library.prepare_options(configured, state_dir, backend)?;
     let shown = shown_options(library, &options);
     Ok((options, shown))
 }

@@ -11,7 +11,6 @@ use plughost_api::testing::{check_compute, check_volume, harmless_instance, Repo
 use plughost_api::{ComputeDriver, ComputeInterface, DriverError, DriverKind, VolumeDriver, VolumeInterface};
 use serde::{Deserialize, Serialize};
 
-use crate::config::expand;
 use crate::loader::{Library, Loader};
 
 /// How long the whole suite may take before the child is killed.
@@ -165,20 +164,24 @@ pub fn child(path: &Path, state_dir: &Path, opts: &[String]) -> CheckReport {
     let mut given = Vec::new();
     for o in opts {
         match o.split_once('=') {
-            Some((k, v)) if !k.is_empty() => given.push((k.to_owned(), expand(v, state_dir, "check"))),
+            Some((k, v)) if !k.is_empty() => given.push((k.to_owned(), v.to_owned())),
             _ => return CheckReport::failed(path, format!("--opt {o:?}: expected KEY=VALUE")),
         }
     }
-    for o in lib.options() {
-        if let Some(d) = o.default_value() {
-            if d.contains("${") && !given.iter().any(|(k, _)| k == o.name()) {
-                given.push((o.name().to_owned(), expand(d, state_dir, "check")));
-            }
-        }
-    }
-    let options = match lib.validate_options(&given) {
+    // As a host's first backend, and as `testing::TestHost` in the driver's own tests.
+    let options = match plughost_api::host::prepare_options(lib.options(), &given, state_dir, "default") {
         Ok(o) => o,
-        Err(e) => return CheckReport::failed(path, e.report().replace('\n', ";")),
+        Err(errors) => {
+            // The same messages as `TestHost::options` in the driver's own tests, with the fix here.
+            let text: Vec<String> = errors
+                .iter()
+                .map(|e| match e.reason.as_str() {
+                    "required option missing" => format!("{e} (give it with --opt {}=VALUE)", e.option),
+                    _ => e.to_string(),
+                })
+                .collect();
+            return CheckReport::failed(path, format!("driver {:?}: {}", lib.name(), text.join("; ")));
+        }
     };
     let construct_error = |e: crate::LoadError| DriverError::internal(e.to_string());
     let report: Report = match lib.kind() {

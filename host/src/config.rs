@@ -905,11 +905,6 @@ fn apply_setting_flags(spec: &mut ServiceSpec, stop: &[String], isolate: &[Strin
     Ok(())
 }
 
-/// Replaces `${state_dir}` and `${backend}` in an option value.
-pub fn expand(value: &str, state_dir: &Path, backend: &str) -> String {
-    value.replace("${state_dir}", &state_dir.display().to_string()).replace("${backend}", backend)
-}
-
 /// The built-in state directory: `$XDG_STATE_HOME/plughost`, else `$HOME/.local/state/plughost`,
 /// else `./state`.
 pub fn default_state_dir() -> PathBuf {

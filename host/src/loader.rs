@@ -84,7 +84,24 @@ impl Library {
 
     /// Validates user options against the schema; every problem becomes one detail line.
     pub fn validate_options(&self, given: &[(String, String)]) -> Result<Options, LoadError> {
-        plughost_api::validate(self.options(), given).map_err(|errs| {
+        plughost_api::validate(self.options(), given).map_err(|errs| self.option_errors(errs))
+    }
+
+    /// What the driver's constructor gets for the options a user configured: placeholders
+    /// (`${state_dir}`, `${backend}`) expanded in values and defaults, then validated; the same
+    /// function a driver's tests use (`plughost_api::testing::TestHost::options`), so that they agree.
+    pub fn prepare_options(
+        &self,
+        given: &[(String, String)],
+        state_dir: &Path,
+        backend: &str,
+    ) -> Result<Options, LoadError> {
+        plughost_api::host::prepare_options(self.options(), given, state_dir, backend)
+            .map_err(|errs| self.option_errors(errs))
+    }
+
+    fn option_errors(&self, errs: Vec<plughost_api::OptionError>) -> LoadError {
+        {
             let first = errs.first().map(|e| e.to_string()).unwrap_or_default();
             let reason = if errs.len() == 1 {
                 format!("driver {:?}: {first}", self.name())
@@ -93,7 +110,7 @@ impl Library {
             };
             let details = if errs.len() == 1 { Vec::new() } else { errs.iter().map(|e| e.to_string()).collect() };
             LoadError::new(LoadErrorKind::InvalidOptions, &self.path, reason).with_details(details)
-        })
+        }
     }
 
     /// Refuses a library of another kind than `kind`: the one place this is checked.
@@ -118,7 +135,10 @@ impl Library {
             ConstructError::Driver(e) if e.kind() == ErrorKind::PANICKED => LoadError::new(
                 LoadErrorKind::ConstructorPanicked,
                 &self.path,
-                format!("constructor panicked: {}", e.message()),
+                format!(
+                    "constructor panicked: {}; return an Err(DriverError) from the constructor instead",
+                    e.message()
+                ),
             ),
             ConstructError::Driver(e) => LoadError::new(
                 LoadErrorKind::ConstructorFailed,
@@ -465,7 +485,7 @@ impl Loader {
         let trusted = if self.check_paths { crate::trust::check_driver_file(path) } else { Ok(()) };
         if let Err(u) = trusted {
             if u.missing {
-                return Err(err(LoadErrorKind::NotFound, "no such file".to_owned()));
+                return Err(err(LoadErrorKind::NotFound, no_such_file(path)));
             }
             if self.strict() {
                 return Err(err(LoadErrorKind::UntrustedDriver, format!("untrusted: {u}")));
@@ -474,7 +494,7 @@ impl Loader {
         }
         let file =
             fs::OpenOptions::new().read(true).custom_flags(libc::O_CLOEXEC).open(path).map_err(|e| match e.kind() {
-                io::ErrorKind::NotFound => err(LoadErrorKind::NotFound, "no such file".to_owned()),
+                io::ErrorKind::NotFound => err(LoadErrorKind::NotFound, no_such_file(path)),
                 _ => err(LoadErrorKind::NotAFile, format!("cannot read: {}", crate::error::io_text(&e))),
             })?;
         let meta = file.metadata().map_err(|e| err(LoadErrorKind::NotAFile, format!("cannot read: {e}")))?;
@@ -724,6 +744,26 @@ fn in_child(exe: &Path, path: &Path, copy: &SealedCopy) -> Result<ChildAnswer, L
     }
 }
 
+/// "no such file", with the fix when the author's crate built only an rlib where the `.so` was expected
+/// (`crate-type` without `cdylib`).
+fn no_such_file(path: &Path) -> String {
+    let rlib = path.extension().filter(|e| *e == "so").map(|_| path.with_extension("rlib"));
+    match rlib.filter(|r| r.is_file()) {
+        Some(r) => format!(
+            "no such file, but {} is there: the crate builds no shared library; add crate-type = [\"cdylib\", \"rlib\"] under [lib] in its Cargo.toml",
+            r.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+        ),
+        None => "no such file".to_owned(),
+    }
+}
+
+/// The fix for a driver built against another major version of plughost-api.
+fn api_version_fix() -> String {
+    let mut v = plughost_api::API_VERSION.split('.');
+    let (major, minor) = (v.next().unwrap_or("1"), v.next().unwrap_or("0"));
+    format!("; rebuild it against plughost-api {major}.x (plughost-api = \"{major}.{minor}\" in its Cargo.toml)")
+}
+
 fn open_verified(path: &Path, copy: &Path) -> Result<DriverLibrary, LoadError> {
     let err = |kind, reason: String| LoadError::new(kind, path, reason);
     plughost_api::host::open(copy).map_err(|e| {
@@ -732,7 +772,7 @@ fn open_verified(path: &Path, copy: &Path) -> Result<DriverLibrary, LoadError> {
             OpenError::Dlopen(_) | OpenError::Other(_) => err(LoadErrorKind::DlopenFailed, reason),
             OpenError::NotADriver => err(LoadErrorKind::NotADriver, reason),
             OpenError::AbiStable { .. } => err(LoadErrorKind::IncompatibleAbiStable, reason),
-            OpenError::ApiVersion { .. } => err(LoadErrorKind::IncompatibleApiVersion, reason),
+            OpenError::ApiVersion { .. } => err(LoadErrorKind::IncompatibleApiVersion, reason + &api_version_fix()),
             OpenError::Layout { full, details, .. } => {
                 log::debug!("{}: full layout report:\n{full}", path.display());
                 err(LoadErrorKind::LayoutMismatch, reason).with_details(details)

@@ -84,9 +84,15 @@ enum Command {
         /// What kind of driver
         #[arg(long, value_parser = ["volume", "compute"])]
         kind: String,
-        /// Where to create the NAME directory [default: the current directory]
+        /// Where to create the NAME directory
         #[arg(long, value_name = "DIR", default_value = ".")]
         path: PathBuf,
+    },
+    /// Write the exact plughost-api source this plughost was built with into DIR (absent or empty), to
+    /// patch in as a driver's dependency until the package is on crates.io
+    ApiSource {
+        /// Where to write the package
+        dir: PathBuf,
     },
     /// Configuration helpers
     #[command(subcommand)]
@@ -244,6 +250,13 @@ fn main() -> ExitCode {
                     dir.display(),
                     name.replace('-', "_")
                 );
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail([e]),
+        },
+        Command::ApiSource { dir } => match host::scaffold::api_source(&dir) {
+            Ok(()) => {
+                println!("wrote plughost-api {} to {}", plughost_api::API_VERSION, dir.display());
                 ExitCode::SUCCESS
             }
             Err(e) => fail([e]),

@@ -324,7 +324,7 @@ impl Host {
         Err(ApiError::new(
             ErrorKind::PermissionDenied,
             format!(
-                "swap to {given:?}: outside the driver directories ({}); set trust.allow_swap_paths = true to allow it",
+                "swap to {given:?}: outside the driver directories ({}); put it in one (--driver-dir, driver_dirs), or allow any path with --allow-swap-paths (trust.allow_swap_paths = true)",
                 dirs.join(", ")
             ),
         ))

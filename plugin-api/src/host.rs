@@ -19,6 +19,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::interface::RawDriver;
+pub use crate::options::prepare as prepare_options;
 use crate::{DriverError, DriverKind, DriverModuleRef, OptionSpec, Options};
 
 /// The name of the symbol every driver library exports (abi_stable's root-module loader), for hosts

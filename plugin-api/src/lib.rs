@@ -74,18 +74,28 @@
 //! ```
 //!
 //! # Depending on this crate
-//! The package is `plughost-api` (the names `plughost_api` and `plughost` on crates.io belong to unrelated
-//! projects). A driver's `Cargo.toml`:
+//! The package is `plughost-api` (library `plughost_api`). It is not on crates.io yet: `plughost new`
+//! lays the exact source its host was built with down next to a new driver (`vendor/plughost-api`) and
+//! patches it in, and `plughost api-source DIR` writes it anywhere; once it is published, deleting the
+//! patch is the only change. On crates.io, `plugin_api` and `plughost` are unrelated projects. A
+//! driver's `Cargo.toml`:
 //!
 //! ```toml
 //! [lib]
 //! crate-type = ["cdylib", "rlib"]   # cdylib: the driver; rlib: so that its own tests can use it
 //!
 //! [dependencies]
-//! plughost-api = "1"                                              # from crates.io
-//! # plughost-api = { git = "https://github.com/plughost/plughost" } # from git
-//! # plughost-api = { path = "../plughost/plugin-api" }             # from a checkout
+//! plughost-api = "1.2"
+//!
+//! [dev-dependencies]
+//! plughost-api = { version = "1.2", features = ["testing"] }   # conformance suite, TestHost
+//!
+//! [patch.crates-io]   # until plughost-api is on crates.io
+//! plughost-api = { path = "vendor/plughost-api" }
 //! ```
+//!
+//! To pin a release from git instead: `{ git = "https://github.com/plughost/plughost", rev = "..." }` with
+//! the commit that `RELEASES` lists for it.
 //!
 //! # Rules a driver must follow
 //! - Build as a `cdylib` with `panic = "unwind"` (the default); hosts refuse `panic = "abort"` builds,
@@ -109,10 +119,11 @@
 //! checks this table; "revert" is the method 1.1.0 added):
 //!
 //! <!-- compat-table -->
-//! | driver built against | host 1.0.0 | host 1.1.0 |
-//! |---|---|---|
-//! | 1.0.0 | loads, revert not offered by this host | loads, revert answers unsupported |
-//! | 1.1.0 | loads, revert not offered by this host | loads, revert works |
+//! | driver built against | host 1.0.0 | host 1.1.0 | host 1.2.0 |
+//! |---|---|---|---|
+//! | 1.0.0 | loads, revert not offered by this host | loads, revert answers unsupported | loads, revert answers unsupported |
+//! | 1.1.0 | loads, revert not offered by this host | loads, revert works | loads, revert works |
+//! | 1.2.0 | loads, revert not offered by this host | loads, revert works | loads, revert works |
 //!
 //! - A driver built against a modified copy of this crate under the same version: refused as a layout
 //!   mismatch, naming the differing type and field.
@@ -139,7 +150,10 @@ pub use error::{check_name, DriverError, ErrorKind};
 pub use module::DriverKind;
 #[doc(hidden)]
 pub use module::{__private, DriverModule, DriverModuleRef, RawOptions};
-pub use options::{normalize_value, parse_bool, parse_size, validate, OptionError, OptionSpec, OptionType, Options};
+pub use options::{
+    expand_placeholders, normalize_value, parse_bool, parse_size, validate, OptionError, OptionSpec, OptionType,
+    Options,
+};
 pub use volume::{CapacityStats, Volume, VolumeClient, VolumeDriver};
 #[cfg(feature = "host")]
 pub use volume::{RemoteVolume, VolumeCall, VolumeInterface, VolumeMethod, VolumeReply};

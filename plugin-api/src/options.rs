@@ -306,6 +306,39 @@ pub fn validate(schema: &[OptionSpec], given: &[(String, String)]) -> Result<Opt
     }
 }
 
+/// Expands the placeholders a host substitutes in option values (given ones and schema defaults):
+/// `${state_dir}`, the host's state directory, and `${backend}`, the backend's name.
+///
+/// ```
+/// let v = plughost_api::expand_placeholders("${state_dir}/volumes/${backend}", "/var/lib/plughost".as_ref(), "fast");
+/// assert_eq!(v, "/var/lib/plughost/volumes/fast");
+/// ```
+pub fn expand_placeholders(value: &str, state_dir: &std::path::Path, backend: &str) -> String {
+    value.replace("${state_dir}", &state_dir.display().to_string()).replace("${backend}", backend)
+}
+
+/// What a host gives a driver constructor for the options a user configured: every value and default
+/// expanded ([`expand_placeholders`]), then [`validate`]d. The errors are the host's, one per problem.
+/// Shared by hosts (`host::prepare_options`) and driver tests (`testing::TestHost`), so that the two agree.
+#[cfg(any(feature = "host", feature = "testing"))]
+pub fn prepare(
+    schema: &[OptionSpec],
+    given: &[(String, String)],
+    state_dir: &std::path::Path,
+    backend: &str,
+) -> Result<Options, Vec<OptionError>> {
+    let mut expanded: Vec<(String, String)> =
+        given.iter().map(|(k, v)| (k.clone(), expand_placeholders(v, state_dir, backend))).collect();
+    for o in schema {
+        if let Some(d) = o.default_value() {
+            if d.contains("${") && !expanded.iter().any(|(k, _)| k == o.name()) {
+                expanded.push((o.name().to_owned(), expand_placeholders(d, state_dir, backend)));
+            }
+        }
+    }
+    validate(schema, &expanded)
+}
+
 /// Validated option values, as a driver constructor receives them.
 ///
 /// The typed getters return the value the user gave, or else the default declared in the driver's
@@ -339,8 +372,9 @@ impl Options {
         Options { values: pairs.into_iter().map(|(k, v)| (k.into(), v.into())).collect(), schema: &[] }
     }
 
-    /// Options from normalized pairs, falling back on `schema`'s defaults (for a driver's own tests; a
-    /// host validates with [`validate`] first).
+    /// Options from normalized pairs, falling back on `schema`'s defaults, taken as they are: nothing is
+    /// validated (a missing required option is not noticed) and `${state_dir}` and `${backend}` are not
+    /// expanded. For what a host would pass, use `testing::TestHost::options` (feature `testing`).
     pub fn for_schema<K: Into<String>, V: Into<String>>(
         schema: &'static [OptionSpec],
         pairs: impl IntoIterator<Item = (K, V)>,
@@ -348,9 +382,15 @@ impl Options {
         Options { schema, ..Options::from_pairs(pairs) }
     }
 
-    /// Every option at its schema default (for a driver's own tests).
+    /// Every option at its schema default, as written (nothing validated or expanded; see
+    /// [`for_schema`](Self::for_schema)). For what a host would pass, use `testing::TestHost::options`.
     pub fn defaults(schema: &'static [OptionSpec]) -> Options {
         Options { values: Vec::new(), schema }
+    }
+
+    #[cfg(feature = "testing")]
+    pub(crate) fn with_schema(self, schema: &'static [OptionSpec]) -> Options {
+        Options { schema, ..self }
     }
 
     pub(crate) fn from_raw(raw: crate::RawOptions<'_>, schema: &'static [OptionSpec]) -> Options {

@@ -44,8 +44,107 @@
 //! on an error whose message is empty or longer than one line.
 
 use std::fmt;
+use std::path::{Path, PathBuf};
 
-use crate::{ComputeDriver, DriverError, ErrorKind, InstanceSpec, InstanceState, VolumeDriver};
+use crate::{ComputeDriver, DriverError, ErrorKind, InstanceSpec, InstanceState, OptionSpec, Options, VolumeDriver};
+
+/// What a host gives a driver, for the driver's own tests: a private state directory (removed when this
+/// is dropped), a backend name, and [`options`](Self::options), which expands and validates options
+/// exactly as `plughost run` and `plughost check` do, so that `cargo test` fails where they would.
+///
+/// ```
+/// use plughost_api::testing::TestHost;
+/// use plughost_api::OptionSpec;
+/// const OPTIONS: &[OptionSpec] = &[
+///     OptionSpec::path("root", "where volumes live").default("${state_dir}/volumes/${backend}"),
+///     OptionSpec::string("token", "API token").required(),
+/// ];
+/// let host = TestHost::new();
+/// let options = host.options(OPTIONS, &[("token", "t0")]).unwrap();
+/// assert_eq!(options.path("root").unwrap(), host.state_dir().join("volumes/default"));
+/// let missing = host.options(OPTIONS, &[]).unwrap_err();
+/// assert_eq!(missing.message(), "option \"token\": required option missing");
+/// ```
+#[derive(Debug)]
+pub struct TestHost {
+    state_dir: PathBuf,
+    backend: String,
+}
+
+impl TestHost {
+    /// A fresh state directory (mode 0700, under the temp dir, a name nobody can guess in advance) and
+    /// the backend name `default`, as a host's first backend has.
+    ///
+    /// # Panics
+    /// If no directory can be created in the temp dir: there is nothing to test with.
+    pub fn new() -> TestHost {
+        TestHost::with_backend("default")
+    }
+
+    /// The same with another backend name (what `${backend}` expands to).
+    ///
+    /// # Panics
+    /// As [`new`](Self::new).
+    pub fn with_backend(backend: &str) -> TestHost {
+        use std::os::unix::fs::DirBuilderExt;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let base = std::env::temp_dir();
+        let mut last = None;
+        for _ in 0..100 {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default();
+            let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+            let name = format!("plughost-test-{}-{seq}-{nanos:x}", std::process::id());
+            let dir = base.join(name);
+            // Not recursive: an existing path (someone else's) is never used; try another name.
+            match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+                Ok(()) => return TestHost { state_dir: dir, backend: backend.to_owned() },
+                Err(e) => last = Some(e),
+            }
+        }
+        panic!("cannot create a test state directory in \"{}\": {last:?}", base.display())
+    }
+
+    /// The state directory (what `${state_dir}` expands to).
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// The backend name (what `${backend}` expands to).
+    pub fn backend(&self) -> &str {
+        &self.backend
+    }
+
+    /// The options a host would give the driver for `given` (`KEY`, `VALUE` as a user writes them):
+    /// placeholders expanded in values and defaults, unknown keys, bad values and missing required
+    /// options refused with the host's messages (`option "root": required option missing`), joined by
+    /// `; ` in one `invalid_argument` error.
+    pub fn options(&self, schema: &'static [OptionSpec], given: &[(&str, &str)]) -> Result<Options, DriverError> {
+        let given: Vec<(String, String)> = given.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        match crate::options::prepare(schema, &given, &self.state_dir, &self.backend) {
+            Ok(o) => Ok(o.with_schema(schema)),
+            Err(errors) => {
+                let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+                Err(DriverError::invalid_argument(text.join("; ")))
+            }
+        }
+    }
+}
+
+impl Default for TestHost {
+    fn default() -> TestHost {
+        TestHost::new()
+    }
+}
+
+impl Drop for TestHost {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.state_dir);
+    }
+}
 
 /// The outcome of one named check.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -28,6 +28,13 @@ pub struct Built {
     /// fake-volume with two contract violations: it accepts a shrink, and its stats count one volume too
     /// many. The conformance suite must fail exactly `shrink_is_invalid_argument` and `stats_match_list`.
     pub sloppy_volume: PathBuf,
+    /// Where an author's crate with `crate-type = ["rlib"]` only expected its driver: no `.so`, only the
+    /// `.rlib` beside it.
+    pub rlib_only: PathBuf,
+    /// A Rust cdylib depending on plughost-api whose author forgot `export_driver!`.
+    pub no_export: PathBuf,
+    /// fake-volume with one more option, `token`, that is required.
+    pub required_option: PathBuf,
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -58,11 +65,14 @@ pub fn api_manifest(version: &str) -> String {
     )
 }
 
-/// Copies plugin-api to `dir/api-copy` at `version`, applying `patch` to `src/volume.rs`. (Not to
-/// `dir/plugin-api`: cargo tells path dependencies apart by name, version and path relative to their
-/// workspace, so a copy there at this version would be taken for the real one in the shared target dir.)
+/// Copies plugin-api to `dir/api-copy-DIRNAME` at `version`, applying `patch` to `src/volume.rs`. (Not
+/// to `dir/plugin-api`, nor to one name for every fixture workspace: cargo tells path dependencies apart
+/// by name, version and path relative to their workspace, so two copies at the same version and
+/// relative path would be taken for one another in the shared target dir, and the first one built
+/// would serve both.)
 fn api_copy(dir: &Path, version: &str, patch: impl Fn(String) -> String) -> PathBuf {
-    let dest = dir.join("api-copy");
+    let tag = dir.file_name().expect("a fixture workspace has a name").to_string_lossy().into_owned();
+    let dest = dir.join(format!("api-copy-{tag}"));
     let _ = fs::remove_dir_all(&dest);
     copy_dir(&workspace_root().join("plugin-api/src"), &dest.join("src"));
     fs::write(dest.join("Cargo.toml"), api_manifest(version)).unwrap();
@@ -187,6 +197,29 @@ pub fn built() -> &'static Built {
         let sloppy = replace_once(&sloppy, "self.ensure_room(&map, new_size - old)?;", "self.ensure_room(&map, new_size.saturating_sub(old))?;");
         let sloppy = replace_once(&sloppy, "            volumes: map.len() as u64,", "            volumes: map.len() as u64 + 1,");
         driver_crate(&ws, "fixture-sloppy-volume", &real_api, &sloppy);
+        driver_crate(
+            &ws,
+            "fixture-rlib-only",
+            &real_api,
+            "//! An author forgot the cdylib.\npub fn nothing_to_load() {}\n",
+        );
+        let manifest = ws.join("fixture-rlib-only/Cargo.toml");
+        let text = fs::read_to_string(&manifest).unwrap();
+        fs::write(&manifest, replace_once(&text, "crate-type = [\"cdylib\"]", "crate-type = [\"rlib\"]")).unwrap();
+        driver_crate(
+            &ws,
+            "fixture-no-export",
+            &real_api,
+            "//! An author forgot export_driver!.\n#[no_mangle]\npub extern \"C\" fn not_a_driver() -> u64 {\n    \
+             plughost_api::API_VERSION.len() as u64\n}\n",
+        );
+        let required = replace_once(
+            &fake_volume_source("required-option"),
+            "OptionSpec::size(\"capacity\", \"total capacity; creating or extending past it fails\").default(\"100GiB\")",
+            "OptionSpec::size(\"capacity\", \"total capacity; creating or extending past it fails\").default(\"100GiB\"),\n    \
+             OptionSpec::string(\"token\", \"an API token\").required()",
+        );
+        driver_crate(&ws, "fixture-required-option", &real_api, &required);
         build_workspace(
             &ws,
             &[
@@ -196,6 +229,9 @@ pub fn built() -> &'static Built {
                 "fixture-faulty-panics",
                 "fixture-faulty-segv-init",
                 "fixture-sloppy-volume",
+                "fixture-rlib-only",
+                "fixture-no-export",
+                "fixture-required-option",
             ],
         );
 
@@ -209,6 +245,9 @@ pub fn built() -> &'static Built {
             faulty_panics: out.join("libfixture_faulty_panics.so"),
             faulty_segv_init: out.join("libfixture_faulty_segv_init.so"),
             sloppy_volume: out.join("libfixture_sloppy_volume.so"),
+            rlib_only: out.join("libfixture_rlib_only.so"),
+            no_export: out.join("libfixture_no_export.so"),
+            required_option: out.join("libfixture_required_option.so"),
         }
     })
 }

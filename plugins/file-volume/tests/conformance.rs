@@ -1,14 +1,14 @@
-//! file-volume meets the volume contract (plughost-api's conformance suite, through the stable-ABI glue).
-use plughost_api::{Options, VolumeClient};
+//! file-volume meets the volume contract (plughost-api's conformance suite, through the stable-ABI glue),
+//! with its options as a host gives them (`root` defaults to `${state_dir}/volumes/${backend}`).
+use plughost_api::testing::{check_volume, TestHost};
+use plughost_api::VolumeClient;
 
 #[test]
 fn file_volume_meets_the_volume_contract() {
-    let root = std::env::temp_dir().join(format!("file-volume-conformance-{}", std::process::id()));
-    let report = plughost_api::testing::check_volume(&|| {
-        let options =
-            Options::for_schema(file_volume::OPTIONS, [("root", root.to_str().unwrap_or("")), ("sync", "false")]);
+    let host = TestHost::new();
+    check_volume(&|| {
+        let options = host.options(file_volume::OPTIONS, &[("sync", "false")])?;
         Ok(Box::new(VolumeClient::in_process(file_volume::FileVolume::new(&options)?)))
-    });
-    let _ = std::fs::remove_dir_all(&root);
-    report.assert_passed();
+    })
+    .assert_passed();
 }
