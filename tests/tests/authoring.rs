@@ -184,6 +184,13 @@ fn a_new_driver_crate_passes_cargo_test_and_plughost_check_as_generated() {
         );
         let swapped = d.ok(kind, "swap", serde_json::json!({"driver": name}));
         assert_eq!(swapped["generation"], 1, "{swapped}");
+        // By a path outside the driver directories: refused, naming the way out as flag and as key.
+        let elsewhere = t.join(format!("lib{}-elsewhere.so", name.replace('-', "_")));
+        std::fs::copy(&lib, &elsewhere).unwrap();
+        let v = d.call(kind, "swap", serde_json::json!({"driver": elsewhere.to_str().unwrap()}));
+        assert_eq!(v["error"]["kind"], "permission_denied", "{v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("--allow-swap-paths") && msg.contains("trust.allow_swap_paths = true"), "{msg}");
     }
     // The vendored plughost-api builds and passes its own tests as a package on its own.
     let vendored = t.join("my-volume/vendor/plughost-api");
