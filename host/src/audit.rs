@@ -44,9 +44,9 @@ impl AuditLog {
         args: Option<Box<serde_json::value::RawValue>>,
         outcome: Result<(), &ApiError>,
     ) {
-        let at = crate::services::records::now();
+        let at = crate::util::time::now();
         let entry = AuditEntry {
-            time: utc(at),
+            time: crate::util::time::utc(at),
             at,
             uid: peer.uid,
             pid: peer.pid,
@@ -81,84 +81,5 @@ impl AuditLog {
             .filter_map(|l| serde_json::from_str::<AuditEntry>(&l).ok())
             .filter(|e| since.is_none_or(|s| e.at >= s))
             .collect())
-    }
-}
-
-/// Seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ`.
-pub fn utc(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let (y, m, d) = civil_from_days(days);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
-}
-
-/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
-}
-
-/// (year, month, day) → days since 1970-01-01.
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let mp = i64::from(if m > 2 { m - 3 } else { m + 9 });
-    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// `--since`: seconds since the epoch, a time `YYYY-MM-DDTHH:MM:SSZ` (or just the date), or an age
-/// (`90s`, `15m`, `2h`, `7d`) before `now`.
-pub fn parse_since(text: &str, now: u64) -> Result<u64, String> {
-    let bad = || {
-        format!("--since {text:?}: expected seconds since the epoch, YYYY-MM-DD[THH:MM:SSZ] or an age like 15m, 2h, 7d")
-    };
-    if let Ok(secs) = text.parse::<u64>() {
-        return Ok(secs);
-    }
-    for (suffix, unit) in [("s", 1), ("m", 60), ("h", 3600), ("d", 86_400)] {
-        if let Some(n) = text.strip_suffix(suffix).and_then(|n| n.parse::<u64>().ok()) {
-            return Ok(now.saturating_sub(n.saturating_mul(unit)));
-        }
-    }
-    let (date, time) = text.split_once('T').unwrap_or((text, "00:00:00Z"));
-    let num = |s: &str| s.parse::<u32>().map_err(|_| bad());
-    let d: Vec<&str> = date.split('-').collect();
-    let t: Vec<&str> = time.trim_end_matches('Z').split(':').collect();
-    let ([y, mo, da], [h, mi, se]) = (d.as_slice(), t.as_slice()) else { return Err(bad()) };
-    let (y, mo, da, h, mi, se) = (num(y)?, num(mo)?, num(da)?, num(h)?, num(mi)?, num(se)?);
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&da) || h > 23 || mi > 59 || se > 60 {
-        return Err(bad());
-    }
-    let days = days_from_civil(i64::from(y), mo, da);
-    u64::try_from(days * 86_400 + i64::from(h * 3600 + mi * 60 + se)).map_err(|_| bad())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn times_round_trip() {
-        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
-        assert_eq!(utc(1_795_648_985), "2026-11-25T23:23:05Z");
-        assert_eq!(utc(951_825_600), "2000-02-29T12:00:00Z");
-        for t in [0, 951_825_600, 1_795_648_985, 4_102_444_800] {
-            assert_eq!(parse_since(&utc(t), 0).unwrap(), t);
-        }
-        assert_eq!(parse_since("2026-11-25", 0).unwrap(), 1_795_564_800);
-        assert_eq!(parse_since("15m", 10_000).unwrap(), 10_000 - 900);
-        assert_eq!(parse_since("1795648985", 0).unwrap(), 1_795_648_985);
-        assert!(parse_since("yesterday", 0).is_err());
-        assert!(parse_since("2026-13-01", 0).is_err());
     }
 }

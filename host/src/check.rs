@@ -183,7 +183,7 @@ pub fn child(path: &Path, state_dir: &Path, opts: &[String]) -> CheckReport {
             return CheckReport::failed(path, format!("driver {:?}: {}", lib.name(), text.join("; ")));
         }
     };
-    let construct_error = |e: crate::LoadError| DriverError::internal(e.to_string());
+    let construct_error = |e: crate::error::LoadError| DriverError::internal(e.to_string());
     let report: Report = match lib.kind() {
         k if k == DriverKind::VOLUME => check_volume(&|| {
             let c = lib.construct::<VolumeInterface>(&options).map_err(construct_error)?;

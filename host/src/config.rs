@@ -1,6 +1,6 @@
 //! `plughost run` settings: command line > environment (`PLUGHOST_*`, read by clap) > config file
 //! (TOML) > built-in defaults. The per-service parts (`[volume]`, `--volume-driver`, ...) come from the
-//! service table ([`crate::services::KINDS`]). A [`ConfigSource`] is what the host re-reads on reload.
+//! service table ([`crate::services::kinds::KINDS`]). A [`ConfigSource`] is what the host re-reads on reload.
 //!
 //! Why this file is long: it holds the whole configuration contract (file format, flags and their
 //! environment variables, precedence, reload source) so that the rules can be read in one place.
@@ -14,7 +14,9 @@ use std::time::Duration;
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 
-use crate::services::{self, ServiceKind, KINDS};
+pub use crate::backend::settings::{BackendSettings, BackendSpec, Isolation};
+use crate::services::kinds::{self, KINDS};
+use crate::services::ServiceKind;
 
 /// A configuration error, naming the file or the flag concerned.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -289,62 +291,6 @@ fn check_digest(at: &str, digest: &str) -> Result<(), ConfigError> {
     Err(ConfigError::Invalid(format!("{at}: digest {digest:?} is not blake3: and 64 hex digits")))
 }
 
-/// What the host does around a backend's driver (not driver options: the driver never sees them).
-/// Which kind-specific settings a kind of service accepts is in [`ServiceKind::settings`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BackendSettings {
-    /// At a graceful stop, stop this backend's instances first. Off by default: instances outlive the
-    /// host, and a restarted host re-adopts them.
-    pub stop_instances_on_exit: bool,
-    /// The only driver content this backend loads (`blake3:…`), at start, swap and reload.
-    pub digest: Option<String>,
-    /// Where the driver runs: in the host, or in a worker process.
-    pub isolation: Isolation,
-    /// An isolated backend's worker runs as this user (name or uid).
-    pub user: Option<String>,
-    /// ...and this group (name or gid; default: the user's primary group).
-    pub group: Option<String>,
-    /// An isolated backend's worker's address-space limit, bytes.
-    pub memory_limit: Option<u64>,
-    /// How long one call to an isolated backend may take before it is answered `timeout` and the
-    /// worker killed.
-    pub call_timeout: Duration,
-}
-
-impl Default for BackendSettings {
-    fn default() -> BackendSettings {
-        BackendSettings {
-            stop_instances_on_exit: false,
-            digest: None,
-            isolation: Isolation::InProcess,
-            user: None,
-            group: None,
-            memory_limit: None,
-            call_timeout: Duration::from_secs(60),
-        }
-    }
-}
-
-/// Where a backend's driver runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Isolation {
-    /// In the host process: fastest, and the driver is trusted with everything the host has.
-    #[default]
-    InProcess,
-    /// In a worker process: no fault of the driver can take the host down.
-    Process,
-}
-
-impl Isolation {
-    /// `in-process` or `process`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Isolation::InProcess => "in-process",
-            Isolation::Process => "process",
-        }
-    }
-}
-
 impl SettingsConfig {
     /// These settings over `base`; an error names the setting and where it was given.
     fn apply(&self, kind: &ServiceKind, base: &BackendSettings, at: &str) -> Result<BackendSettings, ConfigError> {
@@ -375,7 +321,7 @@ impl SettingsConfig {
         }
         if let Some(t) = &self.call_timeout {
             let text = value_text("call_timeout", t)?;
-            s.call_timeout = crate::worker::parse_duration(&text).map_err(|e| bad("call_timeout", e))?;
+            s.call_timeout = crate::util::time::parse_duration(&text).map_err(|e| bad("call_timeout", e))?;
         }
         Ok(s)
     }
@@ -387,19 +333,6 @@ fn check_setting(kind: &ServiceKind, setting: &str, at: &str) -> Result<(), Conf
         return Ok(());
     }
     Err(ConfigError::Invalid(format!("{at}: {} backends have no setting {setting:?}", kind.name)))
-}
-
-/// One backend to start: a name, a driver spec (PATH or NAME) and raw options.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BackendSpec {
-    /// Backend name, unique within its service.
-    pub name: String,
-    /// PATH or NAME as given.
-    pub driver: String,
-    /// Raw `(key, value)` options, validated later against the driver's schema.
-    pub options: Vec<(String, String)>,
-    /// Host-level settings.
-    pub settings: BackendSettings,
 }
 
 /// One service to start.
@@ -628,7 +561,7 @@ pub fn resolve(flags: &RunFlags, file: &FileConfig) -> Result<Settings, Vec<Conf
     let targets = flags.stop_instances_on_exit.iter().map(|t| ("--stop-instances-on-exit", t));
     for (flag, target) in targets.chain(flags.isolate.iter().map(|t| ("--isolate", t))) {
         let service = target.split('/').next().unwrap_or_default();
-        if services::kind(service).is_none() {
+        if kinds::kind(service).is_none() {
             let known: Vec<&str> = KINDS.iter().map(|k| k.name).collect();
             errors.push(ConfigError::Invalid(format!(
                 "{flag} {target:?}: unknown service {service:?} ({})",
@@ -938,7 +871,7 @@ impl fmt::Display for BackendSpec {
 
 /// The service kind named `name` (for messages about a section or flag).
 pub fn service_kind(name: &str) -> Option<&'static ServiceKind> {
-    services::kind(name)
+    kinds::kind(name)
 }
 
 #[cfg(test)]
@@ -946,7 +879,7 @@ mod tests {
     use super::*;
 
     fn volume() -> &'static ServiceKind {
-        services::kind("volume").expect("volume is registered")
+        kinds::kind("volume").expect("volume is registered")
     }
 
     #[test]

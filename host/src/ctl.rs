@@ -1,6 +1,7 @@
 //! `plughost ctl`: the client side of the control socket. Requests are built from the protocol's types
 //! (per-service parts from the service table), answers are printed for people or as JSON.
 
+use crate::util::fmt::{human_size, key_values, table};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -8,7 +9,8 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::protocol::{Answer, HostStatus, ReloadEntry, SwapArgs, SwapReport};
-use crate::services::{self, ServiceKind, KINDS};
+use crate::services::kinds::{self, KINDS};
+use crate::services::ServiceKind;
 
 /// What `plughost ctl` was asked.
 #[derive(Debug, Clone)]
@@ -58,7 +60,7 @@ impl clap::FromArgMatches for CtlCommand {
                 target: s.get_one::<String>("target").cloned().unwrap_or_default(),
                 driver: s.get_one::<String>("driver").cloned(),
             }),
-            Some((name, s)) => match services::kind(name) {
+            Some((name, s)) => match kinds::kind(name) {
                 Some(kind) => Ok(CtlCommand::Service { kind, matches: s.clone() }),
                 None => Err(clap::Error::raw(
                     clap::error::ErrorKind::InvalidSubcommand,
@@ -116,7 +118,7 @@ impl clap::Subcommand for CtlCommand {
         Self::augment_subcommands(cmd)
     }
     fn has_subcommand(name: &str) -> bool {
-        matches!(name, "status" | "reload" | "audit" | "restart" | "swap") || services::kind(name).is_some()
+        matches!(name, "status" | "reload" | "audit" | "restart" | "swap") || kinds::kind(name).is_some()
     }
 }
 
@@ -182,7 +184,7 @@ pub fn run(socket: Option<PathBuf>, json: bool, command: &CtlCommand) -> Result<
         CtlCommand::Audit { since } => {
             let since = since
                 .as_deref()
-                .map(|t| crate::audit::parse_since(t, crate::services::records::now()))
+                .map(|t| crate::util::time::parse_since(t, crate::util::time::now()))
                 .transpose()
                 .map_err(CtlError::Usage)?;
             let args = serde_json::to_string(&crate::protocol::AuditArgs { since })
@@ -220,7 +222,7 @@ pub fn run(socket: Option<PathBuf>, json: bool, command: &CtlCommand) -> Result<
         (None, "reload") => parse::<Vec<ReloadEntry>>(&result).map(|r| format_reload(&r)),
         (None, "audit") => parse::<Vec<crate::protocol::AuditEntry>>(&result).map(|e| format_audit(&e)),
         (Some(_), "swap") => parse::<SwapReport>(&result).map(|r| format_swap(&r)),
-        (Some(name), op) => match services::kind(name) {
+        (Some(name), op) => match kinds::kind(name) {
             Some(k) => (k.format)(op, &result).map_err(CtlError::Failed),
             None => key_values(&result).map_err(CtlError::Failed),
         },
@@ -235,7 +237,7 @@ fn split_target(what: &str, target: &str) -> Result<(&'static str, Option<String
         Some((s, b)) => (s, Some(b.to_owned())),
         None => (target, None),
     };
-    let svc = services::kind(svc).map(|k| k.name).ok_or_else(|| {
+    let svc = kinds::kind(svc).map(|k| k.name).ok_or_else(|| {
         let known: Vec<&str> = KINDS.iter().map(|k| k.name).collect();
         CtlError::Usage(format!(
             "{what} target {svc:?}: expected SERVICE[/BACKEND] with SERVICE one of {}",
@@ -247,82 +249,6 @@ fn split_target(what: &str, target: &str) -> Result<(&'static str, Option<String
 
 fn parse<T: serde::de::DeserializeOwned>(result: &str) -> Result<T, CtlError> {
     serde_json::from_str(result).map_err(|e| CtlError::Failed(format!("unexpected answer: {e}")))
-}
-
-/// A size in binary units, for people.
-pub fn human_size(n: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n}B")
-    } else {
-        format!("{v:.1}{}", UNITS[u])
-    }
-}
-
-/// A JSON object as `key: value` lines (strings unquoted); anything else as one line.
-pub fn key_values(result: &str) -> Result<String, String> {
-    let map: Result<serde_json::Map<String, serde_json::Value>, _> = serde_json::from_str(result);
-    Ok(match map {
-        Ok(m) => m
-            .iter()
-            .map(|(k, v)| format!("{k}: {}\n", v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string())))
-            .collect(),
-        Err(_) => format!("{result}\n"),
-    })
-}
-
-/// Left-aligned columns separated by two spaces; the last column is not padded.
-pub fn table<'a, const N: usize>(rows: impl Iterator<Item = &'a [String; N]> + Clone, indent: &str) -> String {
-    let mut widths = [0usize; N];
-    for r in rows.clone() {
-        for (i, c) in r.iter().enumerate() {
-            widths[i] = widths[i].max(c.chars().count());
-        }
-    }
-    let mut s = String::new();
-    for r in rows {
-        s.push_str(indent);
-        for (i, c) in r.iter().enumerate() {
-            s.push_str(c);
-            if i + 1 < N {
-                s.push_str(&" ".repeat(widths[i] - c.chars().count() + 2));
-            }
-        }
-        let trimmed = s.trim_end().len();
-        s.truncate(trimmed);
-        s.push('\n');
-    }
-    s
-}
-
-/// Like [`table`], for rows of any length (the first row's length counts).
-pub fn table_rows(rows: &[Vec<String>], indent: &str) -> String {
-    let n = rows.first().map(Vec::len).unwrap_or(0);
-    let mut widths = vec![0usize; n];
-    for r in rows {
-        for (i, c) in r.iter().enumerate().take(n) {
-            widths[i] = widths[i].max(c.chars().count());
-        }
-    }
-    let mut s = String::new();
-    for r in rows {
-        let mut line = indent.to_owned();
-        for (i, c) in r.iter().enumerate().take(n) {
-            line.push_str(c);
-            if i + 1 < n {
-                line.push_str(&" ".repeat(widths[i] - c.chars().count() + 2));
-            }
-        }
-        s.push_str(line.trim_end());
-        s.push('\n');
-    }
-    s
 }
 
 /// `ctl status` for people.
@@ -366,7 +292,7 @@ pub fn format_status(st: &HostStatus) -> String {
                     w.crashes
                 );
                 if let Some(c) = &w.last_crash {
-                    line.push_str(&format!("; last: {} at {}", c.reason, crate::audit::utc(c.at)));
+                    line.push_str(&format!("; last: {} at {}", c.reason, crate::util::time::utc(c.at)));
                 }
                 out.push_str(&line);
                 out.push('\n');

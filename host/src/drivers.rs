@@ -4,9 +4,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::ctl::table;
-use crate::loader::Described;
-use crate::{LoadError, Loader};
+use crate::error::LoadError;
+use crate::loader::Loader;
+use crate::loader::{Described, OptionDescription};
+use crate::util::fmt::table;
 
 /// The environment variable holding extra driver directories (`:`-separated).
 pub const DRIVER_DIR_ENV: &str = "PLUGHOST_DRIVER_DIR";
@@ -100,38 +101,6 @@ pub struct Description {
     /// Why it was rejected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<RejectionDescription>,
-}
-
-/// One option of a driver's schema.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct OptionDescription {
-    /// Its name.
-    pub name: String,
-    /// Its type.
-    #[serde(rename = "type")]
-    pub ty: String,
-    /// Its default (never shown for a secret).
-    pub default: Option<String>,
-    /// Whether it must be given.
-    pub required: bool,
-    /// Whether its value is never shown.
-    pub secret: bool,
-    /// One line of help.
-    pub help: String,
-}
-
-impl OptionDescription {
-    /// An option of a schema.
-    pub fn of(o: &plughost_api::OptionSpec) -> OptionDescription {
-        OptionDescription {
-            name: o.name().to_owned(),
-            ty: o.ty().to_string(),
-            default: if o.is_secret() { None } else { o.default_value().map(str::to_owned) },
-            required: o.is_required(),
-            secret: o.is_secret(),
-            help: o.help().to_owned(),
-        }
-    }
 }
 
 /// Why a library was rejected.

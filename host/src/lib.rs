@@ -24,6 +24,7 @@ pub mod services;
 pub mod state;
 pub mod stats;
 pub mod trust;
+pub(crate) mod util;
 pub mod worker;
 
 pub use error::{LoadError, LoadErrorKind};

@@ -100,6 +100,18 @@ impl Library {
             .map_err(|errs| self.option_errors(errs))
     }
 
+    /// Options as status shows them: secret values replaced by `(secret)`.
+    pub fn shown_options(&self, given: &Options) -> std::collections::BTreeMap<String, String> {
+        given
+            .pairs()
+            .iter()
+            .map(|(k, v)| {
+                let secret = self.options().iter().any(|o| o.name() == k && o.is_secret());
+                (k.clone(), if secret { "(secret)".to_owned() } else { v.clone() })
+            })
+            .collect()
+    }
+
     fn option_errors(&self, errs: Vec<plughost_api::OptionError>) -> LoadError {
         {
             let first = errs.first().map(|e| e.to_string()).unwrap_or_default();
@@ -214,7 +226,7 @@ pub struct DriverMeta {
     /// One line.
     pub summary: String,
     /// The option schema.
-    pub options: Vec<crate::drivers::OptionDescription>,
+    pub options: Vec<OptionDescription>,
 }
 
 impl DriverMeta {
@@ -226,7 +238,7 @@ impl DriverMeta {
             version: lib.version().to_owned(),
             api_version: lib.api_version().to_owned(),
             summary: lib.summary().to_owned(),
-            options: lib.options().iter().map(crate::drivers::OptionDescription::of).collect(),
+            options: lib.options().iter().map(OptionDescription::of).collect(),
         }
     }
 }
@@ -827,5 +839,37 @@ fn check_metadata(lib: &DriverLibrary) -> Result<(), (String, Vec<String>)> {
         0 => Ok(()),
         1 => Err((format!("invalid metadata: {}", problems[0]), Vec::new())),
         n => Err((format!("invalid metadata: {n} problems"), problems)),
+    }
+}
+
+/// One option of a driver's schema.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct OptionDescription {
+    /// Its name.
+    pub name: String,
+    /// Its type.
+    #[serde(rename = "type")]
+    pub ty: String,
+    /// Its default (never shown for a secret).
+    pub default: Option<String>,
+    /// Whether it must be given.
+    pub required: bool,
+    /// Whether its value is never shown.
+    pub secret: bool,
+    /// One line of help.
+    pub help: String,
+}
+
+impl OptionDescription {
+    /// An option of a schema.
+    pub fn of(o: &plughost_api::OptionSpec) -> OptionDescription {
+        OptionDescription {
+            name: o.name().to_owned(),
+            ty: o.ty().to_string(),
+            default: if o.is_secret() { None } else { o.default_value().map(str::to_owned) },
+            required: o.is_required(),
+            secret: o.is_secret(),
+            help: o.help().to_owned(),
+        }
     }
 }

@@ -268,7 +268,7 @@ fn main() -> ExitCode {
         }
         Command::Worker { parent, uid, gid } => {
             let args = host::worker::WorkerArgs { parent, uid, gid };
-            let why = host::worker::child_main(&args, |kind, stream, setup| match host::services::kind(kind) {
+            let why = host::worker::child_main(&args, |kind, stream, setup| match host::services::kinds::kind(kind) {
                 Some(k) => (k.serve_worker)(stream, setup),
                 None => format!("unknown driver kind {kind:?}"),
             });
@@ -289,7 +289,7 @@ fn main() -> ExitCode {
 
 fn sample(driver_dirs: &[PathBuf], drivers: Vec<String>) -> ExitCode {
     let drivers = if drivers.is_empty() {
-        host::services::KINDS.iter().map(|k| k.default_driver.to_owned()).collect()
+        host::services::kinds::KINDS.iter().map(|k| k.default_driver.to_owned()).collect()
     } else {
         drivers
     };

@@ -3,9 +3,8 @@
 //! into a [`Request`], [`answer`] turns a result into a line; everything between is typed. The wire
 //! format is `docs/protocol.md`; `tests/protocol.rs` checks every example there against these types.
 //!
-//! Per-kind operations and records live with their service (`services/volume.rs`, ...) and are
-//! re-exported here.
-//! re-exported here.
+//! Per-kind operations and records live with their service (`services/volume.rs`, ...); this module
+//! imports nothing from the services (they build on it).
 //!
 //! Why this file is long: it is the whole wire contract in one place on purpose (every request, answer,
 //! error and status type), so that the server, `ctl` and the tests share it and review sees it whole.
@@ -16,10 +15,6 @@ use std::fmt;
 use serde::de::{DeserializeOwned, Deserializer, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-
-pub use crate::services::compute::{ComputeOp, EnvVar, InstanceRecord, InstanceStatus};
-pub use crate::services::volume::{VolumeOp, VolumeRecord, VolumeStats, VolumeStatus};
-pub use crate::services::{Named, OnBackend};
 
 /// What kind of error an answer carries. Serialized as its snake_case name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -767,7 +762,7 @@ pub struct ServiceStatus {
     /// What the last reconcile of the records with the drivers decided (at start, and when a backend
     /// that was down came back).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_reconcile: Option<crate::services::ReconcileCounts>,
+    pub last_reconcile: Option<ReconcileCounts>,
 }
 
 /// One backend in [`ServiceStatus`].
@@ -791,7 +786,7 @@ pub struct BackendStatus {
     pub isolation: String,
     /// Its worker, for an isolated backend.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub worker: Option<crate::worker::WorkerStatus>,
+    pub worker: Option<WorkerStatus>,
     /// Options as validated (secrets shown as `(secret)`).
     pub options: BTreeMap<String, String>,
     /// Per-method call statistics.
@@ -871,9 +866,73 @@ pub struct LibrariesStatus {
     pub note: String,
 }
 
+/// Where a backend's worker is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerState {
+    /// Serving.
+    Running,
+    /// Crashed; a new worker starts after the backoff.
+    Restarting,
+    /// Too many crashes: not restarted until a swap, a reload or `ctl restart`.
+    CircuitOpen,
+    /// Stopped (retired, or the host is stopping).
+    Stopped,
+}
+
+/// The last crash of a backend's worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Crash {
+    /// How it died.
+    pub reason: String,
+    /// When, seconds since the epoch.
+    pub at: u64,
+}
+
+/// What status shows of an isolated backend's worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    /// The current worker's pid.
+    pub pid: Option<u32>,
+    /// Restarts after crashes so far.
+    pub restarts: u64,
+    /// Crashes so far.
+    pub crashes: u64,
+    /// The last crash.
+    pub last_crash: Option<Crash>,
+    /// Where it is in its life.
+    pub state: WorkerState,
+}
+
+/// The counts of one reconcile of one service (all its backends), as `status` shows them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReconcileCounts {
+    /// When it ran, seconds since the epoch.
+    pub at: u64,
+    /// How long it took, in milliseconds.
+    pub duration_ms: u64,
+    /// Records examined.
+    pub records: u64,
+    /// Records refreshed from their driver.
+    pub refreshed: u64,
+    /// Interrupted operations finished.
+    pub completed: u64,
+    /// Interrupted operations undone.
+    pub undone: u64,
+    /// Records the driver no longer has (kept as `error`).
+    pub missing: u64,
+    /// Resources found without a record and adopted.
+    pub adopted: u64,
+    /// Interrupted operations that could not be finished (records in `error`).
+    pub failed: u64,
+    /// Backends that could not be asked (down, or their list failed): their records are kept as they are.
+    pub skipped_backends: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::services::volume::VolumeOp;
 
     fn bad(line: &str) -> ApiError {
         parse_request(line).unwrap_err().error

@@ -88,7 +88,14 @@ impl Host {
                     let db = &db;
                     let state_dir = &settings.state_dir;
                     scope.spawn(move || {
-                        let ctx = ServiceContext { build, spec, state_dir, db };
+                        let ctx = ServiceContext {
+                            build,
+                            service: spec.kind.name,
+                            backends: &spec.backends,
+                            default_backend: &spec.default_backend,
+                            state_dir,
+                            db,
+                        };
                         (spec.kind.build)(&ctx)
                     })
                 })
@@ -130,10 +137,10 @@ impl Host {
 
     fn service(&self, name: &str) -> Result<&Arc<dyn DynService>, ApiError> {
         self.services.iter().find(|s| s.kind().name == name).ok_or_else(|| {
-            let what = if crate::services::kind(name).is_some() {
+            let what = if crate::services::kinds::kind(name).is_some() {
                 format!("the {name} service is not enabled")
             } else {
-                let known: Vec<&str> = crate::services::KINDS.iter().map(|k| k.name).collect();
+                let known: Vec<&str> = crate::services::kinds::KINDS.iter().map(|k| k.name).collect();
                 format!("unknown service {name:?} ({})", known.join(", "))
             };
             ApiError::new(ErrorKind::UnknownService, what)

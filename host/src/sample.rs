@@ -4,8 +4,8 @@
 
 use plughost_api::OptionType;
 
-use crate::drivers::OptionDescription;
 use crate::loader::DriverMeta;
+use crate::loader::OptionDescription;
 
 /// An option type by its name (as a child described it).
 fn option_type(name: &str) -> OptionType {
@@ -84,7 +84,7 @@ pub fn sample(drivers: &[DriverMeta]) -> String {
              # how long one call may take before it is answered timeout and the worker restarted\n\
              # isolation = \"in-process\"\n# user = \"nobody\"\n# group = \"nogroup\"\n# memory_limit = \"1GiB\"\n# call_timeout = \"60s\"\n",
         );
-        let kind = crate::services::kind(&lib.kind);
+        let kind = crate::services::kinds::kind(&lib.kind);
         if kind.is_some_and(|k| k.settings.contains(&"stop_instances_on_exit")) {
             out.push_str(
                 "# Stop this service's instances when plughost stops (host setting; by default they keep\n\

@@ -81,7 +81,8 @@ pub struct Server {
 /// existing socket nobody answers on is stale and replaced; anything else at `path` (a regular file, a
 /// directory, a live server's socket) is left alone and refused.
 pub fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, String> {
-    let gid = group.map(|g| group_id(g).map_err(|e| format!("socket_group {g:?}: {e}"))).transpose()?;
+    let gid =
+        group.map(|g| crate::util::users::group_id(g).map_err(|e| format!("socket_group {g:?}: {e}"))).transpose()?;
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
             if UnixStream::connect(path).is_ok() {
@@ -111,25 +112,6 @@ pub fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, String> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(|e| format!("socket \"{}\": cannot set mode {mode:04o}: {e}", path.display()))?;
     Ok(l)
-}
-
-/// A group's id by name (or a number).
-pub(crate) fn group_id(name: &str) -> Result<u32, String> {
-    if let Ok(n) = name.parse::<u32>() {
-        return Ok(n);
-    }
-    let c = std::ffi::CString::new(name).map_err(|_| "a group name cannot contain NUL".to_owned())?;
-    let mut buf = vec![0 as libc::c_char; 16 << 10];
-    // SAFETY: an all-zero group is a valid value for getgrnam_r to fill in.
-    let mut grp: libc::group = unsafe { std::mem::zeroed() };
-    let mut found: *mut libc::group = std::ptr::null_mut();
-    // SAFETY: every pointer is valid for the call: the name, the group, the buffer with its length, and
-    // the result pointer; getgrnam_r writes only into them.
-    let r = unsafe { libc::getgrnam_r(c.as_ptr(), &mut grp, buf.as_mut_ptr(), buf.len(), &mut found) };
-    if r != 0 || found.is_null() {
-        return Err("no such group".to_owned());
-    }
-    Ok(grp.gr_gid)
 }
 
 impl Server {

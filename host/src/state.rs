@@ -266,7 +266,7 @@ impl StateDb {
             tx.execute_batch(sql).map_err(|e| self.err(e))?;
             tx.execute(
                 "INSERT INTO schema_version (version, applied_at) VALUES (?1, ?2)",
-                rusqlite::params![version, crate::services::records::now() as i64],
+                rusqlite::params![version, crate::util::time::now() as i64],
             )
             .map_err(|e| self.err(e))?;
             tx.commit().map_err(|e| self.err(e))?;
@@ -326,7 +326,7 @@ impl StateDb {
         }
         tx.execute(
             "INSERT INTO imports (file, records, at) VALUES (?1, ?2, ?3)",
-            rusqlite::params![file, rows.len() as i64, crate::services::records::now() as i64],
+            rusqlite::params![file, rows.len() as i64, crate::util::time::now() as i64],
         )
         .map_err(|e| self.err(e))?;
         tx.commit().map_err(|e| self.err(e))

@@ -39,6 +39,7 @@ use plughost_api::{DriverError, ErrorKind};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{LoadError, LoadErrorKind};
+use crate::protocol::{Crash, WorkerState, WorkerStatus};
 
 /// The descriptor the worker finds its socket at.
 const SOCKET_FD: i32 = 3;
@@ -196,11 +197,11 @@ pub fn serve<I: Interface>(stream: UnixStream, setup: Setup) -> ! {
     if let Err(e) = lib.expect_kind(I::KIND) {
         refuse(&stream, e);
     }
-    let prepared = crate::backend::prepared_options(&lib, &setup.options, &setup.state_dir, &setup.backend);
-    let (options, shown) = match prepared {
+    let options = match lib.prepare_options(&setup.options, &setup.state_dir, &setup.backend) {
         Ok(o) => o,
         Err(e) => refuse(&stream, e),
     };
+    let shown = lib.shown_options(&options);
     let constructed = match lib.construct::<I>(&options) {
         Ok(c) => c,
         Err(e) => refuse(&stream, e),
@@ -298,8 +299,8 @@ fn limit_memory(limit: u64) -> Result<(), String> {
         return Err(format!(
             "memory_limit {} is below the {} a worker may need before its driver allocates anything \
              (the plughost binary, {WORKER_THREADS} thread stacks, the library); give at least that plus what the driver needs",
-            crate::ctl::human_size(limit),
-            crate::ctl::human_size(need)
+            crate::util::fmt::human_size(limit),
+            crate::util::fmt::human_size(need)
         ));
     }
     let r = libc::rlimit { rlim_cur: limit, rlim_max: limit };
@@ -709,44 +710,6 @@ impl WaitTimeout for Child {
 // ---------------------------------------------------------------------------------------------------
 // The supervisor
 
-/// Where a backend's worker is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum WorkerState {
-    /// Serving.
-    Running,
-    /// Crashed; a new worker starts after the backoff.
-    Restarting,
-    /// Too many crashes: not restarted until a swap, a reload or `ctl restart`.
-    CircuitOpen,
-    /// Stopped (retired, or the host is stopping).
-    Stopped,
-}
-
-/// The last crash of a backend's worker.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Crash {
-    /// How it died.
-    pub reason: String,
-    /// When, seconds since the epoch.
-    pub at: u64,
-}
-
-/// What status shows of an isolated backend's worker.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WorkerStatus {
-    /// The current worker's pid.
-    pub pid: Option<u32>,
-    /// Restarts after crashes so far.
-    pub restarts: u64,
-    /// Crashes so far.
-    pub crashes: u64,
-    /// The last crash.
-    pub last_crash: Option<Crash>,
-    /// Where it is in its life.
-    pub state: WorkerState,
-}
-
 struct SupervisorState {
     worker: Option<Arc<Worker>>,
     state: WorkerState,
@@ -877,7 +840,7 @@ impl Supervisor {
                 st.crashes.pop_front();
             }
             st.total_crashes += 1;
-            let at = crate::backend::unix_secs(SystemTime::now());
+            let at = crate::util::time::unix_secs(SystemTime::now());
             st.last_crash = Some(Crash { reason: why.clone(), at });
             if st.epoch != epoch {
                 return;
@@ -1104,47 +1067,6 @@ impl<I: Interface> Transport<I> for SupervisedTransport<I> {
     }
 }
 
-/// A user's uid and primary gid by name (or `UID[:GID]` numbers), for `user`/`group`.
-pub fn user_ids(user: &str, group: Option<&str>) -> Result<(u32, u32), String> {
-    let (uid, primary) = match user.parse::<u32>() {
-        Ok(n) => (n, n),
-        Err(_) => {
-            let c = std::ffi::CString::new(user).map_err(|_| format!("user {user:?}: contains NUL"))?;
-            let mut buf = vec![0 as libc::c_char; 16 << 10];
-            // SAFETY: an all-zero passwd is a valid value for getpwnam_r to fill in.
-            let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
-            let mut found: *mut libc::passwd = std::ptr::null_mut();
-            // SAFETY: every pointer is valid for the call and getpwnam_r writes only into them.
-            let r = unsafe { libc::getpwnam_r(c.as_ptr(), &mut pw, buf.as_mut_ptr(), buf.len(), &mut found) };
-            if r != 0 || found.is_null() {
-                return Err(format!("user {user:?}: no such user"));
-            }
-            (pw.pw_uid, pw.pw_gid)
-        }
-    };
-    let gid = match group {
-        None => primary,
-        Some(g) => crate::server::group_id(g).map_err(|e| format!("group {g:?}: {e}"))?,
-    };
-    Ok((uid, gid))
-}
-
-/// Parses a duration setting: milliseconds, or a number with `ms`, `s` or `m`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let t = text.trim();
-    let (num, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => t.split_at(i),
-        None => (t, "ms"),
-    };
-    let n: u64 = num.parse().map_err(|_| format!("{text:?}: expected milliseconds or a number with ms, s or m"))?;
-    Ok(match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        _ => return Err(format!("{text:?}: expected milliseconds or a number with ms, s or m")),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1160,13 +1082,5 @@ mod tests {
         assert_eq!(read_frame(&mut r).unwrap(), None);
         let bad = 3u32.to_le_bytes();
         assert!(read_frame(&mut &bad[..]).is_err());
-    }
-
-    #[test]
-    fn durations_parse() {
-        assert_eq!(parse_duration("1500").unwrap(), Duration::from_millis(1500));
-        assert_eq!(parse_duration("60s").unwrap(), Duration::from_secs(60));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert!(parse_duration("soon").is_err());
     }
 }

@@ -64,8 +64,8 @@ fn reencode(req: &str, result: Option<&Value>) -> Option<(Value, Option<Value>)>
             result.map(round_trip::<RestartReport>),
         ),
         Body::Service { service, op, args } => {
-            let kind =
-                host::services::kind(&service).unwrap_or_else(|| panic!("example for unknown service {service}"));
+            let kind = host::services::kinds::kind(&service)
+                .unwrap_or_else(|| panic!("example for unknown service {service}"));
             let (op, args, result) = (kind.reencode)(&op, args, result_text.as_deref()).ok()?;
             let args: Value = serde_json::from_str(&args).unwrap();
             (json!({"service": service, "op": op, "args": args}), result.map(|r| serde_json::from_str(&r).unwrap()))

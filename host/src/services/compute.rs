@@ -8,11 +8,12 @@ use plughost_api::{ComputeDriver, Instance, InstanceSpec, InstanceState};
 use plughost_api::{ComputeInterface, ComputeMethod};
 use serde::{Deserialize, Serialize};
 
-use super::records::{impl_record, new_id, now, Counter, ReconcileCounts, Record, Records, Verdict};
+use super::records::{impl_record, new_id, Counter, ReconcileCounts, Record, Records, Verdict};
 use super::{check_name, BackendTable, Backends, Latest, Listed, Named, OnBackend, Reply, Service, ServiceKind};
 use crate::backend::{Backend, BackendControl, Health};
 use crate::protocol::{ApiError, Removed};
 use crate::state::{Column, ColumnType};
+use crate::util::time::now;
 
 /// The compute service in the table.
 pub static KIND: ServiceKind =
@@ -296,7 +297,7 @@ impl Listed for InstanceRecord {
     const HEADINGS: &'static [&'static str] = &["PID", "RSS", "CPU", "COMMAND"];
     fn cells(&self) -> Vec<String> {
         let pid = self.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".to_owned());
-        vec![pid, crate::ctl::human_size(self.rss_bytes), format!("{}ms", self.cpu_time_ms), self.command.clone()]
+        vec![pid, crate::util::fmt::human_size(self.rss_bytes), format!("{}ms", self.cpu_time_ms), self.command.clone()]
     }
 }
 

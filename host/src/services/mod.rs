@@ -1,11 +1,12 @@
 //! Services as a table. Each driver kind has one service (the policy and bookkeeping of its domain: a
-//! nova/cinder *manager*) in its own file; [`KINDS`] registers them, and the configuration, the `run`
+//! nova/cinder *manager*) in its own file; [`kinds::KINDS`] registers them, and the configuration, the `run`
 //! flags, `ctl` and the socket derive their per-kind parts from it.
 //!
 //! A service implements `Service` with typed operations; [`DynService`] is the same service seen
 //! through the JSON edge, which is how the host holds it.
 
 pub mod compute;
+pub mod kinds;
 pub(crate) mod records;
 pub mod volume;
 
@@ -18,8 +19,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-use crate::backend::{Backend, BackendControl, BuildContext, Configured};
-use crate::config::ServiceSpec;
+use crate::backend::{Backend, BackendControl, BackendSpec, BuildContext, Configured};
 use crate::protocol::{parse_op, to_json, ApiError, Capacity, ErrorKind};
 pub use records::ReconcileCounts;
 use records::{Record, Records};
@@ -27,7 +27,7 @@ use records::{Record, Records};
 /// Builds a service from its configuration; every error found.
 pub type BuildFn = fn(&ServiceContext<'_>) -> Result<Arc<dyn DynService>, Vec<String>>;
 
-/// One kind of service, as registered in [`KINDS`].
+/// One kind of service, as registered in [`kinds::KINDS`].
 pub struct ServiceKind {
     /// The service's name: `volume`. Also its config section, its flag prefix (`--volume-driver`), its
     /// environment prefix (`PLUGHOST_VOLUME_`) and the `service` of its requests.
@@ -91,7 +91,7 @@ pub(crate) trait Listed: Record {
 /// Formats a successful answer for people: `list` as a table of `R`, anything else as `key: value`.
 fn format<R: Listed>(op: &str, result: &str) -> Result<String, String> {
     if op != "list" {
-        return crate::ctl::key_values(result);
+        return crate::util::fmt::key_values(result);
     }
     let list: Vec<R> = parse_result(result)?;
     let titles = ["NAME", "BACKEND", "STATUS"].iter().chain(R::HEADINGS);
@@ -104,7 +104,7 @@ fn format<R: Listed>(op: &str, result: &str) -> Result<String, String> {
         }
         row
     }));
-    Ok(crate::ctl::table_rows(&rows, ""))
+    Ok(crate::util::fmt::table_rows(&rows, ""))
 }
 
 /// See [`ServiceKind::reencode`].
@@ -135,21 +135,17 @@ impl std::fmt::Debug for ServiceKind {
     }
 }
 
-/// Every kind of service, in the order they start and appear in status.
-pub static KINDS: &[&ServiceKind] = &[&volume::KIND, &compute::KIND];
-
-/// A registered kind by name.
-pub fn kind(name: &str) -> Option<&'static ServiceKind> {
-    KINDS.iter().copied().find(|k| k.name == name)
-}
-
 /// What building a service needs.
 #[derive(Debug, Clone, Copy)]
 pub struct ServiceContext<'a> {
     /// For loading drivers.
     pub build: BuildContext<'a>,
-    /// The service's configuration.
-    pub spec: &'a ServiceSpec,
+    /// The service's name.
+    pub service: &'static str,
+    /// The service's backends, in order.
+    pub backends: &'a [BackendSpec],
+    /// The backend used when a request names none.
+    pub default_backend: &'a str,
     /// Where it keeps its records.
     pub state_dir: &'a Path,
     /// The state database.
@@ -172,7 +168,7 @@ pub(crate) trait Service: Send + Sync + Sized + 'static {
     const READS: &'static [&'static str];
     /// The service over its backends and records.
     fn new(backends: Backends<Self::Interface>, records: Records<Self::Record>) -> Self;
-    /// Its entry in [`KINDS`].
+    /// Its entry in [`kinds::KINDS`].
     fn kind(&self) -> &'static ServiceKind;
     /// Runs one operation.
     fn handle(&self, op: Self::Op) -> Result<Self::Reply, ApiError>;
@@ -256,7 +252,7 @@ pub enum Never {}
 
 /// A service seen through the JSON edge: what the host holds.
 pub trait DynService: Send + Sync {
-    /// Its entry in [`KINDS`].
+    /// Its entry in [`kinds::KINDS`].
     fn kind(&self) -> &'static ServiceKind;
     /// Parses `op` and `args`, runs the operation, serializes the answer.
     fn handle_json(&self, op: &str, args: Option<&RawValue>) -> Result<String, ApiError>;
@@ -324,7 +320,7 @@ impl<I: Interface> Backends<I> {
     pub fn build(service: &'static str, ctx: &ServiceContext<'_>) -> Result<Backends<I>, Vec<String>> {
         let mut list = Vec::new();
         let mut errors = Vec::new();
-        for b in &ctx.spec.backends {
+        for b in ctx.backends {
             let configured =
                 Configured { driver: b.driver.clone(), options: b.options.clone(), settings: b.settings.clone() };
             match Backend::<I>::build(ctx.build, service, &b.name, configured) {
@@ -347,7 +343,7 @@ impl<I: Interface> Backends<I> {
         for b in list.iter().filter(|b| b.starting()) {
             log::warn!("{service} backend {:?}: init still running after {STARTUP_WAIT:?}; serving without it", b.name);
         }
-        Ok(Backends::assemble(service, list, ctx.spec.default_backend.clone()))
+        Ok(Backends::assemble(service, list, ctx.default_backend.to_owned()))
     }
 
     fn assemble(service: &'static str, list: Vec<Arc<Backend<I>>>, default: String) -> Backends<I> {
@@ -420,7 +416,7 @@ impl<I: Interface> Backends<I> {
 /// Builds service `S` from its configuration, its records from the state database.
 fn build_service<S: Service>(ctx: &ServiceContext<'_>) -> Result<Arc<dyn DynService>, Vec<String>> {
     let records = Records::open(ctx.db.clone(), ctx.state_dir).map_err(|e| vec![e.to_string()])?;
-    let backends = Backends::build(ctx.spec.kind.name, ctx)?;
+    let backends = Backends::build(ctx.service, ctx)?;
     Ok(Arc::new(S::new(backends, records)))
 }
 

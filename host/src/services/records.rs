@@ -10,6 +10,7 @@ use std::time::SystemTime;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+pub use crate::protocol::ReconcileCounts;
 use crate::protocol::{ApiError, ErrorKind};
 use crate::state::{from_row, to_row, Column, StateDb, StateError, Table, Write};
 
@@ -62,7 +63,7 @@ macro_rules! impl_record {
                 if status != $error {
                     self.reason = None;
                 }
-                self.updated_at = $crate::services::records::now();
+                self.updated_at = $crate::util::time::now();
             }
             fn reason(&self) -> Option<&str> {
                 self.reason.as_deref()
@@ -85,11 +86,6 @@ pub(crate) fn new_id() -> String {
     let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
     let n = N.fetch_add(1, Ordering::Relaxed);
     format!("{:016x}", (nanos ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15)).wrapping_mul(0xBF58_476D_1CE4_E5B9))
-}
-
-/// Seconds since the epoch, now.
-pub(crate) fn now() -> u64 {
-    crate::backend::unix_secs(SystemTime::now())
 }
 
 /// Held while an operation on one name runs.
@@ -152,31 +148,6 @@ pub(crate) enum Counter {
     Adopted,
     /// An interrupted operation that could not be finished: the record is in error.
     Failed,
-}
-
-/// The counts of one reconcile of one service (all its backends), as `status` shows them.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct ReconcileCounts {
-    /// When it ran, seconds since the epoch.
-    pub at: u64,
-    /// How long it took, in milliseconds.
-    pub duration_ms: u64,
-    /// Records examined.
-    pub records: u64,
-    /// Records refreshed from their driver.
-    pub refreshed: u64,
-    /// Interrupted operations finished.
-    pub completed: u64,
-    /// Interrupted operations undone.
-    pub undone: u64,
-    /// Records the driver no longer has (kept as `error`).
-    pub missing: u64,
-    /// Resources found without a record and adopted.
-    pub adopted: u64,
-    /// Interrupted operations that could not be finished (records in `error`).
-    pub failed: u64,
-    /// Backends that could not be asked (down, or their list failed): their records are kept as they are.
-    pub skipped_backends: u64,
 }
 
 impl ReconcileCounts {
@@ -538,7 +509,7 @@ impl<R: Record> Records<R> {
         mut verdict: impl FnMut(Option<&R>, Option<&T>) -> Verdict<R>,
     ) -> ReconcileCounts {
         let started = std::time::Instant::now();
-        let mut counts = ReconcileCounts { at: now(), ..ReconcileCounts::default() };
+        let mut counts = ReconcileCounts { at: crate::util::time::now(), ..ReconcileCounts::default() };
         let mut by_name: BTreeMap<String, Option<T>> = self.names(backend).into_iter().map(|n| (n, None)).collect();
         let mut rest = Vec::new();
         for t in reported {

@@ -6,13 +6,14 @@ use plughost_api::{CapacityStats, Volume};
 use plughost_api::{VolumeInterface, VolumeMethod};
 use serde::{Deserialize, Serialize};
 
-use super::records::{impl_record, new_id, now, Counter, ReconcileCounts, Record, Records, Verdict, MISSING};
+use super::records::{impl_record, new_id, Counter, ReconcileCounts, Record, Records, Verdict, MISSING};
 use super::{
     check_name, BackendTable, Backends, Latest, Listed, Named, OnBackend, PerBackend, Reply, Service, ServiceKind,
 };
 use crate::backend::{Backend, BackendControl};
 use crate::protocol::{ApiError, Capacity, Removed, Size};
 use crate::state::{Column, ColumnType};
+use crate::util::time::now;
 
 /// The volume service in the table.
 pub static KIND: ServiceKind = ServiceKind::of::<VolumeService>("volume", "Volume operations", "file-volume", &[]);
@@ -206,7 +207,7 @@ impl_record!(VolumeRecord, VolumeStatus, "volume", "volumes", COLUMNS, VolumeSta
 impl Listed for VolumeRecord {
     const HEADINGS: &'static [&'static str] = &["SIZE", "ALLOCATED", "LOCATION"];
     fn cells(&self) -> Vec<String> {
-        use crate::ctl::human_size;
+        use crate::util::fmt::human_size;
         vec![human_size(self.size), human_size(self.allocated), self.location.clone()]
     }
 }

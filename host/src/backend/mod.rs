@@ -13,9 +13,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use plughost_api::host::Interface;
-use plughost_api::{DriverError, Options};
+use plughost_api::DriverError;
 
-use crate::config::Isolation;
+pub mod settings;
+
+pub use settings::{BackendSettings, BackendSpec, Isolation};
+
 use crate::drivers::resolve;
 use crate::error::LoadError;
 use crate::loader::{Library, Loader};
@@ -57,7 +60,7 @@ pub struct Configured {
     /// Raw options, before `${...}` expansion and validation.
     pub options: Vec<(String, String)>,
     /// Host-level settings (not the driver's business).
-    pub settings: crate::config::BackendSettings,
+    pub settings: BackendSettings,
 }
 
 /// Why a backend's driver could not be built: the backend, and what went wrong (named once each).
@@ -316,30 +319,6 @@ impl<I: Interface> fmt::Debug for Backend<I> {
     }
 }
 
-fn shown_options(lib: &Library, given: &Options) -> BTreeMap<String, String> {
-    given
-        .pairs()
-        .iter()
-        .map(|(k, v)| {
-            let secret = lib.options().iter().any(|o| o.name() == k && o.is_secret());
-            (k.clone(), if secret { "(secret)".to_owned() } else { v.clone() })
-        })
-        .collect()
-}
-
-/// The configured options of a backend, `${...}` expanded (in defaults too) and validated against the
-/// library's schema; and as status shows them. Used in this process and in workers.
-pub fn prepared_options(
-    library: &Library,
-    configured: &[(String, String)],
-    state_dir: &Path,
-    backend: &str,
-) -> Result<(Options, BTreeMap<String, String>), LoadError> {
-    let options = library.prepare_options(configured, state_dir, backend)?;
-    let shown = shown_options(library, &options);
-    Ok((options, shown))
-}
-
 /// Resolves, loads, validates, constructs and initialises a driver, in this process or (isolation
 /// `process`) in a worker. Load, option and constructor errors are `Err`; an `init` failure is recorded
 /// in `Active::init_error`.
@@ -363,8 +342,8 @@ fn prepare<I: Interface>(
     }
     let library = ctx.loader.load_pinned(&path, pin).map_err(fail)?;
     library.expect_kind(I::KIND).map_err(fail)?;
-    let (options, shown_options) =
-        prepared_options(&library, &configured.options, ctx.state_dir, backend).map_err(fail)?;
+    let options = library.prepare_options(&configured.options, ctx.state_dir, backend).map_err(fail)?;
+    let shown_options = library.shown_options(&options);
     let constructed = library.construct::<I>(&options).map_err(fail)?;
     let driver = Driver::Loaded(constructed.driver);
     let extensions = constructed.extensions.iter().map(|e| (*e).to_owned()).collect();
@@ -393,13 +372,13 @@ fn prepare_isolated<I: Interface>(
 ) -> Result<Active<I>, LoadError> {
     let settings = &configured.settings;
     let exe = ctx.exe.ok_or_else(|| {
-        LoadError::new(crate::LoadErrorKind::RuntimeDir, path, "no plughost executable to start a worker with")
+        LoadError::new(crate::error::LoadErrorKind::RuntimeDir, path, "no plughost executable to start a worker with")
     })?;
     let copy = ctx.loader.checked_copy(path, settings.digest.as_deref())?;
     let user = match &settings.user {
         Some(u) => Some(
-            crate::worker::user_ids(u, settings.group.as_deref())
-                .map_err(|e| LoadError::new(crate::LoadErrorKind::RuntimeDir, path, e))?,
+            crate::util::users::user_ids(u, settings.group.as_deref())
+                .map_err(|e| LoadError::new(crate::error::LoadErrorKind::RuntimeDir, path, e))?,
         ),
         None => None,
     };
@@ -428,7 +407,8 @@ fn prepare_isolated<I: Interface>(
     match reply {
         SetupReply::Refused { kind, reason, details } => {
             supervisor.stop();
-            let kind = crate::LoadErrorKind::from_name(&kind).unwrap_or(crate::LoadErrorKind::InvalidMetadata);
+            let kind =
+                crate::error::LoadErrorKind::from_name(&kind).unwrap_or(crate::error::LoadErrorKind::InvalidMetadata);
             Err(LoadError::new(kind, path, reason).with_details(details))
         }
         SetupReply::Ready { name, version, api_version, extensions, shown_options, init_error } => {
@@ -674,7 +654,7 @@ pub trait BackendControl: Send + Sync {
         ctx: BuildContext<'_>,
         driver: Option<&str>,
         options: Option<Vec<(String, String)>>,
-        settings: Option<crate::config::BackendSettings>,
+        settings: Option<BackendSettings>,
         drain_timeout: Duration,
     ) -> Result<SwapReport, ApiError>;
     /// The status of this backend.
@@ -689,7 +669,7 @@ pub trait BackendControl: Send + Sync {
     /// The digest of the active driver's library.
     fn active_digest(&self) -> String;
     /// Changes the host-level settings (they take effect at once; the driver is not involved).
-    fn set_settings(&self, settings: crate::config::BackendSettings);
+    fn set_settings(&self, settings: BackendSettings);
     /// Changes whenever another driver object starts serving (a swap, a restarted worker): its state
     /// may differ from what the records say, so services reconcile then.
     fn incarnation(&self) -> u64;
@@ -716,7 +696,7 @@ impl<I: Interface> BackendControl for Backend<I> {
         ctx: BuildContext<'_>,
         driver: Option<&str>,
         options: Option<Vec<(String, String)>>,
-        settings: Option<crate::config::BackendSettings>,
+        settings: Option<BackendSettings>,
         drain_timeout: Duration,
     ) -> Result<SwapReport, ApiError> {
         let _one_swap_at_a_time = self.swap_lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -821,7 +801,7 @@ impl<I: Interface> BackendControl for Backend<I> {
                     configured,
                     digest: info.digest.clone(),
                     size: info.size,
-                    loaded_at: unix_secs(info.loaded_at),
+                    loaded_at: crate::util::time::unix_secs(info.loaded_at),
                     generation: active.generation,
                     extensions: active.extensions.clone(),
                 },
@@ -914,7 +894,7 @@ impl<I: Interface> BackendControl for Backend<I> {
         self.digest()
     }
 
-    fn set_settings(&self, settings: crate::config::BackendSettings) {
+    fn set_settings(&self, settings: BackendSettings) {
         self.configured.lock().unwrap_or_else(|p| p.into_inner()).settings = settings;
     }
 
@@ -1000,9 +980,4 @@ fn retire<I: Interface>(old: Retired<Active<I>>, timeout: Duration, service: &'s
 #[inline(never)]
 fn driver_error(e: DriverError) -> ApiError {
     ApiError::from(e)
-}
-
-/// Seconds since the epoch.
-pub fn unix_secs(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }

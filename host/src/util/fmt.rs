@@ -1,0 +1,77 @@
+//! Text for people: sizes, tables, key-value lists (a leaf: it imports nothing of the host).
+
+/// A size in binary units, for people.
+pub(crate) fn human_size(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n}B")
+    } else {
+        format!("{v:.1}{}", UNITS[u])
+    }
+}
+
+/// A JSON object as `key: value` lines (strings unquoted); anything else as one line.
+pub(crate) fn key_values(result: &str) -> Result<String, String> {
+    let map: Result<serde_json::Map<String, serde_json::Value>, _> = serde_json::from_str(result);
+    Ok(match map {
+        Ok(m) => m
+            .iter()
+            .map(|(k, v)| format!("{k}: {}\n", v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string())))
+            .collect(),
+        Err(_) => format!("{result}\n"),
+    })
+}
+
+/// Left-aligned columns separated by two spaces; the last column is not padded.
+pub(crate) fn table<'a, const N: usize>(rows: impl Iterator<Item = &'a [String; N]> + Clone, indent: &str) -> String {
+    let mut widths = [0usize; N];
+    for r in rows.clone() {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let mut s = String::new();
+    for r in rows {
+        s.push_str(indent);
+        for (i, c) in r.iter().enumerate() {
+            s.push_str(c);
+            if i + 1 < N {
+                s.push_str(&" ".repeat(widths[i] - c.chars().count() + 2));
+            }
+        }
+        let trimmed = s.trim_end().len();
+        s.truncate(trimmed);
+        s.push('\n');
+    }
+    s
+}
+
+/// Like [`table`], for rows of any length (the first row's length counts).
+pub(crate) fn table_rows(rows: &[Vec<String>], indent: &str) -> String {
+    let n = rows.first().map(Vec::len).unwrap_or(0);
+    let mut widths = vec![0usize; n];
+    for r in rows {
+        for (i, c) in r.iter().enumerate().take(n) {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let mut s = String::new();
+    for r in rows {
+        let mut line = indent.to_owned();
+        for (i, c) in r.iter().enumerate().take(n) {
+            line.push_str(c);
+            if i + 1 < n {
+                line.push_str(&" ".repeat(widths[i] - c.chars().count() + 2));
+            }
+        }
+        s.push_str(line.trim_end());
+        s.push('\n');
+    }
+    s
+}
