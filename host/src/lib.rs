@@ -2,30 +2,22 @@
 //!
 //! The `plughost` binary is a thin command-line layer over this crate; see `ARCHITECTURE.md`. This
 //! library is not a stable API (plughost-api is): it exports what the binary, the tests and the
-//! benchmarks use.
+//! benchmarks use. Folders are layers, bottom up: `util` (leaf helpers), `loading` (trust, ELF checks,
+//! the loader, the sandbox, driver directories), `control::protocol` (the wire types), `backend` (one
+//! driver behind a swap-safe cell), `worker` (isolated backends), `state` (the state database),
+//! `services` (policy and records per kind), `config`, `control` (socket, `ctl`, audit), `runtime`
+//! (composition, reload, run), `authoring` (`check`, `new`).
 
-pub mod audit;
+pub mod authoring;
 pub mod backend;
-pub mod check;
 pub mod config;
-pub mod ctl;
-pub mod drivers;
-pub mod elf;
-pub mod error;
-pub mod loader;
-pub mod protocol;
-pub(crate) mod rcu;
+pub mod control;
+pub mod loading;
 pub mod runtime;
-pub mod sample;
-pub mod sandbox;
-pub mod scaffold;
-pub mod server;
 pub mod services;
 pub mod state;
-pub mod stats;
-pub mod trust;
 pub(crate) mod util;
 pub mod worker;
 
-pub use error::{LoadError, LoadErrorKind};
-pub use loader::{Library, Loader};
+pub use loading::error::{LoadError, LoadErrorKind};
+pub use loading::loader::{Library, Loader};

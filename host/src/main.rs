@@ -5,8 +5,9 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use host::config::{ConfigSource, RunFlags};
-use host::ctl::{CtlCommand, CtlError};
-use host::{drivers, Loader};
+use host::control::ctl::{CtlCommand, CtlError};
+use host::loading::drivers;
+use host::Loader;
 
 #[derive(Parser, Debug)]
 #[command(name = "plughost", version, about = "Host for compiled driver plugins (volume and compute drivers)")]
@@ -217,7 +218,7 @@ fn main() -> ExitCode {
                 Err(errors) => fail(errors),
             }
         }
-        Command::Ctl(a) => match host::ctl::run(a.socket, a.json, &a.command) {
+        Command::Ctl(a) => match host::control::ctl::run(a.socket, a.json, &a.command) {
             Ok(out) => {
                 print!("{}", out.stdout);
                 ExitCode::from(if out.ok { 0 } else { 1 })
@@ -234,7 +235,7 @@ fn main() -> ExitCode {
                 Ok(e) => e,
                 Err(e) => return fail([format!("cannot find the plughost executable: {e}")]),
             };
-            let report = host::check::check(&exe, &path, &opts);
+            let report = host::authoring::check::check(&exe, &path, &opts);
             if json {
                 println!("{}", serde_json::to_string(&report).expect("a check report always serializes"));
             } else {
@@ -242,7 +243,7 @@ fn main() -> ExitCode {
             }
             ExitCode::from(if report.passed { 0 } else { 1 })
         }
-        Command::New { name, kind, path } => match host::scaffold::new_driver(&name, &kind, &path) {
+        Command::New { name, kind, path } => match host::authoring::scaffold::new_driver(&name, &kind, &path) {
             Ok(dir) => {
                 println!("created {} ({kind} driver {name:?})", dir.display());
                 println!(
@@ -254,7 +255,7 @@ fn main() -> ExitCode {
             }
             Err(e) => fail([e]),
         },
-        Command::ApiSource { dir } => match host::scaffold::api_source(&dir) {
+        Command::ApiSource { dir } => match host::authoring::scaffold::api_source(&dir) {
             Ok(()) => {
                 println!("wrote plughost-api {} to {}", plughost_api::API_VERSION, dir.display());
                 ExitCode::SUCCESS
@@ -262,7 +263,7 @@ fn main() -> ExitCode {
             Err(e) => fail([e]),
         },
         Command::CheckChild { state_dir, opts, path } => {
-            let report = host::check::child(&path, &state_dir, &opts);
+            let report = host::authoring::check::child(&path, &state_dir, &opts);
             println!("{}", serde_json::to_string(&report).expect("a check report always serializes"));
             ExitCode::SUCCESS
         }
@@ -277,10 +278,10 @@ fn main() -> ExitCode {
         }
         Command::Describe { dir } => {
             // Limits, an unprivileged uid, a private directory: before anything of the library runs.
-            if let Err(e) = host::sandbox::enter(&dir) {
+            if let Err(e) = host::loading::sandbox::enter(&dir) {
                 return fail([e]);
             }
-            let answer = host::loader::child_answer();
+            let answer = host::loading::loader::child_answer();
             println!("{}", serde_json::to_string(&answer).expect("a child answer always serializes"));
             ExitCode::SUCCESS
         }
@@ -306,7 +307,7 @@ fn sample(driver_dirs: &[PathBuf], drivers: Vec<String>) -> ExitCode {
             Err(e) => errors.push(e),
         }
     }
-    print!("{}", host::sample::sample(&libs));
+    print!("{}", host::config::sample::sample(&libs));
     if errors.is_empty() {
         ExitCode::SUCCESS
     } else {

@@ -205,7 +205,7 @@ impl StateDb {
     /// Opens (creating it, private to its owner) `STATE_DIR/state.db` and brings its schema up to date.
     pub fn open(state_dir: &Path) -> Result<StateDb, StateError> {
         let path = state_dir.join(DB_FILE);
-        let io = |e: std::io::Error| StateError::Io { path: path.clone(), reason: crate::error::io_text(&e) };
+        let io = |e: std::io::Error| StateError::Io { path: path.clone(), reason: crate::util::fmt::io_text(&e) };
         // Created 0600 before SQLite opens it (its -wal and -shm files take the same mode).
         std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(&path).map_err(io)?;
         let db_err = |e: rusqlite::Error| StateError::Db { path: path.clone(), reason: e.to_string() };
@@ -401,7 +401,7 @@ impl DirLock {
         use std::io::{Read, Seek, Write};
         use std::os::fd::AsRawFd;
         let path = state_dir.join(LOCK_FILE);
-        let io = |e: std::io::Error| StateError::Io { path: path.clone(), reason: crate::error::io_text(&e) };
+        let io = |e: std::io::Error| StateError::Io { path: path.clone(), reason: crate::util::fmt::io_text(&e) };
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -451,7 +451,8 @@ mod tests {
         drop(db);
         let e = StateDb::open(&dir).unwrap_err();
         assert!(matches!(e, StateError::TooNew { found: 999, .. }), "{e}");
-        assert!(e.to_string().ends_with("has schema version 999, newer than this plughost understands (1)"), "{e}");
+        let tail = format!("has schema version 999, newer than this plughost understands ({SCHEMA_VERSION})");
+        assert!(e.to_string().ends_with(&tail), "{e}");
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(dir.join(DB_FILE)).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);

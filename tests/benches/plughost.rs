@@ -98,7 +98,7 @@ fn call_benchmarks(out: &mut Vec<Metric>, work: &Path) {
     // SAFETY: the fixture defines `plughost_bench_noop` with exactly this signature.
     let raw: extern "C" fn(u64) -> u64 = unsafe { *raw_lib.get(b"plughost_bench_noop\0").unwrap() };
 
-    let stats = host::stats::CallStats::new(1);
+    let stats = host::backend::stats::CallStats::new(1);
     let n = q(2_000_000, 2_000);
     let r = side_by_side(
         q(15, 3),

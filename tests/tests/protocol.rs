@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 
-use host::protocol::{
+use host::control::protocol::{
     parse_request, Answer, ApiError, AuditEntry, Body, HostStatus, Pong, ReloadEntry, RestartReport, SwapReport,
 };
 use plughost_tests::process::Daemon;

@@ -15,18 +15,20 @@ use std::time::{Duration, Instant, SystemTime};
 use plughost_api::host::Interface;
 use plughost_api::DriverError;
 
+pub(crate) mod rcu;
 pub mod settings;
+pub mod stats;
 
 pub use settings::{BackendSettings, BackendSpec, Isolation};
 
-use crate::drivers::resolve;
-use crate::error::LoadError;
-use crate::loader::{Library, Loader};
-use crate::protocol::{
+use crate::backend::rcu::{RcuCell, Retired};
+use crate::backend::stats::CallStats;
+use crate::control::protocol::{
     ApiError, BackendStatus, CallStatus, Capacity, DriverRef, DriverStatus, ErrorKind, State, SwapReport,
 };
-use crate::rcu::{RcuCell, Retired};
-use crate::stats::CallStats;
+use crate::loading::drivers::resolve;
+use crate::loading::error::LoadError;
+use crate::loading::loader::{Library, Loader};
 use crate::worker::{SetupReply, SupervisedTransport, Supervisor, WorkerConfig};
 
 /// Whether a backend can serve.
@@ -372,13 +374,17 @@ fn prepare_isolated<I: Interface>(
 ) -> Result<Active<I>, LoadError> {
     let settings = &configured.settings;
     let exe = ctx.exe.ok_or_else(|| {
-        LoadError::new(crate::error::LoadErrorKind::RuntimeDir, path, "no plughost executable to start a worker with")
+        LoadError::new(
+            crate::loading::error::LoadErrorKind::RuntimeDir,
+            path,
+            "no plughost executable to start a worker with",
+        )
     })?;
     let copy = ctx.loader.checked_copy(path, settings.digest.as_deref())?;
     let user = match &settings.user {
         Some(u) => Some(
             crate::util::users::user_ids(u, settings.group.as_deref())
-                .map_err(|e| LoadError::new(crate::error::LoadErrorKind::RuntimeDir, path, e))?,
+                .map_err(|e| LoadError::new(crate::loading::error::LoadErrorKind::RuntimeDir, path, e))?,
         ),
         None => None,
     };
@@ -407,8 +413,8 @@ fn prepare_isolated<I: Interface>(
     match reply {
         SetupReply::Refused { kind, reason, details } => {
             supervisor.stop();
-            let kind =
-                crate::error::LoadErrorKind::from_name(&kind).unwrap_or(crate::error::LoadErrorKind::InvalidMetadata);
+            let kind = crate::loading::error::LoadErrorKind::from_name(&kind)
+                .unwrap_or(crate::loading::error::LoadErrorKind::InvalidMetadata);
             Err(LoadError::new(kind, path, reason).with_details(details))
         }
         SetupReply::Ready { name, version, api_version, extensions, shown_options, init_error } => {
@@ -679,7 +685,7 @@ pub trait BackendControl: Send + Sync {
         &self,
         ctx: BuildContext<'_>,
         drain_timeout: Duration,
-    ) -> Result<crate::protocol::RestartReport, ApiError>;
+    ) -> Result<crate::control::protocol::RestartReport, ApiError>;
 }
 
 impl<I: Interface> BackendControl for Backend<I> {
@@ -906,11 +912,11 @@ impl<I: Interface> BackendControl for Backend<I> {
         &self,
         ctx: BuildContext<'_>,
         drain_timeout: Duration,
-    ) -> Result<crate::protocol::RestartReport, ApiError> {
+    ) -> Result<crate::control::protocol::RestartReport, ApiError> {
         let supervisor = self.active.read(|a| a.supervisor.clone());
         let Some(sup) = supervisor else {
             let swap = self.swap(ctx, None, None, None, drain_timeout)?;
-            return Ok(crate::protocol::RestartReport {
+            return Ok(crate::control::protocol::RestartReport {
                 backend: self.name.clone(),
                 isolation: "in-process".to_owned(),
                 worker_pid: None,
@@ -929,7 +935,7 @@ impl<I: Interface> BackendControl for Backend<I> {
             (a.generation, h)
         });
         self.set_health(health);
-        Ok(crate::protocol::RestartReport {
+        Ok(crate::control::protocol::RestartReport {
             backend: self.name.clone(),
             isolation: "process".to_owned(),
             worker_pid: Some(pid),

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::records::{impl_record, new_id, Counter, ReconcileCounts, Record, Records, Verdict};
 use super::{check_name, BackendTable, Backends, Latest, Listed, Named, OnBackend, Reply, Service, ServiceKind};
 use crate::backend::{Backend, BackendControl, Health};
-use crate::protocol::{ApiError, Removed};
+use crate::control::protocol::{ApiError, Removed};
 use crate::state::{Column, ColumnType};
 use crate::util::time::now;
 
@@ -600,7 +600,7 @@ impl Service for ComputeService {
 mod tests {
     use super::*;
     use crate::backend::Backend;
-    use crate::protocol::ErrorKind;
+    use crate::control::protocol::ErrorKind;
     use plughost_api::{ComputeClient, DriverError};
     use std::sync::Arc;
     use std::sync::Mutex;

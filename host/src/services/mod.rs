@@ -20,7 +20,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 
 use crate::backend::{Backend, BackendControl, BackendSpec, BuildContext, Configured};
-use crate::protocol::{parse_op, to_json, ApiError, Capacity, ErrorKind};
+use crate::control::protocol::{parse_op, to_json, ApiError, Capacity, ErrorKind};
 pub use records::ReconcileCounts;
 use records::{Record, Records};
 
@@ -241,7 +241,7 @@ pub enum Reply<R, X = Never> {
     /// Several.
     Many(Vec<R>),
     /// A removed one.
-    Removed(crate::protocol::Removed),
+    Removed(crate::control::protocol::Removed),
     /// Something else.
     Other(X),
 }

@@ -10,8 +10,8 @@ use std::time::SystemTime;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-pub use crate::protocol::ReconcileCounts;
-use crate::protocol::{ApiError, ErrorKind};
+pub use crate::control::protocol::ReconcileCounts;
+use crate::control::protocol::{ApiError, ErrorKind};
 use crate::state::{from_row, to_row, Column, StateDb, StateError, Table, Write};
 
 /// A resource record (a volume, an instance).
@@ -620,7 +620,7 @@ fn import_legacy<R: Record>(db: &StateDb, table: &Table, state_dir: &Path) -> Re
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(StateError::Io { path, reason: crate::error::io_text(&e) }),
+        Err(e) => return Err(StateError::Io { path, reason: crate::util::fmt::io_text(&e) }),
     };
     if !db.imported(&file)? {
         let corrupt =
@@ -634,7 +634,7 @@ fn import_legacy<R: Record>(db: &StateDb, table: &Table, state_dir: &Path) -> Re
     let done = state_dir.join(format!("{file}.imported"));
     std::fs::rename(&path, &done)
         .and_then(|()| std::fs::File::open(state_dir)?.sync_all())
-        .map_err(|e| StateError::Io { path: path.clone(), reason: crate::error::io_text(&e) })?;
+        .map_err(|e| StateError::Io { path: path.clone(), reason: crate::util::fmt::io_text(&e) })?;
     log::info!("{} renamed {}", path.display(), done.display());
     Ok(())
 }

@@ -11,7 +11,7 @@ use super::{
     check_name, BackendTable, Backends, Latest, Listed, Named, OnBackend, PerBackend, Reply, Service, ServiceKind,
 };
 use crate::backend::{Backend, BackendControl};
-use crate::protocol::{ApiError, Capacity, Removed, Size};
+use crate::control::protocol::{ApiError, Capacity, Removed, Size};
 use crate::state::{Column, ColumnType};
 use crate::util::time::now;
 
@@ -533,7 +533,7 @@ impl Service for VolumeService {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::ErrorKind;
+    use crate::control::protocol::ErrorKind;
     use plughost_api::{DriverError, VolumeClient, VolumeDriver};
     use std::collections::BTreeMap;
     use std::sync::mpsc;

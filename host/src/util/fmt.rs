@@ -75,3 +75,17 @@ pub(crate) fn table_rows(rows: &[Vec<String>], indent: &str) -> String {
     }
     s
 }
+
+/// An I/O error's text without the `(os error N)` suffix, lowercase.
+pub(crate) fn io_text(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    let text = match text.find(" (os error") {
+        Some(i) => &text[..i],
+        None => &text,
+    };
+    let mut c = text.chars();
+    match c.next() {
+        Some(first) => first.to_lowercase().chain(c).collect(),
+        None => String::new(),
+    }
+}

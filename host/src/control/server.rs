@@ -28,14 +28,14 @@ impl Peer {
     /// Root and plughost's own user administer; everyone else who can connect (members of
     /// `socket_group`) only reads.
     pub fn is_admin(&self) -> bool {
-        self.uid == 0 || self.uid == crate::trust::euid()
+        self.uid == 0 || self.uid == crate::loading::trust::euid()
     }
 
     /// This process, as a peer (for tests and in-process callers).
     pub fn this_process() -> Peer {
         // SAFETY: getgid has no preconditions and cannot fail.
         let gid = unsafe { libc::getgid() };
-        Peer { uid: crate::trust::euid(), gid, pid: std::process::id() }
+        Peer { uid: crate::loading::trust::euid(), gid, pid: std::process::id() }
     }
 
     /// The peer of a connected Unix socket.

@@ -2,7 +2,7 @@
 //!
 //! Order of checks, cheapest and safest first; no code from the library runs before the dynamic loader
 //! opens it in step 5:
-//! 0. the trust policy ([`crate::trust::check_driver_file`]): the file and everything above it belong
+//! 0. the trust policy ([`crate::loading::trust::check_driver_file`]): the file and everything above it belong
 //!    to root or the host's user and nobody else can write them;
 //! 1. the path is opened once; everything after reads that one descriptor: it must be a regular file no
 //!    larger than the size cap;
@@ -36,8 +36,8 @@ use std::time::SystemTime;
 use plughost_api::host::{ConstructError, Constructed, DriverLibrary, Interface, OpenError};
 use plughost_api::{DriverKind, ErrorKind, OptionSpec, Options};
 
-use crate::elf;
-use crate::error::{LoadError, LoadErrorKind};
+use crate::loading::elf;
+use crate::loading::error::{LoadError, LoadErrorKind};
 
 /// The default cap on a driver file's size.
 pub const DEFAULT_MAX_DRIVER_BYTES: u64 = 256 << 20;
@@ -294,13 +294,13 @@ pub struct Allowlist {
 impl Allowlist {
     /// Reads an allow list: one `blake3:HEX` per line; `#` starts a comment; blank lines are ignored.
     pub fn read(path: &Path) -> Result<Allowlist, String> {
-        if let Err(u) = crate::trust::check_config_file(path) {
+        if let Err(u) = crate::loading::trust::check_config_file(path) {
             if !u.missing {
                 return Err(format!("trust.allowlist \"{}\": untrusted: {}", path.display(), u.relative_to(path)));
             }
         }
         let text = fs::read_to_string(path)
-            .map_err(|e| format!("trust.allowlist \"{}\": {}", path.display(), crate::error::io_text(&e)))?;
+            .map_err(|e| format!("trust.allowlist \"{}\": {}", path.display(), crate::util::fmt::io_text(&e)))?;
         let mut digests = std::collections::HashSet::new();
         for (n, line) in text.lines().enumerate() {
             let entry = line.split('#').next().unwrap_or("").trim();
@@ -494,7 +494,7 @@ impl Loader {
     /// cap, ELF header first), the root symbol, the digest against the pin and the allow list.
     fn check(&self, path: &Path, pin: Option<&str>) -> Result<Checked, LoadError> {
         let err = |kind, reason: String| LoadError::new(kind, path, reason);
-        let trusted = if self.check_paths { crate::trust::check_driver_file(path) } else { Ok(()) };
+        let trusted = if self.check_paths { crate::loading::trust::check_driver_file(path) } else { Ok(()) };
         if let Err(u) = trusted {
             if u.missing {
                 return Err(err(LoadErrorKind::NotFound, no_such_file(path)));
@@ -507,7 +507,7 @@ impl Loader {
         let file =
             fs::OpenOptions::new().read(true).custom_flags(libc::O_CLOEXEC).open(path).map_err(|e| match e.kind() {
                 io::ErrorKind::NotFound => err(LoadErrorKind::NotFound, no_such_file(path)),
-                _ => err(LoadErrorKind::NotAFile, format!("cannot read: {}", crate::error::io_text(&e))),
+                _ => err(LoadErrorKind::NotAFile, format!("cannot read: {}", crate::util::fmt::io_text(&e))),
             })?;
         let meta = file.metadata().map_err(|e| err(LoadErrorKind::NotAFile, format!("cannot read: {e}")))?;
         if !meta.is_file() {
@@ -550,7 +550,11 @@ impl Loader {
                 // Verified (and loaded) here before: read it again for the copy, and check the digest
                 // of what was read.
                 let bytes = fs::read(path).map_err(|e| {
-                    LoadError::new(LoadErrorKind::NotAFile, path, format!("cannot read: {}", crate::error::io_text(&e)))
+                    LoadError::new(
+                        LoadErrorKind::NotAFile,
+                        path,
+                        format!("cannot read: {}", crate::util::fmt::io_text(&e)),
+                    )
                 })?;
                 let digest = format!("blake3:{}", blake3::hash(&bytes).to_hex());
                 self.check_digest(path, &digest, pin)?;
@@ -562,7 +566,7 @@ impl Loader {
     }
 
     /// What a library says about itself, without loading it in this process: everything
-    /// `check` does here, then a sandboxed child ([`crate::sandbox`]) loads a sealed copy
+    /// `check` does here, then a sandboxed child ([`crate::loading::sandbox`]) loads a sealed copy
     /// and reports. For `inspect`, `list` and `config sample`.
     pub fn describe(&self, path: &Path) -> Result<Described, LoadError> {
         let exe = self.probe.as_ref().ok_or_else(|| {
@@ -572,11 +576,19 @@ impl Loader {
             Checked::Read(ReadFile { bytes, digest, .. }) => (bytes, digest),
             Checked::Known { .. } => {
                 let mut f = fs::File::open(path).map_err(|e| {
-                    LoadError::new(LoadErrorKind::NotAFile, path, format!("cannot read: {}", crate::error::io_text(&e)))
+                    LoadError::new(
+                        LoadErrorKind::NotAFile,
+                        path,
+                        format!("cannot read: {}", crate::util::fmt::io_text(&e)),
+                    )
                 })?;
                 let mut bytes = Vec::new();
                 f.read_to_end(&mut bytes).map_err(|e| {
-                    LoadError::new(LoadErrorKind::NotAFile, path, format!("cannot read: {}", crate::error::io_text(&e)))
+                    LoadError::new(
+                        LoadErrorKind::NotAFile,
+                        path,
+                        format!("cannot read: {}", crate::util::fmt::io_text(&e)),
+                    )
                 })?;
                 let digest = format!("blake3:{}", blake3::hash(&bytes).to_hex());
                 (bytes, digest)
@@ -715,9 +727,9 @@ pub enum ChildAnswer {
 }
 
 /// The child side (`plughost __describe`): loads the library on fd 3 (already checked by the parent)
-/// and says what it found. Run after [`crate::sandbox::enter`].
+/// and says what it found. Run after [`crate::loading::sandbox::enter`].
 pub fn child_answer() -> ChildAnswer {
-    match Loader::for_verified_copy().load(&crate::sandbox::library_path()) {
+    match Loader::for_verified_copy().load(&crate::loading::sandbox::library_path()) {
         Ok(lib) => ChildAnswer::Described(DriverMeta::of(&lib)),
         Err(e) => ChildAnswer::Rejected { kind: e.kind.as_str().to_owned(), reason: e.reason, details: e.details },
     }
@@ -728,17 +740,17 @@ pub fn child_answer() -> ChildAnswer {
 fn in_child(exe: &Path, path: &Path, copy: &SealedCopy) -> Result<ChildAnswer, LoadError> {
     use std::os::unix::process::ExitStatusExt;
     let crashed = |reason: String| LoadError::new(LoadErrorKind::Crashed, path, reason);
-    let outcome = crate::sandbox::run(exe, &["__describe"], &copy.fd, PROBE_TIMEOUT).map_err(|e| {
+    let outcome = crate::loading::sandbox::run(exe, &["__describe"], &copy.fd, PROBE_TIMEOUT).map_err(|e| {
         LoadError::new(LoadErrorKind::RuntimeDir, path, format!("cannot start a child process {}: {e}", exe.display()))
     })?;
     let (status, printed) = match outcome {
-        crate::sandbox::Outcome::Hung => {
+        crate::loading::sandbox::Outcome::Hung => {
             return Err(crashed(format!(
                 "loading it hung a probe process for {}s; not loaded",
                 PROBE_TIMEOUT.as_secs()
             )))
         }
-        crate::sandbox::Outcome::Exited(status, printed) => (status, printed),
+        crate::loading::sandbox::Outcome::Exited(status, printed) => (status, printed),
     };
     if let Some(sig) = status.signal() {
         return Err(crashed(format!(

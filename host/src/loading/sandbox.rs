@@ -32,7 +32,7 @@ impl ChildDir {
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("plughost-child-{}-{n}", std::process::id()));
         std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
-        if crate::trust::euid() == 0 {
+        if crate::loading::trust::euid() == 0 {
             std::os::unix::fs::chown(&dir, Some(UNPRIVILEGED), Some(UNPRIVILEGED))?;
         }
         Ok(ChildDir(dir))
@@ -130,7 +130,7 @@ pub fn enter(dir: &Path) -> Result<(), String> {
     limit(libc::RLIMIT_NOFILE, 64);
     limit(libc::RLIMIT_FSIZE, 64 << 20);
     limit(libc::RLIMIT_CORE, 0);
-    if crate::trust::euid() == 0 {
+    if crate::loading::trust::euid() == 0 {
         // SAFETY: setgroups with an empty list, then setgid and setuid: integer arguments only; this
         // process is single-threaded here (nothing was started before).
         unsafe {

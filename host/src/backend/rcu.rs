@@ -278,7 +278,20 @@ mod tests {
                 })
             })
             .collect();
+        // Readers must really run beside the swaps (on a busy machine they may not have started yet):
+        // wait for both to read before the first swap, and for reads to go on every 50 swaps.
+        let progress_beyond = |n: usize| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while reads.load(Ordering::Relaxed) <= n {
+                assert!(std::time::Instant::now() < deadline, "readers made no progress");
+                std::thread::yield_now();
+            }
+        };
+        progress_beyond(1);
         for id in 1..=500 {
+            if id % 50 == 0 {
+                progress_beyond(reads.load(Ordering::Relaxed));
+            }
             let old = cell.replace(Canary { alive: AtomicBool::new(true), id });
             let old = old.wait(Duration::from_secs(30)).unwrap_or_else(|_| panic!("grace period never ended"));
             old.alive.store(false, Ordering::SeqCst);
@@ -290,7 +303,7 @@ mod tests {
         for r in readers {
             r.join().unwrap();
         }
-        assert!(reads.load(Ordering::Relaxed) > 0);
+        assert!(reads.load(Ordering::Relaxed) > 10);
         assert_eq!(cell.read(|c| c.id), 500);
     }
 

@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 
 use crate::backend::{BuildContext, Health};
 use crate::config::{ConfigSource, Settings};
-use crate::loader::Loader;
-use crate::protocol::{
+use crate::control::protocol::{
     answer, parse_request, to_json, ApiError, Body, ErrorKind, HostStatus, LibrariesStatus, Outcome, Pong, ReloadEntry,
     ServiceStatus, State, SwapArgs, SwapReport, TrustStatus,
 };
-use crate::server::{Handler, Peer, Server};
+use crate::control::server::{Handler, Peer, Server};
+use crate::loading::loader::Loader;
 use crate::services::{DynService, ServiceContext};
 use crate::state::{DirLock, StateDb};
 
@@ -34,7 +34,7 @@ pub struct Host {
     /// The trust settings in effect (changed by reload).
     trust: Mutex<crate::config::TrustSettings>,
     /// Who changed what (none for hosts built without a state dir of their own, in tests).
-    audit: Option<crate::audit::AuditLog>,
+    audit: Option<crate::control::audit::AuditLog>,
 }
 
 impl std::fmt::Debug for Host {
@@ -52,15 +52,15 @@ impl Host {
 
     /// Builds every service from settings already loaded from `source`.
     pub fn start_with(source: ConfigSource, settings: Settings) -> Result<Arc<Host>, Vec<String>> {
-        crate::trust::private_dir(&settings.state_dir, "state dir", false, true).map_err(|e| vec![e])?;
+        crate::loading::trust::private_dir(&settings.state_dir, "state dir", false, true).map_err(|e| vec![e])?;
         if let Some(dir) = settings.socket.parent().filter(|d| !d.as_os_str().is_empty()) {
-            crate::trust::private_dir(dir, "socket directory", true, false).map_err(|e| vec![e])?;
+            crate::loading::trust::private_dir(dir, "socket directory", true, false).map_err(|e| vec![e])?;
         }
         let lock = DirLock::take(&settings.state_dir).map_err(|e| vec![e.to_string()])?;
         let db = Arc::new(StateDb::open(&settings.state_dir).map_err(|e| vec![e.to_string()])?);
-        let audit = crate::audit::AuditLog::open(&settings.state_dir).map_err(|e| vec![e])?;
+        let audit = crate::control::audit::AuditLog::open(&settings.state_dir).map_err(|e| vec![e])?;
         let allowlist = match &settings.trust.allowlist {
-            Some(p) => Some(crate::loader::Allowlist::read(p).map_err(|e| vec![e])?),
+            Some(p) => Some(crate::loading::loader::Allowlist::read(p).map_err(|e| vec![e])?),
             None => None,
         };
         if !settings.trust.strict {
@@ -286,8 +286,8 @@ impl Host {
     pub fn restart(
         &self,
         service: &str,
-        args: &crate::protocol::RestartArgs,
-    ) -> Result<crate::protocol::RestartReport, ApiError> {
+        args: &crate::control::protocol::RestartArgs,
+    ) -> Result<crate::control::protocol::RestartReport, ApiError> {
         let backend = self.backend(service, args.backend.as_deref())?;
         backend.restart(self.build_context(), self.settings.shutdown_timeout)
     }
@@ -321,7 +321,7 @@ impl Host {
             return Ok(());
         }
         let path = std::fs::canonicalize(given)
-            .map_err(|e| ApiError::not_found(format!("swap to {given:?}: {}", crate::error::io_text(&e))))?;
+            .map_err(|e| ApiError::not_found(format!("swap to {given:?}: {}", crate::util::fmt::io_text(&e))))?;
         let inside =
             self.settings.driver_dirs.iter().filter_map(|d| std::fs::canonicalize(d).ok()).any(|d| path.starts_with(d));
         if inside {
@@ -361,7 +361,7 @@ impl Host {
             return Err(ApiError::new(ErrorKind::InvalidConfig, text));
         }
         let allowlist = match &wanted.trust.allowlist {
-            Some(p) => Some(crate::loader::Allowlist::read(p).map_err(|e| {
+            Some(p) => Some(crate::loading::loader::Allowlist::read(p).map_err(|e| {
                 log::error!("reload: configuration rejected, nothing changed: {e}");
                 ApiError::new(ErrorKind::InvalidConfig, format!("configuration rejected, nothing changed: {e}"))
             })?),
@@ -629,7 +629,7 @@ pub fn run(source: ConfigSource, ready: impl FnOnce(&[String])) -> Result<(), Ve
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .map_err(|e| vec![format!("cannot install signal handlers: {e}")])?;
     // Everything created from here on (records, volume files, logs, drivers' files) is private.
-    crate::trust::private_umask();
+    crate::loading::trust::private_umask();
     // Buffers of a megabyte and more (driver files read for a swap: tens of MB in debug builds) come
     // from and go back to the system at once. By default glibc raises this threshold after the first
     // large free, and each connection thread's arena then keeps what a swap read (20 MB per 100 swaps).

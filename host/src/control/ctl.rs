@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::protocol::{Answer, HostStatus, ReloadEntry, SwapArgs, SwapReport};
+use crate::control::protocol::{Answer, HostStatus, ReloadEntry, SwapArgs, SwapReport};
 use crate::services::kinds::{self, KINDS};
 use crate::services::ServiceKind;
 
@@ -149,7 +149,7 @@ pub fn request(socket: &Path, service: Option<&str>, op: &str, args: &str) -> Re
         format!(
             "cannot connect to \"{}\": {} (is plughost run serving there?)",
             socket.display(),
-            crate::error::io_text(&e)
+            crate::util::fmt::io_text(&e)
         )
     })?;
     s.write_all(line.as_bytes())
@@ -187,7 +187,7 @@ pub fn run(socket: Option<PathBuf>, json: bool, command: &CtlCommand) -> Result<
                 .map(|t| crate::util::time::parse_since(t, crate::util::time::now()))
                 .transpose()
                 .map_err(CtlError::Usage)?;
-            let args = serde_json::to_string(&crate::protocol::AuditArgs { since })
+            let args = serde_json::to_string(&crate::control::protocol::AuditArgs { since })
                 .map_err(|e| CtlError::Usage(e.to_string()))?;
             (None, "audit".into(), args)
         }
@@ -199,7 +199,7 @@ pub fn run(socket: Option<PathBuf>, json: bool, command: &CtlCommand) -> Result<
         }
         CtlCommand::Restart { target } => {
             let (svc, backend) = split_target("restart", target)?;
-            let args = serde_json::to_string(&crate::protocol::RestartArgs { backend })
+            let args = serde_json::to_string(&crate::control::protocol::RestartArgs { backend })
                 .map_err(|e| CtlError::Usage(e.to_string()))?;
             (Some(svc), "restart".into(), args)
         }
@@ -213,14 +213,15 @@ pub fn run(socket: Option<PathBuf>, json: bool, command: &CtlCommand) -> Result<
         return Ok(CtlOutput { stdout: format!("{line}\n"), ok: answer.ok });
     }
     if !answer.ok {
-        let e = answer.error.unwrap_or_else(|| crate::protocol::ApiError::internal("an error without details"));
+        let e =
+            answer.error.unwrap_or_else(|| crate::control::protocol::ApiError::internal("an error without details"));
         return Err(CtlError::Failed(format!("{}: {}", e.kind, e.message)));
     }
     let result = answer.result.map(|r| r.get().to_owned()).unwrap_or_else(|| "null".to_owned());
     let stdout = match (service, op.as_str()) {
         (None, "status") => parse::<HostStatus>(&result).map(|s| format_status(&s)),
         (None, "reload") => parse::<Vec<ReloadEntry>>(&result).map(|r| format_reload(&r)),
-        (None, "audit") => parse::<Vec<crate::protocol::AuditEntry>>(&result).map(|e| format_audit(&e)),
+        (None, "audit") => parse::<Vec<crate::control::protocol::AuditEntry>>(&result).map(|e| format_audit(&e)),
         (Some(_), "swap") => parse::<SwapReport>(&result).map(|r| format_swap(&r)),
         (Some(name), op) => match kinds::kind(name) {
             Some(k) => (k.format)(op, &result).map_err(CtlError::Failed),
@@ -329,7 +330,7 @@ pub fn format_status(st: &HostStatus) -> String {
 }
 
 /// `ctl audit` for people: one line per entry.
-pub fn format_audit(entries: &[crate::protocol::AuditEntry]) -> String {
+pub fn format_audit(entries: &[crate::control::protocol::AuditEntry]) -> String {
     let rows: Vec<[String; 5]> = entries
         .iter()
         .map(|e| {

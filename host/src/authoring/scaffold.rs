@@ -55,14 +55,14 @@ pub fn new_driver(name: &str, kind: &str, parent: &Path) -> Result<PathBuf, Stri
     }
     let (lib_rs, test_rs, things, other) = match kind {
         "volume" => (
-            include_str!("../templates/new/volume_lib.rs.tmpl"),
-            include_str!("../templates/new/volume_test.rs.tmpl"),
+            include_str!("../../templates/new/volume_lib.rs.tmpl"),
+            include_str!("../../templates/new/volume_test.rs.tmpl"),
             "volumes",
             "compute",
         ),
         "compute" => (
-            include_str!("../templates/new/compute_lib.rs.tmpl"),
-            include_str!("../templates/new/compute_test.rs.tmpl"),
+            include_str!("../../templates/new/compute_lib.rs.tmpl"),
+            include_str!("../../templates/new/compute_test.rs.tmpl"),
             "instances",
             "volume",
         ),
@@ -84,8 +84,8 @@ pub fn new_driver(name: &str, kind: &str, parent: &Path) -> Result<PathBuf, Stri
             .replace("{{api_full}}", plughost_api::API_VERSION)
     };
     let write = |rel: &str, text: String| write_file(&dir.join(rel), text.as_bytes());
-    write("Cargo.toml", fill(include_str!("../templates/new/Cargo.toml.tmpl")))?;
-    write("README.md", fill(include_str!("../templates/new/README.md.tmpl")))?;
+    write("Cargo.toml", fill(include_str!("../../templates/new/Cargo.toml.tmpl")))?;
+    write("README.md", fill(include_str!("../../templates/new/README.md.tmpl")))?;
     write("src/lib.rs", fill(lib_rs))?;
     write("tests/conformance.rs", fill(test_rs))?;
     write(".gitignore", "/target\n".to_owned())?;

@@ -8,8 +8,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use crate::protocol::{ApiError, AuditEntry};
-use crate::server::Peer;
+use crate::control::protocol::{ApiError, AuditEntry};
+use crate::control::server::Peer;
 
 /// The audit log file, in the state dir.
 pub const AUDIT_FILE: &str = "audit.log";
@@ -31,7 +31,7 @@ impl AuditLog {
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&path)
-            .map_err(|e| format!("audit log \"{}\": {}", path.display(), crate::error::io_text(&e)))?;
+            .map_err(|e| format!("audit log \"{}\": {}", path.display(), crate::util::fmt::io_text(&e)))?;
         Ok(AuditLog { path, file: Mutex::new(file) })
     }
 

@@ -4,8 +4,8 @@
 
 use plughost_api::OptionType;
 
-use crate::loader::DriverMeta;
-use crate::loader::OptionDescription;
+use crate::loading::loader::DriverMeta;
+use crate::loading::loader::OptionDescription;
 
 /// An option type by its name (as a child described it).
 fn option_type(name: &str) -> OptionType {

@@ -5,6 +5,8 @@
 //! Why this file is long: it holds the whole configuration contract (file format, flags and their
 //! environment variables, precedence, reload source) so that the rules can be read in one place.
 
+pub mod sample;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -285,7 +287,7 @@ fn split_pin(flag: &str, spec: &str) -> Result<(String, Option<String>), ConfigE
 }
 
 fn check_digest(at: &str, digest: &str) -> Result<(), ConfigError> {
-    if crate::loader::is_digest(digest) {
+    if crate::loading::loader::is_digest(digest) {
         return Ok(());
     }
     Err(ConfigError::Invalid(format!("{at}: digest {digest:?} is not blake3: and 64 hex digits")))
@@ -607,7 +609,7 @@ pub fn resolve(flags: &RunFlags, file: &FileConfig) -> Result<Settings, Vec<Conf
         }
     }
     Ok(Settings {
-        driver_dirs: crate::drivers::driver_dirs(&dirs),
+        driver_dirs: crate::loading::drivers::driver_dirs(&dirs),
         state_dir,
         socket,
         services,
@@ -624,19 +626,19 @@ pub fn resolve(flags: &RunFlags, file: &FileConfig) -> Result<Settings, Vec<Conf
         max_driver_bytes: flags
             .max_driver_bytes
             .or(file.max_driver_bytes)
-            .unwrap_or(crate::loader::DEFAULT_MAX_DRIVER_BYTES),
+            .unwrap_or(crate::loading::loader::DEFAULT_MAX_DRIVER_BYTES),
     })
 }
 
 /// Reads and parses a config file.
 pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    if let Err(u) = crate::trust::check_config_file(path) {
+    if let Err(u) = crate::loading::trust::check_config_file(path) {
         if !u.missing {
             return Err(ConfigError::Untrusted { path: path.to_owned(), reason: u.relative_to(path) });
         }
     }
     let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError::Read { path: path.to_owned(), reason: crate::error::io_text(&e) })?;
+        .map_err(|e| ConfigError::Read { path: path.to_owned(), reason: crate::util::fmt::io_text(&e) })?;
     parse(path, &text)
 }
 

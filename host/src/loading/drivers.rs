@@ -4,9 +4,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::LoadError;
-use crate::loader::Loader;
-use crate::loader::{Described, OptionDescription};
+use crate::loading::error::LoadError;
+use crate::loading::loader::Loader;
+use crate::loading::loader::{Described, OptionDescription};
 use crate::util::fmt::table;
 
 /// The environment variable holding extra driver directories (`:`-separated).

@@ -82,7 +82,7 @@ fn walk(path: &Path, depth: u32) -> Result<(PathBuf, fs::Metadata), Untrusted> {
     let meta = |p: &Path| {
         fs::symlink_metadata(p).map_err(|e| Untrusted {
             missing: e.kind() == std::io::ErrorKind::NotFound,
-            ..untrusted(p, crate::error::io_text(&e))
+            ..untrusted(p, crate::util::fmt::io_text(&e))
         })
     };
     let mut m = meta(&current)?;
@@ -104,7 +104,7 @@ fn walk(path: &Path, depth: u32) -> Result<(PathBuf, fs::Metadata), Untrusted> {
                     if !trusted_owner(nm.uid()) {
                         return Err(untrusted(&next, format!("symlink owned by another user ({})", describe(&nm))));
                     }
-                    let target = fs::read_link(&next).map_err(|e| untrusted(&next, crate::error::io_text(&e)))?;
+                    let target = fs::read_link(&next).map_err(|e| untrusted(&next, crate::util::fmt::io_text(&e)))?;
                     let (resolved, rm) = walk(&current.join(target), depth + 1)?;
                     if !last && !rm.is_dir() {
                         return Err(untrusted(&next, "not a directory"));
@@ -165,7 +165,7 @@ pub fn private_dir(dir: &Path, what: &str, owner_may_be_root: bool, tighten: boo
             .recursive(true)
             .mode(0o700)
             .create(dir)
-            .map_err(|e| format!("cannot create {what} \"{}\": {}", dir.display(), crate::error::io_text(&e)))?;
+            .map_err(|e| format!("cannot create {what} \"{}\": {}", dir.display(), crate::util::fmt::io_text(&e)))?;
     }
     let (resolved, m) = walk(dir, 0).map_err(|u| format!("{what} \"{}\": {u}", dir.display()))?;
     if !m.is_dir() {
@@ -183,8 +183,9 @@ pub fn private_dir(dir: &Path, what: &str, owner_may_be_root: bool, tighten: boo
         ));
     }
     if tighten && m.permissions().mode() & 0o077 != 0 {
-        fs::set_permissions(&resolved, fs::Permissions::from_mode(0o700))
-            .map_err(|e| format!("cannot make {what} \"{}\" private: {}", dir.display(), crate::error::io_text(&e)))?;
+        fs::set_permissions(&resolved, fs::Permissions::from_mode(0o700)).map_err(|e| {
+            format!("cannot make {what} \"{}\" private: {}", dir.display(), crate::util::fmt::io_text(&e))
+        })?;
         log::info!("{what} {}: access for group and others removed (mode 0700)", dir.display());
     }
     Ok(())

@@ -11,7 +11,7 @@ use plughost_api::testing::{check_compute, check_volume, harmless_instance, Repo
 use plughost_api::{ComputeDriver, ComputeInterface, DriverError, DriverKind, VolumeDriver, VolumeInterface};
 use serde::{Deserialize, Serialize};
 
-use crate::loader::{Library, Loader};
+use crate::loading::loader::{Library, Loader};
 
 /// How long the whole suite may take before the child is killed.
 const TIMEOUT: Duration = Duration::from_secs(600);
@@ -139,7 +139,10 @@ fn run_child(exe: &Path, path: &Path, opts: &[String], dir: &Path) -> CheckRepor
             let sig = s.signal().unwrap_or(0);
             CheckReport::failed(
                 path,
-                format!("the driver killed the check process (signal {sig}, {})", crate::loader::signal_name(sig)),
+                format!(
+                    "the driver killed the check process (signal {sig}, {})",
+                    crate::loading::loader::signal_name(sig)
+                ),
             )
         }
         Some(_) => serde_json::from_str(&out).unwrap_or_else(|_| {
@@ -183,7 +186,7 @@ pub fn child(path: &Path, state_dir: &Path, opts: &[String]) -> CheckReport {
             return CheckReport::failed(path, format!("driver {:?}: {}", lib.name(), text.join("; ")));
         }
     };
-    let construct_error = |e: crate::error::LoadError| DriverError::internal(e.to_string());
+    let construct_error = |e: crate::loading::error::LoadError| DriverError::internal(e.to_string());
     let report: Report = match lib.kind() {
         k if k == DriverKind::VOLUME => check_volume(&|| {
             let c = lib.construct::<VolumeInterface>(&options).map_err(construct_error)?;

@@ -1,0 +1,354 @@
+//! The host's side of one worker process: starting it with only the descriptors it needs, reading its
+//! answers, noticing its death.
+
+use std::collections::HashMap;
+use std::io::BufRead;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::wire::*;
+use crate::loading::error::{LoadError, LoadErrorKind};
+
+/// The host's environment variables a worker running as another `user` keeps (and `LC_*`).
+const WORKER_USER_ENV: &[&str] = &["PATH", "LANG", "TZ", "RUST_LOG"];
+
+// ---------------------------------------------------------------------------------------------------
+// The host side: one worker process
+
+/// How to start the workers of one backend.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// The `plughost` executable.
+    pub exe: PathBuf,
+    /// The driver kind's name.
+    pub kind: &'static str,
+    /// What to tell it.
+    pub setup: Setup,
+    /// The user and group to run as.
+    pub user: Option<(u32, u32)>,
+    /// How long one call may take.
+    pub call_timeout: Duration,
+}
+
+/// A call waiting for its answer.
+type Waiter = mpsc::SyncSender<Result<Vec<u8>, String>>;
+
+/// One running worker process.
+#[derive(Debug)]
+pub(super) struct Worker {
+    pub(super) pid: u32,
+    pub(super) writer: Mutex<UnixStream>,
+    pending: Mutex<HashMap<u64, Waiter>>,
+    next_id: AtomicU64,
+    /// How it died, once it did.
+    died: Mutex<Option<String>>,
+    pub(super) started: Instant,
+    /// Stopped on purpose (retired, or replaced by `ctl restart`): its end is not a crash.
+    pub(super) retired: AtomicBool,
+    /// Why the host killed it, when it did (a call or its setup outlasted `call_timeout`).
+    killed_for: Mutex<Option<String>>,
+}
+
+impl Worker {
+    /// Kills the worker's whole process group (a hung worker, or one that is retired).
+    pub(super) fn kill(&self) {
+        if let Ok(pid) = libc::pid_t::try_from(self.pid) {
+            // SAFETY: kill has no memory-safety preconditions; the worker leads its own process group.
+            unsafe {
+                libc::kill(-pid, libc::SIGKILL);
+            }
+        }
+    }
+
+    /// Kills it, remembering why: its death then reads "killed by plughost: WHY", not just SIGKILL.
+    pub(super) fn kill_for(&self, why: String) {
+        *lock(&self.killed_for) = Some(why);
+        self.kill();
+    }
+
+    pub(super) fn dead(&self) -> Option<String> {
+        lock(&self.died).clone()
+    }
+
+    /// Sends one call and waits for its answer.
+    pub(super) fn call(&self, payload: &[u8], timeout: Duration) -> Result<Vec<u8>, CallError> {
+        if let Some(why) = self.dead() {
+            return Err(CallError::Died(why));
+        }
+        let (tx, rx) = mpsc::sync_channel(1);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        lock(&self.pending).insert(id, tx);
+        if let Err(e) = write_frame(&mut *lock(&self.writer), id, payload) {
+            lock(&self.pending).remove(&id);
+            return Err(CallError::Died(self.dead().unwrap_or_else(|| format!("cannot write to the worker: {e}"))));
+        }
+        match rx.recv_timeout(timeout) {
+            Ok(Ok(bytes)) => Ok(bytes),
+            Ok(Err(why)) => Err(CallError::Died(why)),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                lock(&self.pending).remove(&id);
+                Err(CallError::Timeout)
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                Err(CallError::Died(self.dead().unwrap_or_else(|| "the worker went away".to_owned())))
+            }
+        }
+    }
+}
+
+/// Why a call got no answer.
+#[derive(Debug)]
+pub(super) enum CallError {
+    /// The worker died (how).
+    Died(String),
+    /// No answer within the timeout.
+    Timeout,
+}
+
+/// How a child ended, in words.
+fn ended(status: std::process::ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (_, Some(sig)) => format!("was killed by signal {sig} ({})", crate::loading::loader::signal_name(sig)),
+        (Some(code), _) => format!("exited with status {code}"),
+        _ => "ended".to_owned(),
+    }
+}
+
+/// Moves `fd` to a descriptor ≥ 10 (in the child, before the final dup2s).
+///
+/// # Safety
+/// Only between fork and exec: calls fcntl, async-signal-safe.
+unsafe fn high(fd: i32) -> std::io::Result<i32> {
+    // SAFETY: fcntl F_DUPFD_CLOEXEC on a descriptor open in this (child) process.
+    let r = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(r)
+}
+
+/// Spawns `cmd` from one thread that lives as long as the process. The parent-death signal a worker
+/// arms fires when the *thread* that forked it ends, not the process: workers started from a
+/// connection's or a restart's thread would be killed with it.
+fn spawn_from_keeper(cmd: Command) -> std::io::Result<Child> {
+    type Request = (Command, mpsc::Sender<std::io::Result<Child>>);
+    static KEEPER: std::sync::OnceLock<Mutex<mpsc::Sender<Request>>> = std::sync::OnceLock::new();
+    let keeper = KEEPER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Request>();
+        let started = std::thread::Builder::new().name("worker-spawner".to_owned()).spawn(move || {
+            for (mut cmd, answer) in rx {
+                let _ = answer.send(cmd.spawn());
+            }
+        });
+        if let Err(e) = started {
+            log::error!("cannot start the worker-spawner thread: {e}");
+        }
+        Mutex::new(tx)
+    });
+    let (tx, rx) = mpsc::channel();
+    lock(keeper).send((cmd, tx)).map_err(|_| std::io::Error::other("the worker-spawner thread is gone"))?;
+    rx.recv().map_err(|_| std::io::Error::other("the worker-spawner thread is gone"))?
+}
+
+/// Starts a worker, sends it `setup` and waits for its answer (up to the call timeout). The reader
+/// thread calls `on_death` with how it died, once, after answering every call in flight.
+pub(super) fn start_worker(
+    config: &WorkerConfig,
+    library: &OwnedFd,
+    on_death: impl FnOnce(String, bool) + Send + 'static,
+) -> Result<(Arc<Worker>, SetupReply), LoadError> {
+    let path = &config.setup.path;
+    let fail = |kind: LoadErrorKind, reason: String| LoadError::new(kind, path, reason);
+    let (host_end, worker_end) =
+        UnixStream::pair().map_err(|e| fail(LoadErrorKind::RuntimeDir, format!("cannot make a socket pair: {e}")))?;
+    let mut cmd = Command::new(&config.exe);
+    cmd.arg("__worker").arg("--parent").arg(std::process::id().to_string());
+    // The host's environment (instances a compute driver starts inherit it, as they would in-process);
+    // a worker running as another user gets only what is needed to run programs and log, since the
+    // host's environment may hold credentials that user should not see.
+    if let Some((uid, gid)) = config.user {
+        cmd.arg("--uid").arg(uid.to_string()).arg("--gid").arg(gid.to_string());
+        cmd.env_clear();
+        for (k, v) in std::env::vars_os() {
+            if k.to_str().is_some_and(|k| WORKER_USER_ENV.contains(&k) || k.starts_with("LC_")) {
+                cmd.env(k, v);
+            }
+        }
+    }
+    cmd.env("RUST_BACKTRACE", "0").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).process_group(0);
+    let (sock, lib) = (worker_end.as_raw_fd(), library.as_raw_fd());
+    // SAFETY: the closure runs in the child between fork and exec and only makes async-signal-safe
+    // system calls (fcntl, dup2, prctl, close_range) on memory prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let (s, l) = (high(sock)?, high(lib)?);
+            if libc::dup2(s, SOCKET_FD) < 0 || libc::dup2(l, LIBRARY_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Only 0-4 cross the exec (the rest is close-on-exec already; this is belt and braces).
+            libc::syscall(libc::SYS_close_range, 5u32, u32::MAX, 0u32);
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+            Ok(())
+        });
+    }
+    let mut child = spawn_from_keeper(cmd)
+        .map_err(|e| fail(LoadErrorKind::RuntimeDir, format!("cannot start a worker {}: {e}", config.exe.display())))?;
+    drop(worker_end);
+    let pid = child.id();
+    let label = format!("{} backend {:?} worker {pid}", config.setup.service, config.setup.backend);
+    if let Some(err) = child.stderr.take() {
+        let label = label.clone();
+        let _ = std::thread::Builder::new().name("worker-stderr".to_owned()).spawn(move || {
+            for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                log::warn!("{label}: {line}");
+            }
+        });
+    }
+    let reader = host_end
+        .try_clone()
+        .map_err(|e| fail(LoadErrorKind::RuntimeDir, format!("cannot clone the worker socket: {e}")))?;
+    let worker = Arc::new(Worker {
+        pid,
+        writer: Mutex::new(host_end),
+        pending: Mutex::new(HashMap::new()),
+        next_id: AtomicU64::new(1),
+        died: Mutex::new(None),
+        started: Instant::now(),
+        retired: AtomicBool::new(false),
+        killed_for: Mutex::new(None),
+    });
+    let (setup_tx, setup_rx) = mpsc::sync_channel::<Vec<u8>>(1);
+    {
+        let for_reader = worker.clone();
+        let spawned = std::thread::Builder::new()
+            .name("worker-reader".to_owned())
+            .spawn(move || read_answers(for_reader, reader, child, setup_tx, on_death));
+        if let Err(e) = spawned {
+            worker.kill();
+            return Err(fail(LoadErrorKind::RuntimeDir, format!("cannot start a reader thread: {e}")));
+        }
+    }
+    let setup = postcard::to_stdvec(&(config.kind, &config.setup))
+        .map_err(|e| fail(LoadErrorKind::RuntimeDir, format!("cannot encode the setup: {e}")))?;
+    if write_frame(&mut *lock(&worker.writer), 0, &setup).is_err() {
+        // It died at once; the reader says how.
+    }
+    match setup_rx.recv_timeout(config.call_timeout) {
+        Ok(bytes) => {
+            let reply = postcard::from_bytes::<SetupReply>(&bytes).map_err(|e| {
+                worker.kill();
+                fail(LoadErrorKind::Crashed, format!("worker {pid} answered the setup with garbage: {e}"))
+            })?;
+            Ok((worker, reply))
+        }
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            worker.kill_for(format!(
+                "loading did not finish within {}s (call_timeout)",
+                config.call_timeout.as_secs_f64()
+            ));
+            Err(fail(
+                LoadErrorKind::Crashed,
+                format!(
+                    "loading it hung worker {pid} for {}s (call_timeout); the worker was killed",
+                    config.call_timeout.as_secs_f64()
+                ),
+            ))
+        }
+        Err(mpsc::RecvTimeoutError::Disconnected) => {
+            // The reader saw it die; wait for its verdict.
+            let why = wait_dead(&worker);
+            Err(fail(LoadErrorKind::Crashed, format!("loading it: the {why}; not loaded")))
+        }
+    }
+}
+
+fn wait_dead(w: &Worker) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(why) = w.dead() {
+            return why;
+        }
+        if Instant::now() > deadline {
+            return "went away".to_owned();
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// The reader thread of one worker: hands each answer to its caller; at the end of the stream, reaps
+/// the worker, answers every call still waiting with how it died, and reports the death.
+fn read_answers(
+    worker: Arc<Worker>,
+    mut reader: UnixStream,
+    mut child: Child,
+    setup_tx: mpsc::SyncSender<Vec<u8>>,
+    on_death: impl FnOnce(String, bool),
+) {
+    let mut setup_tx = Some(setup_tx);
+    loop {
+        match read_frame(&mut reader) {
+            Ok(Some((0, payload))) => {
+                if let Some(tx) = setup_tx.take() {
+                    let _ = tx.send(payload);
+                }
+            }
+            Ok(Some((id, payload))) => {
+                if let Some(tx) = lock(&worker.pending).remove(&id) {
+                    let _ = tx.send(Ok(payload));
+                }
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    // The socket closed: the worker is dying or dead. Make sure, and learn how.
+    let status = match child.wait_timeout_or_kill(Duration::from_secs(2)) {
+        Some(s) => ended(s),
+        None => "stopped answering".to_owned(),
+    };
+    let why = match lock(&worker.killed_for).take() {
+        Some(because) if status.contains("SIGKILL") => {
+            format!("worker (pid {}) was killed by plughost: {because}", worker.pid)
+        }
+        _ => format!("worker (pid {}) {status}", worker.pid),
+    };
+    *lock(&worker.died) = Some(why.clone());
+    drop(setup_tx);
+    let waiting: Vec<Waiter> = lock(&worker.pending).drain().map(|(_, tx)| tx).collect();
+    for tx in waiting {
+        let _ = tx.send(Err(why.clone()));
+    }
+    on_death(why, worker.retired.load(Ordering::SeqCst));
+}
+
+/// `Child::wait` with a bound: kills it if it does not end in time.
+trait WaitTimeout {
+    fn wait_timeout_or_kill(&mut self, timeout: Duration) -> Option<std::process::ExitStatus>;
+}
+
+impl WaitTimeout for Child {
+    fn wait_timeout_or_kill(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.try_wait() {
+                Ok(Some(s)) => return Some(s),
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
+                Ok(None) => {
+                    if let Ok(pid) = libc::pid_t::try_from(self.id()) {
+                        // SAFETY: kill has no memory-safety preconditions.
+                        unsafe {
+                            libc::kill(-pid, libc::SIGKILL);
+                        }
+                    }
+                    return self.wait().ok();
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+}
