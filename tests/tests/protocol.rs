@@ -5,8 +5,9 @@
 use std::collections::BTreeSet;
 
 use host::control::protocol::{
-    parse_request, Answer, ApiError, AuditEntry, Body, HostStatus, Pong, ReloadEntry, RestartReport, SwapReport,
+    ApiError, AuditEntry, ErrorKind, HostStatus, Pong, ReloadEntry, RestartReport, SwapReport,
 };
+use host::control::request::{parse_request, Answer, Body};
 use plughost_tests::process::Daemon;
 use plughost_tests::{workspace_root, TempDir};
 use serde_json::{json, Value};
@@ -45,7 +46,12 @@ fn round_trip<T: serde::de::DeserializeOwned + serde::Serialize>(result: &Value)
 /// operations here, service operations through their kind in the service table (so that a new kind's
 /// examples are checked with no change here). `None` for a request the protocol refuses.
 fn reencode(req: &str, result: Option<&Value>) -> Option<(Value, Option<Value>)> {
-    let parsed = parse_request(req).ok()?;
+    let kind = |name: &str| {
+        host::services::kinds::kind(name)
+            .map(|k| k.parse)
+            .ok_or_else(|| ApiError::new(ErrorKind::UnknownService, format!("unknown service {name:?}")))
+    };
+    let parsed = parse_request(req, &kind).ok()?;
     let result_text = result.map(|r| r.to_string());
     let (request, result) = match parsed.body {
         Body::Ping => (json!({"op": "ping"}), result.map(round_trip::<Pong>)),
@@ -63,12 +69,15 @@ fn reencode(req: &str, result: Option<&Value>) -> Option<(Value, Option<Value>)>
             json!({"service": service, "op": "restart", "args": serde_json::to_value(args).unwrap()}),
             result.map(round_trip::<RestartReport>),
         ),
-        Body::Service { service, op, args } => {
+        Body::Service { service, op, .. } => {
             let kind = host::services::kinds::kind(&service)
                 .unwrap_or_else(|| panic!("example for unknown service {service}"));
-            let (op, args, result) = (kind.reencode)(&op, args, result_text.as_deref()).ok()?;
-            let args: Value = serde_json::from_str(&args).unwrap();
-            (json!({"service": service, "op": op, "args": args}), result.map(|r| serde_json::from_str(&r).unwrap()))
+            let args: Value = serde_json::from_str(op.args_json().unwrap().get()).unwrap();
+            let result = match result_text {
+                Some(r) => Some(serde_json::from_str(&(kind.reencode)(&r).ok()?).unwrap()),
+                None => None,
+            };
+            (json!({"service": service, "op": op.name(), "args": args}), result)
         }
     };
     Some((request, result))

@@ -6,9 +6,8 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
-
-use crate::control::protocol::{Answer, HostStatus, ReloadEntry, SwapArgs, SwapReport};
+use crate::control::protocol::{AuditArgs, HostStatus, ReloadEntry, RestartArgs, SwapArgs, SwapReport};
+use crate::control::request::{Answer, Body, Request};
 use crate::services::kinds::{self, KINDS};
 use crate::services::ServiceKind;
 
@@ -131,20 +130,9 @@ pub enum CtlError {
     Failed(String),
 }
 
-/// A request ready to send: top-level (`service` = None) or to a service.
-#[derive(Debug, Clone, Serialize)]
-struct Request<'a> {
-    id: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    service: Option<&'a str>,
-    op: &'a str,
-    args: &'a serde_json::value::RawValue,
-}
-
-/// Sends one request and reads the answer.
-pub fn request(socket: &Path, service: Option<&str>, op: &str, args: &str) -> Result<(String, Answer), String> {
-    let args = serde_json::value::RawValue::from_string(args.to_owned()).map_err(|e| format!("bad arguments: {e}"))?;
-    let line = serde_json::to_string(&Request { id: 1, service, op, args: &args }).map_err(|e| e.to_string())?;
+/// Sends one request and reads the answer: the answer line and the answer parsed.
+pub fn request(socket: &Path, request: &Request<'_>) -> Result<(String, Answer), String> {
+    let line = serde_json::to_string(request).map_err(|e| format!("cannot encode the request: {e}"))?;
     let mut s = UnixStream::connect(socket).map_err(|e| {
         format!(
             "cannot connect to \"{}\": {} (is plughost run serving there?)",
@@ -178,37 +166,33 @@ pub struct CtlOutput {
 /// [`CtlError::Failed`] with `KIND: MESSAGE`.
 pub fn run(socket: Option<PathBuf>, json: bool, command: &CtlCommand) -> Result<CtlOutput, CtlError> {
     let socket = socket.unwrap_or_else(crate::config::default_socket);
-    let (service, op, args): (Option<&str>, String, String) = match command {
-        CtlCommand::Status => (None, "status".into(), "{}".into()),
-        CtlCommand::Reload => (None, "reload".into(), "{}".into()),
+    let body = match command {
+        CtlCommand::Status => Body::Status,
+        CtlCommand::Reload => Body::Reload,
         CtlCommand::Audit { since } => {
             let since = since
                 .as_deref()
                 .map(|t| crate::util::time::parse_since(t, crate::util::time::now()))
                 .transpose()
                 .map_err(CtlError::Usage)?;
-            let args = serde_json::to_string(&crate::control::protocol::AuditArgs { since })
-                .map_err(|e| CtlError::Usage(e.to_string()))?;
-            (None, "audit".into(), args)
+            Body::Audit(AuditArgs { since })
         }
         CtlCommand::Swap { target, driver } => {
             let (svc, backend) = split_target("swap", target)?;
-            let args = serde_json::to_string(&SwapArgs { backend, driver: driver.clone() })
-                .map_err(|e| CtlError::Usage(e.to_string()))?;
-            (Some(svc), "swap".into(), args)
+            Body::Swap { service: svc.to_owned(), args: SwapArgs { backend, driver: driver.clone() } }
         }
         CtlCommand::Restart { target } => {
             let (svc, backend) = split_target("restart", target)?;
-            let args = serde_json::to_string(&crate::control::protocol::RestartArgs { backend })
-                .map_err(|e| CtlError::Usage(e.to_string()))?;
-            (Some(svc), "restart".into(), args)
+            Body::Restart { service: svc.to_owned(), args: RestartArgs { backend } }
         }
         CtlCommand::Service { kind, matches } => {
-            let (op, args) = (kind.ctl_request)(matches).map_err(CtlError::Usage)?;
-            (Some(kind.name), op, args)
+            let op = (kind.ctl_op)(matches).map_err(CtlError::Usage)?;
+            Body::Service { service: kind.name.to_owned(), op, args: None }
         }
     };
-    let (line, answer) = request(&socket, service, &op, &args).map_err(CtlError::Failed)?;
+    let id = serde_json::value::RawValue::from_string("1".to_owned()).map_err(|e| CtlError::Usage(e.to_string()))?;
+    let req = Request { id: Some(&id), body };
+    let (line, answer) = request(&socket, &req).map_err(CtlError::Failed)?;
     if json {
         return Ok(CtlOutput { stdout: format!("{line}\n"), ok: answer.ok });
     }
@@ -218,16 +202,16 @@ pub fn run(socket: Option<PathBuf>, json: bool, command: &CtlCommand) -> Result<
         return Err(CtlError::Failed(format!("{}: {}", e.kind, e.message)));
     }
     let result = answer.result.map(|r| r.get().to_owned()).unwrap_or_else(|| "null".to_owned());
-    let stdout = match (service, op.as_str()) {
-        (None, "status") => parse::<HostStatus>(&result).map(|s| format_status(&s)),
-        (None, "reload") => parse::<Vec<ReloadEntry>>(&result).map(|r| format_reload(&r)),
-        (None, "audit") => parse::<Vec<crate::control::protocol::AuditEntry>>(&result).map(|e| format_audit(&e)),
-        (Some(_), "swap") => parse::<SwapReport>(&result).map(|r| format_swap(&r)),
-        (Some(name), op) => match kinds::kind(name) {
-            Some(k) => (k.format)(op, &result).map_err(CtlError::Failed),
+    let stdout = match &req.body {
+        Body::Status => parse::<HostStatus>(&result).map(|s| format_status(&s)),
+        Body::Reload => parse::<Vec<ReloadEntry>>(&result).map(|r| format_reload(&r)),
+        Body::Audit(_) => parse::<Vec<crate::control::protocol::AuditEntry>>(&result).map(|e| format_audit(&e)),
+        Body::Swap { .. } => parse::<SwapReport>(&result).map(|r| format_swap(&r)),
+        Body::Service { service, .. } => match kinds::kind(service) {
+            Some(k) => (k.format)(&result).map_err(CtlError::Failed),
             None => key_values(&result).map_err(CtlError::Failed),
         },
-        (None, _) => key_values(&result).map_err(CtlError::Failed),
+        Body::Ping | Body::Restart { .. } => key_values(&result).map_err(CtlError::Failed),
     }?;
     Ok(CtlOutput { stdout, ok: true })
 }

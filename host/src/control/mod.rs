@@ -4,4 +4,5 @@
 pub mod audit;
 pub mod ctl;
 pub mod protocol;
+pub mod request;
 pub mod server;

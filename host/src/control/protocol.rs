@@ -1,18 +1,18 @@
-//! The control-socket protocol as types: requests, answers, errors, records and status, shared by the
-//! server, `plughost ctl` and the tests. JSON exists only at the edge: [`parse_request`] turns a line
-//! into a [`Request`], [`answer`] turns a result into a line; everything between is typed. The wire
-//! format is `docs/protocol.md`; `tests/protocol.rs` checks every example there against these types.
+//! The control-socket protocol's types: errors, the arguments and answers every service shares, sizes,
+//! and status, shared by the server, `plughost ctl` and the tests. Reading and writing request lines is
+//! `request.rs`. The wire format is `docs/protocol.md`; `tests/protocol.rs` checks every example there
+//! against these types.
 //!
 //! Per-kind operations and records live with their service (`services/volume.rs`, ...); this module
 //! imports nothing from the services (they build on it).
 //!
-//! Why this file is long: it is the whole wire contract in one place on purpose (every request, answer,
-//! error and status type), so that the server, `ctl` and the tests share it and review sees it whole.
+//! Why this file is long: status is one tree of types (host, services, backends, drivers, calls,
+//! workers, libraries, trust), kept together so that review sees the whole answer of `status`.
 
 use std::collections::BTreeMap;
 use std::fmt;
 
-use serde::de::{DeserializeOwned, Deserializer, Visitor};
+use serde::de::{Deserializer, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -151,52 +151,7 @@ impl fmt::Display for ApiError {
 impl std::error::Error for ApiError {}
 
 // ---------------------------------------------------------------------------------------------------
-// Requests
-
-/// A parsed request line.
-#[derive(Debug)]
-pub struct Request<'a> {
-    /// The `id` as it was written, echoed back verbatim.
-    pub id: Option<&'a RawValue>,
-    /// What is asked.
-    pub body: Body<'a>,
-}
-
-/// What a request asks.
-#[derive(Debug)]
-pub enum Body<'a> {
-    /// `ping`: is the host serving.
-    Ping,
-    /// `status`: services, backends, drivers, health, statistics.
-    Status,
-    /// `reload`: re-read the configuration, swap what changed.
-    Reload,
-    /// `audit`: the audit log's entries (admins only).
-    Audit(AuditArgs),
-    /// `restart` on a service: a fresh worker for an isolated backend (closing its circuit).
-    Restart {
-        /// The service.
-        service: String,
-        /// Which backend.
-        args: RestartArgs,
-    },
-    /// `swap` on a service: replace a backend's driver.
-    Swap {
-        /// The service.
-        service: String,
-        /// What to swap to.
-        args: SwapArgs,
-    },
-    /// Any other operation of a service, parsed by the service itself.
-    Service {
-        /// The service.
-        service: String,
-        /// The operation.
-        op: String,
-        /// Its arguments (`{}` when omitted).
-        args: Option<&'a RawValue>,
-    },
-}
+// Arguments and records shared by every service
 
 /// Arguments of `audit`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -243,239 +198,6 @@ pub struct SwapArgs {
     /// PATH or NAME of the new driver (default: the configured one, loaded again).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub driver: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct IdOnly<'a> {
-    #[serde(borrow)]
-    id: Option<&'a RawValue>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Envelope<'a> {
-    #[serde(borrow)]
-    #[allow(dead_code)]
-    id: Option<&'a RawValue>,
-    service: Option<String>,
-    op: Option<String>,
-    #[serde(borrow)]
-    args: Option<&'a RawValue>,
-}
-
-/// A request that could not be parsed, with the `id` if one could be read.
-#[derive(Debug)]
-pub struct BadRequest<'a> {
-    /// The id, if the line was an object with one.
-    pub id: Option<&'a RawValue>,
-    /// Why.
-    pub error: ApiError,
-}
-
-fn serde_message(e: &serde_json::Error) -> String {
-    // serde_json appends " at line L column C"; requests are one line, so that says little.
-    let text = e.to_string();
-    match text.rfind(" at line ") {
-        Some(i) => text[..i].to_owned(),
-        None => text,
-    }
-}
-
-/// Parses one request line (without its newline).
-pub fn parse_request(line: &str) -> Result<Request<'_>, BadRequest<'_>> {
-    let invalid = |id, message: String| BadRequest { id, error: ApiError::new(ErrorKind::InvalidRequest, message) };
-    let raw: &RawValue =
-        serde_json::from_str(line).map_err(|e| invalid(None, format!("malformed JSON: {}", serde_message(&e))))?;
-    if !raw.get().starts_with('{') {
-        return Err(invalid(None, "request must be a JSON object".to_owned()));
-    }
-    let id = serde_json::from_str::<IdOnly<'_>>(line).ok().and_then(|i| i.id);
-    let env: Envelope<'_> = serde_json::from_str(line).map_err(|e| invalid(id, serde_message(&e)))?;
-    let op = env.op.ok_or_else(|| invalid(id, "missing \"op\"".to_owned()))?;
-    let body = match (env.service, op.as_str()) {
-        (None, "ping") => Body::Ping,
-        (None, "status") => Body::Status,
-        (None, "reload") => Body::Reload,
-        (None, "audit") => {
-            Body::Audit(parse_args::<AuditArgs>("audit", env.args).map_err(|error| BadRequest { id, error })?)
-        }
-        (None, other) => {
-            return Err(invalid(
-                id,
-                format!(
-                    "unknown operation {other:?} (top-level: ping, status, reload, audit; others need \"service\")"
-                ),
-            ))
-        }
-        (Some(service), "swap") => {
-            let args = parse_args::<SwapArgs>("swap", env.args).map_err(|error| BadRequest { id, error })?;
-            Body::Swap { service, args }
-        }
-        (Some(service), "restart") => {
-            let args = parse_args::<RestartArgs>("restart", env.args).map_err(|error| BadRequest { id, error })?;
-            Body::Restart { service, args }
-        }
-        (Some(service), _) => Body::Service { service, op, args: env.args },
-    };
-    Ok(Request { id, body })
-}
-
-/// Parses the arguments of one operation (a struct with named fields; `None` means `{}`).
-pub fn parse_args<T: DeserializeOwned>(op: &str, args: Option<&RawValue>) -> Result<T, ApiError> {
-    let text = args_object(op, args)?;
-    let mut de = serde_json::Deserializer::from_str(text);
-    serde_path_to_error::deserialize(&mut de).map_err(|e| argument_error(op, &e))
-}
-
-/// The arguments' text, which must be an object (`{}` when omitted).
-fn args_object<'a>(context: &str, args: Option<&'a RawValue>) -> Result<&'a str, ApiError> {
-    match args.map(RawValue::get) {
-        None | Some("null") => Ok("{}"),
-        Some(t) if t.starts_with('{') => Ok(t),
-        Some(_) => Err(ApiError::new(ErrorKind::InvalidRequest, format!("{context}: \"args\" must be an object"))),
-    }
-}
-
-/// Says what is wrong with an argument in the terms of the protocol ("argument", not "field").
-fn argument_problem(context: &str, path: &str, inner: &str) -> ApiError {
-    let unquote = |t: &str| t.replace('`', "\"");
-    if let Some(rest) = inner.strip_prefix("unknown field ") {
-        let (field, expected) = rest.split_once(", expected ").unwrap_or((rest, ""));
-        let expected = expected.trim_start_matches("one of ").replace('`', "").replace(" or ", ", ");
-        return ApiError::invalid(format!("{context}: unknown argument {} (expected: {expected})", unquote(field)));
-    }
-    if let Some(field) = inner.strip_prefix("missing field ") {
-        return ApiError::invalid(format!("{context}: missing argument {}", unquote(field)));
-    }
-    if path.is_empty() || path == "." {
-        if inner.starts_with("invalid type") {
-            return ApiError::new(ErrorKind::InvalidRequest, format!("{context}: \"args\" must be an object"));
-        }
-        return ApiError::invalid(format!("{context}: {}", unquote(inner)));
-    }
-    ApiError::invalid(format!("{context}: argument {path:?}: {}", inner.replace('`', "")))
-}
-
-fn argument_error(op: &str, e: &serde_path_to_error::Error<serde_json::Error>) -> ApiError {
-    let inner = serde_message(e.inner());
-    if e.inner().is_syntax() || e.inner().is_eof() {
-        return ApiError::new(ErrorKind::InvalidRequest, format!("{op}: malformed arguments: {inner}"));
-    }
-    argument_problem(op, &e.path().to_string(), &inner)
-}
-
-/// Parses an operation of a service: `op` names a variant of `T` (an externally tagged enum of struct
-/// variants), `args` holds its fields. An unknown `op` is `invalid_request`; bad arguments are
-/// `invalid_argument`, naming the argument and the type expected.
-pub fn parse_op<T: DeserializeOwned>(service: &str, op: &str, args: Option<&RawValue>) -> Result<T, ApiError> {
-    let known = variants::<T>();
-    if !known.contains(&op) {
-        return Err(ApiError::new(
-            ErrorKind::InvalidRequest,
-            format!("unknown {service} operation {op:?} (known: {}, swap)", known.join(", ")),
-        ));
-    }
-    let args = args_object(&format!("{service} {op}"), args)?;
-    let text = format!("{{{}:{args}}}", serde_json::Value::String(op.to_owned()));
-    let mut de = serde_json::Deserializer::from_str(&text);
-    serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        // Paths start with the variant name; the caller knows the operation.
-        let path = e.path().to_string();
-        let trimmed = path.strip_prefix(op).map(|p| p.trim_start_matches('.')).unwrap_or(&path);
-        let inner = serde_message(e.inner());
-        if e.inner().is_syntax() || e.inner().is_eof() {
-            return ApiError::new(ErrorKind::InvalidRequest, format!("{service} {op}: malformed arguments: {inner}"));
-        }
-        // An unknown argument's path ends in its own name; the message names it already.
-        let trimmed = if inner.starts_with("unknown field") { "" } else { trimmed };
-        argument_problem(&format!("{service} {op}"), trimmed, &inner)
-    })
-}
-
-/// The variant names of an externally tagged enum, read from its `Deserialize` implementation.
-pub fn variants<T: DeserializeOwned>() -> &'static [&'static str] {
-    struct Probe(Option<&'static [&'static str]>);
-    #[derive(Debug)]
-    struct Stop;
-    impl fmt::Display for Stop {
-        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("probe")
-        }
-    }
-    impl std::error::Error for Stop {}
-    impl serde::de::Error for Stop {
-        fn custom<M: fmt::Display>(_: M) -> Stop {
-            Stop
-        }
-    }
-    impl<'de> Deserializer<'de> for &mut Probe {
-        type Error = Stop;
-        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Stop> {
-            Err(Stop)
-        }
-        fn deserialize_enum<V: Visitor<'de>>(
-            self,
-            _: &'static str,
-            variants: &'static [&'static str],
-            _: V,
-        ) -> Result<V::Value, Stop> {
-            self.0 = Some(variants);
-            Err(Stop)
-        }
-        serde::forward_to_deserialize_any! {
-            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf option unit
-            unit_struct newtype_struct seq tuple tuple_struct map struct identifier ignored_any
-        }
-    }
-    let mut p = Probe(None);
-    let _ = T::deserialize(&mut p);
-    p.0.unwrap_or(&[])
-}
-
-/// The answer line (without newline) for a result already serialized as JSON.
-pub fn answer(id: Option<&RawValue>, result: Result<String, ApiError>) -> String {
-    let id = id.map(RawValue::get).unwrap_or("null");
-    match result {
-        Ok(json) => format!("{{\"id\":{id},\"ok\":true,\"result\":{json}}}"),
-        Err(e) => {
-            let error = serde_json::to_string(&e).expect("an ApiError always serializes");
-            format!("{{\"id\":{id},\"ok\":false,\"error\":{error}}}")
-        }
-    }
-}
-
-/// Serializes a result for [`answer`].
-pub fn to_json<T: Serialize>(value: &T) -> Result<String, ApiError> {
-    serde_json::to_string(value).map_err(|e| ApiError::internal(format!("cannot serialize the answer: {e}")))
-}
-
-/// An answer as a client reads it.
-#[derive(Debug, Clone, Deserialize)]
-pub struct Answer {
-    /// The request's id.
-    #[serde(default)]
-    pub id: Option<Box<RawValue>>,
-    /// Whether the request succeeded.
-    pub ok: bool,
-    /// The result, when `ok`.
-    #[serde(default)]
-    pub result: Option<Box<RawValue>>,
-    /// The error, when not.
-    #[serde(default)]
-    pub error: Option<ApiError>,
-}
-
-impl Answer {
-    /// The result as `T`, or the error.
-    pub fn into_result<T: DeserializeOwned>(self) -> Result<T, ApiError> {
-        match (self.ok, self.result, self.error) {
-            (true, Some(r), _) => serde_json::from_str(r.get())
-                .map_err(|e| ApiError::internal(format!("unexpected answer: {}", serde_message(&e)))),
-            (true, None, _) => Err(ApiError::internal("unexpected answer: no result")),
-            (false, _, Some(e)) => Err(e),
-            (false, _, None) => Err(ApiError::internal("unexpected answer: an error without details")),
-        }
-    }
 }
 
 /// A size in bytes: a non-negative integer, or a string with a unit (`"10MiB"`). It serializes the way
@@ -932,62 +654,6 @@ pub struct ReconcileCounts {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::services::volume::VolumeOp;
-
-    fn bad(line: &str) -> ApiError {
-        parse_request(line).unwrap_err().error
-    }
-
-    #[test]
-    fn ids_are_echoed_verbatim() {
-        let big = r#"{"id": 123456789012345678901234567890, "op": "ping"}"#;
-        let r = parse_request(big).unwrap();
-        assert_eq!(
-            answer(r.id, to_json(&Pong { pong: true })),
-            r#"{"id":123456789012345678901234567890,"ok":true,"result":{"pong":true}}"#
-        );
-        let r = parse_request(r#"{"id": {"a": [1, "x"]}, "op": "ping"}"#).unwrap();
-        assert_eq!(r.id.unwrap().get(), r#"{"a": [1, "x"]}"#);
-        let e = parse_request(r#"{"id": 7, "op": 3}"#).unwrap_err();
-        assert_eq!(e.id.unwrap().get(), "7");
-    }
-
-    #[test]
-    fn envelope_errors() {
-        assert_eq!(bad("nope").kind, ErrorKind::InvalidRequest);
-        assert_eq!(bad("[1]").message, "request must be a JSON object");
-        assert_eq!(bad(r#"{"id":1}"#).message, "missing \"op\"");
-        assert!(bad(r#"{"op":"ping","serivce":"volume"}"#).message.contains("unknown field"));
-        assert!(bad("{\"op\": \"pi").message.starts_with("malformed JSON"));
-        assert!(bad(r#"{"op":"frob"}"#).message.starts_with("unknown operation \"frob\""));
-        assert!(matches!(parse_request(r#"{"op":"ping"}"#).unwrap().body, Body::Ping));
-    }
-
-    #[test]
-    fn ops_and_arguments() {
-        let v: VolumeOp =
-            parse_op("volume", "create", RawValue::from_string(r#"{"name":"v","size":"1KiB"}"#.into()).ok().as_deref())
-                .unwrap();
-        assert_eq!(v, VolumeOp::Create { name: "v".into(), size: Size::bytes(1024), backend: None });
-        let raw = |s: &str| RawValue::from_string(s.to_owned()).unwrap();
-        let e = parse_op::<VolumeOp>("volume", "frobnicate", None).unwrap_err();
-        assert_eq!(e.kind, ErrorKind::InvalidRequest);
-        assert!(e.message.contains("known: create"), "{e}");
-        let e = parse_op::<VolumeOp>("volume", "create", Some(&raw(r#"{"name":5,"size":1}"#))).unwrap_err();
-        assert_eq!(e.kind, ErrorKind::InvalidArgument);
-        assert_eq!(e.message, "volume create: argument \"name\": invalid type: integer 5, expected a string");
-        let e = parse_op::<VolumeOp>("volume", "create", Some(&raw(r#"{"name":"v"}"#))).unwrap_err();
-        assert_eq!(e.message, "volume create: missing argument \"size\"");
-        let e = parse_op::<VolumeOp>("volume", "create", Some(&raw(r#"{"name":"v","size":18446744073709551616}"#)))
-            .unwrap_err();
-        assert!(e.message.contains("too large"), "{e}");
-        let e = parse_op::<VolumeOp>("volume", "create", Some(&raw(r#"{"name":"v","size":-1}"#))).unwrap_err();
-        assert!(e.message.contains("negative"), "{e}");
-        let e = parse_op::<VolumeOp>("volume", "get", Some(&raw(r#"{"name":"v","bogus":1}"#))).unwrap_err();
-        assert_eq!(e.message, "volume get: unknown argument \"bogus\" (expected: name, backend)");
-        let e = parse_op::<VolumeOp>("volume", "get", Some(&raw("[1]"))).unwrap_err();
-        assert_eq!(e.kind, ErrorKind::InvalidRequest);
-    }
 
     #[test]
     fn driver_error_kinds_pass_through() {

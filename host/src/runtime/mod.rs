@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 use crate::backend::{BuildContext, Health};
 use crate::config::{ConfigSource, Settings};
 use crate::control::protocol::{
-    answer, parse_request, to_json, ApiError, Body, ErrorKind, HostStatus, LibrariesStatus, Outcome, Pong, ReloadEntry,
-    ServiceStatus, State, SwapArgs, SwapReport, TrustStatus,
+    ApiError, ErrorKind, HostStatus, LibrariesStatus, Outcome, Pong, ReloadEntry, ServiceStatus, State, SwapArgs,
+    SwapReport, TrustStatus,
 };
+use crate::control::request::{answer, parse_request, to_json, Body, OpParser};
 use crate::control::server::{Handler, Peer, Server};
 use crate::loading::loader::Loader;
 use crate::services::{DynService, ServiceContext};
@@ -198,11 +199,12 @@ impl Host {
             }
             Body::Service { service, op, args } => {
                 let s = self.service(&service)?;
-                if s.reads(&op) {
-                    return s.handle_json(&op, args);
+                if op.reads() {
+                    return s.handle(op);
                 }
-                let r = Self::admin(peer, &format!("{service} {op}")).and_then(|()| s.handle_json(&op, args));
-                audited(Some(&service), &op, args.map(ToOwned::to_owned), &r);
+                let name = op.name();
+                let r = Self::admin(peer, &format!("{service} {name}")).and_then(|()| s.handle(op));
+                audited(Some(&service), name, args.map(ToOwned::to_owned), &r);
                 r
             }
         }
@@ -486,9 +488,17 @@ impl Handler for Host {
         let Ok(line) = std::str::from_utf8(line) else {
             return answer(None, Err(ApiError::new(ErrorKind::InvalidRequest, "request is not valid UTF-8")));
         };
-        let req = match parse_request(line) {
+        let kind = |name: &str| -> Result<OpParser, ApiError> { Ok(self.service(name)?.kind().parse) };
+        let req = match parse_request(line, &kind) {
             Ok(r) => r,
-            Err(bad) => return answer(bad.id, Err(bad.error)),
+            Err(bad) => {
+                // An attempt at a service operation that was not understood is audited as a change would
+                // be: who tried what, and why it was refused.
+                if let (Some(a), Some(log)) = (&bad.attempt, &self.audit) {
+                    log.record(peer, Some(&a.service), &a.op, a.args.map(ToOwned::to_owned), Err(&bad.error));
+                }
+                return answer(bad.id, Err(bad.error));
+            }
         };
         if self.stopping.load(Ordering::SeqCst) {
             return answer(req.id, Err(ApiError::new(ErrorKind::ShuttingDown, "plughost is stopping")));

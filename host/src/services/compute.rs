@@ -24,8 +24,9 @@ pub static KIND: ServiceKind =
 
 /// A compute operation and its arguments: what the socket carries and what `plughost ctl compute`
 /// takes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clap::Subcommand)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clap::Subcommand, strum::IntoStaticStr)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
+#[strum(serialize_all = "snake_case")]
 pub enum ComputeOp {
     /// Start a new instance running CMD ARGS... (after --)
     Spawn {
@@ -63,6 +64,15 @@ pub enum ComputeOp {
     Reboot(Named),
     /// Stop and remove an instance, with everything it started
     Destroy(Named),
+}
+
+impl super::Operation for ComputeOp {
+    fn reads(&self) -> bool {
+        matches!(self, ComputeOp::Get(_) | ComputeOp::List(_))
+    }
+    fn name(&self) -> &'static str {
+        self.into()
+    }
 }
 
 /// One extra environment variable: `K=V` on the command line; the list is an object on the wire.
@@ -523,7 +533,12 @@ impl Service for ComputeService {
     type Reply = ComputeReply;
     type Interface = ComputeInterface;
     type Record = InstanceRecord;
-    const READS: &'static [&'static str] = &["get", "list"];
+    fn listed(reply: &Self::Reply) -> Option<&[Self::Record]> {
+        match reply {
+            Reply::Many(list) => Some(list),
+            _ => None,
+        }
+    }
 
     fn new(backends: Backends<ComputeInterface>, records: Records<InstanceRecord>) -> ComputeService {
         let s = ComputeService {

@@ -20,7 +20,8 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 
 use crate::backend::{Backend, BackendControl, BackendSpec, BuildContext, Configured};
-use crate::control::protocol::{parse_op, to_json, ApiError, Capacity, ErrorKind};
+use crate::control::protocol::{ApiError, Capacity, ErrorKind};
+use crate::control::request::{op_args, parse_op, to_json, KindOp, OpParser};
 pub use records::ReconcileCounts;
 use records::{Record, Records};
 
@@ -44,13 +45,15 @@ pub struct ServiceKind {
     /// Adds the `plughost ctl SERVICE ...` subcommands (a derived `clap::Subcommand`'s
     /// `augment_subcommands`).
     pub ctl: fn(clap::Command) -> clap::Command,
-    /// Turns parsed `ctl` arguments into the operation's name and its JSON arguments.
-    pub ctl_request: fn(&clap::ArgMatches) -> Result<(String, String), String>,
-    /// Formats a successful answer to `op` for people.
-    pub format: fn(op: &str, result: &str) -> Result<String, String>,
-    /// Parses an operation and (if given) an answer's result into this kind's types and serializes
-    /// them back: how the protocol document's examples are checked ([`reencode`]).
-    pub reencode: ReencodeFn,
+    /// Parses one of its operations from a request: what makes a request typed from the socket in.
+    pub parse: OpParser,
+    /// Turns parsed `ctl` arguments into the typed operation to send.
+    pub ctl_op: fn(&clap::ArgMatches) -> Result<Box<dyn KindOp>, String>,
+    /// Formats a successful answer for people, from the kind's typed reply.
+    pub format: fn(result: &str) -> Result<String, String>,
+    /// Parses an answer's result into this kind's reply type and serializes it back: how the protocol
+    /// document's examples are checked ([`reencode`]).
+    pub reencode: fn(&str) -> Result<String, ApiError>,
     /// Serves a driver of this kind in a worker process (`plughost __worker`).
     pub serve_worker: fn(std::os::unix::net::UnixStream, crate::worker::Setup) -> !,
 }
@@ -71,9 +74,10 @@ impl ServiceKind {
             settings,
             build: build_service::<S>,
             ctl: <S::Op as clap::Subcommand>::augment_subcommands,
-            ctl_request: ctl_request::<S::Op>,
-            format: format::<S::Record>,
-            reencode: reencode::<S::Op, S::Reply>,
+            parse: parse_kind_op::<S::Op>,
+            ctl_op: ctl_op::<S::Op>,
+            format: format::<S>,
+            reencode: reencode::<S::Reply>,
             serve_worker: crate::worker::serve::<S::Interface>,
         }
     }
@@ -88,45 +92,64 @@ pub(crate) trait Listed: Record {
     fn cells(&self) -> Vec<String>;
 }
 
-/// Formats a successful answer for people: `list` as a table of `R`, anything else as `key: value`.
-fn format<R: Listed>(op: &str, result: &str) -> Result<String, String> {
-    if op != "list" {
-        return crate::util::fmt::key_values(result);
+/// Formats a successful answer for people: several records as a table, anything else as `key: value`.
+fn format<S: Service>(result: &str) -> Result<String, String> {
+    let reply: S::Reply = parse_result(result)?;
+    if let Some(list) = S::listed(&reply) {
+        let titles = ["NAME", "BACKEND", "STATUS"].iter().chain(<S::Record as Listed>::HEADINGS);
+        let mut rows = vec![titles.map(|c| (*c).to_owned()).collect::<Vec<_>>()];
+        rows.extend(list.iter().map(|r| {
+            let mut row = vec![r.name().to_owned(), r.backend().to_owned(), r.status().to_string()];
+            row.extend(r.cells());
+            if let (Some(reason), Some(last)) = (r.reason(), row.last_mut()) {
+                *last = reason.to_owned();
+            }
+            row
+        }));
+        return Ok(crate::util::fmt::table_rows(&rows, ""));
     }
-    let list: Vec<R> = parse_result(result)?;
-    let titles = ["NAME", "BACKEND", "STATUS"].iter().chain(R::HEADINGS);
-    let mut rows = vec![titles.map(|c| (*c).to_owned()).collect::<Vec<_>>()];
-    rows.extend(list.iter().map(|r| {
-        let mut row = vec![r.name().to_owned(), r.backend().to_owned(), r.status().to_string()];
-        row.extend(r.cells());
-        if let (Some(reason), Some(last)) = (r.reason(), row.last_mut()) {
-            *last = reason.to_owned();
-        }
-        row
-    }));
-    Ok(crate::util::fmt::table_rows(&rows, ""))
+    let text = serde_json::to_string(&reply).map_err(|e| format!("cannot show the answer: {e}"))?;
+    crate::util::fmt::key_values(&text)
 }
 
-/// See [`ServiceKind::reencode`].
-pub type ReencodeFn = fn(&str, Option<&RawValue>, Option<&str>) -> Result<(String, String, Option<String>), ApiError>;
+/// Parses a result as `R` and serializes it back (see [`ServiceKind::reencode`]).
+pub fn reencode<R: DeserializeOwned + Serialize>(result: &str) -> Result<String, ApiError> {
+    let typed: R = serde_json::from_str(result).map_err(|e| ApiError::internal(format!("result: {e}")))?;
+    to_json(&typed)
+}
 
-/// Parses `op` with `args` as `O` and `result` as `R`, and serializes both back: (op name, args JSON,
-/// result JSON).
-pub fn reencode<O: DeserializeOwned + Serialize, R: DeserializeOwned + Serialize>(
+/// `ServiceKind::parse`.
+fn parse_kind_op<O: DeserializeOwned + KindOp>(
+    service: &str,
     op: &str,
     args: Option<&RawValue>,
-    result: Option<&str>,
-) -> Result<(String, String, Option<String>), ApiError> {
-    let typed: O = parse_op("any", op, args)?;
-    let (op, args) = op_to_request(&typed).map_err(ApiError::internal)?;
-    let result = match result {
-        Some(r) => {
-            let typed: R = serde_json::from_str(r).map_err(|e| ApiError::internal(format!("result of {op}: {e}")))?;
-            Some(to_json(&typed)?)
-        }
-        None => None,
-    };
-    Ok((op, args, result))
+) -> Result<Box<dyn KindOp>, ApiError> {
+    Ok(Box::new(parse_op::<O>(service, op, args)?))
+}
+
+/// A kind's operation enum: its names come from serde (`rename_all = "snake_case"`, checked against
+/// strum's in a test), [`reads`](Operation::reads) says which only read.
+pub(crate) trait Operation: Serialize + std::fmt::Debug + Send + 'static {
+    /// Whether it only reads (open to `socket_group` readers); every other one changes something and
+    /// needs an admin.
+    fn reads(&self) -> bool;
+    /// Its name on the wire.
+    fn name(&self) -> &'static str;
+}
+
+impl<O: Operation> KindOp for O {
+    fn name(&self) -> &'static str {
+        Operation::name(self)
+    }
+    fn reads(&self) -> bool {
+        Operation::reads(self)
+    }
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send> {
+        self
+    }
+    fn args_json(&self) -> Result<Box<RawValue>, String> {
+        op_args(self)
+    }
 }
 
 impl std::fmt::Debug for ServiceKind {
@@ -156,16 +179,15 @@ pub struct ServiceContext<'a> {
 pub(crate) trait Service: Send + Sync + Sized + 'static {
     /// Its operations with their arguments: an externally tagged enum, which is also its `ctl`
     /// subcommand.
-    type Op: DeserializeOwned + Serialize + clap::Subcommand + clap::FromArgMatches;
+    type Op: DeserializeOwned + Operation + clap::Subcommand + clap::FromArgMatches;
     /// What its operations answer.
     type Reply: Serialize + DeserializeOwned;
+    /// The records of a reply that lists several (shown as a table by `ctl`).
+    fn listed(reply: &Self::Reply) -> Option<&[Self::Record]>;
     /// The driver kind it serves.
     type Interface: Interface;
     /// What it keeps about each resource.
     type Record: Listed;
-    /// The operations that only read (open to `socket_group` readers); every other one changes
-    /// something and needs an admin.
-    const READS: &'static [&'static str];
     /// The service over its backends and records.
     fn new(backends: Backends<Self::Interface>, records: Records<Self::Record>) -> Self;
     /// Its entry in [`kinds::KINDS`].
@@ -215,10 +237,9 @@ pub struct OnBackend {
     pub backend: Option<String>,
 }
 
-/// `ServiceKind::ctl_request`: the op enum is its own `ctl` subcommand.
-fn ctl_request<O: clap::FromArgMatches + Serialize>(m: &clap::ArgMatches) -> Result<(String, String), String> {
-    let op = O::from_arg_matches(m).map_err(|e| e.to_string())?;
-    op_to_request(&op)
+/// `ServiceKind::ctl_op`: the op enum is its own `ctl` subcommand.
+fn ctl_op<O: clap::FromArgMatches + Operation>(m: &clap::ArgMatches) -> Result<Box<dyn KindOp>, String> {
+    Ok(Box::new(O::from_arg_matches(m).map_err(|e| e.to_string())?))
 }
 
 /// How long a service waits for its backends' first `init` before it serves without the slow ones.
@@ -254,10 +275,8 @@ pub enum Never {}
 pub trait DynService: Send + Sync {
     /// Its entry in [`kinds::KINDS`].
     fn kind(&self) -> &'static ServiceKind;
-    /// Parses `op` and `args`, runs the operation, serializes the answer.
-    fn handle_json(&self, op: &str, args: Option<&RawValue>) -> Result<String, ApiError>;
-    /// Whether `op` only reads.
-    fn reads(&self, op: &str) -> bool;
+    /// Runs one of its operations (parsed by its kind's [`ServiceKind::parse`]) and serializes the answer.
+    fn handle(&self, op: Box<dyn KindOp>) -> Result<String, ApiError>;
     /// One round of periodic work (health checks, refreshing what drivers report).
     fn periodic(&self);
     /// Its backends, as the host controls them.
@@ -278,12 +297,15 @@ impl<S: Service> DynService for S {
     fn kind(&self) -> &'static ServiceKind {
         Service::kind(self)
     }
-    fn handle_json(&self, op: &str, args: Option<&RawValue>) -> Result<String, ApiError> {
-        let op = parse_op::<S::Op>(Service::kind(self).name, op, args)?;
-        to_json(&self.handle(op)?)
-    }
-    fn reads(&self, op: &str) -> bool {
-        S::READS.contains(&op)
+    fn handle(&self, op: Box<dyn KindOp>) -> Result<String, ApiError> {
+        let name = op.name();
+        let op = op.into_any().downcast::<S::Op>().map_err(|_| {
+            ApiError::internal(format!(
+                "{}: operation {name:?} was parsed for another service",
+                Service::kind(self).name
+            ))
+        })?;
+        to_json(&Service::handle(self, *op)?)
     }
     fn periodic(&self) {
         Service::periodic(self)
@@ -449,20 +471,6 @@ impl<T: Clone> PerBackend<T> {
 /// Resource names follow [`plughost_api::check_name`], the rule drivers use too.
 pub fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
     plughost_api::check_name(what, name).map_err(ApiError::from)
-}
-
-/// Turns a typed operation into the operation's name and JSON arguments (what `ctl` sends): the same
-/// type the server parses, so that the two cannot disagree on a field.
-pub fn op_to_request<T: Serialize>(op: &T) -> Result<(String, String), String> {
-    let v = serde_json::to_value(op).map_err(|e| e.to_string())?;
-    match v {
-        serde_json::Value::Object(m) if m.len() == 1 => {
-            let (name, args) = m.into_iter().next().expect("one entry");
-            Ok((name, args.to_string()))
-        }
-        serde_json::Value::String(name) => Ok((name, "{}".to_owned())),
-        other => Err(format!("cannot encode operation {other}")),
-    }
 }
 
 /// Parses an answer's result as `T` (for formatting).

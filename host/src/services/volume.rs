@@ -22,8 +22,9 @@ pub static KIND: ServiceKind = ServiceKind::of::<VolumeService>("volume", "Volum
 // Protocol
 
 /// A volume operation and its arguments: what the socket carries and what `plughost ctl volume` takes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clap::Subcommand)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clap::Subcommand, strum::IntoStaticStr)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
+#[strum(serialize_all = "snake_case")]
 pub enum VolumeOp {
     /// Create a volume
     Create {
@@ -79,6 +80,15 @@ pub enum VolumeOp {
     Delete(Named),
     /// Capacity of a backend, from its driver
     Stats(OnBackend),
+}
+
+impl super::Operation for VolumeOp {
+    fn reads(&self) -> bool {
+        matches!(self, VolumeOp::Get(_) | VolumeOp::List(_) | VolumeOp::Stats(_))
+    }
+    fn name(&self) -> &'static str {
+        self.into()
+    }
 }
 
 /// Where a volume is in its life.
@@ -466,7 +476,12 @@ impl Service for VolumeService {
     type Reply = VolumeReply;
     type Interface = VolumeInterface;
     type Record = VolumeRecord;
-    const READS: &'static [&'static str] = &["get", "list", "stats"];
+    fn listed(reply: &Self::Reply) -> Option<&[Self::Record]> {
+        match reply {
+            Reply::Many(list) => Some(list),
+            _ => None,
+        }
+    }
 
     fn new(backends: Backends<VolumeInterface>, records: Records<VolumeRecord>) -> VolumeService {
         let s = VolumeService {
