@@ -341,51 +341,100 @@ impl StateDb {
     }
 }
 
-/// Turns a record into its row: each column takes the serialized field of the same name.
-pub fn to_row<T: serde::Serialize>(table: &Table, record: &T) -> Result<Vec<Value>, String> {
-    let v = serde_json::to_value(record).map_err(|e| e.to_string())?;
-    let serde_json::Value::Object(mut fields) = v else { return Err("a record is not a JSON object".into()) };
-    let row = table
-        .columns
-        .iter()
-        .map(|c| {
-            let f = fields.remove(c.name).unwrap_or(serde_json::Value::Null);
-            Ok(match (c.ty, f) {
-                (_, serde_json::Value::Null) => Value::Null,
-                (ColumnType::Text, serde_json::Value::String(s)) => Value::Text(s),
-                (ColumnType::Int, serde_json::Value::Number(n)) => Value::Integer(
-                    n.as_i64()
-                        .ok_or_else(|| format!("field {:?}: {n} does not fit a signed 64-bit integer", c.name))?,
-                ),
-                (ColumnType::Bool, serde_json::Value::Bool(b)) => Value::Integer(i64::from(b)),
-                (ColumnType::Json, v) => Value::Text(v.to_string()),
-                (ty, v) => return Err(format!("field {:?}: {v} does not fit a {ty:?} column", c.name)),
-            })
-        })
-        .collect::<Result<Vec<_>, String>>()?;
-    if let Some(extra) = fields.keys().next() {
-        return Err(format!("field {extra:?} has no column in table {}", table.name));
-    }
-    Ok(row)
+/// A row being read back into a record, column by column, by name (no JSON in between).
+#[derive(Debug)]
+pub struct RowReader {
+    columns: &'static [Column],
+    values: Vec<Option<Value>>,
 }
 
-/// Turns a row back into a record.
-pub fn from_row<T: serde::de::DeserializeOwned>(table: &Table, row: Vec<Value>) -> Result<T, String> {
-    let mut fields = serde_json::Map::with_capacity(row.len());
-    for (c, v) in table.columns.iter().zip(row) {
-        let j = match (c.ty, v) {
-            (_, Value::Null) => serde_json::Value::Null,
-            (ColumnType::Text, Value::Text(s)) => serde_json::Value::String(s),
-            (ColumnType::Int, Value::Integer(i)) => serde_json::Value::from(i),
-            (ColumnType::Bool, Value::Integer(i)) => serde_json::Value::Bool(i != 0),
-            (ColumnType::Json, Value::Text(s)) => {
-                serde_json::from_str(&s).map_err(|e| format!("column {:?}: {e}", c.name))?
-            }
-            (ty, v) => return Err(format!("column {:?}: {v:?} is not {ty:?}", c.name)),
-        };
-        fields.insert(c.name.to_owned(), j);
+impl RowReader {
+    /// The values of a row, in the columns' order.
+    pub fn new(columns: &'static [Column], row: Vec<Value>) -> RowReader {
+        RowReader { columns, values: row.into_iter().map(Some).collect() }
     }
-    serde_json::from_value(serde_json::Value::Object(fields)).map_err(|e| e.to_string())
+
+    fn take(&mut self, name: &str) -> Result<Value, String> {
+        let i = self.columns.iter().position(|c| c.name == name).ok_or_else(|| format!("no column {name:?}"))?;
+        Ok(self.values.get_mut(i).and_then(Option::take).unwrap_or(Value::Null))
+    }
+
+    /// A TEXT column that may be NULL.
+    pub fn opt_text(&mut self, name: &str) -> Result<Option<String>, String> {
+        match self.take(name)? {
+            Value::Null => Ok(None),
+            Value::Text(s) => Ok(Some(s)),
+            v => Err(format!("column {name:?}: {v:?} is not text")),
+        }
+    }
+
+    /// A TEXT column.
+    pub fn text(&mut self, name: &str) -> Result<String, String> {
+        self.opt_text(name)?.ok_or_else(|| format!("column {name:?} is NULL"))
+    }
+
+    /// An INTEGER column that may be NULL, as `T`.
+    pub fn opt_int<T: TryFrom<i64>>(&mut self, name: &str) -> Result<Option<T>, String> {
+        match self.take(name)? {
+            Value::Null => Ok(None),
+            Value::Integer(i) => T::try_from(i).map(Some).map_err(|_| format!("column {name:?}: {i} is out of range")),
+            v => Err(format!("column {name:?}: {v:?} is not an integer")),
+        }
+    }
+
+    /// An INTEGER column, as `T`.
+    pub fn int<T: TryFrom<i64>>(&mut self, name: &str) -> Result<T, String> {
+        self.opt_int(name)?.ok_or_else(|| format!("column {name:?} is NULL"))
+    }
+
+    /// An INTEGER 0/1 column (NULL is false).
+    pub fn boolean(&mut self, name: &str) -> Result<bool, String> {
+        Ok(self.opt_int::<i64>(name)?.is_some_and(|i| i != 0))
+    }
+
+    /// A TEXT column holding JSON (NULL is the type's default).
+    pub fn json<T: serde::de::DeserializeOwned + Default>(&mut self, name: &str) -> Result<T, String> {
+        match self.opt_text(name)? {
+            None => Ok(T::default()),
+            Some(s) => serde_json::from_str(&s).map_err(|e| format!("column {name:?}: {e}")),
+        }
+    }
+
+    /// A TEXT column holding a name parsed by `T::from_str` (a status).
+    pub fn parsed<T: std::str::FromStr>(&mut self, name: &str) -> Result<T, String> {
+        let text = self.text(name)?;
+        text.parse().map_err(|_| format!("column {name:?}: unknown value {text:?}"))
+    }
+}
+
+/// Column values, written once for every record type.
+pub mod value {
+    use rusqlite::types::Value;
+
+    /// TEXT.
+    pub fn text(s: &str) -> Value {
+        Value::Text(s.to_owned())
+    }
+    /// TEXT or NULL.
+    pub fn opt_text(s: Option<&str>) -> Value {
+        s.map(text).unwrap_or(Value::Null)
+    }
+    /// INTEGER (refusing what does not fit a signed 64-bit integer).
+    pub fn int<T: TryInto<i64> + Copy + std::fmt::Display>(n: T) -> Result<Value, String> {
+        n.try_into().map(Value::Integer).map_err(|_| format!("{n} does not fit a signed 64-bit integer"))
+    }
+    /// INTEGER or NULL.
+    pub fn opt_int<T: TryInto<i64> + Copy + std::fmt::Display>(n: Option<T>) -> Result<Value, String> {
+        n.map(int).unwrap_or(Ok(Value::Null))
+    }
+    /// INTEGER 0/1.
+    pub fn boolean(b: bool) -> Value {
+        Value::Integer(i64::from(b))
+    }
+    /// TEXT holding JSON.
+    pub fn json<T: serde::Serialize>(v: &T) -> Result<Value, String> {
+        serde_json::to_string(v).map(Value::Text).map_err(|e| e.to_string())
+    }
 }
 
 /// The state-dir lock: held for as long as the host runs, released by the kernel when the process ends

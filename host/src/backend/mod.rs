@@ -495,6 +495,11 @@ impl<I: Interface> Backend<I> {
         }
     }
 
+    /// The service it serves.
+    pub fn service(&self) -> &'static str {
+        self.service
+    }
+
     /// Runs the driver's first `init` in the background (at start: a slow `init` of one backend holds up
     /// no other). The backend is `starting` until it returns; one that outlasts the call timeout is
     /// given up on (down; a swap or a restart brings a new driver).

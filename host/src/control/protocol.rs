@@ -560,8 +560,9 @@ pub struct CallStatus {
     pub max_us: u64,
 }
 
-/// A backend's capacity, as last refreshed by the periodic task.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+/// A backend's capacity (the one type for what a driver reports, what `stats` answers and what status
+/// shows, as last refreshed by the periodic task).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Capacity {
     /// Total bytes.
     pub total_bytes: u64,
@@ -569,8 +570,18 @@ pub struct Capacity {
     pub free_bytes: u64,
     /// Sum of provisioned sizes.
     pub provisioned_bytes: u64,
+    /// Sum of allocated bytes.
+    #[serde(default)]
+    pub allocated_bytes: u64,
     /// Number of resources.
     pub volumes: u64,
+}
+
+impl From<plughost_api::CapacityStats> for Capacity {
+    fn from(s: plughost_api::CapacityStats) -> Capacity {
+        let plughost_api::CapacityStats { total_bytes, free_bytes, provisioned_bytes, allocated_bytes, volumes } = s;
+        Capacity { total_bytes, free_bytes, provisioned_bytes, allocated_bytes, volumes }
+    }
 }
 
 /// Driver libraries mapped into the host.

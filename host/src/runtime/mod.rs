@@ -296,12 +296,7 @@ impl Host {
 
     /// A service's backend by name (default: its default backend), or `not_found` naming the known ones.
     fn backend(&self, service: &str, name: Option<&str>) -> Result<&Arc<dyn crate::backend::BackendControl>, ApiError> {
-        let s = self.service(service)?;
-        let name = name.unwrap_or(s.default_backend());
-        s.backends().iter().find(|b| b.name() == name).ok_or_else(|| {
-            let known: Vec<&str> = s.backends().iter().map(|b| b.name()).collect();
-            ApiError::not_found(format!("unknown {service} backend {name:?} (known: {})", known.join(", ")))
-        })
+        self.service(service)?.table().pick(name)
     }
 
     /// `swap`: replaces a backend's driver (default: the service's default backend) with `args.driver`

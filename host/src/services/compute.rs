@@ -8,12 +8,13 @@ use plughost_api::{ComputeDriver, Instance, InstanceSpec, InstanceState};
 use plughost_api::{ComputeInterface, ComputeMethod};
 use serde::{Deserialize, Serialize};
 
-use super::records::{impl_record, new_id, Counter, ReconcileCounts, Record, Records, Verdict};
-use super::{check_name, BackendTable, Backends, Latest, Listed, Named, OnBackend, Reply, Service, ServiceKind};
-use crate::backend::{Backend, BackendControl, Health};
+use super::records::{Counter, Meta, ReconcileCounts, Record, Status, Verdict};
+use super::{check_name, Core, Listed, Named, OnBackend, Reply, Service, ServiceKind};
+use crate::backend::{Backend, BackendControl};
 use crate::control::protocol::{ApiError, Removed};
-use crate::state::{Column, ColumnType};
+use crate::state::{value, Column, ColumnType, RowReader};
 use crate::util::time::now;
+use rusqlite::types::Value;
 
 /// The compute service in the table.
 pub static KIND: ServiceKind =
@@ -105,8 +106,9 @@ mod env_object {
 }
 
 /// Where an instance is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, strum::Display, strum::EnumString)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum InstanceStatus {
     /// Being created.
     Spawning,
@@ -130,13 +132,6 @@ pub enum InstanceStatus {
     Error,
 }
 
-impl std::fmt::Display for InstanceStatus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let v = serde_json::to_value(self).ok();
-        f.write_str(v.as_ref().and_then(|v| v.as_str()).unwrap_or("?"))
-    }
-}
-
 impl From<InstanceState> for InstanceStatus {
     fn from(s: InstanceState) -> InstanceStatus {
         match s {
@@ -148,17 +143,12 @@ impl From<InstanceState> for InstanceStatus {
     }
 }
 
-/// What the service knows about one instance.
+/// What the service knows about one instance: the shared [`Meta`] and its own fields.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct InstanceRecord {
-    /// Stable id.
-    pub id: String,
-    /// Name, unique within the service.
-    pub name: String,
-    /// Backend running it.
-    pub backend: String,
-    /// Where it is in its life.
-    pub status: InstanceStatus,
+    /// Id, name, backend, status, times, reason, adoption, driver digest.
+    #[serde(flatten)]
+    pub meta: Meta<InstanceStatus>,
     /// Process id while running.
     pub pid: Option<u32>,
     /// Exit code of the last run.
@@ -185,19 +175,6 @@ pub struct InstanceRecord {
     /// What was asked for.
     #[serde(default)]
     pub spec: Option<SpecRecord>,
-    /// Creation time, seconds since the epoch.
-    pub created_at: u64,
-    /// Last change, seconds since the epoch.
-    pub updated_at: u64,
-    /// Why the status is `error`.
-    #[serde(default)]
-    pub reason: Option<String>,
-    /// Found on the backend without a record and adopted (with a new id).
-    #[serde(default)]
-    pub adopted: bool,
-    /// The digest of the driver library that created it (`blake3:…`), when known.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub driver_digest: Option<String>,
 }
 
 /// The `instances` table: one column per field.
@@ -239,12 +216,8 @@ pub struct SpecRecord {
 
 impl InstanceRecord {
     fn new(spec: &InstanceSpec, backend: &str, status: InstanceStatus) -> InstanceRecord {
-        let t = now();
         InstanceRecord {
-            id: new_id(),
-            name: spec.name.clone(),
-            backend: backend.to_owned(),
-            status,
+            meta: Meta::new(&spec.name, backend, status),
             pid: None,
             exit_code: None,
             exit_signal: None,
@@ -264,11 +237,6 @@ impl InstanceRecord {
                 env: spec.env.iter().cloned().collect(),
                 workdir: spec.workdir.clone(),
             }),
-            created_at: t,
-            updated_at: t,
-            reason: None,
-            adopted: false,
-            driver_digest: None,
         }
     }
 
@@ -276,14 +244,14 @@ impl InstanceRecord {
     /// writing down; usage counters change all the time and are refreshed in memory).
     fn apply(&mut self, i: &Instance) -> bool {
         let status = InstanceStatus::from(i.state);
-        let changed = self.status != status
+        let changed = self.meta.status != status
             || self.pid != i.pid
             || self.exit_code != i.exit_code
             || self.exit_signal != i.exit_signal
             || self.exit_unknown != i.exit_unknown
             || self.started_at_ms != i.started_at_ms;
-        self.status = status;
-        self.reason = None;
+        self.meta.status = status;
+        self.meta.reason = None;
         self.pid = i.pid;
         self.exit_code = i.exit_code;
         self.exit_signal = i.exit_signal;
@@ -295,13 +263,60 @@ impl InstanceRecord {
         self.started_at_ms = i.started_at_ms;
         self.details = i.details.iter().cloned().collect();
         if changed {
-            self.updated_at = now();
+            self.meta.updated_at = now();
         }
         changed
     }
 }
 
-impl_record!(InstanceRecord, InstanceStatus, "instance", "instances", COLUMNS, InstanceStatus::Error);
+impl Status for InstanceStatus {
+    const ERROR: InstanceStatus = InstanceStatus::Error;
+}
+
+impl Record for InstanceRecord {
+    type Status = InstanceStatus;
+    const WHAT: &'static str = "instance";
+    const TABLE: &'static str = "instances";
+    const COLUMNS: &'static [Column] = COLUMNS;
+    fn meta(&self) -> &Meta<InstanceStatus> {
+        &self.meta
+    }
+    fn meta_mut(&mut self) -> &mut Meta<InstanceStatus> {
+        &mut self.meta
+    }
+    fn column(&self, name: &str) -> Result<Value, String> {
+        match name {
+            "pid" => value::opt_int(self.pid),
+            "exit_code" => value::opt_int(self.exit_code),
+            "exit_signal" => value::opt_int(self.exit_signal),
+            "exit_unknown" => Ok(value::boolean(self.exit_unknown)),
+            "rss_bytes" => value::int(self.rss_bytes),
+            "cpu_time_ms" => value::int(self.cpu_time_ms),
+            "uptime_ms" => value::int(self.uptime_ms),
+            "command" => Ok(value::text(&self.command)),
+            "started_at_ms" => value::opt_int(self.started_at_ms),
+            "details" => value::json(&self.details),
+            "spec" => value::json(&self.spec),
+            other => Err(format!("no field {other:?} in an instance record")),
+        }
+    }
+    fn from_row(meta: Meta<InstanceStatus>, row: &mut RowReader) -> Result<InstanceRecord, String> {
+        Ok(InstanceRecord {
+            meta,
+            pid: row.opt_int("pid")?,
+            exit_code: row.opt_int("exit_code")?,
+            exit_signal: row.opt_int("exit_signal")?,
+            exit_unknown: row.boolean("exit_unknown")?,
+            rss_bytes: row.int("rss_bytes")?,
+            cpu_time_ms: row.int("cpu_time_ms")?,
+            uptime_ms: row.int("uptime_ms")?,
+            command: row.text("command")?,
+            started_at_ms: row.opt_int("started_at_ms")?,
+            details: row.json("details")?,
+            spec: row.json("spec")?,
+        })
+    }
+}
 
 impl Listed for InstanceRecord {
     const HEADINGS: &'static [&'static str] = &["PID", "RSS", "CPU", "COMMAND"];
@@ -319,10 +334,7 @@ pub type ComputeReply = Reply<InstanceRecord>;
 
 /// The compute service.
 pub struct ComputeService {
-    backends: Backends<ComputeInterface>,
-    records: Records<InstanceRecord>,
-    last_reconcile: Latest<ReconcileCounts>,
-    incarnations: super::PerBackend<u64>,
+    core: Core<ComputeInterface, InstanceRecord>,
 }
 
 impl ComputeService {
@@ -332,21 +344,12 @@ impl ComputeService {
     /// operation is working on. An instance the driver no longer has becomes `error` ("missing from
     /// backend"); one it has without a record is adopted.
     fn reconcile(&self, b: &Backend<ComputeInterface>, concurrent: bool) -> ReconcileCounts {
-        let skipped = ReconcileCounts { skipped_backends: 1, at: now(), ..ReconcileCounts::default() };
-        if b.health() != Health::Up {
-            return skipped;
-        }
-        // Before listing: what is written from now on is looked up again (the list may be stale).
-        let watch = concurrent.then(|| self.records.watch());
-        let list = match b.call(ComputeMethod::list, |d| d.list()) {
-            Ok(l) => l,
-            Err(e) => {
-                log::warn!("compute backend {:?}: cannot list instances, records kept: {e}", b.name);
-                return skipped;
-            }
+        let (list, watch) = match self.core.listing(b, concurrent, || b.call(ComputeMethod::list, |d| d.list())) {
+            Ok(listed) => listed,
+            Err(skipped) => return skipped,
         };
         let recheck = |name: &str| b.call(ComputeMethod::get, |d| d.get(name)).ok();
-        self.records.reconcile(
+        self.core.records.reconcile(
             &b.name,
             list,
             |i| &i.name,
@@ -361,39 +364,39 @@ impl ComputeService {
                         InstanceSpec { name: i.name.clone(), command: i.command.clone(), ..InstanceSpec::default() };
                     let mut r = InstanceRecord::new(&spec, &b.name, S::Unknown);
                     r.spec = None;
-                    r.adopted = true;
+                    r.meta.adopted = true;
                     r.apply(i);
                     return Verdict::Put(r, Counter::Adopted);
                 };
                 let mut r = r.clone();
-                match (r.status, found) {
+                match (r.meta.status, found) {
                     (S::Spawning, None) => {
-                        log::info!("instance {:?}: interrupted spawn never completed; record removed", r.name);
+                        log::info!("instance {:?}: interrupted spawn never completed; record removed", r.meta.name);
                         Verdict::Remove(Counter::Undone)
                     }
                     (S::Deleting, None) => {
-                        log::info!("instance {:?}: interrupted destroy had completed; record removed", r.name);
+                        log::info!("instance {:?}: interrupted destroy had completed; record removed", r.meta.name);
                         Verdict::Remove(Counter::Completed)
                     }
-                    (S::Deleting, Some(_)) => match b.call(ComputeMethod::destroy, |d| d.destroy(&r.name)) {
+                    (S::Deleting, Some(_)) => match b.call(ComputeMethod::destroy, |d| d.destroy(&r.meta.name)) {
                         Ok(()) => {
-                            log::info!("instance {:?}: interrupted destroy finished", r.name);
+                            log::info!("instance {:?}: interrupted destroy finished", r.meta.name);
                             Verdict::Remove(Counter::Completed)
                         }
                         Err(e) => {
-                            log::warn!("instance {:?}: cannot finish an interrupted destroy: {e}", r.name);
+                            log::warn!("instance {:?}: cannot finish an interrupted destroy: {e}", r.meta.name);
                             r.fail(&format!("interrupted destroy could not finish: {}", e.message));
                             Verdict::Put(r, Counter::Failed)
                         }
                     },
-                    (S::Stopping, Some(i)) => match b.call(ComputeMethod::stop, |d| d.stop(&r.name)) {
+                    (S::Stopping, Some(i)) => match b.call(ComputeMethod::stop, |d| d.stop(&r.meta.name)) {
                         Ok(i) => {
-                            log::info!("instance {:?}: interrupted stop finished", r.name);
+                            log::info!("instance {:?}: interrupted stop finished", r.meta.name);
                             r.apply(&i);
                             Verdict::Put(r, Counter::Completed)
                         }
                         Err(e) => {
-                            log::warn!("instance {:?}: cannot finish an interrupted stop: {e}", r.name);
+                            log::warn!("instance {:?}: cannot finish an interrupted stop: {e}", r.meta.name);
                             r.apply(i);
                             Verdict::Put(r, Counter::Failed)
                         }
@@ -401,8 +404,8 @@ impl ComputeService {
                     (S::Spawning | S::Starting | S::Rebooting, Some(i)) => {
                         log::info!(
                             "instance {:?}: interrupted {} completed on the backend; {}",
-                            r.name,
-                            r.status,
+                            r.meta.name,
+                            r.meta.status,
                             i.state
                         );
                         r.apply(i);
@@ -421,19 +424,12 @@ impl ComputeService {
     /// Reconciles every backend (one that is up again after being down, or all of them) and keeps the
     /// counts for `status`.
     fn reconcile_all(&self, only: Option<&str>) {
-        let started = std::time::Instant::now();
-        let mut total = ReconcileCounts { at: now(), ..ReconcileCounts::default() };
-        for b in self.backends.iter().filter(|b| only.is_none_or(|o| o == b.name)) {
-            total.add(&self.reconcile(b, only.is_some()));
-        }
-        total.duration_ms = started.elapsed().as_millis() as u64;
-        log::info!("instance records reconciled: {total:?}");
-        self.last_reconcile.set(total);
+        self.core.reconcile_all(only, |b| self.reconcile(b, only.is_some()));
     }
 
     /// Refreshes records from the drivers (periodic work, and before `list`).
     fn sync(&self, only: Option<&str>) {
-        for b in self.backends.iter().filter(|b| only.is_none_or(|o| o == b.name)) {
+        for b in self.core.backends.iter().filter(|b| only.is_none_or(|o| o == b.name)) {
             self.reconcile(b, true);
         }
     }
@@ -443,11 +439,11 @@ impl ComputeService {
         if spec.command.is_empty() {
             return Err(ApiError::invalid(format!("instance {:?}: empty command", spec.name)));
         }
-        let b = self.backends.pick(backend)?;
-        let _held = self.records.hold(&spec.name);
+        let b = self.core.backends.pick(backend)?;
+        let _held = self.core.records.hold(&spec.name);
         let mut record = InstanceRecord::new(&spec, &b.name, InstanceStatus::Spawning);
-        record.driver_digest = Some(b.digest());
-        self.records.create(
+        record.meta.driver_digest = Some(b.digest());
+        self.core.records.create(
             record,
             || b.call(ComputeMethod::spawn, |d| d.spawn(&spec)),
             |r, i| {
@@ -464,9 +460,9 @@ impl ComputeService {
         method: ComputeMethod,
         f: impl FnOnce(&dyn ComputeDriver) -> Result<Instance, plughost_api::DriverError>,
     ) -> Result<InstanceRecord, ApiError> {
-        let _held = self.records.hold(name);
-        let (r, b) = self.backends.locate(&self.records, name, backend)?;
-        self.records.transition(
+        let _held = self.core.records.hold(name);
+        let (r, b) = self.core.backends.locate(&self.core.records, name, backend)?;
+        self.core.records.transition(
             r,
             during,
             || b.call(method, f),
@@ -477,9 +473,11 @@ impl ComputeService {
     }
 
     fn destroy(&self, name: &str, backend: Option<&str>) -> Result<Removed, ApiError> {
-        let _held = self.records.hold(name);
-        let (r, b) = self.backends.locate(&self.records, name, backend)?;
-        self.records.removal(r, InstanceStatus::Deleting, || b.call(ComputeMethod::destroy, |d| d.destroy(name)))?;
+        let _held = self.core.records.hold(name);
+        let (r, b) = self.core.backends.locate(&self.core.records, name, backend)?;
+        self.core
+            .records
+            .removal(r, InstanceStatus::Deleting, || b.call(ComputeMethod::destroy, |d| d.destroy(name)))?;
         Ok(Removed { name: name.to_owned(), deleted: None, destroyed: Some(true) })
     }
 
@@ -487,9 +485,9 @@ impl ComputeService {
     /// A driver error is the answer; a driver that no longer has the instance turns the record to
     /// `error`.
     fn get(&self, name: &str, backend: Option<&str>) -> Result<InstanceRecord, ApiError> {
-        let _held = self.records.hold(name);
-        let (r, b) = self.backends.locate(&self.records, name, backend)?;
-        self.records.refresh(r, b.call(ComputeMethod::get, |d| d.get(name)), InstanceRecord::apply)
+        let _held = self.core.records.hold(name);
+        let (r, b) = self.core.backends.locate(&self.core.records, name, backend)?;
+        self.core.records.refresh(r, b.call(ComputeMethod::get, |d| d.get(name)), InstanceRecord::apply)
     }
 }
 
@@ -507,10 +505,10 @@ impl Service for ComputeService {
             ComputeOp::Get(Named { name, backend }) => ComputeReply::One(self.get(&name, backend.as_deref())?),
             ComputeOp::List(OnBackend { backend }) => {
                 if let Some(b) = &backend {
-                    self.backends.pick(Some(b))?;
+                    self.core.backends.pick(Some(b))?;
                 }
                 self.sync(backend.as_deref());
-                ComputeReply::Many(self.records.list(backend.as_deref()))
+                ComputeReply::Many(self.core.records.list(backend.as_deref()))
             }
             ComputeOp::Start(Named { name, backend }) => {
                 let r = self.transition(&name, backend.as_deref(), S::Starting, M::start, |d| d.start(&name))?;
@@ -540,18 +538,14 @@ impl Service for ComputeService {
         }
     }
 
-    fn new(backends: Backends<ComputeInterface>, records: Records<InstanceRecord>) -> ComputeService {
-        let s = ComputeService {
-            backends,
-            records,
-            last_reconcile: Latest::default(),
-            incarnations: super::PerBackend::default(),
-        };
-        for b in s.backends.iter() {
-            s.incarnations.set(&b.name, b.incarnation());
-        }
+    fn new(core: Core<ComputeInterface, InstanceRecord>) -> ComputeService {
+        let s = ComputeService { core };
         s.reconcile_all(None);
         s
+    }
+
+    fn core(&self) -> &Core<ComputeInterface, InstanceRecord> {
+        &self.core
     }
 
     fn kind(&self) -> &'static ServiceKind {
@@ -559,29 +553,12 @@ impl Service for ComputeService {
     }
 
     fn periodic(&self) {
-        for b in self.backends.iter() {
-            let was_up = b.health() == Health::Up;
-            BackendControl::check_health(b.clone());
-            let incarnation = b.incarnation();
-            let replaced = self.incarnations.get(&b.name).is_some_and(|seen| seen != incarnation);
-            self.incarnations.set(&b.name, incarnation);
-            if b.health() == Health::Up && (!was_up || replaced) {
+        self.core.health_round(|b, changed| {
+            if changed {
                 self.reconcile_all(Some(&b.name));
             }
-        }
+        });
         self.sync(None);
-    }
-
-    fn table(&self) -> &BackendTable {
-        self.backends.table()
-    }
-
-    fn last_reconcile(&self) -> Option<ReconcileCounts> {
-        self.last_reconcile.get()
-    }
-
-    fn records(&self) -> &Records<InstanceRecord> {
-        &self.records
     }
 
     /// Instances outlive the host: only backends set to `stop_instances_on_exit` have theirs stopped
@@ -589,17 +566,22 @@ impl Service for ComputeService {
     /// cleanup.
     fn cleanup(&self) {
         std::thread::scope(|scope| {
-            for b in self.backends.iter().filter(|b| b.configured().settings.stop_instances_on_exit) {
+            for b in self.core.backends.iter().filter(|b| b.configured().settings.stop_instances_on_exit) {
                 // Every instance, not only running ones: one whose first process exited may have left
                 // processes behind, and stop ends them too.
-                for r in self.records.list(Some(&b.name)) {
+                for r in self.core.records.list(Some(&b.name)) {
                     scope.spawn(move || {
-                        log::info!("instance {:?}: stopping (backend {:?} stops instances on exit)", r.name, b.name);
-                        let stop = self.transition(&r.name, None, InstanceStatus::Stopping, ComputeMethod::stop, |d| {
-                            d.stop(&r.name)
-                        });
+                        log::info!(
+                            "instance {:?}: stopping (backend {:?} stops instances on exit)",
+                            r.meta.name,
+                            b.name
+                        );
+                        let stop =
+                            self.transition(&r.meta.name, None, InstanceStatus::Stopping, ComputeMethod::stop, |d| {
+                                d.stop(&r.meta.name)
+                            });
                         if let Err(e) = stop {
-                            log::warn!("instance {:?}: stop at exit failed: {}", r.name, e.message);
+                            log::warn!("instance {:?}: stop at exit failed: {}", r.meta.name, e.message);
                         }
                     });
                 }
@@ -616,6 +598,7 @@ mod tests {
     use super::*;
     use crate::backend::Backend;
     use crate::control::protocol::ErrorKind;
+    use crate::services::records::Records;
     use plughost_api::{ComputeClient, DriverError};
     use std::sync::Arc;
     use std::sync::Mutex;
@@ -670,7 +653,10 @@ mod tests {
     fn service(driver: Mem) -> ComputeService {
         let client: Box<dyn ComputeDriver> = Box::new(ComputeClient::in_process(driver));
         let backend = Backend::<ComputeInterface>::in_process("compute", "default", client, "mem");
-        ComputeService::new(Backends::from_list("compute", vec![backend]), Records::in_memory())
+        ComputeService::new(Core::new(
+            crate::services::Backends::from_list("compute", vec![backend]),
+            Records::in_memory(),
+        ))
     }
 
     fn spec(name: &str, command: &str) -> InstanceSpec {
@@ -684,11 +670,11 @@ mod tests {
         let e = s.spawn(spec("a", ""), None).unwrap_err();
         assert_eq!((e.kind, e.message.as_str()), (ErrorKind::InvalidArgument, "instance \"a\": empty command"));
         let r = s.spawn(spec("a", "sleep"), None).unwrap();
-        assert_eq!((r.status, r.pid), (InstanceStatus::Running, Some(42)));
+        assert_eq!((r.meta.status, r.pid), (InstanceStatus::Running, Some(42)));
         assert_eq!(r.spec.as_ref().unwrap().command, "sleep");
         assert_eq!(s.spawn(spec("a", "sleep"), None).unwrap_err().kind, ErrorKind::AlreadyExists);
         let stopped = s.transition("a", None, InstanceStatus::Stopping, ComputeMethod::stop, |d| d.stop("a")).unwrap();
-        assert_eq!((stopped.status, stopped.pid), (InstanceStatus::Stopped, None));
+        assert_eq!((stopped.meta.status, stopped.pid), (InstanceStatus::Stopped, None));
         s.destroy("a", None).unwrap();
         assert_eq!(s.get("a", None).unwrap_err().kind, ErrorKind::NotFound);
     }
@@ -705,15 +691,19 @@ mod tests {
         let stopping = std::thread::spawn(move || {
             s2.transition("slow", None, InstanceStatus::Stopping, ComputeMethod::stop, |d| d.stop("slow"))
         });
-        while s.records.get("slow").unwrap().status != InstanceStatus::Stopping {
+        while s.core.records.get("slow").unwrap().meta.status != InstanceStatus::Stopping {
             std::thread::yield_now();
         }
-        assert_eq!(s.get("quick", None).unwrap().status, InstanceStatus::Running, "answers while the other stops");
+        assert_eq!(s.get("quick", None).unwrap().meta.status, InstanceStatus::Running, "answers while the other stops");
         let listed = s.handle(ComputeOp::List(OnBackend { backend: None })).unwrap();
         let ComputeReply::Many(list) = listed else { panic!("list answers records") };
-        assert_eq!(list.iter().find(|r| r.name == "slow").unwrap().status, InstanceStatus::Stopping, "sync skips it");
+        assert_eq!(
+            list.iter().find(|r| r.meta.name == "slow").unwrap().meta.status,
+            InstanceStatus::Stopping,
+            "sync skips it"
+        );
         tx.send(()).unwrap();
-        assert_eq!(stopping.join().unwrap().unwrap().status, InstanceStatus::Stopped);
+        assert_eq!(stopping.join().unwrap().unwrap().meta.status, InstanceStatus::Stopped);
     }
 
     #[test]
@@ -724,12 +714,15 @@ mod tests {
             Instance { name: "stray".into(), state: InstanceState::Running, pid: Some(7), ..Instance::default() },
         );
         let s = service(mem);
-        let stray = s.records.get("stray").unwrap();
-        assert_eq!((stray.status, stray.pid), (InstanceStatus::Running, Some(7)));
+        let stray = s.core.records.get("stray").unwrap();
+        assert_eq!((stray.meta.status, stray.pid), (InstanceStatus::Running, Some(7)));
         s.spawn(spec("a", "x"), None).unwrap();
-        s.backends.iter().next().unwrap().call(ComputeMethod::destroy, |d| d.destroy("a")).unwrap();
+        s.core.backends.iter().next().unwrap().call(ComputeMethod::destroy, |d| d.destroy("a")).unwrap();
         s.sync(None);
-        let a = s.records.get("a").unwrap();
-        assert_eq!((a.status, a.reason.as_deref()), (InstanceStatus::Error, Some(super::super::records::MISSING)));
+        let a = s.core.records.get("a").unwrap();
+        assert_eq!(
+            (a.meta.status, a.meta.reason.as_deref()),
+            (InstanceStatus::Error, Some(super::super::records::MISSING))
+        );
     }
 }

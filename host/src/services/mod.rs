@@ -6,21 +6,23 @@
 //! through the JSON edge, which is how the host holds it.
 
 pub mod compute;
+pub(crate) mod core;
 pub mod kinds;
 pub(crate) mod records;
 pub mod volume;
 
-use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use plughost_api::host::Interface;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-use crate::backend::{Backend, BackendControl, BackendSpec, BuildContext, Configured};
-use crate::control::protocol::{ApiError, Capacity, ErrorKind};
+pub use self::core::{check_name, BackendTable, STARTUP_WAIT};
+pub(crate) use self::core::{Backends, Core, PerBackend};
+use crate::backend::{BackendControl, BackendSpec, BuildContext};
+use crate::control::protocol::{ApiError, Capacity};
 use crate::control::request::{op_args, parse_op, to_json, KindOp, OpParser};
 pub use records::ReconcileCounts;
 use records::{Record, Records};
@@ -188,24 +190,32 @@ pub(crate) trait Service: Send + Sync + Sized + 'static {
     type Interface: Interface;
     /// What it keeps about each resource.
     type Record: Listed;
-    /// The service over its backends and records.
-    fn new(backends: Backends<Self::Interface>, records: Records<Self::Record>) -> Self;
+    /// The service over its backends and records (its core), once they are reconciled.
+    fn new(core: Core<Self::Interface, Self::Record>) -> Self;
+    /// What every service has: backends, records, reconcile counts.
+    fn core(&self) -> &Core<Self::Interface, Self::Record>;
     /// Its entry in [`kinds::KINDS`].
     fn kind(&self) -> &'static ServiceKind;
     /// Runs one operation.
     fn handle(&self, op: Self::Op) -> Result<Self::Reply, ApiError>;
     /// One round of periodic work (health checks, refreshing what drivers report).
     fn periodic(&self);
-    /// Its backends, as the host controls them, and the default one.
-    fn table(&self) -> &BackendTable;
     /// A backend's capacity as last refreshed, for kinds that have one.
     fn capacity(&self, _backend: &str) -> Option<Capacity> {
         None
     }
+    /// Its backends, as the host controls them, and the default one.
+    fn table(&self) -> &BackendTable {
+        self.core().backends.table()
+    }
     /// The counts of the last reconcile of its records with its drivers.
-    fn last_reconcile(&self) -> Option<ReconcileCounts>;
+    fn last_reconcile(&self) -> Option<ReconcileCounts> {
+        self.core().last_reconcile.get()
+    }
     /// Its records.
-    fn records(&self) -> &Records<Self::Record>;
+    fn records(&self) -> &Records<Self::Record> {
+        &self.core().records
+    }
     /// Runs every backend's cleanup at host stop, once no request is in flight.
     fn cleanup(&self) {
         for b in &self.table().controls {
@@ -242,17 +252,6 @@ fn ctl_op<O: clap::FromArgMatches + Operation>(m: &clap::ArgMatches) -> Result<B
     Ok(Box::new(O::from_arg_matches(m).map_err(|e| e.to_string())?))
 }
 
-/// How long a service waits for its backends' first `init` before it serves without the slow ones.
-pub const STARTUP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// A service's backends as the host controls them (whatever their kind) and the default one.
-pub struct BackendTable {
-    /// In configuration order.
-    pub controls: Vec<Arc<dyn BackendControl>>,
-    /// The backend used when a request names none.
-    pub default: String,
-}
-
 /// What a service's operations answer: one record, several, a removal, or something of the kind's own.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 #[serde(untagged)]
@@ -279,6 +278,8 @@ pub trait DynService: Send + Sync {
     fn handle(&self, op: Box<dyn KindOp>) -> Result<String, ApiError>;
     /// One round of periodic work (health checks, refreshing what drivers report).
     fn periodic(&self);
+    /// Its backends, as the host controls them, and the default one.
+    fn table(&self) -> &BackendTable;
     /// Its backends, as the host controls them.
     fn backends(&self) -> &[Arc<dyn BackendControl>];
     /// The backend used when a request names none.
@@ -310,8 +311,11 @@ impl<S: Service> DynService for S {
     fn periodic(&self) {
         Service::periodic(self)
     }
+    fn table(&self) -> &BackendTable {
+        Service::table(self)
+    }
     fn backends(&self) -> &[Arc<dyn BackendControl>] {
-        &self.table().controls
+        &Service::table(self).controls
     }
     fn default_backend(&self) -> &str {
         &self.table().default
@@ -330,147 +334,11 @@ impl<S: Service> DynService for S {
     }
 }
 
-/// The backends of one service and which one is the default.
-pub(crate) struct Backends<I: Interface> {
-    service: &'static str,
-    list: Vec<Arc<Backend<I>>>,
-    table: BackendTable,
-}
-
-impl<I: Interface> Backends<I> {
-    /// Builds every backend of a service; every error found.
-    pub fn build(service: &'static str, ctx: &ServiceContext<'_>) -> Result<Backends<I>, Vec<String>> {
-        let mut list = Vec::new();
-        let mut errors = Vec::new();
-        for b in ctx.backends {
-            let configured =
-                Configured { driver: b.driver.clone(), options: b.options.clone(), settings: b.settings.clone() };
-            match Backend::<I>::build(ctx.build, service, &b.name, configured) {
-                Ok(backend) => list.push(Arc::new(backend)),
-                Err(e) => errors.push(e.report()),
-            }
-        }
-        if !errors.is_empty() {
-            return Err(errors);
-        }
-        // Every backend's first init runs on its own; the service starts once they are done, or after
-        // STARTUP_WAIT at most: a slow one is then `starting` while the others serve.
-        for b in &list {
-            b.start_init();
-        }
-        let deadline = std::time::Instant::now() + STARTUP_WAIT;
-        while list.iter().any(|b| b.starting()) && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(2));
-        }
-        for b in list.iter().filter(|b| b.starting()) {
-            log::warn!("{service} backend {:?}: init still running after {STARTUP_WAIT:?}; serving without it", b.name);
-        }
-        Ok(Backends::assemble(service, list, ctx.default_backend.to_owned()))
-    }
-
-    fn assemble(service: &'static str, list: Vec<Arc<Backend<I>>>, default: String) -> Backends<I> {
-        let controls = list.iter().map(|b| b.clone() as Arc<dyn BackendControl>).collect();
-        Backends { service, list, table: BackendTable { controls, default } }
-    }
-
-    /// Backends built elsewhere (tests, benchmarks); the first is the default.
-    #[cfg(test)]
-    pub fn from_list(service: &'static str, list: Vec<Backend<I>>) -> Backends<I> {
-        let list: Vec<Arc<Backend<I>>> = list.into_iter().map(Arc::new).collect();
-        let default = list.first().map(|b| b.name.clone()).unwrap_or_default();
-        Backends::assemble(service, list, default)
-    }
-
-    /// The backend named `name`, or the default one: the one place an unknown backend is refused.
-    pub fn pick(&self, name: Option<&str>) -> Result<&Arc<Backend<I>>, ApiError> {
-        let wanted = name.unwrap_or(&self.table.default);
-        self.list.iter().find(|b| b.name == wanted).ok_or_else(|| {
-            let known: Vec<&str> = self.list.iter().map(|b| b.name.as_str()).collect();
-            ApiError::not_found(format!("unknown {} backend {wanted:?} (known: {})", self.service, known.join(", ")))
-        })
-    }
-
-    /// The backend holding an existing resource, or `unavailable` if its backend is not configured
-    /// (any more).
-    pub fn holding(&self, what: &str, name: &str, backend: &str) -> Result<&Arc<Backend<I>>, ApiError> {
-        self.list.iter().find(|b| b.name == backend).ok_or_else(|| {
-            ApiError::new(
-                ErrorKind::Unavailable,
-                format!("{what} {name:?}: {} backend {backend:?} is not configured", self.service),
-            )
-        })
-    }
-
-    /// Every backend, in configuration order.
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<Backend<I>>> {
-        self.list.iter()
-    }
-
-    /// Every backend as the host controls it, and the default one.
-    pub fn table(&self) -> &BackendTable {
-        &self.table
-    }
-
-    /// An existing record and the backend holding it; with `backend`, checks that it is that one.
-    pub(crate) fn locate<R: Record>(
-        &self,
-        records: &Records<R>,
-        name: &str,
-        backend: Option<&str>,
-    ) -> Result<(R, &Arc<Backend<I>>), ApiError> {
-        check_name(R::WHAT, name)?;
-        let r = records.existing(name)?;
-        if let Some(b) = backend {
-            self.pick(Some(b))?;
-            if r.backend() != b {
-                return Err(ApiError::not_found(format!(
-                    "{} {name:?} not found on backend {b:?} (it is on {:?})",
-                    R::WHAT,
-                    r.backend()
-                )));
-            }
-        }
-        let b = self.holding(R::WHAT, name, r.backend())?;
-        Ok((r, b))
-    }
-}
-
 /// Builds service `S` from its configuration, its records from the state database.
 fn build_service<S: Service>(ctx: &ServiceContext<'_>) -> Result<Arc<dyn DynService>, Vec<String>> {
     let records = Records::open(ctx.db.clone(), ctx.state_dir).map_err(|e| vec![e.to_string()])?;
-    let backends = Backends::build(ctx.service, ctx)?;
-    Ok(Arc::new(S::new(backends, records)))
-}
-
-/// The latest value of something (the last reconcile's counts, ...).
-#[derive(Debug, Default)]
-pub(crate) struct Latest<T>(Mutex<Option<T>>);
-
-impl<T: Clone> Latest<T> {
-    pub(crate) fn set(&self, value: T) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(value);
-    }
-    pub(crate) fn get(&self) -> Option<T> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-}
-
-/// A value per backend refreshed by periodic work (capacity stats, ...).
-#[derive(Debug, Default)]
-pub(crate) struct PerBackend<T>(Mutex<BTreeMap<String, T>>);
-
-impl<T: Clone> PerBackend<T> {
-    pub(crate) fn set(&self, backend: &str, value: T) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).insert(backend.to_owned(), value);
-    }
-    pub(crate) fn get(&self, backend: &str) -> Option<T> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).get(backend).cloned()
-    }
-}
-
-/// Resource names follow [`plughost_api::check_name`], the rule drivers use too.
-pub fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
-    plughost_api::check_name(what, name).map_err(ApiError::from)
+    let backends = Backends::build(ctx.service, ctx.build, ctx.backends, ctx.default_backend)?;
+    Ok(Arc::new(S::new(Core::new(backends, records))))
 }
 
 /// Parses an answer's result as `T` (for formatting).

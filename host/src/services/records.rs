@@ -12,70 +12,160 @@ use serde::Serialize;
 
 pub use crate::control::protocol::ReconcileCounts;
 use crate::control::protocol::{ApiError, ErrorKind};
-use crate::state::{from_row, to_row, Column, StateDb, StateError, Table, Write};
+use crate::state::{value, Column, RowReader, StateDb, StateError, Table, Write};
+use rusqlite::types::Value;
 
-/// A resource record (a volume, an instance).
+/// A record's status: its names are the wire's and the table's (`available`, `running`); `ERROR` is the
+/// status of a record that is in error (with a reason).
+pub trait Status:
+    Copy + PartialEq + std::fmt::Debug + std::fmt::Display + std::str::FromStr + Send + Sync + 'static
+{
+    /// The error status.
+    const ERROR: Self;
+}
+
+/// What every record has, whatever its kind, written once: a kind's record flattens it in (the wire
+/// shows its fields beside the kind's) and stores it in the same-named columns of its table.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Meta<S> {
+    /// Stable id.
+    pub id: String,
+    /// Name, unique within the service.
+    pub name: String,
+    /// Backend holding it.
+    pub backend: String,
+    /// Where it is in its life.
+    pub status: S,
+    /// Creation time, seconds since the epoch.
+    pub created_at: u64,
+    /// Last change, seconds since the epoch.
+    pub updated_at: u64,
+    /// Why the status is the error status.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Found on the backend without a record and adopted (with a new id).
+    #[serde(default)]
+    pub adopted: bool,
+    /// The digest of the driver library that created it (`blake3:…`), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver_digest: Option<String>,
+}
+
+impl<S: Status> Meta<S> {
+    /// A new record's: a fresh id, created and updated now.
+    pub(crate) fn new(name: &str, backend: &str, status: S) -> Meta<S> {
+        let t = crate::util::time::now();
+        Meta {
+            id: new_id(),
+            name: name.to_owned(),
+            backend: backend.to_owned(),
+            status,
+            created_at: t,
+            updated_at: t,
+            reason: None,
+            adopted: false,
+            driver_digest: None,
+        }
+    }
+
+    /// The value of one of its columns; `None` for a column that is the kind's.
+    fn column(&self, name: &str) -> Option<Result<Value, String>> {
+        Some(match name {
+            "id" => Ok(value::text(&self.id)),
+            "name" => Ok(value::text(&self.name)),
+            "backend" => Ok(value::text(&self.backend)),
+            "status" => Ok(Value::Text(self.status.to_string())),
+            "created_at" => value::int(self.created_at),
+            "updated_at" => value::int(self.updated_at),
+            "reason" => Ok(value::opt_text(self.reason.as_deref())),
+            "adopted" => Ok(value::boolean(self.adopted)),
+            "driver_digest" => Ok(value::opt_text(self.driver_digest.as_deref())),
+            _ => return None,
+        })
+    }
+
+    fn read(row: &mut RowReader) -> Result<Meta<S>, String> {
+        Ok(Meta {
+            id: row.text("id")?,
+            name: row.text("name")?,
+            backend: row.text("backend")?,
+            status: row.parsed("status")?,
+            created_at: row.int("created_at")?,
+            updated_at: row.int("updated_at")?,
+            reason: row.opt_text("reason")?,
+            adopted: row.boolean("adopted")?,
+            driver_digest: row.opt_text("driver_digest")?,
+        })
+    }
+}
+
+/// A resource record (a volume, an instance): the shared [`Meta`] and the kind's own fields.
 pub(crate) trait Record: Clone + Serialize + DeserializeOwned + Send + Sync + 'static {
     /// Its status type.
-    type Status: Copy + PartialEq + std::fmt::Debug + std::fmt::Display + Send;
+    type Status: Status;
     /// What the resource is called in messages: `volume`, `instance`.
     const WHAT: &'static str;
     /// Its table in the state database: `volumes`, `instances` (and `STATE_DIR/<table>.json`, the file
     /// imported from older versions).
     const TABLE: &'static str;
-    /// The table's columns, one per serialized field (checked against the schema by a test).
+    /// The table's columns in the table's order: the meta's and the kind's (checked against the schema
+    /// by a test).
     const COLUMNS: &'static [Column];
+    /// What every record has.
+    fn meta(&self) -> &Meta<Self::Status>;
+    /// The same, to change.
+    fn meta_mut(&mut self) -> &mut Meta<Self::Status>;
+    /// The value of one of the kind's own columns.
+    fn column(&self, name: &str) -> Result<Value, String>;
+    /// The record from its meta and the kind's columns of a row.
+    fn from_row(meta: Meta<Self::Status>, row: &mut RowReader) -> Result<Self, String>;
+
     /// Its name, unique within the service.
-    fn name(&self) -> &str;
+    fn name(&self) -> &str {
+        &self.meta().name
+    }
     /// The backend holding it.
-    fn backend(&self) -> &str;
+    fn backend(&self) -> &str {
+        &self.meta().backend
+    }
     /// Its status.
-    fn status(&self) -> Self::Status;
+    fn status(&self) -> Self::Status {
+        self.meta().status
+    }
     /// Changes its status (clearing `reason` unless it is the error status) and its `updated_at`.
-    fn set_status(&mut self, status: Self::Status);
+    fn set_status(&mut self, status: Self::Status) {
+        let m = self.meta_mut();
+        m.status = status;
+        if status != Self::Status::ERROR {
+            m.reason = None;
+        }
+        m.updated_at = crate::util::time::now();
+    }
     /// Why it is in error, if it is.
-    fn reason(&self) -> Option<&str>;
+    fn reason(&self) -> Option<&str> {
+        self.meta().reason.as_deref()
+    }
     /// Puts it in error, saying why.
-    fn fail(&mut self, reason: &str);
+    fn fail(&mut self, reason: &str) {
+        self.set_status(Self::Status::ERROR);
+        self.meta_mut().reason = Some(reason.to_owned());
+    }
 }
 
-/// Implements [`Record`] for a record type with the usual fields (`name`, `backend`, `status`,
-/// `reason`, `updated_at`), given its status type, what it is called, its table and columns, and its
-/// error status.
-macro_rules! impl_record {
-    ($record:ty, $status:ty, $what:literal, $table:literal, $columns:expr, $error:expr) => {
-        impl $crate::services::records::Record for $record {
-            type Status = $status;
-            const WHAT: &'static str = $what;
-            const TABLE: &'static str = $table;
-            const COLUMNS: &'static [$crate::state::Column] = $columns;
-            fn name(&self) -> &str {
-                &self.name
-            }
-            fn backend(&self) -> &str {
-                &self.backend
-            }
-            fn status(&self) -> $status {
-                self.status
-            }
-            fn set_status(&mut self, status: $status) {
-                self.status = status;
-                if status != $error {
-                    self.reason = None;
-                }
-                self.updated_at = $crate::util::time::now();
-            }
-            fn reason(&self) -> Option<&str> {
-                self.reason.as_deref()
-            }
-            fn fail(&mut self, reason: &str) {
-                self.set_status($error);
-                self.reason = Some(reason.to_owned());
-            }
-        }
-    };
+/// A record as its row: every column by name, the meta's and the kind's.
+fn to_row<R: Record>(r: &R) -> Result<Vec<Value>, String> {
+    R::COLUMNS
+        .iter()
+        .map(|c| r.meta().column(c.name).unwrap_or_else(|| r.column(c.name)).map_err(|e| format!("{}: {e}", c.name)))
+        .collect()
 }
-pub(crate) use impl_record;
+
+/// A row back as its record.
+fn from_row<R: Record>(row: Vec<Value>) -> Result<R, String> {
+    let mut row = RowReader::new(R::COLUMNS, row);
+    let meta = Meta::read(&mut row)?;
+    R::from_row(meta, &mut row)
+}
 
 /// Why a record is in error when its driver no longer reports the resource.
 pub(crate) const MISSING: &str = "missing from backend";
@@ -229,7 +319,7 @@ impl<R: Record> Records<R> {
         let rows = db.rows(&table)?;
         let mut map = BTreeMap::new();
         for row in rows {
-            let r: R = from_row(&table, row).map_err(|reason| StateError::Corrupt {
+            let r: R = from_row(row).map_err(|reason| StateError::Corrupt {
                 what: format!("a row of table {}", R::TABLE),
                 path: db.path().to_owned(),
                 reason,
@@ -269,7 +359,7 @@ impl<R: Record> Records<R> {
             let writes = changes
                 .iter()
                 .map(|c| match c {
-                    Change::Put(r) => to_row(table, r)
+                    Change::Put(r) => to_row(r)
                         .map(Write::Put)
                         .map_err(|e| ApiError::internal(format!("cannot store {} {:?}: {e}", R::WHAT, r.name()))),
                     Change::Remove(name) => Ok(Write::Remove(name.clone())),
@@ -626,7 +716,7 @@ fn import_legacy<R: Record>(db: &StateDb, table: &Table, state_dir: &Path) -> Re
         let corrupt =
             |reason: String| StateError::Corrupt { what: format!("{} records", R::WHAT), path: path.clone(), reason };
         let old: BTreeMap<String, R> = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
-        let rows = old.values().map(|r| to_row(table, r)).collect::<Result<Vec<_>, _>>().map_err(corrupt)?;
+        let rows = old.values().map(to_row).collect::<Result<Vec<_>, _>>().map_err(corrupt)?;
         let n = rows.len();
         db.import(&file, table, rows)?;
         log::info!("imported {n} {} records from {}", R::WHAT, path.display());
@@ -644,19 +734,79 @@ mod tests {
     use super::*;
     use serde::Deserialize;
 
+    /// A record with the shared meta and nothing of its own; its fields read through to the meta.
     #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
     struct Thing {
-        name: String,
-        backend: String,
-        status: u8,
-        reason: Option<String>,
-        updated_at: u64,
+        #[serde(flatten)]
+        meta: Meta<u8>,
     }
 
-    impl_record!(Thing, u8, "thing", "things", &[], 99);
+    impl std::ops::Deref for Thing {
+        type Target = Meta<u8>;
+        fn deref(&self) -> &Meta<u8> {
+            &self.meta
+        }
+    }
+
+    impl std::ops::DerefMut for Thing {
+        fn deref_mut(&mut self) -> &mut Meta<u8> {
+            &mut self.meta
+        }
+    }
+
+    impl Status for u8 {
+        const ERROR: u8 = 99;
+    }
+
+    impl Record for Thing {
+        type Status = u8;
+        const WHAT: &'static str = "thing";
+        const TABLE: &'static str = "things";
+        const COLUMNS: &'static [Column] = &[];
+        fn meta(&self) -> &Meta<u8> {
+            &self.meta
+        }
+        fn meta_mut(&mut self) -> &mut Meta<u8> {
+            &mut self.meta
+        }
+        fn column(&self, name: &str) -> Result<Value, String> {
+            Err(format!("no column {name:?}"))
+        }
+        fn from_row(meta: Meta<u8>, _: &mut RowReader) -> Result<Thing, String> {
+            Ok(Thing { meta })
+        }
+    }
 
     fn thing(name: &str, status: u8) -> Thing {
-        Thing { name: name.into(), backend: "b".into(), status, reason: None, updated_at: 0 }
+        Thing { meta: Meta { updated_at: 0, ..Meta::new(name, "b", status) } }
+    }
+
+    #[test]
+    fn records_go_to_rows_and_back_as_they_were() {
+        fn round_trip<R: Record + PartialEq + std::fmt::Debug>(r: R) {
+            let row = to_row(&r).unwrap();
+            assert_eq!(row.len(), R::COLUMNS.len());
+            assert_eq!(from_row::<R>(row).unwrap(), r);
+        }
+        let volume: crate::services::volume::VolumeRecord = serde_json::from_value(serde_json::json!({
+            "id": "1", "name": "v", "backend": "b", "status": "extending", "created_at": 1, "updated_at": 2,
+            "reason": null, "adopted": true, "driver_digest": "blake3:00",
+            "size": u64::MAX >> 1, "allocated": 0, "location": "", "source": "w"
+        }))
+        .unwrap();
+        round_trip(volume.clone());
+        let instance: crate::services::compute::InstanceRecord = serde_json::from_value(serde_json::json!({
+            "id": "2", "name": "i", "backend": "b", "status": "error", "created_at": 1, "updated_at": 2,
+            "reason": "gone", "pid": 7, "exit_code": null, "exit_signal": 9, "exit_unknown": false,
+            "rss_bytes": 1, "cpu_time_ms": 2, "uptime_ms": 3, "command": "sleep 1", "started_at_ms": null,
+            "details": {"pgid": "7"}, "spec": {"command": "sleep", "args": ["1"], "env": {"A": "b"}, "workdir": null}
+        }))
+        .unwrap();
+        round_trip(instance);
+        // What a column cannot hold is refused, naming the column.
+        let mut big = volume;
+        big.size = u64::MAX;
+        assert!(to_row(&big).unwrap_err().starts_with("size: "), "{:?}", to_row(&big));
     }
 
     #[test]

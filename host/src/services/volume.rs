@@ -2,18 +2,17 @@
 //! record (its id, status and where it lives), conflicting operations on one volume run one after the
 //! other, and the backend's driver does the work.
 
-use plughost_api::{CapacityStats, Volume};
+use plughost_api::Volume;
 use plughost_api::{VolumeInterface, VolumeMethod};
 use serde::{Deserialize, Serialize};
 
-use super::records::{impl_record, new_id, Counter, ReconcileCounts, Record, Records, Verdict, MISSING};
-use super::{
-    check_name, BackendTable, Backends, Latest, Listed, Named, OnBackend, PerBackend, Reply, Service, ServiceKind,
-};
-use crate::backend::{Backend, BackendControl};
+use super::records::{Counter, Meta, ReconcileCounts, Record, Status, Verdict, MISSING};
+use super::{check_name, Core, Listed, Named, OnBackend, PerBackend, Reply, Service, ServiceKind};
+use crate::backend::Backend;
 use crate::control::protocol::{ApiError, Capacity, Removed, Size};
-use crate::state::{Column, ColumnType};
+use crate::state::{value, Column, ColumnType, RowReader};
 use crate::util::time::now;
+use rusqlite::types::Value;
 
 /// The volume service in the table.
 pub static KIND: ServiceKind = ServiceKind::of::<VolumeService>("volume", "Volume operations", "file-volume", &[]);
@@ -92,8 +91,9 @@ impl super::Operation for VolumeOp {
 }
 
 /// Where a volume is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, strum::Display, strum::EnumString)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum VolumeStatus {
     /// Being created (or snapshotted into).
     Creating,
@@ -109,30 +109,12 @@ pub enum VolumeStatus {
     Error,
 }
 
-impl std::fmt::Display for VolumeStatus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            VolumeStatus::Creating => "creating",
-            VolumeStatus::Available => "available",
-            VolumeStatus::Extending => "extending",
-            VolumeStatus::Reverting => "reverting",
-            VolumeStatus::Deleting => "deleting",
-            VolumeStatus::Error => "error",
-        })
-    }
-}
-
-/// What the service knows about one volume.
+/// What the service knows about one volume: the shared [`Meta`] and its own fields.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct VolumeRecord {
-    /// Stable id.
-    pub id: String,
-    /// Name, unique within the service.
-    pub name: String,
-    /// Backend holding it.
-    pub backend: String,
-    /// Where it is in its life.
-    pub status: VolumeStatus,
+    /// Id, name, backend, status, times, reason, adoption, driver digest.
+    #[serde(flatten)]
+    pub meta: Meta<VolumeStatus>,
     /// Provisioned bytes.
     pub size: u64,
     /// Allocated bytes, as last reported by the driver.
@@ -141,19 +123,6 @@ pub struct VolumeRecord {
     pub location: String,
     /// The volume it was snapshotted from.
     pub source: Option<String>,
-    /// Creation time, seconds since the epoch.
-    pub created_at: u64,
-    /// Last change, seconds since the epoch.
-    pub updated_at: u64,
-    /// Why the status is `error`.
-    #[serde(default)]
-    pub reason: Option<String>,
-    /// Found on the backend without a record and adopted (with a new id).
-    #[serde(default)]
-    pub adopted: bool,
-    /// The digest of the driver library that created it (`blake3:…`), when known.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub driver_digest: Option<String>,
 }
 
 /// The `volumes` table: one column per field.
@@ -175,21 +144,12 @@ const COLUMNS: &[Column] = &[
 
 impl VolumeRecord {
     fn new(name: &str, backend: &str, status: VolumeStatus, size: u64, source: Option<&str>) -> VolumeRecord {
-        let t = now();
         VolumeRecord {
-            id: new_id(),
-            name: name.to_owned(),
-            backend: backend.to_owned(),
-            status,
+            meta: Meta::new(name, backend, status),
             size,
             allocated: 0,
             location: String::new(),
             source: source.map(str::to_owned),
-            created_at: t,
-            updated_at: t,
-            reason: None,
-            adopted: false,
-            driver_digest: None,
         }
     }
 
@@ -206,13 +166,46 @@ impl VolumeRecord {
             self.source.clone_from(&v.source);
         }
         if changed {
-            self.updated_at = now();
+            self.meta.updated_at = now();
         }
         changed
     }
 }
 
-impl_record!(VolumeRecord, VolumeStatus, "volume", "volumes", COLUMNS, VolumeStatus::Error);
+impl Status for VolumeStatus {
+    const ERROR: VolumeStatus = VolumeStatus::Error;
+}
+
+impl Record for VolumeRecord {
+    type Status = VolumeStatus;
+    const WHAT: &'static str = "volume";
+    const TABLE: &'static str = "volumes";
+    const COLUMNS: &'static [Column] = COLUMNS;
+    fn meta(&self) -> &Meta<VolumeStatus> {
+        &self.meta
+    }
+    fn meta_mut(&mut self) -> &mut Meta<VolumeStatus> {
+        &mut self.meta
+    }
+    fn column(&self, name: &str) -> Result<Value, String> {
+        match name {
+            "size" => value::int(self.size),
+            "allocated" => value::int(self.allocated),
+            "location" => Ok(value::text(&self.location)),
+            "source" => Ok(value::opt_text(self.source.as_deref())),
+            other => Err(format!("no field {other:?} in a volume record")),
+        }
+    }
+    fn from_row(meta: Meta<VolumeStatus>, row: &mut RowReader) -> Result<VolumeRecord, String> {
+        Ok(VolumeRecord {
+            meta,
+            size: row.int("size")?,
+            allocated: row.int("allocated")?,
+            location: row.text("location")?,
+            source: row.opt_text("source")?,
+        })
+    }
+}
 
 impl Listed for VolumeRecord {
     const HEADINGS: &'static [&'static str] = &["SIZE", "ALLOCATED", "LOCATION"];
@@ -222,24 +215,16 @@ impl Listed for VolumeRecord {
     }
 }
 
-/// The answer to `stats`.
+/// The answer to `stats`: a backend's capacity.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeStats {
     /// The backend.
     pub backend: String,
-    /// Total bytes.
-    pub total_bytes: u64,
-    /// Free bytes.
-    pub free_bytes: u64,
-    /// Sum of provisioned sizes.
-    pub provisioned_bytes: u64,
-    /// Sum of allocated bytes.
-    pub allocated_bytes: u64,
-    /// Number of volumes.
-    pub volumes: u64,
+    /// Its capacity, as the driver reports it now.
+    #[serde(flatten)]
+    pub capacity: Capacity,
 }
 
-/// What volume operations answer.
 pub type VolumeReply = Reply<VolumeRecord, VolumeStats>;
 
 // ---------------------------------------------------------------------------------------------------
@@ -247,11 +232,8 @@ pub type VolumeReply = Reply<VolumeRecord, VolumeStats>;
 
 /// The volume service.
 pub struct VolumeService {
-    backends: Backends<VolumeInterface>,
-    records: Records<VolumeRecord>,
-    capacity: PerBackend<CapacityStats>,
-    last_reconcile: Latest<ReconcileCounts>,
-    incarnations: PerBackend<u64>,
+    core: Core<VolumeInterface, VolumeRecord>,
+    capacity: PerBackend<Capacity>,
 }
 
 impl VolumeService {
@@ -260,23 +242,13 @@ impl VolumeService {
     /// volumes the driver no longer has are kept as `error` ("missing from backend"), volumes it has
     /// without a record are adopted. Nothing is silently dropped or given a new id.
     fn reconcile(&self, b: &Backend<VolumeInterface>, concurrent: bool) -> ReconcileCounts {
-        let skipped = ReconcileCounts { skipped_backends: 1, at: now(), ..ReconcileCounts::default() };
-        if b.health() != crate::backend::Health::Up {
-            log::warn!("volume backend {:?} is down: its records are kept as they are", b.name);
-            return skipped;
-        }
-        // Before listing: what is written from now on is looked up again (the list may be stale).
-        let watch = concurrent.then(|| self.records.watch());
-        let vols = match b.call(VolumeMethod::list, |d| d.list()) {
-            Ok(v) => v,
-            Err(e) => {
-                log::warn!("volume backend {:?}: cannot list volumes, records kept: {e}", b.name);
-                return skipped;
-            }
+        let (vols, watch) = match self.core.listing(b, concurrent, || b.call(VolumeMethod::list, |d| d.list())) {
+            Ok(listed) => listed,
+            Err(skipped) => return skipped,
         };
         log::info!("volume backend {:?}: reconciling {} reported volumes with the records", b.name, vols.len());
         let recheck = |name: &str| b.call(VolumeMethod::get, |d| d.get(name)).ok();
-        self.records.reconcile(
+        self.core.records.reconcile(
             &b.name,
             vols,
             |v| &v.name,
@@ -288,45 +260,45 @@ impl VolumeService {
                     let v = found.expect("a name comes from a record or from the driver");
                     log::info!("volume {:?}: found on backend {:?} without a record; adopted", v.name, b.name);
                     let mut r = VolumeRecord::new(&v.name, &b.name, S::Available, 0, None);
-                    r.adopted = true;
+                    r.meta.adopted = true;
                     r.apply(v);
                     return Verdict::Put(r, Counter::Adopted);
                 };
                 let mut r = r.clone();
-                match (r.status, found) {
+                match (r.meta.status, found) {
                     (S::Creating | S::Extending | S::Reverting, Some(v)) => {
                         log::info!(
                             "volume {:?}: interrupted {} completed on the backend; now available",
-                            r.name,
-                            r.status
+                            r.meta.name,
+                            r.meta.status
                         );
                         r.apply(v);
                         r.set_status(S::Available);
                         Verdict::Put(r, Counter::Completed)
                     }
                     (S::Creating, None) => {
-                        log::info!("volume {:?}: interrupted create never completed; record removed", r.name);
+                        log::info!("volume {:?}: interrupted create never completed; record removed", r.meta.name);
                         Verdict::Remove(Counter::Undone)
                     }
-                    (S::Deleting, Some(_)) => match b.call(VolumeMethod::delete, |d| d.delete(&r.name)) {
+                    (S::Deleting, Some(_)) => match b.call(VolumeMethod::delete, |d| d.delete(&r.meta.name)) {
                         Ok(()) => {
-                            log::info!("volume {:?}: interrupted delete finished", r.name);
+                            log::info!("volume {:?}: interrupted delete finished", r.meta.name);
                             Verdict::Remove(Counter::Completed)
                         }
                         Err(e) => {
-                            log::warn!("volume {:?}: cannot finish an interrupted delete: {e}", r.name);
+                            log::warn!("volume {:?}: cannot finish an interrupted delete: {e}", r.meta.name);
                             r.fail(&format!("interrupted delete could not finish: {}", e.message));
                             Verdict::Put(r, Counter::Failed)
                         }
                     },
                     (S::Deleting, None) => {
-                        log::info!("volume {:?}: interrupted delete had completed; record removed", r.name);
+                        log::info!("volume {:?}: interrupted delete had completed; record removed", r.meta.name);
                         Verdict::Remove(Counter::Completed)
                     }
                     (_, Some(v)) => {
-                        let back = r.status == S::Error && r.reason.as_deref() == Some(MISSING);
+                        let back = r.meta.status == S::Error && r.meta.reason.as_deref() == Some(MISSING);
                         if back {
-                            log::info!("volume {:?} is on its backend again; available", r.name);
+                            log::info!("volume {:?} is on its backend again; available", r.meta.name);
                             r.set_status(S::Available);
                         }
                         match r.apply(v) || back {
@@ -342,44 +314,37 @@ impl VolumeService {
 
     /// Reconciles every backend and keeps the counts for `status`.
     fn reconcile_all(&self) {
-        let started = std::time::Instant::now();
-        let mut total = ReconcileCounts { at: now(), ..ReconcileCounts::default() };
-        for b in self.backends.iter() {
-            total.add(&self.reconcile(b, false));
-        }
-        total.duration_ms = started.elapsed().as_millis() as u64;
-        log::info!("volume records reconciled: {total:?}");
-        self.last_reconcile.set(total);
+        self.core.reconcile_all(None, |b| self.reconcile(b, false));
     }
 
     fn create(&self, name: &str, size: u64, backend: Option<&str>) -> Result<VolumeRecord, ApiError> {
         check_name("volume", name)?;
-        let b = self.backends.pick(backend)?;
-        let _held = self.records.hold(name);
+        let b = self.core.backends.pick(backend)?;
+        let _held = self.core.records.hold(name);
         let mut record = VolumeRecord::new(name, &b.name, VolumeStatus::Creating, size, None);
-        record.driver_digest = Some(b.digest());
-        self.records.create(record, || b.call(VolumeMethod::create, |d| d.create(name, size)), made)
+        record.meta.driver_digest = Some(b.digest());
+        self.core.records.create(record, || b.call(VolumeMethod::create, |d| d.create(name, size)), made)
     }
 
     fn snapshot(&self, name: &str, snapshot: &str, backend: Option<&str>) -> Result<VolumeRecord, ApiError> {
         check_name("volume", snapshot)?;
-        let _held = self.records.hold_two(name, snapshot);
-        let (source, b) = self.backends.locate(&self.records, name, backend)?;
+        let _held = self.core.records.hold_two(name, snapshot);
+        let (source, b) = self.core.backends.locate(&self.core.records, name, backend)?;
         let mut record = VolumeRecord::new(snapshot, &b.name, VolumeStatus::Creating, source.size, Some(name));
-        record.driver_digest = Some(b.digest());
-        self.records.create(record, || b.call(VolumeMethod::snapshot, |d| d.snapshot(name, snapshot)), made)
+        record.meta.driver_digest = Some(b.digest());
+        self.core.records.create(record, || b.call(VolumeMethod::snapshot, |d| d.snapshot(name, snapshot)), made)
     }
 
     fn extend(&self, name: &str, size: u64, backend: Option<&str>) -> Result<VolumeRecord, ApiError> {
-        let _held = self.records.hold(name);
-        let (r, b) = self.backends.locate(&self.records, name, backend)?;
+        let _held = self.core.records.hold(name);
+        let (r, b) = self.core.backends.locate(&self.core.records, name, backend)?;
         if size < r.size {
             return Err(ApiError::invalid(format!(
                 "volume {name:?}: new size {size} is smaller than current size {}",
                 r.size
             )));
         }
-        self.records.transition(
+        self.core.records.transition(
             r,
             VolumeStatus::Extending,
             || b.call(VolumeMethod::extend, |d| d.extend(name, size)),
@@ -389,13 +354,13 @@ impl VolumeService {
 
     /// Restores `name` to `snapshot`, which must be a snapshot of it on the same backend.
     fn revert(&self, name: &str, snapshot: &str, backend: Option<&str>) -> Result<VolumeRecord, ApiError> {
-        let _held = self.records.hold_two(name, snapshot);
-        let (r, b) = self.backends.locate(&self.records, name, backend)?;
-        let (snap, _) = self.backends.locate(&self.records, snapshot, Some(&r.backend))?;
+        let _held = self.core.records.hold_two(name, snapshot);
+        let (r, b) = self.core.backends.locate(&self.core.records, name, backend)?;
+        let (snap, _) = self.core.backends.locate(&self.core.records, snapshot, Some(&r.meta.backend))?;
         if snap.source.as_deref() != Some(name) {
             return Err(ApiError::invalid(format!("volume {snapshot:?} is not a snapshot of {name:?}")));
         }
-        self.records.transition(
+        self.core.records.transition(
             r,
             VolumeStatus::Reverting,
             || b.call(VolumeMethod::revert, |d| d.revert(name, snapshot)),
@@ -404,19 +369,19 @@ impl VolumeService {
     }
 
     fn delete(&self, name: &str, backend: Option<&str>) -> Result<Removed, ApiError> {
-        let _held = self.records.hold(name);
-        let (r, b) = self.backends.locate(&self.records, name, backend)?;
-        self.records.removal(r, VolumeStatus::Deleting, || b.call(VolumeMethod::delete, |d| d.delete(name)))?;
+        let _held = self.core.records.hold(name);
+        let (r, b) = self.core.backends.locate(&self.core.records, name, backend)?;
+        self.core.records.removal(r, VolumeStatus::Deleting, || b.call(VolumeMethod::delete, |d| d.delete(name)))?;
         Ok(Removed { name: name.to_owned(), deleted: Some(true), destroyed: None })
     }
 
     /// Refreshes one volume from its driver. A driver error is the answer (the record is not shown as if
     /// it were fresh); a driver that no longer has the volume turns the record to `error`.
     fn get(&self, name: &str, backend: Option<&str>) -> Result<VolumeRecord, ApiError> {
-        let _held = self.records.hold(name);
-        let (r, b) = self.backends.locate(&self.records, name, backend)?;
-        self.records.refresh(r, b.call(VolumeMethod::get, |d| d.get(name)), |r, v| {
-            let back = r.status == VolumeStatus::Error && r.reason.as_deref() == Some(MISSING);
+        let _held = self.core.records.hold(name);
+        let (r, b) = self.core.backends.locate(&self.core.records, name, backend)?;
+        self.core.records.refresh(r, b.call(VolumeMethod::get, |d| d.get(name)), |r, v| {
+            let back = r.meta.status == VolumeStatus::Error && r.meta.reason.as_deref() == Some(MISSING);
             if back {
                 r.set_status(VolumeStatus::Available);
             }
@@ -425,17 +390,11 @@ impl VolumeService {
     }
 
     fn stats(&self, backend: Option<&str>) -> Result<VolumeStats, ApiError> {
-        let b = self.backends.pick(backend)?;
+        let b = self.core.backends.pick(backend)?;
         let s = b.call(VolumeMethod::stats, |d| d.stats())?;
-        self.capacity.set(&b.name, s);
-        Ok(VolumeStats {
-            backend: b.name.clone(),
-            total_bytes: s.total_bytes,
-            free_bytes: s.free_bytes,
-            provisioned_bytes: s.provisioned_bytes,
-            allocated_bytes: s.allocated_bytes,
-            volumes: s.volumes,
-        })
+        let capacity = Capacity::from(s);
+        self.capacity.set(&b.name, capacity);
+        Ok(VolumeStats { backend: b.name.clone(), capacity })
     }
 }
 
@@ -455,9 +414,9 @@ impl Service for VolumeService {
             VolumeOp::Get(Named { name, backend }) => VolumeReply::One(self.get(&name, backend.as_deref())?),
             VolumeOp::List(OnBackend { backend }) => {
                 if let Some(b) = &backend {
-                    self.backends.pick(Some(b))?;
+                    self.core.backends.pick(Some(b))?;
                 }
-                VolumeReply::Many(self.records.list(backend.as_deref()))
+                VolumeReply::Many(self.core.records.list(backend.as_deref()))
             }
             VolumeOp::Extend { name, size, backend } => {
                 VolumeReply::One(self.extend(&name, size.get(), backend.as_deref())?)
@@ -483,19 +442,14 @@ impl Service for VolumeService {
         }
     }
 
-    fn new(backends: Backends<VolumeInterface>, records: Records<VolumeRecord>) -> VolumeService {
-        let s = VolumeService {
-            backends,
-            records,
-            capacity: PerBackend::default(),
-            last_reconcile: Latest::default(),
-            incarnations: PerBackend::default(),
-        };
-        for b in s.backends.iter() {
-            s.incarnations.set(&b.name, b.incarnation());
-        }
+    fn new(core: Core<VolumeInterface, VolumeRecord>) -> VolumeService {
+        let s = VolumeService { core, capacity: PerBackend::default() };
         s.reconcile_all();
         s
+    }
+
+    fn core(&self) -> &Core<VolumeInterface, VolumeRecord> {
+        &self.core
     }
 
     fn kind(&self) -> &'static ServiceKind {
@@ -503,45 +457,18 @@ impl Service for VolumeService {
     }
 
     fn periodic(&self) {
-        for b in self.backends.iter() {
-            let was_up = b.health() == crate::backend::Health::Up;
-            BackendControl::check_health(b.clone());
-            if b.health() != crate::backend::Health::Up {
-                continue;
-            }
-            let incarnation = b.incarnation();
-            let replaced = self.incarnations.get(&b.name).is_some_and(|seen| seen != incarnation);
-            self.incarnations.set(&b.name, incarnation);
-            if !was_up || replaced {
-                // Back from down (a root that was missing is there again), or another driver object
-                // serves (a swap, a restarted worker, which may have left work half done): look again.
-                self.last_reconcile.set(self.reconcile(b, true));
+        self.core.health_round(|b, changed| {
+            if changed {
+                self.core.last_reconcile.set(self.reconcile(b, true));
             }
             if let Ok(s) = b.call(VolumeMethod::stats, |d| d.stats()) {
-                self.capacity.set(&b.name, s);
+                self.capacity.set(&b.name, Capacity::from(s));
             }
-        }
-    }
-
-    fn table(&self) -> &BackendTable {
-        self.backends.table()
-    }
-
-    fn last_reconcile(&self) -> Option<ReconcileCounts> {
-        self.last_reconcile.get()
-    }
-
-    fn records(&self) -> &Records<VolumeRecord> {
-        &self.records
+        });
     }
 
     fn capacity(&self, backend: &str) -> Option<Capacity> {
-        self.capacity.get(backend).map(|s| Capacity {
-            total_bytes: s.total_bytes,
-            free_bytes: s.free_bytes,
-            provisioned_bytes: s.provisioned_bytes,
-            volumes: s.volumes,
-        })
+        self.capacity.get(backend)
     }
 }
 
@@ -549,7 +476,8 @@ impl Service for VolumeService {
 mod tests {
     use super::*;
     use crate::control::protocol::ErrorKind;
-    use plughost_api::{DriverError, VolumeClient, VolumeDriver};
+    use crate::services::records::Records;
+    use plughost_api::{CapacityStats, DriverError, VolumeClient, VolumeDriver};
     use std::collections::BTreeMap;
     use std::sync::mpsc;
     use std::sync::Arc;
@@ -636,7 +564,7 @@ mod tests {
         // Through the real stable-ABI objects, as a loaded driver would be called.
         let client: Box<dyn VolumeDriver> = Box::new(VolumeClient::in_process(Shared(driver)));
         let backend = Backend::<VolumeInterface>::in_process("volume", "default", client, "scripted");
-        VolumeService::new(Backends::from_list("volume", vec![backend]), records)
+        VolumeService::new(Core::new(crate::services::Backends::from_list("volume", vec![backend]), records))
     }
 
     fn service() -> (VolumeService, Arc<Scripted>) {
@@ -676,7 +604,7 @@ mod tests {
         let s2 = s.clone();
         let extending = std::thread::spawn(move || s2.extend("v", 20, None));
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while s.records.get("v").unwrap().status != VolumeStatus::Extending {
+        while s.core.records.get("v").unwrap().meta.status != VolumeStatus::Extending {
             assert!(std::time::Instant::now() < deadline);
             std::thread::yield_now();
         }
@@ -689,7 +617,7 @@ mod tests {
         tx.send(()).unwrap();
         assert_eq!(extending.join().unwrap().unwrap().size, 20);
         assert!(deleting.join().unwrap().is_ok());
-        assert!(s.records.get("v").is_none());
+        assert!(s.core.records.get("v").is_none());
     }
 
     #[test]
@@ -707,7 +635,7 @@ mod tests {
         // This driver does not implement revert: the default answers, and the record is as it was.
         let e = s.revert("v", "v-snap", None).unwrap_err();
         assert_eq!(e.kind, ErrorKind::Unsupported);
-        assert_eq!(s.records.get("v").unwrap().status, VolumeStatus::Available);
+        assert_eq!(s.core.records.get("v").unwrap().meta.status, VolumeStatus::Available);
     }
 
     #[test]
@@ -735,8 +663,8 @@ mod tests {
         d.fail_get.store(false, std::sync::atomic::Ordering::SeqCst);
         d.volumes.lock().unwrap().remove("v");
         let r = s.get("v", None).unwrap();
-        assert_eq!((r.status, r.reason.as_deref()), (VolumeStatus::Error, Some(MISSING)));
-        assert_eq!(s.get("v", Some("default")).unwrap().name, "v");
+        assert_eq!((r.meta.status, r.meta.reason.as_deref()), (VolumeStatus::Error, Some(MISSING)));
+        assert_eq!(s.get("v", Some("default")).unwrap().meta.name, "v");
         assert_eq!(s.get("v", Some("nope")).unwrap_err().kind, ErrorKind::NotFound);
     }
 
@@ -758,22 +686,23 @@ mod tests {
         records.put(rec("lost", VolumeStatus::Available)).unwrap();
         records.put(rec("half-deleted", VolumeStatus::Deleting)).unwrap();
         let s = service_with(d.clone(), records);
-        let get = |n: &str| s.records.get(n);
-        assert_eq!(get("kept").unwrap().id, kept.id, "same id");
+        let get = |n: &str| s.core.records.get(n);
+        assert_eq!(get("kept").unwrap().meta.id, kept.meta.id, "same id");
         assert_eq!(get("kept").unwrap().size, 5, "refreshed from the driver");
-        assert_eq!(get("made").unwrap().status, VolumeStatus::Available);
+        assert_eq!(get("made").unwrap().meta.status, VolumeStatus::Available);
         assert!(get("never-made").is_none());
-        assert_eq!(get("lost").unwrap().reason.as_deref(), Some(MISSING));
+        assert_eq!(get("lost").unwrap().meta.reason.as_deref(), Some(MISSING));
         assert!(get("half-deleted").is_none());
         assert!(!d.volumes.lock().unwrap().contains_key("half-deleted"), "the interrupted delete was finished");
         let stray = get("stray").unwrap();
-        assert!(stray.adopted && stray.status == VolumeStatus::Available);
+        assert!(stray.meta.adopted && stray.meta.status == VolumeStatus::Available);
     }
 }
 
 #[cfg(test)]
 mod store_tests {
     use super::*;
+    use crate::services::records::Records;
     use crate::state::StateDb;
     use std::sync::Arc;
 
@@ -792,10 +721,10 @@ mod store_tests {
         let mut a = VolumeRecord::new("a", "default", VolumeStatus::Available, 1 << 40, None);
         a.allocated = 4096;
         a.location = "/x/a".into();
-        a.adopted = true;
-        a.driver_digest = Some("blake3:00ff".into());
+        a.meta.adopted = true;
+        a.meta.driver_digest = Some("blake3:00ff".into());
         let mut b = VolumeRecord::new("b", "fast", VolumeStatus::Error, 7, Some("a"));
-        b.reason = Some("missing from backend".into());
+        b.meta.reason = Some("missing from backend".into());
         r.put(a.clone()).unwrap();
         r.put(b.clone()).unwrap();
         r.put(VolumeRecord::new("c", "default", VolumeStatus::Creating, 1, None)).unwrap();
@@ -821,7 +750,7 @@ mod store_tests {
         std::fs::write(dir.join("volumes.json"), legacy).unwrap();
         let db = Arc::new(StateDb::open(&dir).unwrap());
         let r = Records::<VolumeRecord>::open(db.clone(), &dir).unwrap();
-        assert_eq!(r.get("old").unwrap().id, "1f2e3d4c5b6a7980");
+        assert_eq!(r.get("old").unwrap().meta.id, "1f2e3d4c5b6a7980");
         assert_eq!(r.get("snap").unwrap().source.as_deref(), Some("old"));
         assert!(!dir.join("volumes.json").exists());
         assert!(dir.join("volumes.json.imported").exists());

@@ -175,7 +175,9 @@ impl Supervisor {
                 st.backoff = BACKOFF_START;
             }
             let open = st.crashes.len() >= CIRCUIT_CRASHES;
-            st.state = if open { WorkerState::CircuitOpen } else { WorkerState::Restarting };
+            // An opening circuit is `restarting` until the backend is down: status never shows an open
+            // circuit on a backend that still says it is up.
+            st.state = WorkerState::Restarting;
             let wait = st.backoff;
             st.backoff = (st.backoff * 2).min(BACKOFF_MAX);
             (wait, open)
@@ -186,9 +188,16 @@ impl Supervisor {
                 "circuit open: {CIRCUIT_CRASHES} worker crashes within {}s, the last: {why}; not restarted until a swap, a reload or plughost ctl restart",
                 CIRCUIT_WINDOW.as_secs()
             );
-            lock(&self.state).open_reason = Some(reason.clone());
             log::error!("{}: {reason}", self.label());
-            (self.on_health)(Some(reason));
+            (self.on_health)(Some(reason.clone()));
+            let mut st = lock(&self.state);
+            // Unless something started a worker meanwhile (`ctl restart`, a swap).
+            if st.epoch == epoch && st.state == WorkerState::Restarting {
+                st.state = WorkerState::CircuitOpen;
+                st.open_reason = Some(reason);
+            }
+            drop(st);
+            self.changed.notify_all();
             return;
         }
         log::warn!("{}: {why}; restarting in {wait:?}", self.label());
