@@ -143,7 +143,7 @@ impl From<InstanceState> for InstanceStatus {
     }
 }
 
-/// What the service knows about one instance: the shared [`Meta`] and its own fields.
+/// What the service knows about one instance: the shared `Meta` and its own fields.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct InstanceRecord {
     /// Id, name, backend, status, times, reason, adoption, driver digest.

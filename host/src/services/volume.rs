@@ -109,7 +109,7 @@ pub enum VolumeStatus {
     Error,
 }
 
-/// What the service knows about one volume: the shared [`Meta`] and its own fields.
+/// What the service knows about one volume: the shared `Meta` and its own fields.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct VolumeRecord {
     /// Id, name, backend, status, times, reason, adoption, driver digest.
