@@ -1,0 +1,422 @@
+//! Resolution: command line > environment > config file > defaults, merged into [`Settings`]; the
+//! trust settings in effect and what a reload may not relax; where state and socket go by default.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::error::ConfigError;
+use super::file::*;
+use super::flags::*;
+pub use crate::backend::settings::{BackendSettings, BackendSpec, Isolation};
+use crate::services::kinds::{self, KINDS};
+use crate::services::ServiceKind;
+
+/// The trust settings in effect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustSettings {
+    /// Driver files, and every directory above them, must be owned by root or plughost's user and not
+    /// writable by others (default); off, they load with a warning.
+    pub strict: bool,
+    /// Nothing whose digest is not listed in this file loads.
+    pub allowlist: Option<PathBuf>,
+    /// Every backend must pin its driver's digest.
+    pub require_pins: bool,
+    /// `swap` may name a path outside the driver directories.
+    pub allow_swap_paths: bool,
+}
+
+impl Default for TrustSettings {
+    fn default() -> TrustSettings {
+        TrustSettings { strict: true, allowlist: None, require_pins: false, allow_swap_paths: false }
+    }
+}
+
+impl TrustSettings {
+    /// What `new` would relax compared with these settings: each as the key and its change. A reload may
+    /// tighten the policy or change the allow list's contents, never relax it (that takes a restart, by
+    /// whoever may start the host).
+    pub fn relaxed_by(&self, new: &TrustSettings) -> Vec<String> {
+        let mut relaxed = Vec::new();
+        if self.strict && !new.strict {
+            relaxed.push("trust.strict true -> false".to_owned());
+        }
+        if self.require_pins && !new.require_pins {
+            relaxed.push("trust.require_pins true -> false".to_owned());
+        }
+        if !self.allow_swap_paths && new.allow_swap_paths {
+            relaxed.push("trust.allow_swap_paths false -> true".to_owned());
+        }
+        if self.allowlist.is_some() && new.allowlist.is_none() {
+            relaxed.push("trust.allowlist removed".to_owned());
+        }
+        relaxed
+    }
+}
+
+/// Splits `DRIVER@blake3:HEX` into the driver and its pin.
+fn split_pin(flag: &str, spec: &str) -> Result<(String, Option<String>), ConfigError> {
+    match spec.rsplit_once("@blake3:") {
+        Some((driver, hex)) => {
+            let pin = format!("blake3:{hex}");
+            check_digest(flag, &pin)?;
+            Ok((driver.to_owned(), Some(pin.to_ascii_lowercase())))
+        }
+        None => Ok((spec.to_owned(), None)),
+    }
+}
+
+fn check_digest(at: &str, digest: &str) -> Result<(), ConfigError> {
+    if crate::loading::loader::is_digest(digest) {
+        return Ok(());
+    }
+    Err(ConfigError::Invalid(format!("{at}: digest {digest:?} is not blake3: and 64 hex digits")))
+}
+
+/// One service to start.
+#[derive(Debug, Clone)]
+pub struct ServiceSpec {
+    /// Its kind.
+    pub kind: &'static ServiceKind,
+    /// Backends, in order.
+    pub backends: Vec<BackendSpec>,
+    /// Name of the default backend.
+    pub default_backend: String,
+}
+
+/// Everything `plughost run` needs, merged from flags, environment, file and defaults.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// State directory (absolute).
+    pub state_dir: PathBuf,
+    /// Control socket path.
+    pub socket: PathBuf,
+    /// Driver directories for NAME lookups.
+    pub driver_dirs: Vec<PathBuf>,
+    /// The enabled services, in table order.
+    pub services: Vec<ServiceSpec>,
+    /// How long a graceful stop waits for in-flight requests.
+    pub shutdown_timeout: Duration,
+    /// Spacing of periodic tasks.
+    pub periodic_interval: Duration,
+    /// Largest request line accepted on the control socket.
+    pub max_request_bytes: usize,
+    /// The `plughost` executable, to load new driver content in a child process first; `None` loads
+    /// in-process only.
+    pub probe: Option<PathBuf>,
+    /// Which driver code may load.
+    pub trust: TrustSettings,
+    /// The group that may read through the socket.
+    pub socket_group: Option<String>,
+    /// Largest driver file accepted.
+    pub max_driver_bytes: u64,
+}
+
+/// Where the configuration comes from: the flags given at start (environment included) and the file
+/// they name. Reloading reads the file again with the same flags.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigSource {
+    /// The flags.
+    pub flags: RunFlags,
+}
+
+impl ConfigSource {
+    /// Reads the file (if any) and merges everything into settings; every error found.
+    pub fn load(&self) -> Result<Settings, Vec<ConfigError>> {
+        let file = match &self.flags.config {
+            Some(p) => read_file(p).map_err(|e| vec![e])?,
+            None => FileConfig::default(),
+        };
+        resolve(&self.flags, &file)
+    }
+}
+
+/// Merges flags and file into settings.
+pub fn resolve(flags: &RunFlags, file: &FileConfig) -> Result<Settings, Vec<ConfigError>> {
+    let mut errors = Vec::new();
+    let mut services = Vec::new();
+    for k in KINDS {
+        let none = ServiceFlags::default();
+        let f = flags.services.0.get(k.name).unwrap_or(&none);
+        match service_spec(k, file.services.get(k.name), f) {
+            Ok(Some(mut s)) => match apply_setting_flags(&mut s, &flags.stop_instances_on_exit, &flags.isolate) {
+                Ok(()) => services.push(s),
+                Err(e) => errors.push(e),
+            },
+            Ok(None) => {}
+            Err(e) => errors.push(e),
+        }
+    }
+    let targets = flags.stop_instances_on_exit.iter().map(|t| ("--stop-instances-on-exit", t));
+    for (flag, target) in targets.chain(flags.isolate.iter().map(|t| ("--isolate", t))) {
+        let service = target.split('/').next().unwrap_or_default();
+        if kinds::kind(service).is_none() {
+            let known: Vec<&str> = KINDS.iter().map(|k| k.name).collect();
+            errors.push(ConfigError::Invalid(format!(
+                "{flag} {target:?}: unknown service {service:?} ({})",
+                known.join(", ")
+            )));
+        }
+    }
+    if errors.is_empty() && services.is_empty() {
+        errors.push(ConfigError::Invalid("every service is disabled: nothing to run".to_owned()));
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let state_dir = flags.state_dir.clone().or_else(|| file.state_dir.clone()).unwrap_or_else(default_state_dir);
+    let state_dir = std::path::absolute(&state_dir).unwrap_or(state_dir);
+    let socket =
+        flags.socket.clone().or_else(|| file.socket.clone()).unwrap_or_else(|| state_dir.join("plughost.sock"));
+    let mut dirs = flags.driver_dirs.clone();
+    dirs.extend(file.driver_dirs.iter().cloned());
+    let max_request_bytes = flags.max_request_bytes.or(file.max_request_bytes).unwrap_or(1 << 20);
+    let t = &file.trust;
+    let trust = TrustSettings {
+        strict: !flags.allow_untrusted_drivers && t.strict.unwrap_or(true),
+        allowlist: t.allowlist.clone(),
+        require_pins: t.require_pins.unwrap_or(false),
+        allow_swap_paths: flags.allow_swap_paths || t.allow_swap_paths.unwrap_or(false),
+    };
+    if trust.require_pins {
+        let unpinned: Vec<String> = services
+            .iter()
+            .flat_map(|s| {
+                s.backends
+                    .iter()
+                    .filter(|b| b.settings.digest.is_none())
+                    .map(move |b| format!("{} backend {:?}", s.kind.name, b.name))
+            })
+            .collect();
+        if !unpinned.is_empty() {
+            return Err(vec![ConfigError::Invalid(format!(
+                "trust.require_pins is set but these backends pin no digest: {}",
+                unpinned.join(", ")
+            ))]);
+        }
+    }
+    Ok(Settings {
+        driver_dirs: crate::loading::drivers::driver_dirs(&dirs),
+        state_dir,
+        socket,
+        services,
+        shutdown_timeout: Duration::from_millis(
+            flags.shutdown_timeout_ms.or(file.shutdown_timeout_ms).unwrap_or(10_000),
+        ),
+        periodic_interval: Duration::from_millis(
+            flags.periodic_interval_ms.or(file.periodic_interval_ms).unwrap_or(10_000).max(10),
+        ),
+        max_request_bytes: usize::try_from(max_request_bytes.max(64)).unwrap_or(usize::MAX),
+        probe: std::env::current_exe().ok(),
+        trust,
+        socket_group: flags.socket_group.clone().or_else(|| file.socket_group.clone()),
+        max_driver_bytes: flags
+            .max_driver_bytes
+            .or(file.max_driver_bytes)
+            .unwrap_or(crate::loading::loader::DEFAULT_MAX_DRIVER_BYTES),
+    })
+}
+
+fn split_kv(flag: &str, text: &str) -> Result<(String, String), ConfigError> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(ConfigError::Invalid(format!("{flag} {text:?}: expected KEY=VALUE"))),
+    }
+}
+
+/// Merges file and flags into the backends of one service; `None` when the service is disabled.
+pub fn service_spec(
+    kind: &'static ServiceKind,
+    file: Option<&ServiceConfig>,
+    flags: &ServiceFlags,
+) -> Result<Option<ServiceSpec>, ConfigError> {
+    let name = kind.name;
+    let mut backends: Vec<BackendSpec> = Vec::new();
+    let (flag_driver, flag_pin) = match &flags.driver {
+        Some(d) => {
+            let (d, pin) = split_pin(&format!("--{name}-driver"), d)?;
+            (Some(d), pin)
+        }
+        None => (None, None),
+    };
+    let default_driver = flag_driver.or_else(|| file.and_then(|f| f.driver.clone()));
+    let default_pin = match flag_pin {
+        Some(p) => Some(p),
+        None => match file.and_then(|f| f.digest.clone()) {
+            Some(d) => {
+                check_digest(&format!("[{name}] digest"), &d)?;
+                Some(d.to_ascii_lowercase())
+            }
+            None => None,
+        },
+    };
+    let file_backends = file.map(|f| f.backends.as_slice()).unwrap_or_default();
+    let cli_backends: Vec<(String, String)> =
+        flags.backends.iter().map(|b| split_kv(&format!("--{name}-backend"), b)).collect::<Result<_, _>>()?;
+    if default_driver.as_deref() == Some("none") {
+        return Ok(None);
+    }
+    let section = format!("[{name}]");
+    let service_settings = match file {
+        Some(f) => SettingsConfig {
+            stop_instances_on_exit: f.stop_instances_on_exit,
+            isolation: f.isolation.clone(),
+            user: f.user.clone(),
+            group: f.group.clone(),
+            memory_limit: f.memory_limit.clone(),
+            call_timeout: f.call_timeout.clone(),
+        }
+        .apply(kind, &BackendSettings::default(), &section)?,
+        None => BackendSettings::default(),
+    };
+    // The `default` backend exists when a driver is named for it, or when no backend is named at all.
+    if default_driver.is_some() || (file_backends.is_empty() && cli_backends.is_empty()) {
+        backends.push(BackendSpec {
+            name: "default".to_owned(),
+            driver: default_driver.unwrap_or_else(|| kind.default_driver.to_owned()),
+            options: file.map(|f| options(&f.options)).transpose()?.unwrap_or_default(),
+            settings: BackendSettings { digest: default_pin, ..service_settings.clone() },
+        });
+    }
+    for b in file_backends {
+        let at = format!("[[{name}.backends]] {:?}", b.name);
+        let mut settings = SettingsConfig {
+            stop_instances_on_exit: b.stop_instances_on_exit,
+            isolation: b.isolation.clone(),
+            user: b.user.clone(),
+            group: b.group.clone(),
+            memory_limit: b.memory_limit.clone(),
+            call_timeout: b.call_timeout.clone(),
+        }
+        .apply(kind, &service_settings, &at)?;
+        if let Some(d) = &b.digest {
+            check_digest(&at, d)?;
+            settings.digest = Some(d.to_ascii_lowercase());
+        }
+        backends.push(BackendSpec {
+            name: b.name.clone(),
+            driver: b.driver.clone(),
+            options: options(&b.options)?,
+            settings,
+        });
+    }
+    for (backend, driver) in cli_backends {
+        let (driver, pin) = split_pin(&format!("--{name}-backend {backend}"), &driver)?;
+        match backends.iter_mut().find(|b| b.name == backend) {
+            Some(b) => {
+                b.driver = driver;
+                if pin.is_some() {
+                    b.settings.digest = pin;
+                }
+            }
+            None => backends.push(BackendSpec {
+                name: backend,
+                driver,
+                options: Vec::new(),
+                settings: BackendSettings { digest: pin, ..service_settings.clone() },
+            }),
+        }
+    }
+    for (i, b) in backends.iter().enumerate() {
+        let ok = !b.name.is_empty() && b.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !ok {
+            return Err(ConfigError::Invalid(format!("{name} backend name {:?}: use A-Z a-z 0-9 - _", b.name)));
+        }
+        if backends[..i].iter().any(|o| o.name == b.name) {
+            return Err(ConfigError::Invalid(format!("{name} backend {:?} is defined twice", b.name)));
+        }
+    }
+    for o in &flags.opts {
+        let (key, value) = split_kv(&format!("--{name}-opt"), o)?;
+        let (backend, key) = match key.split_once(':') {
+            Some((b, k)) => (b.to_owned(), k.to_owned()),
+            None => (backends.first().map(|b| b.name.clone()).unwrap_or_default(), key),
+        };
+        let b = backends
+            .iter_mut()
+            .find(|b| b.name == backend)
+            .ok_or_else(|| ConfigError::Invalid(format!("--{name}-opt {o:?}: no {name} backend named {backend:?}")))?;
+        b.options.retain(|(k, _)| *k != key);
+        b.options.push((key, value));
+    }
+    let default_backend = flags
+        .default_backend
+        .clone()
+        .or_else(|| file.and_then(|f| f.default_backend.clone()))
+        .or_else(|| backends.first().map(|b| b.name.clone()))
+        .unwrap_or_default();
+    if !backends.iter().any(|b| b.name == default_backend) {
+        return Err(ConfigError::Invalid(format!("default {name} backend {default_backend:?} is not defined")));
+    }
+    Ok(Some(ServiceSpec { kind, backends, default_backend }))
+}
+
+/// Applies the `--stop-instances-on-exit` and `--isolate SERVICE[/BACKEND]` flags naming this service.
+fn apply_setting_flags(spec: &mut ServiceSpec, stop: &[String], isolate: &[String]) -> Result<(), ConfigError> {
+    let flags = stop.iter().map(|t| ("--stop-instances-on-exit", t)).chain(isolate.iter().map(|t| ("--isolate", t)));
+    for (name, target) in flags {
+        let (service, backend) = match target.split_once('/') {
+            Some((s, b)) => (s, Some(b)),
+            None => (target.as_str(), None),
+        };
+        if service != spec.kind.name {
+            continue;
+        }
+        let flag = format!("{name} {target:?}");
+        if name == "--stop-instances-on-exit" {
+            check_setting(spec.kind, "stop_instances_on_exit", &flag)?;
+        }
+        let mut matched = false;
+        for b in spec.backends.iter_mut().filter(|b| backend.is_none_or(|n| n == b.name)) {
+            if name == "--isolate" {
+                b.settings.isolation = Isolation::Process;
+            } else {
+                b.settings.stop_instances_on_exit = true;
+            }
+            matched = true;
+        }
+        if !matched {
+            return Err(ConfigError::Invalid(format!(
+                "{flag}: no {service} backend named {:?}",
+                backend.unwrap_or("")
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The built-in state directory: `$XDG_STATE_HOME/plughost`, else `$HOME/.local/state/plughost`,
+/// else `./state`.
+pub fn default_state_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|x| !x.is_empty()) {
+        return PathBuf::from(x).join("plughost");
+    }
+    if let Some(h) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        return PathBuf::from(h).join(".local/state/plughost");
+    }
+    PathBuf::from("state")
+}
+
+/// The control socket `ctl` talks to when `--socket` is not given: `$PLUGHOST_SOCKET`, else
+/// `$PLUGHOST_STATE_DIR/plughost.sock`, else the default state dir's.
+pub fn default_socket() -> PathBuf {
+    if let Some(s) = std::env::var_os("PLUGHOST_SOCKET").filter(|s| !s.is_empty()) {
+        return PathBuf::from(s);
+    }
+    let state = std::env::var_os("PLUGHOST_STATE_DIR")
+        .filter(|s| !s.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(default_state_dir);
+    state.join("plughost.sock")
+}
+
+impl fmt::Display for BackendSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}={}", self.name, self.driver)
+    }
+}
+
+/// The service kind named `name` (for messages about a section or flag).
+pub fn service_kind(name: &str) -> Option<&'static ServiceKind> {
+    kinds::kind(name)
+}
