@@ -1,0 +1,170 @@
+//! `plughost run`: serving the socket, the periodic tasks, signals, and the bounded graceful stop.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::host::Host;
+use crate::config::ConfigSource;
+use crate::control::server::Server;
+
+/// A host serving its socket and running its periodic tasks.
+#[derive(Debug)]
+pub struct Running {
+    host: Arc<Host>,
+    server: Server,
+    periodic: Vec<JoinHandle<()>>,
+}
+
+fn jitter(max: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let ms = max.as_millis().max(1) as u64;
+    Duration::from_millis(u64::from(nanos) % ms)
+}
+
+impl Running {
+    /// Starts serving the socket and the periodic tasks (one thread per service, first run after a
+    /// random delay so that services do not all wake at once).
+    pub fn start(host: Arc<Host>) -> Result<Running, String> {
+        let server = Server::serve(
+            host.clone(),
+            &host.settings.socket,
+            host.settings.socket_group.as_deref(),
+            host.settings.max_request_bytes,
+        )?;
+        let mut periodic = Vec::new();
+        for i in 0..host.services.len() {
+            let h = host.clone();
+            let every = host.settings.periodic_interval;
+            let t = std::thread::Builder::new()
+                .name(format!("periodic-{}", host.services[i].kind().name))
+                .spawn(move || {
+                    let mut next = Instant::now() + jitter(every);
+                    while !h.stopping() {
+                        if Instant::now() >= next {
+                            h.periodic(i);
+                            next += every;
+                        }
+                        std::thread::sleep(Duration::from_millis(50).min(every));
+                    }
+                })
+                .map_err(|e| format!("cannot start a periodic task: {e}"))?;
+            periodic.push(t);
+        }
+        Ok(Running { host, server, periodic })
+    }
+
+    /// The shared host state.
+    pub fn host(&self) -> &Arc<Host> {
+        &self.host
+    }
+
+    /// Graceful stop: refuse new requests, let in-flight ones finish (up to the shutdown timeout), stop
+    /// periodic tasks, run driver cleanup, remove the socket.
+    pub fn stop(mut self) {
+        let host = self.host.clone();
+        host.stopping.store(true, Ordering::SeqCst);
+        self.server.stop();
+        let deadline = Instant::now() + host.settings.shutdown_timeout;
+        // Whatever the drivers do, the stop ends by then.
+        let hard = deadline + STOP_MARGIN;
+        while host.in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let left = host.in_flight.load(Ordering::SeqCst);
+        if left > 0 {
+            log::warn!("stopping with {left} request(s) still in flight after {:?}", host.settings.shutdown_timeout);
+        }
+        // Periodic tasks notice the stop within 50 ms, unless one is inside a driver call that hangs.
+        for t in self.periodic.drain(..) {
+            while !t.is_finished() && Instant::now() < hard {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                log::warn!("a periodic task is still inside a driver call; not waiting for it");
+            }
+        }
+        // Cleanups side by side, each as long as the deadline allows.
+        let cleanups: Vec<_> = host
+            .services
+            .iter()
+            .filter_map(|s| {
+                let s = s.clone();
+                let name = s.kind().name;
+                std::thread::Builder::new()
+                    .name(format!("cleanup-{name}"))
+                    .spawn(move || s.cleanup())
+                    .map(|t| (name, t))
+                    .ok()
+            })
+            .collect();
+        let budget = hard.max(Instant::now() + STOP_MARGIN);
+        for (name, t) in cleanups {
+            while !t.is_finished() && Instant::now() < budget {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if !t.is_finished() {
+                log::warn!("{name} cleanup did not finish in time; stopping without it");
+            }
+        }
+        log::info!("stopped");
+    }
+}
+
+/// How long past the shutdown timeout a graceful stop may take for periodic tasks and cleanups.
+pub const STOP_MARGIN: Duration = Duration::from_secs(2);
+
+/// `plughost run`: starts the host, serves until SIGTERM or SIGINT (SIGHUP reloads the configuration),
+/// then stops gracefully. `ready` gets the startup lines once the socket is serving. Every start error
+/// found is returned.
+pub fn run(source: ConfigSource, ready: impl FnOnce(&[String])) -> Result<(), Vec<String>> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .map_err(|e| vec![format!("cannot install signal handlers: {e}")])?;
+    // Everything created from here on (records, volume files, logs, drivers' files) is private.
+    crate::loading::trust::private_umask();
+    // Buffers of a megabyte and more (driver files read for a swap: tens of MB in debug builds) come
+    // from and go back to the system at once. By default glibc raises this threshold after the first
+    // large free, and each connection thread's arena then keeps what a swap read (20 MB per 100 swaps).
+    // SAFETY: mallopt only changes allocator tuning; called before the host starts its threads.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+    let host = Host::start(source)?;
+    let running = Running::start(host).map_err(|e| vec![e])?;
+    let settings = running.host().settings();
+    let mut lines = running.host().describe();
+    lines.push(format!("serving on {} (state dir {})", settings.socket.display(), settings.state_dir.display()));
+    lines.push(format!("try: plughost ctl --socket {} status", settings.socket.display()));
+    ready(&lines);
+    for sig in signals.forever() {
+        if sig == SIGHUP {
+            log::info!("SIGHUP received: reloading the configuration");
+            if let Err(e) = running.host().reload() {
+                log::error!("reload failed: {}", e.message);
+            }
+            continue;
+        }
+        log::info!("signal {sig} received: stopping gracefully (a second SIGTERM or SIGINT exits at once)");
+        break;
+    }
+    let second = std::thread::Builder::new().name("signals".to_owned()).spawn(move || {
+        for sig in signals.forever() {
+            if sig != SIGHUP {
+                log::warn!("signal {sig} received again: exiting now");
+                std::process::exit(1);
+            }
+        }
+    });
+    if let Err(e) = second {
+        log::warn!("cannot watch for a second signal: {e}");
+    }
+    running.stop();
+    Ok(())
+}
