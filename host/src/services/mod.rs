@@ -8,6 +8,7 @@
 pub mod compute;
 pub(crate) mod core;
 pub mod kinds;
+pub(crate) mod meta;
 pub(crate) mod records;
 pub mod volume;
 
