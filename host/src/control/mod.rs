@@ -6,3 +6,4 @@ pub mod ctl;
 pub mod protocol;
 pub mod request;
 pub mod server;
+pub mod status;
