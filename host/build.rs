@@ -33,7 +33,7 @@ fn main() {
         .collect();
     collect(&api.join("src"), "src", &mut files);
     let mut code = String::from("/// The plughost-api package source: (path inside the package, contents).\n");
-    code.push_str("pub const FILES: &[(&str, &[u8])] = &[\n");
+    code.push_str("pub(super) const FILES: &[(&str, &[u8])] = &[\n");
     for (rel, path) in &files {
         let abs = path.canonicalize().unwrap_or_else(|e| panic!("plugin-api source {}: {e}", path.display()));
         writeln!(code, "    ({rel:?}, include_bytes!({:?})),", abs.display().to_string()).expect("writing to a String");

@@ -8,6 +8,8 @@
 //! `services` (policy and records per kind), `config`, `control` (socket, `ctl`, audit), `runtime`
 //! (composition, reload, run), `authoring` (`check`, `new`).
 
+#![warn(unreachable_pub)]
+
 pub mod authoring;
 pub mod backend;
 pub mod config;
@@ -15,7 +17,7 @@ pub mod control;
 pub mod loading;
 pub mod runtime;
 pub mod services;
-pub mod state;
+pub(crate) mod state;
 pub(crate) mod util;
 pub mod worker;
 

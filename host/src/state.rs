@@ -14,10 +14,10 @@ use rusqlite::types::Value;
 use rusqlite::{params_from_iter, Connection, OptionalExtension};
 
 /// The database file, in the state dir.
-pub const DB_FILE: &str = "state.db";
+pub(crate) const DB_FILE: &str = "state.db";
 
 /// The lock file, in the state dir: held (`flock`) by the host using the directory.
-pub const LOCK_FILE: &str = "plughost.lock";
+pub(crate) const LOCK_FILE: &str = "plughost.lock";
 
 /// Why the state could not be opened, read or written.
 #[derive(Debug, thiserror::Error)]
@@ -119,7 +119,7 @@ const MIGRATIONS: &[&str] = &[
 ];
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+pub(crate) const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// How a column's SQL value maps to the record's JSON field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -343,14 +343,14 @@ impl StateDb {
 
 /// A row being read back into a record, column by column, by name (no JSON in between).
 #[derive(Debug)]
-pub struct RowReader {
+pub(crate) struct RowReader {
     columns: &'static [Column],
     values: Vec<Option<Value>>,
 }
 
 impl RowReader {
     /// The values of a row, in the columns' order.
-    pub fn new(columns: &'static [Column], row: Vec<Value>) -> RowReader {
+    pub(crate) fn new(columns: &'static [Column], row: Vec<Value>) -> RowReader {
         RowReader { columns, values: row.into_iter().map(Some).collect() }
     }
 
@@ -360,7 +360,7 @@ impl RowReader {
     }
 
     /// A TEXT column that may be NULL.
-    pub fn opt_text(&mut self, name: &str) -> Result<Option<String>, String> {
+    pub(crate) fn opt_text(&mut self, name: &str) -> Result<Option<String>, String> {
         match self.take(name)? {
             Value::Null => Ok(None),
             Value::Text(s) => Ok(Some(s)),
@@ -369,12 +369,12 @@ impl RowReader {
     }
 
     /// A TEXT column.
-    pub fn text(&mut self, name: &str) -> Result<String, String> {
+    pub(crate) fn text(&mut self, name: &str) -> Result<String, String> {
         self.opt_text(name)?.ok_or_else(|| format!("column {name:?} is NULL"))
     }
 
     /// An INTEGER column that may be NULL, as `T`.
-    pub fn opt_int<T: TryFrom<i64>>(&mut self, name: &str) -> Result<Option<T>, String> {
+    pub(crate) fn opt_int<T: TryFrom<i64>>(&mut self, name: &str) -> Result<Option<T>, String> {
         match self.take(name)? {
             Value::Null => Ok(None),
             Value::Integer(i) => T::try_from(i).map(Some).map_err(|_| format!("column {name:?}: {i} is out of range")),
@@ -383,17 +383,17 @@ impl RowReader {
     }
 
     /// An INTEGER column, as `T`.
-    pub fn int<T: TryFrom<i64>>(&mut self, name: &str) -> Result<T, String> {
+    pub(crate) fn int<T: TryFrom<i64>>(&mut self, name: &str) -> Result<T, String> {
         self.opt_int(name)?.ok_or_else(|| format!("column {name:?} is NULL"))
     }
 
     /// An INTEGER 0/1 column (NULL is false).
-    pub fn boolean(&mut self, name: &str) -> Result<bool, String> {
+    pub(crate) fn boolean(&mut self, name: &str) -> Result<bool, String> {
         Ok(self.opt_int::<i64>(name)?.is_some_and(|i| i != 0))
     }
 
     /// A TEXT column holding JSON (NULL is the type's default).
-    pub fn json<T: serde::de::DeserializeOwned + Default>(&mut self, name: &str) -> Result<T, String> {
+    pub(crate) fn json<T: serde::de::DeserializeOwned + Default>(&mut self, name: &str) -> Result<T, String> {
         match self.opt_text(name)? {
             None => Ok(T::default()),
             Some(s) => serde_json::from_str(&s).map_err(|e| format!("column {name:?}: {e}")),
@@ -401,38 +401,38 @@ impl RowReader {
     }
 
     /// A TEXT column holding a name parsed by `T::from_str` (a status).
-    pub fn parsed<T: std::str::FromStr>(&mut self, name: &str) -> Result<T, String> {
+    pub(crate) fn parsed<T: std::str::FromStr>(&mut self, name: &str) -> Result<T, String> {
         let text = self.text(name)?;
         text.parse().map_err(|_| format!("column {name:?}: unknown value {text:?}"))
     }
 }
 
 /// Column values, written once for every record type.
-pub mod value {
+pub(crate) mod value {
     use rusqlite::types::Value;
 
     /// TEXT.
-    pub fn text(s: &str) -> Value {
+    pub(crate) fn text(s: &str) -> Value {
         Value::Text(s.to_owned())
     }
     /// TEXT or NULL.
-    pub fn opt_text(s: Option<&str>) -> Value {
+    pub(crate) fn opt_text(s: Option<&str>) -> Value {
         s.map(text).unwrap_or(Value::Null)
     }
     /// INTEGER (refusing what does not fit a signed 64-bit integer).
-    pub fn int<T: TryInto<i64> + Copy + std::fmt::Display>(n: T) -> Result<Value, String> {
+    pub(crate) fn int<T: TryInto<i64> + Copy + std::fmt::Display>(n: T) -> Result<Value, String> {
         n.try_into().map(Value::Integer).map_err(|_| format!("{n} does not fit a signed 64-bit integer"))
     }
     /// INTEGER or NULL.
-    pub fn opt_int<T: TryInto<i64> + Copy + std::fmt::Display>(n: Option<T>) -> Result<Value, String> {
+    pub(crate) fn opt_int<T: TryInto<i64> + Copy + std::fmt::Display>(n: Option<T>) -> Result<Value, String> {
         n.map(int).unwrap_or(Ok(Value::Null))
     }
     /// INTEGER 0/1.
-    pub fn boolean(b: bool) -> Value {
+    pub(crate) fn boolean(b: bool) -> Value {
         Value::Integer(i64::from(b))
     }
     /// TEXT holding JSON.
-    pub fn json<T: serde::Serialize>(v: &T) -> Result<Value, String> {
+    pub(crate) fn json<T: serde::Serialize>(v: &T) -> Result<Value, String> {
         serde_json::to_string(v).map(Value::Text).map_err(|e| e.to_string())
     }
 }
@@ -440,13 +440,13 @@ pub mod value {
 /// The state-dir lock: held for as long as the host runs, released by the kernel when the process ends
 /// (however it ends).
 #[derive(Debug)]
-pub struct DirLock {
+pub(crate) struct DirLock {
     _file: std::fs::File,
 }
 
 impl DirLock {
     /// Takes the lock on `state_dir`, or says which process holds it.
-    pub fn take(state_dir: &Path) -> Result<DirLock, StateError> {
+    pub(crate) fn take(state_dir: &Path) -> Result<DirLock, StateError> {
         use std::io::{Read, Seek, Write};
         use std::os::fd::AsRawFd;
         let path = state_dir.join(LOCK_FILE);

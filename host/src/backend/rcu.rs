@@ -163,7 +163,7 @@ fn synchronize(deadline: Instant) -> bool {
 
 /// A value read far more often than it is replaced.
 #[derive(Debug)]
-pub struct RcuCell<T> {
+pub(crate) struct RcuCell<T> {
     ptr: AtomicPtr<T>,
     write: Mutex<()>,
 }
@@ -176,7 +176,7 @@ unsafe impl<T: Send + Sync> Send for RcuCell<T> {}
 
 impl<T> RcuCell<T> {
     /// A cell holding `value`.
-    pub fn new(value: T) -> RcuCell<T> {
+    pub(crate) fn new(value: T) -> RcuCell<T> {
         init();
         RcuCell { ptr: AtomicPtr::new(Box::into_raw(Box::new(value))), write: Mutex::new(()) }
     }
@@ -184,7 +184,7 @@ impl<T> RcuCell<T> {
     /// Runs `f` on the current value inside a read section; the value stays valid until `f` returns.
     /// Never blocks.
     #[inline]
-    pub fn read<R>(&self, f: impl FnOnce(&T) -> R) -> R {
+    pub(crate) fn read<R>(&self, f: impl FnOnce(&T) -> R) -> R {
         let section = enter();
         let p = self.ptr.load(Ordering::Acquire);
         // SAFETY: `p` came from `Box::into_raw` and is freed only by `Retired::wait`, after a grace
@@ -196,7 +196,7 @@ impl<T> RcuCell<T> {
 
     /// Installs `value`; the previous value is returned as [`Retired`], to be reclaimed once no
     /// reader can see it. Readers that start after this returns see `value`.
-    pub fn replace(&self, value: T) -> Retired<T> {
+    pub(crate) fn replace(&self, value: T) -> Retired<T> {
         let _w = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let new = Box::into_raw(Box::new(value));
         let old = self.ptr.swap(new, Ordering::SeqCst);
@@ -213,7 +213,7 @@ impl<T> Drop for RcuCell<T> {
 
 /// A value replaced in an [`RcuCell`], possibly still seen by readers.
 #[derive(Debug)]
-pub struct Retired<T> {
+pub(crate) struct Retired<T> {
     ptr: *mut T,
 }
 
@@ -223,7 +223,7 @@ unsafe impl<T: Send> Send for Retired<T> {}
 
 impl<T: Sync> Retired<T> {
     /// Reads the retired value while readers may still be reading it too (shared access only).
-    pub fn peek<R>(&self, f: impl FnOnce(&T) -> R) -> R {
+    pub(crate) fn peek<R>(&self, f: impl FnOnce(&T) -> R) -> R {
         // SAFETY: the value is alive until `wait` hands it back (which takes `self`), and `T: Sync`
         // makes a shared reference alongside the remaining readers' sound.
         f(unsafe { &*self.ptr })
@@ -233,7 +233,7 @@ impl<T: Sync> Retired<T> {
 impl<T> Retired<T> {
     /// Waits for the grace period (up to `timeout`) and returns the value, now owned by the caller;
     /// or gives the handle back if readers were still inside after `timeout`.
-    pub fn wait(self, timeout: Duration) -> Result<Box<T>, Retired<T>> {
+    pub(crate) fn wait(self, timeout: Duration) -> Result<Box<T>, Retired<T>> {
         if synchronize(Instant::now() + timeout) {
             // SAFETY: the pointer came from `Box::into_raw` in `replace`/`new`, is no longer reachable
             // from the cell, and the grace period just ended, so no reader holds it.

@@ -122,23 +122,7 @@ impl<I: Interface> BackendControl for Backend<I> {
                 ),
             ));
         }
-        let new = fresh.info.reference(true);
-        let started = Instant::now();
-        let old = self.active.replace(fresh);
-        let swap_us = started.elapsed().as_micros() as u64;
-        *self.init.lock().unwrap_or_else(|p| p.into_inner()) = InitState::Done;
-        *self.configured.lock().unwrap_or_else(|p| p.into_inner()) = wanted;
-        self.set_health(Health::Up);
-        log::info!(
-            "{} backend {:?}: swapped in {} {} [{}] (generation {generation})",
-            self.service,
-            self.name,
-            new.name,
-            new.version,
-            new.digest
-        );
-        let old = retire::<I>(old, drain_timeout, self.service, &self.name);
-        Ok(SwapReport { backend: self.name.clone(), generation, old, new, swap_us })
+        Ok(install(self, fresh, wanted, drain_timeout))
     }
 
     fn status(&self, default: bool, capacity: Option<Capacity>) -> BackendStatus {
@@ -320,6 +304,30 @@ impl<I: Interface> BackendControl for Backend<I> {
 
 /// Waits for every call that may still use `old` to return, then runs its cleanup and frees it; in
 /// the background once `timeout` has passed. Returns a description of the old driver.
+/// The swap itself, once the replacement is loaded, constructed, initialised and healthy: one pointer
+/// store (requests never wait; a call in flight keeps the driver it started with), the backend up
+/// under its new configuration, the old driver retired once its calls are done.
+fn install<I: Interface>(b: &Backend<I>, fresh: Active<I>, wanted: Configured, drain_timeout: Duration) -> SwapReport {
+    let generation = fresh.generation;
+    let new = fresh.info.reference(true);
+    let started = Instant::now();
+    let old = b.active.replace(fresh);
+    let swap_us = started.elapsed().as_micros() as u64;
+    *b.init.lock().unwrap_or_else(|p| p.into_inner()) = InitState::Done;
+    *b.configured.lock().unwrap_or_else(|p| p.into_inner()) = wanted;
+    b.set_health(Health::Up);
+    log::info!(
+        "{} backend {:?}: swapped in {} {} [{}] (generation {generation})",
+        b.service,
+        b.name,
+        new.name,
+        new.version,
+        new.digest
+    );
+    let old = retire::<I>(old, drain_timeout, b.service, &b.name);
+    SwapReport { backend: b.name.clone(), generation, old, new, swap_us }
+}
+
 pub(super) fn retire<I: Interface>(
     old: Retired<Active<I>>,
     timeout: Duration,
@@ -356,5 +364,143 @@ pub(super) fn retire<I: Interface>(
             }
             DriverRef { draining: true, ..info }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use plughost_api::{CapacityStats, DriverError, Volume, VolumeClient, VolumeDriver, VolumeInterface, VolumeMethod};
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{mpsc, Mutex};
+
+    /// A driver that says which one it is, counts its cleanups, and can hold a `get` until told.
+    struct Marked {
+        id: u64,
+        cleanups: Arc<AtomicUsize>,
+        hold: Mutex<Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>>,
+    }
+
+    impl VolumeDriver for Marked {
+        fn create(&self, _: &str, _: u64) -> Result<Volume, DriverError> {
+            Err(DriverError::unsupported("test driver"))
+        }
+        fn delete(&self, _: &str) -> Result<(), DriverError> {
+            Err(DriverError::unsupported("test driver"))
+        }
+        fn extend(&self, _: &str, _: u64) -> Result<Volume, DriverError> {
+            Err(DriverError::unsupported("test driver"))
+        }
+        fn snapshot(&self, _: &str, _: &str) -> Result<Volume, DriverError> {
+            Err(DriverError::unsupported("test driver"))
+        }
+        fn list(&self) -> Result<Vec<Volume>, DriverError> {
+            Ok(Vec::new())
+        }
+        fn get(&self, name: &str) -> Result<Volume, DriverError> {
+            let held = self.hold.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some((entered, release)) = held {
+                entered.send(()).expect("the test waits for the call to enter");
+                release.recv().expect("the test releases the call");
+            }
+            Ok(Volume { name: name.to_owned(), size: self.id, ..Volume::default() })
+        }
+        fn stats(&self) -> Result<CapacityStats, DriverError> {
+            Ok(CapacityStats::default())
+        }
+        fn cleanup(&self) -> Result<(), DriverError> {
+            self.cleanups.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    fn marked(id: u64, cleanups: &Arc<AtomicUsize>) -> Marked {
+        Marked { id, cleanups: cleanups.clone(), hold: Mutex::new(None) }
+    }
+
+    fn object(d: Marked) -> Box<dyn VolumeDriver> {
+        Box::new(VolumeClient::in_process(d))
+    }
+
+    /// The replacement as a swap would have prepared it, generation `generation`.
+    fn fresh(d: Marked, generation: u64) -> Active<VolumeInterface> {
+        let info = DriverInfo {
+            name: "next".to_owned(),
+            version: generation.to_string(),
+            api_version: plughost_api::API_VERSION.to_owned(),
+            path: std::path::PathBuf::new(),
+            digest: format!("test:{generation}"),
+            size: 0,
+            loaded_at: std::time::SystemTime::now(),
+        };
+        Active {
+            driver: Driver::Other(object(d)),
+            info,
+            shown_options: BTreeMap::new(),
+            init_error: None,
+            generation,
+            extensions: Vec::new(),
+            supervisor: None,
+            init_pending: false,
+        }
+    }
+
+    fn size_of_get(b: &Backend<VolumeInterface>) -> u64 {
+        b.call(VolumeMethod::get, |d| d.get("v")).expect("the backend serves").size
+    }
+
+    #[test]
+    fn a_swap_serves_the_new_driver_at_once_and_retires_the_old_one_after_its_calls() {
+        let old_cleanups = Arc::new(AtomicUsize::new(0));
+        let new_cleanups = Arc::new(AtomicUsize::new(0));
+        let (entered_tx, entered_rx) = mpsc::channel();
+        let (release_tx, release_rx) = mpsc::channel();
+        let old = marked(1, &old_cleanups);
+        *old.hold.lock().unwrap() = Some((entered_tx, release_rx));
+        let b = Arc::new(Backend::<VolumeInterface>::in_process("volume", "x", object(old), "old"));
+        b.set_health(Health::Up);
+        // A call in flight on the old driver...
+        let caller = {
+            let b = b.clone();
+            std::thread::spawn(move || size_of_get(&b))
+        };
+        entered_rx.recv().unwrap();
+        // ...does not hold up the swap, which reports the old driver still draining.
+        let wanted = Configured { driver: "next".into(), options: Vec::new(), settings: BackendSettings::default() };
+        let report = install(&b, fresh(marked(2, &new_cleanups), 1), wanted.clone(), Duration::from_millis(50));
+        assert_eq!((report.generation, report.old.draining), (1, true));
+        assert_eq!(size_of_get(&b), 2, "new calls reach the new driver at once");
+        assert_eq!(b.configured(), wanted);
+        assert_eq!(old_cleanups.load(Ordering::SeqCst), 0, "not cleaned up while a call uses it");
+        // The call finishes on the driver it started with; then the old driver is cleaned up, once.
+        release_tx.send(()).unwrap();
+        assert_eq!(caller.join().unwrap(), 1);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while old_cleanups.load(Ordering::SeqCst) == 0 {
+            assert!(Instant::now() < deadline, "the old driver was never cleaned up");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(old_cleanups.load(Ordering::SeqCst), 1);
+        assert_eq!(new_cleanups.load(Ordering::SeqCst), 0, "the new driver serves on");
+        // With no call in flight, retirement is done by the time the swap answers.
+        let report = install(&b, fresh(marked(3, &new_cleanups), 2), wanted, Duration::from_secs(10));
+        assert_eq!((report.generation, report.old.draining), (2, false));
+        assert_eq!(new_cleanups.load(Ordering::SeqCst), 1);
+        assert_eq!(size_of_get(&b), 3);
+    }
+
+    #[test]
+    fn a_backend_that_is_down_refuses_calls_until_a_swap_brings_it_up() {
+        let cleanups = Arc::new(AtomicUsize::new(0));
+        let b = Backend::<VolumeInterface>::in_process("volume", "x", object(marked(1, &cleanups)), "old");
+        b.set_health(Health::Down("disk on fire".into()));
+        let e = b.call(VolumeMethod::get, |d| d.get("v")).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Unavailable);
+        assert!(e.message.contains("disk on fire"), "{e}");
+        let wanted = Configured { driver: "next".into(), options: Vec::new(), settings: BackendSettings::default() };
+        install(&b, fresh(marked(2, &cleanups), 1), wanted, Duration::from_secs(10));
+        assert_eq!(size_of_get(&b), 2);
     }
 }

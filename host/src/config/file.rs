@@ -10,7 +10,7 @@ use serde::de::{DeserializeSeed, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 
 use super::error::ConfigError;
-pub use crate::backend::settings::{BackendSettings, Isolation};
+pub(super) use crate::backend::settings::{BackendSettings, Isolation};
 use crate::services::kinds::KINDS;
 use crate::services::ServiceKind;
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use super::error::ConfigError;
 use super::file::*;
 use super::flags::*;
-pub use crate::backend::settings::{BackendSettings, BackendSpec, Isolation};
+pub(super) use crate::backend::settings::{BackendSettings, BackendSpec, Isolation};
 use crate::services::kinds::{self, KINDS};
 use crate::services::ServiceKind;
 

@@ -12,18 +12,18 @@ use crate::control::protocol::{ApiError, AuditEntry};
 use crate::control::server::Peer;
 
 /// The audit log file, in the state dir.
-pub const AUDIT_FILE: &str = "audit.log";
+pub(crate) const AUDIT_FILE: &str = "audit.log";
 
 /// An open audit log.
 #[derive(Debug)]
-pub struct AuditLog {
+pub(crate) struct AuditLog {
     path: PathBuf,
     file: Mutex<std::fs::File>,
 }
 
 impl AuditLog {
     /// Opens (creating it 0600) `STATE_DIR/audit.log` for appending.
-    pub fn open(state_dir: &Path) -> Result<AuditLog, String> {
+    pub(crate) fn open(state_dir: &Path) -> Result<AuditLog, String> {
         let path = state_dir.join(AUDIT_FILE);
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -36,7 +36,7 @@ impl AuditLog {
     }
 
     /// Appends one entry. A failure to write is logged, never fatal to the request it describes.
-    pub fn record(
+    pub(crate) fn record(
         &self,
         peer: &Peer,
         service: Option<&str>,
@@ -72,7 +72,7 @@ impl AuditLog {
 
     /// The entries at or after `since` (seconds since the epoch), oldest first. Lines that do not parse
     /// (a partial last line after a crash) are skipped.
-    pub fn read(&self, since: Option<u64>) -> Result<Vec<AuditEntry>, ApiError> {
+    pub(crate) fn read(&self, since: Option<u64>) -> Result<Vec<AuditEntry>, ApiError> {
         let f = std::fs::File::open(&self.path)
             .map_err(|e| ApiError::internal(format!("audit log \"{}\": {}", self.path.display(), e)))?;
         Ok(std::io::BufReader::new(f)

@@ -15,7 +15,7 @@ use std::thread::JoinHandle;
 
 /// Who is on the other end of a connection (`SO_PEERCRED`, taken when it connected).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Peer {
+pub(crate) struct Peer {
     /// Its uid.
     pub uid: u32,
     /// Its gid.
@@ -27,19 +27,20 @@ pub struct Peer {
 impl Peer {
     /// Root and plughost's own user administer; everyone else who can connect (members of
     /// `socket_group`) only reads.
-    pub fn is_admin(&self) -> bool {
+    pub(crate) fn is_admin(&self) -> bool {
         self.uid == 0 || self.uid == crate::loading::trust::euid()
     }
 
-    /// This process, as a peer (for tests and in-process callers).
-    pub fn this_process() -> Peer {
+    /// This process, as a peer (for tests).
+    #[cfg(test)]
+    pub(crate) fn this_process() -> Peer {
         // SAFETY: getgid has no preconditions and cannot fail.
         let gid = unsafe { libc::getgid() };
         Peer { uid: crate::loading::trust::euid(), gid, pid: std::process::id() }
     }
 
     /// The peer of a connected Unix socket.
-    pub fn of(stream: &UnixStream) -> std::io::Result<Peer> {
+    pub(crate) fn of(stream: &UnixStream) -> std::io::Result<Peer> {
         let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
         let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
         // SAFETY: getsockopt writes at most `len` bytes into `cred`, which lives across the call; the
@@ -61,7 +62,7 @@ impl Peer {
 }
 
 /// What answers request lines.
-pub trait Handler: Send + Sync + 'static {
+pub(crate) trait Handler: Send + Sync + 'static {
     /// Answers one request line (without its newline) from `peer`; returns the answer line without
     /// newline.
     fn handle(&self, line: &[u8], peer: &Peer) -> String;
@@ -71,7 +72,7 @@ pub trait Handler: Send + Sync + 'static {
 
 /// A server accepting connections on a Unix socket.
 #[derive(Debug)]
-pub struct Server {
+pub(crate) struct Server {
     socket: PathBuf,
     listener_fd: i32,
     accept: Option<JoinHandle<()>>,
@@ -80,7 +81,7 @@ pub struct Server {
 /// Binds `path`: mode 0600, or 0660 with group `group` (its members may connect, as readers). An
 /// existing socket nobody answers on is stale and replaced; anything else at `path` (a regular file, a
 /// directory, a live server's socket) is left alone and refused.
-pub fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, String> {
+pub(crate) fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, String> {
     let gid =
         group.map(|g| crate::util::users::group_id(g).map_err(|e| format!("socket_group {g:?}: {e}"))).transpose()?;
     match std::fs::symlink_metadata(path) {
@@ -116,7 +117,7 @@ pub fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, String> {
 
 impl Server {
     /// Binds `socket` and serves each connection on its own thread.
-    pub fn serve(
+    pub(crate) fn serve(
         handler: Arc<dyn Handler>,
         socket: &Path,
         group: Option<&str>,
@@ -152,14 +153,9 @@ impl Server {
         Ok(Server { socket: socket.to_owned(), listener_fd, accept: Some(accept) })
     }
 
-    /// The socket path.
-    pub fn socket(&self) -> &Path {
-        &self.socket
-    }
-
     /// Stops accepting new connections and removes the socket. Open connections stay (the handler
     /// decides what they get).
-    pub fn stop(mut self) {
+    pub(crate) fn stop(mut self) {
         // SAFETY: `listener_fd` belongs to the listener owned by the accept thread, which is still
         // alive (joined below); shutting it down only wakes the blocked accept() so that it returns.
         unsafe {

@@ -2,7 +2,7 @@
 
 /// What is wrong with a file that is not a loadable shared object for this machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ElfProblem {
+pub(crate) enum ElfProblem {
     /// Empty, not ELF, not a shared object, or truncated; the reason says which.
     NotElf(String),
     /// A shared object for another machine or word size.
@@ -28,7 +28,7 @@ fn machine_name(m: u16) -> String {
 }
 
 /// The ELF machine number of the running host.
-pub fn host_machine() -> u16 {
+pub(crate) fn host_machine() -> u16 {
     if cfg!(target_arch = "x86_64") {
         62
     } else if cfg!(target_arch = "aarch64") {
@@ -45,16 +45,16 @@ pub fn host_machine() -> u16 {
 }
 
 /// How many bytes [`check_header`] needs to see (the 64-bit ELF header).
-pub const HEADER_LEN: usize = 64;
+pub(crate) const HEADER_LEN: usize = 64;
 
 /// Checks that `bytes` is a complete ELF shared object for this machine.
-pub fn check(bytes: &[u8]) -> Result<(), ElfProblem> {
+pub(crate) fn check(bytes: &[u8]) -> Result<(), ElfProblem> {
     check_header(bytes, bytes.len() as u64)
 }
 
 /// Checks the ELF header at the start of a file of `file_len` bytes (`header` may be just the first
 /// [`HEADER_LEN`] bytes): a shared object for this machine whose header tables lie inside the file.
-pub fn check_header(bytes: &[u8], file_len: u64) -> Result<(), ElfProblem> {
+pub(crate) fn check_header(bytes: &[u8], file_len: u64) -> Result<(), ElfProblem> {
     if bytes.is_empty() {
         return Err(ElfProblem::NotElf("empty file, not an ELF shared object".to_owned()));
     }
@@ -146,7 +146,7 @@ pub fn check_header(bytes: &[u8], file_len: u64) -> Result<(), ElfProblem> {
 
 /// Whether the file's dynamic symbol table defines `name` (an exported symbol), read without loading it.
 /// `None` when the table cannot be read (the loader then decides).
-pub fn defines_dynamic_symbol(bytes: &[u8], name: &str) -> Option<bool> {
+pub(crate) fn defines_dynamic_symbol(bytes: &[u8], name: &str) -> Option<bool> {
     // Only the native layout is inspected: `check` has already refused anything else.
     if !cfg!(target_pointer_width = "64") || !cfg!(target_endian = "little") || bytes.len() < 64 {
         return None;

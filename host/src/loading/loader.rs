@@ -2,7 +2,7 @@
 //!
 //! Order of checks, cheapest and safest first; no code from the library runs before the dynamic loader
 //! opens it in step 5:
-//! 0. the trust policy ([`crate::loading::trust::check_driver_file`]): the file and everything above it belong
+//! 0. the trust policy (`trust::check_driver_file`): the file and everything above it belong
 //!    to root or the host's user and nobody else can write them;
 //! 1. the path is opened once; everything after reads that one descriptor: it must be a regular file no
 //!    larger than the size cap;

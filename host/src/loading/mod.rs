@@ -3,8 +3,8 @@
 //! directories, and the load errors.
 
 pub mod drivers;
-pub mod elf;
+pub(crate) mod elf;
 pub mod error;
 pub mod loader;
 pub mod sandbox;
-pub mod trust;
+pub(crate) mod trust;

@@ -18,7 +18,7 @@ use std::path::{Component, Path, PathBuf};
 /// Why a path is not trusted: the offending path (a directory above, a symlink, the file) and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{path}: {why}", path = .path.display())]
-pub struct Untrusted {
+pub(crate) struct Untrusted {
     /// The offending path.
     pub path: PathBuf,
     /// Why, with its owner and mode.
@@ -30,7 +30,7 @@ pub struct Untrusted {
 impl Untrusted {
     /// The reason, naming the offending path only when it is not `subject` itself (which the caller's
     /// message names already).
-    pub fn relative_to(&self, subject: &Path) -> String {
+    pub(crate) fn relative_to(&self, subject: &Path) -> String {
         let same = std::path::absolute(subject).is_ok_and(|a| a == self.path) || self.path == subject;
         if same {
             self.why.clone()
@@ -41,7 +41,7 @@ impl Untrusted {
 }
 
 /// The host's effective uid.
-pub fn euid() -> u32 {
+pub(crate) fn euid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() }
 }
@@ -131,14 +131,14 @@ fn walk(path: &Path, depth: u32) -> Result<(PathBuf, fs::Metadata), Untrusted> {
 }
 
 /// The trust policy for a driver file: see the module docs.
-pub fn check_driver_file(path: &Path) -> Result<(), Untrusted> {
+pub(crate) fn check_driver_file(path: &Path) -> Result<(), Untrusted> {
     check_file(path)
 }
 
 /// The same policy for every file that decides what the host trusts: the config file and every file it
 /// names (the allow list). Whoever can write one of them can set `trust.strict = false` or name their
 /// own library, so they are held to the driver files' rule whatever `trust.strict` says.
-pub fn check_config_file(path: &Path) -> Result<(), Untrusted> {
+pub(crate) fn check_config_file(path: &Path) -> Result<(), Untrusted> {
     check_file(path)
 }
 
@@ -158,7 +158,7 @@ fn check_file(path: &Path) -> Result<(), Untrusted> {
 /// by group or others (sticky does not help here: plughost creates and replaces files in it). A missing
 /// directory is created 0700 (with any missing parents). With `tighten`, group and other access to it is
 /// removed.
-pub fn private_dir(dir: &Path, what: &str, owner_may_be_root: bool, tighten: bool) -> Result<(), String> {
+pub(crate) fn private_dir(dir: &Path, what: &str, owner_may_be_root: bool, tighten: bool) -> Result<(), String> {
     if fs::symlink_metadata(dir).is_err() {
         use std::os::unix::fs::DirBuilderExt;
         fs::DirBuilder::new()
@@ -194,7 +194,7 @@ pub fn private_dir(dir: &Path, what: &str, owner_may_be_root: bool, tighten: boo
 /// From here on, files and directories this process creates are private to its user (0600 / 0700)
 /// whatever the umask it was started with: volume files, logs, records, everything drivers create.
 /// Returns the previous umask.
-pub fn private_umask() -> u32 {
+pub(crate) fn private_umask() -> u32 {
     // SAFETY: umask has no preconditions and cannot fail.
     unsafe { libc::umask(0o077) }
 }

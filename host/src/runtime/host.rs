@@ -348,3 +348,88 @@ impl Handler for Host {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{FileConfig, RunFlags};
+    use serde_json::Value;
+
+    /// A host over an in-memory volume service, with a state dir (lock, audit log) of its own.
+    fn host(tag: &str) -> (Host, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("plughost-dispatch-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (volume, _driver) = crate::services::volume::tests::service();
+        let flags = RunFlags { state_dir: Some(dir.clone()), ..RunFlags::default() };
+        let settings = crate::config::resolve(&flags, &FileConfig::default()).unwrap();
+        let host = Host {
+            services: vec![Arc::new(volume)],
+            loader: Loader::new(),
+            source: ConfigSource { flags },
+            trust: Mutex::new(settings.trust.clone()),
+            settings,
+            heartbeats: Mutex::new(BTreeMap::new()),
+            stopping: AtomicBool::new(false),
+            in_flight: AtomicU64::new(0),
+            started: Instant::now(),
+            _lock: DirLock::take(&dir).unwrap(),
+            audit: Some(crate::control::audit::AuditLog::open(&dir).unwrap()),
+        };
+        (host, dir)
+    }
+
+    fn ask(host: &Host, peer: &Peer, line: &str) -> Value {
+        serde_json::from_str(&host.handle(line.as_bytes(), peer)).unwrap()
+    }
+
+    #[test]
+    fn requests_reach_their_service_typed_and_readers_only_read() {
+        let (host, dir) = host("typed");
+        let admin = Peer::this_process();
+        let reader = Peer { uid: 65534, gid: 65534, pid: 1 };
+        let create = r#"{"id":1,"service":"volume","op":"create","args":{"name":"v","size":"1KiB"}}"#;
+        let v = ask(&host, &admin, create);
+        assert_eq!((v["ok"].clone(), v["result"]["size"].clone()), (Value::Bool(true), Value::from(1024)), "{v}");
+        // Readers read...
+        let v = ask(&host, &reader, r#"{"id":2,"service":"volume","op":"get","args":{"name":"v"}}"#);
+        assert_eq!(v["result"]["status"], "available", "{v}");
+        assert_eq!(ask(&host, &reader, r#"{"id":3,"op":"status"}"#)["ok"], true);
+        // ...and change nothing: a mutation, a swap, a reload, the audit log.
+        for line in [
+            r#"{"id":4,"service":"volume","op":"delete","args":{"name":"v"}}"#,
+            r#"{"id":5,"service":"volume","op":"swap","args":{}}"#,
+            r#"{"id":6,"op":"reload"}"#,
+            r#"{"id":7,"op":"audit"}"#,
+        ] {
+            let v = ask(&host, &reader, line);
+            assert_eq!(v["error"]["kind"], "permission_denied", "{line}: {v}");
+        }
+        assert_eq!(ask(&host, &admin, r#"{"service":"volume","op":"get","args":{"name":"v"}}"#)["ok"], true);
+        // Unknown services and operations are refused at the edge, each naming what there is.
+        let v = ask(&host, &admin, r#"{"id":8,"service":"disk","op":"get"}"#);
+        assert_eq!((v["id"].clone(), v["error"]["kind"].clone()), (Value::from(8), Value::from("unknown_service")));
+        assert!(v["error"]["message"].as_str().unwrap().contains("unknown service \"disk\" (volume, compute)"), "{v}");
+        let v = ask(&host, &admin, r#"{"service":"compute","op":"list"}"#);
+        assert_eq!(v["error"]["message"], "the compute service is not enabled", "{v}");
+        let v = ask(&host, &admin, r#"{"service":"volume","op":"frob"}"#);
+        assert!(v["error"]["message"].as_str().unwrap().ends_with("stats, swap, restart)"), "{v}");
+        // Every change and every refused attempt at one is audited, with who asked.
+        let log = host.audit.as_ref().unwrap().read(None).unwrap();
+        let seen: Vec<(u32, Option<&str>, &str, &str)> =
+            log.iter().map(|e| (e.uid, e.service.as_deref(), e.op.as_str(), e.outcome.as_str())).collect();
+        let me = admin.uid;
+        assert_eq!(
+            seen,
+            [
+                (me, Some("volume"), "create", "ok"),
+                (65534, Some("volume"), "delete", "permission_denied"),
+                (65534, Some("volume"), "swap", "permission_denied"),
+                (65534, None, "reload", "permission_denied"),
+                (me, Some("volume"), "frob", "invalid_request"),
+            ]
+        );
+        drop(host);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

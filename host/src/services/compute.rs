@@ -17,7 +17,7 @@ use crate::util::time::now;
 use rusqlite::types::Value;
 
 /// The compute service in the table.
-pub static KIND: ServiceKind =
+pub(crate) static KIND: ServiceKind =
     ServiceKind::of::<ComputeService>("compute", "Compute operations", "process-compute", &["stop_instances_on_exit"]);
 
 // ---------------------------------------------------------------------------------------------------
@@ -95,11 +95,11 @@ mod env_object {
     use super::EnvVar;
     use std::collections::BTreeMap;
 
-    pub fn serialize<S: serde::Serializer>(vars: &[EnvVar], s: S) -> Result<S::Ok, S::Error> {
+    pub(super) fn serialize<S: serde::Serializer>(vars: &[EnvVar], s: S) -> Result<S::Ok, S::Error> {
         s.collect_map(vars.iter().map(|v| (&v.0, &v.1)))
     }
 
-    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<EnvVar>, D::Error> {
+    pub(super) fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<EnvVar>, D::Error> {
         let map: BTreeMap<String, String> = serde::Deserialize::deserialize(d)?;
         Ok(map.into_iter().map(|(k, v)| EnvVar(k, v)).collect())
     }
@@ -109,7 +109,7 @@ mod env_object {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, strum::Display, strum::EnumString)]
 #[serde(rename_all = "snake_case")]
 #[strum(serialize_all = "snake_case")]
-pub enum InstanceStatus {
+pub(crate) enum InstanceStatus {
     /// Being created.
     Spawning,
     /// Running.
@@ -145,7 +145,7 @@ impl From<InstanceState> for InstanceStatus {
 
 /// What the service knows about one instance: the shared `Meta` and its own fields.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct InstanceRecord {
+pub(crate) struct InstanceRecord {
     /// Id, name, backend, status, times, reason, adoption, driver digest.
     #[serde(flatten)]
     pub meta: Meta<InstanceStatus>,
@@ -203,7 +203,7 @@ const COLUMNS: &[Column] = &[
 
 /// An instance's spec as recorded.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct SpecRecord {
+pub(crate) struct SpecRecord {
     /// The program.
     pub command: String,
     /// Its arguments.
@@ -327,13 +327,13 @@ impl Listed for InstanceRecord {
 }
 
 /// What compute operations answer.
-pub type ComputeReply = Reply<InstanceRecord>;
+pub(crate) type ComputeReply = Reply<InstanceRecord>;
 
 // ---------------------------------------------------------------------------------------------------
 // The service
 
 /// The compute service.
-pub struct ComputeService {
+pub(crate) struct ComputeService {
     core: Core<ComputeInterface, InstanceRecord>,
 }
 

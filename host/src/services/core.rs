@@ -51,7 +51,7 @@ pub(crate) struct Backends<I: Interface> {
 
 impl<I: Interface> Backends<I> {
     /// Builds every backend of a service; every error found.
-    pub fn build(
+    pub(crate) fn build(
         service: &'static str,
         ctx: BuildContext<'_>,
         specs: &[BackendSpec],
@@ -92,20 +92,20 @@ impl<I: Interface> Backends<I> {
 
     /// Backends built elsewhere (tests, benchmarks); the first is the default.
     #[cfg(test)]
-    pub fn from_list(service: &'static str, list: Vec<Backend<I>>) -> Backends<I> {
+    pub(crate) fn from_list(service: &'static str, list: Vec<Backend<I>>) -> Backends<I> {
         let list: Vec<Arc<Backend<I>>> = list.into_iter().map(Arc::new).collect();
         let default = list.first().map(|b| b.name.clone()).unwrap_or_default();
         Backends::assemble(service, list, default)
     }
 
     /// The backend named `name`, or the default one (see [`BackendTable::position`]).
-    pub fn pick(&self, name: Option<&str>) -> Result<&Arc<Backend<I>>, ApiError> {
+    pub(crate) fn pick(&self, name: Option<&str>) -> Result<&Arc<Backend<I>>, ApiError> {
         Ok(&self.list[self.table.position(name)?])
     }
 
     /// The backend holding an existing resource, or `unavailable` if its backend is not configured
     /// (any more).
-    pub fn holding(&self, what: &str, name: &str, backend: &str) -> Result<&Arc<Backend<I>>, ApiError> {
+    pub(crate) fn holding(&self, what: &str, name: &str, backend: &str) -> Result<&Arc<Backend<I>>, ApiError> {
         self.list.iter().find(|b| b.name == backend).ok_or_else(|| {
             ApiError::new(
                 ErrorKind::Unavailable,
@@ -115,12 +115,12 @@ impl<I: Interface> Backends<I> {
     }
 
     /// Every backend, in configuration order.
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<Backend<I>>> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Arc<Backend<I>>> {
         self.list.iter()
     }
 
     /// Every backend as the host controls it, and the default one.
-    pub fn table(&self) -> &BackendTable {
+    pub(crate) fn table(&self) -> &BackendTable {
         &self.table
     }
 
@@ -188,7 +188,7 @@ pub(crate) struct Core<I: Interface, R: Record> {
 
 impl<I: Interface, R: Record> Core<I, R> {
     /// The core of a service over its backends and records.
-    pub fn new(backends: Backends<I>, records: Records<R>) -> Core<I, R> {
+    pub(crate) fn new(backends: Backends<I>, records: Records<R>) -> Core<I, R> {
         let core = Core { backends, records, last_reconcile: Latest::default(), incarnations: PerBackend::default() };
         for b in core.backends.iter() {
             core.incarnations.set(&b.name, b.incarnation());
@@ -200,7 +200,7 @@ impl<I: Interface, R: Record> Core<I, R> {
     /// told whether its records need a reconcile (it came back from down — a root that was missing is
     /// there again — or another driver object serves it: a swap, a restarted worker, which may have
     /// left work half done).
-    pub fn health_round(&self, mut up: impl FnMut(&Arc<Backend<I>>, bool)) {
+    pub(crate) fn health_round(&self, mut up: impl FnMut(&Arc<Backend<I>>, bool)) {
         for b in self.backends.iter() {
             let was_up = b.health() == Health::Up;
             BackendControl::check_health(b.clone());
@@ -217,7 +217,7 @@ impl<I: Interface, R: Record> Core<I, R> {
     /// backend is up, and with `concurrent` (requests may run meanwhile) a watch of the names written
     /// from before the listing on. A backend that is down or cannot list keeps its records as they are:
     /// `Err` with the counts saying so.
-    pub fn listing<T>(
+    pub(crate) fn listing<T>(
         &self,
         b: &Backend<I>,
         concurrent: bool,
@@ -242,7 +242,7 @@ impl<I: Interface, R: Record> Core<I, R> {
 
     /// Reconciles the records of every backend (or only the one named `only`) with `one` and keeps the
     /// total as the last reconcile's counts.
-    pub fn reconcile_all(&self, only: Option<&str>, mut one: impl FnMut(&Arc<Backend<I>>) -> ReconcileCounts) {
+    pub(crate) fn reconcile_all(&self, only: Option<&str>, mut one: impl FnMut(&Arc<Backend<I>>) -> ReconcileCounts) {
         let started = std::time::Instant::now();
         let mut total = ReconcileCounts { at: crate::util::time::now(), ..ReconcileCounts::default() };
         for b in self.backends.iter().filter(|b| only.is_none_or(|o| o == b.name)) {

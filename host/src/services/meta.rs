@@ -12,7 +12,7 @@ use crate::state::{value, Column, RowReader};
 
 /// A record's status: its names are the wire's and the table's (`available`, `running`); `ERROR` is the
 /// status of a record that is in error (with a reason).
-pub trait Status:
+pub(crate) trait Status:
     Copy + PartialEq + std::fmt::Debug + std::fmt::Display + std::str::FromStr + Send + Sync + 'static
 {
     /// The error status.
@@ -22,7 +22,7 @@ pub trait Status:
 /// What every record has, whatever its kind, written once: a kind's record flattens it in (the wire
 /// shows its fields beside the kind's) and stores it in the same-named columns of its table.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
-pub struct Meta<S> {
+pub(crate) struct Meta<S> {
     /// Stable id.
     pub id: String,
     /// Name, unique within the service.

@@ -5,12 +5,12 @@
 //! A service implements `Service` with typed operations; [`DynService`] is the same service seen
 //! through the JSON edge, which is how the host holds it.
 
-pub mod compute;
+pub(crate) mod compute;
 pub(crate) mod core;
 pub mod kinds;
 pub(crate) mod meta;
 pub(crate) mod records;
-pub mod volume;
+pub(crate) mod volume;
 
 use std::path::Path;
 use std::sync::Arc;

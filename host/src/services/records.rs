@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::meta::{from_row, to_row};
-pub use super::meta::{Meta, Status};
+pub(crate) use super::meta::{Meta, Status};
 pub(crate) use super::meta::{Record, MISSING};
 pub use crate::control::protocol::ReconcileCounts;
 use crate::control::protocol::{ApiError, ErrorKind};

@@ -15,7 +15,8 @@ use crate::util::time::now;
 use rusqlite::types::Value;
 
 /// The volume service in the table.
-pub static KIND: ServiceKind = ServiceKind::of::<VolumeService>("volume", "Volume operations", "file-volume", &[]);
+pub(crate) static KIND: ServiceKind =
+    ServiceKind::of::<VolumeService>("volume", "Volume operations", "file-volume", &[]);
 
 // ---------------------------------------------------------------------------------------------------
 // Protocol
@@ -94,7 +95,7 @@ impl super::Operation for VolumeOp {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, strum::Display, strum::EnumString)]
 #[serde(rename_all = "snake_case")]
 #[strum(serialize_all = "snake_case")]
-pub enum VolumeStatus {
+pub(crate) enum VolumeStatus {
     /// Being created (or snapshotted into).
     Creating,
     /// Ready.
@@ -111,7 +112,7 @@ pub enum VolumeStatus {
 
 /// What the service knows about one volume: the shared `Meta` and its own fields.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct VolumeRecord {
+pub(crate) struct VolumeRecord {
     /// Id, name, backend, status, times, reason, adoption, driver digest.
     #[serde(flatten)]
     pub meta: Meta<VolumeStatus>,
@@ -217,7 +218,7 @@ impl Listed for VolumeRecord {
 
 /// The answer to `stats`: a backend's capacity.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VolumeStats {
+pub(crate) struct VolumeStats {
     /// The backend.
     pub backend: String,
     /// Its capacity, as the driver reports it now.
@@ -225,13 +226,13 @@ pub struct VolumeStats {
     pub capacity: Capacity,
 }
 
-pub type VolumeReply = Reply<VolumeRecord, VolumeStats>;
+pub(crate) type VolumeReply = Reply<VolumeRecord, VolumeStats>;
 
 // ---------------------------------------------------------------------------------------------------
 // The service
 
 /// The volume service.
-pub struct VolumeService {
+pub(crate) struct VolumeService {
     core: Core<VolumeInterface, VolumeRecord>,
     capacity: PerBackend<Capacity>,
 }
@@ -473,7 +474,7 @@ impl Service for VolumeService {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::control::protocol::ErrorKind;
     use crate::services::records::Records;
@@ -486,7 +487,7 @@ mod tests {
     /// An in-memory driver whose `extend` can be held until the test lets it go, and whose `get` can be
     /// told to fail.
     #[derive(Default)]
-    struct Scripted {
+    pub(crate) struct Scripted {
         volumes: Mutex<BTreeMap<String, u64>>,
         hold_extend: Mutex<Option<mpsc::Receiver<()>>>,
         fail_get: std::sync::atomic::AtomicBool,
@@ -567,7 +568,8 @@ mod tests {
         VolumeService::new(Core::new(crate::services::Backends::from_list("volume", vec![backend]), records))
     }
 
-    fn service() -> (VolumeService, Arc<Scripted>) {
+    /// A volume service over an in-memory driver (through the real stable-ABI objects).
+    pub(crate) fn service() -> (VolumeService, Arc<Scripted>) {
         let d = Arc::new(Scripted::default());
         (service_with(d.clone(), Records::in_memory()), d)
     }
