@@ -20,6 +20,7 @@ use serde::Serialize;
 
 use crate::interface::RawDriver;
 pub use crate::options::prepare as prepare_options;
+pub use crate::options::{normalize_value, validate, OptionError};
 use crate::{DriverError, DriverKind, DriverModuleRef, OptionSpec, Options};
 
 /// The name of the symbol every driver library exports (abi_stable's root-module loader), for hosts
@@ -402,6 +403,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(deprecated)] // the 1.x API stays until 2.0
     fn kinds_and_their_layouts_are_registered_once() {
         let kinds: Vec<DriverKind> = DriverKind::all().collect();
         assert!(kinds.contains(&DriverKind::VOLUME) && kinds.contains(&DriverKind::COMPUTE));

@@ -150,10 +150,31 @@ pub use error::{check_name, DriverError, ErrorKind};
 pub use module::DriverKind;
 #[doc(hidden)]
 pub use module::{__private, DriverModule, DriverModuleRef, RawOptions};
-pub use options::{
-    expand_placeholders, normalize_value, parse_bool, parse_size, validate, OptionError, OptionSpec, OptionType,
-    Options,
-};
+pub use options::{expand_placeholders, parse_bool, parse_size, OptionSpec, OptionType, Options};
+
+/// Host side: `plughost_api::host::validate` (feature `host`). Hidden here, removed from the root in 2.0.
+#[doc(hidden)]
+#[deprecated(
+    since = "1.2.0",
+    note = "host side: use plughost_api::host::validate (feature `host`), or testing::TestHost::options in a driver's tests"
+)]
+pub fn validate(schema: &[OptionSpec], given: &[(String, String)]) -> Result<Options, Vec<options::OptionError>> {
+    options::validate(schema, given)
+}
+
+/// Host side: `plughost_api::host::normalize_value` (feature `host`). Hidden here, removed from the root
+/// in 2.0.
+#[doc(hidden)]
+#[deprecated(since = "1.2.0", note = "host side: use plughost_api::host::normalize_value (feature `host`)")]
+pub fn normalize_value(ty: OptionType, raw: &str) -> Result<String, String> {
+    options::normalize_value(ty, raw)
+}
+
+/// Host side: `plughost_api::host::OptionError` (feature `host`). Hidden here, removed from the root in
+/// 2.0.
+#[doc(hidden)]
+#[deprecated(since = "1.2.0", note = "host side: use plughost_api::host::OptionError (feature `host`)")]
+pub type OptionError = options::OptionError;
 pub use volume::{CapacityStats, Volume, VolumeClient, VolumeDriver};
 #[cfg(feature = "host")]
 pub use volume::{RemoteVolume, VolumeCall, VolumeInterface, VolumeMethod, VolumeReply};

@@ -47,7 +47,9 @@ impl DriverKind {
         crate::KINDS.iter().find(|k| k.kind == self).map(|k| k.name).unwrap_or("unknown")
     }
 
-    /// The kind with this name.
+    /// The kind with this name (host side; hidden, removed in 2.0).
+    #[doc(hidden)]
+    #[deprecated(since = "1.2.0", note = "host side; removed in 2.0")]
     pub fn from_name(name: &str) -> Option<DriverKind> {
         crate::KINDS.iter().find(|k| k.name == name).map(|k| k.kind)
     }

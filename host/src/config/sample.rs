@@ -19,7 +19,7 @@ fn option_type(name: &str) -> OptionType {
 fn toml_value(ty: OptionType, text: &str) -> String {
     match ty {
         OptionType::INTEGER | OptionType::BOOL if !text.is_empty() => {
-            plughost_api::normalize_value(ty, text).unwrap_or_else(|_| format!("{text:?}"))
+            plughost_api::host::normalize_value(ty, text).unwrap_or_else(|_| format!("{text:?}"))
         }
         _ => format!("{text:?}"),
     }

@@ -84,7 +84,7 @@ impl Library {
 
     /// Validates user options against the schema; every problem becomes one detail line.
     pub fn validate_options(&self, given: &[(String, String)]) -> Result<Options, LoadError> {
-        plughost_api::validate(self.options(), given).map_err(|errs| self.option_errors(errs))
+        plughost_api::host::validate(self.options(), given).map_err(|errs| self.option_errors(errs))
     }
 
     /// What the driver's constructor gets for the options a user configured: placeholders
@@ -112,7 +112,7 @@ impl Library {
             .collect()
     }
 
-    fn option_errors(&self, errs: Vec<plughost_api::OptionError>) -> LoadError {
+    fn option_errors(&self, errs: Vec<plughost_api::host::OptionError>) -> LoadError {
         {
             let first = errs.first().map(|e| e.to_string()).unwrap_or_default();
             let reason = if errs.len() == 1 {
@@ -842,7 +842,7 @@ fn check_metadata(lib: &DriverLibrary) -> Result<(), (String, Vec<String>)> {
         if !o.ty().is_known() {
             problems.push(format!("option {:?} has an unknown type", o.name()));
         } else if let Some(d) = o.default_value() {
-            if let Err(e) = plughost_api::normalize_value(o.ty(), d) {
+            if let Err(e) = plughost_api::host::normalize_value(o.ty(), d) {
                 problems.push(format!("option {:?}: default {d:?} is not a valid {}: {e}", o.name(), o.ty()));
             }
         }

@@ -165,7 +165,7 @@ mod tests {
 
     #[test]
     fn lifecycle() {
-        let o = plughost_api::validate(OPTIONS, &[("max_instances".into(), "1".into())]).expect("valid");
+        let o = plughost_api::testing::TestHost::new().options(OPTIONS, &[("max_instances", "1")]).expect("valid");
         let d = FakeCompute::new(&o).expect("constructs");
         let spec =
             InstanceSpec { name: "i1".into(), command: "sleep".into(), args: vec!["5".into()], ..Default::default() };

@@ -194,7 +194,8 @@ mod tests {
     use plughost_api::ErrorKind;
 
     fn driver(capacity: &str) -> FakeVolume {
-        let o = plughost_api::validate(OPTIONS, &[("capacity".into(), capacity.into())]).expect("valid options");
+        let o =
+            plughost_api::testing::TestHost::new().options(OPTIONS, &[("capacity", capacity)]).expect("valid options");
         FakeVolume::new(&o).expect("constructs")
     }
 
