@@ -125,7 +125,7 @@ impl CallStats {
     pub fn begin(&self, op: usize) -> Pending {
         let stripe = my_stripe();
         let n = self.cell(stripe, op).count.load(Ordering::Relaxed);
-        let start = if n % SAMPLE_EVERY == 0 { Some(Instant::now()) } else { None };
+        let start = if n.is_multiple_of(SAMPLE_EVERY) { Some(Instant::now()) } else { None };
         Pending { op, stripe, start }
     }
 
