@@ -62,12 +62,12 @@ fn two_hundred_swaps_under_concurrent_load_lose_no_request() {
                     let name = format!("c{c}-{i}");
                     ask("create", json!({"name": name, "size": "64KiB"}));
                     ask("get", json!({"name": name}));
-                    if i % 2 == 0 {
+                    if i.is_multiple_of(2) {
                         ask("delete", json!({"name": name}));
                     } else {
                         kept.lock().unwrap().insert(name);
                     }
-                    if i % 8 == 0 {
+                    if i.is_multiple_of(8) {
                         ask("list", json!({}));
                     }
                     i += 1;
@@ -83,7 +83,7 @@ fn two_hundred_swaps_under_concurrent_load_lose_no_request() {
     // At least 200 swaps, and on until the clients made at least 200 requests meanwhile (bounded).
     let mut k = 0u64;
     while k < 200 || (requests.load(Ordering::Relaxed) - before < 200 && k < 5000) {
-        let (path, digest) = if k % 2 == 0 { (&b, &digest_b) } else { (&a, &digest_a) };
+        let (path, digest) = if k.is_multiple_of(2) { (&b, &digest_b) } else { (&a, &digest_a) };
         let r = d.ok("volume", "swap", json!({"driver": path.to_str().unwrap()}));
         assert_eq!(r["generation"], k + 1, "{r}");
         assert_eq!(r["new"]["digest"], digest.as_str(), "{r}");

@@ -325,7 +325,7 @@ fn the_bytes_loaded_are_the_bytes_hashed_while_the_file_is_rewritten() {
             let mut i = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 // In place, so that a load may read a mix of both.
-                let bytes = if i % 2 == 0 { &b } else { &a };
+                let bytes = if i.is_multiple_of(2) { &b } else { &a };
                 let _ = std::fs::OpenOptions::new().write(true).truncate(true).open(&path).and_then(|mut f| {
                     use std::io::Write;
                     f.write_all(bytes)
