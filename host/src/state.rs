@@ -448,7 +448,6 @@ impl DirLock {
     /// Takes the lock on `state_dir`, or says which process holds it.
     pub(crate) fn take(state_dir: &Path) -> Result<DirLock, StateError> {
         use std::io::{Read, Seek, Write};
-        use std::os::fd::AsRawFd;
         let path = state_dir.join(LOCK_FILE);
         let io = |e: std::io::Error| StateError::Io { path: path.clone(), reason: crate::util::fmt::io_text(&e) };
         let mut f = std::fs::OpenOptions::new()
@@ -460,10 +459,9 @@ impl DirLock {
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&path)
             .map_err(io)?;
-        // SAFETY: flock on a descriptor we own; no memory is involved.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        if let Err(errno) = rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            let e = std::io::Error::from(errno);
+            if errno == rustix::io::Errno::WOULDBLOCK {
                 let mut text = String::new();
                 let _ = f.read_to_string(&mut text);
                 return Err(StateError::InUse { dir: state_dir.to_owned(), pid: text.trim().parse().ok() });

@@ -35,21 +35,11 @@ static INIT: Once = Once::new();
 /// Readers on threads whose thread-locals are gone (during thread teardown) take this instead.
 static FALLBACK: RwLock<()> = RwLock::new(());
 
-const MEMBARRIER_CMD_QUERY: libc::c_int = 0;
-const MEMBARRIER_CMD_PRIVATE_EXPEDITED: libc::c_int = 1 << 3;
-const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED: libc::c_int = 1 << 4;
-
-fn membarrier(cmd: libc::c_int) -> libc::c_long {
-    // SAFETY: membarrier takes two integers and touches no memory of ours.
-    unsafe { libc::syscall(libc::SYS_membarrier, cmd, 0 as libc::c_int) }
-}
-
 fn init() {
     INIT.call_once(|| {
-        let supported = membarrier(MEMBARRIER_CMD_QUERY);
-        let ok = supported > 0
-            && supported & libc::c_long::from(MEMBARRIER_CMD_PRIVATE_EXPEDITED) != 0
-            && membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED) == 0;
+        use rustix::thread::{membarrier, membarrier_query, MembarrierCommand, MembarrierQuery};
+        let ok = membarrier_query().contains(MembarrierQuery::PRIVATE_EXPEDITED)
+            && membarrier(MembarrierCommand::RegisterPrivateExpedited).is_ok();
         MEMBARRIER.store(ok, Ordering::SeqCst);
         log::debug!("rcu: membarrier {}", if ok { "available" } else { "unavailable, readers use fences" });
     });
@@ -124,7 +114,7 @@ fn exit(section: Section) {
 /// Waits until every read section open now has closed, or `deadline` passes (then `false`).
 fn synchronize(deadline: Instant) -> bool {
     if MEMBARRIER.load(Ordering::SeqCst) {
-        if membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) != 0 {
+        if rustix::thread::membarrier(rustix::thread::MembarrierCommand::PrivateExpedited).is_err() {
             // Registered at init, so this cannot fail; stay correct if it somehow does.
             fence(Ordering::SeqCst);
         }

@@ -7,7 +7,6 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -34,30 +33,17 @@ impl Peer {
     /// This process, as a peer (for tests).
     #[cfg(test)]
     pub(crate) fn this_process() -> Peer {
-        // SAFETY: getgid has no preconditions and cannot fail.
-        let gid = unsafe { libc::getgid() };
-        Peer { uid: crate::loading::trust::euid(), gid, pid: std::process::id() }
+        Peer { uid: crate::loading::trust::euid(), gid: rustix::process::getgid().as_raw(), pid: std::process::id() }
     }
 
     /// The peer of a connected Unix socket.
     pub(crate) fn of(stream: &UnixStream) -> std::io::Result<Peer> {
-        let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
-        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-        // SAFETY: getsockopt writes at most `len` bytes into `cred`, which lives across the call; the
-        // descriptor is a connected Unix socket owned by `stream`.
-        let r = unsafe {
-            libc::getsockopt(
-                stream.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_PEERCRED,
-                (&mut cred as *mut libc::ucred).cast(),
-                &mut len,
-            )
-        };
-        if r != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(Peer { uid: cred.uid, gid: cred.gid, pid: u32::try_from(cred.pid).unwrap_or(0) })
+        let cred = rustix::net::sockopt::socket_peercred(stream)?;
+        Ok(Peer {
+            uid: cred.uid.as_raw(),
+            gid: cred.gid.as_raw(),
+            pid: u32::try_from(cred.pid.as_raw_nonzero().get()).unwrap_or(0),
+        })
     }
 }
 
@@ -74,7 +60,8 @@ pub(crate) trait Handler: Send + Sync + 'static {
 #[derive(Debug)]
 pub(crate) struct Server {
     socket: PathBuf,
-    listener_fd: i32,
+    /// The listening socket again (a second descriptor): shutting it down wakes the accept thread.
+    control: std::os::unix::net::UnixListener,
     accept: Option<JoinHandle<()>>,
 }
 
@@ -124,7 +111,7 @@ impl Server {
         max_line: usize,
     ) -> Result<Server, String> {
         let listener = bind(socket, group)?;
-        let listener_fd = listener.as_raw_fd();
+        let control = listener.try_clone().map_err(|e| format!("socket \"{}\": {e}", socket.display()))?;
         let accept = std::thread::Builder::new()
             .name("accept".to_owned())
             .spawn(move || {
@@ -150,17 +137,14 @@ impl Server {
                 }
             })
             .map_err(|e| format!("cannot start the accept thread: {e}"))?;
-        Ok(Server { socket: socket.to_owned(), listener_fd, accept: Some(accept) })
+        Ok(Server { socket: socket.to_owned(), control, accept: Some(accept) })
     }
 
     /// Stops accepting new connections and removes the socket. Open connections stay (the handler
     /// decides what they get).
     pub(crate) fn stop(mut self) {
-        // SAFETY: `listener_fd` belongs to the listener owned by the accept thread, which is still
-        // alive (joined below); shutting it down only wakes the blocked accept() so that it returns.
-        unsafe {
-            libc::shutdown(self.listener_fd, libc::SHUT_RDWR);
-        }
+        // Shutting the socket down wakes the blocked accept(), which then returns.
+        let _ = rustix::net::shutdown(&self.control, rustix::net::Shutdown::Both);
         if let Some(t) = self.accept.take() {
             let _ = t.join();
         }

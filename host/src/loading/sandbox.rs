@@ -108,12 +108,10 @@ pub fn run(exe: &Path, args: &[&str], library: &impl AsRawFd, timeout: Duration)
     })
 }
 
-fn limit(resource: libc::__rlimit_resource_t, value: u64) {
-    let r = libc::rlimit { rlim_cur: value, rlim_max: value };
-    // SAFETY: setrlimit reads one valid rlimit; lowering a limit is always allowed.
-    unsafe {
-        libc::setrlimit(resource, &r);
-    }
+fn limit(resource: rustix::process::Resource, value: u64) {
+    // Lowering a limit is always allowed.
+    let _ =
+        rustix::process::setrlimit(resource, rustix::process::Rlimit { current: Some(value), maximum: Some(value) });
 }
 
 /// The child side, before anything of the library is loaded: no new privileges, limits (memory, CPU,
@@ -121,15 +119,14 @@ fn limit(resource: libc::__rlimit_resource_t, value: u64) {
 /// working directory. Returns an error naming what could not be done.
 pub fn enter(dir: &Path) -> Result<(), String> {
     let os = |what: &str| format!("sandbox: {what}: {}", std::io::Error::last_os_error());
-    // SAFETY: prctl with PR_SET_NO_NEW_PRIVS takes integer arguments only.
-    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-        return Err(os("no_new_privs"));
-    }
-    limit(libc::RLIMIT_AS, 4 << 30);
-    limit(libc::RLIMIT_CPU, 30);
-    limit(libc::RLIMIT_NOFILE, 64);
-    limit(libc::RLIMIT_FSIZE, 64 << 20);
-    limit(libc::RLIMIT_CORE, 0);
+    rustix::thread::set_no_new_privs(true)
+        .map_err(|e| format!("sandbox: no_new_privs: {}", std::io::Error::from(e)))?;
+    use rustix::process::Resource;
+    limit(Resource::As, 4 << 30);
+    limit(Resource::Cpu, 30);
+    limit(Resource::Nofile, 64);
+    limit(Resource::Fsize, 64 << 20);
+    limit(Resource::Core, 0);
     if crate::loading::trust::euid() == 0 {
         // SAFETY: setgroups with an empty list, then setgid and setuid: integer arguments only; this
         // process is single-threaded here (nothing was started before).
@@ -143,11 +140,11 @@ pub fn enter(dir: &Path) -> Result<(), String> {
             if libc::setuid(UNPRIVILEGED) != 0 {
                 return Err(os("setuid"));
             }
-            // A uid change makes the process undumpable, which closes /proc/self/fd to it: the library
-            // is opened through /proc/self/fd/3.
-            libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0);
         }
-        limit(libc::RLIMIT_NPROC, 0);
+        // A uid change makes the process undumpable, which closes /proc/self/fd to it: the library is
+        // opened through /proc/self/fd/3.
+        let _ = rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::Dumpable);
+        limit(Resource::Nproc, 0);
     }
     std::env::set_current_dir(dir).map_err(|e| format!("sandbox: chdir {}: {e}", dir.display()))?;
     Ok(())

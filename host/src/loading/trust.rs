@@ -42,8 +42,7 @@ impl Untrusted {
 
 /// The host's effective uid.
 pub(crate) fn euid() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
+    rustix::process::geteuid().as_raw()
 }
 
 fn trusted_owner(uid: u32) -> bool {
@@ -195,8 +194,7 @@ pub(crate) fn private_dir(dir: &Path, what: &str, owner_may_be_root: bool, tight
 /// whatever the umask it was started with: volume files, logs, records, everything drivers create.
 /// Returns the previous umask.
 pub(crate) fn private_umask() -> u32 {
-    // SAFETY: umask has no preconditions and cannot fail.
-    unsafe { libc::umask(0o077) }
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077)).as_raw_mode()
 }
 
 #[cfg(test)]

@@ -57,10 +57,7 @@ pub fn serve<I: Interface>(stream: UnixStream, setup: Setup) -> ! {
     if REOPENED_PROC.load(Ordering::SeqCst) {
         // Loaded: close /proc/PID (environ, mem, fd) and ptrace to the other processes of the user we
         // switched to, which would otherwise read the host's environment or steer the driver.
-        // SAFETY: prctl with integer arguments.
-        unsafe {
-            libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
-        }
+        let _ = rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable);
     }
     if let Err(e) = lib.expect_kind(I::KIND) {
         refuse(&stream, e);
@@ -150,17 +147,8 @@ fn limit_memory(limit: u64) -> Result<(), String> {
         .ok()
         .and_then(|t| t.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()))
         .ok_or("memory_limit: cannot read /proc/self/statm")?;
-    // SAFETY: sysconf has no preconditions.
-    let page_size = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
-    // SAFETY: fstat on a descriptor the host set up for this worker, into a zeroed stat.
-    let library = unsafe {
-        let mut st: libc::stat = std::mem::zeroed();
-        if libc::fstat(LIBRARY_FD, &mut st) == 0 {
-            u64::try_from(st.st_size).unwrap_or(0)
-        } else {
-            0
-        }
-    };
+    let page_size = rustix::param::page_size() as u64;
+    let library = std::fs::metadata(format!("/proc/self/fd/{LIBRARY_FD}")).map(|m| m.len()).unwrap_or(0);
     let stacks = WORKER_THREADS as u64 * (WORKER_STACK as u64 + page_size);
     let need = page * page_size + stacks + library + LIMIT_HEADROOM;
     if limit < need {
@@ -171,13 +159,9 @@ fn limit_memory(limit: u64) -> Result<(), String> {
             crate::util::fmt::human_size(need)
         ));
     }
-    let r = libc::rlimit { rlim_cur: limit, rlim_max: limit };
-    // SAFETY: setrlimit reads the struct passed by reference.
-    if unsafe { libc::setrlimit(libc::RLIMIT_AS, &r) } != 0 {
-        return Err(format!(
-            "memory_limit: cannot set RLIMIT_AS: {}",
-            crate::util::fmt::io_text(&std::io::Error::last_os_error())
-        ));
+    let r = rustix::process::Rlimit { current: Some(limit), maximum: Some(limit) };
+    if let Err(e) = rustix::process::setrlimit(rustix::process::Resource::As, r) {
+        return Err(format!("memory_limit: cannot set RLIMIT_AS: {}", crate::util::fmt::io_text(&e.into())));
     }
     Ok(())
 }
@@ -195,40 +179,36 @@ fn send_setup(mut stream: &UnixStream, reply: &SetupReply) {
 /// configured user), then the setup frame, then [`serve`] for the kind it names. Returns only on an
 /// error before serving.
 pub fn child_main(args: &WorkerArgs, serve_kind: impl FnOnce(&str, UnixStream, Setup) -> String) -> String {
-    // SAFETY: prctl with integer arguments.
-    unsafe {
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
-    }
+    let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL));
     // The parent may have died before the death signal was armed.
-    // SAFETY: getppid has no preconditions.
-    if unsafe { libc::getppid() } as u32 != args.parent {
+    if rustix::process::getppid().map(|p| p.as_raw_nonzero().get() as u32) != Some(args.parent) {
         return "the host is gone".to_owned();
     }
-    // SAFETY: prctl with integer arguments.
-    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-        return format!("no_new_privs: {}", std::io::Error::last_os_error());
+    if let Err(e) = rustix::thread::set_no_new_privs(true) {
+        return format!("no_new_privs: {}", std::io::Error::from(e));
     }
     if let (Some(uid), Some(gid)) = (args.uid, args.gid) {
-        // SAFETY: setgroups/setgid/setuid with integer arguments; single-threaded here.
+        // SAFETY: setgroups/setgid/setuid with integer arguments; single-threaded here. (libc, not rustix:
+        // these change the whole process's credentials, which rustix leaves to libc on purpose.)
         unsafe {
             if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(gid) != 0 || libc::setuid(uid) != 0 {
                 return format!("cannot switch to uid {uid} gid {gid}: {}", std::io::Error::last_os_error());
             }
-            // The library is opened through /proc/self/fd, which a uid change closes to the process;
-            // open again until it is loaded (see `serve`).
-            libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0);
-            REOPENED_PROC.store(true, Ordering::SeqCst);
         }
+        // The library is opened through /proc/self/fd, which a uid change closes to the process; open
+        // again until it is loaded (see `serve`).
+        let _ = rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::Dumpable);
+        REOPENED_PROC.store(true, Ordering::SeqCst);
     }
     // What the driver starts (a compute driver's instances) must not inherit the socket or the
     // library: a child holding the socket would keep the host from noticing this worker's death.
-    // SAFETY: fcntl on descriptors this process owns (set up by the host before exec).
-    unsafe {
-        libc::fcntl(SOCKET_FD, libc::F_SETFD, libc::FD_CLOEXEC);
-        libc::fcntl(LIBRARY_FD, libc::F_SETFD, libc::FD_CLOEXEC);
-    }
     // SAFETY: fd 3 was set up by the host as this worker's end of the socketpair; nothing else owns it.
     let stream = UnixStream::from(unsafe { OwnedFd::from_raw_fd(SOCKET_FD) });
+    let _ = rustix::io::fcntl_setfd(&stream, rustix::io::FdFlags::CLOEXEC);
+    // SAFETY: fd 4 is the sealed library copy the host passed; it stays open for the process's life
+    // (the loader reads it through /proc/self/fd), so borrowing it here is sound.
+    let library = unsafe { std::os::fd::BorrowedFd::borrow_raw(LIBRARY_FD) };
+    let _ = rustix::io::fcntl_setfd(library, rustix::io::FdFlags::CLOEXEC);
     let setup = match read_frame(&mut &stream) {
         Ok(Some((0, payload))) => match postcard::from_bytes::<(String, Setup)>(&payload) {
             Ok(s) => s,

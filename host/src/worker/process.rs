@@ -58,11 +58,9 @@ pub(super) struct Worker {
 impl Worker {
     /// Kills the worker's whole process group (a hung worker, or one that is retired).
     pub(super) fn kill(&self) {
-        if let Ok(pid) = libc::pid_t::try_from(self.pid) {
-            // SAFETY: kill has no memory-safety preconditions; the worker leads its own process group.
-            unsafe {
-                libc::kill(-pid, libc::SIGKILL);
-            }
+        // The worker leads its own process group: everything it started goes too.
+        if let Some(pid) = i32::try_from(self.pid).ok().and_then(rustix::process::Pid::from_raw) {
+            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
         }
     }
 
@@ -339,11 +337,8 @@ impl WaitTimeout for Child {
                 Ok(Some(s)) => return Some(s),
                 Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
                 Ok(None) => {
-                    if let Ok(pid) = libc::pid_t::try_from(self.id()) {
-                        // SAFETY: kill has no memory-safety preconditions.
-                        unsafe {
-                            libc::kill(-pid, libc::SIGKILL);
-                        }
+                    if let Some(pid) = i32::try_from(self.id()).ok().and_then(rustix::process::Pid::from_raw) {
+                        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
                     }
                     return self.wait().ok();
                 }

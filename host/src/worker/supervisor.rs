@@ -2,7 +2,7 @@
 //! `Transport` the kind's remote client calls.
 
 use std::collections::VecDeque;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -292,10 +292,8 @@ impl Supervisor {
         };
         if let Some(w) = worker {
             w.retired.store(true, Ordering::SeqCst);
-            // SAFETY: shutdown on a socket we own: the worker reads the end of the stream and exits.
-            unsafe {
-                libc::shutdown(lock(&w.writer).as_raw_fd(), libc::SHUT_RDWR);
-            }
+            // The worker reads the end of the stream and exits.
+            let _ = lock(&w.writer).shutdown(std::net::Shutdown::Both);
             let deadline = Instant::now() + Duration::from_secs(1);
             while w.dead().is_none() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(5));
