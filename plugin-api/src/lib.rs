@@ -114,7 +114,7 @@
 //!   the [`interface`] module.
 //! - Different major version: refused, naming both versions.
 //!
-//! What each released host does with each released driver (`tests/tests/compat.rs` builds every
+//! What each released host does with each released driver (`tests/tests/integration/compat.rs` builds every
 //! release listed in `RELEASES` from the repository's history, runs each host with each driver, and
 //! checks this table; "revert" is the method 1.1.0 added):
 //!

@@ -14,7 +14,7 @@ pub struct Built {
     /// fake-volume built against plugin-api 2.0.0.
     pub api_v2: PathBuf,
     /// fake-volume built against a copy of plugin-api one minor version newer than this one, with no
-    /// interface change (see `tests/compat.rs` for real releases with real changes).
+    /// interface change (see `tests/tests/integration/compat.rs` for real releases with real changes).
     pub api_v1_1: PathBuf,
     /// A driver whose metadata is invalid (bad name, bad option default), against the real plugin-api.
     pub bad_metadata: PathBuf,

@@ -1,6 +1,6 @@
 //! The control-socket protocol's types: errors, the arguments and answers every service shares, sizes,
 //! and status, shared by the server, `plughost ctl` and the tests. Reading and writing request lines is
-//! `request.rs`. The wire format is `docs/protocol.md`; `tests/protocol.rs` checks every example there
+//! `request.rs`. The wire format is `docs/protocol.md`; `tests/tests/integration/protocol.rs` checks every example there
 //! against these types.
 //!
 //! Per-kind operations and records live with their service (`services/volume.rs`, ...); this module

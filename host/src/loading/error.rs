@@ -3,7 +3,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-/// Why a driver library was rejected. Each kind has its own test in `tests/tests/loader.rs`.
+/// Why a driver library was rejected. Each kind has its own test in `tests/tests/integration/loader.rs`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LoadErrorKind {
     /// The path does not exist.

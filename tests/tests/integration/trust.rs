@@ -1,7 +1,6 @@
 //! Trust: only intended code is loaded, state is private, and the socket knows who is asking. Tests
 //! that need a second user run a child as `nobody` (uid 65534) and are skipped, saying so, when the
 //! suite does not run as root.
-#![allow(clippy::unwrap_used)]
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;

@@ -2,7 +2,6 @@
 //! `plugin-api/RELEASES` is checked out from git, its host and its reference fake-volume are built, and
 //! every host runs every driver (today's build counts as the current version). What happens must be what
 //! the table in the crate documentation says.
-#![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -1,5 +1,4 @@
 //! `plughost run` as a real process: real files, real processes, the real socket.
-#![allow(clippy::unwrap_used)]
 
 use std::path::Path;
 use std::time::{Duration, Instant};

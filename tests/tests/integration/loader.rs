@@ -1,6 +1,5 @@
 //! The loader and `plughost inspect` / `list`, on real driver libraries and on broken files made here.
 //! One test per rejection kind, as in abi_stable's loading-errors tests.
-#![allow(clippy::unwrap_used)]
 
 use std::path::Path;
 

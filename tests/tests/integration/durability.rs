@@ -1,5 +1,4 @@
 //! What survives a crash: acknowledged operations, never a half-made volume. Real `kill -9`.
-#![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom, Write};

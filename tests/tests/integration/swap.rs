@@ -1,5 +1,4 @@
 //! Live driver swaps on a real `plughost run`: under load, on failure, from rebuilt files, on SIGHUP.
-#![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
 use std::path::Path;

@@ -3,7 +3,6 @@
 //! `crate::a::b`, `super::x`, `self::x`, or a child module named from its parent (`volume::KIND` in
 //! `services/mod.rs`). Items are named by their module, not through the crate root's re-exports, so
 //! that the root is never part of a cycle.
-#![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

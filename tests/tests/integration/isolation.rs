@@ -1,6 +1,5 @@
 //! Isolated backends: the same driver `.so` in a worker process, so that no driver can take the host
 //! down. Real workers, real signals, real crashes.
-#![allow(clippy::unwrap_used)]
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -1,5 +1,4 @@
 //! Instances outlive the host and are never orphaned: real processes, real `kill -9`, real cgroups.
-#![allow(clippy::unwrap_used)]
 
 use plughost_tests::process::{Client, Daemon};
 use plughost_tests::procs::{group_alive, wait_for, Proc};

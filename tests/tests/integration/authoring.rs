@@ -1,5 +1,4 @@
 //! What a driver author gets: the conformance suite through `plughost check`, and `plughost new`.
-#![allow(clippy::unwrap_used)]
 
 use plughost_tests::process::run;
 use plughost_tests::{driver, fixtures};

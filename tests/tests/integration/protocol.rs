@@ -1,6 +1,5 @@
 //! docs/protocol.md is the contract: every example there parses into the protocol's types and
 //! serializes back to the same JSON, and a real host answers the documented requests as documented.
-#![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
 

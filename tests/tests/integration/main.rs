@@ -1,0 +1,20 @@
+//! Every integration test, in one binary (ripgrep's pattern): the host and the test support link once,
+//! not once per area. Run one area with `cargo test --test integration loader::`.
+//!
+//! Areas: `loader` (every rejection kind), `service` (flags, config, ctl), `swap` (live swap), `protocol`
+//! (the documented wire), `durability` (kill -9 at any instant), `instances` (outliving the host),
+//! `isolation` (worker faults), `trust` (a second user), `authoring` (`check`, `new`, packaging),
+//! `compat` (every released host against every released driver), `architecture` (no import cycle).
+#![allow(clippy::unwrap_used)]
+
+mod architecture;
+mod authoring;
+mod compat;
+mod durability;
+mod instances;
+mod isolation;
+mod loader;
+mod protocol;
+mod service;
+mod swap;
+mod trust;
