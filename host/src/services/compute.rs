@@ -8,12 +8,12 @@ use plughost_api::{ComputeDriver, Instance, InstanceSpec, InstanceState};
 use plughost_api::{ComputeInterface, ComputeMethod};
 use serde::{Deserialize, Serialize};
 
-use super::records::{Counter, Meta, ReconcileCounts, Record, Status, Verdict};
+use super::meta::{columns, record};
+use super::records::{creation_undone, finish_removal, removal_done, Counter, Lookup, Meta, ReconcileCounts, Verdict};
 use super::{check_name, Core, Listed, Named, OnBackend, Reply, Service, ServiceKind};
 use crate::backend::{Backend, BackendControl};
 use crate::control::protocol::{ApiError, Removed};
-use crate::state::{value, Column, ColumnType, RowReader};
-use crate::util::time::now;
+use crate::state::{value, Column, RowReader};
 use rusqlite::types::Value;
 
 /// The compute service in the table.
@@ -178,27 +178,18 @@ pub(crate) struct InstanceRecord {
 }
 
 /// The `instances` table: one column per field.
-const COLUMNS: &[Column] = &[
-    Column::new("name", ColumnType::Text),
-    Column::new("id", ColumnType::Text),
-    Column::new("backend", ColumnType::Text),
-    Column::new("status", ColumnType::Text),
-    Column::new("pid", ColumnType::Int),
-    Column::new("exit_code", ColumnType::Int),
-    Column::new("exit_signal", ColumnType::Int),
-    Column::new("exit_unknown", ColumnType::Bool),
-    Column::new("rss_bytes", ColumnType::Int),
-    Column::new("cpu_time_ms", ColumnType::Int),
-    Column::new("uptime_ms", ColumnType::Int),
-    Column::new("command", ColumnType::Text),
-    Column::new("started_at_ms", ColumnType::Int),
-    Column::new("details", ColumnType::Json),
-    Column::new("spec", ColumnType::Json),
-    Column::new("created_at", ColumnType::Int),
-    Column::new("updated_at", ColumnType::Int),
-    Column::new("reason", ColumnType::Text),
-    Column::new("adopted", ColumnType::Bool),
-    Column::new("driver_digest", ColumnType::Text),
+const COLUMNS: &[Column] = columns![
+    "pid": Int,
+    "exit_code": Int,
+    "exit_signal": Int,
+    "exit_unknown": Bool,
+    "rss_bytes": Int,
+    "cpu_time_ms": Int,
+    "uptime_ms": Int,
+    "command": Text,
+    "started_at_ms": Int,
+    "details": Json,
+    "spec": Json,
 ];
 
 /// An instance's spec as recorded.
@@ -262,28 +253,11 @@ impl InstanceRecord {
         self.command.clone_from(&i.command);
         self.started_at_ms = i.started_at_ms;
         self.details = i.details.iter().cloned().collect();
-        if changed {
-            self.meta.updated_at = now();
-        }
-        changed
+        self.meta.touch(changed)
     }
 }
 
-impl Status for InstanceStatus {
-    const ERROR: InstanceStatus = InstanceStatus::Error;
-}
-
-impl Record for InstanceRecord {
-    type Status = InstanceStatus;
-    const WHAT: &'static str = "instance";
-    const TABLE: &'static str = "instances";
-    const COLUMNS: &'static [Column] = COLUMNS;
-    fn meta(&self) -> &Meta<InstanceStatus> {
-        &self.meta
-    }
-    fn meta_mut(&mut self) -> &mut Meta<InstanceStatus> {
-        &mut self.meta
-    }
+record!(InstanceRecord, InstanceStatus, error: InstanceStatus::Error, "instance", "instances", COLUMNS, {
     fn column(&self, name: &str) -> Result<Value, String> {
         match name {
             "pid" => value::opt_int(self.pid),
@@ -316,7 +290,7 @@ impl Record for InstanceRecord {
             spec: row.json("spec")?,
         })
     }
-}
+});
 
 impl Listed for InstanceRecord {
     const HEADINGS: &'static [&'static str] = &["PID", "RSS", "CPU", "COMMAND"];
@@ -344,79 +318,56 @@ impl ComputeService {
     /// operation is working on. An instance the driver no longer has becomes `error` ("missing from
     /// backend"); one it has without a record is adopted.
     fn reconcile(&self, b: &Backend<ComputeInterface>, concurrent: bool) -> ReconcileCounts {
-        let (list, watch) = match self.core.listing(b, concurrent, || b.call(ComputeMethod::list, |d| d.list())) {
-            Ok(listed) => listed,
-            Err(skipped) => return skipped,
-        };
-        let recheck = |name: &str| b.call(ComputeMethod::get, |d| d.get(name)).ok();
-        self.core.records.reconcile(
-            &b.name,
-            list,
-            |i| &i.name,
-            watch.as_ref(),
-            recheck,
-            |record, found| {
-                use InstanceStatus as S;
-                let Some(r) = record else {
-                    let i = found.expect("a name comes from a record or from the driver");
-                    log::info!("instance {:?}: found on backend {:?} without a record; adopted", i.name, b.name);
-                    let spec =
-                        InstanceSpec { name: i.name.clone(), command: i.command.clone(), ..InstanceSpec::default() };
-                    let mut r = InstanceRecord::new(&spec, &b.name, S::Unknown);
-                    r.spec = None;
-                    r.meta.adopted = true;
-                    r.apply(i);
-                    return Verdict::Put(r, Counter::Adopted);
-                };
-                let mut r = r.clone();
-                match (r.meta.status, found) {
-                    (S::Spawning, None) => {
-                        log::info!("instance {:?}: interrupted spawn never completed; record removed", r.meta.name);
-                        Verdict::Remove(Counter::Undone)
-                    }
-                    (S::Deleting, None) => {
-                        log::info!("instance {:?}: interrupted destroy had completed; record removed", r.meta.name);
-                        Verdict::Remove(Counter::Completed)
-                    }
-                    (S::Deleting, Some(_)) => match b.call(ComputeMethod::destroy, |d| d.destroy(&r.meta.name)) {
-                        Ok(()) => {
-                            log::info!("instance {:?}: interrupted destroy finished", r.meta.name);
-                            Verdict::Remove(Counter::Completed)
-                        }
-                        Err(e) => {
-                            log::warn!("instance {:?}: cannot finish an interrupted destroy: {e}", r.meta.name);
-                            r.fail(&format!("interrupted destroy could not finish: {}", e.message));
-                            Verdict::Put(r, Counter::Failed)
-                        }
-                    },
-                    (S::Stopping, Some(i)) => match b.call(ComputeMethod::stop, |d| d.stop(&r.meta.name)) {
-                        Ok(i) => {
-                            log::info!("instance {:?}: interrupted stop finished", r.meta.name);
-                            r.apply(&i);
-                            Verdict::Put(r, Counter::Completed)
-                        }
-                        Err(e) => {
-                            log::warn!("instance {:?}: cannot finish an interrupted stop: {e}", r.meta.name);
-                            r.apply(i);
-                            Verdict::Put(r, Counter::Failed)
-                        }
-                    },
-                    (S::Spawning | S::Starting | S::Rebooting, Some(i)) => {
-                        log::info!(
-                            "instance {:?}: interrupted {} completed on the backend; {}",
-                            r.meta.name,
-                            r.meta.status,
-                            i.state
-                        );
-                        r.apply(i);
+        use InstanceStatus as S;
+        self.core.reconcile(
+            b,
+            concurrent,
+            || b.call(ComputeMethod::list, |d| d.list()),
+            Lookup {
+                name_of: |i: &Instance| &i.name,
+                recheck: &|name| b.call(ComputeMethod::get, |d| d.get(name)).ok(),
+            },
+            |i| {
+                let spec = InstanceSpec { name: i.name.clone(), command: i.command.clone(), ..InstanceSpec::default() };
+                let mut r = InstanceRecord::new(&spec, &b.name, S::Unknown);
+                r.spec = None;
+                r.apply(i);
+                r
+            },
+            |mut r, found| match (r.meta.status, found) {
+                (S::Spawning, None) => creation_undone(&r, "spawn"),
+                (S::Deleting, None) => removal_done(&r, "destroy"),
+                (S::Deleting, Some(_)) => {
+                    let name = r.meta.name.clone();
+                    finish_removal(r, "destroy", || b.call(ComputeMethod::destroy, |d| d.destroy(&name)))
+                }
+                (S::Stopping, Some(i)) => match b.call(ComputeMethod::stop, |d| d.stop(&r.meta.name)) {
+                    Ok(i) => {
+                        log::info!("instance {:?}: interrupted stop finished", r.meta.name);
+                        r.apply(&i);
                         Verdict::Put(r, Counter::Completed)
                     }
-                    (_, Some(i)) => match r.apply(i) {
-                        true => Verdict::Put(r, Counter::Refreshed),
-                        false => Verdict::Refresh(r),
-                    },
-                    (_, None) => Verdict::Missing,
+                    Err(e) => {
+                        log::warn!("instance {:?}: cannot finish an interrupted stop: {e}", r.meta.name);
+                        r.apply(i);
+                        Verdict::Put(r, Counter::Failed)
+                    }
+                },
+                (S::Spawning | S::Starting | S::Rebooting, Some(i)) => {
+                    log::info!(
+                        "instance {:?}: interrupted {} completed on the backend; {}",
+                        r.meta.name,
+                        r.meta.status,
+                        i.state
+                    );
+                    r.apply(i);
+                    Verdict::Put(r, Counter::Completed)
                 }
+                (_, Some(i)) => match r.apply(i) {
+                    true => Verdict::Put(r, Counter::Refreshed),
+                    false => Verdict::Refresh(r),
+                },
+                (_, None) => Verdict::Missing,
             },
         )
     }
@@ -528,15 +479,9 @@ impl Service for ComputeService {
         })
     }
 
-    type Reply = ComputeReply;
+    type Other = super::Never;
     type Interface = ComputeInterface;
     type Record = InstanceRecord;
-    fn listed(reply: &Self::Reply) -> Option<&[Self::Record]> {
-        match reply {
-            Reply::Many(list) => Some(list),
-            _ => None,
-        }
-    }
 
     fn new(core: Core<ComputeInterface, InstanceRecord>) -> ComputeService {
         let s = ComputeService { core };
@@ -544,12 +489,10 @@ impl Service for ComputeService {
         s
     }
 
+    const KIND: &'static ServiceKind = &KIND;
+
     fn core(&self) -> &Core<ComputeInterface, InstanceRecord> {
         &self.core
-    }
-
-    fn kind(&self) -> &'static ServiceKind {
-        &KIND
     }
 
     fn periodic(&self) {

@@ -240,6 +240,33 @@ impl<I: Interface, R: Record> Core<I, R> {
         }
     }
 
+    /// Brings the records of backend `b` in line with what its driver reports: `list` (taken as in
+    /// [`listing`](Self::listing)), each name looked up again through `lookup` when the listing may be stale,
+    /// `adopt` making the record of a resource found without one, `verdict` deciding about each record
+    /// (see `Records::reconcile`).
+    pub(crate) fn reconcile<T>(
+        &self,
+        b: &Backend<I>,
+        concurrent: bool,
+        list: impl FnOnce() -> Result<Vec<T>, ApiError>,
+        lookup: super::records::Lookup<'_, T>,
+        adopt: impl FnMut(&T) -> R,
+        verdict: impl FnMut(R, Option<&T>) -> super::records::Verdict<R>,
+    ) -> ReconcileCounts {
+        let (found, watch) = match self.listing(b, concurrent, list) {
+            Ok(listed) => listed,
+            Err(skipped) => return skipped,
+        };
+        log::info!(
+            "{} backend {:?}: reconciling {} reported {}s with the records",
+            b.service(),
+            b.name,
+            found.len(),
+            R::WHAT
+        );
+        self.records.reconcile(&b.name, found, lookup, watch.as_ref(), adopt, verdict)
+    }
+
     /// Reconciles the records of every backend (or only the one named `only`) with `one` and keeps the
     /// total as the last reconcile's counts.
     pub(crate) fn reconcile_all(&self, only: Option<&str>, mut one: impl FnMut(&Arc<Backend<I>>) -> ReconcileCounts) {

@@ -63,6 +63,15 @@ impl<S: Status> Meta<S> {
         }
     }
 
+    /// After taking what a driver reports: when anything `changed`, the record was updated now.
+    /// Returns `changed`.
+    pub(crate) fn touch(&mut self, changed: bool) -> bool {
+        if changed {
+            self.updated_at = crate::util::time::now();
+        }
+        changed
+    }
+
     /// The value of one of its columns; `None` for a column that is the kind's.
     fn column(&self, name: &str) -> Option<Result<Value, String>> {
         Some(match name {
@@ -146,6 +155,52 @@ pub(crate) trait Record: Clone + Serialize + DeserializeOwned + Send + Sync + 's
         self.meta_mut().reason = Some(reason.to_owned());
     }
 }
+
+/// A record table's columns in the table's order: the meta's first four, the kind's own (`"size":
+/// Int, ...`), then the rest of the meta's. The meta's are written here once, beside [`Meta`]'s own
+/// reading and writing of them.
+macro_rules! columns {
+    ($($name:literal: $ty:ident),* $(,)?) => {
+        &[
+            $crate::state::Column::new("name", $crate::state::ColumnType::Text),
+            $crate::state::Column::new("id", $crate::state::ColumnType::Text),
+            $crate::state::Column::new("backend", $crate::state::ColumnType::Text),
+            $crate::state::Column::new("status", $crate::state::ColumnType::Text),
+            $($crate::state::Column::new($name, $crate::state::ColumnType::$ty),)*
+            $crate::state::Column::new("created_at", $crate::state::ColumnType::Int),
+            $crate::state::Column::new("updated_at", $crate::state::ColumnType::Int),
+            $crate::state::Column::new("reason", $crate::state::ColumnType::Text),
+            $crate::state::Column::new("adopted", $crate::state::ColumnType::Bool),
+            $crate::state::Column::new("driver_digest", $crate::state::ColumnType::Text),
+        ]
+    };
+}
+pub(crate) use columns;
+
+/// Implements [`Record`] (and [`Status`] for its status type) for a record with a `meta` field: its
+/// status type and error status, what it is called, its table and columns, then the kind's own
+/// `column` and `from_row`.
+macro_rules! record {
+    ($record:ty, $status:ty, error: $error:expr, $what:literal, $table:literal, $columns:expr, { $($own:tt)* }) => {
+        impl $crate::services::meta::Status for $status {
+            const ERROR: $status = $error;
+        }
+        impl $crate::services::meta::Record for $record {
+            type Status = $status;
+            const WHAT: &'static str = $what;
+            const TABLE: &'static str = $table;
+            const COLUMNS: &'static [$crate::state::Column] = $columns;
+            fn meta(&self) -> &$crate::services::meta::Meta<$status> {
+                &self.meta
+            }
+            fn meta_mut(&mut self) -> &mut $crate::services::meta::Meta<$status> {
+                &mut self.meta
+            }
+            $($own)*
+        }
+    };
+}
+pub(crate) use record;
 
 /// A record as its row: every column by name, the meta's and the kind's.
 pub(crate) fn to_row<R: Record>(r: &R) -> Result<Vec<Value>, String> {

@@ -80,7 +80,7 @@ impl ServiceKind {
             parse: parse_kind_op::<S::Op>,
             ctl_op: ctl_op::<S::Op>,
             format: format::<S>,
-            reencode: reencode::<S::Reply>,
+            reencode: reencode::<Reply<S::Record, S::Other>>,
             serve_worker: crate::worker::serve::<S::Interface>,
         }
     }
@@ -97,8 +97,8 @@ pub(crate) trait Listed: Record {
 
 /// Formats a successful answer for people: several records as a table, anything else as `key: value`.
 fn format<S: Service>(result: &str) -> Result<String, String> {
-    let reply: S::Reply = parse_result(result)?;
-    if let Some(list) = S::listed(&reply) {
+    let reply: Reply<S::Record, S::Other> = parse_result(result)?;
+    if let Reply::Many(list) = &reply {
         let titles = ["NAME", "BACKEND", "STATUS"].iter().chain(<S::Record as Listed>::HEADINGS);
         let mut rows = vec![titles.map(|c| (*c).to_owned()).collect::<Vec<_>>()];
         rows.extend(list.iter().map(|r| {
@@ -183,10 +183,8 @@ pub(crate) trait Service: Send + Sync + Sized + 'static {
     /// Its operations with their arguments: an externally tagged enum, which is also its `ctl`
     /// subcommand.
     type Op: DeserializeOwned + Operation + clap::Subcommand + clap::FromArgMatches;
-    /// What its operations answer.
-    type Reply: Serialize + DeserializeOwned;
-    /// The records of a reply that lists several (shown as a table by `ctl`).
-    fn listed(reply: &Self::Reply) -> Option<&[Self::Record]>;
+    /// What its operations answer besides records and removals (`Never` when nothing).
+    type Other: Serialize + DeserializeOwned;
     /// The driver kind it serves.
     type Interface: Interface;
     /// What it keeps about each resource.
@@ -196,9 +194,9 @@ pub(crate) trait Service: Send + Sync + Sized + 'static {
     /// What every service has: backends, records, reconcile counts.
     fn core(&self) -> &Core<Self::Interface, Self::Record>;
     /// Its entry in [`kinds::KINDS`].
-    fn kind(&self) -> &'static ServiceKind;
+    const KIND: &'static ServiceKind;
     /// Runs one operation.
-    fn handle(&self, op: Self::Op) -> Result<Self::Reply, ApiError>;
+    fn handle(&self, op: Self::Op) -> Result<Reply<Self::Record, Self::Other>, ApiError>;
     /// One round of periodic work (health checks, refreshing what drivers report).
     fn periodic(&self);
     /// A backend's capacity as last refreshed, for kinds that have one.
@@ -297,15 +295,12 @@ pub trait DynService: Send + Sync {
 
 impl<S: Service> DynService for S {
     fn kind(&self) -> &'static ServiceKind {
-        Service::kind(self)
+        S::KIND
     }
     fn handle(&self, op: Box<dyn KindOp>) -> Result<String, ApiError> {
         let name = op.name();
         let op = op.into_any().downcast::<S::Op>().map_err(|_| {
-            ApiError::internal(format!(
-                "{}: operation {name:?} was parsed for another service",
-                Service::kind(self).name
-            ))
+            ApiError::internal(format!("{}: operation {name:?} was parsed for another service", S::KIND.name))
         })?;
         to_json(&Service::handle(self, *op)?)
     }

@@ -5,12 +5,21 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+pub(crate) use super::meta::Meta;
 use super::meta::{from_row, to_row};
-pub(crate) use super::meta::{Meta, Status};
 pub(crate) use super::meta::{Record, MISSING};
 pub use crate::control::protocol::ReconcileCounts;
 use crate::control::protocol::{ApiError, ErrorKind};
 use crate::state::{StateDb, StateError, Table, Write};
+
+/// How a reconcile reads what a driver reports: each reported resource's name, and a fresh look at one
+/// name (when the listing may be stale).
+pub(crate) struct Lookup<'a, T> {
+    /// The name of a reported resource.
+    pub name_of: fn(&T) -> &str,
+    /// The resource of this name as the driver reports it now, if it has one.
+    pub recheck: &'a dyn Fn(&str) -> Option<T>,
+}
 
 /// Held while an operation on one name runs.
 pub(crate) type NameGuard = parking_lot::ArcMutexGuard<parking_lot::RawMutex, ()>;
@@ -427,15 +436,16 @@ impl<R: Record> Records<R> {
         &self,
         backend: &str,
         reported: Vec<T>,
-        name_of: impl Fn(&T) -> &str,
+        lookup: Lookup<'_, T>,
         concurrent: Option<&Watch<'_, R>>,
-        recheck: impl Fn(&str) -> Option<T>,
-        mut verdict: impl FnMut(Option<&R>, Option<&T>) -> Verdict<R>,
+        mut adopt: impl FnMut(&T) -> R,
+        mut verdict: impl FnMut(R, Option<&T>) -> Verdict<R>,
     ) -> ReconcileCounts {
         let started = std::time::Instant::now();
         let mut counts = ReconcileCounts { at: crate::util::time::now(), ..ReconcileCounts::default() };
         let mut by_name: BTreeMap<String, Option<T>> = self.names(backend).into_iter().map(|n| (n, None)).collect();
         let mut rest = Vec::new();
+        let Lookup { name_of, recheck } = lookup;
         for t in reported {
             match by_name.get_mut(name_of(&t)) {
                 Some(slot) => *slot = Some(t),
@@ -480,7 +490,18 @@ impl<R: Record> Records<R> {
                 // Reported, then gone (deleted meanwhile): nothing to record.
                 continue;
             }
-            let change = match verdict(record.as_ref(), found.as_ref()) {
+            let Some(existing) = record else {
+                // Found without a record: adopted (a new record, marked so), never dropped.
+                let t = found.as_ref().expect("a name without a record was reported by the driver");
+                let mut r = adopt(t);
+                r.meta_mut().adopted = true;
+                log::info!("{} {name:?}: found on backend {backend:?} without a record; adopted", R::WHAT);
+                counts.count(Counter::Adopted);
+                self.write_or_collect(Change::Put(r), concurrent.is_some(), &mut changes, backend);
+                drop(guard);
+                continue;
+            };
+            let change = match verdict(existing.clone(), found.as_ref()) {
                 Verdict::Unchanged => None,
                 Verdict::Refresh(r) => {
                     self.map().insert(name, r);
@@ -494,21 +515,16 @@ impl<R: Record> Records<R> {
                     counts.count(c);
                     Some(Change::Remove(name))
                 }
-                Verdict::Missing => record.and_then(|mut r| {
+                Verdict::Missing => {
+                    let mut r = existing;
                     mark_missing(&mut r).then(|| {
                         counts.missing += 1;
                         Change::Put(r)
                     })
-                }),
-            };
-            match change {
-                Some(c) if concurrent.is_some() => {
-                    if let Err(e) = self.write(vec![c]) {
-                        log::error!("{} backend {backend:?}: reconcile: {}", R::WHAT, e.message);
-                    }
                 }
-                Some(c) => changes.push(c),
-                None => {}
+            };
+            if let Some(c) = change {
+                self.write_or_collect(c, concurrent.is_some(), &mut changes, backend);
             }
             drop(guard);
         }
@@ -518,6 +534,46 @@ impl<R: Record> Records<R> {
         counts.duration_ms = started.elapsed().as_millis() as u64;
         counts
     }
+
+    /// A reconcile's change: written at once while requests run (`now`), else collected for one
+    /// transaction at the end.
+    fn write_or_collect(&self, c: Change<R>, now: bool, changes: &mut Vec<Change<R>>, backend: &str) {
+        if !now {
+            return changes.push(c);
+        }
+        if let Err(e) = self.write(vec![c]) {
+            log::error!("{} backend {backend:?}: reconcile: {}", R::WHAT, e.message);
+        }
+    }
+}
+
+/// The reconcile's verdict on an interrupted removal (`op`: `delete`, `destroy`) whose resource the
+/// driver still has: `run` finishes it and the record goes, or the record stays in error saying why.
+pub(crate) fn finish_removal<R: Record>(mut r: R, op: &str, run: impl FnOnce() -> Result<(), ApiError>) -> Verdict<R> {
+    match run() {
+        Ok(()) => {
+            log::info!("{} {:?}: interrupted {op} finished", R::WHAT, r.name());
+            Verdict::Remove(Counter::Completed)
+        }
+        Err(e) => {
+            log::warn!("{} {:?}: cannot finish an interrupted {op}: {e}", R::WHAT, r.name());
+            r.fail(&format!("interrupted {op} could not finish: {}", e.message));
+            Verdict::Put(r, Counter::Failed)
+        }
+    }
+}
+
+/// The verdict on an interrupted removal whose resource the driver no longer has: it had completed.
+pub(crate) fn removal_done<R: Record>(r: &R, op: &str) -> Verdict<R> {
+    log::info!("{} {:?}: interrupted {op} had completed; record removed", R::WHAT, r.name());
+    Verdict::Remove(Counter::Completed)
+}
+
+/// The verdict on an interrupted creation (`op`: `create`, `spawn`) whose resource the driver never
+/// made: undone.
+pub(crate) fn creation_undone<R: Record>(r: &R, op: &str) -> Verdict<R> {
+    log::info!("{} {:?}: interrupted {op} never completed; record removed", R::WHAT, r.name());
+    Verdict::Remove(Counter::Undone)
 }
 
 /// Whether a failed driver call may still have done its work (its worker died or was stopped during
@@ -566,7 +622,7 @@ fn import_legacy<R: Record>(db: &StateDb, table: &Table, state_dir: &Path) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::services::meta::{from_row, to_row};
+    use crate::services::meta::{from_row, to_row, Status};
     use crate::state::{Column, RowReader};
     use rusqlite::types::Value;
     use serde::Deserialize;
@@ -726,14 +782,16 @@ mod tests {
         let counts = r.reconcile(
             "b",
             listed,
-            |(n, _)| n,
+            Lookup {
+                name_of: |(n, _)| n,
+                recheck: &|name| driver.lock().unwrap().get(name).map(|s| (name.to_owned(), *s)),
+            },
             Some(&watch),
-            |name| driver.lock().unwrap().get(name).map(|s| (name.to_owned(), *s)),
-            |record, found| match (record, found) {
-                (None, Some((n, s))) => Verdict::Put(thing(n, *s), Counter::Adopted),
-                (Some(rec), Some((_, s))) if rec.status != *s => Verdict::Put(thing(&rec.name, *s), Counter::Refreshed),
-                (Some(_), Some(_)) => Verdict::Unchanged,
-                (_, None) => Verdict::Missing,
+            |(n, s)| thing(n, *s),
+            |rec, found| match found {
+                Some((_, s)) if rec.status != *s => Verdict::Put(thing(&rec.name, *s), Counter::Refreshed),
+                Some(_) => Verdict::Unchanged,
+                None => Verdict::Missing,
             },
         );
         drop(watch);

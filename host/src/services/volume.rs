@@ -6,12 +6,14 @@ use plughost_api::Volume;
 use plughost_api::{VolumeInterface, VolumeMethod};
 use serde::{Deserialize, Serialize};
 
-use super::records::{Counter, Meta, ReconcileCounts, Record, Status, Verdict, MISSING};
+use super::meta::{columns, record};
+use super::records::{
+    creation_undone, finish_removal, removal_done, Counter, Lookup, Meta, ReconcileCounts, Record, Verdict, MISSING,
+};
 use super::{check_name, Core, Listed, Named, OnBackend, PerBackend, Reply, Service, ServiceKind};
 use crate::backend::Backend;
 use crate::control::protocol::{ApiError, Capacity, Removed, Size};
-use crate::state::{value, Column, ColumnType, RowReader};
-use crate::util::time::now;
+use crate::state::{value, Column, RowReader};
 use rusqlite::types::Value;
 
 /// The volume service in the table.
@@ -127,20 +129,11 @@ pub(crate) struct VolumeRecord {
 }
 
 /// The `volumes` table: one column per field.
-const COLUMNS: &[Column] = &[
-    Column::new("name", ColumnType::Text),
-    Column::new("id", ColumnType::Text),
-    Column::new("backend", ColumnType::Text),
-    Column::new("status", ColumnType::Text),
-    Column::new("size", ColumnType::Int),
-    Column::new("allocated", ColumnType::Int),
-    Column::new("location", ColumnType::Text),
-    Column::new("source", ColumnType::Text),
-    Column::new("created_at", ColumnType::Int),
-    Column::new("updated_at", ColumnType::Int),
-    Column::new("reason", ColumnType::Text),
-    Column::new("adopted", ColumnType::Bool),
-    Column::new("driver_digest", ColumnType::Text),
+const COLUMNS: &[Column] = columns![
+    "size": Int,
+    "allocated": Int,
+    "location": Text,
+    "source": Text,
 ];
 
 impl VolumeRecord {
@@ -166,28 +159,11 @@ impl VolumeRecord {
         if v.source.is_some() {
             self.source.clone_from(&v.source);
         }
-        if changed {
-            self.meta.updated_at = now();
-        }
-        changed
+        self.meta.touch(changed)
     }
 }
 
-impl Status for VolumeStatus {
-    const ERROR: VolumeStatus = VolumeStatus::Error;
-}
-
-impl Record for VolumeRecord {
-    type Status = VolumeStatus;
-    const WHAT: &'static str = "volume";
-    const TABLE: &'static str = "volumes";
-    const COLUMNS: &'static [Column] = COLUMNS;
-    fn meta(&self) -> &Meta<VolumeStatus> {
-        &self.meta
-    }
-    fn meta_mut(&mut self) -> &mut Meta<VolumeStatus> {
-        &mut self.meta
-    }
+record!(VolumeRecord, VolumeStatus, error: VolumeStatus::Error, "volume", "volumes", COLUMNS, {
     fn column(&self, name: &str) -> Result<Value, String> {
         match name {
             "size" => value::int(self.size),
@@ -206,7 +182,7 @@ impl Record for VolumeRecord {
             source: row.opt_text("source")?,
         })
     }
-}
+});
 
 impl Listed for VolumeRecord {
     const HEADINGS: &'static [&'static str] = &["SIZE", "ALLOCATED", "LOCATION"];
@@ -243,72 +219,46 @@ impl VolumeService {
     /// volumes the driver no longer has are kept as `error` ("missing from backend"), volumes it has
     /// without a record are adopted. Nothing is silently dropped or given a new id.
     fn reconcile(&self, b: &Backend<VolumeInterface>, concurrent: bool) -> ReconcileCounts {
-        let (vols, watch) = match self.core.listing(b, concurrent, || b.call(VolumeMethod::list, |d| d.list())) {
-            Ok(listed) => listed,
-            Err(skipped) => return skipped,
-        };
-        log::info!("volume backend {:?}: reconciling {} reported volumes with the records", b.name, vols.len());
-        let recheck = |name: &str| b.call(VolumeMethod::get, |d| d.get(name)).ok();
-        self.core.records.reconcile(
-            &b.name,
-            vols,
-            |v| &v.name,
-            watch.as_ref(),
-            recheck,
-            |record, found| {
-                use VolumeStatus as S;
-                let Some(r) = record else {
-                    let v = found.expect("a name comes from a record or from the driver");
-                    log::info!("volume {:?}: found on backend {:?} without a record; adopted", v.name, b.name);
-                    let mut r = VolumeRecord::new(&v.name, &b.name, S::Available, 0, None);
-                    r.meta.adopted = true;
+        use VolumeStatus as S;
+        self.core.reconcile(
+            b,
+            concurrent,
+            || b.call(VolumeMethod::list, |d| d.list()),
+            Lookup { name_of: |v: &Volume| &v.name, recheck: &|name| b.call(VolumeMethod::get, |d| d.get(name)).ok() },
+            |v| {
+                let mut r = VolumeRecord::new(&v.name, &b.name, S::Available, 0, None);
+                r.apply(v);
+                r
+            },
+            |mut r, found| match (r.meta.status, found) {
+                (S::Creating | S::Extending | S::Reverting, Some(v)) => {
+                    log::info!(
+                        "volume {:?}: interrupted {} completed on the backend; now available",
+                        r.meta.name,
+                        r.meta.status
+                    );
                     r.apply(v);
-                    return Verdict::Put(r, Counter::Adopted);
-                };
-                let mut r = r.clone();
-                match (r.meta.status, found) {
-                    (S::Creating | S::Extending | S::Reverting, Some(v)) => {
-                        log::info!(
-                            "volume {:?}: interrupted {} completed on the backend; now available",
-                            r.meta.name,
-                            r.meta.status
-                        );
-                        r.apply(v);
-                        r.set_status(S::Available);
-                        Verdict::Put(r, Counter::Completed)
-                    }
-                    (S::Creating, None) => {
-                        log::info!("volume {:?}: interrupted create never completed; record removed", r.meta.name);
-                        Verdict::Remove(Counter::Undone)
-                    }
-                    (S::Deleting, Some(_)) => match b.call(VolumeMethod::delete, |d| d.delete(&r.meta.name)) {
-                        Ok(()) => {
-                            log::info!("volume {:?}: interrupted delete finished", r.meta.name);
-                            Verdict::Remove(Counter::Completed)
-                        }
-                        Err(e) => {
-                            log::warn!("volume {:?}: cannot finish an interrupted delete: {e}", r.meta.name);
-                            r.fail(&format!("interrupted delete could not finish: {}", e.message));
-                            Verdict::Put(r, Counter::Failed)
-                        }
-                    },
-                    (S::Deleting, None) => {
-                        log::info!("volume {:?}: interrupted delete had completed; record removed", r.meta.name);
-                        Verdict::Remove(Counter::Completed)
-                    }
-                    (_, Some(v)) => {
-                        let back = r.meta.status == S::Error && r.meta.reason.as_deref() == Some(MISSING);
-                        if back {
-                            log::info!("volume {:?} is on its backend again; available", r.meta.name);
-                            r.set_status(S::Available);
-                        }
-                        match r.apply(v) || back {
-                            true => Verdict::Put(r, Counter::Refreshed),
-                            false => Verdict::Unchanged,
-                        }
-                    }
-                    (_, None) => Verdict::Missing,
+                    r.set_status(S::Available);
+                    Verdict::Put(r, Counter::Completed)
                 }
+                (S::Creating, None) => creation_undone(&r, "create"),
+                (S::Deleting, Some(_)) => {
+                    let name = r.meta.name.clone();
+                    finish_removal(r, "delete", || b.call(VolumeMethod::delete, |d| d.delete(&name)))
+                }
+                (S::Deleting, None) => removal_done(&r, "delete"),
+                (_, Some(v)) => {
+                    let back = r.meta.status == S::Error && r.meta.reason.as_deref() == Some(MISSING);
+                    if back {
+                        log::info!("volume {:?} is on its backend again; available", r.meta.name);
+                        r.set_status(S::Available);
+                    }
+                    match r.apply(v) || back {
+                        true => Verdict::Put(r, Counter::Refreshed),
+                        false => Verdict::Unchanged,
+                    }
+                }
+                (_, None) => Verdict::Missing,
             },
         )
     }
@@ -433,15 +383,9 @@ impl Service for VolumeService {
         })
     }
 
-    type Reply = VolumeReply;
+    type Other = VolumeStats;
     type Interface = VolumeInterface;
     type Record = VolumeRecord;
-    fn listed(reply: &Self::Reply) -> Option<&[Self::Record]> {
-        match reply {
-            Reply::Many(list) => Some(list),
-            _ => None,
-        }
-    }
 
     fn new(core: Core<VolumeInterface, VolumeRecord>) -> VolumeService {
         let s = VolumeService { core, capacity: PerBackend::default() };
@@ -449,12 +393,10 @@ impl Service for VolumeService {
         s
     }
 
+    const KIND: &'static ServiceKind = &KIND;
+
     fn core(&self) -> &Core<VolumeInterface, VolumeRecord> {
         &self.core
-    }
-
-    fn kind(&self) -> &'static ServiceKind {
-        &KIND
     }
 
     fn periodic(&self) {
