@@ -90,12 +90,7 @@ pub fn check(exe: &Path, path: &Path, opts: &[String]) -> CheckReport {
 }
 
 fn private_dir() -> std::io::Result<PathBuf> {
-    use std::os::unix::fs::DirBuilderExt;
-    let nanos =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
-    let dir = std::env::temp_dir().join(format!("plughost-check-{}-{nanos}", std::process::id()));
-    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
-    Ok(dir)
+    crate::util::fs::fresh_private_dir(&std::env::temp_dir(), "plughost-check")
 }
 
 fn run_child(exe: &Path, path: &Path, opts: &[String], dir: &Path) -> CheckReport {

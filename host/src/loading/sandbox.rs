@@ -27,11 +27,7 @@ struct ChildDir(PathBuf);
 
 impl ChildDir {
     fn new() -> std::io::Result<ChildDir> {
-        use std::os::unix::fs::DirBuilderExt;
-        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("plughost-child-{}-{n}", std::process::id()));
-        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        let dir = crate::util::fs::fresh_private_dir(&std::env::temp_dir(), "plughost-child")?;
         if crate::loading::trust::euid() == 0 {
             std::os::unix::fs::chown(&dir, Some(UNPRIVILEGED), Some(UNPRIVILEGED))?;
         }
@@ -66,8 +62,8 @@ pub fn run(exe: &Path, args: &[&str], library: &impl AsRawFd, timeout: Duration)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
-    // SAFETY: the closure runs in the child between fork and exec and only calls dup2 and fcntl, which
-    // are async-signal-safe; it allocates nothing and takes no lock.
+    // SAFETY: the closure runs in the child between fork and exec and only calls dup2, fcntl and
+    // close_range, which are async-signal-safe; it allocates nothing and takes no lock.
     unsafe {
         cmd.pre_exec(move || {
             // dup2 onto itself keeps close-on-exec: clear it explicitly then.
@@ -75,6 +71,8 @@ pub fn run(exe: &Path, args: &[&str], library: &impl AsRawFd, timeout: Duration)
             if r < 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            // Nothing else the caller had open without close-on-exec reaches the child.
+            libc::syscall(libc::SYS_close_range, (LIBRARY_FD + 1) as u32, u32::MAX, 0u32);
             Ok(())
         });
     }

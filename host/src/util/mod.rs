@@ -1,5 +1,6 @@
 //! Leaf helpers that any layer may use; nothing here imports anything else of the host.
 
 pub(crate) mod fmt;
+pub(crate) mod fs;
 pub(crate) mod time;
 pub(crate) mod users;

@@ -605,3 +605,28 @@ fn the_config_file_is_a_trust_root() {
     let v = d.call("", "reload", json!({}));
     assert!(v["error"]["message"].as_str().unwrap().contains("trust.allowlist removed"), "{v}");
 }
+
+#[test]
+fn another_user_cannot_block_the_sandbox_by_taking_its_directory_names() {
+    if !root() {
+        return;
+    }
+    let t = TempDir::new("trust-sandbox-names");
+    let mut d = Daemon::start(
+        &t.join("state"),
+        &["--volume-driver", "file-volume", "--compute-driver", "none", "--allow-swap-paths"],
+    );
+    // nobody takes every name the sandbox used to give its children (`plughost-child-<pid>-<n>`).
+    let taken: Vec<PathBuf> =
+        (0..64).map(|n| std::env::temp_dir().join(format!("plughost-child-{}-{n}", d.pid()))).collect();
+    let script = taken.iter().map(|p| format!("mkdir -m 0755 {}", p.display())).collect::<Vec<_>>().join("; ");
+    let out = Command::new("sh").args(["-c", &script]).uid(NOBODY).gid(NOBODY).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // New content is probed in a sandboxed child with a directory of its own: the swap goes through.
+    let b = fixtures::built().file_volume_b.display().to_string();
+    let v = d.call("volume", "swap", json!({"driver": b}));
+    for p in &taken {
+        let _ = std::fs::remove_dir(p);
+    }
+    assert_eq!(v["ok"], true, "{v}");
+}
