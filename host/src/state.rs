@@ -438,18 +438,45 @@ pub(crate) mod value {
 }
 
 /// The state-dir lock: held for as long as the host runs, released by the kernel when the process ends
-/// (however it ends).
+/// (however it ends). It is taken on the state dir itself (which nobody can unlink from under a running
+/// host while it holds anything) and on `plughost.lock` (which says who holds it, and excludes hosts of
+/// earlier versions, which lock only the file).
 #[derive(Debug)]
 pub(crate) struct DirLock {
-    _file: std::fs::File,
+    dir: std::fs::File,
+    file: std::fs::File,
+    path: PathBuf,
 }
 
 impl DirLock {
     /// Takes the lock on `state_dir`, or says which process holds it.
     pub(crate) fn take(state_dir: &Path) -> Result<DirLock, StateError> {
-        use std::io::{Read, Seek, Write};
+        use rustix::fs::FlockOperation::NonBlockingLockExclusive;
         let path = state_dir.join(LOCK_FILE);
-        let io = |e: std::io::Error| StateError::Io { path: path.clone(), reason: crate::util::fmt::io_text(&e) };
+        let in_use = || {
+            let pid = std::fs::read_to_string(&path).ok().and_then(|t| t.trim().parse().ok());
+            StateError::InUse { dir: state_dir.to_owned(), pid }
+        };
+        let dir_io =
+            |e: std::io::Error| StateError::Io { path: state_dir.to_owned(), reason: crate::util::fmt::io_text(&e) };
+        let dir = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(state_dir)
+            .map_err(dir_io)?;
+        match rustix::fs::flock(&dir, NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => return Err(in_use()),
+            Err(e) => return Err(dir_io(e.into())),
+        }
+        let file = Self::lock_file(&path, state_dir)?;
+        Ok(DirLock { dir, file, path })
+    }
+
+    /// Opens, locks and writes the pid into the lock file.
+    fn lock_file(path: &Path, state_dir: &Path) -> Result<std::fs::File, StateError> {
+        use std::io::{Seek, Write};
+        let io = |e: std::io::Error| StateError::Io { path: path.to_owned(), reason: crate::util::fmt::io_text(&e) };
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -457,21 +484,52 @@ impl DirLock {
             .write(true)
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&path)
+            .open(path)
             .map_err(io)?;
-        if let Err(errno) = rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-            let e = std::io::Error::from(errno);
-            if errno == rustix::io::Errno::WOULDBLOCK {
-                let mut text = String::new();
-                let _ = f.read_to_string(&mut text);
-                return Err(StateError::InUse { dir: state_dir.to_owned(), pid: text.trim().parse().ok() });
+        match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                let pid = std::fs::read_to_string(path).ok().and_then(|t| t.trim().parse().ok());
+                return Err(StateError::InUse { dir: state_dir.to_owned(), pid });
             }
-            return Err(io(e));
+            Err(e) => return Err(io(e.into())),
         }
         f.set_len(0).map_err(io)?;
         f.rewind().map_err(io)?;
         writeln!(f, "{}", std::process::id()).map_err(io)?;
-        Ok(DirLock { _file: f })
+        Ok(f)
+    }
+
+    /// Checks, before each periodic round, that the lock still says what it should: the lock file at
+    /// its path is the one this host holds (recreated if someone removed or replaced it; the state
+    /// dir's own lock kept others out meanwhile), and the state dir is still where it was.
+    pub(crate) fn verify(&mut self) {
+        use std::os::unix::fs::MetadataExt;
+        let same = |a: &std::fs::Metadata, b: &std::fs::Metadata| a.dev() == b.dev() && a.ino() == b.ino();
+        let held = self.file.metadata().ok();
+        let there = std::fs::symlink_metadata(&self.path).ok();
+        if !matches!((&held, &there), (Some(h), Some(t)) if same(h, t)) {
+            let dir = self.path.parent().map(Path::to_path_buf).unwrap_or_default();
+            log::error!(
+                "state dir {}: the lock file {} was removed or replaced; the state dir itself stays locked, the file is written again",
+                dir.display(),
+                LOCK_FILE
+            );
+            let _ = std::fs::remove_file(&self.path);
+            match Self::lock_file(&self.path, &dir) {
+                Ok(f) => self.file = f,
+                Err(e) => log::error!("{e}"),
+            }
+        }
+        let dir_there = self.path.parent().and_then(|d| std::fs::metadata(d).ok());
+        if let (Ok(held), Some(there)) = (self.dir.metadata(), dir_there) {
+            if !same(&held, &there) {
+                log::error!(
+                    "state dir {}: replaced while this host runs (another directory is at its path now); this host keeps using the one it opened",
+                    self.path.parent().unwrap_or(Path::new("")).display()
+                );
+            }
+        }
     }
 }
 
@@ -516,6 +574,21 @@ mod tests {
             e.to_string(),
             format!("state dir \"{}\" is in use by another plughost (pid {})", dir.display(), std::process::id())
         );
+        drop(held);
+        DirLock::take(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn removing_the_lock_file_lets_no_second_holder_in_and_it_is_written_again() {
+        let dir = temp_dir("lock-removed");
+        let mut held = DirLock::take(&dir).unwrap();
+        std::fs::remove_file(dir.join(LOCK_FILE)).unwrap();
+        let e = DirLock::take(&dir).unwrap_err();
+        assert!(matches!(e, StateError::InUse { .. }), "{e}");
+        held.verify();
+        let pid = std::fs::read_to_string(dir.join(LOCK_FILE)).unwrap();
+        assert_eq!(pid.trim(), std::process::id().to_string());
         drop(held);
         DirLock::take(&dir).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();

@@ -29,7 +29,7 @@ pub struct Host {
     pub(super) in_flight: AtomicU64,
     pub(super) started: Instant,
     /// Keeps other hosts off the state dir while this one runs.
-    pub(super) _lock: DirLock,
+    pub(super) lock: Mutex<DirLock>,
     /// The trust settings in effect (changed by reload).
     pub(super) trust: Mutex<crate::config::TrustSettings>,
     /// Who changed what (none for hosts built without a state dir of their own, in tests).
@@ -123,7 +123,7 @@ impl Host {
             stopping: AtomicBool::new(false),
             in_flight: AtomicU64::new(0),
             started: Instant::now(),
-            _lock: lock,
+            lock: Mutex::new(lock),
             trust: Mutex::new(trust),
             audit: Some(audit),
         }))
@@ -283,6 +283,8 @@ impl Host {
 
     /// One round of periodic work for service `i`, and its heartbeat.
     pub(super) fn periodic(&self, i: usize) {
+        // Before each round: the state dir is still this host's (see `DirLock::verify`).
+        self.lock.lock().unwrap_or_else(|p| p.into_inner()).verify();
         let s = &self.services[i];
         s.periodic();
         self.heartbeats.lock().unwrap_or_else(|p| p.into_inner()).insert(s.kind().name, Instant::now());
@@ -373,7 +375,7 @@ mod tests {
             stopping: AtomicBool::new(false),
             in_flight: AtomicU64::new(0),
             started: Instant::now(),
-            _lock: DirLock::take(&dir).unwrap(),
+            lock: Mutex::new(DirLock::take(&dir).unwrap()),
             audit: Some(crate::control::audit::AuditLog::open(&dir).unwrap()),
         };
         (host, dir)

@@ -630,3 +630,19 @@ fn another_user_cannot_block_the_sandbox_by_taking_its_directory_names() {
     }
     assert_eq!(v["ok"], true, "{v}");
 }
+
+#[test]
+fn removing_the_lock_file_does_not_let_a_second_host_onto_the_state_dir() {
+    let t = TempDir::new("trust-split-brain");
+    let state = t.join("state");
+    let d = Daemon::start(&state, &["--volume-driver", "fake-volume", "--compute-driver", "none"]);
+    std::fs::remove_file(state.join("plughost.lock")).unwrap();
+    let second = t.join("second.sock");
+    let r = run_host(&state, &["--socket", second.to_str().unwrap()]);
+    assert_eq!(r.code, 1, "a second host started on a state dir in use: {}", r.stderr);
+    assert!(r.stderr.contains("is in use by another plughost"), "{}", r.stderr);
+    // The running host writes its lock file again at its next periodic round.
+    plughost_tests::procs::wait_for("the lock file to be written again", || {
+        std::fs::read_to_string(state.join("plughost.lock")).is_ok_and(|p| p.trim() == d.pid().to_string())
+    });
+}
