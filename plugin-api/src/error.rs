@@ -200,8 +200,13 @@ pub fn check_name(what: &str, name: &str) -> Result<(), DriverError> {
     if ok {
         Ok(())
     } else {
+        // Echo at most 80 characters: a megabyte of name gives a line, not a megabyte of message.
+        let shown = match name.char_indices().nth(80) {
+            None => format!("{name:?}"),
+            Some((cut, _)) => format!("{:?}… ({} bytes)", &name[..cut], name.len()),
+        };
         Err(DriverError::invalid_argument(format!(
-            "invalid {what} name {name:?}: use 1-64 of A-Z a-z 0-9 . _ - (not starting with . or -)"
+            "invalid {what} name {shown}: use 1-64 of A-Z a-z 0-9 . _ - (not starting with . or -)"
         )))
     }
 }

@@ -140,13 +140,19 @@ pub fn request(socket: &Path, request: &Request<'_>) -> Result<(String, Answer),
             crate::util::fmt::io_text(&e)
         )
     })?;
-    s.write_all(line.as_bytes())
-        .and_then(|()| s.write_all(b"\n"))
-        .map_err(|e| format!("socket \"{}\": write failed: {e}", socket.display()))?;
+    let closed =
+        || format!("socket \"{}\": the connection closed before an answer (did the host stop?)", socket.display());
+    s.write_all(line.as_bytes()).and_then(|()| s.write_all(b"\n")).map_err(|e| match e.kind() {
+        std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => closed(),
+        _ => format!("socket \"{}\": write failed: {e}", socket.display()),
+    })?;
     let mut answer = String::new();
-    BufReader::new(&s)
+    let n = BufReader::new(&s)
         .read_line(&mut answer)
         .map_err(|e| format!("socket \"{}\": read failed: {e}", socket.display()))?;
+    if n == 0 || !answer.ends_with('\n') {
+        return Err(closed());
+    }
     let parsed: Answer =
         serde_json::from_str(&answer).map_err(|e| format!("socket \"{}\": malformed answer: {e}", socket.display()))?;
     Ok((answer.trim_end().to_owned(), parsed))

@@ -189,7 +189,8 @@ impl<'de> Deserialize<'de> for Envelope<'de> {
                         "args" => &mut e.args,
                         other => {
                             if e.problem.is_none() {
-                                e.problem = Some(format!("unknown field {other:?} (expected: id, service, op, args)"));
+                                let other = crate::util::fmt::echo(other);
+                                e.problem = Some(format!("unknown field {other} (expected: id, service, op, args)"));
                             }
                             map.next_value::<IgnoredAny>()?;
                             continue;
@@ -270,7 +271,8 @@ pub fn parse_request<'a>(
             return Err(invalid(
                 id,
                 format!(
-                    "unknown operation {other:?} (top-level: ping, status, reload, audit; others need \"service\")"
+                    "unknown operation {} (top-level: ping, status, reload, audit; others need \"service\")",
+                    crate::util::fmt::echo(other)
                 ),
             ))
         }
@@ -323,7 +325,11 @@ fn argument_problem(context: &str, path: &str, inner: &str) -> ApiError {
             None => rest.split_once(", expected ").unwrap_or((rest, "")),
         };
         let expected = expected.trim_start_matches("one of ").replace('`', "").replace(" or ", ", ");
-        return ApiError::invalid(format!("{context}: unknown argument {} (expected: {expected})", unquote(field)));
+        let field = field.trim_matches('`');
+        return ApiError::invalid(format!(
+            "{context}: unknown argument {} (expected: {expected})",
+            crate::util::fmt::echo(field)
+        ));
     }
     if let Some(field) = inner.strip_prefix("missing field ") {
         return ApiError::invalid(format!("{context}: missing argument {}", unquote(field)));
@@ -355,7 +361,7 @@ pub fn parse_op<T: DeserializeOwned>(service: &str, op: &str, args: Option<&RawV
         let all: Vec<&str> = known.iter().chain(SERVICE_LEVEL_OPS).copied().collect();
         return Err(ApiError::new(
             ErrorKind::InvalidRequest,
-            format!("unknown {service} operation {op:?} (known: {})", all.join(", ")),
+            format!("unknown {service} operation {} (known: {})", crate::util::fmt::echo(op), all.join(", ")),
         ));
     }
     let context = format!("{service} {op}");

@@ -140,7 +140,7 @@ impl Host {
                 format!("the {name} service is not enabled")
             } else {
                 let known: Vec<&str> = crate::services::kinds::KINDS.iter().map(|k| k.name).collect();
-                format!("unknown service {name:?} ({})", known.join(", "))
+                format!("unknown service {} ({})", crate::util::fmt::echo(name), known.join(", "))
             };
             ApiError::new(ErrorKind::UnknownService, what)
         })

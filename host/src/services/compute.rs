@@ -84,9 +84,30 @@ impl std::str::FromStr for EnvVar {
     type Err = String;
     fn from_str(kv: &str) -> Result<EnvVar, String> {
         match kv.split_once('=') {
-            Some((k, v)) if !k.is_empty() => Ok(EnvVar(k.to_owned(), v.to_owned())),
+            Some((k, v)) => {
+                let var = EnvVar(k.to_owned(), v.to_owned());
+                var.check()?;
+                Ok(var)
+            }
             _ => Err(format!("{kv:?}: expected K=V")),
         }
+    }
+}
+
+impl EnvVar {
+    /// A name a process environment can carry (not empty, no `=`, no NUL) and a value without NUL;
+    /// neither with control characters, which would end up in logs and `ps` output.
+    fn check(&self) -> Result<(), String> {
+        let EnvVar(k, v) = self;
+        if k.is_empty() || k.contains('=') || k.chars().any(char::is_control) {
+            return Err(format!(
+                "environment variable {k:?}: a name is not empty and has no '=' or control characters"
+            ));
+        }
+        if v.contains('\0') {
+            return Err(format!("environment variable {k:?}: its value has a NUL byte"));
+        }
+        Ok(())
     }
 }
 
@@ -389,6 +410,11 @@ impl ComputeService {
         check_name("instance", &spec.name)?;
         if spec.command.is_empty() {
             return Err(ApiError::invalid(format!("instance {:?}: empty command", spec.name)));
+        }
+        for (k, v) in &spec.env {
+            EnvVar(k.clone(), v.clone())
+                .check()
+                .map_err(|e| ApiError::invalid(format!("instance {:?}: {e}", spec.name)))?;
         }
         let b = self.core.backends.pick(backend)?;
         let _held = self.core.records.hold(&spec.name);

@@ -32,7 +32,12 @@ impl BackendTable {
         let wanted = name.unwrap_or(&self.default);
         self.controls.iter().position(|b| b.name() == wanted).ok_or_else(|| {
             let known: Vec<&str> = self.controls.iter().map(|b| b.name()).collect();
-            ApiError::not_found(format!("unknown {} backend {wanted:?} (known: {})", self.service, known.join(", ")))
+            ApiError::not_found(format!(
+                "unknown {} backend {} (known: {})",
+                self.service,
+                crate::util::fmt::echo(wanted),
+                known.join(", ")
+            ))
         })
     }
 

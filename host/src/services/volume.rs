@@ -270,6 +270,7 @@ impl VolumeService {
 
     fn create(&self, name: &str, size: u64, backend: Option<&str>) -> Result<VolumeRecord, ApiError> {
         check_name("volume", name)?;
+        check_size(name, size)?;
         let b = self.core.backends.pick(backend)?;
         let _held = self.core.records.hold(name);
         let mut record = VolumeRecord::new(name, &b.name, VolumeStatus::Creating, size, None);
@@ -287,6 +288,7 @@ impl VolumeService {
     }
 
     fn extend(&self, name: &str, size: u64, backend: Option<&str>) -> Result<VolumeRecord, ApiError> {
+        check_size(name, size)?;
         let _held = self.core.records.hold(name);
         let (r, b) = self.core.backends.locate(&self.core.records, name, backend)?;
         if size < r.size {
@@ -347,6 +349,17 @@ impl VolumeService {
         self.capacity.set(&b.name, capacity);
         Ok(VolumeStats { backend: b.name.clone(), capacity })
     }
+}
+
+/// A size the records can hold (a signed 64-bit column), refused before anything is written.
+fn check_size(name: &str, size: u64) -> Result<(), ApiError> {
+    if i64::try_from(size).is_err() {
+        return Err(ApiError::invalid(format!(
+            "volume {name:?}: size {size} is too large (at most {} bytes)",
+            i64::MAX
+        )));
+    }
+    Ok(())
 }
 
 /// Records what the driver made and marks the volume available.

@@ -89,3 +89,28 @@ pub(crate) fn io_text(e: &std::io::Error) -> String {
         None => String::new(),
     }
 }
+
+/// Something a client sent, as a message echoes it: quoted and escaped (no control character reaches a
+/// terminal or a log line), and at most 80 characters of it (a megabyte of name gives a line, not a
+/// megabyte of answer).
+pub(crate) fn echo(text: &str) -> String {
+    const MAX: usize = 80;
+    match text.char_indices().nth(MAX) {
+        None => format!("{text:?}"),
+        Some((cut, _)) => format!("{:?}… ({} bytes)", &text[..cut], text.len()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn echoes_are_escaped_and_capped() {
+        assert_eq!(echo("v1"), "\"v1\"");
+        assert_eq!(echo("a\nb\u{1b}[2J"), "\"a\\nb\\u{1b}[2J\"");
+        let long = "x".repeat(1 << 20);
+        let e = echo(&long);
+        assert!(e.len() < 120 && e.ends_with("… (1048576 bytes)"), "{e}");
+    }
+}

@@ -252,3 +252,61 @@ fn a_backend_whose_health_check_fails_refuses_and_get_answers_driver_errors() {
     assert_eq!(d.ok("volume", "list", json!({})).as_array().unwrap().len(), 1, "records are still answered");
     d.ok("volume", "create", json!({"name": "w", "size": 1}));
 }
+
+#[test]
+fn hostile_inputs_are_refused_in_one_short_line_before_anything_is_written() {
+    let t = TempDir::new("protocol-hostile");
+    let mut d = Daemon::start(t.path(), &["--volume-driver", "fake-volume", "--compute-driver", "fake-compute"]);
+    // A size the records cannot hold: invalid_argument, and no record (not an intent left behind).
+    let v = d.call("volume", "create", json!({"name": "big", "size": 1u64 << 63}));
+    assert_eq!(v["error"]["kind"], "invalid_argument", "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("is too large (at most 9223372036854775807 bytes)"),
+        "{v}"
+    );
+    assert_eq!(d.call("volume", "get", json!({"name": "big"}))["error"]["kind"], "not_found");
+    let v = d.call("volume", "create", json!({"name": "v", "size": 1}));
+    assert_eq!(v["ok"], true, "{v}");
+    let v = d.call("volume", "extend", json!({"name": "v", "size": u64::MAX}));
+    assert_eq!(v["error"]["kind"], "invalid_argument", "{v}");
+    // Environment names a process cannot carry.
+    for env in [json!({"A=B": "1"}), json!({"": "1"}), json!({"a\nb": "1"})] {
+        let v = d.call("compute", "spawn", json!({"name": "e", "command": "true", "env": env}));
+        assert_eq!(v["error"]["kind"], "invalid_argument", "{env}: {v}");
+    }
+    assert_eq!(d.call("compute", "get", json!({"name": "e"}))["error"]["kind"], "not_found");
+    // What a client sent comes back escaped, on one line, and short.
+    let key = "a\nb\u{1b}[2J";
+    let v = d.call("volume", "get", json!({"name": "v", key: 1}));
+    let m = v["error"]["message"].as_str().unwrap();
+    assert!(!m.contains('\n') && !m.contains('\u{1b}'), "{m:?}");
+    let long = "x".repeat(100_000);
+    for (service, op, args) in [
+        ("volume", "get", json!({"name": long})),
+        ("volume", long.as_str(), json!({})),
+        (long.as_str(), "get", json!({})),
+        ("volume", "get", json!({"name": "v", "backend": long})),
+    ] {
+        let answer = d.raw(&json!({"service": service, "op": op, "args": args}).to_string());
+        assert!(answer.len() < 1024, "a {}-byte answer", answer.len());
+    }
+    let v = d.call("", "ping", json!({"deep": [[[[1]]]]}));
+    assert_eq!(v["error"]["kind"], "invalid_argument", "{v}");
+}
+
+#[test]
+fn ctl_says_that_the_connection_closed_when_the_host_goes_away() {
+    let t = TempDir::new("protocol-closed");
+    let socket = t.join("closing.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let closer = std::thread::spawn(move || {
+        let (s, _) = listener.accept().unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(&s), &mut line).unwrap();
+        drop(s); // as a host killed between the request and its answer
+    });
+    let r = plughost_tests::process::run(&["ctl", "--socket", socket.to_str().unwrap(), "status"]);
+    closer.join().unwrap();
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("the connection closed before an answer (did the host stop?)"), "{}", r.stderr);
+}
