@@ -205,7 +205,7 @@ pub fn run(socket: Option<PathBuf>, json: bool, command: &CtlCommand) -> Result<
     if !answer.ok {
         let e =
             answer.error.unwrap_or_else(|| crate::control::protocol::ApiError::internal("an error without details"));
-        return Err(CtlError::Failed(format!("{}: {}", e.kind, e.message)));
+        return Err(CtlError::Failed(format!("{}: {}", e.kind, crate::util::fmt::printable(&e.message))));
     }
     let result = answer.result.map(|r| r.get().to_owned()).unwrap_or_else(|| "null".to_owned());
     let stdout = match &req.body {

@@ -266,4 +266,8 @@ pub struct ReconcileCounts {
     pub failed: u64,
     /// Backends that could not be asked (down, or their list failed): their records are kept as they are.
     pub skipped_backends: u64,
+    /// Entries of a driver's listing refused as no user input would be accepted (a name that is not a
+    /// name, a size the records cannot hold): logged once each, never recorded.
+    #[serde(default)]
+    pub refused: u64,
 }

@@ -347,6 +347,7 @@ impl ComputeService {
             Lookup {
                 name_of: |i: &Instance| &i.name,
                 recheck: &|name| b.call(ComputeMethod::get, |d| d.get(name)).ok(),
+                check: |_| Ok(()),
             },
             |i| {
                 let spec = InstanceSpec { name: i.name.clone(), command: i.command.clone(), ..InstanceSpec::default() };

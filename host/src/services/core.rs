@@ -189,12 +189,20 @@ pub(crate) struct Core<I: Interface, R: Record> {
     /// The counts of the last reconcile.
     pub last_reconcile: Latest<ReconcileCounts>,
     incarnations: PerBackend<u64>,
+    /// Listing entries refused and logged already (backend, why).
+    refused_seen: Mutex<std::collections::HashSet<(String, String)>>,
 }
 
 impl<I: Interface, R: Record> Core<I, R> {
     /// The core of a service over its backends and records.
     pub(crate) fn new(backends: Backends<I>, records: Records<R>) -> Core<I, R> {
-        let core = Core { backends, records, last_reconcile: Latest::default(), incarnations: PerBackend::default() };
+        let core = Core {
+            backends,
+            records,
+            last_reconcile: Latest::default(),
+            incarnations: PerBackend::default(),
+            refused_seen: Mutex::default(),
+        };
         for b in core.backends.iter() {
             core.incarnations.set(&b.name, b.incarnation());
         }
@@ -262,6 +270,17 @@ impl<I: Interface, R: Record> Core<I, R> {
             Ok(listed) => listed,
             Err(skipped) => return skipped,
         };
+        // What a driver reports is taken as user input is: a name that is not a name, or a size the
+        // records cannot hold, is refused (logged once, counted), never recorded nor echoed raw.
+        let refuse = |t: &T| -> Option<String> {
+            let name = (lookup.name_of)(t);
+            check_name(R::WHAT, name).err().map(|e| e.message).or_else(|| (lookup.check)(t).err())
+        };
+        let total = found.len();
+        let found: Vec<T> = found.into_iter().filter(|t| refuse(t).is_none_or(|why| !self.refused(b, why))).collect();
+        let refused = (total - found.len()) as u64;
+        let recheck = |name: &str| (lookup.recheck)(name).filter(|t| refuse(t).is_none());
+        let lookup = super::records::Lookup { name_of: lookup.name_of, recheck: &recheck, check: lookup.check };
         log::info!(
             "{} backend {:?}: reconciling {} reported {}s with the records",
             b.service(),
@@ -269,7 +288,25 @@ impl<I: Interface, R: Record> Core<I, R> {
             found.len(),
             R::WHAT
         );
-        self.records.reconcile(&b.name, found, lookup, watch.as_ref(), adopt, verdict)
+        let mut counts = self.records.reconcile(&b.name, found, lookup, watch.as_ref(), adopt, verdict);
+        counts.refused = refused;
+        counts
+    }
+
+    /// Logs a refused listing entry the first time (per backend and reason; a driver that keeps
+    /// reporting it does not flood the log). Always `true`: the entry is refused.
+    fn refused(&self, b: &Backend<I>, why: String) -> bool {
+        let mut seen = self.refused_seen.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.len() < 10_000 && seen.insert((b.name.clone(), why.clone())) {
+            log::warn!("{} backend {:?}: a reported {} was refused: {why}", b.service(), b.name, R::WHAT);
+        }
+        true
+    }
+
+    /// How many refused listing entries were logged (for tests).
+    #[cfg(test)]
+    pub(crate) fn refused_seen_len(&self) -> usize {
+        self.refused_seen.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// Reconciles the records of every backend (or only the one named `only`) with `one` and keeps the

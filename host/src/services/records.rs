@@ -19,6 +19,8 @@ pub(crate) struct Lookup<'a, T> {
     pub name_of: fn(&T) -> &str,
     /// The resource of this name as the driver reports it now, if it has one.
     pub recheck: &'a dyn Fn(&str) -> Option<T>,
+    /// What the kind refuses in a reported resource besides its name (a size out of range).
+    pub check: fn(&T) -> Result<(), String>,
 }
 
 /// Held while an operation on one name runs.
@@ -102,6 +104,7 @@ impl ReconcileCounts {
         self.undone += o.undone;
         self.missing += o.missing;
         self.adopted += o.adopted;
+        self.refused += o.refused;
         self.failed += o.failed;
         self.skipped_backends += o.skipped_backends;
     }
@@ -445,7 +448,7 @@ impl<R: Record> Records<R> {
         let mut counts = ReconcileCounts { at: crate::util::time::now(), ..ReconcileCounts::default() };
         let mut by_name: BTreeMap<String, Option<T>> = self.names(backend).into_iter().map(|n| (n, None)).collect();
         let mut rest = Vec::new();
-        let Lookup { name_of, recheck } = lookup;
+        let Lookup { name_of, recheck, .. } = lookup;
         for t in reported {
             match by_name.get_mut(name_of(&t)) {
                 Some(slot) => *slot = Some(t),
@@ -785,6 +788,7 @@ mod tests {
             Lookup {
                 name_of: |(n, _)| n,
                 recheck: &|name| driver.lock().unwrap().get(name).map(|s| (name.to_owned(), *s)),
+                check: |_| Ok(()),
             },
             Some(&watch),
             |(n, s)| thing(n, *s),

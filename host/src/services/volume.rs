@@ -224,7 +224,19 @@ impl VolumeService {
             b,
             concurrent,
             || b.call(VolumeMethod::list, |d| d.list()),
-            Lookup { name_of: |v: &Volume| &v.name, recheck: &|name| b.call(VolumeMethod::get, |d| d.get(name)).ok() },
+            Lookup {
+                name_of: |v: &Volume| &v.name,
+                recheck: &|name| b.call(VolumeMethod::get, |d| d.get(name)).ok(),
+                check: |v: &Volume| match (i64::try_from(v.size), i64::try_from(v.allocated)) {
+                    (Ok(_), Ok(_)) => Ok(()),
+                    _ => Err(format!(
+                        "volume {}: size {} or allocated {} out of range",
+                        crate::util::fmt::echo(&v.name),
+                        v.size,
+                        v.allocated
+                    )),
+                },
+            },
             |v| {
                 let mut r = VolumeRecord::new(&v.name, &b.name, S::Available, 0, None);
                 r.apply(v);
@@ -623,6 +635,28 @@ pub(crate) mod tests {
         assert_eq!((r.meta.status, r.meta.reason.as_deref()), (VolumeStatus::Error, Some(MISSING)));
         assert_eq!(s.get("v", Some("default")).unwrap().meta.name, "v");
         assert_eq!(s.get("v", Some("nope")).unwrap_err().kind, ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn what_a_driver_lists_is_refused_as_user_input_would_be() {
+        let (svc, d) = service();
+        let hostile = ["", "../../etc/evil", "a\nb", "\u{1b}[2Jx", &"x".repeat(100_000)];
+        {
+            let mut m = d.volumes.lock().unwrap();
+            for name in hostile {
+                m.insert(name.to_owned(), 1);
+            }
+            m.insert("fine".to_owned(), 1);
+            m.insert("too-big".to_owned(), u64::MAX);
+        }
+        let b = svc.core.backends.pick(None).unwrap().clone();
+        let counts = svc.reconcile(&b, true);
+        assert_eq!((counts.adopted, counts.refused), (1, 6), "{counts:?}");
+        let names: Vec<String> = svc.core.records.list(None).into_iter().map(|r| r.meta.name).collect();
+        assert_eq!(names, ["fine"]);
+        // Refused every time it is listed, logged once.
+        assert_eq!(svc.reconcile(&b, true).refused, 6);
+        assert_eq!(svc.core.refused_seen_len(), 6);
     }
 
     #[test]

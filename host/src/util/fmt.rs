@@ -22,10 +22,30 @@ pub(crate) fn key_values(result: &str) -> Result<String, String> {
     Ok(match map {
         Ok(m) => m
             .iter()
-            .map(|(k, v)| format!("{k}: {}\n", v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string())))
+            .map(|(k, v)| {
+                let v = v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string());
+                format!("{}: {}\n", printable(k), printable(&v))
+            })
             .collect(),
-        Err(_) => format!("{result}\n"),
+        Err(_) => format!("{}\n", printable(result)),
     })
+}
+
+/// Text for a terminal: every control character (a newline, an escape sequence a driver or a client
+/// put in a name) shown escaped, so that what plughost prints is what it says.
+pub(crate) fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// Left-aligned columns separated by two spaces; the last column is not padded.
@@ -33,13 +53,14 @@ pub(crate) fn table<'a, const N: usize>(rows: impl Iterator<Item = &'a [String; 
     let mut widths = [0usize; N];
     for r in rows.clone() {
         for (i, c) in r.iter().enumerate() {
-            widths[i] = widths[i].max(c.chars().count());
+            widths[i] = widths[i].max(printable(c).chars().count());
         }
     }
     let mut s = String::new();
     for r in rows {
         s.push_str(indent);
         for (i, c) in r.iter().enumerate() {
+            let c = &printable(c);
             s.push_str(c);
             if i + 1 < N {
                 s.push_str(&" ".repeat(widths[i] - c.chars().count() + 2));
@@ -58,13 +79,14 @@ pub(crate) fn table_rows(rows: &[Vec<String>], indent: &str) -> String {
     let mut widths = vec![0usize; n];
     for r in rows {
         for (i, c) in r.iter().enumerate().take(n) {
-            widths[i] = widths[i].max(c.chars().count());
+            widths[i] = widths[i].max(printable(c).chars().count());
         }
     }
     let mut s = String::new();
     for r in rows {
         let mut line = indent.to_owned();
         for (i, c) in r.iter().enumerate().take(n) {
+            let c = &printable(c);
             line.push_str(c);
             if i + 1 < n {
                 line.push_str(&" ".repeat(widths[i] - c.chars().count() + 2));
@@ -104,6 +126,18 @@ pub(crate) fn echo(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_reaches_a_terminal_is_printable() {
+        assert_eq!(printable("plain"), "plain");
+        assert_eq!(printable("a\nb\u{1b}[2J"), "a\\nb\\u{1b}[2J");
+        let t = table(
+            [["NAME".to_owned(), "X".to_owned()], ["e\u{1b}]0;pwned\u{7}".to_owned(), "1".to_owned()]].iter(),
+            "",
+        );
+        assert!(!t.contains('\u{1b}') && !t.contains('\u{7}'), "{t:?}");
+        assert_eq!(t.lines().count(), 2);
+    }
 
     #[test]
     fn echoes_are_escaped_and_capped() {
