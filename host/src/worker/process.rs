@@ -211,6 +211,13 @@ pub(super) fn start_worker(
     let reader = host_end
         .try_clone()
         .map_err(|e| fail(LoadErrorKind::RuntimeDir, format!("cannot clone the worker socket: {e}")))?;
+    // Its death is noticed by the process, not by the socket: a child the driver forked can hold the
+    // worker's end of the socket open after the worker died.
+    if let Err(e) = watch_process(pid, &host_end) {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(fail(LoadErrorKind::RuntimeDir, format!("cannot watch worker {pid}: {e}")));
+    }
     let worker = Arc::new(Worker {
         pid,
         writer: Mutex::new(host_end),
@@ -264,6 +271,30 @@ pub(super) fn start_worker(
             Err(fail(LoadErrorKind::Crashed, format!("loading it: the {why}; not loaded")))
         }
     }
+}
+
+/// Watches worker `pid` (a child not yet reaped, so its pid cannot be reused meanwhile) through a
+/// pidfd: when it ends, however it ends, its whole process group is killed (what the driver forked goes
+/// too) and the host's end of the socket is shut down, so that its reader sees the end of the stream
+/// even while a descendant holds the worker's end.
+fn watch_process(pid: u32, host_end: &UnixStream) -> std::io::Result<()> {
+    use rustix::event::{poll, PollFd, PollFlags};
+    use rustix::process::{kill_process_group, pidfd_open, Pid, PidfdFlags, Signal};
+    let raw = i32::try_from(pid).ok().and_then(Pid::from_raw).ok_or(std::io::ErrorKind::InvalidInput)?;
+    let pidfd = pidfd_open(raw, PidfdFlags::empty())?;
+    let end = host_end.try_clone()?;
+    std::thread::Builder::new().name("worker-watch".to_owned()).spawn(move || {
+        loop {
+            match poll(&mut [PollFd::new(&pidfd, PollFlags::IN)], None) {
+                Ok(_) => break,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return log::warn!("worker {pid}: cannot watch it: {e}"),
+            }
+        }
+        let _ = kill_process_group(raw, Signal::KILL);
+        let _ = end.shutdown(std::net::Shutdown::Both);
+    })?;
+    Ok(())
 }
 
 fn wait_dead(w: &Worker) -> String {

@@ -29,6 +29,11 @@ pub const OPTIONS: &[OptionSpec] = &[
     )
     .default(""),
     OptionSpec::integer("crash_after", "fault only after this many matching calls succeeded").default("0"),
+    OptionSpec::boolean(
+        "fork_child",
+        "the constructor forks a child that sleeps forever, holding every descriptor of the process (as a driver starting a helper without exec)",
+    )
+    .default("false"),
 ];
 
 /// A fault that takes the whole process down or makes it unresponsive.
@@ -138,6 +143,17 @@ impl Faulty {
         }
         if options.boolean("fail_new")? {
             return Err(DriverError::invalid_argument("faulty: constructor failed as asked (fail_new=true)"));
+        }
+        if options.boolean("fork_child")? {
+            // SAFETY: the child only sleeps (async-signal-safe) until it is killed; it touches no
+            // memory the parent's other threads may have locked.
+            unsafe {
+                if libc::fork() == 0 {
+                    loop {
+                        libc::pause();
+                    }
+                }
+            }
         }
         let delay = options.integer("delay_ms")?;
         Ok(Faulty {

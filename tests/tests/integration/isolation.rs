@@ -541,3 +541,51 @@ fn user_and_memory_limit_apply_or_are_refused_at_start() {
         assert!(!out.status.success(), "{what}: readable by nobody: {}", String::from_utf8_lossy(&out.stdout));
     }
 }
+
+#[test]
+fn a_worker_whose_driver_forked_is_noticed_dead_by_its_process_and_takes_its_group_along() {
+    let t = TempDir::new("iso-fork");
+    // call_timeout far above what the test waits: noticing the death must not wait for it.
+    let cfg = config(&t, &isolated_faulty("f", "fork_child = true", "call_timeout = \"120s\""));
+    let mut d = Daemon::start(&t.join("state"), &["--config", &cfg]);
+    let b = wait_running(&mut d, "f");
+    let worker = b["worker"]["pid"].as_u64().unwrap() as u32;
+    // The driver's child holds every descriptor of the worker, its socket included.
+    plughost_tests::procs::wait_for("the driver's child", || {
+        std::fs::read_dir("/proc").unwrap().flatten().filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok()).any(
+            |pid| {
+                pid != worker
+                    && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                        .ok()
+                        .and_then(|s| {
+                            s.rsplit(')').next().map(|f| f.split_whitespace().nth(2) == Some(&worker.to_string()))
+                        })
+                        .unwrap_or(false)
+            },
+        )
+    });
+    let killed = plughost_tests::procs::Proc::of(worker);
+    // SAFETY: kill with a plain pid and signal.
+    unsafe {
+        libc::kill(worker as i32, libc::SIGKILL);
+    }
+    // Noticed at once: a crash is counted, a new worker serves, and the old worker's group is gone.
+    let mut b = Value::Null;
+    plughost_tests::procs::wait_for("a new worker", || {
+        b = backend(&mut d, "f");
+        b["worker"]["state"] == "running" && b["worker"]["pid"].as_u64() != Some(u64::from(worker))
+    });
+    assert_eq!(b["worker"]["crashes"], 1, "{b}");
+    assert!(b["worker"]["last_crash"]["reason"].as_str().unwrap().contains("SIGKILL"), "{b}");
+    assert!(!killed.alive());
+    plughost_tests::procs::wait_for("the driver's child to be gone", || !plughost_tests::procs::group_alive(worker));
+    let v = d.call("volume", "create", json!({"name": "after", "size": 1, "backend": "f"}));
+    assert_eq!(v["ok"], true, "{v}");
+    // A stop takes the new worker's group along too.
+    let new_worker = b["worker"]["pid"].as_u64().unwrap() as u32;
+    let (code, stderr) = d.stop();
+    assert_eq!(code, 0, "{stderr}");
+    plughost_tests::procs::wait_for("the worker's group to be gone after the stop", || {
+        !plughost_tests::procs::group_alive(new_worker)
+    });
+}
