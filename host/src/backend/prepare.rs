@@ -305,6 +305,7 @@ pub(super) fn prepare_isolated<I: Interface>(
         },
         user,
         call_timeout: settings.call_timeout,
+        max_frame_bytes: usize::try_from(settings.max_frame_bytes).unwrap_or(usize::MAX),
     };
     let cell = health.clone();
     let on_health = Box::new(move |down: Option<String>| {

@@ -23,6 +23,9 @@ pub struct BackendSettings {
     /// How long one call to an isolated backend may take before it is answered `timeout` and the
     /// worker killed.
     pub call_timeout: Duration,
+    /// The largest answer an isolated backend's worker may send (one frame, a listing included); a
+    /// larger one kills the worker as misbehaving.
+    pub max_frame_bytes: u64,
 }
 
 impl Default for BackendSettings {
@@ -35,6 +38,7 @@ impl Default for BackendSettings {
             group: None,
             memory_limit: None,
             call_timeout: Duration::from_secs(60),
+            max_frame_bytes: 16 << 20,
         }
     }
 }

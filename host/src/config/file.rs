@@ -149,6 +149,8 @@ pub struct ServiceConfig {
     pub memory_limit: Option<toml::Value>,
     /// Host-level setting: how long one call to an isolated backend may take (ms, or `60s`).
     pub call_timeout: Option<toml::Value>,
+    /// Host-level setting: the largest answer an isolated backend's worker may send (`16MiB`).
+    pub max_frame_bytes: Option<toml::Value>,
 }
 
 /// `[[volume.backends]]`.
@@ -176,6 +178,8 @@ pub struct BackendConfig {
     pub memory_limit: Option<toml::Value>,
     /// Host-level setting: how long one call to an isolated backend may take (ms, or `60s`).
     pub call_timeout: Option<toml::Value>,
+    /// Host-level setting: the largest answer an isolated backend's worker may send (`16MiB`).
+    pub max_frame_bytes: Option<toml::Value>,
 }
 
 /// Host-level backend settings as a config section gives them (unset: inherited or the default).
@@ -187,6 +191,7 @@ pub(super) struct SettingsConfig {
     pub(super) group: Option<String>,
     pub(super) memory_limit: Option<toml::Value>,
     pub(super) call_timeout: Option<toml::Value>,
+    pub(super) max_frame_bytes: Option<toml::Value>,
 }
 
 impl SettingsConfig {
@@ -225,6 +230,14 @@ impl SettingsConfig {
         if let Some(t) = &self.call_timeout {
             let text = value_text("call_timeout", t)?;
             s.call_timeout = crate::util::time::parse_duration(&text).map_err(|e| bad("call_timeout", e))?;
+        }
+        if let Some(m) = &self.max_frame_bytes {
+            let text = value_text("max_frame_bytes", m)?;
+            let n = plughost_api::parse_size(&text).map_err(|e| bad("max_frame_bytes", e))?;
+            if !(64 << 10..=1 << 30).contains(&n) {
+                return Err(bad("max_frame_bytes", format!("{n} bytes: between 64KiB and 1GiB")));
+            }
+            s.max_frame_bytes = n;
         }
         Ok(s)
     }

@@ -265,6 +265,7 @@ pub fn service_spec(
             group: f.group.clone(),
             memory_limit: f.memory_limit.clone(),
             call_timeout: f.call_timeout.clone(),
+            max_frame_bytes: f.max_frame_bytes.clone(),
         }
         .apply(kind, &BackendSettings::default(), &section)?,
         None => BackendSettings::default(),
@@ -287,6 +288,7 @@ pub fn service_spec(
             group: b.group.clone(),
             memory_limit: b.memory_limit.clone(),
             call_timeout: b.call_timeout.clone(),
+            max_frame_bytes: b.max_frame_bytes.clone(),
         }
         .apply(kind, &service_settings, &at)?;
         if let Some(d) = &b.digest {

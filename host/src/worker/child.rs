@@ -96,7 +96,7 @@ pub fn serve<I: Interface>(stream: UnixStream, setup: Setup) -> ! {
                 // Whoever reads a frame runs it; the next thread reads on meanwhile.
                 let frame = {
                     let mut r = lock(&reader);
-                    read_frame(&mut *r)
+                    read_frame(&mut *r, MAX_CALL_FRAME)
                 };
                 let (id, payload) = match frame {
                     Ok(Some(f)) => f,
@@ -209,7 +209,7 @@ pub fn child_main(args: &WorkerArgs, serve_kind: impl FnOnce(&str, UnixStream, S
     // (the loader reads it through /proc/self/fd), so borrowing it here is sound.
     let library = unsafe { std::os::fd::BorrowedFd::borrow_raw(LIBRARY_FD) };
     let _ = rustix::io::fcntl_setfd(library, rustix::io::FdFlags::CLOEXEC);
-    let setup = match read_frame(&mut &stream) {
+    let setup = match read_frame(&mut &stream, MAX_CALL_FRAME) {
         Ok(Some((0, payload))) => match postcard::from_bytes::<(String, Setup)>(&payload) {
             Ok(s) => s,
             Err(e) => return format!("bad setup frame: {e}"),

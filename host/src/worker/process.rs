@@ -34,6 +34,8 @@ pub struct WorkerConfig {
     pub user: Option<(u32, u32)>,
     /// How long one call may take.
     pub call_timeout: Duration,
+    /// The largest answer frame taken from the worker; a larger one kills it.
+    pub max_frame_bytes: usize,
 }
 
 /// A call waiting for its answer.
@@ -228,12 +230,13 @@ pub(super) fn start_worker(
         retired: AtomicBool::new(false),
         killed_for: Mutex::new(None),
     });
+    let max_frame = config.max_frame_bytes;
     let (setup_tx, setup_rx) = mpsc::sync_channel::<Vec<u8>>(1);
     {
         let for_reader = worker.clone();
         let spawned = std::thread::Builder::new()
             .name("worker-reader".to_owned())
-            .spawn(move || read_answers(for_reader, reader, child, setup_tx, on_death));
+            .spawn(move || read_answers(for_reader, (reader, max_frame), child, setup_tx, on_death));
         if let Err(e) = spawned {
             worker.kill();
             return Err(fail(LoadErrorKind::RuntimeDir, format!("cannot start a reader thread: {e}")));
@@ -314,25 +317,41 @@ fn wait_dead(w: &Worker) -> String {
 /// the worker, answers every call still waiting with how it died, and reports the death.
 fn read_answers(
     worker: Arc<Worker>,
-    mut reader: UnixStream,
+    (mut reader, max_frame): (UnixStream, usize),
     mut child: Child,
     setup_tx: mpsc::SyncSender<Vec<u8>>,
     on_death: impl FnOnce(String, bool),
 ) {
     let mut setup_tx = Some(setup_tx);
+    // Answers to no call waiting (a late answer after a timeout is one; a stream of them is a flood).
+    let mut unsolicited = 0u32;
     loop {
-        match read_frame(&mut reader) {
+        match read_frame(&mut reader, max_frame) {
             Ok(Some((0, payload))) => {
                 if let Some(tx) = setup_tx.take() {
                     let _ = tx.send(payload);
                 }
             }
-            Ok(Some((id, payload))) => {
-                if let Some(tx) = lock(&worker.pending).remove(&id) {
+            Ok(Some((id, payload))) => match lock(&worker.pending).remove(&id) {
+                Some(tx) => {
+                    unsolicited = 0;
                     let _ = tx.send(Ok(payload));
                 }
+                None => {
+                    unsolicited += 1;
+                    if unsolicited > 10_000 {
+                        worker.kill_for("it sent more than 10000 answers in a row to no call".to_owned());
+                        break;
+                    }
+                }
+            },
+            Ok(None) => break,
+            Err(e) => {
+                if e.kind() == std::io::ErrorKind::InvalidData {
+                    worker.kill_for(format!("it sent {e}"));
+                }
+                break;
             }
-            Ok(None) | Err(_) => break,
         }
     }
     // The socket closed: the worker is dying or dead. Make sure, and learn how.

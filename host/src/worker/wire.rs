@@ -28,8 +28,13 @@ pub(super) fn write_frame(w: &mut impl Write, id: u64, payload: &[u8]) -> std::i
     w.write_all(&buf)
 }
 
-/// One frame, or `None` at the end of the stream.
-pub(super) fn read_frame(r: &mut impl Read) -> std::io::Result<Option<(u64, Vec<u8>)>> {
+/// The largest frame a worker takes from the host (the host's own calls: trusted).
+pub(super) const MAX_CALL_FRAME: usize = 256 << 20;
+
+/// One frame, or `None` at the end of the stream. A frame longer than `max` bytes is an error of kind
+/// `InvalidData` naming its length, read no further. The body is read as it arrives (memory grows with
+/// what was really sent, not with what the length claims).
+pub(super) fn read_frame(r: &mut impl Read, max: usize) -> std::io::Result<Option<(u64, Vec<u8>)>> {
     let mut head = [0u8; 4];
     match r.read_exact(&mut head) {
         Ok(()) => {}
@@ -37,11 +42,20 @@ pub(super) fn read_frame(r: &mut impl Read) -> std::io::Result<Option<(u64, Vec<
         Err(e) => return Err(e),
     }
     let len = u32::from_le_bytes(head) as usize;
-    if !(8..=(256 << 20)).contains(&len) {
-        return Err(std::io::Error::other(format!("bad frame length {len}")));
+    if len < 8 {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("a frame of {len} bytes, too short")));
     }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body)?;
+    if len > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("a frame of {len} bytes, over the {max}-byte limit (max_frame_bytes)"),
+        ));
+    }
+    let mut body = Vec::with_capacity(len.min(64 << 10));
+    r.take(len as u64).read_to_end(&mut body)?;
+    if body.len() < len {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
     let id = u64::from_le_bytes(body[..8].try_into().expect("8 bytes were read"));
     body.drain(..8);
     Ok(Some((id, body)))
@@ -106,10 +120,14 @@ mod tests {
         write_frame(&mut buf, 7, b"hello").unwrap();
         write_frame(&mut buf, 0, b"").unwrap();
         let mut r = &buf[..];
-        assert_eq!(read_frame(&mut r).unwrap(), Some((7, b"hello".to_vec())));
-        assert_eq!(read_frame(&mut r).unwrap(), Some((0, Vec::new())));
-        assert_eq!(read_frame(&mut r).unwrap(), None);
+        assert_eq!(read_frame(&mut r, MAX_CALL_FRAME).unwrap(), Some((7, b"hello".to_vec())));
+        assert_eq!(read_frame(&mut r, MAX_CALL_FRAME).unwrap(), Some((0, Vec::new())));
+        assert_eq!(read_frame(&mut r, MAX_CALL_FRAME).unwrap(), None);
         let bad = 3u32.to_le_bytes();
-        assert!(read_frame(&mut &bad[..]).is_err());
+        assert!(read_frame(&mut &bad[..], MAX_CALL_FRAME).is_err());
+        let mut big = Vec::new();
+        write_frame(&mut big, 1, &[0u8; 100]).unwrap();
+        let e = read_frame(&mut &big[..], 50).unwrap_err();
+        assert_eq!(e.to_string(), "a frame of 108 bytes, over the 50-byte limit (max_frame_bytes)");
     }
 }

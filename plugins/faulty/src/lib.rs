@@ -34,6 +34,8 @@ pub const OPTIONS: &[OptionSpec] = &[
         "the constructor forks a child that sleeps forever, holding every descriptor of the process (as a driver starting a helper without exec)",
     )
     .default("false"),
+    OptionSpec::integer("list_entries", "list() reports this many made-up volumes besides its own (a huge answer)")
+        .default("0"),
 ];
 
 /// A fault that takes the whole process down or makes it unresponsive.
@@ -121,6 +123,7 @@ pub struct Faulty {
     crash_on: Vec<String>,
     crash_after: u64,
     calls: std::sync::atomic::AtomicU64,
+    list_entries: u64,
 }
 
 fn list_option(options: &Options, name: &str) -> Vec<String> {
@@ -168,6 +171,7 @@ impl Faulty {
             crash_on,
             crash_after,
             calls: std::sync::atomic::AtomicU64::new(0),
+            list_entries: u64::try_from(options.integer("list_entries")?).unwrap_or(0),
         })
     }
 
@@ -261,7 +265,15 @@ impl VolumeDriver for Faulty {
     }
     fn list(&self) -> Result<Vec<Volume>, DriverError> {
         self.enter("list")?;
-        Ok(self.map()?.iter().map(|(n, s)| vol(n, *s)).collect())
+        let mut all: Vec<Volume> = self.map()?.iter().map(|(n, s)| vol(n, *s)).collect();
+        let pad = "x".repeat(40);
+        all.extend((0..self.list_entries).map(|i| Volume {
+            name: format!("bulk-{i:09}-{pad}"),
+            size: 1 << 20,
+            location: format!("made-up:{pad}"),
+            ..Volume::default()
+        }));
+        Ok(all)
     }
     fn get(&self, name: &str) -> Result<Volume, DriverError> {
         self.enter("get")?;

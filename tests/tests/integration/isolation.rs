@@ -589,3 +589,26 @@ fn a_worker_whose_driver_forked_is_noticed_dead_by_its_process_and_takes_its_gro
         !plughost_tests::procs::group_alive(new_worker)
     });
 }
+
+#[test]
+fn an_isolated_driver_cannot_bloat_the_host_with_a_huge_answer() {
+    let t = TempDir::new("iso-bloat");
+    // A million made-up volumes: an answer of ~100 MB, over the default 16 MiB frame limit.
+    let cfg = config(&t, &isolated_faulty("f", "list_entries = 1000000", ""));
+    let mut d = Daemon::start(&t.join("state"), &["--config", &cfg, "--volume-driver", "fake-volume"]);
+    let mut b = Value::Null;
+    plughost_tests::procs::wait_for("the worker to be killed for its answer", || {
+        b = backend(&mut d, "f");
+        b["worker"]["crashes"].as_u64() >= Some(1)
+    });
+    let reason = b["worker"]["last_crash"]["reason"].as_str().unwrap().to_owned();
+    assert!(
+        reason.contains("killed by plughost: it sent a frame of") && reason.contains("(max_frame_bytes)"),
+        "{reason}"
+    );
+    // The host stayed small and answered throughout; no made-up volume was recorded.
+    let rss = rss_kib(d.pid());
+    assert!(rss < 150 * 1024, "host RSS {rss} KiB");
+    assert_eq!(d.ok("", "ping", json!({}))["pong"], true);
+    assert_eq!(d.ok("volume", "list", json!({"backend": "f"})).as_array().unwrap().len(), 0);
+}
