@@ -181,9 +181,13 @@ pub struct AuditEntry {
     pub service: Option<String>,
     /// The operation.
     pub op: String,
-    /// Its arguments as sent (verbatim: large numbers stay as written).
+    /// Its arguments as sent (verbatim: large numbers stay as written), unless they were larger than an
+    /// entry keeps (then `args_bytes` says how large).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub args: Option<Box<RawValue>>,
+    /// The size of arguments too large to keep.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args_bytes: Option<u64>,
     /// `ok`, or the error kind.
     pub outcome: String,
     /// The error message, if it failed.
