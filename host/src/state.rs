@@ -201,6 +201,17 @@ pub enum Write {
     Remove(String),
 }
 
+impl StateError {
+    /// Whether it failed for lack of space (the disk, or a quota).
+    pub(crate) fn disk_full(&self) -> bool {
+        match self {
+            StateError::Db { reason, .. } => reason.contains("database or disk is full"),
+            StateError::Io { reason, .. } => reason.contains("no space left") || reason.contains("quota exceeded"),
+            _ => false,
+        }
+    }
+}
+
 impl StateDb {
     /// Opens (creating it, private to its owner) `STATE_DIR/state.db` and brings its schema up to date.
     pub fn open(state_dir: &Path) -> Result<StateDb, StateError> {

@@ -123,14 +123,20 @@ impl DriverError {
     /// (e.g. `creating "/var/v1"`).
     pub fn io(context: impl fmt::Display, err: &std::io::Error) -> DriverError {
         use std::io::ErrorKind as Io;
-        let kind = match err.kind() {
-            Io::NotFound => ErrorKind::NOT_FOUND,
-            Io::AlreadyExists => ErrorKind::ALREADY_EXISTS,
-            Io::InvalidInput => ErrorKind::INVALID_ARGUMENT,
-            Io::StorageFull => ErrorKind::NO_CAPACITY,
-            Io::ResourceBusy | Io::WouldBlock => ErrorKind::BUSY,
-            Io::Unsupported => ErrorKind::UNSUPPORTED,
-            _ => ErrorKind::INTERNAL,
+        // By number where std's kind is newer than this crate's rust-version: EFBIG (a size the
+        // filesystem cannot hold) and EDQUOT (a quota).
+        let kind = match (err.raw_os_error(), err.kind()) {
+            (Some(27), _) => ErrorKind::INVALID_ARGUMENT,
+            (Some(122), _) => ErrorKind::NO_CAPACITY,
+            (_, kind) => match kind {
+                Io::NotFound => ErrorKind::NOT_FOUND,
+                Io::AlreadyExists => ErrorKind::ALREADY_EXISTS,
+                Io::InvalidInput => ErrorKind::INVALID_ARGUMENT,
+                Io::StorageFull => ErrorKind::NO_CAPACITY,
+                Io::ResourceBusy | Io::WouldBlock => ErrorKind::BUSY,
+                Io::Unsupported => ErrorKind::UNSUPPORTED,
+                _ => ErrorKind::INTERNAL,
+            },
         };
         DriverError::new(kind, format!("{context}: {err}"))
     }
@@ -223,6 +229,16 @@ mod tests {
         for good in ["a", "v1", "db-01.data", "A_b.c-d", &"x".repeat(64)] {
             assert!(check_name("volume", good).is_ok(), "{good:?}");
         }
+    }
+
+    #[test]
+    fn io_errors_map_to_the_kinds_a_caller_can_act_on() {
+        let kind = |errno: i32| DriverError::io("x", &std::io::Error::from_raw_os_error(errno)).kind();
+        assert_eq!(kind(28), ErrorKind::NO_CAPACITY, "ENOSPC");
+        assert_eq!(kind(122), ErrorKind::NO_CAPACITY, "EDQUOT");
+        assert_eq!(kind(27), ErrorKind::INVALID_ARGUMENT, "EFBIG: a size the filesystem cannot hold");
+        assert_eq!(kind(2), ErrorKind::NOT_FOUND);
+        assert_eq!(kind(5), ErrorKind::INTERNAL, "EIO");
     }
 
     #[test]

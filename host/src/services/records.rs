@@ -218,7 +218,9 @@ impl<R: Record> Records<R> {
                     _ => format!("{} {} records", changes.len(), R::WHAT),
                 };
                 log::error!("cannot record {what}: {e}");
-                ApiError::internal(format!("cannot record {what}: {e}"))
+                // A full disk is a capacity problem the caller can act on, not an internal fault.
+                let kind = if e.disk_full() { ErrorKind::NoCapacity } else { ErrorKind::Internal };
+                ApiError::new(kind, format!("cannot record {what}: {e}"))
             })?;
         }
         {
