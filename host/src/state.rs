@@ -16,6 +16,9 @@ use rusqlite::{params_from_iter, Connection, OptionalExtension};
 /// The database file, in the state dir.
 pub(crate) const DB_FILE: &str = "state.db";
 
+/// In the state dir once its database held records: a database found empty beside it lost them.
+pub(crate) const HELD_RECORDS: &str = ".held-records";
+
 /// The lock file, in the state dir: held (`flock`) by the host using the directory.
 pub(crate) const LOCK_FILE: &str = "plughost.lock";
 
@@ -154,6 +157,8 @@ impl Column {
 pub struct StateDb {
     path: PathBuf,
     conn: Mutex<Connection>,
+    /// The [`HELD_RECORDS`] marker is known to be there.
+    marked: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for StateDb {
@@ -227,7 +232,7 @@ impl StateDb {
             return Err(StateError::Db { path, reason: format!("cannot use WAL mode (got {mode})") });
         }
         conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;").map_err(db_err)?;
-        let db = StateDb { path, conn: Mutex::new(conn) };
+        let db = StateDb { path, conn: Mutex::new(conn), marked: std::sync::atomic::AtomicBool::new(false) };
         db.migrate()?;
         Ok(db)
     }
@@ -299,15 +304,36 @@ impl StateDb {
 
     /// Applies `writes` to `table` in one transaction (one fsync).
     pub fn write(&self, table: &Table, writes: &[Write]) -> Result<(), StateError> {
-        let mut conn = self.conn();
-        if let [one] = writes {
-            return Self::apply(&conn, table, one).map_err(|e| self.err(e));
+        {
+            let mut conn = self.conn();
+            if let [one] = writes {
+                Self::apply(&conn, table, one).map_err(|e| self.err(e))?;
+            } else {
+                let tx = conn.transaction().map_err(|e| self.err(e))?;
+                for w in writes {
+                    Self::apply(&tx, table, w).map_err(|e| self.err(e))?;
+                }
+                tx.commit().map_err(|e| self.err(e))?;
+            }
         }
-        let tx = conn.transaction().map_err(|e| self.err(e))?;
-        for w in writes {
-            Self::apply(&tx, table, w).map_err(|e| self.err(e))?;
+        if !self.marked.load(std::sync::atomic::Ordering::Relaxed) && writes.iter().any(|w| matches!(w, Write::Put(_)))
+        {
+            self.mark();
         }
-        tx.commit().map_err(|e| self.err(e))
+        Ok(())
+    }
+
+    /// Writes the [`HELD_RECORDS`] marker beside the database (once per process).
+    fn mark(&self) {
+        let Some(dir) = self.path.parent() else { return };
+        let marker = dir.join(HELD_RECORDS);
+        match std::fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(&marker) {
+            Ok(f) => {
+                let _ = f.sync_all();
+                self.marked.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            Err(e) => log::warn!("state dir {}: cannot write {HELD_RECORDS}: {e}", dir.display()),
+        }
     }
 
     fn apply(conn: &Connection, table: &Table, w: &Write) -> Result<(), rusqlite::Error> {
@@ -341,6 +367,55 @@ impl StateDb {
         )
         .map_err(|e| self.err(e))?;
         tx.commit().map_err(|e| self.err(e))
+    }
+
+    /// How many rows `tables` hold together (a missing table holds none).
+    pub(crate) fn rows_in(&self, tables: &[&str]) -> Result<u64, StateError> {
+        let conn = self.conn();
+        let mut n = 0u64;
+        for t in tables {
+            let exists: bool = conn
+                .query_row("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1", [t], |r| {
+                    r.get::<_, i64>(0)
+                })
+                .map(|c| c > 0)
+                .map_err(|e| self.err(e))?;
+            if exists {
+                let c: i64 =
+                    conn.query_row(&format!("SELECT count(*) FROM {t}"), [], |r| r.get(0)).map_err(|e| self.err(e))?;
+                n += u64::try_from(c).unwrap_or(0);
+            }
+        }
+        Ok(n)
+    }
+
+    /// Refuses a database that holds no records where it held some before (the marker
+    /// [`HELD_RECORDS`] says so): starting on it would adopt every resource with a new id. With
+    /// `accept`, starts and says so. Once it holds records, the marker is written.
+    pub(crate) fn check_not_emptied(&self, state_dir: &Path, tables: &[&str], accept: bool) -> Result<(), StateError> {
+        let marker = state_dir.join(HELD_RECORDS);
+        let rows = self.rows_in(tables)?;
+        if rows == 0 && marker.exists() {
+            if !accept {
+                return Err(StateError::Io {
+                    path: self.path.clone(),
+                    reason: format!(
+                        "holds no records, but held some before ({HELD_RECORDS}): refusing to start and give every resource a new id; restore it, or start with --accept-empty-state"
+                    ),
+                });
+            }
+            log::warn!("state database {}: emptied; accepted (--accept-empty-state)", self.path.display());
+            let _ = std::fs::remove_file(&marker);
+        }
+        Ok(())
+    }
+
+    /// Writes the marker that this database holds records, when it does (at start: it may hold records
+    /// written by a version before the marker).
+    pub(crate) fn mark_held(&self, tables: &[&str]) {
+        if !self.marked.load(std::sync::atomic::Ordering::Relaxed) && self.rows_in(tables).is_ok_and(|n| n > 0) {
+            self.mark();
+        }
     }
 
     /// The columns of `table` as the database has them (for checking a record type against the schema).

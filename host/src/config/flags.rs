@@ -138,6 +138,10 @@ pub struct RunFlags {
     /// Let `swap` name a driver file outside the driver directories (trust.allow_swap_paths = true)
     #[arg(long)]
     pub allow_swap_paths: bool,
+    /// Start although state.db holds no records where it held some before (every resource the drivers
+    /// report is then adopted with a new id)
+    #[arg(long, env = "PLUGHOST_ACCEPT_EMPTY_STATE")]
+    pub accept_empty_state: bool,
     /// Members of GROUP may read through the control socket (status, get, list, stats); mutations,
     /// swap and reload stay with root and plughost's user
     #[arg(long, value_name = "GROUP")]

@@ -110,6 +110,8 @@ pub struct Settings {
     pub socket_group: Option<String>,
     /// Largest driver file accepted.
     pub max_driver_bytes: u64,
+    /// Start although state.db lost the records it held.
+    pub accept_empty_state: bool,
 }
 
 /// Where the configuration comes from: the flags given at start (environment included) and the file
@@ -214,6 +216,7 @@ pub fn resolve(flags: &RunFlags, file: &FileConfig) -> Result<Settings, Vec<Conf
             .max_driver_bytes
             .or(file.max_driver_bytes)
             .unwrap_or(crate::loading::loader::DEFAULT_MAX_DRIVER_BYTES),
+        accept_empty_state: flags.accept_empty_state,
     })
 }
 

@@ -57,6 +57,9 @@ impl Host {
         }
         let lock = DirLock::take(&settings.state_dir).map_err(|e| vec![e.to_string()])?;
         let db = Arc::new(StateDb::open(&settings.state_dir).map_err(|e| vec![e.to_string()])?);
+        let tables: Vec<&str> = crate::services::kinds::KINDS.iter().map(|k| k.table).collect();
+        db.check_not_emptied(&settings.state_dir, &tables, settings.accept_empty_state)
+            .map_err(|e| vec![e.to_string()])?;
         let audit = crate::control::audit::AuditLog::open(&settings.state_dir).map_err(|e| vec![e])?;
         let allowlist = match &settings.trust.allowlist {
             Some(p) => Some(crate::loading::loader::Allowlist::read(p).map_err(|e| vec![e])?),
@@ -111,6 +114,7 @@ impl Host {
         if !errors.is_empty() {
             return Err(errors);
         }
+        db.mark_held(&tables);
         let now = Instant::now();
         let heartbeats = services.iter().map(|s| (s.kind().name, now)).collect();
         let trust = settings.trust.clone();

@@ -50,6 +50,8 @@ pub struct ServiceKind {
     pub ctl: fn(clap::Command) -> clap::Command,
     /// Parses one of its operations from a request: what makes a request typed from the socket in.
     pub parse: OpParser,
+    /// Its records' table in the state database.
+    pub table: &'static str,
     /// Turns parsed `ctl` arguments into the typed operation to send.
     pub ctl_op: fn(&clap::ArgMatches) -> Result<Box<dyn KindOp>, String>,
     /// Formats a successful answer for people, from the kind's typed reply.
@@ -78,6 +80,7 @@ impl ServiceKind {
             build: build_service::<S>,
             ctl: <S::Op as clap::Subcommand>::augment_subcommands,
             parse: parse_kind_op::<S::Op>,
+            table: <S::Record as Record>::TABLE,
             ctl_op: ctl_op::<S::Op>,
             format: format::<S>,
             reencode: reencode::<Reply<S::Record, S::Other>>,

@@ -404,3 +404,33 @@ fn volumes_json_of_the_previous_version_is_imported_with_its_ids() {
     let mut d = Daemon::start(t.path(), FILE_VOLUME);
     assert_eq!(names_and_ids(&mut d)["old"]["id"], "1f2e3d4c5b6a7980", "imported once, kept");
 }
+
+#[test]
+fn an_emptied_state_database_is_refused_rather_than_every_volume_reidentified() {
+    let t = TempDir::new("persist-emptied");
+    let state = t.path();
+    let mut d = Daemon::start(state, FILE_VOLUME);
+    d.ok("volume", "create", json!({"name": "keep", "size": 4096}));
+    let id = d.ok("volume", "get", json!({"name": "keep"}))["id"].clone();
+    let (code, stderr) = d.stop();
+    assert_eq!(code, 0, "{stderr}");
+    for f in ["state.db", "state.db-wal", "state.db-shm"] {
+        let _ = std::fs::remove_file(state.join(f));
+    }
+    let mut args = vec!["run", "--state-dir", state.to_str().unwrap()];
+    args.extend_from_slice(FILE_VOLUME);
+    let r = plughost_tests::process::run(&args);
+    assert_eq!(r.code, 1, "started on an emptied state database: {}", r.stderr);
+    assert!(
+        r.stderr.contains("holds no records, but held some before") && r.stderr.contains("--accept-empty-state"),
+        "{}",
+        r.stderr
+    );
+    // Accepted explicitly: the volume is adopted (with a new id, as the flag says).
+    let mut with_flag = FILE_VOLUME.to_vec();
+    with_flag.push("--accept-empty-state");
+    let mut d = Daemon::start(state, &with_flag);
+    let v = d.ok("volume", "get", json!({"name": "keep"}));
+    assert_eq!(v["adopted"], true, "{v}");
+    assert_ne!(v["id"], id);
+}
