@@ -234,6 +234,7 @@ impl StateDb {
         conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;").map_err(db_err)?;
         let db = StateDb { path, conn: Mutex::new(conn), marked: std::sync::atomic::AtomicBool::new(false) };
         db.migrate()?;
+        db.ensure_identity()?;
         Ok(db)
     }
 
@@ -323,15 +324,21 @@ impl StateDb {
         Ok(())
     }
 
-    /// Writes the [`HELD_RECORDS`] marker beside the database (once per process).
+    /// Writes the [`HELD_RECORDS`] marker beside the database, naming its identity (once per process).
     fn mark(&self) {
         let Some(dir) = self.path.parent() else { return };
         let marker = dir.join(HELD_RECORDS);
-        match std::fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(&marker) {
-            Ok(f) => {
-                let _ = f.sync_all();
-                self.marked.store(true, std::sync::atomic::Ordering::Relaxed);
-            }
+        let Ok(id) = self.identity() else { return };
+        let written =
+            std::fs::OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&marker).and_then(
+                |mut f| {
+                    use std::io::Write;
+                    writeln!(f, "{id}")?;
+                    f.sync_all()
+                },
+            );
+        match written {
+            Ok(()) => self.marked.store(true, std::sync::atomic::Ordering::Relaxed),
             Err(e) => log::warn!("state dir {}: cannot write {HELD_RECORDS}: {e}", dir.display()),
         }
     }
@@ -389,13 +396,32 @@ impl StateDb {
         Ok(n)
     }
 
-    /// Refuses a database that holds no records where it held some before (the marker
-    /// [`HELD_RECORDS`] says so): starting on it would adopt every resource with a new id. With
-    /// `accept`, starts and says so. Once it holds records, the marker is written.
+    /// This database's identity: a random number in its header (SQLite's `application_id`), given when
+    /// it is created. A database file deleted, truncated or replaced has another one.
+    fn identity(&self) -> Result<i32, StateError> {
+        self.conn().query_row("PRAGMA application_id", [], |r| r.get(0)).map_err(|e| self.err(e))
+    }
+
+    fn ensure_identity(&self) -> Result<(), StateError> {
+        if self.identity()? != 0 {
+            return Ok(());
+        }
+        use std::hash::BuildHasher;
+        let random = std::collections::hash_map::RandomState::new().hash_one(std::process::id()) as i32;
+        let id = if random == 0 { 1 } else { random };
+        self.conn().execute_batch(&format!("PRAGMA application_id = {id}")).map_err(|e| self.err(e))
+    }
+
+    /// Refuses a database that is not the one that held records here before (the marker
+    /// [`HELD_RECORDS`] names that one's identity) and holds none: state.db was deleted, truncated or
+    /// replaced, and starting on it would adopt every resource with a new id. A database emptied by
+    /// deleting its records one by one is still the same one, and starts. With `accept`, starts and
+    /// says so.
     pub(crate) fn check_not_emptied(&self, state_dir: &Path, tables: &[&str], accept: bool) -> Result<(), StateError> {
         let marker = state_dir.join(HELD_RECORDS);
-        let rows = self.rows_in(tables)?;
-        if rows == 0 && marker.exists() {
+        let Ok(held) = std::fs::read_to_string(&marker) else { return Ok(()) };
+        let same = held.trim().parse::<i32>().ok() == Some(self.identity()?);
+        if !same && self.rows_in(tables)? == 0 {
             if !accept {
                 return Err(StateError::Io {
                     path: self.path.clone(),

@@ -29,6 +29,8 @@ pub struct FileConfig {
     pub periodic_interval_ms: Option<u64>,
     /// Largest request line accepted on the control socket.
     pub max_request_bytes: Option<u64>,
+    /// Connections served at once (admins; readers get a quarter).
+    pub max_connections: Option<u64>,
     /// The group whose members may read (status, get, list, stats) through the socket.
     pub socket_group: Option<String>,
     /// Largest driver file accepted.
@@ -60,6 +62,7 @@ const GLOBAL_KEYS: &[&str] = &[
     "shutdown_timeout_ms",
     "periodic_interval_ms",
     "max_request_bytes",
+    "max_connections",
     "socket_group",
     "max_driver_bytes",
     "trust",
@@ -104,6 +107,7 @@ impl<'de> Deserialize<'de> for FileConfig {
                         "shutdown_timeout_ms" => c.shutdown_timeout_ms = Some(map.next_value()?),
                         "periodic_interval_ms" => c.periodic_interval_ms = Some(map.next_value()?),
                         "max_request_bytes" => c.max_request_bytes = Some(map.next_value()?),
+                        "max_connections" => c.max_connections = Some(map.next_value()?),
                         "socket_group" => c.socket_group = Some(map.next_value()?),
                         "max_driver_bytes" => c.max_driver_bytes = Some(map.next_value()?),
                         "trust" => c.trust = map.next_value()?,

@@ -127,6 +127,10 @@ pub struct RunFlags {
     /// Largest request line accepted on the control socket, in bytes [default: 1048576]
     #[arg(long, value_name = "BYTES")]
     pub max_request_bytes: Option<u64>,
+    /// Connections served at once for admins; readers (socket_group) get a quarter of it. Past it a
+    /// connection is answered busy and closed [default: 512]
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<u64>,
     /// Load driver files even if others could have written them (trust.strict = false); logged as a
     /// warning and shown in status
     #[arg(long)]

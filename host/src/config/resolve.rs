@@ -101,6 +101,8 @@ pub struct Settings {
     pub periodic_interval: Duration,
     /// Largest request line accepted on the control socket.
     pub max_request_bytes: usize,
+    /// Connections served at once for admins (readers: a quarter, at least one).
+    pub max_connections: usize,
     /// The `plughost` executable, to load new driver content in a child process first; `None` loads
     /// in-process only.
     pub probe: Option<PathBuf>,
@@ -209,6 +211,8 @@ pub fn resolve(flags: &RunFlags, file: &FileConfig) -> Result<Settings, Vec<Conf
             flags.periodic_interval_ms.or(file.periodic_interval_ms).unwrap_or(10_000).max(10),
         ),
         max_request_bytes: usize::try_from(max_request_bytes.max(64)).unwrap_or(usize::MAX),
+        max_connections: usize::try_from(flags.max_connections.or(file.max_connections).unwrap_or(512).max(1))
+            .unwrap_or(usize::MAX),
         probe: std::env::current_exe().ok(),
         trust,
         socket_group: flags.socket_group.clone().or_else(|| file.socket_group.clone()),

@@ -59,7 +59,7 @@ pub fn sample(drivers: &[DriverMeta]) -> String {
          # Precedence: command line > environment (PLUGHOST_*) > this file > defaults.\n\n\
          # state_dir = \"/var/lib/plughost\"\n# socket = \"/var/lib/plughost/plughost.sock\"\n\
          # driver_dirs = [\"/usr/lib/plughost/drivers\"]\n# shutdown_timeout_ms = 10000\n\
-         # periodic_interval_ms = 10000\n# max_request_bytes = 1048576\n# max_driver_bytes = 268435456\n\
+         # periodic_interval_ms = 10000\n# max_request_bytes = 1048576\n# max_connections = 512\n# max_driver_bytes = 268435456\n\
          # Members of this group may read through the socket (status, get, list, stats)\n\
          # socket_group = \"plughost\"\n\n\
          # Which driver code may load (see plughost inspect for the digest of a library)\n\

@@ -109,28 +109,43 @@ impl Server {
         socket: &Path,
         group: Option<&str>,
         max_line: usize,
+        max_connections: usize,
     ) -> Result<Server, String> {
         let listener = bind(socket, group)?;
         let control = listener.try_clone().map_err(|e| format!("socket \"{}\": {e}", socket.display()))?;
+        let budget = Arc::new(Budget::new(max_connections));
         let accept = std::thread::Builder::new()
             .name("accept".to_owned())
             .spawn(move || {
-                for conn in listener.incoming() {
-                    match conn {
-                        Ok(stream) => {
+                // A descriptor kept in reserve: out of descriptors, it is given up to accept the
+                // waiting connection, answer busy and close it, rather than leave the client hanging.
+                let mut spare = std::fs::File::open("/dev/null").ok();
+                loop {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            let Some(slot) = budget.take(&stream) else { continue };
                             let h = handler.clone();
-                            let spawned = std::thread::Builder::new()
-                                .name("conn".to_owned())
-                                .spawn(move || serve_connection(&*h, stream, max_line));
+                            let spawned = std::thread::Builder::new().name("conn".to_owned()).spawn(move || {
+                                let _slot = slot;
+                                serve_connection(&*h, stream, max_line)
+                            });
                             if let Err(e) = spawned {
                                 log::warn!("control socket: cannot start a connection thread: {e}");
                             }
                         }
                         // The listener was shut down: stop accepting.
                         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => break,
+                        Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                            drop(spare.take());
+                            if let Ok((stream, _)) = listener.accept() {
+                                refuse_busy(stream, "plughost is out of file descriptors");
+                            }
+                            spare = std::fs::File::open("/dev/null").ok();
+                            std::thread::sleep(std::time::Duration::from_millis(10));
+                        }
                         Err(e) => {
                             log::warn!("control socket: accept failed: {e}");
-                            // Out of descriptors or memory: give the process a moment instead of spinning.
+                            // Out of memory: give the process a moment instead of spinning.
                             std::thread::sleep(std::time::Duration::from_millis(10));
                         }
                     }
@@ -150,6 +165,55 @@ impl Server {
         }
         let _ = std::fs::remove_file(&self.socket);
     }
+}
+
+/// Connections served at once, per role: admins `max`, readers a quarter of it (at least one), so that
+/// readers cannot crowd admins out.
+#[derive(Debug)]
+struct Budget {
+    admins: (std::sync::atomic::AtomicUsize, usize),
+    readers: (std::sync::atomic::AtomicUsize, usize),
+}
+
+/// A connection's place in the budget, given back when it closes.
+struct Slot(Arc<Budget>, bool);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let (n, _) = if self.1 { &self.0.admins } else { &self.0.readers };
+        n.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Budget {
+    fn new(max: usize) -> Budget {
+        Budget {
+            admins: (std::sync::atomic::AtomicUsize::new(0), max),
+            readers: (std::sync::atomic::AtomicUsize::new(0), (max / 4).max(1)),
+        }
+    }
+
+    /// A place for `stream`'s peer, or `None` after answering it busy and closing it.
+    fn take(self: &Arc<Self>, stream: &UnixStream) -> Option<Slot> {
+        let admin = Peer::of(stream).is_ok_and(|p| p.is_admin());
+        let (n, max) = if admin { &self.admins } else { &self.readers };
+        if n.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= *max {
+            n.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            let who = if admin { "admins" } else { "readers" };
+            let why = format!("too many connections ({max} for {who}, max_connections); try again later");
+            refuse_busy(stream.try_clone().ok()?, &why);
+            return None;
+        }
+        Some(Slot(self.clone(), admin))
+    }
+}
+
+/// Answers a connection `busy` (id null) and closes it.
+fn refuse_busy(mut stream: UnixStream, why: &str) {
+    use crate::control::protocol::{ApiError, ErrorKind};
+    let line = crate::control::request::answer(None, Err(ApiError::new(ErrorKind::Busy, why)));
+    let _ = stream.set_write_timeout(Some(std::time::Duration::from_millis(100)));
+    let _ = stream.write_all(format!("{line}\n").as_bytes());
 }
 
 /// One line read from a connection.

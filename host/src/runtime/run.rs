@@ -35,6 +35,7 @@ impl Running {
             &host.settings.socket,
             host.settings.socket_group.as_deref(),
             host.settings.max_request_bytes,
+            host.settings.max_connections,
         )?;
         let mut periodic = Vec::new();
         for i in 0..host.services.len() {

@@ -310,3 +310,47 @@ fn ctl_says_that_the_connection_closed_when_the_host_goes_away() {
     assert_eq!(r.code, 1);
     assert!(r.stderr.contains("the connection closed before an answer (did the host stop?)"), "{}", r.stderr);
 }
+
+#[test]
+fn past_max_connections_a_client_is_answered_busy_not_left_hanging() {
+    use std::io::{BufRead, BufReader, Write};
+    let t = TempDir::new("protocol-maxconn");
+    let d = Daemon::start(
+        t.path(),
+        &["--volume-driver", "fake-volume", "--compute-driver", "none", "--max-connections", "3"],
+    );
+    let ping = |s: &mut std::os::unix::net::UnixStream| -> Value {
+        if s.write_all(b"{\"op\":\"ping\"}\n").is_err() {
+            return Value::Null;
+        }
+        let mut line = String::new();
+        let _ = BufReader::new(s.try_clone().unwrap()).read_line(&mut line);
+        serde_json::from_str(&line).unwrap_or(Value::Null)
+    };
+    // Three connections served (a place is given back once the host saw its connection close: the
+    // daemon's readiness probe may still hold one for a moment).
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let mut served = None;
+        plughost_tests::procs::wait_for("a connection to be served", || {
+            let mut s = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+            let ok = ping(&mut s)["ok"] == true;
+            served = ok.then_some(s);
+            ok
+        });
+        open.push(served.unwrap());
+    }
+    let extra = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    extra.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    let mut line = String::new();
+    BufReader::new(&extra).read_line(&mut line).unwrap();
+    let v: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["error"]["kind"], "busy", "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("too many connections (3 for admins"), "{v}");
+    // A place given back is a place taken again.
+    drop(open.pop());
+    plughost_tests::procs::wait_for("a connection to be served again", || {
+        let mut s = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+        ping(&mut s)["ok"] == true
+    });
+}
