@@ -262,11 +262,16 @@ fn main() -> ExitCode {
             }
             Err(e) => fail([e]),
         },
-        Command::CheckChild { state_dir, opts, path } => {
-            let report = host::authoring::check::child(&path, &state_dir, &opts);
-            println!("{}", serde_json::to_string(&report).expect("a check report always serializes"));
-            ExitCode::SUCCESS
-        }
+        Command::CheckChild { state_dir, opts, path } => match host::authoring::check::EventWriter::take_stdout() {
+            Ok(mut events) => {
+                host::authoring::check::child(&path, &state_dir, &opts, &mut events);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("plughost: cannot set up the check's report: {e}");
+                ExitCode::from(1)
+            }
+        },
         Command::Worker { parent, uid, gid } => {
             let args = host::worker::WorkerArgs { parent, uid, gid };
             let why = host::worker::child_main(&args, |kind, stream, setup| match host::services::kinds::kind(kind) {

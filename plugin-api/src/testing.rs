@@ -271,23 +271,32 @@ fn with_driver<D: ?Sized>(
     cleaned.map(|()| note)
 }
 
-/// A named check of a driver of type `D`.
-type Named<D> = (&'static str, fn(&D) -> Result<String, Fail>);
+/// Where a suite is, as it runs (see [`check_volume_with_progress`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress<'a> {
+    /// The named check is about to run (on a freshly constructed driver).
+    Started(&'static str),
+    /// A check ran, with this outcome.
+    Finished(&'a CheckResult),
+}
 
-fn run<D: ?Sized>(
+/// Runs each named check through `body`, telling `progress` before and after.
+fn run_checks<C>(
     kind: &'static str,
-    make: &dyn Fn() -> Result<Box<D>, DriverError>,
-    init: fn(&D) -> Result<(), DriverError>,
-    cleanup: fn(&D) -> Result<(), DriverError>,
-    checks: &[Named<D>],
+    checks: &[(&'static str, C)],
+    progress: &mut dyn FnMut(Progress<'_>),
+    body: impl Fn(&C) -> Result<String, Fail>,
 ) -> Report {
-    let results = checks
-        .iter()
-        .map(|(name, body)| match with_driver(make, init, cleanup, body) {
+    let mut results = Vec::with_capacity(checks.len());
+    for (name, check) in checks {
+        progress(Progress::Started(name));
+        let result = match body(check) {
             Ok(note) => CheckResult { name, passed: true, detail: note },
             Err(why) => CheckResult { name, passed: false, detail: why },
-        })
-        .collect();
+        };
+        progress(Progress::Finished(&result));
+        results.push(result);
+    }
     Report { kind, results }
 }
 
@@ -572,7 +581,18 @@ fn names_n<const N: usize>(check: &str) -> [String; N] {
 
 /// Runs the volume suite on drivers made by `make` (each check gets a fresh one).
 pub fn check_volume(make: &dyn Fn() -> Result<Box<dyn VolumeDriver>, DriverError>) -> Report {
-    run("volume", make, |d| d.init(), |d| d.cleanup(), &volume_checks())
+    check_volume_with_progress(make, &mut |_| {})
+}
+
+/// [`check_volume`], telling `progress` as each check starts and ends: a tool that runs the suite
+/// in a child process learns which check was running when a driver took the process down.
+pub fn check_volume_with_progress(
+    make: &dyn Fn() -> Result<Box<dyn VolumeDriver>, DriverError>,
+    progress: &mut dyn FnMut(Progress<'_>),
+) -> Report {
+    run_checks("volume", &volume_checks(), progress, |body| {
+        with_driver(make, |d: &dyn VolumeDriver| d.init(), |d| d.cleanup(), body)
+    })
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -699,15 +719,17 @@ pub fn check_compute(
     make: &dyn Fn() -> Result<Box<dyn ComputeDriver>, DriverError>,
     template: &InstanceSpec,
 ) -> Report {
-    let checks = compute_checks();
-    let results = checks
-        .iter()
-        .map(|(name, body)| {
-            match with_driver(make, |d: &dyn ComputeDriver| d.init(), |d| d.cleanup(), |d| body(d, template)) {
-                Ok(note) => CheckResult { name, passed: true, detail: note },
-                Err(why) => CheckResult { name, passed: false, detail: why },
-            }
-        })
-        .collect();
-    Report { kind: "compute", results }
+    check_compute_with_progress(make, template, &mut |_| {})
+}
+
+/// [`check_compute`], telling `progress` as each check starts and ends (see
+/// [`check_volume_with_progress`]).
+pub fn check_compute_with_progress(
+    make: &dyn Fn() -> Result<Box<dyn ComputeDriver>, DriverError>,
+    template: &InstanceSpec,
+    progress: &mut dyn FnMut(Progress<'_>),
+) -> Report {
+    run_checks("compute", &compute_checks(), progress, |body| {
+        with_driver(make, |d: &dyn ComputeDriver| d.init(), |d| d.cleanup(), |d| body(d, template))
+    })
 }

@@ -35,6 +35,8 @@ pub struct Built {
     pub no_export: PathBuf,
     /// fake-volume with one more option, `token`, that is required.
     pub required_option: PathBuf,
+    /// fake-volume that prints to standard output on every create (a line that looks like JSON).
+    pub chatty_volume: PathBuf,
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -220,6 +222,13 @@ pub fn built() -> &'static Built {
              OptionSpec::string(\"token\", \"an API token\").required()",
         );
         driver_crate(&ws, "fixture-required-option", &real_api, &required);
+        let chatty = replace_once(
+            &fake_volume_source("chatty-volume"),
+            "    fn create(&self, name: &str, size: u64) -> Result<Volume, DriverError> {\n",
+            "    fn create(&self, name: &str, size: u64) -> Result<Volume, DriverError> {\n        \
+             println!(\"{{\\\"creating\\\": {name:?}}}\");\n",
+        );
+        driver_crate(&ws, "fixture-chatty-volume", &real_api, &chatty);
         build_workspace(
             &ws,
             &[
@@ -232,6 +241,7 @@ pub fn built() -> &'static Built {
                 "fixture-rlib-only",
                 "fixture-no-export",
                 "fixture-required-option",
+                "fixture-chatty-volume",
             ],
         );
 
@@ -248,6 +258,7 @@ pub fn built() -> &'static Built {
             rlib_only: out.join("libfixture_rlib_only.so"),
             no_export: out.join("libfixture_no_export.so"),
             required_option: out.join("libfixture_required_option.so"),
+            chatty_volume: out.join("libfixture_chatty_volume.so"),
         }
     })
 }

@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use plughost_api::testing::{check_compute, check_volume, harmless_instance, Report};
+use plughost_api::testing::{
+    check_compute_with_progress, check_volume_with_progress, harmless_instance, CheckResult, Progress, Report,
+};
 use plughost_api::{ComputeDriver, ComputeInterface, DriverError, DriverKind, VolumeDriver, VolumeInterface};
 use serde::{Deserialize, Serialize};
 
@@ -128,24 +130,99 @@ fn run_child(exe: &Path, path: &Path, opts: &[String], dir: &Path) -> CheckRepor
     if let Some(r) = reader {
         out = r.join().unwrap_or_default();
     }
-    match status {
-        None => CheckReport::failed(path, format!("the checks did not finish within {}s", TIMEOUT.as_secs())),
+    let mut seen = Seen::new(path);
+    for line in out.lines() {
+        match serde_json::from_str::<Event>(line) {
+            Ok(Event::Report(report)) => return report,
+            Ok(event) => seen.add(event),
+            Err(_) => {}
+        }
+    }
+    let why = match status {
+        None => format!("the checks did not finish within {}s", TIMEOUT.as_secs()),
         Some(s) if s.signal().is_some() => {
             let sig = s.signal().unwrap_or(0);
-            CheckReport::failed(
-                path,
-                format!(
-                    "the driver killed the check process (signal {sig}, {})",
-                    crate::loading::loader::signal_name(sig)
-                ),
-            )
+            format!("the driver killed the check process (signal {sig}, {})", crate::loading::loader::signal_name(sig))
         }
-        Some(_) => serde_json::from_str(&out).unwrap_or_else(|_| {
-            CheckReport::failed(
-                path,
-                format!("the check process ended without a report ({s})", s = status_text(status)),
-            )
-        }),
+        Some(_) => format!("the check process ended without a report ({s})", s = status_text(status)),
+    };
+    seen.cut_short(why)
+}
+
+/// What the check child says on its report descriptor, one JSON line each, as it goes: a child the
+/// driver takes down has still said which driver it loaded, which checks passed, and which one was
+/// running.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Event {
+    /// The library loaded: its description.
+    Driver(String),
+    /// A check is about to run.
+    Started(String),
+    /// A check ran.
+    Finished(CheckOutcome),
+    /// The whole report (the last line of a child that finished).
+    Report(CheckReport),
+}
+
+/// The events of a child that did not finish.
+struct Seen {
+    report: CheckReport,
+    running: Option<String>,
+}
+
+impl Seen {
+    fn new(path: &Path) -> Seen {
+        Seen { report: CheckReport::failed(path, String::new()), running: None }
+    }
+
+    fn add(&mut self, event: Event) {
+        match event {
+            Event::Driver(d) => self.report.driver = Some(d),
+            Event::Started(name) => self.running = Some(name),
+            Event::Finished(outcome) => {
+                self.running = None;
+                self.report.checks.push(outcome);
+            }
+            Event::Report(_) => {}
+        }
+    }
+
+    /// The report of a child that ended (or was killed) with `why`: what it said, the running check
+    /// failed with `why`, and an error naming it.
+    fn cut_short(mut self, why: String) -> CheckReport {
+        self.report.error = Some(match self.running.take() {
+            Some(name) => {
+                let error = format!("{why} during check {name:?}");
+                self.report.checks.push(CheckOutcome { name, passed: false, detail: why });
+                error
+            }
+            None if self.report.driver.is_some() => format!("{why} outside any check"),
+            None => format!("{why} while loading the library"),
+        });
+        self.report
+    }
+}
+
+/// Where the check child writes its events: standard output as it was when the child started. The
+/// child points its own standard output at standard error, so that what a driver prints cannot be
+/// taken for an event.
+pub struct EventWriter(std::fs::File);
+
+impl EventWriter {
+    /// Takes standard output for events, and sends whatever else is written to it to standard error.
+    pub fn take_stdout() -> std::io::Result<EventWriter> {
+        use std::os::fd::AsFd;
+        let events = rustix::io::fcntl_dupfd_cloexec(std::io::stdout().as_fd(), 3)?;
+        rustix::stdio::dup2_stdout(std::io::stderr().as_fd())?;
+        Ok(EventWriter(std::fs::File::from(events)))
+    }
+
+    fn send(&mut self, event: &Event) {
+        use std::io::Write;
+        let line = serde_json::to_string(event).expect("a check event always serializes");
+        // Written at once, so that a crash right after leaves it whole.
+        let _ = self.0.write_all(format!("{line}\n").as_bytes());
     }
 }
 
@@ -153,12 +230,19 @@ fn status_text(s: Option<std::process::ExitStatus>) -> String {
     s.map(|s| s.to_string()).unwrap_or_default()
 }
 
-/// The child side: loads `path` here and runs the suite; prints the report as JSON.
-pub fn child(path: &Path, state_dir: &Path, opts: &[String]) -> CheckReport {
+/// The child side: loads `path` here and runs the suite, telling `events` as it goes, and last the
+/// whole report.
+pub fn child(path: &Path, state_dir: &Path, opts: &[String], events: &mut EventWriter) {
+    let report = run_suite(path, state_dir, opts, events);
+    events.send(&Event::Report(report));
+}
+
+fn run_suite(path: &Path, state_dir: &Path, opts: &[String], events: &mut EventWriter) -> CheckReport {
     let lib = match Loader::new().load(path) {
         Ok(l) => l,
         Err(e) => return CheckReport::failed(path, e.to_string()),
     };
+    events.send(&Event::Driver(description(&lib)));
     let mut given = Vec::new();
     for o in opts {
         match o.split_once('=') {
@@ -182,39 +266,41 @@ pub fn child(path: &Path, state_dir: &Path, opts: &[String]) -> CheckReport {
         }
     };
     let construct_error = |e: crate::loading::error::LoadError| DriverError::internal(e.to_string());
+    let mut progress = |p: Progress<'_>| match p {
+        Progress::Started(name) => events.send(&Event::Started(name.to_owned())),
+        Progress::Finished(r) => events.send(&Event::Finished(outcome(r))),
+    };
     let report: Report = match lib.kind() {
-        k if k == DriverKind::VOLUME => check_volume(&|| {
-            let c = lib.construct::<VolumeInterface>(&options).map_err(construct_error)?;
-            Ok(Box::new(c.driver) as Box<dyn VolumeDriver>)
-        }),
-        k if k == DriverKind::COMPUTE => check_compute(
+        k if k == DriverKind::VOLUME => check_volume_with_progress(
+            &|| {
+                let c = lib.construct::<VolumeInterface>(&options).map_err(construct_error)?;
+                Ok(Box::new(c.driver) as Box<dyn VolumeDriver>)
+            },
+            &mut progress,
+        ),
+        k if k == DriverKind::COMPUTE => check_compute_with_progress(
             &|| {
                 let c = lib.construct::<ComputeInterface>(&options).map_err(construct_error)?;
                 Ok(Box::new(c.driver) as Box<dyn ComputeDriver>)
             },
             &harmless_instance(),
+            &mut progress,
         ),
         other => return CheckReport::failed(path, format!("no conformance suite for {other} drivers")),
     };
-    described(&lib, path, report)
-}
-
-fn described(lib: &Library, path: &Path, report: Report) -> CheckReport {
     CheckReport {
         path: path.display().to_string(),
-        driver: Some(format!(
-            "{} {} ({} driver, plughost-api {})",
-            lib.name(),
-            lib.version(),
-            lib.kind(),
-            lib.api_version()
-        )),
+        driver: Some(description(&lib)),
         passed: report.passed(),
         error: None,
-        checks: report
-            .results
-            .into_iter()
-            .map(|r| CheckOutcome { name: r.name.to_owned(), passed: r.passed, detail: r.detail })
-            .collect(),
+        checks: report.results.iter().map(outcome).collect(),
     }
+}
+
+fn outcome(r: &CheckResult) -> CheckOutcome {
+    CheckOutcome { name: r.name.to_owned(), passed: r.passed, detail: r.detail.clone() }
+}
+
+fn description(lib: &Library) -> String {
+    format!("{} {} ({} driver, plughost-api {})", lib.name(), lib.version(), lib.kind(), lib.api_version())
 }

@@ -67,6 +67,40 @@ fn what_cannot_be_checked_says_why() {
     assert!(v["error"].as_str().unwrap().contains("unknown option"), "{v}");
 }
 
+#[test]
+fn a_driver_that_aborts_mid_suite_is_named_with_the_check_that_was_running() {
+    // faulty aborts the whole process on its first snapshot (missing_is_not_found snapshots a missing
+    // volume): the child dies; what it said before stays.
+    let opts = ["crash=abort", "crash_on=snapshot"];
+    let (code, v) = check_json(&driver("faulty"), &opts);
+    assert_eq!(code, 1, "{v}");
+    assert!(v["driver"].as_str().unwrap().starts_with("faulty "), "the library loaded: {v}");
+    let checks = v["checks"].as_array().unwrap();
+    let (last, before) = checks.split_last().unwrap();
+    assert!(!before.is_empty() && before.iter().all(|c| c["passed"] == true), "{v}");
+    let running = last["name"].as_str().unwrap();
+    assert_eq!(running, "missing_is_not_found", "{v}");
+    assert_eq!(last["passed"], false);
+    assert!(last["detail"].as_str().unwrap().contains("signal 6, SIGABRT"), "{v}");
+    let error = v["error"].as_str().unwrap();
+    assert!(
+        error.contains("killed the check process (signal 6, SIGABRT) during check \"missing_is_not_found\""),
+        "{v}"
+    );
+    // For people: the driver, the checks that ran, and the one that was running.
+    let r = run(&["check", "--opt", opts[0], "--opt", opts[1], driver("faulty").to_str().unwrap()]);
+    assert_eq!(r.code, 1);
+    assert!(!r.stdout.contains("not loaded"), "{}", r.stdout);
+    assert!(r.stdout.contains("FAIL  missing_is_not_found"), "{}", r.stdout);
+    assert!(r.stdout.contains("pass  lifecycle"), "{}", r.stdout);
+}
+
+#[test]
+fn what_a_driver_prints_to_standard_output_does_not_spoil_the_report() {
+    let (code, v) = check_json(&fixtures::built().chatty_volume, &[]);
+    assert_eq!((code, failed(&v)), (0, Vec::<String>::new()), "{v}");
+}
+
 /// Every file under `dir` (not `target/`).
 fn files_under(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
     for e in std::fs::read_dir(dir).unwrap() {
