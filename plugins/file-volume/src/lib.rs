@@ -13,6 +13,10 @@
 //! unmounted filesystem's mount point) makes the driver unhealthy, so the backend is down with the
 //! reason and its records are kept, until the root is back (the next health check sees it) or option
 //! `create_root` says to start afresh.
+//!
+//! Sizes: a volume may be as large as the root's filesystem allows for one file (found once, by growing
+//! an unnamed sparse file: 16 TiB - 4 KiB on ext4 with 4 KiB blocks), or `max_volume_size` if given;
+//! a larger size is `invalid_argument` naming the limit, before anything is made.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -32,7 +36,10 @@ pub const OPTIONS: &[OptionSpec] = &[
         "create a missing root, or take a directory without this driver's marker, even where a root was used before (an empty one then replaces it)",
     )
     .default("false"),
-    OptionSpec::size("max_volume_size", "largest volume size accepted").default("16TiB"),
+    OptionSpec::size(
+        "max_volume_size",
+        "largest volume size accepted (default: the largest file the root's filesystem can hold)",
+    ),
     OptionSpec::boolean("reflink", "try a reflink (FICLONE) for snapshots before copying").default("true"),
     OptionSpec::boolean("sync", "fsync new volumes and the volume root, so that they survive a power loss")
         .default("true"),
@@ -42,7 +49,10 @@ pub const OPTIONS: &[OptionSpec] = &[
 #[derive(Debug)]
 pub struct FileVolume {
     root: PathBuf,
-    max_size: u64,
+    /// `max_volume_size`, when given.
+    max_size: Option<u64>,
+    /// The largest file the root's filesystem can hold, once found (see [`largest_file`]).
+    fs_max: std::sync::OnceLock<u64>,
     reflink: bool,
     sync: bool,
     create_root: bool,
@@ -67,7 +77,11 @@ impl FileVolume {
         let root = options.path("root")?;
         Ok(FileVolume {
             root,
-            max_size: options.size("max_volume_size")?,
+            max_size: match options.get("max_volume_size") {
+                Some(_) => Some(options.size("max_volume_size")?),
+                None => None,
+            },
+            fs_max: std::sync::OnceLock::new(),
             reflink: options.boolean("reflink")?,
             sync: options.boolean("sync")?,
             create_root: options.boolean("create_root")?,
@@ -232,14 +246,59 @@ impl FileVolume {
     }
 
     fn check_size(&self, name: &str, size: u64) -> Result<(), DriverError> {
-        if size > self.max_size {
+        if let Some(max) = self.max_size.filter(|&max| size > max) {
             return Err(DriverError::invalid_argument(format!(
-                "volume {name:?}: size {size} exceeds max_volume_size {}",
-                self.max_size
+                "volume {name:?}: size {size} exceeds max_volume_size {max}"
+            )));
+        }
+        if let Some(max) = self.fs_max().filter(|&max| size > max) {
+            return Err(DriverError::invalid_argument(format!(
+                "volume {name:?}: size {size} exceeds {max}, the largest file the filesystem of {} can hold",
+                self.root.display()
             )));
         }
         Ok(())
     }
+
+    /// The largest file the root's filesystem can hold, found at the first call that can (the root may
+    /// not be there yet); `None` until then, and the filesystem's own refusal (EFBIG) still answers
+    /// `invalid_argument`.
+    fn fs_max(&self) -> Option<u64> {
+        if let Some(&max) = self.fs_max.get() {
+            return Some(max);
+        }
+        let max = largest_file(&self.root).ok()?;
+        Some(*self.fs_max.get_or_init(|| max))
+    }
+}
+
+/// The largest size a file in `dir` can have (the filesystem's limit, e.g. 16 TiB - 4 KiB on ext4 with
+/// 4 KiB blocks, 8 EiB on xfs), or the process's file size limit if lower: found by bisection, growing
+/// an unnamed file (O_TMPFILE, sparse: nothing is written) that vanishes when closed.
+fn largest_file(dir: &Path) -> io::Result<u64> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = OpenOptions::new().read(true).write(true).custom_flags(libc::O_TMPFILE).mode(0o600).open(dir)?;
+    let mut limit = i64::MAX as u64;
+    // Growing a file past RLIMIT_FSIZE raises SIGXFSZ, which kills the process: stay within it.
+    let mut rl = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes one rlimit into `rl`, which lives for the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_FSIZE, &mut rl) } == 0 && rl.rlim_cur != libc::RLIM_INFINITY {
+        limit = limit.min(rl.rlim_cur);
+    }
+    if f.set_len(limit).is_ok() {
+        return Ok(limit);
+    }
+    // `fits` holds, `too_big` does not.
+    let (mut fits, mut too_big) = (0u64, limit);
+    while too_big - fits > 1 {
+        let mid = fits + (too_big - fits) / 2;
+        match f.set_len(mid) {
+            Ok(()) => fits = mid,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EFBIG | libc::EINVAL)) => too_big = mid,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(fits)
 }
 
 /// Copies `src` to `dst` keeping holes: only data extents (SEEK_DATA/SEEK_HOLE) are read and written.
@@ -575,6 +634,34 @@ mod tests {
         let d = FileVolume::new(&o).unwrap();
         d.init().unwrap();
         d
+    }
+
+    #[test]
+    fn without_max_volume_size_the_filesystem_sets_the_limit() {
+        let dir = std::env::temp_dir().join(format!("file-volume-fsmax-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let d = FileVolume::new(&Options::from_pairs([("root", dir.to_str().unwrap()), ("sync", "false")])).unwrap();
+        d.init().unwrap();
+        let max = largest_file(&dir).unwrap();
+        // The probe agrees with the filesystem on a named file of its own.
+        let f = File::create(dir.join("probe")).unwrap();
+        f.set_len(max).unwrap();
+        if max < i64::MAX as u64 {
+            let e = f.set_len(max + 1).unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EFBIG), "{e}");
+            // Above it: invalid_argument before anything is made, naming the limit and the root.
+            let e = d.create("over", max + 1).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::INVALID_ARGUMENT, "{e:?}");
+            assert!(e.message().contains(&format!("exceeds {max}, the largest file the filesystem of")), "{e:?}");
+            assert!(!dir.join("over.vol").exists());
+        }
+        drop(f);
+        fs::remove_file(dir.join("probe")).unwrap();
+        // At it: a sparse volume of exactly that size (16 TiB - 4 KiB on ext4), nothing written.
+        assert_eq!(d.create("at", max).unwrap().size, max);
+        assert_eq!(d.extend("at", max.saturating_add(1)).unwrap_err().kind(), ErrorKind::INVALID_ARGUMENT);
+        d.delete("at").unwrap();
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
