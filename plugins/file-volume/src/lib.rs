@@ -16,7 +16,9 @@
 //!
 //! Sizes: a volume may be as large as the root's filesystem allows for one file (found once, by growing
 //! an unnamed sparse file: 16 TiB - 4 KiB on ext4 with 4 KiB blocks), or `max_volume_size` if given;
-//! a larger size is `invalid_argument` naming the limit, before anything is made.
+//! a larger size is `invalid_argument` naming the limit, before anything is made. With
+//! `overcommit_ratio` R, the sizes of all volumes (and those being made) stay within R times the
+//! filesystem's size: past it, `no_capacity`.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -40,6 +42,10 @@ pub const OPTIONS: &[OptionSpec] = &[
         "max_volume_size",
         "largest volume size accepted (default: the largest file the root's filesystem can hold)",
     ),
+    OptionSpec::string(
+        "overcommit_ratio",
+        "most bytes volumes may be given, as a multiple of the filesystem's size (1 = no overcommit; default: no limit)",
+    ),
     OptionSpec::boolean("reflink", "try a reflink (FICLONE) for snapshots before copying").default("true"),
     OptionSpec::boolean("sync", "fsync new volumes and the volume root, so that they survive a power loss")
         .default("true"),
@@ -53,6 +59,10 @@ pub struct FileVolume {
     max_size: Option<u64>,
     /// The largest file the root's filesystem can hold, once found (see [`largest_file`]).
     fs_max: std::sync::OnceLock<u64>,
+    /// `overcommit_ratio`, when given.
+    overcommit: Option<f64>,
+    /// Bytes being provisioned by creates, extends and snapshots under way (not yet listed).
+    reserved: std::sync::Mutex<u64>,
     reflink: bool,
     sync: bool,
     create_root: bool,
@@ -82,6 +92,18 @@ impl FileVolume {
                 None => None,
             },
             fs_max: std::sync::OnceLock::new(),
+            overcommit: match options.get("overcommit_ratio") {
+                None | Some("") => None,
+                Some(text) => match text.trim().parse::<f64>() {
+                    Ok(r) if r.is_finite() && r > 0.0 => Some(r),
+                    _ => {
+                        return Err(DriverError::invalid_argument(format!(
+                            "option \"overcommit_ratio\": expected a positive number, got {text:?}"
+                        )))
+                    }
+                },
+            },
+            reserved: std::sync::Mutex::new(0),
             reflink: options.boolean("reflink")?,
             sync: options.boolean("sync")?,
             create_root: options.boolean("create_root")?,
@@ -260,6 +282,39 @@ impl FileVolume {
         Ok(())
     }
 
+    /// Reserves `more` bytes for volume `name` under `overcommit_ratio` (nothing without it), until
+    /// the reservation drops: what is listed plus what is being made must stay within the ratio of the
+    /// filesystem's size, or the answer is `no_capacity`.
+    fn provision(&self, name: &str, more: u64) -> Result<Option<Reservation<'_>>, DriverError> {
+        let Some(ratio) = self.overcommit else { return Ok(None) };
+        let (total, _) = self.space()?;
+        let limit = (total as f64 * ratio) as u64;
+        let mut reserved = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
+        let listed: u64 = self.list()?.iter().map(|v| v.size).sum();
+        let after = listed.saturating_add(*reserved).saturating_add(more);
+        if after > limit {
+            return Err(DriverError::no_capacity(format!(
+                "volume {name:?}: {more} more bytes would provision {after}, above {limit} (overcommit_ratio {ratio} of the {total} bytes of the filesystem of {})",
+                self.root.display()
+            )));
+        }
+        *reserved += more;
+        Ok(Some(Reservation { driver: self, bytes: more }))
+    }
+
+    /// The root's filesystem: total and available bytes.
+    fn space(&self) -> Result<(u64, u64), DriverError> {
+        let c = std::ffi::CString::new(self.root.as_os_str().as_encoded_bytes())
+            .map_err(|_| DriverError::invalid_argument("volume root contains a NUL byte"))?;
+        // SAFETY: `c` is a valid NUL-terminated path and `st` a properly sized out-parameter.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+            return Err(DriverError::io(format!("statvfs {}", self.root.display()), &io::Error::last_os_error()));
+        }
+        Ok((st.f_blocks as u64 * st.f_frsize as u64, st.f_bavail as u64 * st.f_frsize as u64))
+    }
+
     /// The largest file the root's filesystem can hold, found at the first call that can (the root may
     /// not be there yet); `None` until then, and the filesystem's own refusal (EFBIG) still answers
     /// `invalid_argument`.
@@ -269,6 +324,18 @@ impl FileVolume {
         }
         let max = largest_file(&self.root).ok()?;
         Some(*self.fs_max.get_or_init(|| max))
+    }
+}
+
+/// Bytes counted against `overcommit_ratio` while a volume is being made or grown.
+struct Reservation<'a> {
+    driver: &'a FileVolume,
+    bytes: u64,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        *self.driver.reserved.lock().unwrap_or_else(|p| p.into_inner()) -= self.bytes;
     }
 }
 
@@ -397,6 +464,7 @@ impl VolumeDriver for FileVolume {
         if path.exists() {
             return Err(DriverError::already_exists(format!("volume {name:?} already exists")));
         }
+        let _reservation = self.provision(name, size)?;
         let tmp = self.partial_path(name);
         let made = (|| {
             let f = OpenOptions::new()
@@ -435,6 +503,7 @@ impl VolumeDriver for FileVolume {
                 current.size
             )));
         }
+        let _reservation = self.provision(name, new_size - current.size)?;
         let f = OpenOptions::new()
             .write(true)
             .open(&path)
@@ -454,6 +523,7 @@ impl VolumeDriver for FileVolume {
             return Err(DriverError::already_exists(format!("volume {snapshot:?} already exists")));
         }
         let len = src.metadata().map_err(|e| DriverError::io(format!("volume {name:?}"), &e))?.len();
+        let _reservation = self.provision(snapshot, len)?;
         // The source record first (a leftover without its volume is removed at init), then the data under
         // a temporary name, renamed into place once complete.
         let made = (|| {
@@ -563,18 +633,11 @@ impl VolumeDriver for FileVolume {
     }
 
     fn stats(&self) -> Result<CapacityStats, DriverError> {
-        let c = std::ffi::CString::new(self.root.as_os_str().as_encoded_bytes())
-            .map_err(|_| DriverError::invalid_argument("volume root contains a NUL byte"))?;
-        // SAFETY: `c` is a valid NUL-terminated path and `st` a properly sized out-parameter.
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        // SAFETY: as above.
-        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-            return Err(DriverError::io(format!("statvfs {}", self.root.display()), &io::Error::last_os_error()));
-        }
+        let (total_bytes, free_bytes) = self.space()?;
         let vols = self.list()?;
         Ok(CapacityStats {
-            total_bytes: st.f_blocks as u64 * st.f_frsize as u64,
-            free_bytes: st.f_bavail as u64 * st.f_frsize as u64,
+            total_bytes,
+            free_bytes,
             provisioned_bytes: vols.iter().map(|v| v.size).sum(),
             allocated_bytes: vols.iter().map(|v| v.allocated).sum(),
             volumes: vols.len() as u64,
@@ -661,6 +724,47 @@ mod tests {
         assert_eq!(d.create("at", max).unwrap().size, max);
         assert_eq!(d.extend("at", max.saturating_add(1)).unwrap_err().kind(), ErrorKind::INVALID_ARGUMENT);
         d.delete("at").unwrap();
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn overcommit_ratio_bounds_what_is_provisioned_even_under_concurrent_creates() {
+        let dir = std::env::temp_dir().join(format!("file-volume-overcommit-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let total = driver(&dir).space().unwrap().0;
+        // A ratio that allows 101 MiB on this filesystem.
+        let ratio = format!("{}", (101u64 << 20) as f64 / total as f64);
+        let o = Options::from_pairs([
+            ("root", dir.to_str().unwrap()),
+            ("sync", "false"),
+            ("reflink", "false"),
+            ("overcommit_ratio", ratio.as_str()),
+        ]);
+        let d = FileVolume::new(&o).unwrap();
+        d.init().unwrap();
+        d.create("a", 60 << 20).unwrap();
+        let e = d.create("b", 50 << 20).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NO_CAPACITY, "{e:?}");
+        assert!(e.message().contains("overcommit_ratio"), "{e:?}");
+        assert!(!dir.join("b.vol").exists());
+        assert_eq!(d.extend("a", 90 << 20).unwrap().size, 90 << 20);
+        assert_eq!(d.extend("a", 110 << 20).unwrap_err().kind(), ErrorKind::NO_CAPACITY);
+        assert_eq!(d.snapshot("a", "s").unwrap_err().kind(), ErrorKind::NO_CAPACITY);
+        assert!(!dir.join("s.vol").exists());
+        d.delete("a").unwrap();
+        // Eight at once, 20 MiB each: exactly five fit.
+        let made = std::thread::scope(|s| {
+            let d = &d;
+            let threads: Vec<_> = (0..8).map(|i| s.spawn(move || d.create(&format!("c{i}"), 20 << 20))).collect();
+            threads.into_iter().map(|t| t.join().unwrap()).filter(|r| r.is_ok()).count()
+        });
+        assert_eq!(made, 5);
+        assert_eq!(d.stats().unwrap().provisioned_bytes, 100 << 20);
+        for bad in ["0", "-1", "many", "inf"] {
+            let o = Options::from_pairs([("root", dir.to_str().unwrap()), ("overcommit_ratio", bad)]);
+            let e = FileVolume::new(&o).err().unwrap();
+            assert!(e.message().contains("option \"overcommit_ratio\""), "{bad}: {e:?}");
+        }
         fs::remove_dir_all(&dir).unwrap();
     }
 
