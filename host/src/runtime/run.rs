@@ -121,6 +121,11 @@ impl Running {
     }
 }
 
+/// Where `run` is, for the signal thread.
+const STARTING: u8 = 0;
+const SERVING: u8 = 1;
+const STOPPING: u8 = 2;
+
 /// How long past the shutdown timeout a graceful stop may take for periodic tasks and cleanups.
 pub const STOP_MARGIN: Duration = Duration::from_secs(2);
 
@@ -131,6 +136,37 @@ pub fn run(source: ConfigSource, ready: impl FnOnce(&[String])) -> Result<(), Ve
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .map_err(|e| vec![format!("cannot install signal handlers: {e}")])?;
+    // One thread takes every signal. While starting (a backend's first init and health check may take
+    // up to its call_timeout) and once stopping, SIGTERM and SIGINT exit at once: nothing is served
+    // yet, or the stop was asked for already. While serving, they ask for the graceful stop.
+    let phase = Arc::new(std::sync::atomic::AtomicU8::new(STARTING));
+    let (asked, requests) = std::sync::mpsc::channel();
+    let watcher = phase.clone();
+    std::thread::Builder::new()
+        .name("signals".to_owned())
+        .spawn(move || {
+            for sig in signals.forever() {
+                match (watcher.load(Ordering::SeqCst), sig) {
+                    (SERVING, _) => {
+                        if sig != SIGHUP {
+                            watcher.store(STOPPING, Ordering::SeqCst);
+                        }
+                        let _ = asked.send(sig);
+                    }
+                    (STARTING, SIGHUP) => log::warn!("SIGHUP received while starting: ignored"),
+                    (STARTING, _) => {
+                        log::warn!("signal {sig} received while starting: exiting now (nothing was served yet)");
+                        std::process::exit(1);
+                    }
+                    (_, SIGHUP) => {}
+                    _ => {
+                        log::warn!("signal {sig} received again: exiting now");
+                        std::process::exit(1);
+                    }
+                }
+            }
+        })
+        .map_err(|e| vec![format!("cannot start the signal thread: {e}")])?;
     // Everything created from here on (records, volume files, logs, drivers' files) is private.
     crate::loading::trust::private_umask();
     // Buffers of a megabyte and more (driver files read for a swap: tens of MB in debug builds) come
@@ -146,8 +182,9 @@ pub fn run(source: ConfigSource, ready: impl FnOnce(&[String])) -> Result<(), Ve
     let mut lines = running.host().describe();
     lines.push(format!("serving on {} (state dir {})", settings.socket.display(), settings.state_dir.display()));
     lines.push(format!("try: plughost ctl --socket {} status", settings.socket.display()));
+    phase.store(SERVING, Ordering::SeqCst);
     ready(&lines);
-    for sig in signals.forever() {
+    for sig in requests.iter() {
         if sig == SIGHUP {
             log::info!("SIGHUP received: reloading the configuration");
             if let Err(e) = running.host().reload() {
@@ -157,17 +194,6 @@ pub fn run(source: ConfigSource, ready: impl FnOnce(&[String])) -> Result<(), Ve
         }
         log::info!("signal {sig} received: stopping gracefully (a second SIGTERM or SIGINT exits at once)");
         break;
-    }
-    let second = std::thread::Builder::new().name("signals".to_owned()).spawn(move || {
-        for sig in signals.forever() {
-            if sig != SIGHUP {
-                log::warn!("signal {sig} received again: exiting now");
-                std::process::exit(1);
-            }
-        }
-    });
-    if let Err(e) = second {
-        log::warn!("cannot watch for a second signal: {e}");
     }
     running.stop();
     Ok(())

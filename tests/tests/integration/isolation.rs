@@ -402,6 +402,54 @@ fn a_stalled_init_holds_up_nothing_and_a_stop_is_bounded() {
 }
 
 #[test]
+fn a_stop_asked_while_an_isolated_backend_is_still_starting_is_not_held_up() {
+    let t = TempDir::new("iso-stop-starting");
+    let state = t.join("state");
+    let socket = t.join("plughost.sock");
+    // The worker's first health check hangs for a minute (its call_timeout): the host is still starting.
+    let child = plughost_tests::process::command(&[
+        "run",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--socket",
+        socket.to_str().unwrap(),
+        "--volume-driver",
+        "faulty",
+        "--volume-opt",
+        "delay_ms=60000",
+        "--volume-opt",
+        "delay_in=health",
+        "--isolate",
+        "volume",
+        "--compute-driver",
+        "none",
+    ])
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let pid = child.id();
+    let children = || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|tasks| {
+                tasks
+                    .flatten()
+                    .any(|t| std::fs::read_to_string(t.path().join("children")).is_ok_and(|c| !c.trim().is_empty()))
+            })
+            .unwrap_or(false)
+    };
+    wait_for("the worker to start", children);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(std::os::unix::net::UnixStream::connect(&socket).is_err(), "not serving yet");
+    // SAFETY: kill has no memory-safety preconditions.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGTERM) }, 0);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("received while starting: exiting now"), "{stderr}");
+}
+
+#[test]
 fn a_second_signal_exits_at_once() {
     let t = TempDir::new("iso-second-signal");
     let d = Daemon::start(
