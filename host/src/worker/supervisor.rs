@@ -25,6 +25,9 @@ const HEALTHY_AFTER: Duration = Duration::from_secs(60);
 const CIRCUIT_CRASHES: usize = 5;
 /// See [`CIRCUIT_CRASHES`].
 const CIRCUIT_WINDOW: Duration = Duration::from_secs(60);
+/// A call that finds the worker restarting waits for the new one this long at most (and never past its
+/// `call_timeout`), if the restart is due by then; otherwise it fails at once.
+const RESTART_WAIT: Duration = Duration::from_secs(5);
 /// [`Supervisor::spawn_worker`]'s phases of a worker, as its death callback sees them.
 const SETTING_UP: u8 = 0;
 const SERVING: u8 = 1;
@@ -45,6 +48,8 @@ struct SupervisorState {
     epoch: u64,
     /// Why the circuit is open, while it is.
     open_reason: Option<String>,
+    /// When the next worker is due to start, while restarting after a crash (`None`: not scheduled).
+    restart_at: Option<Instant>,
 }
 
 /// Keeps one isolated backend's worker running: restarts it after a crash (with backoff), opens the
@@ -92,6 +97,7 @@ impl Supervisor {
                 backoff: BACKOFF_START,
                 epoch: 0,
                 open_reason: None,
+                restart_at: None,
             }),
             changed: Condvar::new(),
             in_flight: AtomicU64::new(0),
@@ -137,6 +143,7 @@ impl Supervisor {
             if st.epoch == epoch {
                 st.worker = Some(worker.clone());
                 st.state = WorkerState::Running;
+                st.restart_at = None;
                 self.incarnation.fetch_add(1, Ordering::SeqCst);
             }
         }
@@ -180,6 +187,7 @@ impl Supervisor {
             st.state = WorkerState::Restarting;
             let wait = st.backoff;
             st.backoff = (st.backoff * 2).min(BACKOFF_MAX);
+            st.restart_at = (!open).then(|| now + wait);
             (wait, open)
         };
         self.changed.notify_all();
@@ -253,6 +261,7 @@ impl Supervisor {
             st.backoff = BACKOFF_START;
             st.state = WorkerState::Restarting;
             st.open_reason = None;
+            st.restart_at = Some(Instant::now());
             st.epoch += 1; // the old worker's death is not a crash
             st.worker.take()
         };
@@ -290,6 +299,7 @@ impl Supervisor {
             st.state = WorkerState::Stopped;
             st.worker.take()
         };
+        self.changed.notify_all();
         if let Some(w) = worker {
             w.retired.store(true, Ordering::SeqCst);
             // The worker reads the end of the stream and exits.
@@ -329,7 +339,23 @@ impl Supervisor {
     /// Sends one encoded call to the current worker.
     fn call(&self, method: &str, payload: &[u8]) -> Result<Vec<u8>, DriverError> {
         let worker = {
-            let st = lock(&self.state);
+            let mut st = lock(&self.state);
+            let until = Instant::now() + self.config.call_timeout.min(RESTART_WAIT);
+            loop {
+                // A worker that died but is not replaced yet, or one restarting soon enough: wait for
+                // the next one rather than fail a call that it would serve.
+                let dead = matches!((&st.worker, st.state), (Some(w), WorkerState::Running) if w.dead().is_some());
+                let soon = st.state == WorkerState::Restarting && st.restart_at.is_some_and(|t| t <= until);
+                let now = Instant::now();
+                if (dead || soon) && now < until && !self.stopped.load(Ordering::SeqCst) {
+                    // Woken when the worker dies, a new one takes over, or the circuit opens; the
+                    // short timeout covers a death noticed without a wake-up.
+                    let step = (until - now).min(Duration::from_millis(50));
+                    st = self.changed.wait_timeout(st, step).unwrap_or_else(|p| p.into_inner()).0;
+                    continue;
+                }
+                break;
+            }
             match (&st.worker, st.state) {
                 (Some(w), WorkerState::Running) => w.clone(),
                 (_, WorkerState::CircuitOpen) if st.open_reason.is_some() => {

@@ -450,6 +450,35 @@ fn a_stop_asked_while_an_isolated_backend_is_still_starting_is_not_held_up() {
 }
 
 #[test]
+fn a_call_right_after_a_crash_waits_for_the_new_worker_instead_of_failing() {
+    let t = TempDir::new("iso-wait-restart");
+    let mut d = Daemon::start(
+        &t.join("state"),
+        &[
+            "--volume-driver",
+            "faulty",
+            "--volume-opt",
+            "crash=exit",
+            "--volume-opt",
+            "crash_on=stats",
+            "--isolate",
+            "volume",
+            "--compute-driver",
+            "none",
+        ],
+    );
+    for round in 0..3 {
+        // The worker exits inside stats; the next call comes while it is dead or restarting.
+        assert_eq!(d.err("volume", "stats", json!({})), "driver_crashed", "round {round}");
+        let v = d.ok("volume", "create", json!({"name": format!("v{round}"), "size": 4096}));
+        assert_eq!(v["status"], "available", "round {round}: {v}");
+    }
+    let b = backend(&mut d, "default");
+    let worker = &b["worker"];
+    assert_eq!((worker["crashes"].as_u64(), worker["state"].as_str()), (Some(3), Some("running")), "{b}");
+}
+
+#[test]
 fn a_second_signal_exits_at_once() {
     let t = TempDir::new("iso-second-signal");
     let d = Daemon::start(
