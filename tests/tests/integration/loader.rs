@@ -364,6 +364,7 @@ fn inspect_accepts_every_reference_driver_and_rejects_everything_else_in_the_bui
                 "libfixture_faulty_segv_init.so",
                 "libfixture_sloppy_volume.so",
                 "libfixture_required_option.so",
+                "libfixture_chatty_volume.so",
             ]
             .contains(&name.as_str());
         assert_eq!(v[0]["ok"], reference, "{name}: {v}");
