@@ -61,8 +61,9 @@ pub struct FileVolume {
     fs_max: std::sync::OnceLock<u64>,
     /// `overcommit_ratio`, when given.
     overcommit: Option<f64>,
-    /// Bytes being provisioned by creates, extends and snapshots under way (not yet listed).
-    reserved: std::sync::Mutex<u64>,
+    /// Volumes being created, extended or snapshotted, with the size each will have: counted at that
+    /// size whether or not the listing shows them yet.
+    reserved: std::sync::Mutex<Vec<(String, u64)>>,
     reflink: bool,
     sync: bool,
     create_root: bool,
@@ -103,7 +104,7 @@ impl FileVolume {
                     }
                 },
             },
-            reserved: std::sync::Mutex::new(0),
+            reserved: std::sync::Mutex::new(Vec::new()),
             reflink: options.boolean("reflink")?,
             sync: options.boolean("sync")?,
             create_root: options.boolean("create_root")?,
@@ -282,24 +283,26 @@ impl FileVolume {
         Ok(())
     }
 
-    /// Reserves `more` bytes for volume `name` under `overcommit_ratio` (nothing without it), until
-    /// the reservation drops: what is listed plus what is being made must stay within the ratio of the
-    /// filesystem's size, or the answer is `no_capacity`.
-    fn provision(&self, name: &str, more: u64) -> Result<Option<Reservation<'_>>, DriverError> {
+    /// Reserves volume `name` at `size` under `overcommit_ratio` (nothing without it), until the
+    /// reservation drops: the sizes of the volumes listed and of those being made or grown (each counted
+    /// once, at its new size) must stay within the ratio of the filesystem's size, or the answer is
+    /// `no_capacity`.
+    fn provision(&self, name: &str, size: u64) -> Result<Option<Reservation<'_>>, DriverError> {
         let Some(ratio) = self.overcommit else { return Ok(None) };
         let (total, _) = self.space()?;
         let limit = (total as f64 * ratio) as u64;
         let mut reserved = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
-        let listed: u64 = self.list()?.iter().map(|v| v.size).sum();
-        let after = listed.saturating_add(*reserved).saturating_add(more);
+        let pending = |n: &str| n == name || reserved.iter().any(|(r, _)| r == n);
+        let listed: u64 = self.list()?.iter().filter(|v| !pending(&v.name)).map(|v| v.size).sum();
+        let after = reserved.iter().map(|(_, s)| *s).fold(listed.saturating_add(size), u64::saturating_add);
         if after > limit {
             return Err(DriverError::no_capacity(format!(
-                "volume {name:?}: {more} more bytes would provision {after}, above {limit} (overcommit_ratio {ratio} of the {total} bytes of the filesystem of {})",
+                "volume {name:?}: size {size} would provision {after} bytes, above {limit} (overcommit_ratio {ratio} of the {total} bytes of the filesystem of {})",
                 self.root.display()
             )));
         }
-        *reserved += more;
-        Ok(Some(Reservation { driver: self, bytes: more }))
+        reserved.push((name.to_owned(), size));
+        Ok(Some(Reservation { driver: self, name: name.to_owned() }))
     }
 
     /// The root's filesystem: total and available bytes.
@@ -327,15 +330,18 @@ impl FileVolume {
     }
 }
 
-/// Bytes counted against `overcommit_ratio` while a volume is being made or grown.
+/// A volume counted at its new size against `overcommit_ratio` while it is being made or grown.
 struct Reservation<'a> {
     driver: &'a FileVolume,
-    bytes: u64,
+    name: String,
 }
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
-        *self.driver.reserved.lock().unwrap_or_else(|p| p.into_inner()) -= self.bytes;
+        let mut reserved = self.driver.reserved.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = reserved.iter().position(|(n, _)| *n == self.name) {
+            reserved.swap_remove(i);
+        }
     }
 }
 
@@ -503,7 +509,7 @@ impl VolumeDriver for FileVolume {
                 current.size
             )));
         }
-        let _reservation = self.provision(name, new_size - current.size)?;
+        let _reservation = self.provision(name, new_size)?;
         let f = OpenOptions::new()
             .write(true)
             .open(&path)
