@@ -527,7 +527,7 @@ impl Loader {
                     .to_owned(),
             ));
         }
-        let digest = format!("blake3:{}", blake3::hash(&bytes).to_hex());
+        let digest = digest_of(&bytes);
         self.check_digest(path, &digest, pin)?;
         Ok(Checked::Read(ReadFile { bytes, digest, key }))
     }
@@ -540,14 +540,7 @@ impl Loader {
             Checked::Known { .. } => {
                 // Verified (and loaded) here before: read it again for the copy, and check the digest
                 // of what was read.
-                let bytes = fs::read(path).map_err(|e| {
-                    LoadError::new(
-                        LoadErrorKind::NotAFile,
-                        path,
-                        format!("cannot read: {}", crate::util::fmt::io_text(&e)),
-                    )
-                })?;
-                let digest = format!("blake3:{}", blake3::hash(&bytes).to_hex());
+                let (bytes, digest) = read_again(path)?;
                 self.check_digest(path, &digest, pin)?;
                 (bytes, digest)
             }
@@ -565,25 +558,7 @@ impl Loader {
         })?;
         let (bytes, digest) = match self.check(path, None)? {
             Checked::Read(ReadFile { bytes, digest, .. }) => (bytes, digest),
-            Checked::Known { .. } => {
-                let mut f = fs::File::open(path).map_err(|e| {
-                    LoadError::new(
-                        LoadErrorKind::NotAFile,
-                        path,
-                        format!("cannot read: {}", crate::util::fmt::io_text(&e)),
-                    )
-                })?;
-                let mut bytes = Vec::new();
-                f.read_to_end(&mut bytes).map_err(|e| {
-                    LoadError::new(
-                        LoadErrorKind::NotAFile,
-                        path,
-                        format!("cannot read: {}", crate::util::fmt::io_text(&e)),
-                    )
-                })?;
-                let digest = format!("blake3:{}", blake3::hash(&bytes).to_hex());
-                (bytes, digest)
-            }
+            Checked::Known { .. } => read_again(path)?,
         };
         let copy = sealed_copy(path, &bytes, &digest)?;
         let answer = in_child(exe, path, &copy)?;
@@ -693,6 +668,20 @@ pub fn signal_name(sig: i32) -> &'static str {
 }
 
 /// The bytes of a library in a sealed memfd.
+/// A file's digest as plughost names it (`blake3:HEX`).
+fn digest_of(bytes: &[u8]) -> String {
+    format!("blake3:{}", blake3::hash(bytes).to_hex())
+}
+
+/// A library verified here before, read again (for a sealed copy or a description) with its digest.
+fn read_again(path: &Path) -> Result<(Vec<u8>, String), LoadError> {
+    let bytes = fs::read(path).map_err(|e| {
+        LoadError::new(LoadErrorKind::NotAFile, path, format!("cannot read: {}", crate::util::fmt::io_text(&e)))
+    })?;
+    let digest = digest_of(&bytes);
+    Ok((bytes, digest))
+}
+
 fn sealed_copy(path: &Path, bytes: &[u8], digest: &str) -> Result<SealedCopy, LoadError> {
     let short = digest.trim_start_matches("blake3:").get(..12).unwrap_or("0");
     SealedCopy::new(short, bytes).map_err(|e| {
