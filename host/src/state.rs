@@ -329,14 +329,21 @@ impl StateDb {
         let Some(dir) = self.path.parent() else { return };
         let marker = dir.join(HELD_RECORDS);
         let Ok(id) = self.identity() else { return };
-        let written =
-            std::fs::OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&marker).and_then(
-                |mut f| {
-                    use std::io::Write;
-                    writeln!(f, "{id}")?;
-                    f.sync_all()
-                },
-            );
+        // Written beside and renamed into place: a kill -9 leaves the old marker or the new one, never
+        // an empty one.
+        let tmp = dir.join(format!("{HELD_RECORDS}.tmp"));
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut f| {
+                use std::io::Write;
+                writeln!(f, "{id}")?;
+                f.sync_all()
+            })
+            .and_then(|()| std::fs::rename(&tmp, &marker));
         match written {
             Ok(()) => self.marked.store(true, std::sync::atomic::Ordering::Relaxed),
             Err(e) => log::warn!("state dir {}: cannot write {HELD_RECORDS}: {e}", dir.display()),
