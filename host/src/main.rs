@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use host::config::{ConfigSource, RunFlags};
-use host::control::ctl::{CtlCommand, CtlError};
+use host::control::ctl::{CtlCommand, CtlError, CtlOutput, Target};
 use host::loading::drivers;
 use host::Loader;
 
@@ -61,6 +61,14 @@ enum Command {
         after_help = "Examples:\n  plughost ctl status\n  plughost ctl volume create v1 --size 10MiB\n  plughost ctl compute spawn web --env PORT=8080 -- python3 -m http.server 8080\n\nExit codes: 0 ok, 1 the server answered with an error or could not be reached, 2 usage."
     )]
     Ctl(CtlArgs),
+    /// The fleet: every host's report in the services table
+    #[command(subcommand)]
+    Fleet(FleetCommand),
+    /// Choose a host for a new volume or instance (filters, then weighers), and with --create make it there
+    #[command(
+        after_help = "Examples:\n  plughost place volume --size 10GiB --fleet-url nats://127.0.0.1:4222\n  plughost place volume --size 10GiB --label disk=ssd --weigher free=-1 --explain\n  plughost place compute --create web -- python3 -m http.server 8080\n\nFilters: up, service, backend_up, api, extensions, capacity, labels. Weighers (normalised over the\nhosts that pass, times their multiplier): free (1), records (0), failures (-1).\nExit codes: 0 placed (and created), 1 no host passes or the create failed, 2 usage."
+    )]
+    Place(Box<host::control::fleet::PlaceArgs>),
     /// Run the driver conformance suite on a library, through the real loader, in a child process
     #[command(
         after_help = "Example:\n  plughost check target/debug/libmy_driver.so\n  plughost check --json target/release/libfile_volume.so --opt sync=false\n\nOption values may use ${state_dir} (a private temporary directory) and ${backend} (\"check\").\nExit codes: 0 every check passed, 1 a check failed or the library could not be checked, 2 usage."
@@ -145,11 +153,30 @@ enum ConfigCommand {
     },
 }
 
+#[derive(Subcommand, Debug)]
+enum FleetCommand {
+    /// The services table: each host, its state (down when its last report is older than its
+    /// service_down_time), the age of its last report, its protocol version and its backends
+    #[command(after_help = "Example:\n  plughost fleet status --fleet-url nats://127.0.0.1:4222")]
+    Status {
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connect: host::control::fleet::Connect,
+    },
+}
+
 #[derive(Args, Debug)]
 struct CtlArgs {
     /// Control socket [default: $PLUGHOST_SOCKET, else $PLUGHOST_STATE_DIR/plughost.sock, else the default state dir's]
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with = "host")]
     socket: Option<PathBuf>,
+    /// Send the command to host NAME of the fleet, through the broker (--fleet-url)
+    #[arg(long = "host", value_name = "NAME")]
+    host: Option<String>,
+    #[command(flatten)]
+    connect: host::control::fleet::Connect,
     /// Print the server's JSON answer
     #[arg(long)]
     json: bool,
@@ -218,18 +245,27 @@ fn main() -> ExitCode {
                 Err(errors) => fail(errors),
             }
         }
-        Command::Ctl(a) => match host::control::ctl::run(a.socket, a.json, &a.command) {
-            Ok(out) => {
-                print!("{}", out.stdout);
-                ExitCode::from(if out.ok { 0 } else { 1 })
-            }
-            Err(CtlError::Usage(e)) => {
-                eprintln!("plughost: {e}");
-                ExitCode::from(2)
-            }
-            Err(CtlError::Failed(e)) => fail([e]),
-        },
+        Command::Ctl(a) => {
+            let target = match a.host {
+                Some(host) => Target::Fleet(host::control::fleet::Remote { connect: a.connect, host }),
+                None => Target::Socket(a.socket),
+            };
+            ctl_exit(host::control::ctl::run_on(&target, a.json, &a.command))
+        }
+        Command::Fleet(FleetCommand::Status { json, connect }) => {
+            ctl_exit(host::control::fleet::status(&connect, json).map(|stdout| CtlOutput { stdout, ok: true }))
+        }
+        Command::Place(args) => {
+            let r = host::control::fleet::place(&args).map(|out| {
+                for n in &out.notes {
+                    eprintln!("plughost: {n}");
+                }
+                CtlOutput { stdout: out.stdout, ok: true }
+            });
+            ctl_exit(r)
+        }
         Command::Config(ConfigCommand::Sample { driver_dirs, drivers }) => sample(&driver_dirs, drivers),
+
         Command::Check { json, opts, path } => {
             let exe = match std::env::current_exe() {
                 Ok(e) => e,
@@ -290,6 +326,20 @@ fn main() -> ExitCode {
             println!("{}", serde_json::to_string(&answer).expect("a child answer always serializes"));
             ExitCode::SUCCESS
         }
+    }
+}
+
+fn ctl_exit(r: Result<CtlOutput, CtlError>) -> ExitCode {
+    match r {
+        Ok(out) => {
+            print!("{}", out.stdout);
+            ExitCode::from(if out.ok { 0 } else { 1 })
+        }
+        Err(CtlError::Usage(e)) => {
+            eprintln!("plughost: {e}");
+            ExitCode::from(2)
+        }
+        Err(CtlError::Failed(e)) => fail([e]),
     }
 }
 

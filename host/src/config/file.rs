@@ -37,6 +37,8 @@ pub struct FileConfig {
     pub max_driver_bytes: Option<u64>,
     /// `[trust]`.
     pub trust: TrustConfig,
+    /// `[fleet]`.
+    pub fleet: FleetConfig,
     /// `[volume]`, `[compute]`, ... by service name.
     pub services: BTreeMap<&'static str, ServiceConfig>,
 }
@@ -55,6 +57,51 @@ pub struct TrustConfig {
     pub allow_swap_paths: Option<bool>,
 }
 
+/// `[fleet]`: joining a fleet over a NATS broker (off unless a URL is given).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetConfig {
+    /// The broker's URL, or a list of a cluster's URLs.
+    pub url: Option<Urls>,
+    /// The fleet's name (default `default`).
+    pub name: Option<String>,
+    /// This host's name (default: the hostname with dots turned into `-`).
+    pub host: Option<String>,
+    /// A credentials file: `user:password`, an nkey seed or a `.creds` file.
+    pub credentials: Option<PathBuf>,
+    /// How often the host reports (ms, or `10s`).
+    pub report_interval: Option<toml::Value>,
+    /// A host whose last report is older is down (ms, or `60s`; more than twice report_interval).
+    pub service_down_time: Option<toml::Value>,
+    /// Threads running remote requests (default 8).
+    pub request_workers: Option<u64>,
+    /// Labels placement can filter on.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Allow a `nats://` URL off this machine without TLS.
+    pub allow_plaintext: Option<bool>,
+}
+
+/// One URL or a list of them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Urls {
+    /// One.
+    One(String),
+    /// Several.
+    Many(Vec<String>),
+}
+
+impl Urls {
+    /// As a list.
+    pub fn list(&self) -> Vec<String> {
+        match self {
+            Urls::One(u) => vec![u.clone()],
+            Urls::Many(v) => v.clone(),
+        }
+    }
+}
+
 const GLOBAL_KEYS: &[&str] = &[
     "state_dir",
     "socket",
@@ -66,6 +113,7 @@ const GLOBAL_KEYS: &[&str] = &[
     "socket_group",
     "max_driver_bytes",
     "trust",
+    "fleet",
 ];
 
 /// Every top-level key, for error messages.
@@ -111,6 +159,7 @@ impl<'de> Deserialize<'de> for FileConfig {
                         "socket_group" => c.socket_group = Some(map.next_value()?),
                         "max_driver_bytes" => c.max_driver_bytes = Some(map.next_value()?),
                         "trust" => c.trust = map.next_value()?,
+                        "fleet" => c.fleet = map.next_value()?,
                         service => {
                             c.services.insert(service, map.next_value()?);
                         }

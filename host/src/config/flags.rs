@@ -158,6 +158,29 @@ pub struct RunFlags {
     /// they keep running and a restarted plughost re-adopts them (repeatable)
     #[arg(long, value_name = "SERVICE[/BACKEND]")]
     pub stop_instances_on_exit: Vec<String>,
+    /// Join a fleet: the NATS server URL (repeatable, or comma-separated for a cluster); off unless given
+    #[arg(long = "fleet-url", env = "PLUGHOST_FLEET_URL", value_name = "URL", value_delimiter = ',')]
+    pub fleet_urls: Vec<String>,
+    /// The fleet's name (subjects and the services table are named after it) [default: default]
+    #[arg(long, env = "PLUGHOST_FLEET_NAME", value_name = "NAME")]
+    pub fleet_name: Option<String>,
+    /// This host's name in the fleet [default: the hostname with dots turned into -]
+    #[arg(long, env = "PLUGHOST_HOST_NAME", value_name = "NAME")]
+    pub host_name: Option<String>,
+    /// The broker credentials file (user:password, an nkey seed or a .creds file; owner and mode checked
+    /// like a driver file's)
+    #[arg(long, env = "PLUGHOST_FLEET_CREDENTIALS", value_name = "FILE")]
+    pub fleet_credentials: Option<PathBuf>,
+    /// How often this host reports to the services table (ms, or 10s) [default: 10s]
+    #[arg(long, env = "PLUGHOST_FLEET_REPORT_INTERVAL", value_name = "DURATION")]
+    pub fleet_report_interval: Option<String>,
+    /// A host whose last report is older is down (ms, or 60s; more than twice the report interval)
+    /// [default: 60s]
+    #[arg(long, env = "PLUGHOST_FLEET_SERVICE_DOWN_TIME", value_name = "DURATION")]
+    pub fleet_service_down_time: Option<String>,
+    /// A label of this host for placement, KEY=VALUE (repeatable; over the config's [fleet.labels])
+    #[arg(long = "fleet-label", value_name = "KEY=VALUE")]
+    pub fleet_labels: Vec<String>,
     /// Per-service flags.
     #[command(flatten)]
     pub services: ServiceFlagSet,

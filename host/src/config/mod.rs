@@ -14,11 +14,11 @@ pub mod sample;
 
 pub use crate::backend::settings::{BackendSettings, BackendSpec, Isolation};
 pub use error::ConfigError;
-pub use file::{parse, read_file, BackendConfig, FileConfig, ServiceConfig, TrustConfig};
+pub use file::{parse, read_file, BackendConfig, FileConfig, FleetConfig, ServiceConfig, TrustConfig, Urls};
 pub use flags::{RunFlags, ServiceFlagSet, ServiceFlags};
 pub use resolve::{
-    default_socket, default_state_dir, resolve, service_kind, service_spec, ConfigSource, ServiceSpec, Settings,
-    TrustSettings,
+    default_socket, default_state_dir, read_credentials, resolve, service_kind, service_spec, ConfigSource, FleetSpec,
+    ServiceSpec, Settings, TrustSettings,
 };
 
 #[cfg(test)]

@@ -114,6 +114,117 @@ pub struct Settings {
     pub max_driver_bytes: u64,
     /// Start although state.db lost the records it held.
     pub accept_empty_state: bool,
+    /// The fleet to join, when a URL is given.
+    pub fleet: Option<FleetSpec>,
+}
+
+/// A host's fleet settings and where its credentials came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetSpec {
+    /// What the fleet agent needs.
+    pub settings: plughost_fleet::FleetSettings,
+    /// The credentials file, if any.
+    pub credentials_path: Option<PathBuf>,
+}
+
+/// Reads a broker credentials file: it must pass the driver files' owner and mode checks (whoever can
+/// write it can point the host at their own broker account) and must not be readable by others (it
+/// holds a secret).
+pub fn read_credentials(path: &std::path::Path) -> Result<plughost_fleet::Credentials, ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let shown = path.display().to_string();
+    crate::loading::trust::check_config_file(path)
+        .map_err(|u| ConfigError::Untrusted { path: path.to_owned(), reason: u.relative_to(path) })?;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| ConfigError::Read { path: path.to_owned(), reason: crate::util::fmt::io_text(&e) })?;
+    if meta.permissions().mode() & 0o004 != 0 {
+        return Err(ConfigError::Untrusted {
+            path: path.to_owned(),
+            reason: format!(
+                "readable by others (mode {:04o}): it holds a secret; chmod o-r",
+                meta.permissions().mode() & 0o7777
+            ),
+        });
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::Read { path: path.to_owned(), reason: crate::util::fmt::io_text(&e) })?;
+    plughost_fleet::Credentials::parse(&shown, &text).map_err(ConfigError::Invalid)
+}
+
+/// `[fleet]` with its flags and environment; `None` when no URL is given (nothing of the fleet starts).
+fn fleet_spec(flags: &RunFlags, file: &FleetConfig) -> Result<Option<FleetSpec>, ConfigError> {
+    let urls: Vec<String> = if flags.fleet_urls.is_empty() {
+        file.url.as_ref().map(Urls::list).unwrap_or_default()
+    } else {
+        flags.fleet_urls.clone()
+    };
+    let urls: Vec<String> = urls.into_iter().map(|u| u.trim().to_owned()).filter(|u| !u.is_empty()).collect();
+    if urls.is_empty() {
+        return Ok(None);
+    }
+    let invalid = ConfigError::Invalid;
+    let allow_plaintext = file.allow_plaintext.unwrap_or(false);
+    for u in &urls {
+        plughost_fleet::check_url(u, allow_plaintext).map_err(invalid)?;
+    }
+    let name = flags.fleet_name.clone().or_else(|| file.name.clone()).unwrap_or_else(|| "default".to_owned());
+    plughost_fleet::names::check("fleet name", &name).map_err(invalid)?;
+    let host = match flags.host_name.clone().or_else(|| file.host.clone()) {
+        Some(h) => {
+            plughost_fleet::names::check("fleet host", &h).map_err(invalid)?;
+            h
+        }
+        None => plughost_fleet::names::default_host().map_err(invalid)?,
+    };
+    let duration = |key: &str, flag: &Option<String>, value: &Option<toml::Value>, default: u64| {
+        let text = match (flag, value) {
+            (Some(f), _) => f.clone(),
+            (None, Some(v)) => value_text(key, v)?,
+            (None, None) => return Ok(Duration::from_secs(default)),
+        };
+        crate::util::time::parse_duration(&text).map_err(|e| invalid(format!("fleet.{key}: {e}")))
+    };
+    let report_interval = duration("report_interval", &flags.fleet_report_interval, &file.report_interval, 10)?;
+    let down = duration("service_down_time", &flags.fleet_service_down_time, &file.service_down_time, 60)?;
+    if report_interval < Duration::from_millis(100) {
+        return Err(invalid(format!("fleet.report_interval {report_interval:?}: at least 100ms")));
+    }
+    if down <= report_interval * 2 {
+        return Err(invalid(format!(
+            "fleet.service_down_time {down:?} must be more than twice fleet.report_interval {report_interval:?} (one lost report must not mark a host down)"
+        )));
+    }
+    let workers = file.request_workers.unwrap_or(8);
+    if !(1..=256).contains(&workers) {
+        return Err(invalid(format!("fleet.request_workers {workers}: between 1 and 256")));
+    }
+    let mut labels = file.labels.clone();
+    for l in &flags.fleet_labels {
+        let (k, v) = split_kv("--fleet-label", l)?;
+        labels.insert(k, v);
+    }
+    for (k, v) in &labels {
+        plughost_fleet::names::check("fleet label", k).map_err(invalid)?;
+        if v.len() > 256 || v.chars().any(char::is_control) {
+            return Err(invalid(format!("fleet label {k}: value longer than 256 bytes or with control characters")));
+        }
+    }
+    let credentials_path = flags.fleet_credentials.clone().or_else(|| file.credentials.clone());
+    let credentials = credentials_path.as_deref().map(read_credentials).transpose()?;
+    Ok(Some(FleetSpec {
+        settings: plughost_fleet::FleetSettings {
+            urls,
+            name,
+            host,
+            credentials,
+            report_interval,
+            service_down_time: down,
+            request_workers: usize::try_from(workers).unwrap_or(8),
+            labels,
+            allow_plaintext,
+        },
+        credentials_path,
+    }))
 }
 
 /// Where the configuration comes from: the flags given at start (environment included) and the file
@@ -162,6 +273,13 @@ pub fn resolve(flags: &RunFlags, file: &FileConfig) -> Result<Settings, Vec<Conf
             )));
         }
     }
+    let fleet = match fleet_spec(flags, &file.fleet) {
+        Ok(f) => f,
+        Err(e) => {
+            errors.push(e);
+            None
+        }
+    };
     if errors.is_empty() && services.is_empty() {
         errors.push(ConfigError::Invalid("every service is disabled: nothing to run".to_owned()));
     }
@@ -221,6 +339,7 @@ pub fn resolve(flags: &RunFlags, file: &FileConfig) -> Result<Settings, Vec<Conf
             .or(file.max_driver_bytes)
             .unwrap_or(crate::loading::loader::DEFAULT_MAX_DRIVER_BYTES),
         accept_empty_state: flags.accept_empty_state,
+        fleet,
     })
 }
 

@@ -34,6 +34,8 @@ pub(crate) const MAX_ANSWER: usize = 5000;
 /// Refusals of one peer uid in the current window.
 #[derive(Debug, Default)]
 struct Window {
+    /// Whose window it is.
+    peer: Option<Peer>,
     start: u64,
     recorded: u32,
     dropped: u64,
@@ -44,7 +46,15 @@ struct Window {
 pub(crate) struct AuditLog {
     path: PathBuf,
     file: Mutex<std::fs::File>,
-    refused: Mutex<HashMap<u32, Window>>,
+    refused: Mutex<HashMap<String, Window>>,
+}
+
+fn via(peer: &Peer) -> &'static str {
+    if peer.remote.is_some() {
+        "fleet"
+    } else {
+        "socket"
+    }
 }
 
 fn cap(text: &str, max: usize) -> String {
@@ -74,17 +84,18 @@ impl AuditLog {
 
     /// Whether a refusal of `peer` is recorded (or counted); writes the summary of a window that ended.
     fn admit_refusal(&self, peer: &Peer, at: u64) -> bool {
+        let who = peer.who();
         let mut windows = self.refused.lock().unwrap_or_else(|p| p.into_inner());
-        let w = windows.entry(peer.uid).or_default();
+        let w = windows.entry(who.clone()).or_default();
         if at >= w.start + WINDOW_SECS {
-            let ended = std::mem::replace(w, Window { start: at, recorded: 0, dropped: 0 });
+            let ended = std::mem::replace(w, Window { peer: Some(peer.clone()), start: at, recorded: 0, dropped: 0 });
             drop(windows);
             if ended.dropped > 0 {
-                self.summary(peer.uid, &ended);
+                self.summary(&ended);
             }
             windows = self.refused.lock().unwrap_or_else(|p| p.into_inner());
         }
-        let w = windows.entry(peer.uid).or_default();
+        let w = windows.entry(who).or_default();
         if w.recorded < REFUSED_PER_WINDOW {
             w.recorded += 1;
             true
@@ -94,19 +105,23 @@ impl AuditLog {
         }
     }
 
-    fn summary(&self, uid: u32, w: &Window) {
+    fn summary(&self, w: &Window) {
         let at = crate::util::time::now();
+        let Some(peer) = &w.peer else { return };
         let message = format!(
-            "{} more refused requests of uid {uid} between {} and {} were not recorded (at most {REFUSED_PER_WINDOW} per {WINDOW_SECS}s)",
+            "{} more refused requests of {} between {} and {} were not recorded (at most {REFUSED_PER_WINDOW} per {WINDOW_SECS}s)",
             w.dropped,
+            peer.who(),
             crate::util::time::utc(w.start),
             crate::util::time::utc(w.start + WINDOW_SECS)
         );
         self.append(&AuditEntry {
             time: crate::util::time::utc(at),
             at,
-            uid,
-            pid: 0,
+            uid: peer.remote.is_none().then_some(peer.uid),
+            pid: None,
+            via: via(peer).to_owned(),
+            user: peer.remote.as_ref().and_then(|r| r.user.clone()),
             service: None,
             op: "(refusals not recorded)".to_owned(),
             args: None,
@@ -119,17 +134,17 @@ impl AuditLog {
     /// Writes the summaries of every window that has ended.
     fn flush_windows(&self) {
         let now = crate::util::time::now();
-        let ended: Vec<(u32, Window)> = {
+        let ended: Vec<Window> = {
             let mut windows = self.refused.lock().unwrap_or_else(|p| p.into_inner());
-            let done: Vec<u32> = windows
+            let done: Vec<String> = windows
                 .iter()
                 .filter(|(_, w)| now >= w.start + WINDOW_SECS && w.dropped > 0)
-                .map(|(u, _)| *u)
+                .map(|(u, _)| u.clone())
                 .collect();
-            done.into_iter().filter_map(|u| windows.remove(&u).map(|w| (u, w))).collect()
+            done.into_iter().filter_map(|u| windows.remove(&u)).collect()
         };
-        for (uid, w) in ended {
-            self.summary(uid, &w);
+        for w in ended {
+            self.summary(&w);
         }
     }
 
@@ -191,8 +206,10 @@ impl AuditLog {
         self.append(&AuditEntry {
             time: crate::util::time::utc(at),
             at,
-            uid: peer.uid,
-            pid: peer.pid,
+            uid: peer.remote.is_none().then_some(peer.uid),
+            pid: peer.remote.is_none().then_some(peer.pid),
+            via: via(peer).to_owned(),
+            user: peer.remote.as_ref().and_then(|r| r.user.as_deref().map(|u| cap(u, 64))),
             service: service.map(|s| cap(s, 64)),
             op: cap(op, 64),
             args,
@@ -247,7 +264,7 @@ mod tests {
     #[test]
     fn a_reader_cannot_flood_it_and_what_it_drops_is_summed_up() {
         let (log, dir) = log("flood");
-        let reader = Peer { uid: 65534, gid: 65534, pid: 7 };
+        let reader = Peer { uid: 65534, gid: 65534, pid: 7, remote: None };
         let denied = ApiError::new(ErrorKind::PermissionDenied, "no");
         for i in 0..1000 {
             log.record_at(1_000 + i / 100, &reader, Some("volume"), "delete", raw("{}"), Err(&denied));
@@ -264,7 +281,7 @@ mod tests {
         for _ in 0..300 {
             log.record_at(1_030, &admin, Some("volume"), "delete", raw("{}"), Err(&denied));
         }
-        let admins = log.read(Some(1_030)).unwrap().into_iter().filter(|e| e.uid == admin.uid).count();
+        let admins = log.read(Some(1_030)).unwrap().into_iter().filter(|e| e.uid == Some(admin.uid)).count();
         assert_eq!(admins, 300);
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -14,6 +14,8 @@ use crate::services::ServiceKind;
 /// What `plughost ctl` was asked.
 #[derive(Debug, Clone)]
 pub enum CtlCommand {
+    /// `ping`.
+    Ping,
     /// `status`.
     Status,
     /// `reload`.
@@ -49,6 +51,7 @@ const SWAP_HELP: &str = "Examples:\n  plughost ctl swap volume target/release/li
 impl clap::FromArgMatches for CtlCommand {
     fn from_arg_matches(m: &clap::ArgMatches) -> Result<Self, clap::Error> {
         match m.subcommand() {
+            Some(("ping", _)) => Ok(CtlCommand::Ping),
             Some(("status", _)) => Ok(CtlCommand::Status),
             Some(("reload", _)) => Ok(CtlCommand::Reload),
             Some(("audit", s)) => Ok(CtlCommand::Audit { since: s.get_one::<String>("since").cloned() }),
@@ -79,7 +82,8 @@ impl clap::Subcommand for CtlCommand {
     fn augment_subcommands(cmd: clap::Command) -> clap::Command {
         use clap::{Arg, Command};
         let cmd =
-            cmd.subcommand(Command::new("status").about("Services, backends, drivers, health, call statistics"))
+            cmd.subcommand(Command::new("ping").about("Is the host serving (exit 0 when it answers)"))
+                .subcommand(Command::new("status").about("Services, backends, drivers, health, call statistics"))
                 .subcommand(Command::new("reload").about(
                     "Re-read the configuration and swap every backend whose driver or options changed (as SIGHUP)",
                 ))
@@ -117,7 +121,7 @@ impl clap::Subcommand for CtlCommand {
         Self::augment_subcommands(cmd)
     }
     fn has_subcommand(name: &str) -> bool {
-        matches!(name, "status" | "reload" | "audit" | "restart" | "swap") || kinds::kind(name).is_some()
+        matches!(name, "ping" | "status" | "reload" | "audit" | "restart" | "swap") || kinds::kind(name).is_some()
     }
 }
 
@@ -167,12 +171,27 @@ pub struct CtlOutput {
     pub ok: bool,
 }
 
+/// Where `ctl` sends its request.
+#[derive(Debug)]
+pub enum Target {
+    /// A local control socket (default: [`default_socket`](crate::config::default_socket)).
+    Socket(Option<PathBuf>),
+    /// A host of a fleet, through the broker.
+    Fleet(crate::control::fleet::Remote),
+}
+
 /// Runs one `ctl` command against `socket` (default: [`default_socket`](crate::config::default_socket)).
 /// With `json`, the answer line is printed whatever it says; otherwise an error answer is a
 /// [`CtlError::Failed`] with `KIND: MESSAGE`.
 pub fn run(socket: Option<PathBuf>, json: bool, command: &CtlCommand) -> Result<CtlOutput, CtlError> {
-    let socket = socket.unwrap_or_else(crate::config::default_socket);
+    run_on(&Target::Socket(socket), json, command)
+}
+
+/// Runs one `ctl` command against a local socket or a remote host: the same request, the same output,
+/// the same exit codes.
+pub fn run_on(target: &Target, json: bool, command: &CtlCommand) -> Result<CtlOutput, CtlError> {
     let body = match command {
+        CtlCommand::Ping => Body::Ping,
         CtlCommand::Status => Body::Status,
         CtlCommand::Reload => Body::Reload,
         CtlCommand::Audit { since } => {
@@ -198,7 +217,13 @@ pub fn run(socket: Option<PathBuf>, json: bool, command: &CtlCommand) -> Result<
     };
     let id = serde_json::value::RawValue::from_string("1".to_owned()).map_err(|e| CtlError::Usage(e.to_string()))?;
     let req = Request { id: Some(&id), body };
-    let (line, answer) = request(&socket, &req).map_err(CtlError::Failed)?;
+    let (line, answer) = match target {
+        Target::Socket(socket) => {
+            let socket = socket.clone().unwrap_or_else(crate::config::default_socket);
+            request(&socket, &req).map_err(CtlError::Failed)?
+        }
+        Target::Fleet(remote) => remote.request(&req)?,
+    };
     if json {
         return Ok(CtlOutput { stdout: format!("{line}\n"), ok: answer.ok });
     }
@@ -302,6 +327,24 @@ pub fn format_status(st: &HostStatus) -> String {
         out.push_str(&line);
         out.push('\n');
     }
+    if let Some(f) = &st.fleet {
+        out.push_str(&format!(
+            "fleet {}: host {} {} ({}) since {}; last report {}; {} failed report(s); remote requests: {} served, {} refused busy, {} expired\n",
+            f.fleet,
+            f.host,
+            f.state,
+            f.server.as_deref().unwrap_or("no server yet"),
+            crate::util::time::utc(f.since),
+            f.last_report.map(crate::util::time::utc).unwrap_or_else(|| "never".to_owned()),
+            f.failed_reports,
+            f.requests,
+            f.refused_busy,
+            f.expired
+        ));
+        if let Some(w) = &f.warning {
+            out.push_str(&format!("warning: {w}\n"));
+        }
+    }
     if let Some(w) = &st.trust.warning {
         out.push_str(&format!("warning: {w}\n"));
     }
@@ -333,7 +376,14 @@ pub fn format_audit(entries: &[crate::control::protocol::AuditEntry]) -> String 
                 Some(m) => format!("{}: {m}", e.outcome),
                 None => e.outcome.clone(),
             };
-            [e.time.clone(), format!("uid {} pid {}", e.uid, e.pid), what, args, outcome]
+            let who = match (e.via.as_str(), &e.user, e.uid, e.pid) {
+                ("fleet", Some(u), _, _) => format!("fleet {u}"),
+                ("fleet", None, _, _) => "fleet (anonymous)".to_owned(),
+                (_, _, Some(uid), Some(pid)) if pid > 0 => format!("uid {uid} pid {pid}"),
+                (_, _, Some(uid), _) => format!("uid {uid}"),
+                _ => "-".to_owned(),
+            };
+            [e.time.clone(), who, what, args, outcome]
         })
         .collect();
     let header = ["TIME", "PEER", "REQUEST", "ARGS", "OUTCOME"].map(String::from);

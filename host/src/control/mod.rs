@@ -1,8 +1,9 @@
-//! The control plane: the wire types (`protocol`), the socket server, the `ctl` client, and the audit
-//! log of what was asked.
+//! The control plane: the wire types (`protocol`), the socket server, the `ctl` client (local, or a
+//! remote host through the fleet: `fleet`), and the audit log of what was asked.
 
 pub(crate) mod audit;
 pub mod ctl;
+pub mod fleet;
 pub mod protocol;
 pub mod request;
 pub(crate) mod server;

@@ -172,10 +172,18 @@ pub struct AuditEntry {
     pub time: String,
     /// When, seconds since the epoch.
     pub at: u64,
-    /// The peer's uid.
-    pub uid: u32,
-    /// The peer's pid.
-    pub pid: u32,
+    /// The peer's uid (socket requests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    /// The peer's pid (socket requests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// How the request came: `socket` or `fleet`.
+    #[serde(default = "via_socket")]
+    pub via: String,
+    /// The broker user of a request through the fleet, as its reply subject names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
     /// The service, for service operations and swaps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
@@ -193,6 +201,10 @@ pub struct AuditEntry {
     /// The error message, if it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+}
+
+fn via_socket() -> String {
+    "socket".to_owned()
 }
 
 /// Arguments of `swap`.

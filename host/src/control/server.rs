@@ -12,28 +12,61 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-/// Who is on the other end of a connection (`SO_PEERCRED`, taken when it connected).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Who is asking: the other end of a socket connection (`SO_PEERCRED`, taken when it connected), or a
+/// remote caller through the fleet.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Peer {
-    /// Its uid.
+    /// Its uid (0 for remote callers, who have none here: see `remote`).
     pub uid: u32,
     /// Its gid.
     pub gid: u32,
     /// Its pid.
     pub pid: u32,
+    /// Set for a request that came through the fleet.
+    pub remote: Option<Remote>,
+}
+
+/// A caller through the fleet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Remote {
+    /// The broker user, as its reply subject names it.
+    pub user: Option<String>,
+    /// Whether it came on an `admin` subject (which the broker lets admins alone publish on).
+    pub admin: bool,
 }
 
 impl Peer {
     /// Root and plughost's own user administer; everyone else who can connect (members of
-    /// `socket_group`) only reads.
+    /// `socket_group`) only reads. A remote caller administers when it asked on an admin subject.
     pub(crate) fn is_admin(&self) -> bool {
-        self.uid == 0 || self.uid == crate::loading::trust::euid()
+        match &self.remote {
+            Some(r) => r.admin,
+            None => self.uid == 0 || self.uid == crate::loading::trust::euid(),
+        }
+    }
+
+    /// A remote caller.
+    pub(crate) fn remote(user: Option<&str>, admin: bool) -> Peer {
+        Peer { uid: 0, gid: 0, pid: 0, remote: Some(Remote { user: user.map(str::to_owned), admin }) }
+    }
+
+    /// Who it is, for messages and the audit log's refusal windows: `uid N` or `fleet user U`.
+    pub(crate) fn who(&self) -> String {
+        match &self.remote {
+            Some(r) => format!("fleet user {}", r.user.as_deref().unwrap_or("(anonymous)")),
+            None => format!("uid {}", self.uid),
+        }
     }
 
     /// This process, as a peer (for tests).
     #[cfg(test)]
     pub(crate) fn this_process() -> Peer {
-        Peer { uid: crate::loading::trust::euid(), gid: rustix::process::getgid().as_raw(), pid: std::process::id() }
+        Peer {
+            uid: crate::loading::trust::euid(),
+            gid: rustix::process::getgid().as_raw(),
+            pid: std::process::id(),
+            remote: None,
+        }
     }
 
     /// The peer of a connected Unix socket.
@@ -43,6 +76,7 @@ impl Peer {
             uid: cred.uid.as_raw(),
             gid: cred.gid.as_raw(),
             pid: u32::try_from(cred.pid.as_raw_nonzero().get()).unwrap_or(0),
+            remote: None,
         })
     }
 }

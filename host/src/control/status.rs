@@ -49,6 +49,9 @@ pub struct HostStatus {
     /// Which driver code may load.
     #[serde(default)]
     pub trust: TrustStatus,
+    /// The host's fleet connection, when it is in one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<plughost_fleet::AgentStatus>,
 }
 
 /// The trust settings in effect, in [`HostStatus`].

@@ -35,10 +35,15 @@ pub fn driver_dirs(flags: &[PathBuf]) -> Vec<PathBuf> {
     dirs
 }
 
+/// Whether a driver spec is a PATH (anything with a `/` or ending in `.so`) rather than a NAME.
+pub fn is_path(spec: &str) -> bool {
+    spec.contains('/') || spec.ends_with(".so")
+}
+
 /// Resolves a `--*-driver` value: anything with a `/` or ending in `.so` is a path, used as is; a NAME
 /// is looked up as `lib<NAME>.so` (dashes turned into underscores, as cargo names `cdylib`s) in `dirs`.
 pub fn resolve(spec: &str, dirs: &[PathBuf]) -> Result<PathBuf, String> {
-    if spec.contains('/') || spec.ends_with(".so") {
+    if is_path(spec) {
         return Ok(PathBuf::from(spec));
     }
     let file = format!("lib{}.so", spec.replace('-', "_"));

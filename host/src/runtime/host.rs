@@ -34,6 +34,10 @@ pub struct Host {
     pub(super) trust: Mutex<crate::config::TrustSettings>,
     /// Who changed what (none for hosts built without a state dir of their own, in tests).
     pub(super) audit: Option<crate::control::audit::AuditLog>,
+    /// The fleet connection, while the host is in a fleet and serving.
+    pub(super) fleet: Mutex<Option<plughost_fleet::Agent>>,
+    /// What the last report said of each backend (state, driver): a change reports at once.
+    pub(super) shape: Mutex<String>,
 }
 
 impl std::fmt::Debug for Host {
@@ -130,6 +134,8 @@ impl Host {
             lock: Mutex::new(lock),
             trust: Mutex::new(trust),
             audit: Some(audit),
+            fleet: Mutex::new(None),
+            shape: Mutex::new(String::new()),
         }))
     }
 
@@ -155,12 +161,14 @@ impl Host {
         if peer.is_admin() {
             return Ok(());
         }
+        let needs = if peer.remote.is_some() {
+            "changes go to an admin subject, which the broker opens to admins only"
+        } else {
+            "changes need root or plughost's user"
+        };
         Err(ApiError::new(
             ErrorKind::PermissionDenied,
-            format!(
-                "{what}: uid {} may only read (status, get, list, stats); changes need root or plughost's user",
-                peer.uid
-            ),
+            format!("{what}: {} may only read (status, get, list, stats); {needs}", peer.who()),
         ))
     }
 
@@ -187,16 +195,19 @@ impl Host {
             Body::Reload => {
                 let r = Self::admin(peer, "reload").and_then(|()| to_json(&self.reload()?));
                 audited(None, "reload", None, &r);
+                self.report_if_changed();
                 r
             }
             Body::Swap { service, args } => {
                 let r = Self::admin(peer, "swap").and_then(|()| to_json(&self.swap(&service, &args)?));
                 audited(Some(&service), "swap", serde_json::value::to_raw_value(&args).ok(), &r);
+                self.report_if_changed();
                 r
             }
             Body::Restart { service, args } => {
                 let r = Self::admin(peer, "restart").and_then(|()| to_json(&self.restart(&service, &args)?));
                 audited(Some(&service), "restart", serde_json::value::to_raw_value(&args).ok(), &r);
+                self.report_if_changed();
                 r
             }
             Body::Service { service, op, args } => {
@@ -246,7 +257,9 @@ impl Host {
         let active: Vec<String> =
             self.services.iter().flat_map(|s| s.backends().iter().map(|b| b.active_digest())).collect();
         let retired: Vec<_> = mapped.iter().filter(|m| !active.contains(&m.digest)).collect();
+        let fleet = self.fleet.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|a| a.status());
         HostStatus {
+            fleet,
             pid: std::process::id(),
             uptime_ms: self.started.elapsed().as_millis() as u64,
             socket: self.settings.socket.display().to_string(),
@@ -292,6 +305,7 @@ impl Host {
         let s = &self.services[i];
         s.periodic();
         self.heartbeats.lock().unwrap_or_else(|p| p.into_inner()).insert(s.kind().name, Instant::now());
+        self.report_if_changed();
     }
 
     /// Whether a stop has begun.
@@ -318,8 +332,15 @@ impl Host {
     }
 }
 
-impl Handler for Host {
-    fn handle(&self, line: &[u8], peer: &Peer) -> String {
+impl Host {
+    /// Reads one request line and runs it for `peer`, after `admit` (which may refuse it: the refusal is
+    /// audited like any other).
+    pub(super) fn handle_with(
+        &self,
+        line: &[u8],
+        peer: &Peer,
+        admit: impl FnOnce(&Body<'_>) -> Result<(), ApiError>,
+    ) -> String {
         let Ok(line) = std::str::from_utf8(line) else {
             return answer(None, Err(ApiError::new(ErrorKind::InvalidRequest, "request is not valid UTF-8")));
         };
@@ -335,6 +356,18 @@ impl Handler for Host {
                 return answer(bad.id, Err(bad.error));
             }
         };
+        if let Err(e) = admit(&req.body) {
+            if let Some(log) = &self.audit {
+                let args = match &req.body {
+                    Body::Service { args, .. } => args.map(ToOwned::to_owned),
+                    Body::Swap { args, .. } => serde_json::value::to_raw_value(args).ok(),
+                    Body::Restart { args, .. } => serde_json::value::to_raw_value(args).ok(),
+                    _ => None,
+                };
+                log.record(peer, req.body.service(), req.body.op(), args, Err(&e));
+            }
+            return answer(req.id, Err(e));
+        }
         if self.stopping.load(Ordering::SeqCst) {
             return answer(req.id, Err(ApiError::new(ErrorKind::ShuttingDown, "plughost is stopping")));
         }
@@ -342,6 +375,12 @@ impl Handler for Host {
         let result = self.dispatch(req.body, peer);
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
         answer(req.id, result)
+    }
+}
+
+impl Handler for Host {
+    fn handle(&self, line: &[u8], peer: &Peer) -> String {
+        self.handle_with(line, peer, |_| Ok(()))
     }
 
     fn too_long(&self, limit: usize) -> String {
@@ -381,6 +420,8 @@ mod tests {
             started: Instant::now(),
             lock: Mutex::new(DirLock::take(&dir).unwrap()),
             audit: Some(crate::control::audit::AuditLog::open(&dir).unwrap()),
+            fleet: Mutex::new(None),
+            shape: Mutex::new(String::new()),
         };
         (host, dir)
     }
@@ -393,7 +434,7 @@ mod tests {
     fn requests_reach_their_service_typed_and_readers_only_read() {
         let (host, dir) = host("typed");
         let admin = Peer::this_process();
-        let reader = Peer { uid: 65534, gid: 65534, pid: 1 };
+        let reader = Peer { uid: 65534, gid: 65534, pid: 1, remote: None };
         let create = r#"{"id":1,"service":"volume","op":"create","args":{"name":"v","size":"1KiB"}}"#;
         let v = ask(&host, &admin, create);
         assert_eq!((v["ok"].clone(), v["result"]["size"].clone()), (Value::Bool(true), Value::from(1024)), "{v}");
@@ -422,8 +463,10 @@ mod tests {
         assert!(v["error"]["message"].as_str().unwrap().ends_with("stats, swap, restart)"), "{v}");
         // Every change and every refused attempt at one is audited, with who asked.
         let log = host.audit.as_ref().unwrap().read(None).unwrap();
-        let seen: Vec<(u32, Option<&str>, &str, &str)> =
-            log.iter().map(|e| (e.uid, e.service.as_deref(), e.op.as_str(), e.outcome.as_str())).collect();
+        let seen: Vec<(u32, Option<&str>, &str, &str)> = log
+            .iter()
+            .map(|e| (e.uid.unwrap_or(u32::MAX), e.service.as_deref(), e.op.as_str(), e.outcome.as_str()))
+            .collect();
         let me = admin.uid;
         assert_eq!(
             seen,

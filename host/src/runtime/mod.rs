@@ -3,11 +3,14 @@
 //! periodic tasks, and stops gracefully. The socket itself is `control/server.rs`'s.
 //!
 //! Files: `host` (composition, dispatch, status, periodic work), `reload` (swap, restart, reload),
-//! `run` (serving, signals, stop).
+//! `run` (serving, signals, stop), `fleet` (remote requests checked against their subject, the report).
 
+mod fleet;
 mod host;
 mod reload;
 mod run;
 
+pub(crate) use fleet::named_backend;
+pub use fleet::{op_since, PROTOCOL_VERSION};
 pub use host::Host;
 pub use run::{run, Running, STOP_MARGIN};

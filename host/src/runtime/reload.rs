@@ -28,7 +28,7 @@ impl Host {
     pub fn swap(&self, service: &str, args: &SwapArgs) -> Result<SwapReport, ApiError> {
         let backend = self.backend(service, args.backend.as_deref())?;
         let driver = args.driver.as_deref().filter(|d| !d.is_empty());
-        if let Some(d) = driver.filter(|d| d.contains('/') || d.ends_with(".so")) {
+        if let Some(d) = driver.filter(|d| crate::loading::drivers::is_path(d)) {
             self.check_swap_path(d)?;
         }
         backend.swap(self.build_context(), driver, None, None, self.settings.shutdown_timeout)

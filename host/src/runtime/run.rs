@@ -56,6 +56,8 @@ impl Running {
                 .map_err(|e| format!("cannot start a periodic task: {e}"))?;
             periodic.push(t);
         }
+        // The fleet last: a remote request finds everything serving.
+        host.join_fleet()?;
         Ok(Running { host, server, periodic })
     }
 
@@ -68,9 +70,13 @@ impl Running {
     /// periodic tasks, run driver cleanup, remove the socket.
     pub fn stop(mut self) {
         let host = self.host.clone();
+        let deadline = Instant::now() + host.settings.shutdown_timeout;
+        // First out of the fleet: report `stopping` (placement skips the host), stop listening (callers
+        // get no responders at once rather than shutting_down), answer remote requests in flight, all
+        // within the same shutdown timeout.
+        host.leave_fleet(host.settings.shutdown_timeout);
         host.stopping.store(true, Ordering::SeqCst);
         self.server.stop();
-        let deadline = Instant::now() + host.settings.shutdown_timeout;
         // Whatever the drivers do, the stop ends by then.
         let hard = deadline + STOP_MARGIN;
         while host.in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {

@@ -292,6 +292,8 @@ pub trait DynService: Send + Sync {
     fn last_reconcile(&self) -> Option<ReconcileCounts>;
     /// How many records it has.
     fn records(&self) -> usize;
+    /// How many records one backend holds.
+    fn records_on(&self, backend: &str) -> usize;
     /// Runs every backend's cleanup at host stop, once no request is in flight.
     fn cleanup(&self);
 }
@@ -327,6 +329,9 @@ impl<S: Service> DynService for S {
     }
     fn records(&self) -> usize {
         Service::records(self).len()
+    }
+    fn records_on(&self, backend: &str) -> usize {
+        Service::records(self).count(backend)
     }
     fn cleanup(&self) {
         Service::cleanup(self)

@@ -287,6 +287,11 @@ impl<R: Record> Records<R> {
         self.map().values().filter(|r| r.backend() == backend).map(|r| r.name().to_owned()).collect()
     }
 
+    /// How many records one backend holds.
+    pub(crate) fn count(&self, backend: &str) -> usize {
+        self.map().values().filter(|r| r.backend() == backend).count()
+    }
+
     /// How many records there are.
     pub(crate) fn len(&self) -> usize {
         self.map().len()
