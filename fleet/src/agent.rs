@@ -265,14 +265,16 @@ async fn serve(
     mut commands: tokio::sync::mpsc::UnboundedReceiver<Command>,
 ) {
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel::<Event>();
-    let opts = connect_options(format!("plughost {}", settings.host), settings.credentials.as_ref()).event_callback(
-        move |e| {
+    // Its own inbox prefix (JetStream acks come back there): the broker can let each host read only its
+    // own answers.
+    let opts = connect_options(format!("plughost {}", settings.host), settings.credentials.as_ref())
+        .custom_inbox_prefix(subject::inbox_prefix(&settings.host))
+        .event_callback(move |e| {
             let tx = events_tx.clone();
             async move {
                 let _ = tx.send(e);
             }
-        },
-    );
+        });
     let client = match opts.connect(settings.urls.clone()).await {
         Ok(c) => c,
         Err(e) => {

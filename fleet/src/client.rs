@@ -42,6 +42,14 @@ pub enum ClientError {
         /// How long the caller waited.
         timeout: Duration,
     },
+    /// The broker would not carry the request (the user may not publish there): it never ran.
+    #[error("fleet: the broker refused to carry the request on {subject}: {reason} (the request was not run)")]
+    Refused {
+        /// The subject.
+        subject: String,
+        /// What the broker said.
+        reason: String,
+    },
     /// The broker refused or failed the call.
     #[error("fleet: {0}")]
     Broker(String),
@@ -64,6 +72,8 @@ pub struct Client {
     runtime: tokio::runtime::Runtime,
     client: async_nats::Client,
     fleet: String,
+    /// The last error the server sent (a permissions violation comes this way, not as an answer).
+    server_error: std::sync::Arc<std::sync::Mutex<Option<String>>>,
 }
 
 fn now_ms() -> u64 {
@@ -94,7 +104,14 @@ impl Client {
             }
             None => ConnectOptions::new(),
         };
-        opts = opts.name("plughost ctl").connection_timeout(timeout).max_reconnects(Some(1));
+        let server_error = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let seen = server_error.clone();
+        opts = opts.name("plughost ctl").connection_timeout(timeout).max_reconnects(Some(1)).event_callback(move |e| {
+            if let async_nats::Event::ServerError(e) = e {
+                *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+            }
+            async {}
+        });
         if let Some(user) = credentials.and_then(Credentials::user) {
             opts = opts.custom_inbox_prefix(subject::inbox_prefix(user));
         }
@@ -102,7 +119,7 @@ impl Client {
             .block_on(async { tokio::time::timeout(timeout, opts.connect(urls.to_vec())).await })
             .map_err(|_| connect(format!("no connection within {timeout:?}")))?
             .map_err(|e| connect(e.to_string()))?;
-        Ok(Client { runtime, client, fleet: fleet.to_owned() })
+        Ok(Client { runtime, client, fleet: fleet.to_owned(), server_error })
     }
 
     /// The fleet.
@@ -120,9 +137,23 @@ impl Client {
         api: u32,
         timeout: Duration,
     ) -> Result<Vec<u8>, ClientError> {
+        self.request_until(host, subject, payload, api, now_ms() + timeout.as_millis() as u64, timeout)
+    }
+
+    /// [`request`](Self::request) with the deadline the host sees (milliseconds since the epoch) set
+    /// apart from how long this caller waits: a test stands in for a request that arrives late.
+    pub fn request_until(
+        &self,
+        host: &str,
+        subject: &str,
+        payload: &[u8],
+        api: u32,
+        deadline_ms: u64,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, ClientError> {
         let mut headers = HeaderMap::new();
         headers.insert(subject::HEADER_API, api.to_string().as_str());
-        headers.insert(subject::HEADER_DEADLINE, (now_ms() + timeout.as_millis() as u64).to_string().as_str());
+        headers.insert(subject::HEADER_DEADLINE, deadline_ms.to_string().as_str());
         headers.insert(subject::HEADER_REQUEST_ID, format!("{:x}-{}", now_ms(), std::process::id()).as_str());
         let request =
             async_nats::Request::new().payload(Bytes::copy_from_slice(payload)).headers(headers).timeout(Some(timeout));
@@ -136,7 +167,13 @@ impl Client {
                     subject: subject.to_owned(),
                 },
                 async_nats::client::RequestErrorKind::TimedOut => {
-                    ClientError::Timeout { host: host.to_owned(), subject: subject.to_owned(), timeout }
+                    match self.server_error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                        // The broker refused to carry it: it never reached the host.
+                        Some(e) if e.to_lowercase().contains("permission") => {
+                            ClientError::Refused { subject: subject.to_owned(), reason: e }
+                        }
+                        _ => ClientError::Timeout { host: host.to_owned(), subject: subject.to_owned(), timeout },
+                    }
                 }
                 _ => ClientError::Broker(e.to_string()),
             }),

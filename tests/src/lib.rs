@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod fixtures;
+pub mod nats;
 pub mod process;
 pub mod procs;
 

@@ -69,6 +69,23 @@ pub struct Remote {
     pub host: String,
 }
 
+/// The subject a request line goes to on `host`: its service, the backend it names and its class. A
+/// line that does not parse goes to the host's own read subject (the host answers why it does not).
+pub fn subject_for_line(fleet: &str, host: &str, line: &str) -> String {
+    let kind = |name: &str| -> Result<crate::control::request::OpParser, crate::control::protocol::ApiError> {
+        crate::services::kinds::kind(name).map(|k| k.parse).ok_or_else(|| {
+            crate::control::protocol::ApiError::new(crate::control::protocol::ErrorKind::UnknownService, name)
+        })
+    };
+    match crate::control::request::parse_request(line, &kind) {
+        Ok(req) => {
+            let backend = crate::runtime::named_backend(&req.body).ok().flatten();
+            subject::rpc(fleet, host, req.body.service(), backend.as_deref(), Class::of(req.body.reads()))
+        }
+        Err(_) => subject::rpc(fleet, host, None, None, Class::Read),
+    }
+}
+
 /// Sends one request line to `host` and reads its answer.
 fn send(client: &Client, host: &str, req: &Request<'_>, timeout: Duration) -> Result<(String, Answer), CtlError> {
     let body = &req.body;

@@ -161,7 +161,8 @@ impl Host {
         }
     }
 
-    /// Reports at once when a backend went up or down or changed driver since the last look.
+    /// Reports at once when a backend went up or down, changed driver, or first knew its capacity, since
+    /// the last look.
     pub(super) fn report_if_changed(&self) {
         let fleet = self.fleet.lock().unwrap_or_else(|p| p.into_inner());
         let Some(agent) = fleet.as_ref() else { return };
@@ -169,9 +170,10 @@ impl Host {
             .services
             .iter()
             .flat_map(|s| {
-                s.backends()
-                    .iter()
-                    .map(move |b| format!("{}/{}:{:?}:{};", s.kind().name, b.name(), b.health(), b.active_digest()))
+                s.backends().iter().map(move |b| {
+                    let capacity = s.capacity(b.name()).is_some();
+                    format!("{}/{}:{:?}:{}:{capacity};", s.kind().name, b.name(), b.health(), b.active_digest())
+                })
             })
             .collect();
         let mut last = self.shape.lock().unwrap_or_else(|p| p.into_inner());

@@ -11,6 +11,7 @@ mod architecture;
 mod authoring;
 mod compat;
 mod durability;
+mod fleet;
 mod instances;
 mod isolation;
 mod loader;

@@ -12,7 +12,7 @@ use plughost_tests::{workspace_root, TempDir};
 use serde_json::{json, Value};
 
 /// The `> request` / `< answer` pairs of every `jsonl` block, in order.
-fn examples() -> Vec<(String, String)> {
+pub(crate) fn examples() -> Vec<(String, String)> {
     let doc = std::fs::read_to_string(workspace_root().join("docs/protocol.md")).unwrap();
     let mut out = Vec::new();
     let mut inside = false;
@@ -111,7 +111,7 @@ fn documented_examples_parse_into_the_protocol_types_and_back() {
     }
 }
 
-fn keys(v: &Value) -> BTreeSet<String> {
+pub(crate) fn keys(v: &Value) -> BTreeSet<String> {
     match v {
         Value::Object(m) => m.keys().cloned().collect(),
         Value::Array(a) => a.first().map(keys).unwrap_or_default(),

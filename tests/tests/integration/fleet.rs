@@ -1,0 +1,443 @@
+//! The fleet, against real nats-server processes on loopback and real hosts with their own state dirs:
+//! remote requests land on the host named and nowhere else, every documented request round-trips over
+//! the broker, the services table, placement and its alternates, a broker outage, deadlines, auth.
+
+use std::time::{Duration, Instant};
+
+use plughost_tests::nats::Nats;
+use plughost_tests::process::{run, Daemon, Ran};
+use plughost_tests::TempDir;
+use serde_json::{json, Value};
+
+const FLEET: &str = "t";
+
+/// A host of fleet `t` with a fake-volume backend of `capacity`, reporting every `every`, down after
+/// `down`.
+fn host(nats: &Nats, dir: &TempDir, name: &str, capacity: &str, every: &str, down: &str, extra: &[&str]) -> Daemon {
+    let cap = format!("capacity={capacity}");
+    let mut args = vec![
+        "--volume-driver",
+        "fake-volume",
+        "--volume-opt",
+        &cap,
+        "--compute-driver",
+        "none",
+        "--fleet-url",
+        &nats.url,
+        "--fleet-name",
+        FLEET,
+        "--host-name",
+        name,
+        "--fleet-report-interval",
+        every,
+        "--fleet-service-down-time",
+        down,
+    ];
+    args.extend_from_slice(extra);
+    Daemon::start(dir.path(), &args)
+}
+
+/// `plughost SUBCOMMAND --fleet-url URL --fleet-name t ARGS...`.
+fn fleet_cmd(nats: &Nats, sub: &[&str], args: &[&str]) -> Ran {
+    let mut all: Vec<&str> = sub.to_vec();
+    all.extend(["--fleet-url", &nats.url, "--fleet-name", FLEET]);
+    all.extend_from_slice(args);
+    run(&all)
+}
+
+/// The services table as `fleet status --json` shows it, by host.
+fn table(nats: &Nats) -> Vec<Value> {
+    let r = fleet_cmd(nats, &["fleet", "status"], &["--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    serde_json::from_str::<Value>(&r.stdout).unwrap().as_array().unwrap().clone()
+}
+
+fn wait_for(what: &str, secs: u64, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn names(list: &Value) -> Vec<String> {
+    list.as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap().to_owned()).collect()
+}
+
+#[test]
+fn three_hosts_serve_their_own_subjects_report_and_take_placements() {
+    let Some(nats) = Nats::start("three") else { return };
+    let dirs = [TempDir::new("fleet-h1"), TempDir::new("fleet-h2"), TempDir::new("fleet-h3")];
+    let mut h1 = host(&nats, &dirs[0], "h1", "1GiB", "300ms", "1500ms", &["--fleet-label", "disk=ssd"]);
+    let mut h2 = host(&nats, &dirs[1], "h2", "2GiB", "300ms", "1500ms", &[]);
+    // h3 reports rarely: its row keeps what it said until the test has filled it behind its back.
+    let mut h3 = host(&nats, &dirs[2], "h3", "3GiB", "20s", "60s", &[]);
+
+    // Every host in the table, up, with its capacity known.
+    wait_for("three hosts up with their capacity", 30, || {
+        let rows = table(&nats);
+        rows.len() == 3
+            && rows.iter().all(|r| {
+                r["state"] == "up" && r["report"]["services"][0]["backends"][0]["free_bytes"].as_u64().is_some()
+            })
+    });
+
+    // A create through --host h2 lands on h2 and nowhere else.
+    let r = fleet_cmd(&nats, &["ctl"], &["--host", "h2", "volume", "create", "v", "--size", "10MiB"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("size: 10485760"), "{}", r.stdout);
+    assert_eq!(names(&h2.ok("volume", "list", json!({}))), ["v"]);
+    assert!(names(&h1.ok("volume", "list", json!({}))).is_empty());
+    assert!(names(&h3.ok("volume", "list", json!({}))).is_empty());
+    // The same output and exit codes as the local socket.
+    let remote = fleet_cmd(&nats, &["ctl"], &["--host", "h2", "volume", "get", "v"]);
+    let local = run(&["ctl", "--socket", h2.socket.to_str().unwrap(), "volume", "get", "v"]);
+    assert_eq!((remote.code, &remote.stdout), (local.code, &local.stdout));
+    let remote = fleet_cmd(&nats, &["ctl"], &["--host", "h1", "volume", "get", "v"]);
+    assert_eq!(remote.code, 1);
+    assert_eq!(remote.stderr, "plughost: not_found: volume \"v\" not found\n");
+
+    // Placement: the most free host; a negative weigher turns it round; filters say why.
+    let place = |args: &[&str]| {
+        let mut all = vec!["volume"];
+        all.extend_from_slice(args);
+        fleet_cmd(&nats, &["place"], &all)
+    };
+    let r = place(&["--size", "100MiB"]);
+    assert_eq!((r.code, r.stdout.as_str()), (0, "h3\n"), "{}", r.stderr);
+    let r = place(&["--size", "100MiB", "--weigher", "free=-1"]);
+    assert_eq!((r.code, r.stdout.as_str()), (0, "h1\n"), "{}", r.stderr);
+    let r = place(&["--size", "1MiB", "--label", "disk=ssd", "--explain"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.starts_with("h1 chosen"), "{}", r.stdout);
+    assert!(r.stdout.contains("h2 dropped by labels"), "{}", r.stdout);
+    assert!(r.stdout.contains("labels     FAIL  disk=ssd (has none)"), "{}", r.stdout);
+    let r = place(&["--size", "2500MiB", "--explain"]);
+    assert!(r.stdout.contains("h1 dropped by capacity") && r.stdout.contains("h2 dropped by capacity"), "{}", r.stdout);
+    let r = place(&["--size", "5GiB"]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr.contains("no host passes the filters: h1 (capacity), h2 (capacity), h3 (capacity)"),
+        "{}",
+        r.stderr
+    );
+
+    // Fill h3 behind the table's back: --create goes to h3 (it still looks the most free), which
+    // answers no_capacity, and then to the alternate.
+    h3.ok("volume", "create", json!({"name": "fill", "size": "2900MiB"}));
+    let r = place(&["--size", "500MiB", "--create", "pv"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.stdout, "created volume \"pv\" on h2\n");
+    assert!(r.stderr.contains("host h3: no_capacity"), "{}", r.stderr);
+    assert_eq!(names(&h2.ok("volume", "list", json!({}))).len(), 2);
+    assert_eq!(names(&h3.ok("volume", "list", json!({}))), ["fill"]);
+
+    // A host killed: requests to it fail at once (no responders, not a timeout), and the table calls
+    // it down once its last report is older than its service_down_time.
+    h2.kill9();
+    let r = fleet_cmd(&nats, &["ctl"], &["--host", "h2", "ping"]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("host h2: no responders"), "{}", r.stderr);
+    wait_for("h2 down in the table", 20, || table(&nats).iter().any(|r| r["host"] == "h2" && r["state"] == "down"));
+    let r = place(&["--size", "1MiB", "--explain"]);
+    assert!(r.stdout.contains("h2 dropped by up"), "{}", r.stdout);
+    let text = fleet_cmd(&nats, &["fleet", "status"], &[]);
+    assert!(text.stdout.lines().any(|l| l.starts_with("h2") && l.contains("down")), "{}", text.stdout);
+
+    // A graceful stop reports `stopping` before the host goes.
+    let (code, _) = h1.stop();
+    assert_eq!(code, 0);
+    let row = table(&nats).into_iter().find(|r| r["host"] == "h1").unwrap();
+    assert!(row["state"] == "stopping" || row["state"] == "down", "{row}");
+}
+
+#[test]
+fn every_documented_request_round_trips_over_the_fleet() {
+    let Some(nats) = Nats::start("doc") else { return };
+    let t = TempDir::new("fleet-doc");
+    let url = nats.url.clone();
+    let _d = Daemon::start(
+        t.path(),
+        &[
+            "--volume-driver",
+            "fake-volume",
+            "--compute-driver",
+            "fake-compute",
+            "--fleet-url",
+            &url,
+            "--fleet-name",
+            FLEET,
+            "--host-name",
+            "doc",
+        ],
+    );
+    let client = plughost_fleet::Client::connect(&[url], FLEET, None, Duration::from_secs(10)).unwrap();
+    wait_for("the host to listen", 20, || {
+        let s = host::control::fleet::subject_for_line(FLEET, "doc", r#"{"op":"ping"}"#);
+        client.request("doc", &s, br#"{"op":"ping"}"#, 1, Duration::from_secs(5)).is_ok()
+    });
+    let mut checked = 0;
+    for (req, ans) in crate::protocol::examples() {
+        let subject = host::control::fleet::subject_for_line(FLEET, "doc", &req);
+        let got = client.request("doc", &subject, req.as_bytes(), 1, Duration::from_secs(10)).unwrap();
+        let got: Value = serde_json::from_slice(&got).unwrap();
+        let want: Value = serde_json::from_str(&ans).unwrap();
+        assert_eq!(got["id"], want["id"], "{req}");
+        assert_eq!(got["ok"], want["ok"], "{req}\ngot {got}");
+        if want["ok"] == false {
+            assert_eq!(got["error"], want["error"], "{req}");
+        } else if req.contains(r#""op": "audit""#) {
+            // Entries of requests through the fleet say so, and carry no uid or pid.
+            let entries = got["result"].as_array().unwrap();
+            let fleet = |e: &Value| e["via"] == "fleet" && e.get("uid").is_none() && e.get("pid").is_none();
+            assert!(!entries.is_empty() && entries.iter().all(fleet), "{got}");
+        } else if req.contains(r#""op": "status""#) {
+            // Status gains the fleet section, and has everything else it has on the socket.
+            let mut keys = crate::protocol::keys(&got["result"]);
+            assert!(keys.remove("fleet"), "{got}");
+            assert_eq!(keys, crate::protocol::keys(&want["result"]), "{req}\ngot {got}");
+        } else {
+            assert_eq!(
+                crate::protocol::keys(&got["result"]),
+                crate::protocol::keys(&want["result"]),
+                "{req}\ngot {got}"
+            );
+        }
+        checked += 1;
+    }
+    assert!(checked >= 15, "{checked}");
+
+    // A subject that says something else than its payload is refused.
+    let create = r#"{"id":1,"service":"volume","op":"create","args":{"name":"x","size":1}}"#;
+    let wrong = [
+        ("ph.t.rpc.doc.compute._.admin", "invalid_request"),
+        ("ph.t.rpc.doc.volume.fast.admin", "invalid_request"),
+        ("ph.t.rpc.doc.volume._.read", "permission_denied"),
+    ];
+    for (subject, kind) in wrong {
+        let got: Value = serde_json::from_slice(
+            &client.request("doc", subject, create.as_bytes(), 1, Duration::from_secs(10)).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(got["error"]["kind"], kind, "{subject}: {got}");
+    }
+    // A remote swap names drivers by NAME only.
+    let swap = r#"{"id":2,"service":"volume","op":"swap","args":{"driver":"/tmp/x/libevil.so"}}"#;
+    let got: Value = serde_json::from_slice(
+        &client.request("doc", "ph.t.rpc.doc.volume._.admin", swap.as_bytes(), 1, Duration::from_secs(10)).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(got["error"]["kind"], "permission_denied", "{got}");
+    assert!(got["error"]["message"].as_str().unwrap().contains("never by path"), "{got}");
+}
+
+#[test]
+fn a_broker_outage_leaves_local_sockets_alone_and_late_requests_are_not_run() {
+    let Some(mut nats) = Nats::start("outage") else { return };
+    let dirs = [TempDir::new("fleet-o1"), TempDir::new("fleet-o2")];
+    let hosts = [
+        host(&nats, &dirs[0], "o1", "1GiB", "300ms", "1500ms", &[]),
+        host(&nats, &dirs[1], "o2", "1GiB", "300ms", "1500ms", &[]),
+    ];
+    wait_for("both hosts reporting", 30, || table(&nats).iter().filter(|r| r["state"] == "up").count() == 2);
+
+    // Two clients on each host's socket for the whole outage.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = hosts
+        .iter()
+        .flat_map(|h| [h.socket.clone(), h.socket.clone()])
+        .enumerate()
+        .map(|(i, socket)| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut c = plughost_tests::process::Client::connect(&socket);
+                let (mut ok, mut failed) = (0u64, Vec::new());
+                let mut n = 0;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    n += 1;
+                    match c.call("volume", "create", json!({"name": format!("c{i}-{n}"), "size": 1})) {
+                        Some(v) if v["ok"] == true => ok += 1,
+                        other => failed.push(format!("{other:?}")),
+                    }
+                    match c.call("", "status", json!({})) {
+                        Some(v) if v["ok"] == true => {}
+                        other => failed.push(format!("{other:?}")),
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    nats.kill();
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut status = plughost_tests::process::Client::connect(&hosts[0].socket);
+    let mut ask = |service: &str, op: &str, args: Value| status.call(service, op, args).expect("an answer");
+    let fleet = ask("", "status", json!({}))["result"]["fleet"].clone();
+    assert_eq!(fleet["state"], "disconnected", "{fleet}");
+    nats.restart();
+    let restarted = Instant::now();
+    // Every host reports again (fresh rows), well within a second plus a report interval.
+    wait_for("both hosts reporting again", 20, || {
+        let rows = table(&nats);
+        rows.len() == 2 && rows.iter().all(|r| r["age_ms"].as_u64().unwrap() < restarted.elapsed().as_millis() as u64)
+    });
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for c in clients {
+        let (ok, failed) = c.join().unwrap();
+        assert!(ok > 0);
+        assert!(failed.is_empty(), "local requests failed during the outage: {failed:?}");
+    }
+    let fleet = ask("", "status", json!({}))["result"]["fleet"].clone();
+    assert_eq!(fleet["state"], "connected", "{fleet}");
+
+    // A request that arrives after its deadline is answered timeout and not run: no volume, no audit
+    // entry.
+    let client = plughost_fleet::Client::connect(&[nats.url.clone()], FLEET, None, Duration::from_secs(10)).unwrap();
+    let line = r#"{"id":7,"service":"volume","op":"create","args":{"name":"late","size":1}}"#;
+    let past = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64 - 1;
+    let got =
+        client.request_until("o1", "ph.t.rpc.o1.volume._.admin", line.as_bytes(), 1, past, Duration::from_secs(10));
+    let got: Value = serde_json::from_slice(&got.unwrap()).unwrap();
+    assert_eq!((got["id"].clone(), got["error"]["kind"].clone()), (json!(7), json!("timeout")), "{got}");
+    assert_eq!(ask("volume", "get", json!({"name": "late"}))["error"]["kind"], "not_found");
+    let audit = ask("", "audit", json!({}))["result"].clone();
+    assert!(!audit.to_string().contains("late"), "{audit}");
+    let fleet = ask("", "status", json!({}))["result"]["fleet"].clone();
+    assert_eq!(fleet["expired"], 1, "{fleet}");
+}
+
+/// The server config of docs/fleet.md, on `port` with its store in `dir`.
+fn documented_server_config(port: u16, dir: &TempDir) -> std::path::PathBuf {
+    let doc = std::fs::read_to_string(plughost_tests::workspace_root().join("docs/fleet.md")).unwrap();
+    let block = doc.split("```conf\n").nth(1).unwrap().split("```").next().unwrap();
+    let conf = block
+        .replace("listen: 127.0.0.1:4222", &format!("listen: 127.0.0.1:{port}"))
+        .replace("/var/lib/nats", dir.join("js-doc").to_str().unwrap());
+    let path = dir.join("nats-server.conf");
+    std::fs::write(&path, conf).unwrap();
+    path
+}
+
+fn creds(dir: &TempDir, user: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(format!("{user}.creds"));
+    std::fs::write(&path, format!("{user}:{user}-secret\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+#[test]
+fn the_documented_server_config_keeps_readers_to_reading_and_the_audit_names_the_user() {
+    let port = plughost_tests::nats::free_port();
+    let conf_dir = TempDir::new("fleet-auth-conf");
+    let conf = documented_server_config(port, &conf_dir);
+    let Some(nats) = Nats::start_on("auth", port, &["-c", conf.to_str().unwrap()]) else { return };
+    let t = TempDir::new("fleet-auth");
+    let h1_creds = creds(&conf_dir, "h1");
+    let mut h1 = Daemon::start(
+        t.path(),
+        &[
+            "--volume-driver",
+            "fake-volume",
+            "--compute-driver",
+            "none",
+            "--fleet-url",
+            &nats.url,
+            "--fleet-name",
+            "prod",
+            "--host-name",
+            "h1",
+            "--fleet-credentials",
+            &h1_creds,
+            "--fleet-report-interval",
+            "300ms",
+            "--fleet-service-down-time",
+            "2s",
+        ],
+    );
+    let (admin, reader) = (creds(&conf_dir, "admin"), creds(&conf_dir, "reader"));
+    let as_user = |creds: &str, args: &[&str]| {
+        let mut all = vec!["ctl", "--fleet-url", &nats.url, "--fleet-name", "prod", "--fleet-credentials", creds];
+        all.extend(["--timeout", "3s", "--host", "h1"]);
+        all.extend_from_slice(args);
+        run(&all)
+    };
+    wait_for("h1 to serve", 20, || as_user(&admin, &["ping"]).code == 0);
+
+    // The admin changes; the reader reads, and the table is open to it.
+    let r = as_user(&admin, &["volume", "create", "v", "--size", "1MiB"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = as_user(&reader, &["volume", "list"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("v "), "{}", r.stdout);
+    wait_for("h1 in the table, read by the reader", 20, || {
+        let r =
+            run(&["fleet", "status", "--fleet-url", &nats.url, "--fleet-name", "prod", "--fleet-credentials", &reader]);
+        r.code == 0 && r.stdout.lines().any(|l| l.starts_with("h1") && l.contains(" up "))
+    });
+
+    // A reader publishing on an admin subject: the server refuses to carry it, and nothing ran.
+    let r = as_user(&reader, &["volume", "delete", "v"]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr.contains("the broker refused to carry the request") && r.stderr.contains("not run"),
+        "{}",
+        r.stderr
+    );
+    // A reader sending a change on a read subject: the host refuses it.
+    let client = plughost_fleet::Client::connect(
+        std::slice::from_ref(&nats.url),
+        "prod",
+        Some(&plughost_fleet::Credentials::UserPassword { user: "reader".into(), password: "reader-secret".into() }),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let delete = br#"{"id":3,"service":"volume","op":"delete","args":{"name":"v"}}"#;
+    let got = client.request("h1", "ph.prod.rpc.h1.volume._.read", delete, 1, Duration::from_secs(5)).unwrap();
+    let got: Value = serde_json::from_slice(&got).unwrap();
+    assert_eq!(got["error"]["kind"], "permission_denied", "{got}");
+    assert_eq!(names(&h1.ok("volume", "list", json!({}))), ["v"]);
+
+    // The audit log says who, and how.
+    let audit = h1.ok("", "audit", json!({}));
+    let seen: Vec<(String, String, String, String)> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let s = |k: &str| e[k].as_str().unwrap_or("-").to_owned();
+            (s("via"), s("user"), s("op"), s("outcome"))
+        })
+        .collect();
+    let want = |via: &str, user: &str, op: &str, outcome: &str| (via.into(), user.into(), op.into(), outcome.into());
+    assert_eq!(
+        seen,
+        [want("fleet", "admin", "create", "ok"), want("fleet", "reader", "delete", "permission_denied")],
+        "{audit}"
+    );
+}
+
+#[test]
+fn a_host_starts_without_its_broker_and_joins_when_it_comes() {
+    if plughost_tests::nats::binary().is_none() {
+        let _ = Nats::start("absent");
+        return;
+    }
+    let port = plughost_tests::nats::free_port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let t = TempDir::new("fleet-late");
+    let mut d = Daemon::start(
+        t.path(),
+        &["--volume-driver", "fake-volume", "--compute-driver", "none", "--fleet-url", &url, "--host-name", "late"],
+    );
+    let fleet = d.ok("", "status", json!({}))["fleet"].clone();
+    assert_eq!(fleet["state"], "connecting", "{fleet}");
+    d.ok("volume", "create", json!({"name": "v", "size": 1}));
+    let Some(nats) = Nats::start_on("late", port, &[]) else { return };
+    wait_for("the host to connect and report", 20, || {
+        let r = run(&["fleet", "status", "--fleet-url", &nats.url]);
+        r.stdout.lines().any(|l| l.starts_with("late") && l.contains(" up "))
+    });
+    assert_eq!(d.ok("", "status", json!({}))["fleet"]["state"], "connected");
+}
