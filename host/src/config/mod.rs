@@ -90,3 +90,86 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod fleet_tests {
+    use super::*;
+    use std::path::Path;
+
+    fn fleet(text: &str, flags: RunFlags) -> Result<Option<FleetSpec>, String> {
+        let file = parse(Path::new("c.toml"), text).map_err(|e| e.to_string())?;
+        let mut flags = flags;
+        flags.services.0.insert("volume", ServiceFlags { driver: Some("fake-volume".into()), ..Default::default() });
+        resolve(&flags, &file)
+            .map(|s| s.fleet)
+            .map_err(|e| e.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
+    }
+
+    #[test]
+    fn off_unless_a_url_is_given_and_flags_win() {
+        assert_eq!(fleet("", RunFlags::default()).unwrap(), None);
+        assert_eq!(fleet("[fleet]\nname = \"prod\"\n", RunFlags::default()).unwrap(), None);
+        let f = fleet(
+            "[fleet]\nurl = \"nats://127.0.0.1:4222\"\nhost = \"from-file\"\nreport_interval = \"2s\"\n[fleet.labels]\ndisk = \"ssd\"\n",
+            RunFlags { host_name: Some("from-flag".into()), fleet_labels: vec!["rack=r1".into()], ..Default::default() },
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(f.settings.host, "from-flag");
+        assert_eq!(f.settings.name, "default");
+        assert_eq!(f.settings.report_interval, std::time::Duration::from_secs(2));
+        assert_eq!(f.settings.service_down_time, std::time::Duration::from_secs(60));
+        assert_eq!(f.settings.labels.len(), 2);
+        let f = fleet(
+            "[fleet]\nurl = [\"nats://127.0.0.1:1\", \"nats://127.0.0.1:2\"]\nhost = \"h\"\n",
+            RunFlags::default(),
+        );
+        assert_eq!(f.unwrap().unwrap().settings.urls.len(), 2);
+    }
+
+    #[test]
+    fn bad_fleet_settings_are_refused_naming_the_key() {
+        let url = "[fleet]\nurl = \"nats://127.0.0.1:4222\"\n";
+        let e = fleet(&format!("{url}host = \"web.1\"\n"), RunFlags::default()).unwrap_err();
+        assert!(e.contains("fleet host \"web.1\": character '.'"), "{e}");
+        let e = fleet(&format!("{url}host = \"h\"\nreport_interval = \"30s\"\n"), RunFlags::default()).unwrap_err();
+        assert!(e.contains("fleet.service_down_time 60s must be more than twice fleet.report_interval 30s"), "{e}");
+        let e = fleet("[fleet]\nurl = \"nats://10.1.2.3:4222\"\nhost = \"h\"\n", RunFlags::default()).unwrap_err();
+        assert!(e.contains("without TLS"), "{e}");
+        assert!(fleet(
+            "[fleet]\nurl = \"nats://10.1.2.3:4222\"\nhost = \"h\"\nallow_plaintext = true\n",
+            RunFlags::default()
+        )
+        .unwrap()
+        .is_some());
+        let e = fleet(&format!("{url}host = \"h\"\nbogus = 1\n"), RunFlags::default()).unwrap_err();
+        assert!(e.contains("unknown field `bogus`"), "{e}");
+    }
+
+    #[test]
+    fn a_credentials_file_others_could_write_or_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("plughost-creds-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let creds = dir.join("fleet.creds");
+        std::fs::write(&creds, "h1:secret\n").unwrap();
+        let check = |mode: u32| {
+            std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(mode)).unwrap();
+            read_credentials(&creds).map(|_| ()).map_err(|e| e.to_string())
+        };
+        assert_eq!(check(0o600), Ok(()));
+        let e = check(0o604).unwrap_err();
+        assert!(e.contains("readable by others") && e.contains("fleet.creds"), "{e}");
+        let e = check(0o620).unwrap_err();
+        assert!(e.contains("writable by group or others"), "{e}");
+        if crate::loading::trust::euid() == 0 {
+            std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).unwrap();
+            std::os::unix::fs::chown(&creds, Some(65534), Some(65534)).unwrap();
+            let e = read_credentials(&creds).map(|_| ()).unwrap_err().to_string();
+            assert!(e.contains("owned by another user"), "{e}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

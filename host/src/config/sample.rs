@@ -71,7 +71,23 @@ pub fn sample(drivers: &[DriverMeta]) -> String {
          # Refuse backends that pin no digest (digest = \"blake3:...\" next to driver)\n\
          # require_pins = false\n\
          # Let swap name a driver file outside the driver directories\n\
-         # allow_swap_paths = false\n",
+         # allow_swap_paths = false\n\n\
+         # Join a fleet over a NATS broker (off unless url is set; see docs/fleet.md)\n\
+         [fleet]\n\
+         # url = [\"tls://nats1.example:4222\", \"tls://nats2.example:4222\"]\n\
+         # name = \"default\"\n\
+         # This host's name: A-Z a-z 0-9 _ - (default: the hostname, dots turned into -)\n\
+         # host = \"h1\"\n\
+         # user:password, an nkey seed or a .creds file; mode 0600, owned by root or plughost's user\n\
+         # credentials = \"/etc/plughost/fleet.creds\"\n\
+         # report_interval = \"10s\"\n\
+         # A host whose last report is older is down (more than twice report_interval)\n\
+         # service_down_time = \"60s\"\n\
+         # request_workers = 8\n\
+         # Allow a nats:// URL off this machine without TLS\n\
+         # allow_plaintext = false\n\
+         # [fleet.labels]\n\
+         # disk = \"ssd\"\n",
     );
     for lib in drivers {
         out.push_str(&format!(
