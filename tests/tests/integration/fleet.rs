@@ -441,3 +441,97 @@ fn a_host_starts_without_its_broker_and_joins_when_it_comes() {
     });
     assert_eq!(d.ok("", "status", json!({}))["fleet"]["state"], "connected");
 }
+
+#[test]
+fn in_a_three_server_cluster_a_host_whose_server_dies_is_reached_through_another() {
+    if plughost_tests::nats::binary().is_none() {
+        let _ = Nats::start("cluster-absent");
+        return;
+    }
+    let ports: Vec<u16> = (0..3).map(|_| plughost_tests::nats::free_port()).collect();
+    let routes: Vec<u16> = (0..3).map(|_| plughost_tests::nats::free_port()).collect();
+    let all_routes = routes.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
+    let mut servers: Vec<Nats> = Vec::new();
+    for i in 0..3 {
+        let name = format!("n{i}");
+        let cluster = format!("nats://127.0.0.1:{}", routes[i]);
+        let args = ["-n", &name, "--cluster_name", "c", "--cluster", &cluster, "--routes", &all_routes];
+        let Some(n) = Nats::start_on(&format!("cluster-{i}"), ports[i], &args) else { return };
+        servers.push(n);
+    }
+    let urls = servers.iter().map(|n| n.url.clone()).collect::<Vec<_>>().join(",");
+    let t = TempDir::new("fleet-cluster");
+    let _h = Daemon::start(
+        t.path(),
+        &["--volume-driver", "fake-volume", "--compute-driver", "none", "--fleet-url", &urls, "--host-name", "hc"],
+    );
+    let ping = |url: &str| run(&["ctl", "--fleet-url", url, "--timeout", "1s", "--host", "hc", "ping"]);
+    wait_for("the host to answer through every server", 30, || servers.iter().all(|n| ping(&n.url).code == 0));
+    // Which server the host is on: kill that one.
+    let st = run(&["ctl", "--socket", t.join("plughost.sock").to_str().unwrap(), "--json", "status"]);
+    let st: Value = serde_json::from_str(&st.stdout).unwrap();
+    let server = st["result"]["fleet"]["server"].as_str().unwrap().to_owned();
+    let i = servers.iter().position(|n| n.url.ends_with(&server)).unwrap_or_else(|| panic!("{server} not ours"));
+    servers[i].kill();
+    let other = &servers[(i + 1) % 3].url;
+    wait_for("the host to be reached again through another server", 30, || ping(other).code == 0);
+    let st = run(&["ctl", "--socket", t.join("plughost.sock").to_str().unwrap(), "--json", "status"]);
+    let st: Value = serde_json::from_str(&st.stdout).unwrap();
+    assert_ne!(st["result"]["fleet"]["server"], server, "{st}");
+}
+
+#[test]
+fn a_full_queue_answers_busy_at_once_and_status_counts_it() {
+    let Some(nats) = Nats::start("busy") else { return };
+    let t = TempDir::new("fleet-busy");
+    let cfg = t.join("plughost.toml");
+    std::fs::write(&cfg, format!("[fleet]\nurl = \"{}\"\nname = \"t\"\nhost = \"b\"\nrequest_workers = 1\n", nats.url))
+        .unwrap();
+    let state = t.join("state");
+    let mut d = Daemon::start(
+        &state,
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--volume-driver",
+            "faulty",
+            "--volume-opt",
+            "delay_ms=200",
+            "--volume-opt",
+            "delay_in=get",
+            "--compute-driver",
+            "none",
+        ],
+    );
+    d.ok("volume", "create", json!({"name": "v", "size": 1}));
+    let url = nats.url.clone();
+    wait_for("the host to listen", 20, || {
+        run(&["ctl", "--fleet-url", &url, "--fleet-name", "t", "--host", "b", "ping"]).code == 0
+    });
+    // 1 worker and 16 places in the queue; 40 slow requests at once (each client connected first).
+    let barrier = std::sync::Barrier::new(40);
+    let answers: Vec<Value> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..40)
+            .map(|i| {
+                let (url, barrier) = (url.clone(), &barrier);
+                s.spawn(move || {
+                    let c = plughost_fleet::Client::connect(&[url], "t", None, Duration::from_secs(10)).unwrap();
+                    let line = format!(r#"{{"id":{i},"service":"volume","op":"get","args":{{"name":"v"}}}}"#);
+                    barrier.wait();
+                    let a = c.request("b", "ph.t.rpc.b.volume._.read", line.as_bytes(), 1, Duration::from_secs(60));
+                    serde_json::from_slice::<Value>(&a.unwrap()).unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let busy = answers.iter().filter(|a| a["error"]["kind"] == "busy").count();
+    let ok = answers.iter().filter(|a| a["ok"] == true).count();
+    assert_eq!(busy + ok, 40, "{answers:?}");
+    // At least the running one and the 16 queued are served; what came past them was refused at once.
+    assert!(busy >= 1 && ok >= 17, "busy {busy}, ok {ok}");
+    let busy_answer = answers.iter().find(|a| a["error"]["kind"] == "busy").unwrap();
+    assert!(busy_answer["error"]["message"].as_str().unwrap().contains("request_workers"), "{busy_answer}");
+    let fleet = d.ok("", "status", json!({}))["fleet"].clone();
+    assert_eq!(fleet["refused_busy"], busy as u64, "{fleet}");
+}
