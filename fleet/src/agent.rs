@@ -81,6 +81,8 @@ struct Shared {
     /// Requests queued or running, not answered yet.
     pending: AtomicUsize,
     stopping: AtomicBool,
+    /// The connection is closed (the stop is over): workers still running drop their answers.
+    closed: AtomicBool,
 }
 
 impl Shared {
@@ -213,6 +215,7 @@ impl Agent {
             failed_reports: AtomicU64::new(0),
             pending: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
         });
         let (commands, rx) = tokio::sync::mpsc::unbounded_channel();
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -301,12 +304,15 @@ async fn serve(
     let workers = settings.request_workers.max(1);
     let (jobs, queue) = std::sync::mpsc::sync_channel::<Job>(workers * 16);
     let queue = Arc::new(Mutex::new(queue));
-    let (answers_tx, mut answers) = tokio::sync::mpsc::unbounded_channel::<(String, String)>();
+    // Workers publish their answers themselves: handing the answer back to this thread first would cost
+    // one more thread wake-up per request (publishing is a send into the client's queue, which this
+    // runtime drains).
+    let runtime = tokio::runtime::Handle::current();
     let mut threads = Vec::new();
     for i in 0..workers {
         let queue = queue.clone();
         let responder = responder.clone();
-        let answers = answers_tx.clone();
+        let (client, runtime) = (client.clone(), runtime.clone());
         let shared = shared.clone();
         let t = std::thread::Builder::new().name(format!("fleet-req-{i}")).spawn(move || loop {
             let job = {
@@ -327,23 +333,17 @@ async fn serve(
                     request_id: job.request_id.as_deref(),
                 })
             };
-            match job.reply {
-                Some(reply) => {
-                    if answers.send((reply, answer)).is_err() {
-                        shared.pending.fetch_sub(1, Ordering::SeqCst);
-                    }
-                }
-                None => {
-                    shared.pending.fetch_sub(1, Ordering::SeqCst);
-                }
+            // Past the drain the connection is gone: the answer has nowhere to go.
+            if let Some(reply) = job.reply.filter(|_| !shared.closed.load(Ordering::SeqCst)) {
+                let _ = runtime.block_on(client.publish(reply, Bytes::from(answer)));
             }
+            shared.pending.fetch_sub(1, Ordering::SeqCst);
         });
         match t {
             Ok(t) => threads.push(t),
             Err(e) => log::error!("fleet: cannot start a request worker: {e}"),
         }
     }
-    drop(answers_tx);
 
     // The reporter: every interval, and at once when asked.
     let report_now = Arc::new(tokio::sync::Notify::new());
@@ -404,10 +404,6 @@ async fn serve(
                     let _ = client.publish(reply, Bytes::from(a)).await;
                 }
             }
-            Some((reply, a)) = answers.recv() => {
-                let _ = client.publish(reply, Bytes::from(a)).await;
-                shared.pending.fetch_sub(1, Ordering::SeqCst);
-            }
             Some(event) = events.recv() => match event {
                 Event::Connected => {
                     let info = client.server_info();
@@ -443,20 +439,16 @@ async fn serve(
     let _ = rpc.unsubscribe().await;
     let _ = all.unsubscribe().await;
     drop(jobs);
+    // The workers answer what they run; this runtime keeps carrying their answers meanwhile.
     while shared.pending.load(Ordering::SeqCst) > 0 && Instant::now() < until {
-        match tokio::time::timeout(until - Instant::now(), answers.recv()).await {
-            Ok(Some((reply, a))) => {
-                let _ = client.publish(reply, Bytes::from(a)).await;
-                shared.pending.fetch_sub(1, Ordering::SeqCst);
-            }
-            Ok(None) | Err(_) => break,
-        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let left = shared.pending.load(Ordering::SeqCst);
     if left > 0 {
         log::warn!("fleet: stopping with {left} remote request(s) unanswered after {drain:?}");
     }
     let _ = tokio::time::timeout(Duration::from_millis(200), client.flush()).await;
+    shared.closed.store(true, Ordering::SeqCst);
     drop(client);
     for t in threads {
         if t.is_finished() {

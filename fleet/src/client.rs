@@ -268,3 +268,60 @@ impl Client {
         })
     }
 }
+
+/// A trivial responder that answers every request on `subject` with its own payload, on a thread of
+/// its own: the floor that benchmarks measure a host's remote requests against.
+#[derive(Debug)]
+pub struct Echo {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Echo {
+    /// Starts answering on `subject` (ready when this returns).
+    pub fn start(url: &str, subject: &str) -> Result<Echo, ClientError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| ClientError::Broker(e.to_string()))?;
+        let client = runtime
+            .block_on(async_nats::connect(url))
+            .map_err(|e| ClientError::Connect { urls: url.to_owned(), reason: e.to_string() })?;
+        let mut sub = runtime
+            .block_on(async {
+                let s = client.subscribe(subject.to_owned()).await?;
+                client.flush().await.map_err(|e| {
+                    async_nats::SubscribeError::with_source(async_nats::client::SubscribeErrorKind::Other, e)
+                })?;
+                Ok::<_, async_nats::SubscribeError>(s)
+            })
+            .map_err(|e| ClientError::Broker(e.to_string()))?;
+        let (stop, mut stopped) = tokio::sync::oneshot::channel();
+        let thread = std::thread::spawn(move || {
+            runtime.block_on(async {
+                loop {
+                    tokio::select! {
+                        Some(msg) = sub.next() => {
+                            if let Some(reply) = msg.reply {
+                                let _ = client.publish(reply, msg.payload).await;
+                            }
+                        }
+                        _ = &mut stopped => break,
+                    }
+                }
+            });
+        });
+        Ok(Echo { stop: Some(stop), thread: Some(thread) })
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

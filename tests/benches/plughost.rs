@@ -744,6 +744,206 @@ fn call_isolated_benchmarks(out: &mut Vec<Metric>, work: &Path) {
     host::backend::BackendControl::cleanup(&isolated);
 }
 
+/// A synthetic report of host `name` for the placement benchmark.
+fn synthetic_report(name: &str, free: u64) -> plughost_fleet::report::Report {
+    use plughost_fleet::report::{BackendReport, HostState, Report, ServiceReport};
+    Report {
+        host: name.to_owned(),
+        fleet: "bench".to_owned(),
+        version: "0.1.0".to_owned(),
+        api: 1,
+        plugin_api: "1.2.0".to_owned(),
+        started_at: 0,
+        state: HostState::Up,
+        service_down_time_ms: 3_600_000,
+        labels: [("rack".to_owned(), format!("r{}", free % 10))].into(),
+        services: vec![ServiceReport {
+            name: "volume".to_owned(),
+            default_backend: "default".to_owned(),
+            backends: vec![BackendReport {
+                name: "default".to_owned(),
+                up: true,
+                reason: None,
+                driver: "file-volume".to_owned(),
+                driver_version: "1.0.0".to_owned(),
+                digest: format!("blake3:{}", "0".repeat(64)),
+                extensions: vec!["volume.revert".to_owned()],
+                total_bytes: Some(1 << 40),
+                free_bytes: Some(free),
+                records: free % 1000,
+                failures: 0,
+            }],
+        }],
+    }
+}
+
+/// Remote requests through a host against a raw NATS request-reply to a trivial responder (the floor)
+/// and the local socket, side by side; placement over 1,000 reports.
+fn fleet_benchmarks(out: &mut Vec<Metric>, work: &Path) {
+    use plughost_fleet::{Client, Echo};
+    let Some(nats) = plughost_tests::nats::Nats::start("bench") else {
+        println!("fleet: skipped (no nats-server; scripts/test.sh installs one)");
+        return;
+    };
+    let url = nats.url.clone();
+    let server = Server::start(
+        &work.join("fleet"),
+        &[
+            "--volume-driver",
+            "fake-volume",
+            "--compute-driver",
+            "none",
+            "--fleet-url",
+            &url,
+            "--fleet-name",
+            "bench",
+            "--host-name",
+            "b1",
+        ],
+    );
+    let _echo = Echo::start(&url, "bench.echo").unwrap();
+    let timeout = Duration::from_secs(10);
+    let ping = br#"{"id":1,"op":"ping"}"#;
+    let subject = "ph.bench.rpc.b1.host._.read";
+    let client = Client::connect(std::slice::from_ref(&url), "bench", None, timeout).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client.request("b1", subject, ping, 1, timeout).is_err() {
+        assert!(Instant::now() < deadline, "the host did not join the fleet");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut local = Conn::new(&server.socket);
+    let (mut remote, mut floor, mut sock) = (Vec::new(), Vec::new(), Vec::new());
+    let rounds = q(200, 10);
+    for _ in 0..q(20, 2) {
+        for _ in 0..rounds {
+            let t = Instant::now();
+            let a = client.request("b1", subject, ping, 1, timeout).unwrap();
+            remote.push(t.elapsed().as_secs_f64() * 1e6);
+            assert!(a.windows(11).any(|w| w == b"\"pong\":true"));
+            let t = Instant::now();
+            client.request("echo", "bench.echo", ping, 1, timeout).unwrap();
+            floor.push(t.elapsed().as_secs_f64() * 1e6);
+            let t = Instant::now();
+            assert!(local.ask("{\"id\":1,\"op\":\"ping\"}\n"));
+            sock.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    let floor_p50 = percentile(&mut floor, 0.5);
+    out.push(metric("fleet.1_requester.raw_nats_p50", floor_p50, "us", None, ""));
+    out.push(metric("fleet.1_requester.local_socket_ping_p50", percentile(&mut sock, 0.5), "us", None, ""));
+    out.push(metric(
+        "fleet.1_requester.remote_ping_p50",
+        percentile(&mut remote, 0.5),
+        "us",
+        Some(("fleet.1_requester.raw_nats_p50", floor_p50)),
+        "<= 1.5x",
+    ));
+    out.push(metric("fleet.1_requester.remote_ping_p99", percentile(&mut remote, 0.99), "us", None, ""));
+    // A request to a host that is down (nobody serves its subjects): the error comes back at once.
+    let mut down = Vec::new();
+    for _ in 0..q(200, 5) {
+        let t = Instant::now();
+        let e = client.request("gone", "ph.bench.rpc.gone.host._.read", ping, 1, timeout);
+        assert!(matches!(e, Err(plughost_fleet::ClientError::NoResponders { .. })), "{e:?}");
+        down.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    out.push(metric("fleet.down_host.error_p50", percentile(&mut down, 0.5), "us", None, "< 10 ms"));
+    out.push(metric("fleet.down_host.error_p99", percentile(&mut down, 0.99), "us", None, "< 10 ms"));
+
+    // 8 requesters, each with its own connection: the host's throughput, and the floor's.
+    let per = q(3000, 20);
+    let run8 = |host: &'static str, subject: &'static str| {
+        let barrier = Arc::new(std::sync::Barrier::new(9));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (url, barrier) = (url.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    let c = Client::connect(&[url], "bench", None, Duration::from_secs(10)).unwrap();
+                    barrier.wait();
+                    for _ in 0..per {
+                        c.request(host, subject, br#"{"id":1,"op":"ping"}"#, 1, Duration::from_secs(10)).unwrap();
+                    }
+                })
+            })
+            .collect();
+        barrier.wait();
+        let t = Instant::now();
+        for th in threads {
+            th.join().unwrap();
+        }
+        (8 * per) as f64 / t.elapsed().as_secs_f64()
+    };
+    let mut remote8 = Vec::new();
+    let mut floor8 = Vec::new();
+    for _ in 0..q(3, 1) {
+        remote8.push(run8("b1", "ph.bench.rpc.b1.host._.read"));
+        floor8.push(run8("echo", "bench.echo"));
+    }
+    let floor8 = median(&mut floor8);
+    out.push(metric("fleet.8_requesters.raw_nats_throughput", floor8, "req/s", None, ""));
+    out.push(metric(
+        "fleet.8_requesters.remote_ping_throughput",
+        median(&mut remote8),
+        "req/s",
+        Some(("fleet.8_requesters.raw_nats_throughput", floor8)),
+        ">= 15k req/s",
+    ));
+    drop(server);
+
+    // Placement over 1,000 synthetic host reports in the bucket.
+    let n = q(1000, 20);
+    for i in 0..n {
+        client.put_report(&synthetic_report(&format!("s{i:04}"), (i as u64 + 1) << 30)).unwrap();
+    }
+    let ask = plughost_fleet::place::Ask {
+        service: "volume".to_owned(),
+        backend: None,
+        size: Some(1 << 30),
+        labels: vec![("rack".to_owned(), "r4".to_owned())],
+        extensions: vec!["volume.revert".to_owned()],
+        min_api: 1,
+        weighers: vec![],
+        host_subset_size: 1,
+        service_down_time: Duration::from_secs(3600),
+    };
+    let (mut inproc, mut cli) = (Vec::new(), Vec::new());
+    for _ in 0..q(5, 1) {
+        let t = Instant::now();
+        let hosts = client.hosts().unwrap();
+        assert_eq!(hosts.len(), n + 1);
+        let p = plughost_fleet::place::place(&hosts, &ask).unwrap();
+        assert!(!p.ranked.is_empty());
+        inproc.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        let o = std::process::Command::new(release_dir().join("plughost"))
+            .args([
+                "place",
+                "volume",
+                "--size",
+                "1GiB",
+                "--label",
+                "rack=r4",
+                "--fleet-url",
+                &url,
+                "--fleet-name",
+                "bench",
+            ])
+            .args(["--service-down-time", "1h"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        cli.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    out.push(metric(&format!("fleet.place_{n}_hosts.read_and_place"), median(&mut inproc), "ms", None, "<= 200 ms"));
+    out.push(metric(
+        &format!("fleet.place_{n}_hosts.plughost_place_command"),
+        median(&mut cli),
+        "ms",
+        None,
+        "<= 200 ms",
+    ));
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; a filter argument selects groups by prefix.
     let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
@@ -772,6 +972,9 @@ fn main() {
     }
     if wanted("mutation") {
         mutation_benchmarks(&mut out, work.path());
+    }
+    if wanted("fleet") {
+        fleet_benchmarks(&mut out, work.path());
     }
 
     println!("{:<44} {:>12} {:<6} {:>9}  goal", "metric", "value", "unit", "ratio");

@@ -17,6 +17,7 @@ pub fn binary() -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(["/usr/sbin", "/usr/local/bin"].map(PathBuf::from))
+        .chain(std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/bin")))
         .map(|d| d.join("nats-server"))
         .find(|p| p.is_file())
 }

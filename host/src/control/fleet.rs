@@ -107,18 +107,18 @@ impl Remote {
     pub(crate) fn request(&self, req: &Request<'_>) -> Result<(String, Answer), CtlError> {
         plughost_fleet::names::check("--host", &self.host).map_err(CtlError::Usage)?;
         let client = self.connect.client()?;
+        // As nova's can_send_version: the host's last report says which version it speaks (a host that
+        // never reported, or a table the user may not read, leaves it to the host to answer).
         let need = crate::runtime::op_since(req.body.service(), req.body.op());
-        if need > 1 {
-            if let Ok(Some(HostEntry { report: Ok(r), .. })) = client.host(&self.host) {
-                if r.api < need {
-                    return Err(CtlError::Failed(format!(
-                        "host {} speaks protocol version {} (plughost {}); {} needs version {need}",
-                        self.host,
-                        r.api,
-                        r.version,
-                        req.body.op()
-                    )));
-                }
+        if let Ok(Some(HostEntry { report: Ok(r), .. })) = client.host(&self.host) {
+            if r.api < need {
+                return Err(CtlError::Failed(format!(
+                    "host {} speaks protocol version {} (plughost {}); {} needs version {need}: not sent",
+                    self.host,
+                    r.api,
+                    r.version,
+                    req.body.op()
+                )));
             }
         }
         send(&client, &self.host, req, self.connect.timeout()?)

@@ -97,6 +97,20 @@ pub(crate) fn agree(addressed: &Addressed, body: &Body<'_>) -> Result<(), ApiErr
 
 impl plughost_fleet::Responder for Host {
     fn answer(&self, request: &Incoming<'_>) -> String {
+        let limit = self.settings.max_request_bytes;
+        if request.payload.len() > limit {
+            // As on the socket: a request larger than max_request_bytes is not read.
+            return crate::control::request::answer(
+                None,
+                Err(ApiError::new(
+                    ErrorKind::InvalidRequest,
+                    format!(
+                        "request of {} bytes is longer than {limit} bytes (max_request_bytes)",
+                        request.payload.len()
+                    ),
+                )),
+            );
+        }
         let peer = Peer::remote(request.user, request.addressed.class() == Class::Admin);
         self.handle_with(request.payload, &peer, |body| agree(request.addressed, body))
     }

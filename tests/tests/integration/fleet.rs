@@ -82,6 +82,14 @@ fn three_hosts_serve_their_own_subjects_report_and_take_placements() {
             })
     });
 
+    // A broadcast reaches every host.
+    let client =
+        plughost_fleet::Client::connect(std::slice::from_ref(&nats.url), FLEET, None, Duration::from_secs(10)).unwrap();
+    let ping = br#"{"id":9,"op":"ping"}"#;
+    let answers = client.broadcast(plughost_fleet::subject::Class::Read, ping, 1, Duration::from_secs(1)).unwrap();
+    assert_eq!(answers.len(), 3);
+    assert!(answers.iter().all(|a| serde_json::from_slice::<Value>(a).unwrap()["result"]["pong"] == true));
+
     // A create through --host h2 lands on h2 and nowhere else.
     let r = fleet_cmd(&nats, &["ctl"], &["--host", "h2", "volume", "create", "v", "--size", "10MiB"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
@@ -221,6 +229,25 @@ fn every_documented_request_round_trips_over_the_fleet() {
         .unwrap();
         assert_eq!(got["error"]["kind"], kind, "{subject}: {got}");
     }
+    // A host whose report says it speaks an older protocol than an operation needs is not sent it.
+    let mut old = serde_json::from_value::<plughost_fleet::report::Report>(json!({
+        "host": "old", "fleet": FLEET, "version": "0.0.1", "api": 0, "plugin_api": "1.0.0", "started_at": 0,
+        "state": "up", "services": []
+    }))
+    .unwrap();
+    client.put_report(&old).unwrap();
+    let r = fleet_cmd(&nats, &["ctl"], &["--host", "old", "ping"]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr.contains("host old speaks protocol version 0 (plughost 0.0.1); ping needs version 1: not sent"),
+        "{}",
+        r.stderr
+    );
+    old.api = 1;
+    client.put_report(&old).unwrap();
+    let r = fleet_cmd(&nats, &["ctl"], &["--host", "old", "ping"]);
+    assert!(r.stderr.contains("host old: no responders"), "{}", r.stderr);
+
     // A remote swap names drivers by NAME only.
     let swap = r#"{"id":2,"service":"volume","op":"swap","args":{"driver":"/tmp/x/libevil.so"}}"#;
     let got: Value = serde_json::from_slice(
