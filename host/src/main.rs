@@ -177,8 +177,8 @@ struct CtlArgs {
     host: Option<String>,
     #[command(flatten)]
     connect: host::control::fleet::Connect,
-    /// Print the server's JSON answer
-    #[arg(long)]
+    /// Print the server's JSON answer (before or after the command)
+    #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]
     command: CtlCommand,
@@ -253,14 +253,14 @@ fn main() -> ExitCode {
             ctl_exit(host::control::ctl::run_on(&target, a.json, &a.command))
         }
         Command::Fleet(FleetCommand::Status { json, connect }) => {
-            ctl_exit(host::control::fleet::status(&connect, json).map(|stdout| CtlOutput { stdout, ok: true }))
+            ctl_exit(host::control::fleet::status(&connect, json).map(CtlOutput::ok))
         }
         Command::Place(args) => {
             let r = host::control::fleet::place(&args).map(|out| {
                 for n in &out.notes {
                     eprintln!("plughost: {n}");
                 }
-                CtlOutput { stdout: out.stdout, ok: true }
+                CtlOutput::ok(out.stdout)
             });
             ctl_exit(r)
         }
@@ -333,7 +333,7 @@ fn ctl_exit(r: Result<CtlOutput, CtlError>) -> ExitCode {
     match r {
         Ok(out) => {
             print!("{}", out.stdout);
-            ExitCode::from(if out.ok { 0 } else { 1 })
+            ExitCode::from(out.code)
         }
         Err(CtlError::Usage(e)) => {
             eprintln!("plughost: {e}");

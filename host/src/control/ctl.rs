@@ -16,6 +16,8 @@ use crate::services::ServiceKind;
 pub enum CtlCommand {
     /// `ping`.
     Ping,
+    /// `health`: exit 0 up, 1 degraded, 2 down or unreachable.
+    Health,
     /// `status`.
     Status,
     /// `reload`.
@@ -52,6 +54,7 @@ impl clap::FromArgMatches for CtlCommand {
     fn from_arg_matches(m: &clap::ArgMatches) -> Result<Self, clap::Error> {
         match m.subcommand() {
             Some(("ping", _)) => Ok(CtlCommand::Ping),
+            Some(("health", _)) => Ok(CtlCommand::Health),
             Some(("status", _)) => Ok(CtlCommand::Status),
             Some(("reload", _)) => Ok(CtlCommand::Reload),
             Some(("audit", s)) => Ok(CtlCommand::Audit { since: s.get_one::<String>("since").cloned() }),
@@ -83,6 +86,9 @@ impl clap::Subcommand for CtlCommand {
         use clap::{Arg, Command};
         let cmd =
             cmd.subcommand(Command::new("ping").about("Is the host serving (exit 0 when it answers)"))
+                .subcommand(Command::new("health").about(
+                    "Exit 0 when every backend is up, 1 degraded, 2 down or unreachable; one line per problem (for monitoring)",
+                ))
                 .subcommand(Command::new("status").about("Services, backends, drivers, health, call statistics"))
                 .subcommand(Command::new("reload").about(
                     "Re-read the configuration and swap every backend whose driver or options changed (as SIGHUP)",
@@ -121,7 +127,8 @@ impl clap::Subcommand for CtlCommand {
         Self::augment_subcommands(cmd)
     }
     fn has_subcommand(name: &str) -> bool {
-        matches!(name, "ping" | "status" | "reload" | "audit" | "restart" | "swap") || kinds::kind(name).is_some()
+        matches!(name, "ping" | "health" | "status" | "reload" | "audit" | "restart" | "swap")
+            || kinds::kind(name).is_some()
     }
 }
 
@@ -162,13 +169,21 @@ pub fn request(socket: &Path, request: &Request<'_>) -> Result<(String, Answer),
     Ok((answer.trim_end().to_owned(), parsed))
 }
 
-/// What `ctl` prints on stdout, and whether the request succeeded (exit 0 or 1).
+/// What `ctl` prints on stdout, and its exit code: 0 the server answered `ok`, 1 it answered an error;
+/// `ctl health`: 0 up, 1 degraded, 2 down or unreachable.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CtlOutput {
     /// For stdout.
     pub stdout: String,
-    /// Whether the server answered `ok`.
-    pub ok: bool,
+    /// The exit code.
+    pub code: u8,
+}
+
+impl CtlOutput {
+    /// Output of a command that succeeded.
+    pub fn ok(stdout: String) -> CtlOutput {
+        CtlOutput { stdout, code: 0 }
+    }
 }
 
 /// Where `ctl` sends its request.
@@ -192,7 +207,7 @@ pub fn run(socket: Option<PathBuf>, json: bool, command: &CtlCommand) -> Result<
 pub fn run_on(target: &Target, json: bool, command: &CtlCommand) -> Result<CtlOutput, CtlError> {
     let body = match command {
         CtlCommand::Ping => Body::Ping,
-        CtlCommand::Status => Body::Status,
+        CtlCommand::Status | CtlCommand::Health => Body::Status,
         CtlCommand::Reload => Body::Reload,
         CtlCommand::Audit { since } => {
             let since = since
@@ -217,15 +232,33 @@ pub fn run_on(target: &Target, json: bool, command: &CtlCommand) -> Result<CtlOu
     };
     let id = serde_json::value::RawValue::from_string("1".to_owned()).map_err(|e| CtlError::Usage(e.to_string()))?;
     let req = Request { id: Some(&id), body };
-    let (line, answer) = match target {
+    let sent = match target {
         Target::Socket(socket) => {
             let socket = socket.clone().unwrap_or_else(crate::config::default_socket);
-            request(&socket, &req).map_err(CtlError::Failed)?
+            request(&socket, &req).map_err(CtlError::Failed)
         }
-        Target::Fleet(remote) => remote.request(&req)?,
+        Target::Fleet(remote) => remote.request(&req),
+    };
+    let (line, answer) = match (sent, command) {
+        (Ok(sent), _) => sent,
+        // A host that cannot be reached is down, as far as a health check goes.
+        (Err(CtlError::Failed(e)), CtlCommand::Health) => {
+            let stdout = if json {
+                format!("{}\n", serde_json::json!({"state": "down", "problems": [e]}))
+            } else {
+                format!("DOWN - {}\n", crate::util::fmt::printable(&e))
+            };
+            return Ok(CtlOutput { stdout, code: 2 });
+        }
+        (Err(e), _) => return Err(e),
     };
     if json {
-        return Ok(CtlOutput { stdout: format!("{line}\n"), ok: answer.ok });
+        if let CtlCommand::Health = command {
+            let (code, report) = health_of(&answer);
+            let v = serde_json::json!({"state": report.0, "problems": report.1});
+            return Ok(CtlOutput { stdout: format!("{v}\n"), code });
+        }
+        return Ok(CtlOutput { stdout: format!("{line}\n"), code: u8::from(!answer.ok) });
     }
     if !answer.ok {
         let e =
@@ -233,6 +266,14 @@ pub fn run_on(target: &Target, json: bool, command: &CtlCommand) -> Result<CtlOu
         return Err(CtlError::Failed(format!("{}: {}", e.kind, crate::util::fmt::printable(&e.message))));
     }
     let result = answer.result.map(|r| r.get().to_owned()).unwrap_or_else(|| "null".to_owned());
+    if let CtlCommand::Health = command {
+        let (code, (state, problems)) = health_of(&answer_again(&result));
+        let mut stdout = format!("{} - {}\n", state.to_uppercase(), summary(&result, &problems));
+        for p in &problems {
+            stdout.push_str(&format!("{}\n", crate::util::fmt::printable(p)));
+        }
+        return Ok(CtlOutput { stdout, code });
+    }
     let stdout = match &req.body {
         Body::Status => parse::<HostStatus>(&result).map(|s| format_status(&s)),
         Body::Reload => parse::<Vec<ReloadEntry>>(&result).map(|r| format_reload(&r)),
@@ -244,7 +285,67 @@ pub fn run_on(target: &Target, json: bool, command: &CtlCommand) -> Result<CtlOu
         },
         Body::Ping | Body::Restart { .. } => key_values(&result).map_err(CtlError::Failed),
     }?;
-    Ok(CtlOutput { stdout, ok: true })
+    Ok(CtlOutput::ok(stdout))
+}
+
+/// An `ok` answer around a status result (for [`health_of`]).
+fn answer_again(result: &str) -> Answer {
+    Answer { id: None, ok: true, result: serde_json::value::RawValue::from_string(result.to_owned()).ok(), error: None }
+}
+
+/// One line after the state: how many backends are up.
+fn summary(result: &str, problems: &[String]) -> String {
+    match serde_json::from_str::<HostStatus>(result) {
+        Ok(st) => {
+            let backends: Vec<_> = st.services.iter().flat_map(|s| s.backends.iter()).collect();
+            let up = backends.iter().filter(|b| b.state == crate::control::protocol::State::Up).count();
+            format!(
+                "{up} of {} backend(s) up in {} service(s){}",
+                backends.len(),
+                st.services.len(),
+                if problems.is_empty() { String::new() } else { format!("; {} problem(s)", problems.len()) }
+            )
+        }
+        Err(e) => format!("unreadable status: {e}"),
+    }
+}
+
+/// The health a status answer shows: exit code, state and one line per problem. Down (2): the answer is
+/// an error, or some service has no backend up. Degraded (1): some backend is down, or the host is in a
+/// fleet it is not connected to. Up (0) otherwise.
+fn health_of(answer: &Answer) -> (u8, (&'static str, Vec<String>)) {
+    if !answer.ok {
+        let e = answer.error.as_ref().map(|e| format!("{}: {}", e.kind, e.message)).unwrap_or_default();
+        return (2, ("down", vec![e]));
+    }
+    let Some(st) = answer.result.as_ref().and_then(|r| serde_json::from_str::<HostStatus>(r.get()).ok()) else {
+        return (2, ("down", vec!["unreadable status answer".to_owned()]));
+    };
+    let mut problems = Vec::new();
+    let mut down = false;
+    for s in &st.services {
+        let up = s.backends.iter().filter(|b| b.state == crate::control::protocol::State::Up).count();
+        if up == 0 {
+            down = true;
+        }
+        for b in s.backends.iter().filter(|b| b.state != crate::control::protocol::State::Up) {
+            problems.push(format!(
+                "{} backend {:?} {}: {}",
+                s.name,
+                b.name,
+                b.state,
+                b.reason.as_deref().unwrap_or("no reason given")
+            ));
+        }
+    }
+    if let Some(f) = st.fleet.as_ref().filter(|f| f.state != "connected") {
+        problems.push(format!("fleet {}: {} since {}", f.fleet, f.state, crate::util::time::utc(f.since)));
+    }
+    match (down, problems.is_empty()) {
+        (true, _) => (2, ("down", problems)),
+        (false, false) => (1, ("degraded", problems)),
+        (false, true) => (0, ("ok", problems)),
+    }
 }
 
 /// `SERVICE[/BACKEND]`.

@@ -15,6 +15,7 @@ mod fleet;
 mod instances;
 mod isolation;
 mod loader;
+mod operator;
 mod protocol;
 mod service;
 mod swap;
