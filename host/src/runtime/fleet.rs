@@ -175,11 +175,9 @@ impl Host {
         }
     }
 
-    /// Reports at once when a backend went up or down, changed driver, or first knew its capacity, since
-    /// the last look.
+    /// When a backend went up or down, changed driver, or first knew its capacity since the last look:
+    /// the fleet gets a report at once, and systemd a new status line.
     pub(super) fn report_if_changed(&self) {
-        let fleet = self.fleet.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(agent) = fleet.as_ref() else { return };
         let shape: String = self
             .services
             .iter()
@@ -191,9 +189,36 @@ impl Host {
             })
             .collect();
         let mut last = self.shape.lock().unwrap_or_else(|p| p.into_inner());
-        if *last != shape {
-            *last = shape;
+        if *last == shape {
+            return;
+        }
+        *last = shape;
+        drop(last);
+        super::notify::status(&self.status_line());
+        if let Some(agent) = self.fleet.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
             agent.report_now();
+        }
+    }
+
+    /// One line for systemd's status: how many backends serve, and what is down and why.
+    pub(crate) fn status_line(&self) -> String {
+        let mut up = 0;
+        let mut all = 0;
+        let mut down = Vec::new();
+        for s in &self.services {
+            for b in s.backends().iter() {
+                all += 1;
+                if b.health() == crate::backend::Health::Up {
+                    up += 1;
+                } else {
+                    down.push(format!("{} backend {:?} down", s.kind().name, b.name()));
+                }
+            }
+        }
+        if down.is_empty() {
+            format!("serving: {up} of {all} backends up")
+        } else {
+            format!("degraded: {up} of {all} backends up; {}", down.join(", "))
         }
     }
 

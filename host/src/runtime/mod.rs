@@ -3,10 +3,12 @@
 //! periodic tasks, and stops gracefully. The socket itself is `control/server.rs`'s.
 //!
 //! Files: `host` (composition, dispatch, status, periodic work), `reload` (swap, restart, reload),
-//! `run` (serving, signals, stop), `fleet` (remote requests checked against their subject, the report).
+//! `run` (serving, signals, stop), `fleet` (remote requests checked against their subject, the report),
+//! `notify` (systemd readiness, status, reload, stop and watchdog notifications).
 
 mod fleet;
 mod host;
+mod notify;
 mod reload;
 mod run;
 

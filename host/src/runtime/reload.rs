@@ -62,6 +62,13 @@ impl Host {
     /// driver or options changed. An invalid configuration changes nothing. Adding or removing
     /// services or backends needs a restart and is reported as `ignored`.
     pub fn reload(&self) -> Result<Vec<ReloadEntry>, ApiError> {
+        super::notify::reloading();
+        let r = self.reload_now();
+        super::notify::reloaded(&self.status_line());
+        r
+    }
+
+    fn reload_now(&self) -> Result<Vec<ReloadEntry>, ApiError> {
         let wanted = self.source.load().map_err(|errs| {
             let text: Vec<String> = errs.iter().map(ToString::to_string).collect();
             log::error!("reload: configuration rejected, nothing changed: {}", text.join("; "));

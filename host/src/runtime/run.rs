@@ -70,6 +70,7 @@ impl Running {
     /// periodic tasks, run driver cleanup, remove the socket.
     pub fn stop(mut self) {
         let host = self.host.clone();
+        super::notify::stopping();
         let deadline = Instant::now() + host.settings.shutdown_timeout;
         // First out of the fleet: report `stopping` (placement skips the host), stop listening (callers
         // get no responders at once rather than shutting_down), answer remote requests in flight, all
@@ -127,6 +128,41 @@ impl Running {
     }
 }
 
+/// Sends systemd's `WATCHDOG=1` every `every` while the host is alive: every service's periodic round
+/// came back recently (a driver call that hangs holds its round) and the control socket answers a ping.
+/// A host stuck in either stops pinging, and systemd restarts it (instances survive a restart).
+fn watchdog(host: Arc<Host>, every: Duration) {
+    let spawned = std::thread::Builder::new().name("watchdog".to_owned()).spawn(move || {
+        // A round may take its time; one that has not come back in two intervals and a second is stuck.
+        let stale = host.settings.periodic_interval * 2 + Duration::from_secs(1);
+        while !host.stopping() {
+            let fresh = host.heartbeats.lock().unwrap_or_else(|p| p.into_inner()).values().all(|t| t.elapsed() < stale);
+            if fresh && socket_answers(&host.settings.socket) {
+                super::notify::watchdog();
+            } else {
+                log::warn!("watchdog: not pinging systemd (a periodic round is stuck, or the socket does not answer)");
+            }
+            std::thread::sleep(every);
+        }
+    });
+    if let Err(e) = spawned {
+        log::error!("cannot start the watchdog thread: {e}");
+    }
+}
+
+/// Whether the control socket answers a ping within two seconds.
+fn socket_answers(socket: &std::path::Path) -> bool {
+    use std::io::{BufRead, Write};
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(socket) else { return false };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"{\"op\":\"ping\"}\n").is_err() {
+        return false;
+    }
+    let mut line = String::new();
+    std::io::BufReader::new(s).read_line(&mut line).is_ok() && line.contains("\"pong\":true")
+}
+
 /// Where `run` is, for the signal thread.
 const STARTING: u8 = 0;
 const SERVING: u8 = 1;
@@ -140,6 +176,8 @@ pub const STOP_MARGIN: Duration = Duration::from_secs(2);
 /// found is returned.
 pub fn run(source: ConfigSource, ready: impl FnOnce(&[String])) -> Result<(), Vec<String>> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    // Before any thread: systemd's variables are read and taken out of the environment children get.
+    super::notify::take_environment();
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .map_err(|e| vec![format!("cannot install signal handlers: {e}")])?;
     // One thread takes every signal. While starting (a backend's first init and health check may take
@@ -190,6 +228,10 @@ pub fn run(source: ConfigSource, ready: impl FnOnce(&[String])) -> Result<(), Ve
     lines.push(format!("try: plughost ctl --socket {} status", settings.socket.display()));
     phase.store(SERVING, Ordering::SeqCst);
     ready(&lines);
+    super::notify::ready(&running.host().status_line());
+    if let Some(every) = super::notify::watchdog_every() {
+        watchdog(running.host().clone(), every);
+    }
     for sig in requests.iter() {
         if sig == SIGHUP {
             log::info!("SIGHUP received: reloading the configuration");

@@ -72,3 +72,96 @@ fn ctl_health_exits_0_up_1_degraded_2_down_or_unreachable() {
     assert!(out.starts_with("DOWN - 0 of 1 backend(s) up"), "{out}");
     assert!(out.contains("volume backend \"default\" down: driver unhealthy"), "{out}");
 }
+
+/// What a fake systemd received on its notify socket.
+struct Systemd {
+    socket: std::os::unix::net::UnixDatagram,
+    seen: Vec<(Instant, String)>,
+}
+
+impl Systemd {
+    fn new(path: &std::path::Path) -> Systemd {
+        let socket = std::os::unix::net::UnixDatagram::bind(path).unwrap();
+        socket.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        Systemd { socket, seen: Vec::new() }
+    }
+    /// Reads every datagram that arrives until `until` holds for what was seen (or 30 s).
+    fn until(&mut self, what: &str, until: impl Fn(&[(Instant, String)]) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut buf = [0u8; 4096];
+        while !until(&self.seen) {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}; seen {:?}", self.texts());
+            if let Ok(n) = self.socket.recv(&mut buf) {
+                self.seen.push((Instant::now(), String::from_utf8_lossy(&buf[..n]).into_owned()));
+            }
+        }
+    }
+    fn texts(&self) -> Vec<&str> {
+        self.seen.iter().map(|(_, t)| t.as_str()).collect()
+    }
+}
+
+fn count(seen: &[(Instant, String)], what: &str) -> usize {
+    seen.iter().filter(|(_, t)| t.lines().any(|l| l == what)).count()
+}
+
+#[test]
+fn systemd_hears_ready_status_reloading_watchdog_and_stopping_and_children_do_not_see_its_socket() {
+    let t = TempDir::new("notify");
+    let mut systemd = Systemd::new(&t.join("notify.sock"));
+    let cfg = t.join("plughost.toml");
+    let write_cfg = |delay: &str| {
+        std::fs::write(
+            &cfg,
+            format!("[volume]\ndriver = \"faulty\"\noptions = {{ delay_ms = {delay}, delay_in = \"stats\" }}\n[compute]\ndriver = \"process-compute\"\n"),
+        )
+        .unwrap()
+    };
+    write_cfg("0");
+    let notify = t.join("notify.sock");
+    let d = Daemon::start_with(&t.join("state"), None, &["--config", cfg.to_str().unwrap()], |c| {
+        c.env("NOTIFY_SOCKET", &notify).env("WATCHDOG_USEC", "400000").env("LISTEN_FDS", "3");
+    });
+    systemd.until("READY", |s| count(s, "READY=1") == 1);
+    let ready = systemd.seen.iter().find(|(_, t)| t.contains("READY=1")).unwrap().1.clone();
+    assert!(ready.contains("STATUS=serving: 2 of 2 backends up"), "{ready}");
+    // The watchdog: every 200 ms (half of WATCHDOG_USEC) while all is well.
+    systemd.until("five watchdog pings", |s| count(s, "WATCHDOG=1") >= 5);
+
+    // An instance's environment holds none of systemd's variables.
+    let mut c = plughost_tests::process::Client::connect(&d.socket);
+    let env_file = t.join("env.txt");
+    let spawn = json!({"name": "e", "command": "sh", "args": ["-c", format!("env > {}", env_file.display())]});
+    assert_eq!(c.call("compute", "spawn", spawn).unwrap()["ok"], true);
+    wait_for("the instance to write its environment", || std::fs::metadata(&env_file).is_ok_and(|m| m.len() > 0));
+    std::thread::sleep(Duration::from_millis(100));
+    let env = std::fs::read_to_string(&env_file).unwrap();
+    for k in ["NOTIFY_SOCKET", "WATCHDOG_USEC", "LISTEN_FDS"] {
+        assert!(!env.contains(k), "{k} leaked into an instance:\n{env}");
+    }
+
+    // A reload is announced and closed with READY. The new options stall every periodic stats call for
+    // 4 s: the watchdog goes quiet while the round is stuck.
+    write_cfg("4000");
+    let r = run(&["ctl", "--socket", d.socket.to_str().unwrap(), "reload"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    systemd.until("RELOADING then READY", |s| {
+        let texts: Vec<&str> = s.iter().map(|(_, t)| t.as_str()).collect();
+        let reloading = texts.iter().position(|t| t.starts_with("RELOADING=1\nMONOTONIC_USEC="));
+        reloading.is_some_and(|i| texts[i..].iter().any(|t| t.contains("READY=1")))
+    });
+    let before = count(&systemd.seen, "WATCHDOG=1");
+    // A gap of well over the 200 ms rhythm while the round hangs, then pings again once it returns.
+    systemd.until("a silence, then the watchdog again", |s| {
+        let pings: Vec<Instant> = s.iter().filter(|(_, t)| t == "WATCHDOG=1").map(|(at, _)| *at).collect();
+        pings.len() > before + 1 && pings[before..].windows(2).any(|w| w[1] - w[0] > Duration::from_millis(1500))
+    });
+    write_cfg("0");
+    assert_eq!(run(&["ctl", "--socket", d.socket.to_str().unwrap(), "reload"]).code, 0);
+
+    // STOPPING on SIGTERM.
+    d.signal(libc::SIGTERM);
+    systemd.until("STOPPING", |s| count(s, "STOPPING=1") == 1);
+    let (code, _) = d.wait();
+    assert_eq!(code, 0);
+}
