@@ -41,4 +41,38 @@ fn main() {
     code.push_str("];\n");
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("api_source.rs");
     std::fs::write(&out, code).unwrap_or_else(|e| panic!("{}: {e}", out.display()));
+    commit();
+    // The plughost-api version, for `--version` (the first `version =` of its manifest is its package's).
+    let manifest = std::fs::read_to_string(api.join("Cargo.toml")).expect("plugin-api/Cargo.toml is readable");
+    let version = manifest
+        .lines()
+        .find_map(|l| l.strip_prefix("version = \""))
+        .and_then(|v| v.strip_suffix('"'))
+        .expect("plugin-api/Cargo.toml has a version");
+    println!("cargo::rustc-env=PLUGHOST_API_VERSION={version}");
+}
+
+/// `PLUGHOST_COMMIT`: the commit this is built from (`unknown` outside a git checkout), for `--version`.
+fn commit() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .arg("-C")
+            .arg(&root)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    let commit = git(&["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".to_owned());
+    let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+    println!("cargo::rustc-env=PLUGHOST_COMMIT={commit}{}", if dirty { "-dirty" } else { "" });
+    if let Some(dir) = git(&["rev-parse", "--absolute-git-dir"]) {
+        println!("cargo::rerun-if-changed={dir}/HEAD");
+        println!("cargo::rerun-if-changed={dir}/index");
+        if let Some(r) = git(&["symbolic-ref", "-q", "HEAD"]) {
+            println!("cargo::rerun-if-changed={dir}/{r}");
+        }
+    }
 }

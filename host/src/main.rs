@@ -3,14 +3,24 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use host::config::{ConfigSource, RunFlags};
 use host::control::ctl::{CtlCommand, CtlError, CtlOutput, Target};
 use host::loading::drivers;
 use host::Loader;
 
+/// `plughost --version`: the release, the commit, and the driver API it loads.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("PLUGHOST_COMMIT"),
+    ", plughost-api ",
+    env!("PLUGHOST_API_VERSION"),
+    ")"
+);
+
 #[derive(Parser, Debug)]
-#[command(name = "plughost", version, about = "Host for compiled driver plugins (volume and compute drivers)")]
+#[command(name = "plughost", version = VERSION, about = "Host for compiled driver plugins (volume and compute drivers)")]
 #[command(
     after_help = "Exit codes: 0 ok, 1 failure, 2 usage error.\nLogging: -v/-vv/-q, or RUST_LOG (e.g. RUST_LOG=host=debug)."
 )]
@@ -106,6 +116,19 @@ enum Command {
     /// Configuration helpers
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Print shell completions (generated from these very flags)
+    #[command(after_help = "Example:\n  plughost completions bash > /usr/share/bash-completion/completions/plughost")]
+    Completions {
+        /// The shell
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages (section 8): plughost.8 and one per command, into DIR
+    #[command(after_help = "Example:\n  plughost man /usr/share/man/man8 && man plughost")]
+    Man {
+        /// Where to write them
+        dir: PathBuf,
+    },
     /// Internal: serve one isolated backend's driver for the host (socket on fd 3, library on fd 4)
     #[command(name = "__worker", hide = true)]
     Worker {
@@ -265,6 +288,23 @@ fn main() -> ExitCode {
             ctl_exit(r)
         }
         Command::Config(ConfigCommand::Sample { driver_dirs, drivers }) => sample(&driver_dirs, drivers),
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "plughost", &mut script);
+            // A closed pipe (`| head`) is not an error worth a message.
+            match std::io::Write::write_all(&mut std::io::stdout(), &script) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+                Err(e) => fail([format!("cannot write the completions: {e}")]),
+            }
+        }
+        Command::Man { dir } => match man_pages(&dir) {
+            Ok(n) => {
+                println!("wrote {n} man pages to {}", dir.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail([e]),
+        },
 
         Command::Check { json, opts, path } => {
             let exe = match std::env::current_exe() {
@@ -327,6 +367,65 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
     }
+}
+
+/// The EXIT STATUS and FILES sections every page carries.
+const MAN_TAIL: &str = r#".SH "EXIT STATUS"
+0 success; 1 failure (the error is one line on stderr, prefixed plughost:); 2 usage error.
+.B plughost ctl health
+exits 0 when every backend is up, 1 degraded, 2 down or unreachable.
+.SH FILES
+.TP
+.I /etc/plughost/plughost.toml
+the config file (held to the driver files' owner and mode rule: root or plughost's user, not writable by others)
+.TP
+.I STATE_DIR/state.db
+records (SQLite); STATE_DIR is /var/lib/plughost for root or under systemd, else $XDG_STATE_HOME/plughost
+.TP
+.I STATE_DIR/audit.log
+who changed what, one JSON object per line
+.TP
+.I STATE_DIR/plughost.sock
+the control socket (mode 0600, or 0660 with socket_group)
+.TP
+.I /usr/lib/plughost/drivers
+driver libraries found by NAME (also /usr/local/lib/plughost/drivers, the executable's directory, --driver-dir)
+"#;
+
+/// Writes plughost.8 and plughost-COMMAND.8 for every visible command; how many.
+fn man_pages(dir: &std::path::Path) -> Result<usize, String> {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir).map_err(|e| format!("man page directory \"{}\": {e}", dir.display()))?;
+    let top = Cli::command();
+    let mut pages = vec![("plughost".to_owned(), top.clone())];
+    for sub in top.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = format!("plughost-{}", sub.get_name());
+        let page = sub.clone().name(name.clone()).bin_name(format!("plughost {}", sub.get_name())).version(VERSION);
+        pages.push((name, page));
+    }
+    for (name, cmd) in &pages {
+        let man = clap_mangen::Man::new(cmd.clone()).section("8").manual("plughost manual");
+        let mut page = Vec::new();
+        let render = |page: &mut Vec<u8>| -> std::io::Result<()> {
+            man.render_title(page)?;
+            man.render_name_section(page)?;
+            man.render_synopsis_section(page)?;
+            man.render_description_section(page)?;
+            man.render_options_section(page)?;
+            if cmd.get_subcommands().next().is_some() {
+                man.render_subcommands_section(page)?;
+            }
+            if cmd.get_after_help().is_some() || cmd.get_after_long_help().is_some() {
+                man.render_extra_section(page)?;
+            }
+            page.extend_from_slice(MAN_TAIL.as_bytes());
+            man.render_version_section(page)
+        };
+        render(&mut page).map_err(|e| format!("man page {name}: {e}"))?;
+        let path = dir.join(format!("{name}.8"));
+        std::fs::write(&path, page).map_err(|e| format!("man page \"{}\": {e}", path.display()))?;
+    }
+    Ok(pages.len())
 }
 
 fn ctl_exit(r: Result<CtlOutput, CtlError>) -> ExitCode {

@@ -238,8 +238,8 @@ pub struct ConfigSource {
 impl ConfigSource {
     /// Reads the file (if any) and merges everything into settings; every error found.
     pub fn load(&self) -> Result<Settings, Vec<ConfigError>> {
-        let file = match &self.flags.config {
-            Some(p) => read_file(p).map_err(|e| vec![e])?,
+        let file = match self.flags.config.clone().or_else(default_config) {
+            Some(p) => read_file(&p).map_err(|e| vec![e])?,
             None => FileConfig::default(),
         };
         resolve(&self.flags, &file)
@@ -288,8 +288,14 @@ pub fn resolve(flags: &RunFlags, file: &FileConfig) -> Result<Settings, Vec<Conf
     }
     let state_dir = flags.state_dir.clone().or_else(|| file.state_dir.clone()).unwrap_or_else(default_state_dir);
     let state_dir = std::path::absolute(&state_dir).unwrap_or(state_dir);
-    let socket =
-        flags.socket.clone().or_else(|| file.socket.clone()).unwrap_or_else(|| state_dir.join("plughost.sock"));
+    let socket = flags.socket.clone().or_else(|| file.socket.clone()).unwrap_or_else(|| {
+        // A state dir named by the user keeps its socket; the system defaults put it in /run.
+        if flags.state_dir.is_some() || file.state_dir.is_some() {
+            systemd_dir("RUNTIME_DIRECTORY").unwrap_or_else(|| state_dir.clone()).join("plughost.sock")
+        } else {
+            default_socket_for(&state_dir)
+        }
+    });
     let mut dirs = flags.driver_dirs.clone();
     dirs.extend(file.driver_dirs.iter().cloned());
     let max_request_bytes = flags.max_request_bytes.or(file.max_request_bytes).unwrap_or(1 << 20);
@@ -515,7 +521,38 @@ fn apply_setting_flags(spec: &mut ServiceSpec, stop: &[String], isolate: &[Strin
 
 /// The built-in state directory: `$XDG_STATE_HOME/plughost`, else `$HOME/.local/state/plughost`,
 /// else `./state`.
+/// A systemd directory variable (`STATE_DIRECTORY`, ...): its first path.
+fn systemd_dir(var: &str) -> Option<PathBuf> {
+    let v = std::env::var(var).ok()?;
+    v.split(':').next().filter(|p| !p.is_empty()).map(PathBuf::from)
+}
+
+/// Whether plughost runs as a system daemon: as root, or under systemd with its directories set. Then
+/// state, socket and config default to `/var/lib/plughost`, `/run/plughost` and `/etc/plughost`.
+fn system_daemon() -> bool {
+    crate::loading::trust::euid() == 0
+        || ["STATE_DIRECTORY", "RUNTIME_DIRECTORY", "CONFIGURATION_DIRECTORY"].iter().any(|v| systemd_dir(v).is_some())
+}
+
+/// The config file read when none is named: `$CONFIGURATION_DIRECTORY/plughost.toml` or
+/// `/etc/plughost/plughost.toml` for a system daemon, if it exists.
+pub(super) fn default_config() -> Option<PathBuf> {
+    if !system_daemon() {
+        return None;
+    }
+    let dir = systemd_dir("CONFIGURATION_DIRECTORY").unwrap_or_else(|| PathBuf::from("/etc/plughost"));
+    Some(dir.join("plughost.toml")).filter(|p| p.exists())
+}
+
+/// The state directory when none is named: `$STATE_DIRECTORY`, or `/var/lib/plughost` for root;
+/// otherwise `$XDG_STATE_HOME/plughost` or `~/.local/state/plughost`.
 pub fn default_state_dir() -> PathBuf {
+    if let Some(d) = systemd_dir("STATE_DIRECTORY") {
+        return d;
+    }
+    if crate::loading::trust::euid() == 0 {
+        return PathBuf::from("/var/lib/plughost");
+    }
     if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|x| !x.is_empty()) {
         return PathBuf::from(x).join("plughost");
     }
@@ -531,11 +568,22 @@ pub fn default_socket() -> PathBuf {
     if let Some(s) = std::env::var_os("PLUGHOST_SOCKET").filter(|s| !s.is_empty()) {
         return PathBuf::from(s);
     }
-    let state = std::env::var_os("PLUGHOST_STATE_DIR")
-        .filter(|s| !s.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(default_state_dir);
-    state.join("plughost.sock")
+    match std::env::var_os("PLUGHOST_STATE_DIR").filter(|s| !s.is_empty()) {
+        Some(state) => PathBuf::from(state).join("plughost.sock"),
+        None => default_socket_for(&default_state_dir()),
+    }
+}
+
+/// The socket when none is named, for a host with state dir `state_dir`: `$RUNTIME_DIRECTORY/plughost.sock`
+/// or `/run/plughost/plughost.sock` for a system daemon, else in the state dir.
+pub(super) fn default_socket_for(state_dir: &std::path::Path) -> PathBuf {
+    if let Some(d) = systemd_dir("RUNTIME_DIRECTORY") {
+        return d.join("plughost.sock");
+    }
+    if system_daemon() {
+        return PathBuf::from("/run/plughost/plughost.sock");
+    }
+    state_dir.join("plughost.sock")
 }
 
 impl fmt::Display for BackendSpec {

@@ -6,6 +6,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
+pub use crate::control::outcome::{CtlError, CtlOutput};
 use crate::control::protocol::{AuditArgs, HostStatus, ReloadEntry, RestartArgs, SwapArgs, SwapReport};
 use crate::control::request::{Answer, Body, Request};
 use crate::services::kinds::{self, KINDS};
@@ -132,15 +133,6 @@ impl clap::Subcommand for CtlCommand {
     }
 }
 
-/// Why `ctl` failed: a usage error (exit 2) or a failure (exit 1).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CtlError {
-    /// The arguments make no valid request.
-    Usage(String),
-    /// The server could not be reached, or answered with an error.
-    Failed(String),
-}
-
 /// Sends one request and reads the answer: the answer line and the answer parsed.
 pub fn request(socket: &Path, request: &Request<'_>) -> Result<(String, Answer), String> {
     let line = serde_json::to_string(request).map_err(|e| format!("cannot encode the request: {e}"))?;
@@ -167,23 +159,6 @@ pub fn request(socket: &Path, request: &Request<'_>) -> Result<(String, Answer),
     let parsed: Answer =
         serde_json::from_str(&answer).map_err(|e| format!("socket \"{}\": malformed answer: {e}", socket.display()))?;
     Ok((answer.trim_end().to_owned(), parsed))
-}
-
-/// What `ctl` prints on stdout, and its exit code: 0 the server answered `ok`, 1 it answered an error;
-/// `ctl health`: 0 up, 1 degraded, 2 down or unreachable.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CtlOutput {
-    /// For stdout.
-    pub stdout: String,
-    /// The exit code.
-    pub code: u8,
-}
-
-impl CtlOutput {
-    /// Output of a command that succeeded.
-    pub fn ok(stdout: String) -> CtlOutput {
-        CtlOutput { stdout, code: 0 }
-    }
 }
 
 /// Where `ctl` sends its request.

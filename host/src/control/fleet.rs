@@ -9,7 +9,7 @@ use plughost_fleet::place::{Ask, Placement};
 use plughost_fleet::subject::{self, Class};
 use plughost_fleet::{Client, ClientError, HostEntry};
 
-use crate::control::ctl::CtlError;
+use crate::control::outcome::CtlError;
 use crate::control::request::{Answer, Request};
 use crate::util::fmt::{human_size, table_rows};
 
@@ -79,7 +79,7 @@ pub fn subject_for_line(fleet: &str, host: &str, line: &str) -> String {
     };
     match crate::control::request::parse_request(line, &kind) {
         Ok(req) => {
-            let backend = crate::runtime::named_backend(&req.body).ok().flatten();
+            let backend = req.body.backend().ok().flatten();
             subject::rpc(fleet, host, req.body.service(), backend.as_deref(), Class::of(req.body.reads()))
         }
         Err(_) => subject::rpc(fleet, host, None, None, Class::Read),
@@ -89,11 +89,11 @@ pub fn subject_for_line(fleet: &str, host: &str, line: &str) -> String {
 /// Sends one request line to `host` and reads its answer.
 fn send(client: &Client, host: &str, req: &Request<'_>, timeout: Duration) -> Result<(String, Answer), CtlError> {
     let body = &req.body;
-    let backend = crate::runtime::named_backend(body).map_err(|e| CtlError::Usage(e.message))?;
+    let backend = body.backend().map_err(|e| CtlError::Usage(e.message))?;
     let subject = subject::rpc(client.fleet(), host, body.service(), backend.as_deref(), Class::of(body.reads()));
     let line = serde_json::to_string(req).map_err(|e| CtlError::Usage(format!("cannot encode the request: {e}")))?;
     let answer = client
-        .request(host, &subject, line.as_bytes(), crate::runtime::PROTOCOL_VERSION, timeout)
+        .request(host, &subject, line.as_bytes(), crate::control::protocol::PROTOCOL_VERSION, timeout)
         .map_err(|e| CtlError::Failed(e.to_string()))?;
     let text = String::from_utf8(answer).map_err(|_| CtlError::Failed(format!("host {host}: answer is not UTF-8")))?;
     let parsed: Answer =
@@ -109,7 +109,7 @@ impl Remote {
         let client = self.connect.client()?;
         // As nova's can_send_version: the host's last report says which version it speaks (a host that
         // never reported, or a table the user may not read, leaves it to the host to answer).
-        let need = crate::runtime::op_since(req.body.service(), req.body.op());
+        let need = crate::control::protocol::op_since(req.body.service(), req.body.op());
         if let Ok(Some(HostEntry { report: Ok(r), .. })) = client.host(&self.host) {
             if r.api < need {
                 return Err(CtlError::Failed(format!(
@@ -372,7 +372,7 @@ pub fn place(a: &PlaceArgs) -> Result<PlaceOutput, CtlError> {
     for v in placement.ranked.iter().take(4) {
         let host = &v.host;
         let subject = subject::rpc(client.fleet(), host, Some(&a.service), a.backend.as_deref(), Class::Admin);
-        match client.request(host, &subject, line.as_bytes(), crate::runtime::PROTOCOL_VERSION, timeout) {
+        match client.request(host, &subject, line.as_bytes(), crate::control::protocol::PROTOCOL_VERSION, timeout) {
             Ok(answer) => {
                 let text = String::from_utf8_lossy(&answer).into_owned();
                 let parsed: Answer = serde_json::from_str(&text)

@@ -4,6 +4,7 @@
 pub(crate) mod audit;
 pub mod ctl;
 pub mod fleet;
+pub mod outcome;
 pub mod protocol;
 pub mod request;
 pub(crate) mod server;

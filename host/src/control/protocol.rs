@@ -419,6 +419,17 @@ pub struct ReloadEntry {
     pub swap: Option<SwapReport>,
 }
 
+/// The control protocol version this host speaks (in its reports, and in `Plughost-Api` when it calls).
+/// Raise it when an operation is added; [`op_since`] says which version brought each.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The protocol version that brought an operation (`ctl --host` refuses to send one to a host that
+/// reports an older version, as nova's `can_send_version`).
+pub fn op_since(_service: Option<&str>, _op: &str) -> u32 {
+    // Every operation of today is in version 1; a later one is listed here with its version.
+    1
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

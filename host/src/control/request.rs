@@ -101,6 +101,32 @@ impl Body<'_> {
         }
     }
 
+    /// The backend a request names in its arguments, if any.
+    pub fn backend(&self) -> Result<Option<String>, ApiError> {
+        Ok(match self {
+            Body::Ping | Body::Status | Body::Reload | Body::Audit(_) => None,
+            Body::Swap { args, .. } => args.backend.clone(),
+            Body::Restart { args, .. } => args.backend.clone(),
+            Body::Service { args, .. } => {
+                #[derive(serde::Deserialize)]
+                struct OnBackend {
+                    #[serde(default)]
+                    backend: Option<String>,
+                }
+                match args {
+                    Some(a) => {
+                        serde_json::from_str::<OnBackend>(a.get())
+                            .map_err(|e| {
+                                ApiError::new(ErrorKind::InvalidRequest, format!("argument \"backend\": {e}"))
+                            })?
+                            .backend
+                    }
+                    None => None,
+                }
+            }
+        })
+    }
+
     /// Whether it only reads (open to readers).
     pub fn reads(&self) -> bool {
         match self {

@@ -6,44 +6,9 @@ use plughost_fleet::subject::{Addressed, Class};
 use plughost_fleet::Incoming;
 
 use super::host::Host;
-use crate::control::protocol::{ApiError, ErrorKind, State};
+use crate::control::protocol::{ApiError, ErrorKind, State, PROTOCOL_VERSION};
 use crate::control::request::Body;
 use crate::control::server::Peer;
-
-/// The control protocol version this host speaks (in its reports, and in `Plughost-Api` when it calls).
-/// Raise it when an operation is added; [`op_since`] says which version brought each.
-pub const PROTOCOL_VERSION: u32 = 1;
-
-/// The protocol version that brought an operation (`ctl --host` refuses to send one to a host that
-/// reports an older version, as nova's `can_send_version`).
-pub fn op_since(_service: Option<&str>, _op: &str) -> u32 {
-    // Every operation of today is in version 1; a later one is listed here with its version.
-    1
-}
-
-/// The backend a request names in its arguments, if any.
-pub(crate) fn named_backend(body: &Body<'_>) -> Result<Option<String>, ApiError> {
-    Ok(match body {
-        Body::Ping | Body::Status | Body::Reload | Body::Audit(_) => None,
-        Body::Swap { args, .. } => args.backend.clone(),
-        Body::Restart { args, .. } => args.backend.clone(),
-        Body::Service { args, .. } => {
-            #[derive(serde::Deserialize)]
-            struct OnBackend {
-                #[serde(default)]
-                backend: Option<String>,
-            }
-            match args {
-                Some(a) => {
-                    serde_json::from_str::<OnBackend>(a.get())
-                        .map_err(|e| ApiError::new(ErrorKind::InvalidRequest, format!("argument \"backend\": {e}")))?
-                        .backend
-                }
-                None => None,
-            }
-        }
-    })
-}
 
 /// Refuses a request whose subject says something else than its payload: another service or backend
 /// (`invalid_request`), or a change sent on a read subject (`permission_denied`). A remote `swap` may
@@ -61,7 +26,7 @@ pub(crate) fn agree(addressed: &Addressed, body: &Body<'_>) -> Result<(), ApiErr
                 ),
             ));
         }
-        let named = named_backend(body)?;
+        let named = body.backend()?;
         if backend != &named {
             return Err(ApiError::new(
                 ErrorKind::InvalidRequest,

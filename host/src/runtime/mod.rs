@@ -12,7 +12,5 @@ mod notify;
 mod reload;
 mod run;
 
-pub(crate) use fleet::named_backend;
-pub use fleet::{op_since, PROTOCOL_VERSION};
 pub use host::Host;
 pub use run::{run, Running, STOP_MARGIN};

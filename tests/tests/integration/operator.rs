@@ -165,3 +165,82 @@ fn systemd_hears_ready_status_reloading_watchdog_and_stopping_and_children_do_no
     let (code, _) = d.wait();
     assert_eq!(code, 0);
 }
+
+#[test]
+fn under_systemd_state_socket_and_config_come_from_its_directories() {
+    let t = TempDir::new("sysdirs");
+    let (state, runtime, conf) = (t.join("lib"), t.join("run"), t.join("etc"));
+    std::fs::create_dir_all(&conf).unwrap();
+    std::fs::write(conf.join("plughost.toml"), "[volume]\ndriver = \"fake-volume\"\n[compute]\ndriver = \"none\"\n")
+        .unwrap();
+    let mut child = plughost_tests::process::command(&["run", "--periodic-interval-ms", "200"])
+        .env("STATE_DIRECTORY", &state)
+        .env("RUNTIME_DIRECTORY", &runtime)
+        .env("CONFIGURATION_DIRECTORY", &conf)
+        .env_remove("PLUGHOST_STATE_DIR")
+        .env_remove("PLUGHOST_SOCKET")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let socket = runtime.join("plughost.sock");
+    wait_for("the socket in RUNTIME_DIRECTORY", || std::os::unix::net::UnixStream::connect(&socket).is_ok());
+    assert!(state.join("state.db").exists(), "state.db in STATE_DIRECTORY");
+    // The config file of CONFIGURATION_DIRECTORY was read: fake-volume serves, compute is off.
+    let r = run(&["ctl", "--socket", socket.to_str().unwrap(), "--json", "status"]);
+    let st: Value = serde_json::from_str(&r.stdout).unwrap();
+    let services = st["result"]["services"].as_array().unwrap();
+    assert_eq!(services.len(), 1, "{st}");
+    assert_eq!(services[0]["backends"][0]["driver"]["name"], "fake-volume", "{st}");
+    // ctl finds the socket the same way.
+    let r = plughost_tests::process::command(&["ctl", "ping"])
+        .env("RUNTIME_DIRECTORY", &runtime)
+        .env_remove("PLUGHOST_STATE_DIR")
+        .env_remove("PLUGHOST_SOCKET")
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn completions_parse_and_man_pages_render_with_exit_status_and_files() {
+    let r = run(&["completions", "bash"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let t = TempDir::new("completions");
+    std::fs::write(t.join("plughost.bash"), &r.stdout).unwrap();
+    let check = std::process::Command::new("bash").arg("-n").arg(t.join("plughost.bash")).output().unwrap();
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+    assert!(r.stdout.contains("fleet") && r.stdout.contains("--fleet-url"), "completions cover every command");
+    for shell in ["zsh", "fish"] {
+        let r = run(&["completions", shell]);
+        assert!(r.code == 0 && r.stdout.contains("plughost"), "{shell}: {}", r.stderr);
+    }
+    let r = run(&["man", t.join("man8").to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    for page in ["plughost.8", "plughost-run.8", "plughost-ctl.8", "plughost-place.8"] {
+        let path = t.join("man8").join(page);
+        let out = std::process::Command::new("man")
+            .arg("-l")
+            .arg(&path)
+            .env("MANWIDTH", "100")
+            .env("MANPAGER", "cat")
+            .output();
+        let text = match out {
+            Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
+            // Without man(1), the page is checked as roff text.
+            _ => std::fs::read_to_string(&path).unwrap(),
+        };
+        assert!(
+            text.contains("EXIT STATUS") && text.contains("FILES") && text.contains("plughost-api"),
+            "{page}:\n{text}"
+        );
+    }
+    let v = run(&["--version"]);
+    assert!(
+        v.stdout.starts_with("plughost 0.") && v.stdout.contains("commit ") && v.stdout.contains("plughost-api 1."),
+        "{}",
+        v.stdout
+    );
+}
