@@ -165,6 +165,15 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum ConfigCommand {
+    /// Check what `plughost run` with these flags would start with: parse and merge the config, check the
+    /// state dir, resolve every driver, run the trust checks and pins, describe each driver in the
+    /// sandbox child; no lock taken, nothing bound, nothing loaded here
+    #[command(
+        after_help = "Example:\n  plughost config check --config /etc/plughost/plughost.toml\n\nExit codes: 0 it would start, 1 it would not (one line per problem), 2 usage."
+    )]
+    Check(Box<RunFlags>),
+    /// Print the effective settings (flags > environment > file > defaults) as JSON, secrets masked
+    Show(Box<RunFlags>),
     /// Print a commented sample config generated from the drivers' option schemas
     #[command(after_help = "Example:\n  plughost config sample file-volume process-compute > plughost.toml")]
     Sample {
@@ -258,6 +267,21 @@ fn main() -> ExitCode {
         }
     };
     init_logging(cli.verbose, cli.quiet);
+    // Commands that only print may be piped into `head`: a closed pipe ends them quietly, as it ends
+    // cat. (Everything that talks over a socket keeps SIGPIPE ignored and gets EPIPE instead.)
+    if matches!(
+        cli.command,
+        Command::Inspect { .. }
+            | Command::List { .. }
+            | Command::Config(_)
+            | Command::Completions { .. }
+            | Command::Man { .. }
+    ) {
+        // SAFETY: restoring the default disposition of SIGPIPE, before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     match cli.command {
         Command::Inspect { json, paths } => report(drivers::inspect(&probing_loader(), &paths, json)),
         Command::List { driver_dirs, json } => report(drivers::list(&probing_loader(), &driver_dirs, json)),
@@ -288,6 +312,31 @@ fn main() -> ExitCode {
             ctl_exit(r)
         }
         Command::Config(ConfigCommand::Sample { driver_dirs, drivers }) => sample(&driver_dirs, drivers),
+        Command::Config(ConfigCommand::Check(flags)) => {
+            let c = host::config::check::check(*flags);
+            for l in &c.lines {
+                println!("ok: {l}");
+            }
+            if c.problems.is_empty() {
+                println!("config ok");
+                ExitCode::SUCCESS
+            } else {
+                fail(&c.problems)
+            }
+        }
+        Command::Config(ConfigCommand::Show(flags)) => {
+            let c = host::config::check::check(*flags);
+            match host::config::check::show(&c) {
+                Some(v) => {
+                    println!("{}", serde_json::to_string_pretty(&v).expect("settings always serialize"));
+                    for p in &c.problems {
+                        eprintln!("plughost: warning: {p}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                None => fail(&c.problems),
+            }
+        }
         Command::Completions { shell } => {
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "plughost", &mut script);

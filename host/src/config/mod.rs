@@ -3,9 +3,10 @@
 //! service table ([`crate::services::kinds::KINDS`]). A [`ConfigSource`] is what the host re-reads on reload.
 //!
 //! Files: `error`, `file` (the TOML file and its trust check), `flags` (`plughost run`'s flags and
-//! environment), `resolve` (precedence, settings, trust settings, reload source), `sample` (`config
-//! sample`).
+//! environment), `resolve` (precedence, settings, trust settings, reload source, system defaults),
+//! `sample` (`config sample`), `check` (`config check`, `config show`).
 
+pub mod check;
 mod error;
 mod file;
 mod flags;

@@ -571,6 +571,13 @@ impl Loader {
         }
     }
 
+    /// [`describe`](Self::describe), and the content checked against `pin` (for `config check`).
+    pub fn describe_pinned(&self, path: &Path, pin: Option<&str>) -> Result<Described, LoadError> {
+        let d = self.describe(path)?;
+        self.check_digest(path, &d.digest, pin)?;
+        Ok(d)
+    }
+
     /// The pin and the allow list, checked on the digest before anything of the file is loaded.
     fn check_digest(&self, path: &Path, digest: &str, pin: Option<&str>) -> Result<(), LoadError> {
         if let Some(pin) = pin.filter(|p| !p.eq_ignore_ascii_case(digest)) {

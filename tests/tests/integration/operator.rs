@@ -244,3 +244,73 @@ fn completions_parse_and_man_pages_render_with_exit_status_and_files() {
         v.stdout
     );
 }
+
+#[test]
+fn config_check_says_whether_run_would_start_without_starting_and_show_masks_secrets() {
+    let t = TempDir::new("config-check");
+    let cfg = t.join("plughost.toml");
+    let state = t.join("state");
+    let check = |extra: &[&str]| {
+        let mut args =
+            vec!["config", "check", "--config", cfg.to_str().unwrap(), "--state-dir", state.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    // A good config: every driver described, nothing created, no lock taken.
+    std::fs::write(&cfg, "[volume]\ndriver = \"fake-volume\"\n[compute]\ndriver = \"none\"\n").unwrap();
+    let r = check(&[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("ok: volume backend \"default\": fake-volume 1.0.0 from"), "{}", r.stdout);
+    assert!(r.stdout.ends_with("config ok\n"), "{}", r.stdout);
+    assert!(!state.exists(), "config check created the state dir");
+    // A misspelt key, with its line and column.
+    std::fs::write(&cfg, "[volume]\ndriver = \"fake-volume\"\ncapacty = \"1GiB\"\n").unwrap();
+    let r = check(&[]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("line 3, column 1: unknown field `capacty`"), "{}", r.stderr);
+    // An unknown driver, an unknown option, and a required option left out.
+    std::fs::write(&cfg, "[volume]\ndriver = \"no-such-driver\"\n[compute]\ndriver = \"none\"\n").unwrap();
+    let r = check(&[]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("volume backend \"default\": driver \"no-such-driver\" not found"), "{}", r.stderr);
+    std::fs::write(
+        &cfg,
+        "[volume]\ndriver = \"fake-volume\"\noptions = { speed = \"fast\" }\n[compute]\ndriver = \"none\"\n",
+    )
+    .unwrap();
+    let r = check(&[]);
+    assert!(r.stderr.contains("unknown option(s) speed for driver fake-volume"), "{}", r.stderr);
+    // A state dir another user owns.
+    std::fs::write(&cfg, "[volume]\ndriver = \"fake-volume\"\n[compute]\ndriver = \"none\"\n").unwrap();
+    std::fs::create_dir_all(&state).unwrap();
+    std::os::unix::fs::chown(&state, Some(65534), Some(65534)).unwrap();
+    let r = check(&[]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("state dir") && r.stderr.contains("not owned by plughost's user"), "{}", r.stderr);
+    std::os::unix::fs::chown(&state, Some(0), Some(0)).unwrap();
+    // A check while a host runs on the state dir: no lock is taken, the host is untouched.
+    let mut d = Daemon::start(&state, &["--config", cfg.to_str().unwrap()]);
+    assert_eq!(check(&[]).code, 0);
+    d.ok("", "ping", json!({}));
+
+    // show: the merged settings, a secret option masked by the driver's schema.
+    let r = run(&[
+        "config",
+        "show",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--volume-driver",
+        "faulty",
+        "--volume-opt",
+        "password=hunter2",
+        "--volume-opt",
+        "delay_ms=5",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(!r.stdout.contains("hunter2"), "{}", r.stdout);
+    let v: Value = serde_json::from_str(&r.stdout).unwrap();
+    let options = &v["services"][0]["backends"][0]["options"];
+    assert_eq!((options["password"].clone(), options["delay_ms"].clone()), (json!("(secret)"), json!("5")), "{v}");
+}
