@@ -2,7 +2,6 @@
 //! answers, noticing its death.
 
 use std::collections::HashMap;
-use std::io::BufRead;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -205,9 +204,7 @@ pub(super) fn start_worker(
     if let Some(err) = child.stderr.take() {
         let label = label.clone();
         let _ = std::thread::Builder::new().name("worker-stderr".to_owned()).spawn(move || {
-            for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
-                log::warn!("{label}: {line}");
-            }
+            forward_stderr(err, &mut StderrBudget::new(), |line| log::info!("{label}: {line}"));
         });
     }
     let reader = host_end
@@ -395,5 +392,160 @@ impl WaitTimeout for Child {
                 Err(_) => return None,
             }
         }
+    }
+}
+
+/// The longest line of a worker's stderr that is logged whole; the rest of a longer line is cut.
+pub(crate) const STDERR_LINE_MAX: usize = 4096;
+
+/// How much of a worker's stderr reaches the log: a token bucket of lines (a burst of
+/// [`StderrBudget::BURST`], refilled at [`StderrBudget::PER_SEC`] a second); what does not fit is counted
+/// and summed up in one line once lines fit again.
+#[derive(Debug)]
+pub(crate) struct StderrBudget {
+    tokens: f64,
+    last: Instant,
+    dropped: u64,
+    burst: f64,
+    per_sec: f64,
+}
+
+impl StderrBudget {
+    /// Lines logged at once after a quiet spell.
+    pub(crate) const BURST: f64 = 200.0;
+    /// Lines a second after that.
+    pub(crate) const PER_SEC: f64 = 50.0;
+
+    pub(crate) fn new() -> StderrBudget {
+        StderrBudget::with_rate(Self::BURST, Self::PER_SEC)
+    }
+
+    /// A budget of `burst` lines refilled at `per_sec` a second.
+    pub(crate) fn with_rate(burst: f64, per_sec: f64) -> StderrBudget {
+        StderrBudget { tokens: burst, last: Instant::now(), dropped: 0, burst, per_sec }
+    }
+
+    /// Whether a line may be logged now; `Some(n)` first when `n` lines were dropped before it.
+    fn admit(&mut self, now: Instant) -> (bool, Option<u64>) {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.per_sec).min(self.burst);
+        if self.tokens < 1.0 {
+            self.dropped += 1;
+            return (false, None);
+        }
+        self.tokens -= 1.0;
+        (true, (self.dropped > 0).then(|| std::mem::take(&mut self.dropped)))
+    }
+}
+
+/// Reads a worker's stderr to its end and hands `log` each line: control characters escaped, lines cut
+/// at [`STDERR_LINE_MAX`] bytes (the rest of the line is skipped, never buffered), at most what `budget`
+/// allows. A worker cannot fill the host's memory or its log through its stderr.
+pub(crate) fn forward_stderr(mut from: impl std::io::Read, budget: &mut StderrBudget, mut log: impl FnMut(&str)) {
+    let mut line: Vec<u8> = Vec::with_capacity(256);
+    let mut cut = 0u64;
+    let mut buf = [0u8; 8192];
+    let mut emit = |line: &mut Vec<u8>, cut: &mut u64, budget: &mut StderrBudget| {
+        let (ok, dropped) = budget.admit(Instant::now());
+        if let Some(n) = dropped {
+            log(&format!("({n} more lines of stderr were not logged: too many too fast)"));
+        }
+        if ok {
+            let text = String::from_utf8_lossy(line);
+            let text = crate::util::fmt::printable(&text);
+            if *cut > 0 {
+                log(&format!("{text}… ({cut} more bytes of this line cut)"));
+            } else {
+                log(&text);
+            }
+        }
+        line.clear();
+        *cut = 0;
+    };
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        for part in buf[..n].split_inclusive(|b| *b == b'\n') {
+            let (body, ends) = match part.split_last() {
+                Some((b'\n', body)) => (body, true),
+                _ => (part, false),
+            };
+            let room = STDERR_LINE_MAX.saturating_sub(line.len());
+            line.extend_from_slice(&body[..body.len().min(room)]);
+            cut += body.len().saturating_sub(room) as u64;
+            if ends {
+                emit(&mut line, &mut cut, budget);
+            }
+        }
+    }
+    if !line.is_empty() || cut > 0 {
+        emit(&mut line, &mut cut, budget);
+    }
+}
+
+#[cfg(test)]
+mod stderr_tests {
+    use super::*;
+
+    /// A reader that yields `total` bytes of `pattern` repeated, without keeping them.
+    struct Endless {
+        pattern: &'static [u8],
+        left: usize,
+        at: usize,
+    }
+
+    impl std::io::Read for Endless {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = buf.len().min(self.left);
+            for b in &mut buf[..n] {
+                *b = self.pattern[self.at % self.pattern.len()];
+                self.at += 1;
+            }
+            self.left -= n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_huge_line_is_cut_not_buffered_and_escapes_are_shown() {
+        let mut lines = Vec::new();
+        let from = Endless { pattern: b"x", left: 64 << 20, at: 0 };
+        let from = std::io::Read::chain(from, &b"\n\x1b[31mred\n"[..]);
+        forward_stderr(from, &mut StderrBudget::new(), |l| lines.push(l.to_owned()));
+        assert_eq!(lines.len(), 2, "{:?}", lines.iter().map(|l| &l[..l.len().min(80)]).collect::<Vec<_>>());
+        assert!(lines[0].starts_with(&"x".repeat(STDERR_LINE_MAX)), "the first 4 KiB are kept");
+        assert!(lines[0].ends_with(&format!("… ({} more bytes of this line cut)", (64 << 20) - STDERR_LINE_MAX)));
+        assert_eq!(lines[1], "\\u{1b}[31mred");
+    }
+
+    #[test]
+    fn a_flood_is_bounded_and_summed_up() {
+        let mut lines = Vec::new();
+        let from = Endless { pattern: b"spam\n", left: 5 * 100_000, at: 0 };
+        // No refill while the flood lasts (however long this machine takes to read it): the burst only.
+        let mut budget = StderrBudget::with_rate(200.0, 0.0);
+        forward_stderr(from, &mut budget, |l| lines.push(l.to_owned()));
+        assert_eq!(lines.len(), 200);
+        // Once lines fit again, what was dropped is said first.
+        budget.tokens = 2.0;
+        let mut more = Vec::new();
+        forward_stderr(&b"after\n"[..], &mut budget, |l| more.push(l.to_owned()));
+        assert_eq!(more.len(), 2, "{more:?}");
+        assert!(more[0].contains("more lines of stderr were not logged"), "{more:?}");
+        assert_eq!(more[1], "after");
+        // Every line is either logged or counted in a summary.
+        let dropped: u64 = lines
+            .iter()
+            .chain(&more)
+            .filter(|l| l.contains("were not logged"))
+            .map(|l| l.trim_start_matches('(').split(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum();
+        let logged = lines.iter().filter(|l| *l == "spam").count() as u64;
+        assert_eq!(dropped + logged, 100_000);
     }
 }
