@@ -229,7 +229,32 @@ fn init_logging(verbose: u8, quiet: bool) {
     if let Ok(spec) = std::env::var("RUST_LOG") {
         b.parse_filters(&spec);
     }
+    if stderr_is_journal() {
+        // journald stamps each line itself and reads its priority from a `<N>` prefix (sd-daemon(3)).
+        b.format(|f, record| {
+            use std::io::Write;
+            let priority = match record.level() {
+                log::Level::Error => 3,
+                log::Level::Warn => 4,
+                log::Level::Info => 6,
+                log::Level::Debug | log::Level::Trace => 7,
+            };
+            writeln!(f, "<{priority}>{}", record.args())
+        });
+    }
     b.init();
+}
+
+/// Whether stderr is the journal's stream (`JOURNAL_STREAM` names its device and inode; a child whose
+/// stderr was redirected elsewhere inherits the variable but not the stream).
+fn stderr_is_journal() -> bool {
+    let Some((dev, ino)) = std::env::var("JOURNAL_STREAM").ok().and_then(|v| {
+        let (d, i) = v.split_once(':')?;
+        Some((d.parse::<u64>().ok()?, i.parse::<u64>().ok()?))
+    }) else {
+        return false;
+    };
+    rustix::fs::fstat(rustix::stdio::stderr()).is_ok_and(|st| st.st_dev == dev && st.st_ino == ino)
 }
 
 fn fail<T: std::fmt::Display>(lines: impl IntoIterator<Item = T>) -> ExitCode {

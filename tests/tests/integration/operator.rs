@@ -314,3 +314,42 @@ fn config_check_says_whether_run_would_start_without_starting_and_show_masks_sec
     let options = &v["services"][0]["backends"][0]["options"];
     assert_eq!((options["password"].clone(), options["delay_ms"].clone()), (json!("(secret)"), json!("5")), "{v}");
 }
+
+#[test]
+fn under_journald_log_lines_carry_their_priority_and_no_timestamp() {
+    use std::os::unix::fs::MetadataExt;
+    let t = TempDir::new("journal");
+    let log = t.join("stderr.log");
+    let file = std::fs::File::create(&log).unwrap();
+    let meta = file.metadata().unwrap();
+    let stream = format!("{}:{}", meta.dev(), meta.ino());
+    let state = t.join("state");
+    let args = [
+        "-v",
+        "run",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--allow-untrusted-drivers",
+        "--volume-driver",
+        "no-such",
+    ];
+    let status = plughost_tests::process::command(&args)
+        .args(["--compute-driver", "none"])
+        .env("JOURNAL_STREAM", &stream)
+        .stderr(file)
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(1));
+    let text = std::fs::read_to_string(&log).unwrap();
+    let warn = text.lines().find(|l| l.contains("trust.strict is off")).unwrap_or_else(|| panic!("{text}"));
+    assert!(warn.starts_with("<4>trust.strict is off"), "{text}");
+    // Elsewhere (stderr not the journal's stream, though the variable is inherited): the usual format.
+    let r = plughost_tests::process::command(&args)
+        .args(["--compute-driver", "none"])
+        .env("JOURNAL_STREAM", &stream)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&r.stderr);
+    let warn = text.lines().find(|l| l.contains("trust.strict is off")).unwrap_or_else(|| panic!("{text}"));
+    assert!(warn.starts_with('[') && warn.contains("WARN"), "{text}");
+}
