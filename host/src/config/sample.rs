@@ -89,10 +89,20 @@ pub fn sample(drivers: &[DriverMeta]) -> String {
          # [fleet.labels]\n\
          # disk = \"ssd\"\n",
     );
+    let mut seen_kinds: Vec<&str> = Vec::new();
     for lib in drivers {
+        // The first driver of a kind is the service's default backend; each further one is a backend
+        // of its own, named after the driver (two `[volume]` tables would not be TOML).
+        let first = !seen_kinds.contains(&lib.kind.as_str());
+        seen_kinds.push(&lib.kind);
+        let (table, options) = if first {
+            (format!("[{}]", lib.kind), format!("[{}.options]", lib.kind))
+        } else {
+            (format!("[[{}.backends]]\nname = {:?}", lib.kind, lib.name), format!("[{}.backends.options]", lib.kind))
+        };
         out.push_str(&format!(
-            "\n# {} {}: {}\n[{}]\ndriver = {:?}\n# Pin this backend to one build of its driver\n# digest = \"blake3:...\"\n",
-            lib.name, lib.version, lib.summary, lib.kind, lib.name,
+            "\n# {} {}: {}\n{table}\ndriver = {:?}\n# Pin this backend to one build of its driver\n# digest = \"blake3:...\"\n",
+            lib.name, lib.version, lib.summary, lib.name,
         ));
         out.push_str(
             "# Where the driver runs: \"in-process\" (fastest) or \"process\" (a worker: its faults cannot take\n\
@@ -107,7 +117,7 @@ pub fn sample(drivers: &[DriverMeta]) -> String {
                  # running and the next start re-adopts them)\n# stop_instances_on_exit = false\n",
             );
         }
-        out.push_str(&format!("[{}.options]\n", lib.kind));
+        out.push_str(&format!("{options}\n"));
         for o in &lib.options {
             option_lines(o, &mut out);
         }

@@ -353,3 +353,20 @@ fn under_journald_log_lines_carry_their_priority_and_no_timestamp() {
     let warn = text.lines().find(|l| l.contains("trust.strict is off")).unwrap_or_else(|| panic!("{text}"));
     assert!(warn.starts_with('[') && warn.contains("WARN"), "{text}");
 }
+
+#[test]
+fn a_sample_of_several_drivers_of_one_kind_is_valid_and_would_start() {
+    let t = TempDir::new("sample-several");
+    let r = run(&["config", "sample", "fake-volume", "file-volume", "fake-compute"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let cfg = t.join("plughost.toml");
+    std::fs::write(&cfg, &r.stdout).unwrap();
+    assert!(r.stdout.contains("[[volume.backends]]\nname = \"file-volume\""), "{}", r.stdout);
+    let state = t.join("state");
+    let c = run(&["config", "check", "--config", cfg.to_str().unwrap(), "--state-dir", state.to_str().unwrap()]);
+    assert_eq!(c.code, 0, "{}\n{}", c.stdout, c.stderr);
+    assert!(c.stdout.contains("volume backend \"file-volume\": file-volume"), "{}", c.stdout);
+    let mut d = Daemon::start(&state, &["--config", cfg.to_str().unwrap()]);
+    let backends = d.ok("", "status", json!({}))["services"][0]["backends"].as_array().unwrap().len();
+    assert_eq!(backends, 2);
+}
