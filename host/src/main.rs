@@ -63,7 +63,9 @@ enum Command {
     },
     /// Run the services in the foreground until SIGTERM/SIGINT
     #[command(
-        after_help = "Example:\n  plughost run --state-dir ./state --volume-driver file-volume --compute-driver process-compute\n  plughost run --config plughost.toml --volume-backend fast=fake-volume --volume-opt fast:capacity=1GiB\n\nPrecedence: command line > environment (PLUGHOST_*) > config file > built-in defaults.\nA driver is a PATH (contains / or ends in .so) or a NAME looked up as lib<NAME>.so in the driver\ndirectories. Option values may use ${state_dir} and ${backend}. Use `none` to disable a service."
+        after_help = "Example:\n  plughost run --state-dir ./state --volume-driver file-volume --compute-driver process-compute\n  plughost run --config plughost.toml --volume-backend fast=fake-volume --volume-opt fast:capacity=1GiB\n\nPrecedence: command line > environment (PLUGHOST_*) > config file > built-in defaults.\nA driver is a PATH (contains / or ends in .so) or a NAME looked up as lib<NAME>.so in the driver\ndirectories. Option values may use ${state_dir} and ${backend}; a value @FILE is read from FILE (0600, the
+host's) and @env:NAME from the environment, so that secrets stay off the command line. Use `none` to
+disable a service."
     )]
     Run(Box<RunFlags>),
     /// Talk to a running plughost over its control socket

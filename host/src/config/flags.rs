@@ -87,7 +87,9 @@ impl clap::Args for ServiceFlagSet {
                         .long(format!("{n}-opt"))
                         .value_name("KEY=VALUE")
                         .action(ArgAction::Append)
-                        .help(format!("{n} driver option KEY=VALUE (first backend) or BACKEND:KEY=VALUE (repeatable)")),
+                        .help(format!(
+                            "{n} driver option KEY=VALUE (first backend) or BACKEND:KEY=VALUE (repeatable); VALUE @FILE reads a file (a secret stays off the command line), @env:NAME a variable, @@… is a literal @"
+                        )),
                 )
                 .arg(
                     Arg::new(default)

@@ -349,6 +349,44 @@ pub fn resolve(flags: &RunFlags, file: &FileConfig) -> Result<Settings, Vec<Conf
     })
 }
 
+/// An option value as given, or where it says to find it, so that secrets stay off the command line
+/// and out of the config file: `@FILE` (the file's contents without the final newline; the file must
+/// pass the config file's owner and mode checks and not be readable by others), `@env:NAME` (an
+/// environment variable of the host), `@@…` (a value that starts with `@`).
+fn option_value(at: &str, key: &str, raw: &str) -> Result<String, ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(rest) = raw.strip_prefix('@') else { return Ok(raw.to_owned()) };
+    if rest.starts_with('@') {
+        return Ok(rest.to_owned());
+    }
+    if let Some(var) = rest.strip_prefix("env:") {
+        return std::env::var(var).map_err(|_| {
+            ConfigError::Invalid(format!("{at}: option {key:?}: environment variable {var:?} is not set"))
+        });
+    }
+    let path = std::path::Path::new(rest);
+    crate::loading::trust::check_config_file(path).map_err(|u| ConfigError::Untrusted {
+        path: path.to_owned(),
+        reason: format!("{at}: option {key:?}: {}", u.relative_to(path)),
+    })?;
+    let read = |e: std::io::Error| ConfigError::Read {
+        path: path.to_owned(),
+        reason: format!("{at}: option {key:?}: {}", crate::util::fmt::io_text(&e)),
+    };
+    let meta = std::fs::metadata(path).map_err(read)?;
+    if meta.permissions().mode() & 0o004 != 0 {
+        return Err(ConfigError::Untrusted {
+            path: path.to_owned(),
+            reason: format!(
+                "{at}: option {key:?}: readable by others (mode {:04o}): an option file holds a secret; chmod o-r",
+                meta.permissions().mode() & 0o7777
+            ),
+        });
+    }
+    let text = std::fs::read_to_string(path).map_err(read)?;
+    Ok(text.strip_suffix('\n').unwrap_or(&text).to_owned())
+}
+
 fn split_kv(flag: &str, text: &str) -> Result<(String, String), ConfigError> {
     match text.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
@@ -472,6 +510,12 @@ pub fn service_spec(
             .ok_or_else(|| ConfigError::Invalid(format!("--{name}-opt {o:?}: no {name} backend named {backend:?}")))?;
         b.options.retain(|(k, _)| *k != key);
         b.options.push((key, value));
+    }
+    for b in backends.iter_mut() {
+        let at = format!("{name} backend {:?}", b.name);
+        for (k, v) in b.options.iter_mut() {
+            *v = option_value(&at, k, v)?;
+        }
     }
     let default_backend = flags
         .default_backend

@@ -370,3 +370,63 @@ fn a_sample_of_several_drivers_of_one_kind_is_valid_and_would_start() {
     let backends = d.ok("", "status", json!({}))["services"][0]["backends"].as_array().unwrap().len();
     assert_eq!(backends, 2);
 }
+
+#[test]
+fn a_secret_option_comes_from_a_file_or_the_environment_and_never_shows_on_the_command_line() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = TempDir::new("secret-file");
+    let secret = t.join("password");
+    std::fs::write(&secret, "hunter2\n").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let opt = format!("password=@{}", secret.display());
+    let mut d = Daemon::start_with(
+        &t.join("state"),
+        None,
+        &[
+            "--volume-driver",
+            "faulty",
+            "--volume-opt",
+            &opt,
+            "--volume-opt",
+            "delay_ms=@env:DELAY_FOR_TEST",
+            "--compute-driver",
+            "none",
+        ],
+        |c| {
+            c.env("DELAY_FOR_TEST", "3");
+        },
+    );
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", d.pid())).unwrap();
+    assert!(!String::from_utf8_lossy(&cmdline).contains("hunter2"));
+    let st = d.ok("", "status", json!({}));
+    let options = &st["services"][0]["backends"][0]["options"];
+    assert_eq!(options["password"], "(secret)", "{st}");
+    assert_eq!(options["delay_ms"], "3", "{st}");
+    drop(d);
+    // The file must be the host's and not readable by others.
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let state = t.join("state2");
+    let r = run(&[
+        "config",
+        "check",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--volume-driver",
+        "faulty",
+        "--volume-opt",
+        &opt,
+    ]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("readable by others") && r.stderr.contains("\"password\""), "{}", r.stderr);
+    let r = run(&[
+        "config",
+        "check",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--volume-driver",
+        "faulty",
+        "--volume-opt",
+        "password=@env:NOT_SET_ANYWHERE",
+    ]);
+    assert!(r.stderr.contains("environment variable \"NOT_SET_ANYWHERE\" is not set"), "{}", r.stderr);
+}
