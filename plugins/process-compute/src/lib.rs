@@ -45,6 +45,12 @@ pub const OPTIONS: &[OptionSpec] = &[
         "per-instance cgroups: `auto` (cgroup v2 when available and writable, else process groups only), `none`, or the cgroup v2 directory to create them in",
     )
     .default("auto"),
+    OptionSpec::size(
+        "log_max_bytes",
+        "an instance's stdout or stderr log larger than this is rotated (copied to NAME.stdout.1, ... and emptied), checked every health round",
+    )
+    .default("64MiB"),
+    OptionSpec::integer("log_max_files", "rotated copies kept per log (0: a full log is only emptied)").default("3"),
 ];
 
 /// The driver's own state file, in `log_dir` (instance names cannot start with `.`).
@@ -164,6 +170,10 @@ enum Containment {
 /// The driver.
 pub struct ProcessCompute {
     log_dir: PathBuf,
+    /// Logs larger than this are rotated.
+    log_max_bytes: u64,
+    /// Rotated copies kept per log.
+    log_max_files: u32,
     stop_timeout: Duration,
     max_instances: usize,
     cgroup_option: String,
@@ -417,7 +427,14 @@ impl ProcessCompute {
                 "option \"cgroup\": expected auto, none or an absolute path, got {cgroup_option:?}"
             )));
         }
+        let log_max_bytes = options.size("log_max_bytes")?;
+        let files = options.integer("log_max_files")?;
+        let log_max_files = u32::try_from(files).ok().filter(|n| *n <= 100).ok_or_else(|| {
+            DriverError::invalid_argument(format!("option \"log_max_files\": between 0 and 100, got {files}"))
+        })?;
         Ok(ProcessCompute {
+            log_max_bytes,
+            log_max_files,
             log_dir,
             stop_timeout: Duration::from_millis(u64::try_from(ms).map_err(|_| {
                 DriverError::invalid_argument(format!("option \"stop_timeout_ms\": must not be negative, got {ms}"))
@@ -431,6 +448,56 @@ impl ProcessCompute {
             instances: Mutex::new(BTreeMap::new()),
             state: Mutex::new(()),
         })
+    }
+
+    /// An instance's log and its rotated copies: `NAME.stdout`, `NAME.stdout.1`, ...
+    fn log_path(&self, name: &str, ext: &str, n: u32) -> PathBuf {
+        match n {
+            0 => self.log_dir.join(format!("{name}.{ext}")),
+            n => self.log_dir.join(format!("{name}.{ext}.{n}")),
+        }
+    }
+
+    /// Rotates every log over `log_max_bytes`: copies are shifted (`.1` → `.2`, ...), the log copied to
+    /// `.1` and emptied in place. The instance keeps its descriptor (opened for appending, so its next
+    /// write lands at the new end): instances outlive the driver, so nothing may stand between them and
+    /// their files. Lines written during the copy may be lost, as with logrotate's copytruncate.
+    fn rotate_logs(&self) {
+        let names: Vec<String> = lock(&self.instances).keys().cloned().collect();
+        for name in names {
+            for ext in ["stdout", "stderr"] {
+                let path = self.log_path(&name, ext, 0);
+                if fs::metadata(&path).map_or(true, |m| m.len() <= self.log_max_bytes) {
+                    continue;
+                }
+                if let Err(e) = self.rotate(&name, ext) {
+                    note!("instance {name:?}: rotating {}: {e}", path.display());
+                }
+            }
+        }
+    }
+
+    fn rotate(&self, name: &str, ext: &str) -> std::io::Result<()> {
+        let path = self.log_path(name, ext, 0);
+        if self.log_max_files > 0 {
+            for n in (1..self.log_max_files).rev() {
+                let from = self.log_path(name, ext, n);
+                if from.exists() {
+                    fs::rename(&from, self.log_path(name, ext, n + 1))?;
+                }
+            }
+            fs::copy(&path, self.log_path(name, ext, 1))?;
+        }
+        OpenOptions::new().write(true).open(&path)?.set_len(0)
+    }
+
+    /// Removes an instance's logs and their rotated copies (on destroy).
+    fn remove_logs(&self, name: &str) {
+        for ext in ["stdout", "stderr"] {
+            for n in 0..=self.log_max_files.max(1) {
+                let _ = fs::remove_file(self.log_path(name, ext, n));
+            }
+        }
     }
 
     fn state_path(&self) -> PathBuf {
@@ -945,6 +1012,7 @@ impl ComputeDriver for ProcessCompute {
         if !self.log_dir.is_dir() {
             return Err(DriverError::internal(format!("log dir {} is missing", self.log_dir.display())));
         }
+        self.rotate_logs();
         Ok(())
     }
 
@@ -1014,6 +1082,7 @@ impl ComputeDriver for ProcessCompute {
         }
         self.save(name, None)?;
         p.removed = true;
+        self.remove_logs(name);
         let mut map = lock(&self.instances);
         if map.get(name).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
             map.remove(name);
@@ -1158,6 +1227,46 @@ mod tests {
         assert_eq!(d.get("q").unwrap().exit_code, Some(3));
         d.destroy("s").unwrap();
         d.destroy("q").unwrap();
+        d.cleanup().unwrap();
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn logs_are_rotated_past_their_limit_and_removed_with_the_instance() {
+        let dir = temp("logs");
+        let o = Options::for_schema(
+            OPTIONS,
+            [
+                ("log_dir", dir.to_str().unwrap()),
+                ("cgroup", "none"),
+                ("log_max_bytes", "100000"),
+                ("log_max_files", "2"),
+            ],
+        );
+        let d = ProcessCompute::new(&o).unwrap();
+        d.init().unwrap();
+        // 300 kB, then a marker once the test says so, then it waits.
+        let go = dir.join("go");
+        let script = format!(
+            "head -c 300000 /dev/zero | tr '\\0' x; while [ ! -e {go} ]; do sleep 0.02; done; echo after; exec sleep 30",
+            go = go.display()
+        );
+        d.spawn(&sh("chatty", &script)).unwrap();
+        let log = dir.join("chatty.stdout");
+        wait_for("300 kB of output", || fs::metadata(&log).is_ok_and(|m| m.len() >= 300_000));
+        d.health().unwrap();
+        assert_eq!(fs::metadata(dir.join("chatty.stdout.1")).unwrap().len(), 300_000);
+        assert_eq!(fs::metadata(&log).unwrap().len(), 0, "the log is emptied in place");
+        // The instance writes on into the same file, at its new end (no hole where the old bytes were).
+        fs::write(&go, "").unwrap();
+        wait_for("the line after", || fs::read_to_string(&log).is_ok_and(|t| t == "after\n"));
+        // Small logs are left alone; at most log_max_files copies are kept.
+        d.health().unwrap();
+        assert!(!dir.join("chatty.stdout.2").exists());
+        d.destroy("chatty").unwrap();
+        for f in ["chatty.stdout", "chatty.stdout.1", "chatty.stderr"] {
+            assert!(!dir.join(f).exists(), "{f} outlived the instance");
+        }
         d.cleanup().unwrap();
         let _ = fs::remove_dir_all(&dir);
     }
