@@ -215,7 +215,7 @@ impl<I: Interface> Backend<I> {
                 Driver::Loaded(client) => f(I::as_object(client)),
                 Driver::Other(object) => f(object),
             };
-            self.calls.end(pending, r.is_err());
+            self.calls.end(pending, r.as_ref().err().map(|e| super::stats::error_kind_index(e.kind().as_str())));
             r.map_err(driver_error)
         })
     }

@@ -45,6 +45,46 @@ fn my_stripe() -> Option<usize> {
     STRIPE.try_with(|s| s.0).ok().flatten()
 }
 
+/// Upper bounds of the latency buckets, in nanoseconds (powers of four from 1 µs to 64 s); one more
+/// bucket holds what is slower.
+pub const LATENCY_BOUNDS_NS: [u64; 14] = [
+    1_000,
+    4_000,
+    16_000,
+    64_000,
+    256_000,
+    1_000_000,
+    4_000_000,
+    16_000_000,
+    64_000_000,
+    256_000_000,
+    1_000_000_000,
+    4_000_000_000,
+    16_000_000_000,
+    64_000_000_000,
+];
+/// Latency buckets: one per bound and one for anything slower.
+pub const BUCKETS: usize = LATENCY_BOUNDS_NS.len() + 1;
+/// The error kinds counted apart, by name (`ErrorKind::as_str`); anything else is the first, `unknown`.
+pub const ERROR_KINDS: [&str; 11] = [
+    "unknown",
+    "not_found",
+    "invalid_argument",
+    "already_exists",
+    "unsupported",
+    "busy",
+    "internal",
+    "panicked",
+    "no_capacity",
+    "driver_crashed",
+    "timeout",
+];
+
+/// The index in [`ERROR_KINDS`] of an error kind's name.
+pub fn error_kind_index(name: &str) -> usize {
+    ERROR_KINDS.iter().position(|k| *k == name).unwrap_or(0)
+}
+
 /// Counters of one method in one stripe.
 #[derive(Debug, Default)]
 struct Cell5 {
@@ -53,6 +93,10 @@ struct Cell5 {
     sampled: AtomicU64,
     total_ns: AtomicU64,
     max_ns: AtomicU64,
+    /// Timed calls by latency bucket.
+    latency: [AtomicU64; BUCKETS],
+    /// Errors by kind.
+    kinds: [AtomicU64; ERROR_KINDS.len()],
 }
 
 /// One thread's counters for every method, on their own cache lines.
@@ -81,6 +125,10 @@ pub struct Totals {
     pub total_ns: u64,
     /// Largest timed latency.
     pub max_ns: u64,
+    /// Timed calls by latency bucket ([`LATENCY_BOUNDS_NS`], then slower).
+    pub latency: [u64; BUCKETS],
+    /// Errors by kind ([`ERROR_KINDS`]).
+    pub errors_by_kind: [u64; ERROR_KINDS.len()],
 }
 
 /// Call statistics for a fixed set of methods (indexed `0..ops`).
@@ -129,15 +177,17 @@ impl CallStats {
         Pending { op, stripe, start }
     }
 
-    /// Finishes recording a call.
+    /// Finishes recording a call; `error` is the index of its error kind in [`ERROR_KINDS`] if it failed.
     #[inline]
-    pub fn end(&self, p: Pending, failed: bool) {
+    pub fn end(&self, p: Pending, error: Option<usize>) {
         let private = p.stripe.is_some();
         let c = self.cell(p.stripe, p.op);
         if let Some(start) = p.start {
             let ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
             bump(&c.sampled, 1, private);
             bump(&c.total_ns, ns, private);
+            let bucket = LATENCY_BOUNDS_NS.iter().position(|b| ns <= *b).unwrap_or(BUCKETS - 1);
+            bump(&c.latency[bucket], 1, private);
             if private {
                 if ns > c.max_ns.load(Ordering::Relaxed) {
                     c.max_ns.store(ns, Ordering::Relaxed);
@@ -147,8 +197,9 @@ impl CallStats {
             }
         }
         bump(&c.count, 1, private);
-        if failed {
+        if let Some(kind) = error {
             bump(&c.errors, 1, private);
+            bump(&c.kinds[kind.min(ERROR_KINDS.len() - 1)], 1, private);
         }
     }
 
@@ -162,6 +213,12 @@ impl CallStats {
             t.sampled += c.sampled.load(Ordering::Relaxed);
             t.total_ns += c.total_ns.load(Ordering::Relaxed);
             t.max_ns = t.max_ns.max(c.max_ns.load(Ordering::Relaxed));
+            for (sum, b) in t.latency.iter_mut().zip(&c.latency) {
+                *sum += b.load(Ordering::Relaxed);
+            }
+            for (sum, k) in t.errors_by_kind.iter_mut().zip(&c.kinds) {
+                *sum += k.load(Ordering::Relaxed);
+            }
         }
         t
     }
@@ -183,7 +240,7 @@ mod tests {
                     std::thread::spawn(move || {
                         for k in 0..1000 {
                             let p = stats.begin(i % 2);
-                            stats.end(p, k % 10 == 0);
+                            stats.end(p, (k % 10 == 0).then_some(error_kind_index("busy")));
                         }
                     })
                 })
@@ -196,6 +253,8 @@ mod tests {
         let (a, b) = (stats.totals(0), stats.totals(1));
         assert_eq!(a.count + b.count, total);
         assert_eq!(a.errors + b.errors, total / 10);
+        assert_eq!(a.errors_by_kind[error_kind_index("busy")] + b.errors_by_kind[5], total / 10);
+        assert_eq!(a.latency.iter().sum::<u64>(), a.sampled, "every timed call is in one bucket");
         assert!(a.sampled > 0 && a.sampled <= a.count / SAMPLE_EVERY + STRIPES as u64 + 1);
     }
 }

@@ -39,6 +39,8 @@ pub trait BackendControl: Send + Sync {
     ) -> Result<SwapReport, ApiError>;
     /// The status of this backend.
     fn status(&self, default: bool, capacity: Option<Capacity>) -> BackendStatus;
+    /// Every method's call statistics, with latency buckets and errors by kind (for metrics).
+    fn call_totals(&self) -> Vec<(&'static str, super::stats::Totals)>;
     /// Current health.
     fn health(&self) -> Health;
     /// Runs the driver's health check and records the result (a periodic task), waiting at most the
@@ -65,6 +67,10 @@ pub trait BackendControl: Send + Sync {
 impl<I: Interface> BackendControl for Backend<I> {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn call_totals(&self) -> Vec<(&'static str, super::stats::Totals)> {
+        I::METHODS.iter().enumerate().map(|(i, name)| (*name, self.calls.totals(i))).collect()
     }
 
     fn configured(&self) -> Configured {
@@ -223,7 +229,7 @@ impl<I: Interface> BackendControl for Backend<I> {
                 None => {
                     let pending = me.calls.begin(2); // "health" is method 2 of every kind
                     let r = I::health(active.driver.object());
-                    me.calls.end(pending, r.is_err());
+                    me.calls.end(pending, r.as_ref().err().map(|e| super::stats::error_kind_index(e.kind().as_str())));
                     match r {
                         Ok(()) => Health::Up,
                         Err(e) => Health::Down(format!("driver unhealthy: {}", e.message())),

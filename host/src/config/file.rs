@@ -39,6 +39,8 @@ pub struct FileConfig {
     pub trust: TrustConfig,
     /// `[fleet]`.
     pub fleet: FleetConfig,
+    /// Where to serve metrics over HTTP (`127.0.0.1:9464`).
+    pub metrics_listen: Option<String>,
     /// `[volume]`, `[compute]`, ... by service name.
     pub services: BTreeMap<&'static str, ServiceConfig>,
 }
@@ -114,6 +116,7 @@ const GLOBAL_KEYS: &[&str] = &[
     "max_driver_bytes",
     "trust",
     "fleet",
+    "metrics_listen",
 ];
 
 /// Every top-level key, for error messages.
@@ -160,6 +163,7 @@ impl<'de> Deserialize<'de> for FileConfig {
                         "max_driver_bytes" => c.max_driver_bytes = Some(map.next_value()?),
                         "trust" => c.trust = map.next_value()?,
                         "fleet" => c.fleet = map.next_value()?,
+                        "metrics_listen" => c.metrics_listen = Some(map.next_value()?),
                         service => {
                             c.services.insert(service, map.next_value()?);
                         }

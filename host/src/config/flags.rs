@@ -160,6 +160,10 @@ pub struct RunFlags {
     /// they keep running and a restarted plughost re-adopts them (repeatable)
     #[arg(long, value_name = "SERVICE[/BACKEND]")]
     pub stop_instances_on_exit: Vec<String>,
+    /// Serve GET /metrics (OpenMetrics) and GET /healthz over HTTP on ADDR, e.g. 127.0.0.1:9464; nothing
+    /// listens on TCP unless this (or metrics_listen) is given
+    #[arg(long, env = "PLUGHOST_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
     /// Join a fleet: the NATS server URL (repeatable, or comma-separated for a cluster); off unless given
     #[arg(long = "fleet-url", env = "PLUGHOST_FLEET_URL", value_name = "URL", value_delimiter = ',')]
     pub fleet_urls: Vec<String>,

@@ -116,6 +116,8 @@ pub struct Settings {
     pub accept_empty_state: bool,
     /// The fleet to join, when a URL is given.
     pub fleet: Option<FleetSpec>,
+    /// Where to serve metrics over HTTP, when asked.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// A host's fleet settings and where its credentials came from.
@@ -280,6 +282,18 @@ pub fn resolve(flags: &RunFlags, file: &FileConfig) -> Result<Settings, Vec<Conf
             None
         }
     };
+    let metrics_listen = match flags.metrics_listen.as_ref().or(file.metrics_listen.as_ref()) {
+        Some(a) => match a.parse::<std::net::SocketAddr>() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                errors.push(ConfigError::Invalid(format!(
+                    "metrics_listen {a:?}: expected an address and port like 127.0.0.1:9464 or [::1]:9464"
+                )));
+                None
+            }
+        },
+        None => None,
+    };
     if errors.is_empty() && services.is_empty() {
         errors.push(ConfigError::Invalid("every service is disabled: nothing to run".to_owned()));
     }
@@ -346,6 +360,7 @@ pub fn resolve(flags: &RunFlags, file: &FileConfig) -> Result<Settings, Vec<Conf
             .unwrap_or(crate::loading::loader::DEFAULT_MAX_DRIVER_BYTES),
         accept_empty_state: flags.accept_empty_state,
         fleet,
+        metrics_listen,
     })
 }
 

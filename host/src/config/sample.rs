@@ -61,7 +61,9 @@ pub fn sample(drivers: &[DriverMeta]) -> String {
          # driver_dirs = [\"/usr/lib/plughost/drivers\"]\n# shutdown_timeout_ms = 10000\n\
          # periodic_interval_ms = 10000\n# max_request_bytes = 1048576\n# max_connections = 512\n# max_driver_bytes = 268435456\n\
          # Members of this group may read through the socket (status, get, list, stats)\n\
-         # socket_group = \"plughost\"\n\n\
+         # socket_group = \"plughost\"\n\
+         # Serve GET /metrics and /healthz over HTTP (nothing listens on TCP unless set)\n\
+         # metrics_listen = \"127.0.0.1:9464\"\n\n\
          # Which driver code may load (see plughost inspect for the digest of a library)\n\
          [trust]\n\
          # Refuse driver files that anyone but root or plughost's user could have written\n\

@@ -21,6 +21,8 @@ pub enum CtlCommand {
     Health,
     /// `status`.
     Status,
+    /// `metrics`: OpenMetrics text.
+    Metrics,
     /// `reload`.
     Reload,
     /// `audit [--since WHEN]`.
@@ -57,6 +59,7 @@ impl clap::FromArgMatches for CtlCommand {
             Some(("ping", _)) => Ok(CtlCommand::Ping),
             Some(("health", _)) => Ok(CtlCommand::Health),
             Some(("status", _)) => Ok(CtlCommand::Status),
+            Some(("metrics", _)) => Ok(CtlCommand::Metrics),
             Some(("reload", _)) => Ok(CtlCommand::Reload),
             Some(("audit", s)) => Ok(CtlCommand::Audit { since: s.get_one::<String>("since").cloned() }),
             Some(("restart", s)) => {
@@ -91,6 +94,9 @@ impl clap::Subcommand for CtlCommand {
                     "Exit 0 when every backend is up, 1 degraded, 2 down or unreachable; one line per problem (for monitoring)",
                 ))
                 .subcommand(Command::new("status").about("Services, backends, drivers, health, call statistics"))
+                .subcommand(Command::new("metrics").about(
+                    "The host's metrics as OpenMetrics text (backends up, driver calls and errors, latency, records, workers, fleet)",
+                ))
                 .subcommand(Command::new("reload").about(
                     "Re-read the configuration and swap every backend whose driver or options changed (as SIGHUP)",
                 ))
@@ -128,7 +134,7 @@ impl clap::Subcommand for CtlCommand {
         Self::augment_subcommands(cmd)
     }
     fn has_subcommand(name: &str) -> bool {
-        matches!(name, "ping" | "health" | "status" | "reload" | "audit" | "restart" | "swap")
+        matches!(name, "ping" | "health" | "status" | "metrics" | "reload" | "audit" | "restart" | "swap")
             || kinds::kind(name).is_some()
     }
 }
@@ -183,6 +189,7 @@ pub fn run_on(target: &Target, json: bool, command: &CtlCommand) -> Result<CtlOu
     let body = match command {
         CtlCommand::Ping => Body::Ping,
         CtlCommand::Status | CtlCommand::Health => Body::Status,
+        CtlCommand::Metrics => Body::Metrics,
         CtlCommand::Reload => Body::Reload,
         CtlCommand::Audit { since } => {
             let since = since
@@ -251,6 +258,7 @@ pub fn run_on(target: &Target, json: bool, command: &CtlCommand) -> Result<CtlOu
     }
     let stdout = match &req.body {
         Body::Status => parse::<HostStatus>(&result).map(|s| format_status(&s)),
+        Body::Metrics => parse::<crate::control::protocol::MetricsText>(&result).map(|m| m.text),
         Body::Reload => parse::<Vec<ReloadEntry>>(&result).map(|r| format_reload(&r)),
         Body::Audit(_) => parse::<Vec<crate::control::protocol::AuditEntry>>(&result).map(|e| format_audit(&e)),
         Body::Swap { .. } => parse::<SwapReport>(&result).map(|r| format_swap(&r)),

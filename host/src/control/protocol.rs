@@ -207,6 +207,15 @@ fn via_socket() -> String {
     "socket".to_owned()
 }
 
+/// The answer to `metrics`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetricsText {
+    /// `openmetrics-text`.
+    pub format: String,
+    /// The metrics, ending with `# EOF`.
+    pub text: String,
+}
+
 /// Arguments of `swap`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

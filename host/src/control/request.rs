@@ -50,6 +50,8 @@ pub enum Body<'a> {
     Ping,
     /// `status`: services, backends, drivers, health, statistics.
     Status,
+    /// `metrics`: the same and more as OpenMetrics text (open to readers).
+    Metrics,
     /// `reload`: re-read the configuration, swap what changed.
     Reload,
     /// `audit`: the audit log's entries (admins only).
@@ -83,7 +85,7 @@ impl Body<'_> {
     /// The service it is for, if any.
     pub fn service(&self) -> Option<&str> {
         match self {
-            Body::Ping | Body::Status | Body::Reload | Body::Audit(_) => None,
+            Body::Ping | Body::Status | Body::Metrics | Body::Reload | Body::Audit(_) => None,
             Body::Restart { service, .. } | Body::Swap { service, .. } | Body::Service { service, .. } => Some(service),
         }
     }
@@ -92,6 +94,7 @@ impl Body<'_> {
     pub fn op(&self) -> &str {
         match self {
             Body::Ping => "ping",
+            Body::Metrics => "metrics",
             Body::Status => "status",
             Body::Reload => "reload",
             Body::Audit(_) => "audit",
@@ -104,7 +107,7 @@ impl Body<'_> {
     /// The backend a request names in its arguments, if any.
     pub fn backend(&self) -> Result<Option<String>, ApiError> {
         Ok(match self {
-            Body::Ping | Body::Status | Body::Reload | Body::Audit(_) => None,
+            Body::Ping | Body::Status | Body::Metrics | Body::Reload | Body::Audit(_) => None,
             Body::Swap { args, .. } => args.backend.clone(),
             Body::Restart { args, .. } => args.backend.clone(),
             Body::Service { args, .. } => {
@@ -130,7 +133,7 @@ impl Body<'_> {
     /// Whether it only reads (open to readers).
     pub fn reads(&self) -> bool {
         match self {
-            Body::Ping | Body::Status => true,
+            Body::Ping | Body::Status | Body::Metrics => true,
             Body::Reload | Body::Audit(_) | Body::Restart { .. } | Body::Swap { .. } => false,
             Body::Service { op, .. } => op.reads(),
         }
@@ -142,7 +145,7 @@ impl Serialize for Request<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::{Error, SerializeMap};
         let args: Option<Box<RawValue>> = match &self.body {
-            Body::Ping | Body::Status | Body::Reload => None,
+            Body::Ping | Body::Status | Body::Metrics | Body::Reload => None,
             Body::Audit(a) => Some(serde_json::value::to_raw_value(a).map_err(S::Error::custom)?),
             Body::Restart { args, .. } => Some(serde_json::value::to_raw_value(args).map_err(S::Error::custom)?),
             Body::Swap { args, .. } => Some(serde_json::value::to_raw_value(args).map_err(S::Error::custom)?),
@@ -292,12 +295,16 @@ pub fn parse_request<'a>(
             parse_args::<NoArgs>("reload", args).map_err(fail)?;
             Body::Reload
         }
+        (None, "metrics") => {
+            parse_args::<NoArgs>("metrics", args).map_err(fail)?;
+            Body::Metrics
+        }
         (None, "audit") => Body::Audit(parse_args("audit", args).map_err(fail)?),
         (None, other) => {
             return Err(invalid(
                 id,
                 format!(
-                    "unknown operation {} (top-level: ping, status, reload, audit; others need \"service\")",
+                    "unknown operation {} (top-level: ping, status, metrics, reload, audit; others need \"service\")",
                     crate::util::fmt::echo(other)
                 ),
             ))

@@ -187,6 +187,10 @@ impl Host {
         match body {
             Body::Ping => to_json(&Pong { pong: true }),
             Body::Status => to_json(&self.status()),
+            Body::Metrics => to_json(&crate::control::protocol::MetricsText {
+                format: "openmetrics-text".to_owned(),
+                text: self.metrics(),
+            }),
             Body::Audit(args) => {
                 Self::admin(peer, "audit")?;
                 let log = self.audit.as_ref().ok_or_else(|| ApiError::internal("this host keeps no audit log"))?;

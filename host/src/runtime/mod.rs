@@ -4,10 +4,12 @@
 //!
 //! Files: `host` (composition, dispatch, status, periodic work), `reload` (swap, restart, reload),
 //! `run` (serving, signals, stop), `fleet` (remote requests checked against their subject, the report),
-//! `notify` (systemd readiness, status, reload, stop and watchdog notifications).
+//! `notify` (systemd readiness, status, reload, stop and watchdog notifications), `metrics`
+//! (OpenMetrics text, the opt-in HTTP listener).
 
 mod fleet;
 mod host;
+mod metrics;
 mod notify;
 mod reload;
 mod run;

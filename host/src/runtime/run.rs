@@ -56,6 +56,12 @@ impl Running {
                 .map_err(|e| format!("cannot start a periodic task: {e}"))?;
             periodic.push(t);
         }
+        if let Some(addr) = host.settings.metrics_listen {
+            super::metrics::listen(host.clone(), addr)?;
+            if !addr.ip().is_loopback() {
+                log::warn!("metrics are served on {addr}, beyond this machine: anyone who can reach it reads them");
+            }
+        }
         // The fleet last: a remote request finds everything serving.
         host.join_fleet()?;
         Ok(Running { host, server, periodic })

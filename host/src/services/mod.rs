@@ -294,6 +294,8 @@ pub trait DynService: Send + Sync {
     fn records(&self) -> usize;
     /// How many records one backend holds.
     fn records_on(&self, backend: &str) -> usize;
+    /// How many records there are of each (backend, status).
+    fn records_by_status(&self) -> std::collections::BTreeMap<(String, String), u64>;
     /// Runs every backend's cleanup at host stop, once no request is in flight.
     fn cleanup(&self);
 }
@@ -332,6 +334,9 @@ impl<S: Service> DynService for S {
     }
     fn records_on(&self, backend: &str) -> usize {
         Service::records(self).count(backend)
+    }
+    fn records_by_status(&self) -> std::collections::BTreeMap<(String, String), u64> {
+        Service::records(self).by_status()
     }
     fn cleanup(&self) {
         Service::cleanup(self)

@@ -287,6 +287,15 @@ impl<R: Record> Records<R> {
         self.map().values().filter(|r| r.backend() == backend).map(|r| r.name().to_owned()).collect()
     }
 
+    /// How many records there are of each backend and status.
+    pub(crate) fn by_status(&self) -> std::collections::BTreeMap<(String, String), u64> {
+        let mut counts = std::collections::BTreeMap::new();
+        for r in self.map().values() {
+            *counts.entry((r.backend().to_owned(), r.status().to_string())).or_insert(0) += 1;
+        }
+        counts
+    }
+
     /// How many records one backend holds.
     pub(crate) fn count(&self, backend: &str) -> usize {
         self.map().values().filter(|r| r.backend() == backend).count()

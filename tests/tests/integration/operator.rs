@@ -430,3 +430,96 @@ fn a_secret_option_comes_from_a_file_or_the_environment_and_never_shows_on_the_c
     ]);
     assert!(r.stderr.contains("environment variable \"NOT_SET_ANYWHERE\" is not set"), "{}", r.stderr);
 }
+
+/// The samples of an OpenMetrics text: `name{labels}` → value (and the text ends with `# EOF`).
+fn samples(text: &str) -> std::collections::BTreeMap<String, f64> {
+    assert!(text.ends_with("# EOF\n"), "{text}");
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| {
+            let (k, v) = l.rsplit_once(' ').unwrap_or_else(|| panic!("{l}"));
+            (k.to_owned(), v.parse::<f64>().unwrap_or_else(|_| panic!("{l}")))
+        })
+        .collect()
+}
+
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out.split(' ').nth(1).unwrap().parse().unwrap();
+    (code, out.split_once("\r\n\r\n").unwrap().1.to_owned())
+}
+
+#[test]
+fn metrics_count_calls_errors_and_records_on_the_socket_and_over_opt_in_http() {
+    let t = TempDir::new("metrics");
+    let port = plughost_tests::nats::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut d = Daemon::start(
+        &t.join("state"),
+        &[
+            "--volume-driver",
+            "faulty",
+            "--volume-opt",
+            "fail_in=extend",
+            "--volume-backend",
+            "sick=faulty",
+            "--volume-opt",
+            "sick:unhealthy=true",
+            "--compute-driver",
+            "none",
+            "--metrics-listen",
+            &addr,
+        ],
+    );
+    let socket = d.socket.clone();
+    let metrics = || {
+        let r = run(&["ctl", "--socket", socket.to_str().unwrap(), "metrics"]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        samples(&r.stdout)
+    };
+    let before = metrics();
+    let calls = |m: &std::collections::BTreeMap<String, f64>, method: &str| {
+        m.get(&format!("plughost_driver_calls_total{{service=\"volume\",backend=\"default\",method=\"{method}\"}}"))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    d.ok("volume", "create", json!({"name": "a", "size": 1}));
+    d.ok("volume", "create", json!({"name": "b", "size": 1}));
+    assert_eq!(d.err("volume", "extend", json!({"name": "a", "size": 2})), "internal");
+    let after = metrics();
+    assert_eq!(calls(&after, "create") - calls(&before, "create"), 2.0);
+    let err =
+        "plughost_driver_call_errors_total{service=\"volume\",backend=\"default\",method=\"extend\",kind=\"internal\"}";
+    assert_eq!(after.get(err), Some(&1.0), "{after:?}");
+    assert_eq!(after.get("plughost_records{service=\"volume\",backend=\"default\",status=\"available\"}"), Some(&2.0));
+    let info = after.keys().find(|k| k.starts_with("plughost_build_info{")).unwrap();
+    assert!(info.contains("plugin_api=\"1.2.0\""), "{info}");
+    // Every timed create is in the histogram, and its +Inf bucket counts them all.
+    let count =
+        after["plughost_driver_call_duration_seconds_count{service=\"volume\",backend=\"default\",method=\"create\"}"];
+    let inf = after["plughost_driver_call_duration_seconds_bucket{le=\"+Inf\",service=\"volume\",backend=\"default\",method=\"create\"}"];
+    assert!(count >= 1.0 && inf == count, "{count} {inf}");
+
+    // Over HTTP, only because it was asked for: the same text, and health that says what is down.
+    let (code, text) = http_get(&addr, "/metrics");
+    assert_eq!(code, 200);
+    assert!(samples(&text).contains_key(err));
+    wait_for("the sick backend to be down", || http_get(&addr, "/healthz").0 == 503);
+    let (_, body) = http_get(&addr, "/healthz");
+    assert!(body.contains("volume backend \"sick\" down: driver unhealthy"), "{body}");
+    assert_eq!(
+        metrics()
+            .get("plughost_backend_up{service=\"volume\",backend=\"sick\",driver=\"faulty\",isolation=\"in-process\"}"),
+        Some(&0.0)
+    );
+    assert_eq!(http_get(&addr, "/nope").0, 404);
+    drop(d);
+    // Without the flag nothing listens.
+    let d = Daemon::start(&t.join("state2"), &["--volume-driver", "fake-volume", "--compute-driver", "none"]);
+    assert!(std::net::TcpStream::connect(&addr).is_err());
+    drop(d);
+}

@@ -55,6 +55,7 @@ fn reencode(req: &str, result: Option<&Value>) -> Option<(Value, Option<Value>)>
     let (request, result) = match parsed.body {
         Body::Ping => (json!({"op": "ping"}), result.map(round_trip::<Pong>)),
         Body::Status => (json!({"op": "status"}), result.map(round_trip::<HostStatus>)),
+        Body::Metrics => (json!({"op": "metrics"}), result.map(round_trip::<host::control::protocol::MetricsText>)),
         Body::Reload => (json!({"op": "reload"}), result.map(round_trip::<Vec<ReloadEntry>>)),
         Body::Audit(args) => (
             json!({"op": "audit", "args": serde_json::to_value(args).unwrap()}),
