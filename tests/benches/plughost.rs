@@ -132,7 +132,7 @@ fn call_benchmarks(out: &mut Vec<Metric>, work: &Path) {
             &mut |n| {
                 for _ in 0..n {
                     let p = stats.begin(0);
-                    stats.end(p, black_box(false));
+                    stats.end(p, black_box(None));
                 }
             },
         ],
