@@ -51,7 +51,45 @@ pub const OPTIONS: &[OptionSpec] = &[
     )
     .default("64MiB"),
     OptionSpec::integer("log_max_files", "rotated copies kept per log (0: a full log is only emptied)").default("3"),
+    OptionSpec::string(
+        "user",
+        "run instances as this user (name or uid; plughost must run as root): a process that is not root cannot move itself out of its cgroup, so destroy reaches everything it started. Default: plughost's own user",
+    )
+    .default(""),
 ];
+
+/// The uid and gid of `user` (a name, or a number), looked up with `getpwnam_r`.
+fn lookup_user(user: &str) -> Result<(u32, u32), DriverError> {
+    if let Ok(uid) = user.parse::<u32>() {
+        // A bare uid keeps its own number as the group, unless the password database knows it.
+        return Ok(lookup_uid(uid).unwrap_or((uid, uid)));
+    }
+    let name = CString::new(user)
+        .map_err(|_| DriverError::invalid_argument(format!("option \"user\": {user:?} has a NUL byte")))?;
+    let mut buf = vec![0u8; 16384];
+    // SAFETY: passwd is plain data filled in by getpwnam_r; `buf` outlives the call and its length is
+    // passed; `found` is only read after the call returned.
+    unsafe {
+        let mut pw: libc::passwd = std::mem::zeroed();
+        let mut found: *mut libc::passwd = std::ptr::null_mut();
+        let rc = libc::getpwnam_r(name.as_ptr(), &mut pw, buf.as_mut_ptr().cast(), buf.len(), &mut found);
+        if rc != 0 || found.is_null() {
+            return Err(DriverError::invalid_argument(format!("option \"user\": no user named {user:?}")));
+        }
+        Ok((pw.pw_uid, pw.pw_gid))
+    }
+}
+
+fn lookup_uid(uid: u32) -> Option<(u32, u32)> {
+    let mut buf = vec![0u8; 16384];
+    // SAFETY: as in lookup_user.
+    unsafe {
+        let mut pw: libc::passwd = std::mem::zeroed();
+        let mut found: *mut libc::passwd = std::ptr::null_mut();
+        let rc = libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr().cast(), buf.len(), &mut found);
+        (rc == 0 && !found.is_null()).then_some((pw.pw_uid, pw.pw_gid))
+    }
+}
 
 /// The driver's own state file, in `log_dir` (instance names cannot start with `.`).
 const STATE_FILE: &str = ".process-compute.json";
@@ -170,6 +208,8 @@ enum Containment {
 /// The driver.
 pub struct ProcessCompute {
     log_dir: PathBuf,
+    /// The uid and gid instances run as (`None`: plughost's own).
+    run_as: Option<(u32, u32)>,
     /// Logs larger than this are rotated.
     log_max_bytes: u64,
     /// Rotated copies kept per log.
@@ -432,7 +472,10 @@ impl ProcessCompute {
         let log_max_files = u32::try_from(files).ok().filter(|n| *n <= 100).ok_or_else(|| {
             DriverError::invalid_argument(format!("option \"log_max_files\": between 0 and 100, got {files}"))
         })?;
+        let user = options.string("user")?;
+        let run_as = if user.is_empty() { None } else { Some(lookup_user(&user)?) };
         Ok(ProcessCompute {
+            run_as,
             log_max_bytes,
             log_max_files,
             log_dir,
@@ -755,9 +798,11 @@ impl ProcessCompute {
                 .open(&p)
                 .map_err(io_err(format!("instance {name:?}: opening log {}", p.display())))
         };
-        let workdir = match &spec.workdir {
-            Some(w) => PathBuf::from(w),
-            None => self.log_dir.clone(),
+        let workdir = match (&spec.workdir, self.run_as) {
+            (Some(w), _) => PathBuf::from(w),
+            // The log dir is private to plughost's user: an instance of another user starts in /.
+            (None, Some(_)) => PathBuf::from("/"),
+            (None, None) => self.log_dir.clone(),
         };
         let mut cmd = Command::new(&spec.command);
         cmd.args(&spec.args)
@@ -783,6 +828,20 @@ impl ProcessCompute {
                     libc::close(fd);
                     if n != 1 {
                         return Err(e);
+                    }
+                    Ok(())
+                });
+            }
+        }
+        // After joining the cgroup (which needs root): the instance's own user, for good. (Not
+        // `Command::uid`, which std applies before the closures above run.)
+        if let Some((uid, gid)) = self.run_as {
+            // SAFETY: setgroups, setgid and setuid are async-signal-safe system calls on plain values.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let groups = [gid];
+                    if libc::setgroups(1, groups.as_ptr()) != 0 || libc::setgid(gid) != 0 || libc::setuid(uid) != 0 {
+                        return Err(std::io::Error::last_os_error());
                     }
                     Ok(())
                 });
@@ -990,6 +1049,12 @@ fn fnv64(bytes: &[u8]) -> u64 {
 
 impl ComputeDriver for ProcessCompute {
     fn init(&self) -> Result<(), DriverError> {
+        // SAFETY: geteuid has no preconditions.
+        if self.run_as.is_some_and(|(uid, _)| uid != unsafe { libc::geteuid() }) && unsafe { libc::geteuid() } != 0 {
+            return Err(DriverError::invalid_argument(
+                "option \"user\": running instances as another user needs plughost to run as root",
+            ));
+        }
         fs::create_dir_all(&self.log_dir).map_err(io_err(format!("creating log dir {}", self.log_dir.display())))?;
         self.setup_containment()?;
         self.recover()
@@ -1267,6 +1332,43 @@ mod tests {
         for f in ["chatty.stdout", "chatty.stdout.1", "chatty.stderr"] {
             assert!(!dir.join(f).exists(), "{f} outlived the instance");
         }
+        d.cleanup().unwrap();
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn instances_of_another_user_cannot_leave_their_cgroup() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return; // switching users needs root, as the option says
+        }
+        let dir = temp("user");
+        let o =
+            Options::for_schema(OPTIONS, [("log_dir", dir.to_str().unwrap()), ("user", "nobody"), ("cgroup", "auto")]);
+        let d = ProcessCompute::new(&o).unwrap();
+        d.init().unwrap();
+        // The cgroup v2 root (where an escaping process would go), wherever it is mounted.
+        let mounts = fs::read_to_string("/proc/mounts").unwrap();
+        let root = mounts.lines().find_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (f.get(2) == Some(&"cgroup2")).then(|| f[1].to_owned())
+        });
+        let target = root.as_deref().unwrap_or("/sys/fs/cgroup");
+        let script = format!(
+            "id -u; id -G; pwd; echo $$ > {target}/cgroup.procs 2>/dev/null && echo escaped || echo stayed; exec sleep 30"
+        );
+        let i = d.spawn(&sh("n", &script)).unwrap();
+        let out = dir.join("n.stdout");
+        wait_for("the instance's report", || fs::read_to_string(&out).is_ok_and(|t| t.lines().count() >= 4));
+        let text = fs::read_to_string(&out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "65534", "{text}");
+        assert!(!lines[1].split(' ').any(|g| g == "0"), "no root group left: {text}");
+        assert_eq!(lines[2], "/", "{text}");
+        assert_eq!(lines[3], "stayed", "{text}");
+        let pid = i.pid.unwrap();
+        d.destroy("n").unwrap();
+        assert!(!alive(pid));
         d.cleanup().unwrap();
         let _ = fs::remove_dir_all(&dir);
     }
