@@ -232,6 +232,10 @@ fn init_logging(verbose: u8, quiet: bool) {
         b.parse_filters(&spec);
     }
     if stderr_is_journal() {
+        // Start-up lines are worth a line in the journal at the default level.
+        if !quiet {
+            b.filter_module("plughost::startup", log::LevelFilter::Info);
+        }
         // journald stamps each line itself and reads its priority from a `<N>` prefix (sd-daemon(3)).
         b.format(|f, record| {
             use std::io::Write;
@@ -313,7 +317,18 @@ fn main() -> ExitCode {
         Command::Inspect { json, paths } => report(drivers::inspect(&probing_loader(), &paths, json)),
         Command::List { driver_dirs, json } => report(drivers::list(&probing_loader(), &driver_dirs, json)),
         Command::Run(flags) => {
-            let ready = |lines: &[String]| lines.iter().for_each(|l| eprintln!("plughost: {l}"));
+            // Start-up lines: for a person at a terminal as they always were; under journald through the
+            // logger, at info priority.
+            let journal = stderr_is_journal();
+            let ready = |lines: &[String]| {
+                for l in lines {
+                    if journal {
+                        log::info!(target: "plughost::startup", "{l}");
+                    } else {
+                        eprintln!("plughost: {l}");
+                    }
+                }
+            };
             match host::runtime::run(ConfigSource { flags: *flags }, ready) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(errors) => fail(errors),

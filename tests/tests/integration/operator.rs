@@ -343,6 +343,23 @@ fn under_journald_log_lines_carry_their_priority_and_no_timestamp() {
     let text = std::fs::read_to_string(&log).unwrap();
     let warn = text.lines().find(|l| l.contains("trust.strict is off")).unwrap_or_else(|| panic!("{text}"));
     assert!(warn.starts_with("<4>trust.strict is off"), "{text}");
+    // Start-up lines too, at info, without -v.
+    let file = std::fs::File::create(&log).unwrap();
+    let meta = file.metadata().unwrap();
+    let stream = format!("{}:{}", meta.dev(), meta.ino());
+    let state = t.join("state-ok");
+    let mut child = plughost_tests::process::command(&["run", "--state-dir", state.to_str().unwrap()])
+        .args(["--volume-driver", "fake-volume", "--compute-driver", "none"])
+        .env("JOURNAL_STREAM", &stream)
+        .stderr(file)
+        .spawn()
+        .unwrap();
+    wait_for("the serving line", || std::fs::read_to_string(&log).is_ok_and(|t| t.contains("serving on")));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.lines().any(|l| l.starts_with("<6>serving on ")), "{text}");
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
     // Elsewhere (stderr not the journal's stream, though the variable is inherited): the usual format.
     let r = plughost_tests::process::command(&args)
         .args(["--compute-driver", "none"])
