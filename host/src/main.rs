@@ -245,7 +245,16 @@ fn init_logging(verbose: u8, quiet: bool) {
                 log::Level::Info => 6,
                 log::Level::Debug | log::Level::Trace => 7,
             };
-            writeln!(f, "<{priority}>{}", record.args())
+            write!(f, "<{priority}>{}", record.args())?;
+            // Key-value fields (service, backend, op, name, peer, outcome) after the message.
+            struct Fields<'a, 'b>(&'a mut env_logger::fmt::Formatter, std::marker::PhantomData<&'b ()>);
+            impl<'kvs> log::kv::VisitSource<'kvs> for Fields<'_, '_> {
+                fn visit_pair(&mut self, k: log::kv::Key<'kvs>, v: log::kv::Value<'kvs>) -> Result<(), log::kv::Error> {
+                    write!(self.0, " {k}={v}").map_err(log::kv::Error::boxed)
+                }
+            }
+            let _ = record.key_values().visit(&mut Fields(f, std::marker::PhantomData));
+            writeln!(f)
         });
     }
     b.init();

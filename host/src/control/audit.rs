@@ -199,6 +199,19 @@ impl AuditLog {
         if outcome.is_err() && !peer.is_admin() && !self.admit_refusal(peer, at) {
             return;
         }
+        let kind = match outcome {
+            Ok(()) => "ok",
+            Err(e) => e.kind.as_str(),
+        };
+        log::info!(
+            target: "plughost::audit",
+            service = service.unwrap_or("-"),
+            op = op,
+            name = crate::control::request::arg_name(args.as_deref()).as_deref().unwrap_or("-"),
+            peer = peer.tag().as_str(),
+            outcome = kind;
+            "audit"
+        );
         let (args, args_bytes) = match args {
             Some(a) if a.get().len() > MAX_ARGS => (None, Some(a.get().len() as u64)),
             a => (a, None),

@@ -28,6 +28,17 @@ pub trait KindOp: Any + Send + fmt::Debug {
     fn args_json(&self) -> Result<Box<RawValue>, String>;
 }
 
+/// The `name` argument of a request, if it has one (for log lines; never for dispatch), cut short.
+pub(crate) fn arg_name(args: Option<&RawValue>) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Named<'a> {
+        #[serde(borrow, default)]
+        name: Option<std::borrow::Cow<'a, str>>,
+    }
+    let n = serde_json::from_str::<Named<'_>>(args?.get()).ok()?.name?;
+    Some(crate::util::fmt::printable(&n.chars().take(128).collect::<String>()).into_owned())
+}
+
 /// Parses one operation of a kind from its name and arguments: `(service, op, args)`.
 pub type OpParser = fn(&str, &str, Option<&RawValue>) -> Result<Box<dyn KindOp>, ApiError>;
 

@@ -50,6 +50,14 @@ impl Peer {
         Peer { uid: 0, gid: 0, pid: 0, remote: Some(Remote { user: user.map(str::to_owned), admin }) }
     }
 
+    /// Who it is as one token, for log fields: `uid:N` or `fleet:USER`.
+    pub(crate) fn tag(&self) -> String {
+        match &self.remote {
+            Some(r) => format!("fleet:{}", r.user.as_deref().unwrap_or("anonymous")),
+            None => format!("uid:{}", self.uid),
+        }
+    }
+
     /// Who it is, for messages and the audit log's refusal windows: `uid N` or `fleet user U`.
     pub(crate) fn who(&self) -> String {
         match &self.remote {

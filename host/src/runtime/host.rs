@@ -375,9 +375,34 @@ impl Host {
         if self.stopping.load(Ordering::SeqCst) {
             return answer(req.id, Err(ApiError::new(ErrorKind::ShuttingDown, "plughost is stopping")));
         }
+        let fields = log::log_enabled!(target: "plughost::request", log::Level::Debug).then(|| {
+            let args = match &req.body {
+                Body::Service { args, .. } => *args,
+                _ => None,
+            };
+            (
+                req.body.service().unwrap_or("-").to_owned(),
+                req.body.op().to_owned(),
+                req.body.backend().ok().flatten().unwrap_or_else(|| "-".to_owned()),
+                crate::control::request::arg_name(args).unwrap_or_else(|| "-".to_owned()),
+            )
+        });
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         let result = self.dispatch(req.body, peer);
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if let Some((service, op, backend, name)) = fields {
+            let outcome = result.as_ref().map_or_else(|e| e.kind.as_str(), |_| "ok");
+            log::debug!(
+                target: "plughost::request",
+                service = service.as_str(),
+                backend = backend.as_str(),
+                op = op.as_str(),
+                name = name.as_str(),
+                peer = peer.tag().as_str(),
+                outcome = outcome;
+                "request"
+            );
+        }
         answer(req.id, result)
     }
 }

@@ -351,12 +351,23 @@ fn under_journald_log_lines_carry_their_priority_and_no_timestamp() {
     let mut child = plughost_tests::process::command(&["run", "--state-dir", state.to_str().unwrap()])
         .args(["--volume-driver", "fake-volume", "--compute-driver", "none"])
         .env("JOURNAL_STREAM", &stream)
+        .env("RUST_LOG", "plughost::audit=info")
         .stderr(file)
         .spawn()
         .unwrap();
     wait_for("the serving line", || std::fs::read_to_string(&log).is_ok_and(|t| t.contains("serving on")));
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.lines().any(|l| l.starts_with("<6>serving on ")), "{text}");
+    // Audit lines carry their fields.
+    let socket = state.join("plughost.sock");
+    let r = run(&["ctl", "--socket", socket.to_str().unwrap(), "volume", "create", "v", "--size", "1"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    wait_for("the audit line", || std::fs::read_to_string(&log).is_ok_and(|t| t.contains("<6>audit ")));
+    let text = std::fs::read_to_string(&log).unwrap();
+    let audit = text.lines().find(|l| l.starts_with("<6>audit ")).unwrap();
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    assert_eq!(audit, format!("<6>audit service=volume op=create name=v peer=uid:{me} outcome=ok"), "{text}");
     // SAFETY: kill has no memory-safety preconditions.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert!(child.wait().unwrap().success());
