@@ -71,7 +71,11 @@ impl Daemon {
         prepare: impl FnOnce(&mut Command),
     ) -> Daemon {
         let socket = socket.map(ToOwned::to_owned).unwrap_or_else(|| state_dir.join("plughost.sock"));
-        let mut all = vec!["run", "--state-dir", state_dir.to_str().unwrap(), "--periodic-interval-ms", "200"];
+        let mut all = vec!["run", "--state-dir", state_dir.to_str().unwrap()];
+        // Periodic rounds every 200 ms, unless the test asks for its own spacing.
+        if !args.contains(&"--periodic-interval-ms") {
+            all.extend(["--periodic-interval-ms", "200"]);
+        }
         all.extend(["--socket", socket.to_str().unwrap()]);
         all.extend_from_slice(args);
         let mut cmd = command(&all);

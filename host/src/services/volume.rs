@@ -280,11 +280,40 @@ impl VolumeService {
         self.core.reconcile_all(None, |b| self.reconcile(b, false));
     }
 
+    /// A record left `creating` by a create or snapshot whose outcome was unknown (the isolated worker
+    /// serving it died during the call) is settled as soon as its name is asked for again, not at the
+    /// next reconcile: the driver is asked. It has the volume → the record completes (available) and the
+    /// new create is refused as a duplicate; it has not → the intent is dropped and the create proceeds.
+    /// The caller holds the name (no call on it is in flight: the intent is an interrupted one).
+    fn settle_interrupted(&self, name: &str) -> Result<(), ApiError> {
+        let Some(r) = self.core.records.get(name).filter(|r| r.meta.status == VolumeStatus::Creating) else {
+            return Ok(());
+        };
+        let b = self.core.backends.holding("volume", name, &r.meta.backend)?;
+        match b.call(VolumeMethod::get, |d| d.get(name)) {
+            Ok(v) => {
+                log::info!("volume {name:?}: interrupted create completed on the backend; now available");
+                self.core.records.update(name, |r| {
+                    r.apply(&v);
+                    r.set_status(VolumeStatus::Available);
+                    true
+                })?;
+                Ok(())
+            }
+            Err(e) if e.kind == crate::control::protocol::ErrorKind::NotFound => {
+                log::info!("volume {name:?}: interrupted create never happened on the backend; intent dropped");
+                self.core.records.remove(name)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     fn create(&self, name: &str, size: u64, backend: Option<&str>) -> Result<VolumeRecord, ApiError> {
         check_name("volume", name)?;
         check_size(name, size)?;
         let b = self.core.backends.pick(backend)?;
         let _held = self.core.records.hold(name);
+        self.settle_interrupted(name)?;
         let mut record = VolumeRecord::new(name, &b.name, VolumeStatus::Creating, size, None);
         record.meta.driver_digest = Some(b.digest());
         self.core.records.create(record, || b.call(VolumeMethod::create, |d| d.create(name, size)), made)
@@ -293,6 +322,7 @@ impl VolumeService {
     fn snapshot(&self, name: &str, snapshot: &str, backend: Option<&str>) -> Result<VolumeRecord, ApiError> {
         check_name("volume", snapshot)?;
         let _held = self.core.records.hold_two(name, snapshot);
+        self.settle_interrupted(snapshot)?;
         let (source, b) = self.core.backends.locate(&self.core.records, name, backend)?;
         let mut record = VolumeRecord::new(snapshot, &b.name, VolumeStatus::Creating, source.size, Some(name));
         record.meta.driver_digest = Some(b.digest());
@@ -344,6 +374,7 @@ impl VolumeService {
     /// it were fresh); a driver that no longer has the volume turns the record to `error`.
     fn get(&self, name: &str, backend: Option<&str>) -> Result<VolumeRecord, ApiError> {
         let _held = self.core.records.hold(name);
+        self.settle_interrupted(name)?;
         let (r, b) = self.core.backends.locate(&self.core.records, name, backend)?;
         self.core.records.refresh(r, b.call(VolumeMethod::get, |d| d.get(name)), |r, v| {
             let back = r.meta.status == VolumeStatus::Error && r.meta.reason.as_deref() == Some(MISSING);
@@ -657,6 +688,23 @@ pub(crate) mod tests {
         // Refused every time it is listed, logged once.
         assert_eq!(svc.reconcile(&b, true).refused, 6);
         assert_eq!(svc.core.refused_seen_len(), 6);
+    }
+
+    #[test]
+    fn a_create_asked_again_after_an_interrupted_one_settles_it_at_once() {
+        let d = Arc::new(Scripted::default());
+        let s = service_with(d.clone(), Records::in_memory());
+        // Two intents left behind by calls whose worker died: one the driver did, one it never got.
+        d.volumes.lock().unwrap().insert("done".to_owned(), 9);
+        for name in ["done", "never"] {
+            s.core.records.put(VolumeRecord::new(name, "default", VolumeStatus::Creating, 9, None)).unwrap();
+        }
+        let e = s.create("done", 9, None).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::AlreadyExists);
+        assert!(e.message.contains("available"), "{}", e.message);
+        assert_eq!(s.core.records.get("done").unwrap().meta.status, VolumeStatus::Available);
+        let made = s.create("never", 3, None).unwrap();
+        assert_eq!((made.meta.status, made.size), (VolumeStatus::Available, 3));
     }
 
     #[test]

@@ -483,6 +483,46 @@ fn a_call_right_after_a_crash_waits_for_the_new_worker_instead_of_failing() {
 }
 
 #[test]
+fn a_create_retried_after_its_worker_died_is_settled_at_once_not_refused_until_a_reconcile() {
+    let t = TempDir::new("iso-settle");
+    let mut d = Daemon::start_with(
+        &t.join("state"),
+        None,
+        &[
+            "--volume-driver",
+            "faulty",
+            "--volume-opt",
+            "crash=exit",
+            "--volume-opt",
+            "crash_on=create",
+            "--volume-opt",
+            "crash_after=1",
+            "--isolate",
+            "volume",
+            "--compute-driver",
+            "none",
+            // No periodic round (and so no reconcile) during the test: the retry alone must settle it.
+            "--periodic-interval-ms",
+            "600000",
+        ],
+        |_| {},
+    );
+    // Every second create kills its worker before the driver made anything: the outcome is unknown
+    // and the intent stays (b and d).
+    for (name, answer) in [("a", None), ("b", Some("driver_crashed")), ("c", None), ("d", Some("driver_crashed"))] {
+        match answer {
+            None => assert_eq!(d.ok("volume", "create", json!({"name": name, "size": 4096}))["status"], "available"),
+            Some(kind) => assert_eq!(d.err("volume", "create", json!({"name": name, "size": 4096})), kind),
+        }
+    }
+    // Asked for again: the driver is asked; it never made them, so the intent is dropped. A get answers
+    // not_found; a create retried goes through.
+    assert_eq!(d.err("volume", "get", json!({"name": "b"})), "not_found");
+    let v = d.ok("volume", "create", json!({"name": "d", "size": 4096}));
+    assert_eq!(v["status"], "available", "{v}");
+}
+
+#[test]
 fn a_second_signal_exits_at_once() {
     let t = TempDir::new("iso-second-signal");
     let d = Daemon::start(
