@@ -419,6 +419,7 @@ impl ComputeService {
         }
         let b = self.core.backends.pick(backend)?;
         let _held = self.core.records.hold(&spec.name);
+        self.settle_interrupted(&spec.name)?;
         let mut record = InstanceRecord::new(&spec, &b.name, InstanceStatus::Spawning);
         record.meta.driver_digest = Some(b.digest());
         self.core.records.create(
@@ -462,8 +463,35 @@ impl ComputeService {
     /// Refreshes one instance from its driver; unlike the transitions, it changes no status by itself.
     /// A driver error is the answer; a driver that no longer has the instance turns the record to
     /// `error`.
+    /// An instance left `spawning` by a spawn whose outcome was unknown (its isolated worker died during
+    /// the call) is settled as soon as its name is asked for again, as volumes are: the driver has it →
+    /// the record takes its state (a spawn is refused as a duplicate); it has not → the intent is dropped.
+    /// The caller holds the name.
+    fn settle_interrupted(&self, name: &str) -> Result<(), ApiError> {
+        let Some(r) = self.core.records.get(name).filter(|r| r.meta.status == InstanceStatus::Spawning) else {
+            return Ok(());
+        };
+        let b = self.core.backends.holding("instance", name, &r.meta.backend)?;
+        match b.call(ComputeMethod::get, |d| d.get(name)) {
+            Ok(i) => {
+                log::info!("instance {name:?}: interrupted spawn completed on the backend; {}", i.state);
+                self.core.records.update(name, |r| {
+                    r.apply(&i);
+                    true
+                })?;
+                Ok(())
+            }
+            Err(e) if e.kind == crate::control::protocol::ErrorKind::NotFound => {
+                log::info!("instance {name:?}: interrupted spawn never happened on the backend; intent dropped");
+                self.core.records.remove(name)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     fn get(&self, name: &str, backend: Option<&str>) -> Result<InstanceRecord, ApiError> {
         let _held = self.core.records.hold(name);
+        self.settle_interrupted(name)?;
         let (r, b) = self.core.backends.locate(&self.core.records, name, backend)?;
         self.core.records.refresh(r, b.call(ComputeMethod::get, |d| d.get(name)), InstanceRecord::apply)
     }
@@ -647,6 +675,25 @@ mod tests {
         assert_eq!((stopped.meta.status, stopped.pid), (InstanceStatus::Stopped, None));
         s.destroy("a", None).unwrap();
         assert_eq!(s.get("a", None).unwrap_err().kind, ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn an_interrupted_spawn_is_settled_when_its_name_is_asked_for_again() {
+        let s = service(Mem::default());
+        // One the driver made (its record left spawning, as when the worker died before answering), one
+        // it never got.
+        s.spawn(spec("done", "sleep"), None).unwrap();
+        s.core
+            .records
+            .update("done", |r| {
+                r.meta.status = InstanceStatus::Spawning;
+                true
+            })
+            .unwrap();
+        s.core.records.put(InstanceRecord::new(&spec("never", "sleep"), "default", InstanceStatus::Spawning)).unwrap();
+        assert_eq!(s.get("done", None).unwrap().meta.status, InstanceStatus::Running);
+        assert_eq!(s.spawn(spec("done", "sleep"), None).unwrap_err().kind, ErrorKind::AlreadyExists);
+        assert_eq!(s.spawn(spec("never", "sleep"), None).unwrap().meta.status, InstanceStatus::Running);
     }
 
     #[test]
