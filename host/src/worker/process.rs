@@ -406,6 +406,8 @@ pub(crate) struct StderrBudget {
     tokens: f64,
     last: Instant,
     dropped: u64,
+    /// When the last summary of dropped lines went out (at most one a second).
+    summed: Option<Instant>,
     burst: f64,
     per_sec: f64,
 }
@@ -422,7 +424,7 @@ impl StderrBudget {
 
     /// A budget of `burst` lines refilled at `per_sec` a second.
     pub(crate) fn with_rate(burst: f64, per_sec: f64) -> StderrBudget {
-        StderrBudget { tokens: burst, last: Instant::now(), dropped: 0, burst, per_sec }
+        StderrBudget { tokens: burst, last: Instant::now(), dropped: 0, summed: None, burst, per_sec }
     }
 
     /// Whether a line may be logged now; `Some(n)` first when `n` lines were dropped before it.
@@ -435,7 +437,18 @@ impl StderrBudget {
             return (false, None);
         }
         self.tokens -= 1.0;
-        (true, (self.dropped > 0).then(|| std::mem::take(&mut self.dropped)))
+        // What was dropped is said before the next line that fits, at most once a second.
+        let due = self.summed.is_none_or(|at| now.saturating_duration_since(at) >= Duration::from_secs(1));
+        if self.dropped > 0 && due {
+            self.summed = Some(now);
+            return (true, Some(std::mem::take(&mut self.dropped)));
+        }
+        (true, None)
+    }
+
+    /// What was dropped and not said yet (at the end of the stream).
+    fn unsaid(&mut self) -> Option<u64> {
+        (self.dropped > 0).then(|| std::mem::take(&mut self.dropped))
     }
 }
 
@@ -486,6 +499,9 @@ pub(crate) fn forward_stderr(mut from: impl std::io::Read, budget: &mut StderrBu
     if !line.is_empty() || cut > 0 {
         emit(&mut line, &mut cut, budget);
     }
+    if let Some(n) = budget.unsaid() {
+        log(&format!("({n} more lines of stderr were not logged: too many too fast)"));
+    }
 }
 
 #[cfg(test)]
@@ -530,14 +546,14 @@ mod stderr_tests {
         // No refill while the flood lasts (however long this machine takes to read it): the burst only.
         let mut budget = StderrBudget::with_rate(200.0, 0.0);
         forward_stderr(from, &mut budget, |l| lines.push(l.to_owned()));
-        assert_eq!(lines.len(), 200);
-        // Once lines fit again, what was dropped is said first.
+        // The burst, and at the end of the stream what was dropped.
+        assert_eq!(lines.len(), 201);
+        assert!(lines[200].contains("99800 more lines of stderr were not logged"), "{}", lines[200]);
+        // Later lines that fit go out as they come.
         budget.tokens = 2.0;
         let mut more = Vec::new();
         forward_stderr(&b"after\n"[..], &mut budget, |l| more.push(l.to_owned()));
-        assert_eq!(more.len(), 2, "{more:?}");
-        assert!(more[0].contains("more lines of stderr were not logged"), "{more:?}");
-        assert_eq!(more[1], "after");
+        assert_eq!(more, ["after"]);
         // Every line is either logged or counted in a summary.
         let dropped: u64 = lines
             .iter()

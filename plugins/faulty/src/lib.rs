@@ -36,6 +36,11 @@ pub const OPTIONS: &[OptionSpec] = &[
     .default("false"),
     OptionSpec::integer("list_entries", "list() reports this many made-up volumes besides its own (a huge answer)")
         .default("0"),
+    OptionSpec::integer(
+        "stderr_flood",
+        "every health() writes this many bytes to stderr without a newline, then as many short lines (at most 200,000): a chatty or hostile driver",
+    )
+    .default("0"),
 ];
 
 /// A fault that takes the whole process down or makes it unresponsive.
@@ -124,6 +129,7 @@ pub struct Faulty {
     crash_after: u64,
     calls: std::sync::atomic::AtomicU64,
     list_entries: u64,
+    stderr_flood: u64,
 }
 
 fn list_option(options: &Options, name: &str) -> Vec<String> {
@@ -172,6 +178,7 @@ impl Faulty {
             crash_after,
             calls: std::sync::atomic::AtomicU64::new(0),
             list_entries: u64::try_from(options.integer("list_entries")?).unwrap_or(0),
+            stderr_flood: u64::try_from(options.integer("stderr_flood")?).unwrap_or(0),
         })
     }
 
@@ -222,6 +229,21 @@ impl VolumeDriver for Faulty {
     }
     fn health(&self) -> Result<(), DriverError> {
         self.enter("health")?;
+        if self.stderr_flood > 0 {
+            use std::io::Write;
+            let mut err = std::io::stderr().lock();
+            let chunk = [b'x'; 65536];
+            let mut left = self.stderr_flood;
+            while left > 0 {
+                let n = left.min(chunk.len() as u64) as usize;
+                let _ = err.write_all(&chunk[..n]);
+                left -= n as u64;
+            }
+            let _ = err.write_all(b"\n");
+            for i in 0..self.stderr_flood.min(200_000) {
+                let _ = writeln!(err, "faulty: line {i}");
+            }
+        }
         if self.unhealthy {
             return Err(DriverError::internal("faulty: backend unhealthy as asked (unhealthy=true)"));
         }

@@ -733,3 +733,54 @@ fn an_isolated_driver_cannot_bloat_the_host_with_a_huge_answer() {
     assert_eq!(d.ok("", "ping", json!({}))["pong"], true);
     assert_eq!(d.ok("volume", "list", json!({"backend": "f"})).as_array().unwrap().len(), 0);
 }
+
+#[test]
+fn a_worker_flooding_its_stderr_cannot_fill_the_hosts_memory_or_log() {
+    let t = TempDir::new("iso-stderr");
+    let d = Daemon::start(
+        &t.join("state"),
+        &[
+            "-v",
+            "--volume-driver",
+            "faulty",
+            "--volume-opt",
+            // Every health round: 4 MiB without a newline, then 200,000 short lines.
+            "stderr_flood=4194304",
+            "--isolate",
+            "volume",
+            "--compute-driver",
+            "none",
+        ],
+    );
+    let before = rss_kib(d.pid());
+    let started = std::time::Instant::now();
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    let after = rss_kib(d.pid());
+    let (code, stderr) = d.stop();
+    assert_eq!(code, 0);
+    let worker_lines: Vec<&str> = stderr.lines().filter(|l| l.contains("volume backend \"default\" worker")).collect();
+    // The span the worker's lines cover, by their own timestamps (the flood starts while the host is
+    // still starting, and a busy machine reads it late), rounded up.
+    let second = |l: &str| -> u64 {
+        let t = &l[l.find('T').unwrap() + 1..];
+        let hms: Vec<u64> = t[..8].split(':').map(|x| x.parse().unwrap()).collect();
+        hms[0] * 3600 + hms[1] * 60 + hms[2]
+    };
+    let secs = match (worker_lines.first(), worker_lines.last()) {
+        (Some(a), Some(b)) => second(b).saturating_sub(second(a)) + 2,
+        _ => panic!("no worker lines at all:\n{stderr}"),
+    };
+    assert!(started.elapsed().as_secs() >= 4);
+    assert!(worker_lines.iter().any(|l| l.contains("more bytes of this line cut")), "the long line is cut");
+    assert!(worker_lines.iter().any(|l| l.contains("were not logged: too many too fast")), "the flood is summed up");
+    // A burst of 200 lines, then 50 a second, and a summary at most once a second: nowhere near the
+    // millions written.
+    let others: Vec<&&str> = worker_lines.iter().filter(|l| !l.contains("faulty: line")).collect();
+    assert!(
+        worker_lines.len() as u64 <= 200 + 51 * secs + 5,
+        "{} worker lines in the log ({secs}s): {others:#?}",
+        worker_lines.len()
+    );
+    assert!(worker_lines.iter().all(|l| l.len() < 4096 + 200), "no line longer than the cap");
+    assert!(after < before + 64 * 1024, "host RSS grew from {before} KiB to {after} KiB");
+}
