@@ -304,26 +304,7 @@ fn health_of(answer: &Answer) -> (u8, (&'static str, Vec<String>)) {
     let Some(st) = answer.result.as_ref().and_then(|r| serde_json::from_str::<HostStatus>(r.get()).ok()) else {
         return (2, ("down", vec!["unreadable status answer".to_owned()]));
     };
-    let mut problems = Vec::new();
-    let mut down = false;
-    for s in &st.services {
-        let up = s.backends.iter().filter(|b| b.state == crate::control::protocol::State::Up).count();
-        if up == 0 {
-            down = true;
-        }
-        for b in s.backends.iter().filter(|b| b.state != crate::control::protocol::State::Up) {
-            problems.push(format!(
-                "{} backend {:?} {}: {}",
-                s.name,
-                b.name,
-                b.state,
-                b.reason.as_deref().unwrap_or("no reason given")
-            ));
-        }
-    }
-    if let Some(f) = st.fleet.as_ref().filter(|f| f.state != "connected") {
-        problems.push(format!("fleet {}: {} since {}", f.fleet, f.state, crate::util::time::utc(f.since)));
-    }
+    let (down, problems) = st.problems();
     match (down, problems.is_empty()) {
         (true, _) => (2, ("down", problems)),
         (false, false) => (1, ("degraded", problems)),

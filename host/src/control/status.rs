@@ -54,6 +54,26 @@ pub struct HostStatus {
     pub fleet: Option<plughost_fleet::AgentStatus>,
 }
 
+impl HostStatus {
+    /// What a health check reports: whether some service has no backend up, and one line per backend
+    /// that is down and for a fleet the host is not connected to (`ctl health`, `/healthz`).
+    pub fn problems(&self) -> (bool, Vec<String>) {
+        let mut problems = Vec::new();
+        let mut down = false;
+        for s in &self.services {
+            down |= !s.backends.iter().any(|b| b.state == State::Up);
+            for b in s.backends.iter().filter(|b| b.state != State::Up) {
+                let why = b.reason.as_deref().unwrap_or("no reason given");
+                problems.push(format!("{} backend {:?} {}: {why}", s.name, b.name, b.state));
+            }
+        }
+        if let Some(f) = self.fleet.as_ref().filter(|f| f.state != "connected") {
+            problems.push(format!("fleet {}: {} since {}", f.fleet, f.state, crate::util::time::utc(f.since)));
+        }
+        (down, problems)
+    }
+}
+
 /// The trust settings in effect, in [`HostStatus`].
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct TrustStatus {

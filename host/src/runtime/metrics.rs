@@ -261,7 +261,7 @@ fn serve_http(host: &Host, stream: TcpStream) -> std::io::Result<()> {
     let (code, content_type, body) = match (method, path) {
         ("GET", "/metrics") => (200, "application/openmetrics-text; version=1.0.0; charset=utf-8", host.metrics()),
         ("GET", "/healthz") => {
-            let problems = host.health_problems();
+            let (_, problems) = host.status().problems();
             if problems.is_empty() {
                 (200, "text/plain; charset=utf-8", "ok\n".to_owned())
             } else {
@@ -284,31 +284,4 @@ fn serve_http(host: &Host, stream: TcpStream) -> std::io::Result<()> {
         body.len()
     )?;
     out.flush()
-}
-
-impl Host {
-    /// What `/healthz` reports: every backend that is down, and the fleet if it is not connected (empty:
-    /// healthy).
-    pub(crate) fn health_problems(&self) -> Vec<String> {
-        let st = self.status();
-        let mut problems: Vec<String> = st
-            .services
-            .iter()
-            .flat_map(|s| {
-                s.backends.iter().filter(|b| b.state != State::Up).map(move |b| {
-                    format!(
-                        "{} backend {:?} {}: {}",
-                        s.name,
-                        b.name,
-                        b.state,
-                        b.reason.as_deref().unwrap_or("no reason given")
-                    )
-                })
-            })
-            .collect();
-        if let Some(f) = st.fleet.as_ref().filter(|f| f.state != "connected") {
-            problems.push(format!("fleet {}: {}", f.fleet, f.state));
-        }
-        problems
-    }
 }

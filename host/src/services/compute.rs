@@ -463,30 +463,20 @@ impl ComputeService {
     /// Refreshes one instance from its driver; unlike the transitions, it changes no status by itself.
     /// A driver error is the answer; a driver that no longer has the instance turns the record to
     /// `error`.
-    /// An instance left `spawning` by a spawn whose outcome was unknown (its isolated worker died during
-    /// the call) is settled as soon as its name is asked for again, as volumes are: the driver has it →
-    /// the record takes its state (a spawn is refused as a duplicate); it has not → the intent is dropped.
-    /// The caller holds the name.
+    /// An instance left `spawning` by a spawn whose worker died is settled when its name is asked for
+    /// again (`Records::settle`), as volumes are.
     fn settle_interrupted(&self, name: &str) -> Result<(), ApiError> {
-        let Some(r) = self.core.records.get(name).filter(|r| r.meta.status == InstanceStatus::Spawning) else {
-            return Ok(());
-        };
-        let b = self.core.backends.holding("instance", name, &r.meta.backend)?;
-        match b.call(ComputeMethod::get, |d| d.get(name)) {
-            Ok(i) => {
-                log::info!("instance {name:?}: interrupted spawn completed on the backend; {}", i.state);
-                self.core.records.update(name, |r| {
-                    r.apply(&i);
-                    true
-                })?;
-                Ok(())
-            }
-            Err(e) if e.kind == crate::control::protocol::ErrorKind::NotFound => {
-                log::info!("instance {name:?}: interrupted spawn never happened on the backend; intent dropped");
-                self.core.records.remove(name)
-            }
-            Err(e) => Err(e),
-        }
+        self.core.records.settle(
+            name,
+            InstanceStatus::Spawning,
+            |r| {
+                let b = self.core.backends.holding("instance", name, &r.meta.backend)?;
+                b.call(ComputeMethod::get, |d| d.get(name))
+            },
+            |r, i| {
+                r.apply(i);
+            },
+        )
     }
 
     fn get(&self, name: &str, backend: Option<&str>) -> Result<InstanceRecord, ApiError> {

@@ -351,6 +351,36 @@ impl<R: Record> Records<R> {
         }
     }
 
+    /// Settles an intent left by a call whose outcome was unknown (an isolated worker died during it)
+    /// as soon as its name is asked for again, rather than at the next reconcile. The caller holds the
+    /// name, so no call on it is in flight: a record still in `intent` is an interrupted one. `ask`
+    /// asks the driver about it: found → `done` completes the record; `not_found` → the intent is
+    /// dropped (the driver never did it); any other error is the answer.
+    pub(crate) fn settle<T>(
+        &self,
+        name: &str,
+        intent: R::Status,
+        ask: impl FnOnce(&R) -> Result<T, ApiError>,
+        done: impl FnOnce(&mut R, &T),
+    ) -> Result<(), ApiError> {
+        let Some(r) = self.get(name).filter(|r| r.status() == intent) else { return Ok(()) };
+        match ask(&r) {
+            Ok(found) => {
+                log::info!("{} {name:?}: interrupted {intent} completed on the backend", R::WHAT);
+                self.update(name, |r| {
+                    done(r, &found);
+                    true
+                })?;
+                Ok(())
+            }
+            Err(e) if e.kind == ErrorKind::NotFound => {
+                log::info!("{} {name:?}: interrupted {intent} never happened on the backend; intent dropped", R::WHAT);
+                self.remove(name)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// The create flow. The caller holds `record`'s name. Records it (in its transitional status: the
     /// intent) if the name is free, runs `make` (the driver call), then records the outcome (`apply`)
     /// or forgets the name again. The driver is not called unless the intent is on disk.

@@ -280,32 +280,18 @@ impl VolumeService {
         self.core.reconcile_all(None, |b| self.reconcile(b, false));
     }
 
-    /// A record left `creating` by a create or snapshot whose outcome was unknown (the isolated worker
-    /// serving it died during the call) is settled as soon as its name is asked for again, not at the
-    /// next reconcile: the driver is asked. It has the volume → the record completes (available) and the
-    /// new create is refused as a duplicate; it has not → the intent is dropped and the create proceeds.
-    /// The caller holds the name (no call on it is in flight: the intent is an interrupted one).
+    /// A record left `creating` by a create or snapshot whose worker died is settled when its name is
+    /// asked for again (`Records::settle`): the driver has the volume → available; not → forgotten.
     fn settle_interrupted(&self, name: &str) -> Result<(), ApiError> {
-        let Some(r) = self.core.records.get(name).filter(|r| r.meta.status == VolumeStatus::Creating) else {
-            return Ok(());
-        };
-        let b = self.core.backends.holding("volume", name, &r.meta.backend)?;
-        match b.call(VolumeMethod::get, |d| d.get(name)) {
-            Ok(v) => {
-                log::info!("volume {name:?}: interrupted create completed on the backend; now available");
-                self.core.records.update(name, |r| {
-                    r.apply(&v);
-                    r.set_status(VolumeStatus::Available);
-                    true
-                })?;
-                Ok(())
-            }
-            Err(e) if e.kind == crate::control::protocol::ErrorKind::NotFound => {
-                log::info!("volume {name:?}: interrupted create never happened on the backend; intent dropped");
-                self.core.records.remove(name)
-            }
-            Err(e) => Err(e),
-        }
+        self.core.records.settle(
+            name,
+            VolumeStatus::Creating,
+            |r| {
+                let b = self.core.backends.holding("volume", name, &r.meta.backend)?;
+                b.call(VolumeMethod::get, |d| d.get(name))
+            },
+            made_from,
+        )
     }
 
     fn create(&self, name: &str, size: u64, backend: Option<&str>) -> Result<VolumeRecord, ApiError> {
@@ -407,7 +393,11 @@ fn check_size(name: &str, size: u64) -> Result<(), ApiError> {
 
 /// Records what the driver made and marks the volume available.
 fn made(r: &mut VolumeRecord, v: Volume) {
-    r.apply(&v);
+    made_from(r, &v);
+}
+
+fn made_from(r: &mut VolumeRecord, v: &Volume) {
+    r.apply(v);
     r.set_status(VolumeStatus::Available);
 }
 
