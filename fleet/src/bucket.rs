@@ -1,4 +1,5 @@
-//! The services table: a JetStream key-value bucket, one entry per host (its latest report).
+//! Key-value buckets: the services table (one entry per host, its latest report) and the rollout
+//! records.
 
 use std::time::Duration;
 
@@ -10,12 +11,21 @@ use futures_util::StreamExt;
 /// it out (one message per subject, direct get, rollups allowed, deletes denied), which every server
 /// since 2.7 reads as a bucket.
 pub(crate) async fn open(js: &jetstream::Context, bucket: &str) -> Result<kv::Store, String> {
+    open_described(js, bucket, "plughost services table: each host's latest report").await
+}
+
+/// [`open`] with the description a new bucket gets.
+pub(crate) async fn open_described(
+    js: &jetstream::Context,
+    bucket: &str,
+    description: &str,
+) -> Result<kv::Store, String> {
     if let Ok(store) = js.get_key_value(bucket).await {
         return Ok(store);
     }
     let config = kv::Config {
         bucket: bucket.to_owned(),
-        description: "plughost services table: each host's latest report".to_owned(),
+        description: description.to_owned(),
         history: 1,
         storage: stream::StorageType::File,
         ..Default::default()
@@ -25,7 +35,7 @@ pub(crate) async fn open(js: &jetstream::Context, bucket: &str) -> Result<kv::St
         Err(first) => {
             let stream = stream::Config {
                 name: format!("KV_{bucket}"),
-                description: Some("plughost services table: each host's latest report".to_owned()),
+                description: Some(description.to_owned()),
                 subjects: vec![format!("$KV.{bucket}.>")],
                 max_messages_per_subject: 1,
                 discard: stream::DiscardPolicy::New,
@@ -52,6 +62,8 @@ pub(crate) struct Stored {
     pub value: bytes::Bytes,
     /// The server's timestamp, nanoseconds since the epoch.
     pub stored_ns: i128,
+    /// Its revision (for a compare-and-set).
+    pub revision: u64,
 }
 
 /// Every host's latest report (deleted or purged entries left out): the keys from the stream's
@@ -80,9 +92,12 @@ pub(crate) async fn read_all(store: &kv::Store) -> Result<Vec<Stored>, String> {
     let mut out = Vec::new();
     for e in entries {
         match e.map_err(|e| format!("bucket {name}: {e}"))? {
-            Some(entry) if entry.operation == kv::Operation::Put => {
-                out.push(Stored { key: entry.key, value: entry.value, stored_ns: entry.created.unix_timestamp_nanos() })
-            }
+            Some(entry) if entry.operation == kv::Operation::Put => out.push(Stored {
+                key: entry.key,
+                value: entry.value,
+                stored_ns: entry.created.unix_timestamp_nanos(),
+                revision: entry.revision,
+            }),
             _ => {}
         }
     }

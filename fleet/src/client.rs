@@ -50,9 +50,30 @@ pub enum ClientError {
         /// What the broker said.
         reason: String,
     },
+    /// A compare-and-set lost: the entry exists already, or changed since it was read.
+    #[error("fleet: bucket {bucket}: key {key} {what}")]
+    Conflict {
+        /// The bucket.
+        bucket: String,
+        /// The key.
+        key: String,
+        /// `exists already` or `changed since it was read`.
+        what: &'static str,
+    },
     /// The broker refused or failed the call.
     #[error("fleet: {0}")]
     Broker(String),
+}
+
+/// An entry of a key-value bucket and its revision (for a compare-and-set).
+#[derive(Debug, Clone)]
+pub struct Versioned {
+    /// The key.
+    pub key: String,
+    /// The value.
+    pub value: Vec<u8>,
+    /// Its revision.
+    pub revision: u64,
 }
 
 /// One row of the services table.
@@ -252,6 +273,109 @@ impl Client {
                     u64::try_from((now - e.created.unix_timestamp_nanos()).max(0)).unwrap_or(u64::MAX),
                 ),
             }))
+        })
+    }
+
+    fn records<T>(
+        &self,
+        bucket: &str,
+        f: impl for<'s> FnOnce(
+            &'s async_nats::jetstream::kv::Store,
+        ) -> futures_util::future::BoxFuture<'s, Result<T, ClientError>>,
+    ) -> Result<T, ClientError> {
+        self.runtime
+            .block_on(async {
+                let js = async_nats::jetstream::new(self.client.clone());
+                let store = crate::bucket::open_described(
+                    &js,
+                    bucket,
+                    "plughost rollouts: each rollout's record, one lock per backend",
+                )
+                .await
+                .map_err(ClientError::Broker)?;
+                f(&store).await
+            })
+            .map_err(|e| match (e, self.server_error.lock().unwrap_or_else(|p| p.into_inner()).take()) {
+                // A write the broker would not carry times out here; the server said why on the side.
+                (ClientError::Broker(_), Some(why)) if why.to_lowercase().contains("permission") => {
+                    ClientError::Refused { subject: format!("$KV.{bucket}"), reason: why }
+                }
+                (e, _) => e,
+            })
+    }
+
+    /// An entry of the bucket `bucket` (created when missing), with its revision.
+    pub fn record(&self, bucket: &str, key: &str) -> Result<Option<Versioned>, ClientError> {
+        let (b, k) = (bucket.to_owned(), key.to_owned());
+        self.records(bucket, move |store| {
+            Box::pin(async move {
+                let e = store.entry(k.clone()).await.map_err(|e| ClientError::Broker(format!("bucket {b}: {e}")))?;
+                Ok(e.filter(|e| e.operation == async_nats::jetstream::kv::Operation::Put).map(|e| Versioned {
+                    key: e.key,
+                    value: e.value.to_vec(),
+                    revision: e.revision,
+                }))
+            })
+        })
+    }
+
+    /// Creates an entry: [`ClientError::Conflict`] when it exists. Its revision.
+    pub fn create_record(&self, bucket: &str, key: &str, value: &[u8]) -> Result<u64, ClientError> {
+        let (b, k, v) = (bucket.to_owned(), key.to_owned(), Bytes::copy_from_slice(value));
+        self.records(bucket, move |store| {
+            Box::pin(async move {
+                store.create(&k, v).await.map_err(|e| match e.kind() {
+                    async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => {
+                        ClientError::Conflict { bucket: b.clone(), key: k.clone(), what: "exists already" }
+                    }
+                    _ => ClientError::Broker(format!("bucket {b}: key {k}: {e}")),
+                })
+            })
+        })
+    }
+
+    /// Replaces an entry if it is still at `revision`: [`ClientError::Conflict`] when it changed. Its
+    /// new revision.
+    pub fn update_record(&self, bucket: &str, key: &str, value: &[u8], revision: u64) -> Result<u64, ClientError> {
+        let (b, k, v) = (bucket.to_owned(), key.to_owned(), Bytes::copy_from_slice(value));
+        self.records(bucket, move |store| {
+            Box::pin(async move {
+                store.update(&k, v, revision).await.map_err(|e| match e.kind() {
+                    async_nats::jetstream::kv::UpdateErrorKind::WrongLastRevision => {
+                        ClientError::Conflict { bucket: b.clone(), key: k.clone(), what: "changed since it was read" }
+                    }
+                    _ => ClientError::Broker(format!("bucket {b}: key {k}: {e}")),
+                })
+            })
+        })
+    }
+
+    /// Deletes an entry if it is still at `revision`: [`ClientError::Conflict`] when it changed.
+    pub fn delete_record(&self, bucket: &str, key: &str, revision: u64) -> Result<(), ClientError> {
+        let (b, k) = (bucket.to_owned(), key.to_owned());
+        self.records(bucket, move |store| {
+            Box::pin(async move {
+                store.delete_expect_revision(&k, Some(revision)).await.map_err(|e| {
+                    if e.to_string().to_lowercase().contains("wrong last sequence") {
+                        ClientError::Conflict { bucket: b.clone(), key: k.clone(), what: "changed since it was read" }
+                    } else {
+                        ClientError::Broker(format!("bucket {b}: key {k}: {e}"))
+                    }
+                })
+            })
+        })
+    }
+
+    /// Every entry of a bucket (deleted ones left out).
+    pub fn all_records(&self, bucket: &str) -> Result<Vec<Versioned>, ClientError> {
+        self.records(bucket, move |store| {
+            Box::pin(async move {
+                let stored = crate::bucket::read_all(store).await.map_err(ClientError::Broker)?;
+                Ok(stored
+                    .into_iter()
+                    .map(|s| Versioned { key: s.key, value: s.value.to_vec(), revision: s.revision })
+                    .collect())
+            })
         })
     }
 

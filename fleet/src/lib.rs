@@ -26,5 +26,5 @@ mod settings;
 pub mod subject;
 
 pub use agent::{Agent, AgentStatus, Incoming, Responder};
-pub use client::{Client, ClientError, Echo, HostEntry};
+pub use client::{Client, ClientError, Echo, HostEntry, Versioned};
 pub use settings::{check_url, Credentials, FleetSettings};

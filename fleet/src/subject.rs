@@ -86,6 +86,11 @@ pub fn bucket(fleet: &str) -> String {
     format!("ph_{fleet}_hosts")
 }
 
+/// The bucket of rollout records (`fleet swap`): one entry per rollout, and one lock per backend.
+pub fn rollouts_bucket(fleet: &str) -> String {
+    format!("ph_{fleet}_rollouts")
+}
+
 /// The inbox prefix of `user`'s client.
 pub fn inbox_prefix(user: &str) -> String {
     format!("{INBOX_PREFIX}.{user}")

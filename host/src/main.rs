@@ -199,6 +199,25 @@ enum FleetCommand {
         #[command(flatten)]
         connect: host::control::fleet::Connect,
     },
+    /// Roll a driver through the fleet live: a canary batch, then batches, each watched for a health
+    /// window; any failure swaps every host already swapped back
+    #[command(after_help = ROLLOUT_HELP)]
+    Swap(Box<host::control::rollout::SwapArgs>),
+    /// Rollouts: status, resume or abort one whose command was interrupted
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
+}
+
+const ROLLOUT_HELP: &str = "Examples:\n  plughost fleet swap volume fast-volume --digest blake3:9f2c... --fleet-url nats://127.0.0.1:4222\n  plughost fleet swap volume/ssd fast-volume --digest blake3:9f2c... --label zone=a --canary 1 --batch 25% --health-window 2m\n  plughost fleet swap volume fast-volume --digest blake3:9f2c... --dry-run\n\nEach host resolves DRIVER in its own driver directories and checks its file against --digest before\nloading anything; a host whose file differs, lacks it, is down or is too old is left out and named\n(or, with --all-or-nothing, the rollout is refused). The rollout is kept in the bucket\nph_<fleet>_rollouts: `plughost fleet rollout status|resume|abort ID` from any machine.\nExit codes: 0 every host serves the new driver (or already did; a dry run), 1 stopped and rolled back,\nrefused or failed, 2 usage.";
+
+#[derive(Subcommand, Debug)]
+enum RolloutCommand {
+    /// Every rollout, or one with each host's state
+    Status(host::control::rollout::RolloutArgs),
+    /// Finish an interrupted rollout (or its rollback)
+    Resume(host::control::rollout::RolloutArgs),
+    /// Swap back every host a rollout swapped
+    Abort(host::control::rollout::RolloutArgs),
 }
 
 #[derive(Args, Debug)]
@@ -352,6 +371,16 @@ fn main() -> ExitCode {
         }
         Command::Fleet(FleetCommand::Status { json, connect }) => {
             ctl_exit(host::control::fleet::status(&connect, json).map(CtlOutput::ok))
+        }
+        Command::Fleet(FleetCommand::Swap(args)) => ctl_exit(host::control::rollout::swap(&args)),
+        Command::Fleet(FleetCommand::Rollout(RolloutCommand::Status(args))) => {
+            ctl_exit(host::control::rollout::status(&args))
+        }
+        Command::Fleet(FleetCommand::Rollout(RolloutCommand::Resume(args))) => {
+            ctl_exit(host::control::rollout::resume(&args))
+        }
+        Command::Fleet(FleetCommand::Rollout(RolloutCommand::Abort(args))) => {
+            ctl_exit(host::control::rollout::abort(&args))
         }
         Command::Place(args) => {
             let r = host::control::fleet::place(&args).map(|out| {

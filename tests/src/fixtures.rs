@@ -20,6 +20,12 @@ pub struct Built {
     pub bad_metadata: PathBuf,
     /// A second build of file-volume (version `1.0.1-b`): same behaviour, different content.
     pub file_volume_b: PathBuf,
+    /// A third build of file-volume (version `1.0.2-sickly`): its health check passes once (the swap's),
+    /// then fails every time: a driver that goes bad after it was swapped in.
+    pub file_volume_sickly: PathBuf,
+    /// A fourth build of file-volume (version `1.0.3-picky`): its `init` fails when the volume root holds
+    /// a file `.old-layout`, so that a swap to it fails on the hosts an operator marks so.
+    pub file_volume_picky: PathBuf,
     /// faulty, with `panic_new` defaulting to true: its constructor panics under default options.
     pub faulty_panics: PathBuf,
     /// faulty whose `init` segfaults under default options (`crash = "segv"`, `crash_on = "init"`):
@@ -176,6 +182,25 @@ pub fn built() -> &'static Built {
         let file_volume = file_volume.split("#[cfg(test)]").next().unwrap().to_owned();
         let file_volume_b = replace_once(&file_volume, "version: env!(\"CARGO_PKG_VERSION\"),", "version: \"1.0.1-b\",");
         driver_crate_with(&ws, "fixture-file-volume-b", &real_api, &file_volume_b, "libc = \"0.2\"\n");
+        let sickly = replace_once(&file_volume, "version: env!(\"CARGO_PKG_VERSION\"),", "version: \"1.0.2-sickly\",");
+        let sickly = replace_once(
+            &sickly,
+            "    fn health(&self) -> Result<(), DriverError> {\n",
+            "    fn health(&self) -> Result<(), DriverError> {\n        \
+             static CHECKS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);\n        \
+             if CHECKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= 1 {\n            \
+             return Err(DriverError::internal(\"sickly: unhealthy after its first health check\"));\n        }\n",
+        );
+        driver_crate_with(&ws, "fixture-file-volume-sickly", &real_api, &sickly, "libc = \"0.2\"\n");
+        let picky = replace_once(&file_volume, "version: env!(\"CARGO_PKG_VERSION\"),", "version: \"1.0.3-picky\",");
+        let picky = replace_once(
+            &picky,
+            "    fn init(&self) -> Result<(), DriverError> {\n",
+            "    fn init(&self) -> Result<(), DriverError> {\n        \
+             if self.root.join(\".old-layout\").exists() {\n            \
+             return Err(DriverError::internal(\"picky: the volume root has the old layout\"));\n        }\n",
+        );
+        driver_crate_with(&ws, "fixture-file-volume-picky", &real_api, &picky, "libc = \"0.2\"\n");
         let faulty = fs::read_to_string(workspace_root().join("plugins/faulty/src/lib.rs")).unwrap();
         let faulty = replace_once(
             &faulty,
@@ -235,6 +260,8 @@ pub fn built() -> &'static Built {
                 "fixture-api-minor",
                 "fixture-bad-metadata",
                 "fixture-file-volume-b",
+                "fixture-file-volume-sickly",
+                "fixture-file-volume-picky",
                 "fixture-faulty-panics",
                 "fixture-faulty-segv-init",
                 "fixture-sloppy-volume",
@@ -252,6 +279,8 @@ pub fn built() -> &'static Built {
             api_v1_1: out.join("libfixture_api_minor.so"),
             bad_metadata: out.join("libfixture_bad_metadata.so"),
             file_volume_b: out.join("libfixture_file_volume_b.so"),
+            file_volume_sickly: out.join("libfixture_file_volume_sickly.so"),
+            file_volume_picky: out.join("libfixture_file_volume_picky.so"),
             faulty_panics: out.join("libfixture_faulty_panics.so"),
             faulty_segv_init: out.join("libfixture_faulty_segv_init.so"),
             sloppy_volume: out.join("libfixture_sloppy_volume.so"),

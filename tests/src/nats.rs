@@ -42,6 +42,26 @@ pub struct Nats {
 }
 
 impl Nats {
+    /// The flags of a host in fleet `fleet` on this server, named `name`, reporting every `every` and
+    /// down after `down`.
+    pub fn host_flags(&self, fleet: &str, name: &str, every: &str, down: &str) -> Vec<String> {
+        [
+            "--fleet-url",
+            &self.url,
+            "--fleet-name",
+            fleet,
+            "--host-name",
+            name,
+            "--fleet-report-interval",
+            every,
+            "--fleet-service-down-time",
+            down,
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect()
+    }
+
     /// Starts a server, or says the test is skipped (`None`); under `CI=true` a missing server fails.
     pub fn start(tag: &str) -> Option<Nats> {
         Nats::start_with(tag, &[])

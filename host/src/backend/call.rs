@@ -31,7 +31,13 @@ pub struct Backend<I: Interface> {
     pub(super) init: Mutex<InitState>,
     /// A health check still running, since then (a driver's `health` may hang too).
     pub(super) health_running: Mutex<Option<Instant>>,
+    /// The drivers this backend ran before, newest last: (digest, PATH or NAME as configured), at most
+    /// [`HISTORY`]. A swap that names only a digest goes back to one of them (a rollout's rollback).
+    pub(super) history: Mutex<Vec<(String, String)>>,
 }
+
+/// How many earlier drivers a backend remembers.
+pub(super) const HISTORY: usize = 16;
 
 impl<I: Interface> fmt::Debug for Backend<I> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -89,6 +95,7 @@ impl<I: Interface> Backend<I> {
             calls: CallStats::new(I::METHODS.len()),
             init: Mutex::new(InitState::Done),
             health_running: Mutex::new(None),
+            history: Mutex::new(Vec::new()),
         }
     }
 

@@ -80,6 +80,16 @@ pub const ERROR_KINDS: [&str; 11] = [
     "timeout",
 ];
 
+/// The errors of `t` that are the driver's own faults rather than answers about the request.
+pub fn faults(t: &Totals) -> u64 {
+    ERROR_KINDS
+        .iter()
+        .zip(t.errors_by_kind.iter())
+        .filter(|(k, _)| matches!(**k, "unknown" | "internal" | "panicked" | "driver_crashed" | "timeout"))
+        .map(|(_, n)| n)
+        .sum()
+}
+
 /// The index in [`ERROR_KINDS`] of an error kind's name.
 pub fn error_kind_index(name: &str) -> usize {
     ERROR_KINDS.iter().position(|k| *k == name).unwrap_or(0)

@@ -29,14 +29,21 @@ pub trait BackendControl: Send + Sync {
     /// the active pointer swapped: calls already running finish on the old driver, new calls go to the
     /// new one. The old driver's `cleanup` runs once it is drained (waiting up to `drain_timeout`, then
     /// in the background). On any failure the old driver keeps serving, untouched.
+    ///
+    /// `expect`: the new driver's content must have this digest (checked before anything of it is
+    /// loaded, as a pin is, without changing the backend's pin).
     fn swap(
         &self,
         ctx: BuildContext<'_>,
         driver: Option<&str>,
         options: Option<Vec<(String, String)>>,
         settings: Option<BackendSettings>,
+        expect: Option<&str>,
         drain_timeout: Duration,
     ) -> Result<SwapReport, ApiError>;
+    /// The PATH or NAME of the driver with content `digest` this backend ran last, before its current
+    /// one (the backend remembers its last few).
+    fn previous(&self, digest: &str) -> Option<String>;
     /// The status of this backend.
     fn status(&self, default: bool, capacity: Option<Capacity>) -> BackendStatus;
     /// Every method's call statistics, with latency buckets and errors by kind (for metrics).
@@ -83,6 +90,7 @@ impl<I: Interface> BackendControl for Backend<I> {
         driver: Option<&str>,
         options: Option<Vec<(String, String)>>,
         settings: Option<BackendSettings>,
+        expect: Option<&str>,
         drain_timeout: Duration,
     ) -> Result<SwapReport, ApiError> {
         let _one_swap_at_a_time = self.swap_lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -92,9 +100,29 @@ impl<I: Interface> BackendControl for Backend<I> {
             options: options.unwrap_or_else(|| current.options.clone()),
             settings: settings.unwrap_or_else(|| current.settings.clone()),
         };
+        let pinned;
+        let checked = match expect {
+            Some(digest) => {
+                if let Some(pin) = wanted.settings.digest.as_deref().filter(|p| !p.eq_ignore_ascii_case(digest)) {
+                    return Err(ApiError::new(
+                        ErrorKind::UntrustedDriver,
+                        format!(
+                            "{} backend {:?}: pinned to {pin} by its configuration; a swap to {digest} is refused (change the pin and reload); the old driver keeps serving",
+                            self.service, self.name
+                        ),
+                    ));
+                }
+                pinned = Configured {
+                    settings: BackendSettings { digest: Some(digest.to_owned()), ..wanted.settings.clone() },
+                    ..wanted.clone()
+                };
+                &pinned
+            }
+            None => &wanted,
+        };
         let generation = self.active.read(|a| a.generation) + 1;
         let prepared: Active<I> =
-            prepare(ctx, self.service, &self.name, &wanted, generation, &self.health).map_err(|e| {
+            prepare(ctx, self.service, &self.name, checked, generation, &self.health).map_err(|e| {
                 let kind = match &e.cause {
                     BackendCause::Load(l) if l.kind.is_trust() => ErrorKind::UntrustedDriver,
                     _ => ErrorKind::SwapFailed,
@@ -128,7 +156,19 @@ impl<I: Interface> BackendControl for Backend<I> {
                 ),
             ));
         }
-        Ok(install(self, fresh, wanted, drain_timeout))
+        let report = install(self, fresh, wanted, drain_timeout);
+        let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        history.retain(|(digest, _)| *digest != report.old.digest);
+        history.push((report.old.digest.clone(), current.driver));
+        if history.len() > super::call::HISTORY {
+            history.remove(0);
+        }
+        Ok(report)
+    }
+
+    fn previous(&self, digest: &str) -> Option<String> {
+        let history = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        history.iter().rev().find(|(d, _)| d.eq_ignore_ascii_case(digest)).map(|(_, driver)| driver.clone())
     }
 
     fn status(&self, default: bool, capacity: Option<Capacity>) -> BackendStatus {
@@ -146,6 +186,7 @@ impl<I: Interface> BackendControl for Backend<I> {
                     let status = CallStatus {
                         count: t.count,
                         errors: t.errors,
+                        faults: super::stats::faults(&t),
                         sampled: t.sampled,
                         mean_us,
                         max_us: t.max_ns / 1000,
@@ -279,7 +320,7 @@ impl<I: Interface> BackendControl for Backend<I> {
     ) -> Result<crate::control::protocol::RestartReport, ApiError> {
         let supervisor = self.active.read(|a| a.supervisor.clone());
         let Some(sup) = supervisor else {
-            let swap = self.swap(ctx, None, None, None, drain_timeout)?;
+            let swap = self.swap(ctx, None, None, None, None, drain_timeout)?;
             return Ok(crate::control::protocol::RestartReport {
                 backend: self.name.clone(),
                 isolation: "in-process".to_owned(),

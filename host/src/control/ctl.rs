@@ -7,7 +7,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 pub use crate::control::outcome::{CtlError, CtlOutput};
-use crate::control::protocol::{AuditArgs, HostStatus, ReloadEntry, RestartArgs, SwapArgs, SwapReport};
+use crate::control::protocol::{AuditArgs, HostStatus, ReloadEntry, RestartArgs, SwapArgs, SwapCheck, SwapReport};
 use crate::control::request::{Answer, Body, Request};
 use crate::services::kinds::{self, KINDS};
 use crate::services::ServiceKind;
@@ -41,6 +41,10 @@ pub enum CtlCommand {
         target: String,
         /// The new driver.
         driver: Option<String>,
+        /// The content it must have.
+        digest: Option<String>,
+        /// Only check.
+        dry_run: bool,
     },
     /// `SERVICE OP ...`: a service's own subcommand.
     Service {
@@ -68,6 +72,8 @@ impl clap::FromArgMatches for CtlCommand {
             Some(("swap", s)) => Ok(CtlCommand::Swap {
                 target: s.get_one::<String>("target").cloned().unwrap_or_default(),
                 driver: s.get_one::<String>("driver").cloned(),
+                digest: s.get_one::<String>("digest").cloned(),
+                dry_run: s.get_flag("dry-run"),
             }),
             Some((name, s)) => match kinds::kind(name) {
                 Some(kind) => Ok(CtlCommand::Service { kind, matches: s.clone() }),
@@ -123,7 +129,16 @@ impl clap::Subcommand for CtlCommand {
                         .arg(
                             Arg::new("driver")
                                 .value_name("PATH|NAME")
-                                .help("New driver; default: the configured PATH or NAME, loaded again"),
+                                .help("New driver; default: the configured PATH or NAME, loaded again (with --digest alone: the driver of that content this backend ran before)"),
+                        )
+                        .arg(Arg::new("digest").long("digest").value_name("blake3:HEX").help(
+                            "Load only this content: any other is refused before it is loaded (the backend's pin is not changed)",
+                        ))
+                        .arg(
+                            Arg::new("dry-run")
+                                .long("dry-run")
+                                .action(clap::ArgAction::SetTrue)
+                                .help("Only check: what would load, its digest and the trust checks; nothing changes"),
                         ),
                 );
         KINDS.iter().fold(cmd, |cmd, k| {
@@ -199,9 +214,18 @@ pub fn run_on(target: &Target, json: bool, command: &CtlCommand) -> Result<CtlOu
                 .map_err(CtlError::Usage)?;
             Body::Audit(AuditArgs { since })
         }
-        CtlCommand::Swap { target, driver } => {
+        CtlCommand::Swap { target, driver, digest, dry_run } => {
             let (svc, backend) = split_target("swap", target)?;
-            Body::Swap { service: svc.to_owned(), args: SwapArgs { backend, driver: driver.clone() } }
+            Body::Swap {
+                service: svc.to_owned(),
+                args: SwapArgs {
+                    backend,
+                    driver: driver.clone(),
+                    digest: digest.clone(),
+                    rollout: None,
+                    dry_run: *dry_run,
+                },
+            }
         }
         CtlCommand::Restart { target } => {
             let (svc, backend) = split_target("restart", target)?;
@@ -261,6 +285,12 @@ pub fn run_on(target: &Target, json: bool, command: &CtlCommand) -> Result<CtlOu
         Body::Metrics => parse::<crate::control::protocol::MetricsText>(&result).map(|m| m.text),
         Body::Reload => parse::<Vec<ReloadEntry>>(&result).map(|r| format_reload(&r)),
         Body::Audit(_) => parse::<Vec<crate::control::protocol::AuditEntry>>(&result).map(|e| format_audit(&e)),
+        Body::Swap { args, .. } if args.dry_run => parse::<SwapCheck>(&result).map(|c| {
+            format!(
+                "backend {}: would load {} ({}) [{}]; serving now: {} {} [{}]\n",
+                c.backend, c.driver, c.path, c.digest, c.current.name, c.current.version, c.current.digest
+            )
+        }),
         Body::Swap { .. } => parse::<SwapReport>(&result).map(|r| format_swap(&r)),
         Body::Service { service, .. } => match kinds::kind(service) {
             Some(k) => (k.format)(&result).map_err(CtlError::Failed),

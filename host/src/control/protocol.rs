@@ -223,9 +223,38 @@ pub struct SwapArgs {
     /// The backend (default: the service's default backend).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend: Option<String>,
-    /// PATH or NAME of the new driver (default: the configured one, loaded again).
+    /// PATH or NAME of the new driver (default: the configured one, loaded again; or, with `digest`,
+    /// the driver with that content this backend ran before).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub driver: Option<String>,
+    /// The new driver's content must have this digest (`blake3:` and 64 hex digits): checked before
+    /// anything of it is loaded; another content is refused as `untrusted_driver`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// The fleet rollout this swap is part of (recorded in the audit log and the host's log).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<String>,
+    /// Only check: resolve the driver and run every check a swap runs before loading (the trust
+    /// policy, the pin, `digest`), and answer a [`SwapCheck`]; nothing is loaded or changed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
+}
+
+/// The answer to `swap` with `dry_run`: what a swap would load, and what serves now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwapCheck {
+    /// The backend.
+    pub backend: String,
+    /// Always `true`.
+    pub dry_run: bool,
+    /// The driver serving now.
+    pub current: DriverRef,
+    /// The PATH or NAME a swap would load.
+    pub driver: String,
+    /// The file it resolves to.
+    pub path: String,
+    /// That file's content digest.
+    pub digest: String,
 }
 
 /// A size in bytes: a non-negative integer, or a string with a unit (`"10MiB"`). It serializes the way
@@ -430,7 +459,7 @@ pub struct ReloadEntry {
 
 /// The control protocol version this host speaks (in its reports, and in `Plughost-Api` when it calls).
 /// Raise it when an operation is added; [`op_since`] says which version brought each.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The protocol version that brought an operation (`ctl --host` refuses to send one to a host that
 /// reports an older version, as nova's `can_send_version`).
@@ -438,6 +467,10 @@ pub fn op_since(_service: Option<&str>, _op: &str) -> u32 {
     // Every operation of today is in version 1; a later one is listed here with its version.
     1
 }
+
+/// The protocol version that brought `swap`'s `digest`, `rollout` and `dry_run` (version 1 hosts refuse
+/// them as unknown fields): what `fleet swap` needs of every host.
+pub const SWAP_DIGEST_SINCE: u32 = 2;
 
 #[cfg(test)]
 mod tests {

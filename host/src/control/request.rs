@@ -746,7 +746,10 @@ mod tests {
         assert_eq!((back.body.service(), back.body.op()), (Some("volume"), "create"));
         let swap = Request {
             id: None,
-            body: Body::Swap { service: "volume".into(), args: SwapArgs { backend: None, driver: Some("x".into()) } },
+            body: Body::Swap {
+                service: "volume".into(),
+                args: SwapArgs { driver: Some("x".into()), ..SwapArgs::default() },
+            },
         };
         assert_eq!(serde_json::to_string(&swap).unwrap(), r#"{"service":"volume","op":"swap","args":{"driver":"x"}}"#);
     }

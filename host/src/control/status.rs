@@ -181,6 +181,11 @@ pub struct CallStatus {
     pub count: u64,
     /// Calls that returned an error.
     pub errors: u64,
+    /// Of those, the driver's own faults (`internal`, `panicked`, `driver_crashed`, `timeout`, and kinds
+    /// this host does not know) rather than answers about the request (`not_found`, `busy`, ...): what a
+    /// rollout's error rate counts.
+    #[serde(default)]
+    pub faults: u64,
     /// Calls whose latency was timed.
     pub sampled: u64,
     /// Mean of the timed latencies.

@@ -483,6 +483,15 @@ impl Loader {
 
     /// Everything checked without loading anything: the trust policy, the file (one descriptor, size
     /// cap, ELF header first), the root symbol, the digest against the pin and the allow list.
+    /// Every check a load runs before loading (the trust policy, the file, the digest against `pin` and
+    /// the allow list), and the content's digest; nothing is loaded (`swap` with `dry_run`).
+    pub fn verify(&self, path: &Path, pin: Option<&str>) -> Result<String, LoadError> {
+        Ok(match self.check(path, pin)? {
+            Checked::Known { digest, .. } => digest,
+            Checked::Read(r) => r.digest,
+        })
+    }
+
     fn check(&self, path: &Path, pin: Option<&str>) -> Result<Checked, LoadError> {
         let err = |kind, reason: String| LoadError::new(kind, path, reason);
         let trusted = if self.check_paths { crate::loading::trust::check_driver_file(path) } else { Ok(()) };

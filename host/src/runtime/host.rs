@@ -203,8 +203,17 @@ impl Host {
                 r
             }
             Body::Swap { service, args } => {
-                let r = Self::admin(peer, "swap").and_then(|()| to_json(&self.swap(&service, &args)?));
-                audited(Some(&service), "swap", serde_json::value::to_raw_value(&args).ok(), &r);
+                let r = Self::admin(peer, "swap").and_then(|()| {
+                    if args.dry_run {
+                        to_json(&self.swap_check(&service, &args)?)
+                    } else {
+                        to_json(&self.swap(&service, &args)?)
+                    }
+                });
+                // A dry run changes nothing: the audit log is who changed what.
+                if !args.dry_run {
+                    audited(Some(&service), "swap", serde_json::value::to_raw_value(&args).ok(), &r);
+                }
                 self.report_if_changed();
                 r
             }

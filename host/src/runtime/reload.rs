@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::host::Host;
-use crate::control::protocol::{ApiError, ErrorKind, Outcome, ReloadEntry, SwapArgs, SwapReport};
+use crate::control::protocol::{ApiError, DriverRef, ErrorKind, Outcome, ReloadEntry, SwapArgs, SwapCheck, SwapReport};
 
 impl Host {
     /// `restart`: a fresh worker for an isolated backend (closing its circuit), or the configured driver
@@ -24,14 +24,94 @@ impl Host {
     }
 
     /// `swap`: replaces a backend's driver (default: the service's default backend) with `args.driver`
-    /// (PATH or NAME; default: the configured one, reloaded from disk).
+    /// (PATH or NAME; default: the configured one, reloaded from disk; with only `args.digest`, the
+    /// driver with that content the backend ran before). `args.digest` must match the new content.
     pub fn swap(&self, service: &str, args: &SwapArgs) -> Result<SwapReport, ApiError> {
         let backend = self.backend(service, args.backend.as_deref())?;
+        let (driver, expect) = self.swap_target(backend.as_ref(), args)?;
+        if let Some(r) = &args.rollout {
+            log::info!("{service} backend {:?}: swap for rollout {r}", backend.name());
+        }
+        backend.swap(self.build_context(), driver.as_deref(), None, None, expect, self.settings.shutdown_timeout)
+    }
+
+    /// `swap` with `dry_run`: every check a swap runs before loading, and what it would load.
+    pub fn swap_check(&self, service: &str, args: &SwapArgs) -> Result<SwapCheck, ApiError> {
+        let backend = self.backend(service, args.backend.as_deref())?;
+        let (driver, expect) = self.swap_target(backend.as_ref(), args)?;
+        let configured = backend.configured();
+        let driver = driver.unwrap_or(configured.driver);
+        let pin = match (expect, configured.settings.digest.as_deref()) {
+            (Some(e), Some(p)) if !p.eq_ignore_ascii_case(e) => {
+                return Err(ApiError::new(
+                    ErrorKind::UntrustedDriver,
+                    format!(
+                        "{service} backend {:?}: pinned to {p} by its configuration; a swap to {e} is refused (change the pin and reload)",
+                        backend.name()
+                    ),
+                ))
+            }
+            (Some(e), _) => Some(e),
+            (None, p) => p,
+        };
+        let path = crate::loading::drivers::resolve(&driver, &self.settings.driver_dirs)
+            .map_err(|why| ApiError::not_found(format!("{service} backend {:?}: {why}", backend.name())))?;
+        let digest = self.loader.verify(&path, pin).map_err(|e| {
+            let kind = if e.kind.is_trust() { ErrorKind::UntrustedDriver } else { ErrorKind::SwapFailed };
+            ApiError::new(kind, format!("{service} backend {:?}: {e}", backend.name()))
+        })?;
+        let status = backend.status(false, None);
+        Ok(SwapCheck {
+            backend: backend.name().to_owned(),
+            dry_run: true,
+            current: DriverRef {
+                name: status.driver.name,
+                version: status.driver.version,
+                digest: status.driver.digest,
+                path: Some(status.driver.path),
+                draining: false,
+            },
+            driver,
+            path: path.display().to_string(),
+            digest,
+        })
+    }
+
+    /// What a swap loads: the driver named (a PATH inside the driver directories unless allowed), or
+    /// with only a digest the driver of that content the backend ran before; and the digest to expect.
+    fn swap_target<'a>(
+        &self,
+        backend: &dyn crate::backend::BackendControl,
+        args: &'a SwapArgs,
+    ) -> Result<(Option<String>, Option<&'a str>), ApiError> {
+        let expect = match args.digest.as_deref() {
+            Some(d) if crate::loading::loader::is_digest(d) => Some(d),
+            Some(d) => {
+                return Err(ApiError::invalid(format!(
+                    "swap digest {d:?}: not a digest (blake3: and 64 hex digits, as `plughost inspect` prints)"
+                )))
+            }
+            None => None,
+        };
+        if let Some(r) = &args.rollout {
+            if r.is_empty() || r.len() > 64 || !r.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+                return Err(ApiError::invalid(format!(
+                    "swap rollout {r:?}: not a rollout id (1 to 64 letters, digits, '-' or '_')"
+                )));
+            }
+        }
         let driver = args.driver.as_deref().filter(|d| !d.is_empty());
         if let Some(d) = driver.filter(|d| crate::loading::drivers::is_path(d)) {
             self.check_swap_path(d)?;
         }
-        backend.swap(self.build_context(), driver, None, None, self.settings.shutdown_timeout)
+        let driver = match (driver, expect) {
+            (Some(d), _) => Some(d.to_owned()),
+            // Back to an earlier driver: the backend's own history (a PATH there was loaded before, under
+            // the rules of its time); failing that, the configured driver, whose content the pin checks.
+            (None, Some(digest)) => backend.previous(digest),
+            (None, None) => None,
+        };
+        Ok((driver, expect))
     }
 
     /// A swap to a PATH (rather than a NAME looked up in the driver directories) must stay inside the
@@ -141,6 +221,7 @@ impl Host {
                     Some(&w.driver),
                     Some(w.options.clone()),
                     Some(w.settings.clone()),
+                    None,
                     self.settings.shutdown_timeout,
                 ) {
                     Ok(r) => {

@@ -15,24 +15,9 @@ const FLEET: &str = "t";
 /// `down`.
 fn host(nats: &Nats, dir: &TempDir, name: &str, capacity: &str, every: &str, down: &str, extra: &[&str]) -> Daemon {
     let cap = format!("capacity={capacity}");
-    let mut args = vec![
-        "--volume-driver",
-        "fake-volume",
-        "--volume-opt",
-        &cap,
-        "--compute-driver",
-        "none",
-        "--fleet-url",
-        &nats.url,
-        "--fleet-name",
-        FLEET,
-        "--host-name",
-        name,
-        "--fleet-report-interval",
-        every,
-        "--fleet-service-down-time",
-        down,
-    ];
+    let fleet = nats.host_flags(FLEET, name, every, down);
+    let mut args = vec!["--volume-driver", "fake-volume", "--volume-opt", &cap, "--compute-driver", "none"];
+    args.extend(fleet.iter().map(String::as_str));
     args.extend_from_slice(extra);
     Daemon::start(dir.path(), &args)
 }
@@ -443,6 +428,33 @@ fn the_documented_server_config_keeps_readers_to_reading_and_the_audit_names_the
         [want("fleet", "admin", "create", "ok"), want("fleet", "reader", "delete", "permission_denied")],
         "{audit}"
     );
+
+    // The admin may roll a driver (here to file-volume, found beside the binary), which writes the
+    // rollouts bucket; the reader may read the record and not change it.
+    let fleet = |creds: &str, args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--fleet-url", &nats.url, "--fleet-name", "prod", "--fleet-credentials", creds, "--timeout", "3s"]);
+        run(&all)
+    };
+    let file_volume = plughost_tests::driver("file-volume");
+    let inspected: Value =
+        serde_json::from_str(&run(&["inspect", "--json", file_volume.to_str().unwrap()]).stdout).unwrap();
+    let digest = inspected[0]["digest"].as_str().unwrap().to_owned();
+    let r = fleet(
+        &admin,
+        &["fleet", "swap", "volume", "file-volume", "--digest", &digest, "--health-window", "300ms", "--json"],
+    );
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    let rec: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(rec["state"], "done", "{rec}");
+    let id = rec["id"].as_str().unwrap();
+    let r = fleet(&reader, &["fleet", "rollout", "status", id, "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(serde_json::from_str::<Value>(&r.stdout).unwrap()["state"], "done");
+    let r = fleet(&reader, &["fleet", "rollout", "abort", id]);
+    assert_eq!(r.code, 1, "{}", r.stdout);
+    assert!(r.stderr.contains("the broker refused to carry the request on $KV.ph_prod_rollouts"), "{}", r.stderr);
+    assert_eq!(h1.ok("", "status", json!({}))["services"][0]["backends"][0]["driver"]["digest"], digest.as_str());
 }
 
 #[test]

@@ -4,7 +4,9 @@
 //! Areas: `loader` (every rejection kind), `service` (flags, config, ctl), `swap` (live swap), `protocol`
 //! (the documented wire), `durability` (kill -9 at any instant), `instances` (outliving the host),
 //! `isolation` (worker faults), `trust` (a second user), `authoring` (`check`, `new`, packaging),
-//! `compat` (every released host against every released driver), `architecture` (no import cycle).
+//! `compat` (every released host against every released driver), `architecture` (no import cycle),
+//! `fleet` (hosts on a real broker), `rollout` (drivers rolled through a fleet), `operator` (systemd,
+//! health, metrics, packaging).
 #![allow(clippy::unwrap_used)]
 
 mod architecture;
@@ -17,6 +19,7 @@ mod isolation;
 mod loader;
 mod operator;
 mod protocol;
+mod rollout;
 mod service;
 mod swap;
 mod trust;

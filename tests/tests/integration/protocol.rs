@@ -62,8 +62,12 @@ fn reencode(req: &str, result: Option<&Value>) -> Option<(Value, Option<Value>)>
             result.map(round_trip::<Vec<AuditEntry>>),
         ),
         Body::Swap { service, args } => (
-            json!({"service": service, "op": "swap", "args": serde_json::to_value(args).unwrap()}),
-            result.map(round_trip::<SwapReport>),
+            json!({"service": service, "op": "swap", "args": serde_json::to_value(&args).unwrap()}),
+            if args.dry_run {
+                result.map(round_trip::<host::control::protocol::SwapCheck>)
+            } else {
+                result.map(round_trip::<SwapReport>)
+            },
         ),
         Body::Restart { service, args } => (
             json!({"service": service, "op": "restart", "args": serde_json::to_value(args).unwrap()}),

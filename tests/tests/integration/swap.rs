@@ -290,3 +290,62 @@ fn a_new_driver_whose_init_fails_is_refused_and_the_old_keeps_serving() {
     assert_eq!((st["driver"]["generation"].clone(), st["state"].clone()), (json!(0), json!("up")));
     assert_eq!(d.ok("volume", "get", json!({"name": "v"}))["name"], "v");
 }
+
+#[test]
+fn a_swap_with_a_digest_loads_only_that_content_and_a_digest_alone_goes_back() {
+    let a = driver("file-volume");
+    let b = fixtures::built().file_volume_b.clone();
+    let (digest_a, digest_b) = (digest_of(&a), digest_of(&b));
+    let t = TempDir::new("swap-digest");
+    let mut d = Daemon::start(t.path(), &["--volume-driver", a.to_str().unwrap(), "--compute-driver", "none"]);
+    let (b_path, socket) = (b.to_str().unwrap(), d.socket.to_str().unwrap().to_owned());
+    let mapped = |d: &mut Daemon| d.ok("", "status", json!({}))["libraries"]["mapped"].as_u64().unwrap();
+    let before = mapped(&mut d);
+
+    // Another content than the one named: refused before anything of it is loaded.
+    let v = d.call("volume", "swap", json!({"driver": b_path, "digest": digest_a}));
+    assert_eq!(v["error"]["kind"], "untrusted_driver", "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains(&digest_a) && msg.contains(&digest_b) && msg.contains(b_path), "{msg}");
+    assert_eq!(mapped(&mut d), before, "nothing of the refused file was loaded");
+    assert_eq!(d.err("volume", "swap", json!({"driver": b_path, "digest": "blake3:xyz"})), "invalid_argument");
+
+    // A dry run says what would load; nothing changes and nothing is audited.
+    let r = run(&["ctl", "--socket", &socket, "swap", "volume", b_path, "--digest", &digest_b, "--dry-run"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains(&format!("would load {b_path}")) && r.stdout.contains(&digest_b), "{}", r.stdout);
+    assert_eq!(backend_status(&mut d, "volume", "default")["driver"]["generation"], 0);
+    assert_eq!(mapped(&mut d), before);
+
+    // The content named: swapped, and the backend's pin is untouched.
+    let r = run(&["ctl", "--socket", &socket, "swap", "volume", b_path, "--digest", &digest_b]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let st = backend_status(&mut d, "volume", "default");
+    assert_eq!((st["driver"]["digest"].as_str(), &st["pinned"]), (Some(digest_b.as_str()), &Value::Null), "{st}");
+    // A digest alone: back to the driver of that content the backend ran (configured by PATH).
+    let r = d.ok("volume", "swap", json!({"digest": digest_a}));
+    assert_eq!((r["new"]["digest"].as_str(), r["generation"].as_u64()), (Some(digest_a.as_str()), Some(2)), "{r}");
+    let r = d.ok("volume", "swap", json!({"digest": digest_b, "rollout": "r-1"}));
+    assert_eq!(r["new"]["digest"], digest_b.as_str(), "{r}");
+    // A content the backend never ran, with no driver named: the configured file is checked and refused.
+    let never = format!("blake3:{}", "0".repeat(64));
+    assert_eq!(d.err("volume", "swap", json!({"digest": never})), "untrusted_driver");
+    assert_eq!(backend_status(&mut d, "volume", "default")["driver"]["digest"], digest_b.as_str());
+    let audit = d.ok("", "audit", json!({}));
+    let swaps: Vec<&Value> = audit.as_array().unwrap().iter().filter(|e| e["op"] == "swap").collect();
+    assert!(swaps.iter().all(|e| e["args"]["dry_run"].is_null()), "dry runs are not audited: {audit}");
+    assert!(swaps.iter().any(|e| e["args"]["rollout"] == "r-1" && e["outcome"] == "ok"), "{audit}");
+    drop(d);
+
+    // A backend pinned by its configuration refuses a swap to another digest, whatever the request says.
+    let pinned = format!("{}@{digest_a}", a.display());
+    let mut d = Daemon::start(t.path(), &["--volume-driver", &pinned, "--compute-driver", "none"]);
+    let v = d.call("volume", "swap", json!({"driver": b_path, "digest": digest_b}));
+    assert_eq!(v["error"]["kind"], "untrusted_driver", "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains(&format!("pinned to {digest_a} by its configuration")),
+        "{v}"
+    );
+    let v = d.call("volume", "swap", json!({"driver": b_path, "digest": digest_b, "dry_run": true}));
+    assert_eq!(v["error"]["kind"], "untrusted_driver", "{v}");
+}
