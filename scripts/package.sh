@@ -26,6 +26,7 @@ for d in file_volume process_compute fake_volume fake_compute; do
     install -m 0644 "target/release/lib$d.so" "$root/usr/lib/plughost/drivers/lib$d.so"
 done
 install -m 0644 packaging/plughost.service "$root/lib/systemd/system/plughost.service"
+install -m 0644 packaging/plughost.socket "$root/lib/systemd/system/plughost.socket"
 # The default config: the reference drivers, every option commented with its default.
 "$bin" config sample --driver-dir "$root/usr/lib/plughost/drivers" file-volume process-compute \
     | sed 's|^# plughost sample configuration|# plughost configuration (installed by the package)|' > "$root/etc/plughost/plughost.toml"
@@ -63,6 +64,7 @@ $check || exit 0
 # The file list, exactly.
 expected="./etc/plughost/plughost.toml
 ./lib/systemd/system/plughost.service
+./lib/systemd/system/plughost.socket
 ./usr/bin/plughost
 ./usr/lib/plughost/drivers/libfake_compute.so
 ./usr/lib/plughost/drivers/libfake_volume.so

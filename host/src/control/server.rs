@@ -105,14 +105,108 @@ pub(crate) struct Server {
     /// The listening socket again (a second descriptor): shutting it down wakes the accept thread.
     control: std::os::unix::net::UnixListener,
     accept: Option<JoinHandle<()>>,
+    /// Passed by systemd (socket activation): systemd owns it, so a stop neither shuts it down (that
+    /// would break it for systemd too) nor removes its file; the accept thread is woken by a flag and a
+    /// connection of our own.
+    activated: Option<Arc<std::sync::atomic::AtomicBool>>,
+}
+
+/// How many sockets systemd passed this process, read once (before the environment is cleaned).
+static PASSED: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
+
+fn passed_by_systemd() -> i32 {
+    let ours = std::env::var("LISTEN_PID").ok().and_then(|p| p.trim().parse::<u32>().ok()) == Some(std::process::id());
+    let count = std::env::var("LISTEN_FDS").ok().and_then(|n| n.trim().parse::<i32>().ok()).unwrap_or(0);
+    if ours {
+        count.max(0)
+    } else {
+        0
+    }
+}
+
+/// Notes the sockets systemd passed (`LISTEN_PID`, `LISTEN_FDS`): call before those variables are
+/// taken out of the environment.
+pub(crate) fn note_passed_sockets() {
+    let _ = PASSED.get_or_init(passed_by_systemd);
+}
+
+/// The first descriptor systemd passes (`SD_LISTEN_FDS_START`).
+const LISTEN_FDS_START: i32 = 3;
+
+/// The control socket systemd passed (`LISTEN_PID` is this process, `LISTEN_FDS` = 1), if any: it must
+/// be a listening Unix stream socket bound to `path` (the unit's `ListenStream=` and plughost's socket
+/// agree). Its file gets the modes [`bind`] gives, whatever the unit's `SocketMode=` says.
+fn activated(path: &Path, group: Option<&str>) -> Result<Option<UnixListener>, String> {
+    use std::os::fd::FromRawFd;
+    let count = *PASSED.get_or_init(passed_by_systemd);
+    if count == 0 {
+        return Ok(None);
+    }
+    let what = "socket activation";
+    if count != 1 {
+        return Err(format!(
+            "{what}: systemd passed {count} sockets (LISTEN_FDS); plughost takes exactly one, its control socket"
+        ));
+    }
+    let fd = LISTEN_FDS_START;
+    let int_opt = |name: libc::c_int| -> Option<libc::c_int> {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: fd is a descriptor number (getsockopt fails with EBADF/ENOTSOCK on anything else); v
+        // and len are valid for writes of the sizes given.
+        let r = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, name, (&raw mut v).cast(), &raw mut len) };
+        (r == 0).then_some(v)
+    };
+    let (kind, domain, listening) = (int_opt(libc::SO_TYPE), int_opt(libc::SO_DOMAIN), int_opt(libc::SO_ACCEPTCONN));
+    if kind != Some(libc::SOCK_STREAM) || domain != Some(libc::AF_UNIX) || listening != Some(1) {
+        return Err(format!(
+            "{what}: descriptor 3 is not a listening Unix stream socket (use ListenStream=PATH in the socket unit)"
+        ));
+    }
+    // SAFETY: descriptor 3 was passed to this process by the socket-activation protocol (LISTEN_PID is
+    // us), checked above to be a listening socket; nothing else in this process owns or closes it.
+    let listener = unsafe { UnixListener::from_raw_fd(fd) };
+    // SAFETY: fcntl on a descriptor we own; FD_CLOEXEC keeps it from workers and instances.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    let bound = listener.local_addr().ok().and_then(|a| a.as_pathname().map(Path::to_path_buf));
+    let same = match &bound {
+        Some(b) => {
+            b == path || std::fs::canonicalize(b).ok().is_some_and(|b| std::fs::canonicalize(path).ok() == Some(b))
+        }
+        None => false,
+    };
+    if !same {
+        return Err(format!(
+            "{what}: the socket passed is {}, not the control socket \"{}\"; make ListenStream= and --socket (socket) agree",
+            bound.map(|b| format!("\"{}\"", b.display())).unwrap_or_else(|| "not bound to a path".to_owned()),
+            path.display()
+        ));
+    }
+    secure(path, group)?;
+    log::info!("control socket {}: passed by systemd (socket activation)", path.display());
+    Ok(Some(listener))
+}
+
+/// Gives the socket file at `path` mode 0600, or 0660 with group `group`.
+fn secure(path: &Path, group: Option<&str>) -> Result<(), String> {
+    let gid =
+        group.map(|g| crate::util::users::group_id(g).map_err(|e| format!("socket_group {g:?}: {e}"))).transpose()?;
+    if let Some(gid) = gid {
+        std::os::unix::fs::chown(path, None, Some(gid))
+            .map_err(|e| format!("socket \"{}\": cannot give it to group {gid}: {e}", path.display()))?;
+    }
+    let mode = if gid.is_some() { 0o660 } else { 0o600 };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| format!("socket \"{}\": cannot set mode {mode:04o}: {e}", path.display()))
 }
 
 /// Binds `path`: mode 0600, or 0660 with group `group` (its members may connect, as readers). An
 /// existing socket nobody answers on is stale and replaced; anything else at `path` (a regular file, a
 /// directory, a live server's socket) is left alone and refused.
 pub(crate) fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, String> {
-    let gid =
-        group.map(|g| crate::util::users::group_id(g).map_err(|e| format!("socket_group {g:?}: {e}"))).transpose()?;
+    if let Some(g) = group {
+        crate::util::users::group_id(g).map_err(|e| format!("socket_group {g:?}: {e}"))?;
+    }
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
             if UnixStream::connect(path).is_ok() {
@@ -134,18 +228,12 @@ pub(crate) fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, Str
             .map_err(|e| format!("socket \"{}\": cannot create its directory: {e}", path.display()))?;
     }
     let l = UnixListener::bind(path).map_err(|e| format!("socket \"{}\": cannot bind: {e}", path.display()))?;
-    if let Some(gid) = gid {
-        std::os::unix::fs::chown(path, None, Some(gid))
-            .map_err(|e| format!("socket \"{}\": cannot give it to group {gid}: {e}", path.display()))?;
-    }
-    let mode = if gid.is_some() { 0o660 } else { 0o600 };
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| format!("socket \"{}\": cannot set mode {mode:04o}: {e}", path.display()))?;
+    secure(path, group)?;
     Ok(l)
 }
 
 impl Server {
-    /// Binds `socket` and serves each connection on its own thread.
+    /// Binds `socket` (or takes it from systemd) and serves each connection on its own thread.
     pub(crate) fn serve(
         handler: Arc<dyn Handler>,
         socket: &Path,
@@ -153,7 +241,11 @@ impl Server {
         max_line: usize,
         max_connections: usize,
     ) -> Result<Server, String> {
-        let listener = bind(socket, group)?;
+        let (listener, activated) = match activated(socket, group)? {
+            Some(l) => (l, Some(Arc::new(std::sync::atomic::AtomicBool::new(false)))),
+            None => (bind(socket, group)?, None),
+        };
+        let stopping = activated.clone();
         let control = listener.try_clone().map_err(|e| format!("socket \"{}\": {e}", socket.display()))?;
         let budget = Arc::new(Budget::new(max_connections));
         let accept = std::thread::Builder::new()
@@ -164,6 +256,9 @@ impl Server {
                 let mut spare = std::fs::File::open("/dev/null").ok();
                 loop {
                     match listener.accept() {
+                        Ok(_) if stopping.as_ref().is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst)) => {
+                            break
+                        }
                         Ok((stream, _)) => {
                             let Some(slot) = budget.take(&stream) else { continue };
                             let h = handler.clone();
@@ -194,12 +289,23 @@ impl Server {
                 }
             })
             .map_err(|e| format!("cannot start the accept thread: {e}"))?;
-        Ok(Server { socket: socket.to_owned(), control, accept: Some(accept) })
+        Ok(Server { socket: socket.to_owned(), control, accept: Some(accept), activated })
     }
 
     /// Stops accepting new connections and removes the socket. Open connections stay (the handler
     /// decides what they get).
     pub(crate) fn stop(mut self) {
+        if let Some(flag) = &self.activated {
+            // systemd's socket: leave it listening (connections wait in its backlog for the next start)
+            // and its file in place; wake the accept thread with a connection of our own.
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            if UnixStream::connect(&self.socket).is_ok() {
+                if let Some(t) = self.accept.take() {
+                    let _ = t.join();
+                }
+            }
+            return;
+        }
         // Shutting the socket down wakes the blocked accept(), which then returns.
         let _ = rustix::net::shutdown(&self.control, rustix::net::Shutdown::Both);
         if let Some(t) = self.accept.take() {

@@ -43,6 +43,7 @@ pub(crate) fn take_environment() {
         .filter(|u| *u > 0)
         .filter(|_| watchdog_pid.is_none_or(|p| p == std::process::id()))
         .map(Duration::from_micros);
+    crate::control::server::note_passed_sockets();
     for k in PRIVATE {
         std::env::remove_var(k);
     }

@@ -551,3 +551,79 @@ fn metrics_count_calls_errors_and_records_on_the_socket_and_over_opt_in_http() {
     assert!(std::net::TcpStream::connect(&addr).is_err());
     drop(d);
 }
+
+#[test]
+fn the_control_socket_can_come_from_systemd_socket_activation() {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(activate) = which("systemd-socket-activate") else {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "CI has systemd-socket-activate");
+        println!("skipped: no systemd-socket-activate");
+        return;
+    };
+    let t = TempDir::new("socket-activation");
+    let (state, socket) = (t.join("state"), t.join("run/plughost.sock"));
+    std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
+    let start = |sock_flag: &std::path::Path| {
+        std::process::Command::new(&activate)
+            .arg("--listen")
+            .arg(&socket)
+            .arg(plughost_tests::plughost())
+            .args([
+                "run",
+                "--volume-driver",
+                "fake-volume",
+                "--compute-driver",
+                "none",
+                "--periodic-interval-ms",
+                "200",
+            ])
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--socket")
+            .arg(sock_flag)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut host = start(&socket);
+    // The socket exists before the host: the first connection starts it and is answered.
+    wait_for("the activation socket", || socket.exists());
+    let sock = socket.to_str().unwrap();
+    let r = run(&["ctl", "--socket", sock, "ping"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    // The host took the socket it was given, gave it its own mode, and serves on it.
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "mode {mode:o}");
+    let r = run(&["ctl", "--socket", sock, "--json", "status"]);
+    assert_eq!(serde_json::from_str::<Value>(&r.stdout).unwrap()["result"]["socket"], sock);
+    // A stop leaves systemd's socket where it is.
+    send_signal(host.id(), libc::SIGTERM);
+    let status = host.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(socket.exists(), "the passed socket's file stays for its owner");
+    std::fs::remove_file(&socket).unwrap();
+
+    // A socket that is not the one the host is configured for is refused, naming both.
+    let host = start(&t.join("elsewhere.sock"));
+    wait_for("the activation socket", || socket.exists());
+    let _ = std::os::unix::net::UnixStream::connect(&socket);
+    let out = host.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("socket activation: the socket passed is") && stderr.contains("elsewhere.sock"),
+        "{stderr}"
+    );
+}
+
+fn which(name: &str) -> Result<std::path::PathBuf, ()> {
+    std::env::var_os("PATH")
+        .and_then(|p| std::env::split_paths(&p).map(|d| d.join(name)).find(|f| f.is_file()))
+        .ok_or(())
+}
+
+fn send_signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) on a child's pid we hold (not yet reaped).
+    unsafe { libc::kill(pid as i32, sig) };
+}
