@@ -360,6 +360,8 @@ fn inspect_accepts_every_reference_driver_and_rejects_everything_else_in_the_bui
             || [
                 "libfixture_api_minor.so",
                 "libfixture_file_volume_b.so",
+                "libfixture_file_volume_sickly.so",
+                "libfixture_file_volume_picky.so",
                 "libfixture_faulty_panics.so",
                 "libfixture_faulty_segv_init.so",
                 "libfixture_sloppy_volume.so",
