@@ -402,10 +402,11 @@ pub const VOLUME_CHECKS: &[&str] = &[
     "concurrent_create_delete",
     "write_read_round_trip",
     "revert_to_snapshot",
+    "list_after_pages_the_listing",
 ];
 
 fn volume_checks() -> Vec<(&'static str, VolumeCheck)> {
-    let bodies: [VolumeCheck; 14] = [
+    let bodies: [VolumeCheck; 15] = [
         |d| {
             expect_ok("health", d.health())?;
             Ok(String::new())
@@ -569,6 +570,49 @@ fn volume_checks() -> Vec<(&'static str, VolumeCheck)> {
             })();
             let _ = d.delete(&s);
             expect_ok("delete", d.delete(&a))?;
+            outcome
+        },
+        |d| {
+            let made: [String; 5] = names_n("page");
+            for n in &made {
+                expect_ok("create", d.create(n, MIB))?;
+            }
+            let outcome = (|| {
+                // Pages of 2 from the start, then on from each page's last name, until a short page.
+                let mut paged = Vec::new();
+                let mut after = String::new();
+                loop {
+                    let page = match d.list_after(&after, 2) {
+                        Err(e) if e.kind() == ErrorKind::UNSUPPORTED => {
+                            well_formed("list_after", &e)?;
+                            return Ok("list_after unsupported (optional)".to_owned());
+                        }
+                        other => expect_ok("list_after", other)?,
+                    };
+                    check(page.len() <= 2, || format!("list_after with limit 2 returned {} volumes", page.len()))?;
+                    let names: Vec<&str> = page.iter().map(|v| v.name.as_str()).collect();
+                    check(
+                        names.windows(2).all(|w| w[0] < w[1]) && names.first().is_none_or(|f| *f > after.as_str()),
+                        || format!("list_after({after:?}, 2) returned {names:?}: not in name order after {after:?}"),
+                    )?;
+                    let short = page.len() < 2;
+                    if let Some(last) = page.last() {
+                        after = last.name.clone();
+                    }
+                    paged.extend(page.into_iter().map(|v| v.name));
+                    check(paged.len() <= 100_000, || "list_after never ends".to_owned())?;
+                    if short {
+                        break;
+                    }
+                }
+                let mut listed: Vec<String> = expect_ok("list", d.list())?.into_iter().map(|v| v.name).collect();
+                listed.sort();
+                check(paged == listed, || format!("the pages of list_after give {paged:?}, list gives {listed:?}"))?;
+                Ok(String::new())
+            })();
+            for n in &made {
+                let _ = d.delete(n);
+            }
             outcome
         },
     ];

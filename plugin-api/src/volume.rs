@@ -136,6 +136,19 @@ driver_interface! {
                 Err(crate::DriverError::unsupported(format!("volume {name:?}: this driver does not support revert")))
             };
         }
+        /// Added in 1.2.0: the listing in pages.
+        "volume.list_after" => VolumeListAfterFfi, VolumeListAfterFfi_TO, list_after {
+            /// The volumes whose names sort after `after` (byte order; `""` for the first page), in name
+            /// order, at most `limit` of them: fewer than `limit` means there are no more. The host
+            /// reconciles a backend page by page with it, serving requests between pages, and never
+            /// needs the whole listing at once. Optional (added in 1.2.0): without it the host calls
+            /// `list`, which for very many volumes may be more than an isolated worker may send in one
+            /// answer (`max_frame_bytes`).
+            fn list_after(after: &str => RStr<'_>, String, limit: u64 => u64, u64) -> Vec<Volume> => RVec<FfiVolume>, default {
+                let _ = (after, limit);
+                Err(crate::DriverError::unsupported("this driver does not list volumes in pages"))
+            };
+        }
     }
 }
 

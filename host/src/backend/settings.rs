@@ -26,6 +26,10 @@ pub struct BackendSettings {
     /// The largest answer an isolated backend's worker may send (one frame, a listing included); a
     /// larger one kills the worker as misbehaving.
     pub max_frame_bytes: u64,
+    /// The most records this backend may hold by adoption: a reconcile adopts resources its driver
+    /// lists without a record only up to it (the rest are refused and counted), so that no driver can
+    /// make the host hold unbounded records. Records made by requests are not limited by it.
+    pub max_records: u64,
 }
 
 impl Default for BackendSettings {
@@ -39,6 +43,7 @@ impl Default for BackendSettings {
             memory_limit: None,
             call_timeout: Duration::from_secs(60),
             max_frame_bytes: 16 << 20,
+            max_records: 1_000_000,
         }
     }
 }

@@ -208,6 +208,8 @@ pub struct ServiceConfig {
     pub call_timeout: Option<toml::Value>,
     /// Host-level setting: the largest answer an isolated backend's worker may send (`16MiB`).
     pub max_frame_bytes: Option<toml::Value>,
+    /// Host-level setting: the most records a reconcile lets the backend hold by adoption.
+    pub max_records: Option<u64>,
 }
 
 /// `[[volume.backends]]`.
@@ -237,6 +239,8 @@ pub struct BackendConfig {
     pub call_timeout: Option<toml::Value>,
     /// Host-level setting: the largest answer an isolated backend's worker may send (`16MiB`).
     pub max_frame_bytes: Option<toml::Value>,
+    /// Host-level setting: the most records a reconcile lets the backend hold by adoption.
+    pub max_records: Option<u64>,
 }
 
 /// Host-level backend settings as a config section gives them (unset: inherited or the default).
@@ -249,6 +253,7 @@ pub(super) struct SettingsConfig {
     pub(super) memory_limit: Option<toml::Value>,
     pub(super) call_timeout: Option<toml::Value>,
     pub(super) max_frame_bytes: Option<toml::Value>,
+    pub(super) max_records: Option<u64>,
 }
 
 impl SettingsConfig {
@@ -295,6 +300,12 @@ impl SettingsConfig {
                 return Err(bad("max_frame_bytes", format!("{n} bytes: between 64KiB and 1GiB")));
             }
             s.max_frame_bytes = n;
+        }
+        if let Some(n) = self.max_records {
+            if n == 0 {
+                return Err(bad("max_records", "0: at least 1".to_owned()));
+            }
+            s.max_records = n;
         }
         Ok(s)
     }

@@ -451,6 +451,7 @@ pub fn service_spec(
             memory_limit: f.memory_limit.clone(),
             call_timeout: f.call_timeout.clone(),
             max_frame_bytes: f.max_frame_bytes.clone(),
+            max_records: f.max_records,
         }
         .apply(kind, &BackendSettings::default(), &section)?,
         None => BackendSettings::default(),
@@ -474,6 +475,7 @@ pub fn service_spec(
             memory_limit: b.memory_limit.clone(),
             call_timeout: b.call_timeout.clone(),
             max_frame_bytes: b.max_frame_bytes.clone(),
+            max_records: b.max_records,
         }
         .apply(kind, &service_settings, &at)?;
         if let Some(d) = &b.digest {

@@ -110,7 +110,7 @@ pub fn sample(drivers: &[DriverMeta]) -> String {
             "# Where the driver runs: \"in-process\" (fastest) or \"process\" (a worker: its faults cannot take\n\
              # plughost down). For an isolated backend: the worker's user and group, address-space limit, and\n\
              # how long one call may take before it is answered timeout and the worker restarted\n\
-             # isolation = \"in-process\"\n# user = \"nobody\"\n# group = \"nogroup\"\n# memory_limit = \"1GiB\"\n# call_timeout = \"60s\"\n# max_frame_bytes = \"16MiB\"\n",
+             # isolation = \"in-process\"\n# user = \"nobody\"\n# group = \"nogroup\"\n# memory_limit = \"1GiB\"\n# call_timeout = \"60s\"\n# max_frame_bytes = \"16MiB\"\n# max_records = 1000000\n",
         );
         let kind = crate::services::kinds::kind(&lib.kind);
         if kind.is_some_and(|k| k.settings.contains(&"stop_instances_on_exit")) {

@@ -343,6 +343,8 @@ impl ComputeService {
         self.core.reconcile(
             b,
             concurrent,
+            // Instances are listed whole: a host runs thousands at most.
+            |_, _| Err(ApiError::new(crate::control::protocol::ErrorKind::Unsupported, "instances are listed whole")),
             || b.call(ComputeMethod::list, |d| d.list()),
             Lookup {
                 name_of: |i: &Instance| &i.name,

@@ -8,9 +8,13 @@ use std::sync::{Arc, Mutex};
 
 use plughost_api::host::Interface;
 
-use super::records::{ReconcileCounts, Record, Records, Watch};
+use super::records::{ReconcileCounts, Record, Records, Scope, Watch};
 use crate::backend::{Backend, BackendControl, BackendSpec, BuildContext, Configured, Health};
 use crate::control::protocol::{ApiError, ErrorKind};
+
+/// How many entries a paged listing asks its driver for at once (a page of volumes is well under the
+/// default `max_frame_bytes`).
+pub(crate) const PAGE: u64 = 1000;
 
 /// How long a service waits for its backends' first `init` before it serves without the slow ones.
 pub const STARTUP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -253,23 +257,156 @@ impl<I: Interface, R: Record> Core<I, R> {
         }
     }
 
-    /// Brings the records of backend `b` in line with what its driver reports: `list` (taken as in
-    /// [`listing`](Self::listing)), each name looked up again through `lookup` when the listing may be stale,
-    /// `adopt` making the record of a resource found without one, `verdict` deciding about each record
-    /// (see `Records::reconcile`).
+    /// Brings the records of backend `b` in line with what its driver reports: page by page when the
+    /// driver lists in pages (`page(after, limit)`, the 1.2 extension), else its whole listing (`list`),
+    /// each taken as in [`listing`](Self::listing); each name looked up again through `lookup` when the
+    /// listing may be stale, `adopt` making the record of a resource found without one (up to the
+    /// backend's `max_records`), `verdict` deciding about each record (see `Records::reconcile`).
+    ///
+    /// Paged, the records of one page's name range are reconciled with that page and written before the
+    /// next page is asked for: with `concurrent`, requests are served between pages (and between names),
+    /// and the host never holds more than one page of the listing.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn reconcile<T>(
         &self,
         b: &Backend<I>,
         concurrent: bool,
+        mut page: impl FnMut(&str, u64) -> Result<Vec<T>, ApiError>,
         list: impl FnOnce() -> Result<Vec<T>, ApiError>,
         lookup: super::records::Lookup<'_, T>,
-        adopt: impl FnMut(&T) -> R,
-        verdict: impl FnMut(R, Option<&T>) -> super::records::Verdict<R>,
+        mut adopt: impl FnMut(&T) -> R,
+        mut verdict: impl FnMut(R, Option<&T>) -> super::records::Verdict<R>,
     ) -> ReconcileCounts {
-        let (found, watch) = match self.listing(b, concurrent, list) {
+        use std::ops::Bound::{Excluded, Included, Unbounded};
+        let started = std::time::Instant::now();
+        let max_records = b.configured().settings.max_records;
+        let adoptable = || max_records.saturating_sub(self.records.count_on(&b.name));
+        let mut first = None;
+        let whole = self.listing(b, concurrent, || match page("", PAGE) {
+            Err(e) if e.kind == ErrorKind::Unsupported => list(),
+            Ok(p) => {
+                first = Some(p);
+                Ok(Vec::new())
+            }
+            Err(e) => Err(e),
+        });
+        let (found, watch) = match whole {
             Ok(listed) => listed,
             Err(skipped) => return skipped,
         };
+        let Some(mut current) = first else {
+            log::info!(
+                "{} backend {:?}: reconciling {} reported {}s with the records",
+                b.service(),
+                b.name,
+                found.len(),
+                R::WHAT
+            );
+            return self.reconcile_found(
+                b,
+                found,
+                Scope::all(adoptable()),
+                lookup,
+                watch.as_ref(),
+                &mut adopt,
+                &mut verdict,
+            );
+        };
+        let mut total = ReconcileCounts { at: crate::util::time::now(), ..ReconcileCounts::default() };
+        let mut watch = watch;
+        let mut after = String::new();
+        let mut pages = 0u64;
+        // No listing is walked further than it could matter: past every record and max_records more,
+        // all it could add is refused (a driver that pages forever stops here).
+        let walk = max_records.saturating_add(self.records.count_on(&b.name)).saturating_add(PAGE);
+        let stop = |total: &mut ReconcileCounts, pages: u64, why: String| {
+            log::warn!(
+                "{} backend {:?}: {why}; the records past the first {} names are kept as they are",
+                b.service(),
+                b.name,
+                pages * PAGE
+            );
+            total.skipped_backends = 1;
+        };
+        loop {
+            // A page is taken as user input is: at most the limit, in name order, after the last one.
+            let names: Vec<&str> = current.iter().map(|t| (lookup.name_of)(t)).collect();
+            if current.len() as u64 > PAGE {
+                stop(&mut total, pages, format!("it answered {} {}s to a page of {PAGE}", current.len(), R::WHAT));
+                break;
+            }
+            if !names.windows(2).all(|w| w[0] < w[1]) || names.first().is_some_and(|f| *f <= after.as_str()) {
+                stop(
+                    &mut total,
+                    pages,
+                    format!("its page after {} is not in name order", crate::util::fmt::echo(&after)),
+                );
+                break;
+            }
+            let end = (current.len() as u64) < PAGE;
+            let last = names.last().map(|n| (*n).to_owned()).unwrap_or_default();
+            let lower = if pages == 0 { Unbounded } else { Excluded(after.as_str()) };
+            let upper = if end { Unbounded } else { Included(last.as_str()) };
+            let scope = Scope { names: (lower, upper), adoptable: adoptable() };
+            let counts = self.reconcile_found(b, current, scope, lookup, watch.as_ref(), &mut adopt, &mut verdict);
+            total.add(&counts);
+            pages += 1;
+            if end {
+                break;
+            }
+            after = last;
+            if pages.saturating_mul(PAGE) > walk {
+                stop(
+                    &mut total,
+                    pages,
+                    format!("it listed more than {walk} {}s (max_records and every record)", R::WHAT),
+                );
+                break;
+            }
+            if pages.is_multiple_of(100) {
+                log::info!("{} backend {:?}: reconciled {} pages of {PAGE} {}s", b.service(), b.name, pages, R::WHAT);
+            }
+            // Between pages nothing is held: requests run. A backend that went down stops the walk.
+            if b.health() != Health::Up {
+                stop(&mut total, pages, "it went down".to_owned());
+                break;
+            }
+            watch = concurrent.then(|| self.records.watch());
+            match page(&after, PAGE) {
+                Ok(p) => current = p,
+                Err(e) => {
+                    stop(
+                        &mut total,
+                        pages,
+                        format!("cannot list {}s after {}: {e}", R::WHAT, crate::util::fmt::echo(&after)),
+                    );
+                    break;
+                }
+            }
+        }
+        log::info!(
+            "{} backend {:?}: reconciled {pages} page(s) of reported {}s with the records",
+            b.service(),
+            b.name,
+            R::WHAT
+        );
+        total.duration_ms = started.elapsed().as_millis() as u64;
+        total
+    }
+
+    /// Reconciles what a listing (or one page of it) reports with the records of `scope`: entries a user
+    /// could not have given are refused (logged once, counted), the rest go to `Records::reconcile`.
+    #[allow(clippy::too_many_arguments)]
+    fn reconcile_found<T>(
+        &self,
+        b: &Backend<I>,
+        found: Vec<T>,
+        scope: Scope<'_>,
+        lookup: super::records::Lookup<'_, T>,
+        watch: Option<&Watch<'_, R>>,
+        adopt: &mut impl FnMut(&T) -> R,
+        verdict: &mut impl FnMut(R, Option<&T>) -> super::records::Verdict<R>,
+    ) -> ReconcileCounts {
         // What a driver reports is taken as user input is: a name that is not a name, or a size the
         // records cannot hold, is refused (logged once, counted), never recorded nor echoed raw.
         let refuse = |t: &T| -> Option<String> {
@@ -281,15 +418,8 @@ impl<I: Interface, R: Record> Core<I, R> {
         let refused = (total - found.len()) as u64;
         let recheck = |name: &str| (lookup.recheck)(name).filter(|t| refuse(t).is_none());
         let lookup = super::records::Lookup { name_of: lookup.name_of, recheck: &recheck, check: lookup.check };
-        log::info!(
-            "{} backend {:?}: reconciling {} reported {}s with the records",
-            b.service(),
-            b.name,
-            found.len(),
-            R::WHAT
-        );
-        let mut counts = self.records.reconcile(&b.name, found, lookup, watch.as_ref(), adopt, verdict);
-        counts.refused = refused;
+        let mut counts = self.records.reconcile(&b.name, found, scope, lookup, watch, adopt, verdict);
+        counts.refused += refused;
         counts
     }
 

@@ -12,6 +12,22 @@ pub use crate::control::protocol::ReconcileCounts;
 use crate::control::protocol::{ApiError, ErrorKind};
 use crate::state::{StateDb, StateError, Table, Write};
 
+/// Which records a reconcile covers, and how many new ones it may adopt.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Scope<'a> {
+    /// The names covered (a page's range; everything for a whole listing).
+    pub names: (std::ops::Bound<&'a str>, std::ops::Bound<&'a str>),
+    /// Resources found without a record that may be adopted.
+    pub adoptable: u64,
+}
+
+impl Scope<'_> {
+    /// Every record of the backend.
+    pub(crate) fn all(adoptable: u64) -> Scope<'static> {
+        Scope { names: (std::ops::Bound::Unbounded, std::ops::Bound::Unbounded), adoptable }
+    }
+}
+
 /// How a reconcile reads what a driver reports: each reported resource's name, and a fresh look at one
 /// name (when the listing may be stale).
 pub(crate) struct Lookup<'a, T> {
@@ -22,6 +38,14 @@ pub(crate) struct Lookup<'a, T> {
     /// What the kind refuses in a reported resource besides its name (a size out of range).
     pub check: fn(&T) -> Result<(), String>,
 }
+
+impl<T> Clone for Lookup<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for Lookup<'_, T> {}
 
 /// Held while an operation on one name runs.
 pub(crate) type NameGuard = parking_lot::ArcMutexGuard<parking_lot::RawMutex, ()>;
@@ -282,9 +306,9 @@ impl<R: Record> Records<R> {
         self.map().values().filter(|r| backend.is_none_or(|b| r.backend() == b)).cloned().collect()
     }
 
-    /// The names of every record of one backend.
-    pub(crate) fn names(&self, backend: &str) -> Vec<String> {
-        self.map().values().filter(|r| r.backend() == backend).map(|r| r.name().to_owned()).collect()
+    /// How many records `backend` holds.
+    pub(crate) fn count_on(&self, backend: &str) -> u64 {
+        self.map().values().filter(|r| r.backend() == backend).count() as u64
     }
 
     /// How many records there are of each backend and status.
@@ -481,10 +505,16 @@ impl<R: Record> Records<R> {
     /// volume deleted meanwhile is not adopted again, nor a size refreshed back). Without it (start-up,
     /// nothing served yet), every change is written in one transaction. A name reported by this backend
     /// but recorded on another one is left alone, logged.
+    ///
+    /// `scope` limits it to the records whose names fall in a range (a page of a paged listing: what
+    /// `reported` covers); `adoptable` is how many resources without a record it may adopt (the
+    /// backend's `max_records` less what it holds): the rest are refused, logged, counted.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn reconcile<T>(
         &self,
         backend: &str,
         reported: Vec<T>,
+        scope: Scope<'_>,
         lookup: Lookup<'_, T>,
         concurrent: Option<&Watch<'_, R>>,
         mut adopt: impl FnMut(&T) -> R,
@@ -492,7 +522,14 @@ impl<R: Record> Records<R> {
     ) -> ReconcileCounts {
         let started = std::time::Instant::now();
         let mut counts = ReconcileCounts { at: crate::util::time::now(), ..ReconcileCounts::default() };
-        let mut by_name: BTreeMap<String, Option<T>> = self.names(backend).into_iter().map(|n| (n, None)).collect();
+        let mut adoptable = scope.adoptable;
+        let mut by_name: BTreeMap<String, Option<T>> = {
+            let map = self.map();
+            map.range::<str, _>(scope.names)
+                .filter(|(_, r)| r.backend() == backend)
+                .map(|(n, _)| (n.clone(), None))
+                .collect()
+        };
         let mut rest = Vec::new();
         let Lookup { name_of, recheck, .. } = lookup;
         for t in reported {
@@ -506,6 +543,7 @@ impl<R: Record> Records<R> {
         }
         let total = by_name.len();
         let mut changes = Vec::new();
+        let mut held = Vec::new();
         for (i, (name, found)) in by_name.into_iter().enumerate() {
             if i > 0 && i % 20_000 == 0 {
                 log::info!("{} backend {backend:?}: reconciled {i} of {total} names", R::WHAT);
@@ -540,14 +578,32 @@ impl<R: Record> Records<R> {
                 continue;
             }
             let Some(existing) = record else {
-                // Found without a record: adopted (a new record, marked so), never dropped.
+                // Found without a record: adopted (a new record, marked so), never dropped; past the
+                // backend's max_records, refused (an isolated driver cannot make the host hold more).
+                if adoptable == 0 {
+                    if counts.refused == 0 {
+                        log::warn!(
+                            "{} backend {backend:?}: holds max_records {}s; {name:?} and any further ones found are not adopted",
+                            R::WHAT,
+                            R::WHAT
+                        );
+                    }
+                    counts.refused += 1;
+                    continue;
+                }
+                adoptable -= 1;
                 let t = found.as_ref().expect("a name without a record was reported by the driver");
                 let mut r = adopt(t);
                 r.meta_mut().adopted = true;
                 log::info!("{} {name:?}: found on backend {backend:?} without a record; adopted", R::WHAT);
                 counts.count(Counter::Adopted);
-                self.write_or_collect(Change::Put(r), concurrent.is_some(), &mut changes, backend);
-                drop(guard);
+                self.write_or_collect(
+                    Change::Put(r),
+                    concurrent.is_some().then_some(guard),
+                    &mut changes,
+                    &mut held,
+                    backend,
+                );
                 continue;
             };
             let change = match verdict(existing.clone(), found.as_ref()) {
@@ -573,28 +629,45 @@ impl<R: Record> Records<R> {
                 }
             };
             if let Some(c) = change {
-                self.write_or_collect(c, concurrent.is_some(), &mut changes, backend);
+                self.write_or_collect(c, concurrent.is_some().then_some(guard), &mut changes, &mut held, backend);
             }
-            drop(guard);
         }
-        if let Err(e) = self.write(changes) {
-            log::error!("{} backend {backend:?}: reconcile could not record its decisions: {}", R::WHAT, e.message);
-        }
+        self.flush(&mut changes, &mut held, backend);
         counts.duration_ms = started.elapsed().as_millis() as u64;
         counts
     }
 
-    /// A reconcile's change: written at once while requests run (`now`), else collected for one
-    /// transaction at the end.
-    fn write_or_collect(&self, c: Change<R>, now: bool, changes: &mut Vec<Change<R>>, backend: &str) {
-        if !now {
-            return changes.push(c);
-        }
-        if let Err(e) = self.write(vec![c]) {
-            log::error!("{} backend {backend:?}: reconcile: {}", R::WHAT, e.message);
+    /// A reconcile's change. While requests run, it is written with its name still held: changes
+    /// gather with their names' locks (taken without waiting, so a reconcile never waits for a request)
+    /// and go in one transaction every [`BATCH`] changes, then the names are let go. At start-up
+    /// (nothing served), every change goes in one transaction at the end.
+    fn write_or_collect(
+        &self,
+        c: Change<R>,
+        guard: Option<NameGuard>,
+        changes: &mut Vec<Change<R>>,
+        held: &mut Vec<NameGuard>,
+        backend: &str,
+    ) {
+        changes.push(c);
+        let now = guard.is_some();
+        held.extend(guard);
+        if now && changes.len() >= BATCH {
+            self.flush(changes, held, backend);
         }
     }
+
+    /// Writes what a reconcile decided so far, then lets its names go.
+    fn flush(&self, changes: &mut Vec<Change<R>>, held: &mut Vec<NameGuard>, backend: &str) {
+        if let Err(e) = self.write(std::mem::take(changes)) {
+            log::error!("{} backend {backend:?}: reconcile could not record its decisions: {}", R::WHAT, e.message);
+        }
+        held.clear();
+    }
 }
+
+/// How many changes a reconcile that runs beside requests writes in one transaction.
+const BATCH: usize = 256;
 
 /// The reconcile's verdict on an interrupted removal (`op`: `delete`, `destroy`) whose resource the
 /// driver still has: `run` finishes it and the record goes, or the record stays in error saying why.
@@ -831,6 +904,7 @@ mod tests {
         let counts = r.reconcile(
             "b",
             listed,
+            Scope::all(u64::MAX),
             Lookup {
                 name_of: |(n, _)| n,
                 recheck: &|name| driver.lock().unwrap().get(name).map(|s| (name.to_owned(), *s)),
@@ -849,5 +923,33 @@ mod tests {
         assert_eq!(r.get("changed").unwrap().status, 2, "a stale listing was written back");
         assert_eq!((counts.adopted, counts.refreshed, counts.missing), (0, 0, 0), "{counts:?}");
         assert!(r.touched().names.is_empty() && r.touched().watches == 0);
+    }
+
+    #[test]
+    fn a_page_touches_only_its_names_and_adoption_stops_at_its_budget() {
+        use std::ops::Bound::{Excluded, Included};
+        let r = Records::<Thing>::in_memory();
+        for n in ["a", "c", "e", "g"] {
+            r.put(thing(n, 1)).unwrap();
+        }
+        // The page covers (a, e]: it reports c, d and e; a and g are outside it, and d and x are new.
+        let page = vec![("c".to_owned(), 1u8), ("d".to_owned(), 1), ("e".to_owned(), 1)];
+        let none = |_: &str| None;
+        let lookup = Lookup { name_of: |(n, _): &(String, u8)| n.as_str(), recheck: &none, check: |_| Ok(()) };
+        let verdict = |_: Thing, found: Option<&(String, u8)>| match found {
+            Some(_) => Verdict::Unchanged,
+            None => Verdict::Missing,
+        };
+        let scope = Scope { names: (Excluded("a"), Included("e")), adoptable: 1 };
+        let counts = r.reconcile("b", page, scope, lookup, None, |(n, s)| thing(n, *s), verdict);
+        assert_eq!((counts.records, counts.adopted, counts.missing, counts.refused), (2, 1, 0, 0), "{counts:?}");
+        assert!(r.get("d").is_some(), "adopted within its budget");
+        // g is outside the page: not missing. A second page with no budget refuses what it would adopt.
+        assert_ne!(r.get("g").unwrap().meta.reason.as_deref(), Some(MISSING));
+        let scope = Scope { names: (Excluded("e"), std::ops::Bound::Unbounded), adoptable: 0 };
+        let counts = r.reconcile("b", vec![("x".to_owned(), 1)], scope, lookup, None, |(n, s)| thing(n, *s), verdict);
+        assert_eq!((counts.records, counts.adopted, counts.missing, counts.refused), (1, 0, 1, 1), "{counts:?}");
+        assert!(r.get("x").is_none(), "nothing adopted past max_records");
+        assert_eq!(r.get("g").unwrap().meta.reason.as_deref(), Some(MISSING), "g was in this page's range");
     }
 }

@@ -223,6 +223,7 @@ impl VolumeService {
         self.core.reconcile(
             b,
             concurrent,
+            |after, limit| b.call(VolumeMethod::list_after, |d| d.list_after(after, limit)),
             || b.call(VolumeMethod::list, |d| d.list()),
             Lookup {
                 name_of: |v: &Volume| &v.name,

@@ -118,6 +118,13 @@ impl VolumeDriver for FakeVolume {
         Ok(self.lock()?.iter().map(|(n, v)| self.info(n, v)).collect())
     }
 
+    fn list_after(&self, after: &str, limit: u64) -> Result<Vec<Volume>, DriverError> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let map = self.lock()?;
+        let take = usize::try_from(limit).unwrap_or(usize::MAX);
+        Ok(map.range::<str, _>((Excluded(after), Unbounded)).take(take).map(|(n, v)| self.info(n, v)).collect())
+    }
+
     fn revert(&self, name: &str, snapshot: &str) -> Result<Volume, DriverError> {
         let mut map = self.lock()?;
         let snap = map.get(snapshot).ok_or_else(|| not_found(snapshot))?;

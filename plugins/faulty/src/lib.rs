@@ -34,7 +34,9 @@ pub const OPTIONS: &[OptionSpec] = &[
         "the constructor forks a child that sleeps forever, holding every descriptor of the process (as a driver starting a helper without exec)",
     )
     .default("false"),
-    OptionSpec::integer("list_entries", "list() reports this many made-up volumes besides its own (a huge answer)")
+    OptionSpec::boolean("page_ignores_limit", "list_after() answers every volume after the name given, whatever the limit (a page too large)")
+        .default("false"),
+    OptionSpec::integer("list_entries", "list() and list_after() report this many made-up volumes besides its own (a huge answer)")
         .default("0"),
     OptionSpec::integer(
         "stderr_flood",
@@ -129,6 +131,7 @@ pub struct Faulty {
     crash_after: u64,
     calls: std::sync::atomic::AtomicU64,
     list_entries: u64,
+    page_ignores_limit: bool,
     stderr_flood: u64,
 }
 
@@ -178,6 +181,7 @@ impl Faulty {
             crash_after,
             calls: std::sync::atomic::AtomicU64::new(0),
             list_entries: u64::try_from(options.integer("list_entries")?).unwrap_or(0),
+            page_ignores_limit: options.boolean("page_ignores_limit")?,
             stderr_flood: u64::try_from(options.integer("stderr_flood")?).unwrap_or(0),
         })
     }
@@ -205,6 +209,17 @@ impl Faulty {
 
     fn map(&self) -> Result<std::sync::MutexGuard<'_, BTreeMap<String, u64>>, DriverError> {
         self.volumes.lock().map_err(|_| DriverError::internal("faulty: state lock poisoned"))
+    }
+}
+
+/// Made-up volume number `i` of `list_entries`.
+fn bulk(i: u64) -> Volume {
+    let pad = "x".repeat(40);
+    Volume {
+        name: format!("bulk-{i:09}-{pad}"),
+        size: 1 << 20,
+        location: format!("made-up:{pad}"),
+        ..Volume::default()
     }
 }
 
@@ -288,14 +303,33 @@ impl VolumeDriver for Faulty {
     fn list(&self) -> Result<Vec<Volume>, DriverError> {
         self.enter("list")?;
         let mut all: Vec<Volume> = self.map()?.iter().map(|(n, s)| vol(n, *s)).collect();
-        let pad = "x".repeat(40);
-        all.extend((0..self.list_entries).map(|i| Volume {
-            name: format!("bulk-{i:09}-{pad}"),
-            size: 1 << 20,
-            location: format!("made-up:{pad}"),
-            ..Volume::default()
-        }));
+        all.extend((0..self.list_entries).map(bulk));
         Ok(all)
+    }
+    fn list_after(&self, after: &str, limit: u64) -> Result<Vec<Volume>, DriverError> {
+        self.enter("list_after")?;
+        // Its own volumes and the made-up ones, in name order (made-up names sort by their number).
+        let mut page: Vec<Volume> = self
+            .map()?
+            .range::<str, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))
+            .map(|(n, s)| vol(n, *s))
+            .collect();
+        // The first made-up volume after `after` (their names grow with their number).
+        let (mut first, mut end) = (0, self.list_entries);
+        while first < end {
+            let mid = first + (end - first) / 2;
+            if bulk(mid).name.as_str() <= after {
+                first = mid + 1;
+            } else {
+                end = mid;
+            }
+        }
+        let limit = if self.page_ignores_limit { u64::MAX } else { limit };
+        let want = usize::try_from(limit).unwrap_or(usize::MAX);
+        page.extend((first..self.list_entries).take(want).map(bulk));
+        page.sort_by(|a, b| a.name.cmp(&b.name));
+        page.truncate(want);
+        Ok(page)
     }
     fn get(&self, name: &str) -> Result<Volume, DriverError> {
         self.enter("get")?;

@@ -83,6 +83,53 @@ pub fn check_name(name: &str) -> Result<(), DriverError> {
 }
 
 impl FileVolume {
+    /// The volumes whose names sort after `after`, in name order, at most `limit`: one pass over the
+    /// directory for the names and which have a source record, then a stat of each one kept (so that
+    /// 100k volumes cost 100k stats, not also 100k failed opens, and a page costs a page of stats).
+    fn listed(&self, after: &str, limit: usize) -> Result<Vec<Volume>, DriverError> {
+        let rd = fs::read_dir(&self.root)
+            .map_err(|e| DriverError::io(format!("listing volume root {}", self.root.display()), &e))?;
+        let mut volumes = Vec::new();
+        let mut sourced = std::collections::HashSet::new();
+        for entry in rd {
+            let entry = entry.map_err(|e| DriverError::io("listing volume root", &e))?;
+            let file_name = entry.file_name();
+            let Some(n) = file_name.to_str() else { continue };
+            if let Some(name) = n.strip_suffix(SUFFIX) {
+                if name > after && check_name(name).is_ok() {
+                    volumes.push((name.to_owned(), entry));
+                }
+            } else if let Some(name) = n.strip_prefix(SOURCE_PREFIX) {
+                sourced.insert(name.to_owned());
+            }
+        }
+        volumes.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut out = Vec::with_capacity(volumes.len().min(limit));
+        for (name, entry) in volumes {
+            if out.len() == limit {
+                break;
+            }
+            let meta = match entry.metadata() {
+                Ok(m) => m,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue, // deleted meanwhile
+                Err(e) => {
+                    return Err(DriverError::io(format!("volume {name:?}: reading {}", entry.path().display()), &e))
+                }
+            };
+            let source = match sourced.contains(&name) {
+                true => fs::read_to_string(self.source_path(&name)).ok().map(|s| s.trim().to_owned()),
+                false => None,
+            };
+            out.push(Volume {
+                size: meta.len(),
+                allocated: meta.blocks() * 512,
+                location: entry.path().display().to_string(),
+                source,
+                name,
+            });
+        }
+        Ok(out)
+    }
     /// Builds the driver from validated options. Touches nothing on disk until `init`.
     pub fn new(options: &Options) -> Result<FileVolume, DriverError> {
         let root = options.path("root")?;
@@ -590,47 +637,11 @@ impl VolumeDriver for FileVolume {
     }
 
     fn list(&self) -> Result<Vec<Volume>, DriverError> {
-        let rd = fs::read_dir(&self.root)
-            .map_err(|e| DriverError::io(format!("listing volume root {}", self.root.display()), &e))?;
-        // One pass over the directory: volume files, and which of them have a source record (so that
-        // 100k volumes cost 100k stats, not also 100k failed opens).
-        let mut volumes = Vec::new();
-        let mut sourced = std::collections::HashSet::new();
-        for entry in rd {
-            let entry = entry.map_err(|e| DriverError::io("listing volume root", &e))?;
-            let file_name = entry.file_name();
-            let Some(n) = file_name.to_str() else { continue };
-            if let Some(name) = n.strip_suffix(SUFFIX) {
-                if check_name(name).is_ok() {
-                    volumes.push((name.to_owned(), entry));
-                }
-            } else if let Some(name) = n.strip_prefix(SOURCE_PREFIX) {
-                sourced.insert(name.to_owned());
-            }
-        }
-        let mut out = Vec::with_capacity(volumes.len());
-        for (name, entry) in volumes {
-            let meta = match entry.metadata() {
-                Ok(m) => m,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue, // deleted meanwhile
-                Err(e) => {
-                    return Err(DriverError::io(format!("volume {name:?}: reading {}", entry.path().display()), &e))
-                }
-            };
-            let source = match sourced.contains(&name) {
-                true => fs::read_to_string(self.source_path(&name)).ok().map(|s| s.trim().to_owned()),
-                false => None,
-            };
-            out.push(Volume {
-                size: meta.len(),
-                allocated: meta.blocks() * 512,
-                location: entry.path().display().to_string(),
-                source,
-                name,
-            });
-        }
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(out)
+        self.listed("", usize::MAX)
+    }
+
+    fn list_after(&self, after: &str, limit: u64) -> Result<Vec<Volume>, DriverError> {
+        self.listed(after, usize::try_from(limit).unwrap_or(usize::MAX))
     }
 
     fn get(&self, name: &str) -> Result<Volume, DriverError> {

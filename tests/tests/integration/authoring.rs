@@ -36,7 +36,7 @@ fn every_reference_driver_passes_the_conformance_suite_through_the_loader() {
     ] {
         let (code, v) = check_json(&driver(name), &opts);
         assert_eq!((code, failed(&v)), (0, Vec::<String>::new()), "{name}: {v}");
-        let expected = if name.ends_with("compute") { 10 } else { 14 };
+        let expected = if name.ends_with("compute") { 10 } else { 15 };
         assert_eq!(v["checks"].as_array().unwrap().len(), expected, "{name}: {v}");
     }
 }
@@ -48,7 +48,7 @@ fn a_sloppy_driver_fails_exactly_the_checks_it_should() {
     assert_eq!(failed(&v), ["shrink_is_invalid_argument", "stats_match_list"], "{v}");
     let r = run(&["check", fixtures::built().sloppy_volume.to_str().unwrap()]);
     assert!(
-        r.stdout.contains("FAIL  shrink_is_invalid_argument") && r.stdout.contains("14 checks, 12 passed, 2 failed"),
+        r.stdout.contains("FAIL  shrink_is_invalid_argument") && r.stdout.contains("15 checks, 13 passed, 2 failed"),
         "{}",
         r.stdout
     );
@@ -147,7 +147,7 @@ fn a_new_driver_crate_passes_cargo_test_and_plughost_check_as_generated() {
     // One target dir for the generated crates across runs, so that their dependencies build once.
     let target = target_dir().join("scaffold");
     let api = plughost_api::API_VERSION.rsplit_once('.').unwrap().0.to_owned();
-    for (name, kind, checks) in [("my-volume", "volume", 14), ("my-compute", "compute", 10)] {
+    for (name, kind, checks) in [("my-volume", "volume", 15), ("my-compute", "compute", 10)] {
         let r = new(&["new", name, "--kind", kind]);
         assert_eq!(r.code, 0, "{r:?}");
         let dir = t.join(name);

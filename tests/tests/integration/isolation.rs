@@ -3,7 +3,7 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use plughost_tests::process::{Client, Daemon};
@@ -714,8 +714,9 @@ fn a_worker_whose_driver_forked_is_noticed_dead_by_its_process_and_takes_its_gro
 #[test]
 fn an_isolated_driver_cannot_bloat_the_host_with_a_huge_answer() {
     let t = TempDir::new("iso-bloat");
-    // A million made-up volumes: an answer of ~100 MB, over the default 16 MiB frame limit.
-    let cfg = config(&t, &isolated_faulty("f", "list_entries = 1000000", ""));
+    // A million made-up volumes in one page that ignores its limit: an answer of ~100 MB, over the
+    // default 16 MiB frame limit.
+    let cfg = config(&t, &isolated_faulty("f", "list_entries = 1000000, page_ignores_limit = true", ""));
     let mut d = Daemon::start(&t.join("state"), &["--config", &cfg, "--volume-driver", "fake-volume"]);
     let mut b = Value::Null;
     plughost_tests::procs::wait_for("the worker to be killed for its answer", || {
@@ -783,4 +784,58 @@ fn a_worker_flooding_its_stderr_cannot_fill_the_hosts_memory_or_log() {
     );
     assert!(worker_lines.iter().all(|l| l.len() < 4096 + 200), "no line longer than the cap");
     assert!(after < before + 64 * 1024, "host RSS grew from {before} KiB to {after} KiB");
+}
+
+#[test]
+fn a_huge_listing_is_reconciled_page_by_page_while_requests_are_served_up_to_max_records() {
+    let t = TempDir::new("iso-pages");
+    let cfg = config(&t, &isolated_faulty("f", "list_entries = 0", "max_records = 60000"));
+    let mut d = Daemon::start(&t.join("state"), &["--config", &cfg, "--volume-driver", "fake-volume"]);
+    d.ok("volume", "create", json!({"name": "mine", "size": 1, "backend": "f"}));
+    let before = rss_kib(d.pid());
+    // The driver now reports 100,000 made-up volumes besides its own: the reload swaps it in, and the
+    // next periodic round reconciles the listing, a page at a time, while a client keeps asking.
+    config(&t, &isolated_faulty("f", "list_entries = 100000", "max_records = 60000"));
+    let socket = d.socket.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (stop2, slowest) = (stop.clone(), Arc::new(Mutex::new(std::time::Duration::ZERO)));
+    let slowest2 = slowest.clone();
+    let asker = std::thread::spawn(move || {
+        let mut c = plughost_tests::process::Client::connect(&socket);
+        let mut asked = 0u64;
+        while !stop2.load(Ordering::Relaxed) {
+            let started = std::time::Instant::now();
+            let v = c.call("volume", "get", json!({"name": "mine"})).expect("the socket stays open");
+            assert_eq!(v["ok"], true, "{v}");
+            let took = started.elapsed();
+            let mut s = slowest2.lock().unwrap();
+            *s = (*s).max(took);
+            asked += 1;
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        asked
+    });
+    let r = d.ok("", "reload", json!({}));
+    assert!(r.as_array().unwrap().iter().any(|e| e["backend"] == "f" && e["outcome"] == "swapped"), "{r}");
+    let mut counts = Value::Null;
+    plughost_tests::procs::wait_for("the paged reconcile to finish", || {
+        let s = d.ok("", "status", json!({}));
+        counts = s["services"][0]["last_reconcile"].clone();
+        counts["adopted"].as_u64().unwrap_or(0) > 0
+    });
+    stop.store(true, Ordering::Relaxed);
+    let asked = asker.join().unwrap();
+    // Adopted up to max_records (its own volume counts), then refused and counted, and the walk stops a
+    // page past max_records and every record (61,001): 62 pages, 2,001 refused, the backend's listing
+    // not walked to its end (counted as skipped).
+    let got = ["adopted", "refused", "skipped_backends"].map(|k| counts[k].as_u64().unwrap());
+    assert_eq!(got, [59_999, 2_001, 1], "{counts}");
+    let listed = d.ok("volume", "list", json!({"backend": "f"}));
+    assert_eq!(listed.as_array().unwrap().len(), 60_000);
+    // The socket answered throughout: a liveness bound, generous for a loaded machine, not a speed test.
+    let slowest = *slowest.lock().unwrap();
+    assert!(asked > 0 && slowest < std::time::Duration::from_secs(5), "{asked} asks, slowest {slowest:?}");
+    let grown = rss_kib(d.pid()).saturating_sub(before);
+    assert!(grown < 200 * 1024, "host RSS grew by {grown} KiB for 60,000 records");
+    assert_eq!(backend(&mut d, "f")["worker"]["crashes"], 0, "no page was too large for a frame");
 }
