@@ -103,7 +103,7 @@ disable a service."
         /// Driver (and crate) name: a-z 0-9 - _
         name: String,
         /// What kind of driver
-        #[arg(long, value_parser = ["volume", "compute"])]
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(host::authoring::scaffold::template_kinds()))]
         kind: String,
         /// Where to create the NAME directory
         #[arg(long, value_name = "DIR", default_value = ".")]

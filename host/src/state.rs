@@ -59,6 +59,20 @@ pub enum StateError {
         /// The newest this build knows.
         known: i64,
     },
+    /// A kind's table was written by a newer plughost.
+    #[error(
+        "state database \"{path}\": table {table} has version {found}, newer than this plughost understands ({known})"
+    )]
+    TableTooNew {
+        /// The database file.
+        path: PathBuf,
+        /// The table.
+        table: String,
+        /// Its version.
+        found: i64,
+        /// The newest this build knows.
+        known: i64,
+    },
     /// A row or a legacy file could not be turned into a record.
     #[error("{what} in \"{path}\": {reason}")]
     Corrupt {
@@ -71,50 +85,16 @@ pub enum StateError {
     },
 }
 
-/// The schema, one migration per version: `MIGRATIONS[i]` takes the database from version `i` to `i + 1`.
-/// Append new ones; never edit one that has shipped.
+/// The host's own schema, one migration per version: `MIGRATIONS[i]` takes the database from version `i`
+/// to `i + 1`. Append new ones; never change what one does. Each kind's records bring their own
+/// migrations (`Record::MIGRATIONS`, applied by [`StateDb::migrate_kind`]): no shared list to forget.
+///
+/// Version 1 also created the tables of the volume and compute kinds, before kinds had migrations of
+/// their own; a database made since has them from the kinds' first migrations, the same tables.
 const MIGRATIONS: &[&str] = &[
-    // 1: records of the volume and compute services.
-    "CREATE TABLE volumes (
-        name TEXT PRIMARY KEY NOT NULL,
-        id TEXT NOT NULL UNIQUE,
-        backend TEXT NOT NULL,
-        status TEXT NOT NULL,
-        size INTEGER NOT NULL,
-        allocated INTEGER NOT NULL,
-        location TEXT NOT NULL,
-        source TEXT,
-        created_at INTEGER NOT NULL,
-        updated_at INTEGER NOT NULL,
-        reason TEXT,
-        adopted INTEGER NOT NULL DEFAULT 0,
-        driver_digest TEXT
-    ) WITHOUT ROWID;
-    CREATE INDEX volumes_backend ON volumes (backend);
-    CREATE TABLE instances (
-        name TEXT PRIMARY KEY NOT NULL,
-        id TEXT NOT NULL UNIQUE,
-        backend TEXT NOT NULL,
-        status TEXT NOT NULL,
-        pid INTEGER,
-        exit_code INTEGER,
-        exit_signal INTEGER,
-        exit_unknown INTEGER NOT NULL DEFAULT 0,
-        rss_bytes INTEGER NOT NULL DEFAULT 0,
-        cpu_time_ms INTEGER NOT NULL DEFAULT 0,
-        uptime_ms INTEGER NOT NULL DEFAULT 0,
-        command TEXT NOT NULL,
-        started_at_ms INTEGER,
-        details TEXT NOT NULL DEFAULT '{}',
-        spec TEXT,
-        created_at INTEGER NOT NULL,
-        updated_at INTEGER NOT NULL,
-        reason TEXT,
-        adopted INTEGER NOT NULL DEFAULT 0,
-        driver_digest TEXT
-    ) WITHOUT ROWID;
-    CREATE INDEX instances_backend ON instances (backend);
-    CREATE TABLE imports (
+    // 1: the legacy imports (and, in databases made before kinds had their own migrations, the volume
+    // and compute tables: counted as those kinds' version 1).
+    "CREATE TABLE imports (
         file TEXT PRIMARY KEY NOT NULL,
         records INTEGER NOT NULL,
         at INTEGER NOT NULL
@@ -290,6 +270,50 @@ impl StateDb {
             log::info!("state database {}: schema version {version}", self.path.display());
         }
         Ok(())
+    }
+
+    /// Applies a kind's own migrations to its `table` (`migrations[i]` takes it from version `i` to
+    /// `i + 1`), each in one transaction with its version, tracked per table in `kind_schema`. A table
+    /// that exists with no version recorded was made by the host's first migration: version 1.
+    pub(crate) fn migrate_kind(&self, table: &str, migrations: &[&str]) -> Result<(), StateError> {
+        let known = migrations.len() as i64;
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        tx.execute_batch(
+            "CREATE TABLE IF NOT EXISTS kind_schema (
+                name TEXT PRIMARY KEY NOT NULL, version INTEGER NOT NULL, applied_at INTEGER NOT NULL)",
+        )
+        .map_err(|e| self.err(e))?;
+        let recorded: Option<i64> = tx
+            .query_row("SELECT version FROM kind_schema WHERE name = ?1", [table], |r| r.get(0))
+            .map(Some)
+            .or_else(|e| if e == rusqlite::Error::QueryReturnedNoRows { Ok(None) } else { Err(e) })
+            .map_err(|e| self.err(e))?;
+        let found = match recorded {
+            Some(v) => v,
+            None => {
+                let exists: i64 = tx
+                    .query_row("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1", [table], |r| {
+                        r.get(0)
+                    })
+                    .map_err(|e| self.err(e))?;
+                i64::from(exists > 0)
+            }
+        };
+        if found > known {
+            return Err(StateError::TableTooNew { path: self.path.clone(), table: table.to_owned(), found, known });
+        }
+        for (i, sql) in migrations.iter().enumerate().skip(usize::try_from(found).unwrap_or(0)) {
+            tx.execute_batch(sql).map_err(|e| self.err(e))?;
+            log::info!("state database {}: table {table} at version {}", self.path.display(), i + 1);
+        }
+        tx.execute(
+            "INSERT INTO kind_schema (name, version, applied_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (name) DO UPDATE SET version = excluded.version, applied_at = excluded.applied_at",
+            rusqlite::params![table, known.max(found), crate::util::time::now() as i64],
+        )
+        .map_err(|e| self.err(e))?;
+        tx.commit().map_err(|e| self.err(e))
     }
 
     /// Every row of `table`, as column values in the table's column order.
@@ -661,6 +685,34 @@ mod tests {
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).expect("temp dir");
         d
+    }
+
+    #[test]
+    fn a_kinds_migrations_run_once_each_and_count_a_table_made_before_them_as_version_1() {
+        let dir = temp_dir("migrate-kind");
+        let db = StateDb::open(&dir).unwrap();
+        let v1 = "CREATE TABLE things (name TEXT PRIMARY KEY NOT NULL)";
+        let v2 = "ALTER TABLE things ADD COLUMN size INTEGER";
+        // Fresh: both run.
+        db.migrate_kind("things", &[v1, v2]).unwrap();
+        assert_eq!(db.table_columns("things").unwrap(), ["name", "size"]);
+        db.migrate_kind("things", &[v1, v2]).unwrap();
+        // A table the host's first migration made (no version recorded): version 1, so only v2 runs.
+        db.conn().execute_batch("CREATE TABLE legacy (name TEXT PRIMARY KEY NOT NULL)").unwrap();
+        db.migrate_kind(
+            "legacy",
+            &["CREATE TABLE legacy (name TEXT PRIMARY KEY NOT NULL)", "ALTER TABLE legacy ADD COLUMN size INTEGER"],
+        )
+        .unwrap();
+        assert_eq!(db.table_columns("legacy").unwrap(), ["name", "size"]);
+        // A table a newer plughost migrated further is refused, naming it.
+        let e = db.migrate_kind("things", &[v1]).unwrap_err();
+        assert!(e.to_string().ends_with("table things has version 2, newer than this plughost understands (1)"), "{e}");
+        // A table the database does not have yet, of a kind configured later, is made then.
+        db.migrate_kind("later", &["CREATE TABLE later (name TEXT)"]).unwrap();
+        assert_eq!(db.table_columns("later").unwrap(), ["name"]);
+        drop(db);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

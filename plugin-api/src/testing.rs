@@ -644,6 +644,15 @@ pub fn check_volume_with_progress(
 
 type ComputeCheck = fn(&dyn ComputeDriver, &InstanceSpec) -> Result<String, Fail>;
 
+/// The checks of the conformance suite for drivers of `kind` (`None`: no suite for that kind here).
+pub fn checks_of(kind: crate::DriverKind) -> Option<&'static [&'static str]> {
+    match kind {
+        k if k == crate::DriverKind::VOLUME => Some(VOLUME_CHECKS),
+        k if k == crate::DriverKind::COMPUTE => Some(COMPUTE_CHECKS),
+        _ => None,
+    }
+}
+
 /// The compute checks, in order.
 pub const COMPUTE_CHECKS: &[&str] = &[
     "lifecycle",

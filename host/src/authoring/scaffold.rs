@@ -48,26 +48,54 @@ pub fn api_source(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// A kind's driver template: its `src/lib.rs` and `tests/conformance.rs`, what its resources are called,
+/// and another kind (the one the generated README turns off).
+struct Template {
+    kind: &'static str,
+    lib: &'static str,
+    test: &'static str,
+    things: &'static str,
+    other: &'static str,
+}
+
+/// One template per driver kind (a test checks that every kind has one).
+const TEMPLATES: &[Template] = &[
+    Template {
+        kind: "volume",
+        lib: include_str!("../../templates/new/volume_lib.rs.tmpl"),
+        test: include_str!("../../templates/new/volume_test.rs.tmpl"),
+        things: "volumes",
+        other: "compute",
+    },
+    Template {
+        kind: "compute",
+        lib: include_str!("../../templates/new/compute_lib.rs.tmpl"),
+        test: include_str!("../../templates/new/compute_test.rs.tmpl"),
+        things: "instances",
+        other: "volume",
+    },
+];
+
+/// Whether `plughost new` has a template for `kind`.
+pub fn has_template(kind: &str) -> bool {
+    TEMPLATES.iter().any(|t| t.kind == kind)
+}
+
+/// The kinds `plughost new --kind` takes.
+pub fn template_kinds() -> Vec<&'static str> {
+    TEMPLATES.iter().map(|t| t.kind).collect()
+}
+
 /// Creates `parent/NAME` holding a driver crate of `kind`; returns its directory.
 pub fn new_driver(name: &str, kind: &str, parent: &Path) -> Result<PathBuf, String> {
     if !valid_name(name) {
         return Err(format!("driver name {name:?}: use 1-64 of a-z 0-9 - _, starting with a letter"));
     }
-    let (lib_rs, test_rs, things, other) = match kind {
-        "volume" => (
-            include_str!("../../templates/new/volume_lib.rs.tmpl"),
-            include_str!("../../templates/new/volume_test.rs.tmpl"),
-            "volumes",
-            "compute",
-        ),
-        "compute" => (
-            include_str!("../../templates/new/compute_lib.rs.tmpl"),
-            include_str!("../../templates/new/compute_test.rs.tmpl"),
-            "instances",
-            "volume",
-        ),
-        other => return Err(format!("--kind {other:?}: expected volume or compute")),
+    let Some(t) = TEMPLATES.iter().find(|t| t.kind == kind) else {
+        let kinds: Vec<&str> = TEMPLATES.iter().map(|t| t.kind).collect();
+        return Err(format!("--kind {kind:?}: expected one of {}", kinds.join(", ")));
     };
+    let (lib_rs, test_rs, things, other) = (t.lib, t.test, t.things, t.other);
     let dir = parent.join(name);
     if !is_empty_or_absent(&dir) {
         return Err(format!("\"{}\" exists and is not empty", dir.display()));

@@ -441,6 +441,11 @@ pub fn service_spec(
     if default_driver.as_deref() == Some("none") {
         return Ok(None);
     }
+    // A kind added after an installation was set up stays off until it is configured: an upgrade never
+    // makes a working configuration fail to start for want of a driver of the new kind.
+    if !kind.on_by_default && default_driver.is_none() && file.is_none() && cli_backends.is_empty() {
+        return Ok(None);
+    }
     let section = format!("[{name}]");
     let service_settings = match file {
         Some(f) => SettingsConfig {
@@ -656,4 +661,32 @@ impl fmt::Display for BackendSpec {
 /// The service kind named `name` (for messages about a section or flag).
 pub fn service_kind(name: &str) -> Option<&'static ServiceKind> {
     kinds::kind(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A kind added after an installation was set up (off by default), with the volume service's types.
+    static LATE: ServiceKind = ServiceKind::of::<crate::services::volume::VolumeService>(
+        "late",
+        "A kind added later",
+        "fake-volume",
+        false,
+        &[],
+    );
+
+    #[test]
+    fn a_kind_that_is_not_on_by_default_runs_only_once_configured() {
+        let none = ServiceFlags::default();
+        assert!(service_spec(&LATE, None, &none).unwrap().is_none(), "off when nothing names it");
+        let named = ServiceFlags { driver: Some("fake-volume".into()), ..ServiceFlags::default() };
+        let spec = service_spec(&LATE, None, &named).unwrap().expect("on once a driver is named");
+        assert_eq!(spec.backends[0].driver, "fake-volume");
+        let backend = ServiceFlags { backends: vec!["b=fake-volume".into()], ..ServiceFlags::default() };
+        assert!(service_spec(&LATE, None, &backend).unwrap().is_some(), "on once a backend is named");
+        // The kinds an installation already runs stay on without being named.
+        let volume = crate::services::kinds::kind("volume").unwrap();
+        assert!(service_spec(volume, None, &none).unwrap().is_some());
+    }
 }

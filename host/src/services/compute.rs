@@ -17,8 +17,13 @@ use crate::state::{value, Column, RowReader};
 use rusqlite::types::Value;
 
 /// The compute service in the table.
-pub(crate) static KIND: ServiceKind =
-    ServiceKind::of::<ComputeService>("compute", "Compute operations", "process-compute", &["stop_instances_on_exit"]);
+pub(crate) static KIND: ServiceKind = ServiceKind::of::<ComputeService>(
+    "compute",
+    "Compute operations",
+    "process-compute",
+    true,
+    &["stop_instances_on_exit"],
+);
 
 // ---------------------------------------------------------------------------------------------------
 // Protocol
@@ -278,7 +283,35 @@ impl InstanceRecord {
     }
 }
 
-record!(InstanceRecord, InstanceStatus, error: InstanceStatus::Error, "instance", "instances", COLUMNS, {
+/// The instances table, version by version (append; never change one that shipped).
+const MIGRATIONS: &[&str] = &[
+    // 1 (made by the host's first migration in databases from before kinds had their own).
+    "CREATE TABLE instances (
+        name TEXT PRIMARY KEY NOT NULL,
+        id TEXT NOT NULL UNIQUE,
+        backend TEXT NOT NULL,
+        status TEXT NOT NULL,
+        pid INTEGER,
+        exit_code INTEGER,
+        exit_signal INTEGER,
+        exit_unknown INTEGER NOT NULL DEFAULT 0,
+        rss_bytes INTEGER NOT NULL DEFAULT 0,
+        cpu_time_ms INTEGER NOT NULL DEFAULT 0,
+        uptime_ms INTEGER NOT NULL DEFAULT 0,
+        command TEXT NOT NULL,
+        started_at_ms INTEGER,
+        details TEXT NOT NULL DEFAULT '{}',
+        spec TEXT,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        reason TEXT,
+        adopted INTEGER NOT NULL DEFAULT 0,
+        driver_digest TEXT
+    ) WITHOUT ROWID;
+    CREATE INDEX instances_backend ON instances (backend);",
+];
+
+record!(InstanceRecord, InstanceStatus, error: InstanceStatus::Error, "instance", "instances", COLUMNS, MIGRATIONS, {
     fn column(&self, name: &str) -> Result<Value, String> {
         match name {
             "pid" => value::opt_int(self.pid),

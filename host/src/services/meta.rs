@@ -115,6 +115,9 @@ pub(crate) trait Record: Clone + Serialize + DeserializeOwned + Send + Sync + 's
     /// The table's columns in the table's order: the meta's and the kind's (checked against the schema
     /// by a test).
     const COLUMNS: &'static [Column];
+    /// The table's migrations: `MIGRATIONS[i]` takes it from version `i` to `i + 1` (append; never change
+    /// one that shipped). Applied when the service's records open.
+    const MIGRATIONS: &'static [&'static str];
     /// What every record has.
     fn meta(&self) -> &Meta<Self::Status>;
     /// The same, to change.
@@ -178,10 +181,10 @@ macro_rules! columns {
 pub(crate) use columns;
 
 /// Implements [`Record`] (and [`Status`] for its status type) for a record with a `meta` field: its
-/// status type and error status, what it is called, its table and columns, then the kind's own
+/// status type and error status, what it is called, its table, columns and migrations, then the kind's own
 /// `column` and `from_row`.
 macro_rules! record {
-    ($record:ty, $status:ty, error: $error:expr, $what:literal, $table:literal, $columns:expr, { $($own:tt)* }) => {
+    ($record:ty, $status:ty, error: $error:expr, $what:literal, $table:literal, $columns:expr, $migrations:expr, { $($own:tt)* }) => {
         impl $crate::services::meta::Status for $status {
             const ERROR: $status = $error;
         }
@@ -190,6 +193,7 @@ macro_rules! record {
             const WHAT: &'static str = $what;
             const TABLE: &'static str = $table;
             const COLUMNS: &'static [$crate::state::Column] = $columns;
+            const MIGRATIONS: &'static [&'static str] = $migrations;
             fn meta(&self) -> &$crate::services::meta::Meta<$status> {
                 &self.meta
             }

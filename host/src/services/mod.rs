@@ -40,6 +40,11 @@ pub struct ServiceKind {
     pub about: &'static str,
     /// The driver of the `default` backend when the configuration names none.
     pub default_driver: &'static str,
+    /// Whether the service runs when the configuration does not mention it. Only the kinds an existing
+    /// installation already runs (volume, compute) do: a kind added later is off until a driver is
+    /// named for it (`--network-driver`, a `[network]` section), so that no upgrade makes a working
+    /// configuration fail to start.
+    pub on_by_default: bool,
     /// The host-level backend settings it takes ([`crate::config::BackendSettings`]) besides the
     /// driver's options.
     pub settings: &'static [&'static str],
@@ -52,6 +57,10 @@ pub struct ServiceKind {
     pub parse: OpParser,
     /// Its records' table in the state database.
     pub table: &'static str,
+    /// That table's columns, as its records have them.
+    pub columns: &'static [crate::state::Column],
+    /// That table's migrations (the kind's own: no shared list to forget).
+    pub migrations: &'static [&'static str],
     /// Turns parsed `ctl` arguments into the typed operation to send.
     pub ctl_op: fn(&clap::ArgMatches) -> Result<Box<dyn KindOp>, String>,
     /// Formats a successful answer for people, from the kind's typed reply.
@@ -70,17 +79,21 @@ impl ServiceKind {
         name: &'static str,
         about: &'static str,
         default_driver: &'static str,
+        on_by_default: bool,
         settings: &'static [&'static str],
     ) -> ServiceKind {
         ServiceKind {
             name,
             about,
             default_driver,
+            on_by_default,
             settings,
             build: build_service::<S>,
             ctl: <S::Op as clap::Subcommand>::augment_subcommands,
             parse: parse_kind_op::<S::Op>,
             table: <S::Record as Record>::TABLE,
+            columns: <S::Record as Record>::COLUMNS,
+            migrations: <S::Record as Record>::MIGRATIONS,
             ctl_op: ctl_op::<S::Op>,
             format: format::<S>,
             reencode: reencode::<Reply<S::Record, S::Other>>,
@@ -359,18 +372,54 @@ pub(crate) fn parse_result<T: DeserializeOwned>(result: &str) -> Result<T, Strin
 mod tests {
     use super::*;
 
-    /// Every record type's columns are its table's, in the schema the migrations build.
+    /// Every kind is complete, so that adding one cannot half-work: its own migrations build a table
+    /// with its records' columns; docs/protocol.md has its section with examples; a fake driver of it
+    /// is in the workspace and in the test drivers; plughost-api's testing has its conformance suite;
+    /// `plughost new` has its template. (Walks the kinds: a new one is checked with no change here.)
     #[test]
-    fn record_columns_match_the_schema() {
-        fn check<R: Record>(db: &crate::state::StateDb) {
-            let want: Vec<&str> = R::COLUMNS.iter().map(|c| c.name).collect();
-            assert_eq!(db.table_columns(R::TABLE).unwrap(), want, "table {}", R::TABLE);
-        }
-        let dir = std::env::temp_dir().join(format!("plughost-schema-{}", std::process::id()));
+    fn every_kind_is_complete() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let read = |rel: &str| std::fs::read_to_string(root.join(rel)).unwrap();
+        let (protocol, test_drivers, workspace) =
+            (read("docs/protocol.md"), read("tests/src/lib.rs"), read("Cargo.toml"));
+        let dir = std::env::temp_dir().join(format!("plughost-kinds-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let db = crate::state::StateDb::open(&dir).unwrap();
-        check::<volume::VolumeRecord>(&db);
-        check::<compute::InstanceRecord>(&db);
+        for k in kinds::KINDS {
+            let name = k.name;
+            db.migrate_kind(k.table, k.migrations).unwrap();
+            let want: Vec<&str> = k.columns.iter().map(|c| c.name).collect();
+            assert_eq!(db.table_columns(k.table).unwrap(), want, "kind {name}: table {} against its records", k.table);
+            let section = protocol
+                .split(&format!("\n## {name}\n"))
+                .nth(1)
+                .unwrap_or_else(|| panic!("kind {name}: docs/protocol.md has no \"## {name}\" section"));
+            let section = section.split("\n## ").next().unwrap();
+            assert!(
+                section.contains("```jsonl") && section.contains(&format!("\"service\": \"{name}\"")),
+                "kind {name}: its section in docs/protocol.md has no examples"
+            );
+            let fake = format!("fake-{name}");
+            assert!(
+                workspace.contains(&format!("\"plugins/{fake}\"")),
+                "kind {name}: no plugins/{fake} in the workspace"
+            );
+            assert!(
+                test_drivers.contains(&format!("\"{fake}\"")),
+                "kind {name}: {fake} is not in tests/src/lib.rs DRIVERS"
+            );
+            let api_kind = plughost_api::DriverKind::all()
+                .find(|k| k.as_str() == name)
+                .unwrap_or_else(|| panic!("kind {name}: unknown to plughost-api"));
+            assert!(
+                plughost_api::testing::checks_of(api_kind).is_some(),
+                "kind {name}: no conformance suite in plughost_api::testing"
+            );
+            assert!(
+                crate::authoring::scaffold::has_template(name),
+                "kind {name}: `plughost new --kind {name}` has no template"
+            );
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

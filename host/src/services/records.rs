@@ -183,6 +183,7 @@ impl<R: Record> Records<R> {
     /// The records in their table of `db`, loaded now. A legacy JSON file of them in `state_dir`
     /// (`volumes.json`) is imported first, once, and renamed `….imported`.
     pub(crate) fn open(db: Arc<StateDb>, state_dir: &Path) -> Result<Records<R>, StateError> {
+        db.migrate_kind(R::TABLE, R::MIGRATIONS)?;
         let table = Table::new(R::TABLE, R::COLUMNS);
         import_legacy::<R>(&db, &table, state_dir)?;
         let started = std::time::Instant::now();
@@ -779,6 +780,7 @@ mod tests {
         const WHAT: &'static str = "thing";
         const TABLE: &'static str = "things";
         const COLUMNS: &'static [Column] = &[];
+        const MIGRATIONS: &'static [&'static str] = &[];
         fn meta(&self) -> &Meta<u8> {
             &self.meta
         }

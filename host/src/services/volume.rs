@@ -18,7 +18,7 @@ use rusqlite::types::Value;
 
 /// The volume service in the table.
 pub(crate) static KIND: ServiceKind =
-    ServiceKind::of::<VolumeService>("volume", "Volume operations", "file-volume", &[]);
+    ServiceKind::of::<VolumeService>("volume", "Volume operations", "file-volume", true, &[]);
 
 // ---------------------------------------------------------------------------------------------------
 // Protocol
@@ -163,7 +163,28 @@ impl VolumeRecord {
     }
 }
 
-record!(VolumeRecord, VolumeStatus, error: VolumeStatus::Error, "volume", "volumes", COLUMNS, {
+/// The volumes table, version by version (append; never change one that shipped).
+const MIGRATIONS: &[&str] = &[
+    // 1 (made by the host's first migration in databases from before kinds had their own).
+    "CREATE TABLE volumes (
+        name TEXT PRIMARY KEY NOT NULL,
+        id TEXT NOT NULL UNIQUE,
+        backend TEXT NOT NULL,
+        status TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        allocated INTEGER NOT NULL,
+        location TEXT NOT NULL,
+        source TEXT,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        reason TEXT,
+        adopted INTEGER NOT NULL DEFAULT 0,
+        driver_digest TEXT
+    ) WITHOUT ROWID;
+    CREATE INDEX volumes_backend ON volumes (backend);",
+];
+
+record!(VolumeRecord, VolumeStatus, error: VolumeStatus::Error, "volume", "volumes", COLUMNS, MIGRATIONS, {
     fn column(&self, name: &str) -> Result<Value, String> {
         match name {
             "size" => value::int(self.size),
