@@ -26,6 +26,9 @@ pub struct Built {
     /// A fourth build of file-volume (version `1.0.3-picky`): its `init` fails when the volume root holds
     /// a file `.old-layout`, so that a swap to it fails on the hosts an operator marks so.
     pub file_volume_picky: PathBuf,
+    /// A fifth build of file-volume (version `1.0.4-flaky`): healthy, but every `get` fails with an
+    /// internal error (a fault of the driver, as a rollout's error rate counts).
+    pub file_volume_flaky: PathBuf,
     /// faulty, with `panic_new` defaulting to true: its constructor panics under default options.
     pub faulty_panics: PathBuf,
     /// faulty whose `init` segfaults under default options (`crash = "segv"`, `crash_on = "init"`):
@@ -201,6 +204,15 @@ pub fn built() -> &'static Built {
              return Err(DriverError::internal(\"picky: the volume root has the old layout\"));\n        }\n",
         );
         driver_crate_with(&ws, "fixture-file-volume-picky", &real_api, &picky, "libc = \"0.2\"\n");
+        let flaky = replace_once(&file_volume, "version: env!(\"CARGO_PKG_VERSION\"),", "version: \"1.0.4-flaky\",");
+        let flaky = replace_once(
+            &flaky,
+            "    fn get(&self, name: &str) -> Result<Volume, DriverError> {\n",
+            "    fn get(&self, name: &str) -> Result<Volume, DriverError> {\n        \
+             if !name.is_empty() {\n            \
+             return Err(DriverError::internal(format!(\"flaky: volume {name:?}: cannot read it\")));\n        }\n",
+        );
+        driver_crate_with(&ws, "fixture-file-volume-flaky", &real_api, &flaky, "libc = \"0.2\"\n");
         let faulty = fs::read_to_string(workspace_root().join("plugins/faulty/src/lib.rs")).unwrap();
         let faulty = replace_once(
             &faulty,
@@ -262,6 +274,7 @@ pub fn built() -> &'static Built {
                 "fixture-file-volume-b",
                 "fixture-file-volume-sickly",
                 "fixture-file-volume-picky",
+                "fixture-file-volume-flaky",
                 "fixture-faulty-panics",
                 "fixture-faulty-segv-init",
                 "fixture-sloppy-volume",
@@ -281,6 +294,7 @@ pub fn built() -> &'static Built {
             file_volume_b: out.join("libfixture_file_volume_b.so"),
             file_volume_sickly: out.join("libfixture_file_volume_sickly.so"),
             file_volume_picky: out.join("libfixture_file_volume_picky.so"),
+            file_volume_flaky: out.join("libfixture_file_volume_flaky.so"),
             faulty_panics: out.join("libfixture_faulty_panics.so"),
             faulty_segv_init: out.join("libfixture_faulty_segv_init.so"),
             sloppy_volume: out.join("libfixture_sloppy_volume.so"),

@@ -362,6 +362,7 @@ fn inspect_accepts_every_reference_driver_and_rejects_everything_else_in_the_bui
                 "libfixture_file_volume_b.so",
                 "libfixture_file_volume_sickly.so",
                 "libfixture_file_volume_picky.so",
+                "libfixture_file_volume_flaky.so",
                 "libfixture_faulty_panics.so",
                 "libfixture_faulty_segv_init.so",
                 "libfixture_sloppy_volume.so",

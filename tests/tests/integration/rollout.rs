@@ -1,8 +1,8 @@
 //! Rolling driver upgrades (`plughost fleet swap`, `fleet rollout`) on hosts of one real nats-server,
 //! each under a load loop on its own socket throughout: a good driver reaches every host with no failed
-//! request; a driver that goes bad after its swap, or whose init fails on one host, is swapped back
-//! everywhere; a rollout whose command is killed is shown, undone or finished from the record; a second
-//! rollout of the same backend is refused while one holds it.
+//! request; a driver that goes bad after its swap, whose calls fail by its own fault, or whose init
+//! fails on one host, is swapped back everywhere; a rollout whose command is killed is shown, undone or
+//! finished from the record; a second rollout of the same backend is refused while one holds it.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -243,10 +243,14 @@ fn a_driver_that_goes_bad_or_fails_on_one_host_is_swapped_back_everywhere() {
     let old = driver("file-volume");
     let sickly = fixtures::built().file_volume_sickly.clone();
     let picky = fixtures::built().file_volume_picky.clone();
-    let (d_old, d_sickly, d_picky) = (digest_of(&old), digest_of(&sickly), digest_of(&picky));
+    let flaky = fixtures::built().file_volume_flaky.clone();
+    let (d_old, d_sickly, d_picky, d_flaky) =
+        (digest_of(&old), digest_of(&sickly), digest_of(&picky), digest_of(&flaky));
     let mut hosts: Vec<Host> = ["h1", "h2", "h3"]
         .iter()
-        .map(|n| start_host(&nats, n, &[("sickly-volume", &sickly), ("picky-volume", &picky)]))
+        .map(|n| {
+            start_host(&nats, n, &[("sickly-volume", &sickly), ("picky-volume", &picky), ("flaky-volume", &flaky)])
+        })
         .collect();
     wait_until_reported(&nats, 3);
     let load = Load::start(&hosts);
@@ -308,6 +312,30 @@ fn a_driver_that_goes_bad_or_fails_on_one_host_is_swapped_back_everywhere() {
     // Live swaps there and back lose nothing, and a swap refused loses nothing either.
     let failures = load.finish();
     assert!(failures.is_empty(), "failed requests: {failures:?}");
+
+    // Healthy, but its calls fail by its own fault: the canary's window sees the fault rate above the
+    // threshold under the load, and the canary goes back.
+    std::fs::remove_file(Path::new(&root).join(".old-layout")).unwrap();
+    let load = Load::start(&hosts);
+    let r = fleet(
+        &nats,
+        &["fleet", "swap", "volume", "flaky-volume"],
+        &["--digest", &d_flaky, "--canary", "1", "--batch", "1", "--health-window", "3s", "--max-error-rate", "0.1"],
+    );
+    assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
+    let rec = record(&nats, &rollout_id(&r.stdout));
+    let reason = rec["reason"].as_str().unwrap();
+    assert!(reason.contains("driver calls failed by the driver's fault") && reason.contains("> 10.0%"), "{rec}");
+    assert_eq!(rec["state"], "rolled_back", "{rec}");
+    for h in &mut hosts {
+        assert_eq!(serving(h), d_old, "{}", h.name);
+    }
+    let failures = load.finish();
+    for (h, s) in states(&rec) {
+        if s == "skipped" {
+            assert!(!failures.contains_key(&h), "{h} was never touched but failed requests: {:?}", failures[&h]);
+        }
+    }
 }
 
 /// Starts `fleet swap` in the background and waits until `host` serves `digest` (its batch swapped).
