@@ -137,6 +137,7 @@ mod error;
 pub mod host;
 pub mod interface;
 mod module;
+mod network;
 mod options;
 mod panic;
 #[cfg(feature = "testing")]
@@ -175,6 +176,9 @@ pub fn normalize_value(ty: OptionType, raw: &str) -> Result<String, String> {
 #[doc(hidden)]
 #[deprecated(since = "1.2.0", note = "host side: use plughost_api::host::OptionError (feature `host`)")]
 pub type OptionError = options::OptionError;
+pub use network::{Network, NetworkClient, NetworkDriver, NetworkSpec, NetworkStats, Port, PortSpec};
+#[cfg(feature = "host")]
+pub use network::{NetworkCall, NetworkInterface, NetworkMethod, NetworkReply, RemoteNetwork};
 pub use volume::{CapacityStats, Volume, VolumeClient, VolumeDriver};
 #[cfg(feature = "host")]
 pub use volume::{RemoteVolume, VolumeCall, VolumeInterface, VolumeMethod, VolumeReply};
@@ -194,11 +198,18 @@ const KINDS: &[module::KindInfo] = &[
         compute::__kind::LAYOUT,
         compute::__kind::PARAMS,
     ),
+    module::KindInfo::of(
+        network::__kind::KIND,
+        network::__kind::NAME,
+        network::__kind::LAYOUT,
+        network::__kind::PARAMS,
+    ),
 ];
 
 /// The kinds by the name `export_driver!` takes (`kind: volume`).
 #[doc(hidden)]
 pub mod kinds {
     pub use crate::compute::__kind as compute;
+    pub use crate::network::__kind as network;
     pub use crate::volume::__kind as volume;
 }

@@ -27,6 +27,8 @@ impl DriverKind {
     pub const VOLUME: DriverKind = crate::volume::__kind::KIND;
     /// A [`ComputeDriver`](crate::ComputeDriver).
     pub const COMPUTE: DriverKind = crate::compute::__kind::KIND;
+    /// A [`NetworkDriver`](crate::NetworkDriver) (added in 1.2.0).
+    pub const NETWORK: DriverKind = crate::network::__kind::KIND;
 
     pub(crate) const fn from_raw(raw: u8) -> DriverKind {
         DriverKind(raw)

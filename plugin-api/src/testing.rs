@@ -46,7 +46,10 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use crate::{ComputeDriver, DriverError, ErrorKind, InstanceSpec, InstanceState, OptionSpec, Options, VolumeDriver};
+use crate::{
+    ComputeDriver, DriverError, ErrorKind, InstanceSpec, InstanceState, NetworkDriver, NetworkSpec, OptionSpec,
+    Options, PortSpec, VolumeDriver,
+};
 
 /// What a host gives a driver, for the driver's own tests: a private state directory (removed when this
 /// is dropped), a backend name, and [`options`](Self::options), which expands and validates options
@@ -649,6 +652,7 @@ pub fn checks_of(kind: crate::DriverKind) -> Option<&'static [&'static str]> {
     match kind {
         k if k == crate::DriverKind::VOLUME => Some(VOLUME_CHECKS),
         k if k == crate::DriverKind::COMPUTE => Some(COMPUTE_CHECKS),
+        k if k == crate::DriverKind::NETWORK => Some(NETWORK_CHECKS),
         _ => None,
     }
 }
@@ -784,5 +788,182 @@ pub fn check_compute_with_progress(
 ) -> Report {
     run_checks("compute", &compute_checks(), progress, |body| {
         with_driver(make, |d: &dyn ComputeDriver| d.init(), |d| d.cleanup(), |d| body(d, template))
+    })
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Network
+
+type NetworkCheck = fn(&dyn NetworkDriver) -> Result<String, Fail>;
+
+/// The network checks, in order.
+pub const NETWORK_CHECKS: &[&str] = &[
+    "lifecycle",
+    "create_network_is_idempotent",
+    "create_network_with_another_subnet_is_already_exists",
+    "delete_network_of_nothing_succeeds",
+    "attach_is_idempotent_and_reports_its_spec",
+    "attach_to_a_missing_network_is_not_found",
+    "attach_with_another_spec_is_already_exists",
+    "detach_of_nothing_succeeds",
+    "delete_network_with_ports_is_busy",
+    "stats_match_lists",
+];
+
+fn net_spec(name: &str, third: u8) -> NetworkSpec {
+    NetworkSpec {
+        name: name.to_owned(),
+        cidr: format!("10.99.{third}.0/24"),
+        gateway: Some(format!("10.99.{third}.1")),
+    }
+}
+
+fn port_spec(id: &str, network: &str, third: u8, host: u8) -> PortSpec {
+    PortSpec {
+        id: id.to_owned(),
+        network: network.to_owned(),
+        address: format!("10.99.{third}.{host}/24"),
+        mac: format!("02:00:0a:63:{third:02x}:{host:02x}"),
+        ifname: "eth0".to_owned(),
+        netns: String::new(),
+    }
+}
+
+fn network_checks() -> Vec<(&'static str, NetworkCheck)> {
+    let bodies: [NetworkCheck; 10] = [
+        |d| {
+            expect_ok("health", d.health())?;
+            let [n] = names_n("net-life");
+            let made = expect_ok("create_network", d.create_network(&net_spec(&n, 1)))?;
+            check(made.name == n && made.cidr == "10.99.1.0/24", || format!("create_network returned {made:?}"))?;
+            let p = expect_ok("attach", d.attach(&port_spec("conformance-p1", &n, 1, 2)))?;
+            check(p.id == "conformance-p1" && p.network == n, || format!("attach returned {p:?}"))?;
+            expect_ok("detach", d.detach("conformance-p1"))?;
+            expect_ok("delete_network", d.delete_network(&n))?;
+            Ok(String::new())
+        },
+        |d| {
+            let [n] = names_n("net-again");
+            let first = expect_ok("create_network", d.create_network(&net_spec(&n, 2)))?;
+            let again = expect_ok(
+                "create_network of an existing network with the same spec",
+                d.create_network(&net_spec(&n, 2)),
+            )?;
+            check(first == again, || format!("a second create_network returned {again:?}, the first {first:?}"))?;
+            let count = expect_ok("list_networks", d.list_networks())?.iter().filter(|x| x.name == n).count();
+            check(count == 1, || format!("list_networks shows {n} {count} times"))?;
+            expect_ok("delete_network", d.delete_network(&n))?;
+            Ok(String::new())
+        },
+        |d| {
+            let [n] = names_n("net-clash");
+            expect_ok("create_network", d.create_network(&net_spec(&n, 3)))?;
+            let clash = expect_err(
+                "create_network with another subnet",
+                d.create_network(&net_spec(&n, 4)),
+                ErrorKind::ALREADY_EXISTS,
+            );
+            expect_ok("delete_network", d.delete_network(&n))?;
+            clash.map(|()| String::new())
+        },
+        |d| {
+            expect_ok("delete_network of a network that is not there", d.delete_network("conformance-net-none"))?;
+            Ok(String::new())
+        },
+        |d| {
+            let [n] = names_n("net-attach");
+            expect_ok("create_network", d.create_network(&net_spec(&n, 5)))?;
+            let spec = port_spec("conformance-p5", &n, 5, 9);
+            let outcome = (|| {
+                let p = expect_ok("attach", d.attach(&spec))?;
+                check(
+                    (p.address.as_str(), p.mac.as_str(), p.ifname.as_str())
+                        == (spec.address.as_str(), spec.mac.as_str(), spec.ifname.as_str()),
+                    || format!("attach returned {p:?} for {spec:?}"),
+                )?;
+                let again = expect_ok("attach of an existing port with the same spec", d.attach(&spec))?;
+                check(again == p, || format!("a second attach returned {again:?}, the first {p:?}"))?;
+                let listed = expect_ok("list_attachments", d.list_attachments())?;
+                check(listed.iter().filter(|x| x.id == spec.id).count() == 1, || {
+                    format!("list_attachments shows {listed:?}")
+                })?;
+                Ok(String::new())
+            })();
+            let _ = d.detach(&spec.id);
+            expect_ok("delete_network", d.delete_network(&n))?;
+            outcome
+        },
+        |d| {
+            expect_err(
+                "attach to a missing network",
+                d.attach(&port_spec("conformance-p6", "conformance-net-none", 6, 2)),
+                ErrorKind::NOT_FOUND,
+            )?;
+            Ok(String::new())
+        },
+        |d| {
+            let [n] = names_n("net-port-clash");
+            expect_ok("create_network", d.create_network(&net_spec(&n, 7)))?;
+            expect_ok("attach", d.attach(&port_spec("conformance-p7", &n, 7, 2)))?;
+            let clash = expect_err(
+                "attach of an existing port with another address",
+                d.attach(&port_spec("conformance-p7", &n, 7, 3)),
+                ErrorKind::ALREADY_EXISTS,
+            );
+            let _ = d.detach("conformance-p7");
+            expect_ok("delete_network", d.delete_network(&n))?;
+            clash.map(|()| String::new())
+        },
+        |d| {
+            expect_ok("detach of a port that is not there", d.detach("conformance-p-none"))?;
+            Ok(String::new())
+        },
+        |d| {
+            let [n] = names_n("net-busy");
+            expect_ok("create_network", d.create_network(&net_spec(&n, 8)))?;
+            expect_ok("attach", d.attach(&port_spec("conformance-p8", &n, 8, 2)))?;
+            let busy = expect_err("delete_network of a network with a port", d.delete_network(&n), ErrorKind::BUSY);
+            expect_ok("detach", d.detach("conformance-p8"))?;
+            expect_ok("delete_network once its ports are gone", d.delete_network(&n))?;
+            busy.map(|()| String::new())
+        },
+        |d| {
+            let [a, b] = names_n("net-stats");
+            expect_ok("create_network", d.create_network(&net_spec(&a, 10)))?;
+            expect_ok("create_network", d.create_network(&net_spec(&b, 11)))?;
+            expect_ok("attach", d.attach(&port_spec("conformance-p10", &a, 10, 2)))?;
+            let outcome = (|| {
+                let s = expect_ok("stats", d.stats())?;
+                let nets = expect_ok("list_networks", d.list_networks())?.len() as u64;
+                let ports = expect_ok("list_attachments", d.list_attachments())?.len() as u64;
+                check((s.networks, s.ports) == (nets, ports), || {
+                    format!("stats says {} networks and {} ports, the lists {nets} and {ports}", s.networks, s.ports)
+                })?;
+                Ok(String::new())
+            })();
+            let _ = d.detach("conformance-p10");
+            let _ = d.delete_network(&a);
+            let _ = d.delete_network(&b);
+            outcome
+        },
+    ];
+    NETWORK_CHECKS.iter().copied().zip(bodies).collect()
+}
+
+/// Runs the network suite on drivers made by `make` (each check gets a fresh one). It makes networks
+/// in `10.99.0.0/16` and ports with no namespace: a driver that plumbs real links needs a network
+/// namespace of its own to run it in.
+pub fn check_network(make: &dyn Fn() -> Result<Box<dyn NetworkDriver>, DriverError>) -> Report {
+    check_network_with_progress(make, &mut |_| {})
+}
+
+/// [`check_network`], telling `progress` as each check starts and ends (see
+/// [`check_volume_with_progress`]).
+pub fn check_network_with_progress(
+    make: &dyn Fn() -> Result<Box<dyn NetworkDriver>, DriverError>,
+    progress: &mut dyn FnMut(Progress<'_>),
+) -> Report {
+    run_checks("network", &network_checks(), progress, |body| {
+        with_driver(make, |d: &dyn NetworkDriver| d.init(), |d| d.cleanup(), body)
     })
 }

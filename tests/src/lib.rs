@@ -47,7 +47,8 @@ pub fn cargo() -> Command {
 }
 
 /// The reference drivers built by [`build`].
-pub const DRIVERS: &[&str] = &["fake-volume", "fake-compute", "faulty", "file-volume", "process-compute"];
+pub const DRIVERS: &[&str] =
+    &["fake-volume", "fake-compute", "fake-network", "faulty", "file-volume", "process-compute"];
 
 /// Builds `plughost` and every reference driver (debug profile) once per test process.
 pub fn build() {

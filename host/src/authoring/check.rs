@@ -8,9 +8,13 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use plughost_api::testing::{
-    check_compute_with_progress, check_volume_with_progress, harmless_instance, CheckResult, Progress, Report,
+    check_compute_with_progress, check_network_with_progress, check_volume_with_progress, harmless_instance,
+    CheckResult, Progress, Report,
 };
-use plughost_api::{ComputeDriver, ComputeInterface, DriverError, DriverKind, VolumeDriver, VolumeInterface};
+use plughost_api::{
+    ComputeDriver, ComputeInterface, DriverError, DriverKind, NetworkDriver, NetworkInterface, VolumeDriver,
+    VolumeInterface,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::loading::loader::{Library, Loader};
@@ -284,6 +288,13 @@ fn run_suite(path: &Path, state_dir: &Path, opts: &[String], events: &mut EventW
                 Ok(Box::new(c.driver) as Box<dyn ComputeDriver>)
             },
             &harmless_instance(),
+            &mut progress,
+        ),
+        k if k == DriverKind::NETWORK => check_network_with_progress(
+            &|| {
+                let c = lib.construct::<NetworkInterface>(&options).map_err(construct_error)?;
+                Ok(Box::new(c.driver) as Box<dyn NetworkDriver>)
+            },
             &mut progress,
         ),
         other => return CheckReport::failed(path, format!("no conformance suite for {other} drivers")),

@@ -155,3 +155,33 @@ fn every_released_host_and_driver_work_together_as_documented() {
     }
     assert_eq!(checked, table.len(), "every cell of the documented table was checked: {table:?}");
 }
+
+/// The first line a host prints when it refuses to start with `lib` as its volume driver.
+fn refusal(host: &Path, lib: &Path) -> String {
+    let t = TempDir::new("compat-kind");
+    let out = Command::new(host)
+        .args(["run", "--state-dir", t.path().to_str().unwrap()])
+        .args(["--volume-driver", lib.to_str().unwrap(), "--compute-driver", "none"])
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{} started with {}", host.display(), lib.display());
+    String::from_utf8_lossy(&out.stderr).lines().next().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn hosts_from_before_the_network_kind_refuse_a_network_driver_by_its_kind() {
+    let fake_network = driver("fake-network");
+    for (version, commit) in releases().into_iter().filter(|(v, _)| *v != plughost_api::API_VERSION) {
+        let b = build_release(&version, &commit);
+        let line = refusal(&b.plughost, &fake_network);
+        assert!(
+            line.contains("driver of an unknown kind (kind number 3)"),
+            "a {version} host given a network driver: {line}"
+        );
+    }
+    // Today's host knows the kind, and says it is not a volume driver.
+    let line = refusal(&plughost(), &fake_network);
+    assert!(line.contains("network") && line.contains("volume"), "{line}");
+}
