@@ -7,6 +7,7 @@
 
 pub(crate) mod compute;
 pub(crate) mod core;
+pub mod ipam;
 pub mod kinds;
 pub(crate) mod meta;
 pub(crate) mod records;
