@@ -1,4 +1,4 @@
-//! `plughost new NAME --kind volume|compute`: a new out-of-tree driver crate that builds, passes its own
+//! `plughost new NAME --kind volume|compute|network`: a new out-of-tree driver crate that builds, passes its own
 //! `cargo test` (the conformance suite) and `plughost check` as generated, on any machine.
 //! `plughost api-source DIR`: the exact plughost-api source this binary was built with.
 //!
@@ -73,6 +73,13 @@ const TEMPLATES: &[Template] = &[
         test: include_str!("../../templates/new/compute_test.rs.tmpl"),
         things: "instances",
         other: "volume",
+    },
+    Template {
+        kind: "network",
+        lib: include_str!("../../templates/new/network_lib.rs.tmpl"),
+        test: include_str!("../../templates/new/network_test.rs.tmpl"),
+        things: "networks and ports",
+        other: "compute",
     },
 ];
 

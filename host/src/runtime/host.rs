@@ -494,7 +494,10 @@ mod tests {
         // Unknown services and operations are refused at the edge, each naming what there is.
         let v = ask(&host, &admin, r#"{"id":8,"service":"disk","op":"get"}"#);
         assert_eq!((v["id"].clone(), v["error"]["kind"].clone()), (Value::from(8), Value::from("unknown_service")));
-        assert!(v["error"]["message"].as_str().unwrap().contains("unknown service \"disk\" (volume, compute)"), "{v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains("unknown service \"disk\" (volume, compute, network)"),
+            "{v}"
+        );
         let v = ask(&host, &admin, r#"{"service":"compute","op":"list"}"#);
         assert_eq!(v["error"]["message"], "the compute service is not enabled", "{v}");
         let v = ask(&host, &admin, r#"{"service":"volume","op":"frob"}"#);

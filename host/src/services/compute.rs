@@ -563,10 +563,10 @@ impl Service for ComputeService {
     type Interface = ComputeInterface;
     type Record = InstanceRecord;
 
-    fn new(core: Core<ComputeInterface, InstanceRecord>) -> ComputeService {
+    fn new(core: Core<ComputeInterface, InstanceRecord>) -> Result<ComputeService, String> {
         let s = ComputeService { core };
         s.reconcile_all(None);
-        s
+        Ok(s)
     }
 
     const KIND: &'static ServiceKind = &KIND;
@@ -680,6 +680,7 @@ mod tests {
             crate::services::Backends::from_list("compute", vec![backend]),
             Records::in_memory(),
         ))
+        .unwrap()
     }
 
     fn spec(name: &str, command: &str) -> InstanceSpec {

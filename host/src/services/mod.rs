@@ -10,6 +10,7 @@ pub(crate) mod core;
 pub mod ipam;
 pub mod kinds;
 pub(crate) mod meta;
+pub(crate) mod network;
 pub(crate) mod records;
 pub(crate) mod volume;
 
@@ -128,6 +129,11 @@ fn format<S: Service>(result: &str) -> Result<String, String> {
         }));
         return Ok(crate::util::fmt::table_rows(&rows, ""));
     }
+    if let Reply::Other(other) = &reply {
+        if let Some(text) = S::format_other(other) {
+            return Ok(text);
+        }
+    }
     let text = serde_json::to_string(&reply).map_err(|e| format!("cannot show the answer: {e}"))?;
     crate::util::fmt::key_values(&text)
 }
@@ -206,8 +212,9 @@ pub(crate) trait Service: Send + Sync + Sized + 'static {
     type Interface: Interface;
     /// What it keeps about each resource.
     type Record: Listed;
-    /// The service over its backends and records (its core), once they are reconciled.
-    fn new(core: Core<Self::Interface, Self::Record>) -> Self;
+    /// The service over its backends and records (its core), once they are reconciled; why not (a
+    /// kind's further records could not be opened).
+    fn new(core: Core<Self::Interface, Self::Record>) -> Result<Self, String>;
     /// What every service has: backends, records, reconcile counts.
     fn core(&self) -> &Core<Self::Interface, Self::Record>;
     /// Its entry in [`kinds::KINDS`].
@@ -216,6 +223,10 @@ pub(crate) trait Service: Send + Sync + Sized + 'static {
     fn handle(&self, op: Self::Op) -> Result<Reply<Self::Record, Self::Other>, ApiError>;
     /// One round of periodic work (health checks, refreshing what drivers report).
     fn periodic(&self);
+    /// How `ctl` shows one of the kind's own answers, when not as `key: value` lines.
+    fn format_other(_other: &Self::Other) -> Option<String> {
+        None
+    }
     /// A backend's capacity as last refreshed, for kinds that have one.
     fn capacity(&self, _backend: &str) -> Option<Capacity> {
         None
@@ -361,7 +372,7 @@ impl<S: Service> DynService for S {
 fn build_service<S: Service>(ctx: &ServiceContext<'_>) -> Result<Arc<dyn DynService>, Vec<String>> {
     let records = Records::open(ctx.db.clone(), ctx.state_dir).map_err(|e| vec![e.to_string()])?;
     let backends = Backends::build(ctx.service, ctx.build, ctx.backends, ctx.default_backend)?;
-    Ok(Arc::new(S::new(Core::new(backends, records))))
+    Ok(Arc::new(S::new(Core::new(backends, records)).map_err(|e| vec![e])?))
 }
 
 /// Parses an answer's result as `T` (for formatting).

@@ -182,6 +182,23 @@ impl<R: Record> Records<R> {
 
     /// The records in their table of `db`, loaded now. A legacy JSON file of them in `state_dir`
     /// (`volumes.json`) is imported first, once, and renamed `….imported`.
+    /// The records of another table of the same database (a kind with two record types: networks and
+    /// their ports), in memory only when these are.
+    pub(crate) fn sibling<S: Record>(&self) -> Result<Records<S>, StateError> {
+        match &self.store {
+            Some(store) => {
+                let dir = store.db.path().parent().map(Path::to_path_buf).unwrap_or_default();
+                Records::open(store.db.clone(), &dir)
+            }
+            None => Ok(Records {
+                map: Mutex::new(BTreeMap::new()),
+                locks: NameLocks::default(),
+                store: None,
+                touched: Mutex::new(Touched::default()),
+            }),
+        }
+    }
+
     pub(crate) fn open(db: Arc<StateDb>, state_dir: &Path) -> Result<Records<R>, StateError> {
         db.migrate_kind(R::TABLE, R::MIGRATIONS)?;
         let table = Table::new(R::TABLE, R::COLUMNS);
@@ -683,6 +700,41 @@ pub(crate) fn finish_removal<R: Record>(mut r: R, op: &str, run: impl FnOnce() -
             r.fail(&format!("interrupted {op} could not finish: {}", e.message));
             Verdict::Put(r, Counter::Failed)
         }
+    }
+}
+
+/// The reconcile's verdict for a kind whose records have one making and one removing transition (a
+/// network: `creating`/`deleting`; a port: `attaching`/`detaching`): an interrupted make completed
+/// (`apply`, then `done`) or undone; an interrupted removal finished (`remove`) or found done; a settled
+/// record refreshed (`apply` says whether anything changed) or marked missing.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn lifecycle_verdict<R: Record, T>(
+    mut r: R,
+    found: Option<&T>,
+    (making, make_op): (R::Status, &str),
+    (removing, remove_op): (R::Status, &str),
+    done: R::Status,
+    apply: impl FnOnce(&mut R, &T) -> bool,
+    remove: impl FnOnce(&str) -> Result<(), ApiError>,
+) -> Verdict<R> {
+    let status = r.status();
+    match found {
+        Some(t) if status == making => {
+            apply(&mut r, t);
+            r.set_status(done);
+            Verdict::Put(r, Counter::Completed)
+        }
+        None if status == making => creation_undone(&r, make_op),
+        Some(_) if status == removing => {
+            let name = r.name().to_owned();
+            finish_removal(r, remove_op, || remove(&name))
+        }
+        None if status == removing => removal_done(&r, remove_op),
+        Some(t) => match apply(&mut r, t) {
+            true => Verdict::Put(r, Counter::Refreshed),
+            false => Verdict::Unchanged,
+        },
+        None => Verdict::Missing,
     }
 }
 

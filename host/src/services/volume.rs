@@ -455,10 +455,10 @@ impl Service for VolumeService {
     type Interface = VolumeInterface;
     type Record = VolumeRecord;
 
-    fn new(core: Core<VolumeInterface, VolumeRecord>) -> VolumeService {
+    fn new(core: Core<VolumeInterface, VolumeRecord>) -> Result<VolumeService, String> {
         let s = VolumeService { core, capacity: PerBackend::default() };
         s.reconcile_all();
-        s
+        Ok(s)
     }
 
     const KIND: &'static ServiceKind = &KIND;
@@ -575,7 +575,7 @@ pub(crate) mod tests {
         // Through the real stable-ABI objects, as a loaded driver would be called.
         let client: Box<dyn VolumeDriver> = Box::new(VolumeClient::in_process(Shared(driver)));
         let backend = Backend::<VolumeInterface>::in_process("volume", "default", client, "scripted");
-        VolumeService::new(Core::new(crate::services::Backends::from_list("volume", vec![backend]), records))
+        VolumeService::new(Core::new(crate::services::Backends::from_list("volume", vec![backend]), records)).unwrap()
     }
 
     /// A volume service over an in-memory driver (through the real stable-ABI objects).

@@ -148,7 +148,9 @@ fn a_new_driver_crate_passes_cargo_test_and_plughost_check_as_generated() {
     // One target dir for the generated crates across runs, so that their dependencies build once.
     let target = target_dir().join("scaffold");
     let api = plughost_api::API_VERSION.rsplit_once('.').unwrap().0.to_owned();
-    for (name, kind, checks) in [("my-volume", "volume", 15), ("my-compute", "compute", 10)] {
+    for (name, kind, checks) in
+        [("my-volume", "volume", 15), ("my-compute", "compute", 10), ("my-network", "network", 10)]
+    {
         let r = new(&["new", name, "--kind", kind]);
         assert_eq!(r.code, 0, "{r:?}");
         let dir = t.join(name);
@@ -197,7 +199,7 @@ fn a_new_driver_crate_passes_cargo_test_and_plughost_check_as_generated() {
         // What the generated README says: a host finding the driver by name in target/, and a swap of a
         // new build by name, inside the driver directories.
         let readme = std::fs::read_to_string(dir.join("README.md")).unwrap();
-        let other = if kind == "volume" { "compute" } else { "volume" };
+        let other = if kind == "compute" { "volume" } else { "compute" };
         let run_line = format!(
             "plughost run --state-dir ./state --driver-dir target/release --{kind}-driver {name} --{other}-driver none"
         );
@@ -242,7 +244,7 @@ fn a_new_driver_crate_passes_cargo_test_and_plughost_check_as_generated() {
     assert!(again.stderr.contains("exists and is not empty"), "{}", again.stderr);
     let bad = new(&["new", "My Driver", "--kind", "volume"]);
     assert!(bad.code == 1 && bad.stderr.contains("use 1-64 of a-z 0-9 - _"), "{bad:?}");
-    assert_eq!(new(&["new", "x", "--kind", "network"]).code, 2);
+    assert_eq!(new(&["new", "x", "--kind", "storage"]).code, 2, "--kind values are the kinds with a template");
     let help = new(&["new", "--help"]);
     assert_eq!(help.stdout.matches("[default: ").count(), 1, "{}", help.stdout);
     // api-source writes the same package anywhere.

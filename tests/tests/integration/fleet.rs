@@ -156,6 +156,8 @@ fn every_documented_request_round_trips_over_the_fleet() {
             "fake-volume",
             "--compute-driver",
             "fake-compute",
+            "--network-driver",
+            "fake-network",
             "--fleet-url",
             &url,
             "--fleet-name",

@@ -5,7 +5,7 @@
 //! (the documented wire), `durability` (kill -9 at any instant), `instances` (outliving the host),
 //! `isolation` (worker faults), `trust` (a second user), `authoring` (`check`, `new`, packaging),
 //! `compat` (every released host against every released driver), `architecture` (no import cycle),
-//! `fleet` (hosts on a real broker), `rollout` (drivers rolled through a fleet), `operator` (systemd,
+//! `network` (the network service), `fleet` (hosts on a real broker), `rollout` (drivers rolled through a fleet), `operator` (systemd,
 //! health, metrics, packaging).
 #![allow(clippy::unwrap_used)]
 
@@ -17,6 +17,7 @@ mod fleet;
 mod instances;
 mod isolation;
 mod loader;
+mod network;
 mod operator;
 mod protocol;
 mod rollout;

@@ -127,7 +127,10 @@ pub(crate) fn keys(v: &Value) -> BTreeSet<String> {
 #[test]
 fn a_real_host_answers_as_documented() {
     let t = TempDir::new("protocol-doc");
-    let mut d = Daemon::start(t.path(), &["--volume-driver", "fake-volume", "--compute-driver", "fake-compute"]);
+    let mut d = Daemon::start(
+        t.path(),
+        &["--volume-driver", "fake-volume", "--compute-driver", "fake-compute", "--network-driver", "fake-network"],
+    );
     for (req, ans) in examples() {
         let got: Value = serde_json::from_str(&d.raw(&req)).unwrap();
         let want: Value = serde_json::from_str(&ans).unwrap();
