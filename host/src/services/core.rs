@@ -280,7 +280,10 @@ impl<I: Interface, R: Record> Core<I, R> {
         use std::ops::Bound::{Excluded, Included, Unbounded};
         let started = std::time::Instant::now();
         let max_records = b.configured().settings.max_records;
-        let adoptable = || max_records.saturating_sub(self.records.count_on(&b.name));
+        // Counted once (a count per page would scan every record once a page); what each page adopts
+        // is taken off as it goes.
+        let held = self.records.count_on(&b.name);
+        let mut adoptable = max_records.saturating_sub(held);
         let mut first = None;
         let whole = self.listing(b, concurrent, || match page("", PAGE) {
             Err(e) if e.kind == ErrorKind::Unsupported => list(),
@@ -305,7 +308,7 @@ impl<I: Interface, R: Record> Core<I, R> {
             return self.reconcile_found(
                 b,
                 found,
-                Scope::all(adoptable()),
+                Scope::all(adoptable),
                 lookup,
                 watch.as_ref(),
                 &mut adopt,
@@ -318,7 +321,7 @@ impl<I: Interface, R: Record> Core<I, R> {
         let mut pages = 0u64;
         // No listing is walked further than it could matter: past every record and max_records more,
         // all it could add is refused (a driver that pages forever stops here).
-        let walk = max_records.saturating_add(self.records.count_on(&b.name)).saturating_add(PAGE);
+        let walk = max_records.saturating_add(held).saturating_add(PAGE);
         let stop = |total: &mut ReconcileCounts, pages: u64, why: String| {
             log::warn!(
                 "{} backend {:?}: {why}; the records past the first {} names are kept as they are",
@@ -347,8 +350,9 @@ impl<I: Interface, R: Record> Core<I, R> {
             let last = names.last().map(|n| (*n).to_owned()).unwrap_or_default();
             let lower = if pages == 0 { Unbounded } else { Excluded(after.as_str()) };
             let upper = if end { Unbounded } else { Included(last.as_str()) };
-            let scope = Scope { names: (lower, upper), adoptable: adoptable() };
+            let scope = Scope { names: (lower, upper), adoptable };
             let counts = self.reconcile_found(b, current, scope, lookup, watch.as_ref(), &mut adopt, &mut verdict);
+            adoptable = adoptable.saturating_sub(counts.adopted);
             total.add(&counts);
             pages += 1;
             if end {

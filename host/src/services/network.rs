@@ -314,6 +314,9 @@ type NetworkReply = Reply<NetworkRecord, NetworkOther>;
 pub(crate) struct NetworkService {
     core: Core<NetworkInterface, NetworkRecord>,
     ports: Records<PortRecord>,
+    /// Held while a network is created: the overlap check and the intent are one step, so two
+    /// overlapping networks of different names cannot both pass it.
+    creating: std::sync::Mutex<()>,
 }
 
 /// How many characters of a port id name its interfaces (a Linux interface name holds 15).
@@ -427,6 +430,7 @@ impl NetworkService {
         let subnet = Subnet::parse(cidr)?;
         let gateway = ipam::gateway(subnet, gateway)?;
         let b = self.core.backends.pick(backend)?;
+        let _one_at_a_time = self.creating.lock().unwrap_or_else(|p| p.into_inner());
         let _held = self.core.records.hold(name);
         // Every network's subnet, whatever its backend: addresses are one space on this host.
         let others: Vec<(String, Subnet)> = self
@@ -560,7 +564,7 @@ impl Service for NetworkService {
 
     fn new(core: Core<NetworkInterface, NetworkRecord>) -> Result<NetworkService, String> {
         let ports = core.records.sibling::<PortRecord>().map_err(|e| e.to_string())?;
-        let s = NetworkService { core, ports };
+        let s = NetworkService { core, ports, creating: std::sync::Mutex::new(()) };
         s.core.reconcile_all(None, |b| s.reconcile(b, false));
         Ok(s)
     }
