@@ -68,10 +68,17 @@ impl clap::Args for ServiceFlagSet {
                         .long(format!("{n}-driver"))
                         .env(format!("PLUGHOST_{}_DRIVER", n.to_uppercase()))
                         .value_name("PATH|NAME")
-                        .help(format!(
-                            "Driver of the default {n} backend (PATH or NAME, or `none`; DRIVER@blake3:HEX pins its digest) [default: {}]",
-                            k.default_driver
-                        )),
+                        .help(if k.on_by_default {
+                            format!(
+                                "Driver of the default {n} backend (PATH or NAME, or `none`; DRIVER@blake3:HEX pins its digest) [default: {}]",
+                                k.default_driver
+                            )
+                        } else {
+                            format!(
+                                "Driver of the default {n} backend (PATH or NAME; DRIVER@blake3:HEX pins its digest); the {n} service is off unless this, a [{n}] section or a --{n}-backend names one [default with a [{n}] section: {}]",
+                                k.default_driver
+                            )
+                        }),
                 )
                 .arg(
                     Arg::new(backends)
