@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 check=false
 [ "${1:-}" = "--check" ] && check=true
 
-cargo build --quiet --release -p host -p file-volume -p process-compute -p fake-volume -p fake-compute
+cargo build --quiet --release -p host -p file-volume -p process-compute -p fake-volume -p fake-compute -p bridge-network -p fake-network
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' host/Cargo.toml | head -1)
 arch=$(dpkg --print-architecture 2>/dev/null || echo amd64)
 out=target/debian
@@ -22,7 +22,7 @@ install -d -m 0755 "$root/DEBIAN" "$root/usr/bin" "$root/usr/lib/plughost/driver
     "$root/usr/share/bash-completion/completions" "$root/usr/share/zsh/vendor-completions" \
     "$root/usr/share/fish/vendor_completions.d"
 install -m 0755 "$bin" "$root/usr/bin/plughost"
-for d in file_volume process_compute fake_volume fake_compute; do
+for d in file_volume process_compute fake_volume fake_compute bridge_network fake_network; do
     install -m 0644 "target/release/lib$d.so" "$root/usr/lib/plughost/drivers/lib$d.so"
 done
 install -m 0644 packaging/plughost.service "$root/lib/systemd/system/plughost.service"
@@ -66,7 +66,9 @@ expected="./etc/plughost/plughost.toml
 ./lib/systemd/system/plughost.service
 ./lib/systemd/system/plughost.socket
 ./usr/bin/plughost
+./usr/lib/plughost/drivers/libbridge_network.so
 ./usr/lib/plughost/drivers/libfake_compute.so
+./usr/lib/plughost/drivers/libfake_network.so
 ./usr/lib/plughost/drivers/libfake_volume.so
 ./usr/lib/plughost/drivers/libfile_volume.so
 ./usr/lib/plughost/drivers/libprocess_compute.so

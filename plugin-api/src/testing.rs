@@ -836,9 +836,9 @@ fn network_checks() -> Vec<(&'static str, NetworkCheck)> {
             let [n] = names_n("net-life");
             let made = expect_ok("create_network", d.create_network(&net_spec(&n, 1)))?;
             check(made.name == n && made.cidr == "10.99.1.0/24", || format!("create_network returned {made:?}"))?;
-            let p = expect_ok("attach", d.attach(&port_spec("conformance-p1", &n, 1, 2)))?;
-            check(p.id == "conformance-p1" && p.network == n, || format!("attach returned {p:?}"))?;
-            expect_ok("detach", d.detach("conformance-p1"))?;
+            let p = expect_ok("attach", d.attach(&port_spec("cnf-p1", &n, 1, 2)))?;
+            check(p.id == "cnf-p1" && p.network == n, || format!("attach returned {p:?}"))?;
+            expect_ok("detach", d.detach("cnf-p1"))?;
             expect_ok("delete_network", d.delete_network(&n))?;
             Ok(String::new())
         },
@@ -873,7 +873,7 @@ fn network_checks() -> Vec<(&'static str, NetworkCheck)> {
         |d| {
             let [n] = names_n("net-attach");
             expect_ok("create_network", d.create_network(&net_spec(&n, 5)))?;
-            let spec = port_spec("conformance-p5", &n, 5, 9);
+            let spec = port_spec("cnf-p5", &n, 5, 9);
             let outcome = (|| {
                 let p = expect_ok("attach", d.attach(&spec))?;
                 check(
@@ -896,7 +896,7 @@ fn network_checks() -> Vec<(&'static str, NetworkCheck)> {
         |d| {
             expect_err(
                 "attach to a missing network",
-                d.attach(&port_spec("conformance-p6", "conformance-net-none", 6, 2)),
+                d.attach(&port_spec("cnf-p6", "conformance-net-none", 6, 2)),
                 ErrorKind::NOT_FOUND,
             )?;
             Ok(String::new())
@@ -904,26 +904,26 @@ fn network_checks() -> Vec<(&'static str, NetworkCheck)> {
         |d| {
             let [n] = names_n("net-port-clash");
             expect_ok("create_network", d.create_network(&net_spec(&n, 7)))?;
-            expect_ok("attach", d.attach(&port_spec("conformance-p7", &n, 7, 2)))?;
+            expect_ok("attach", d.attach(&port_spec("cnf-p7", &n, 7, 2)))?;
             let clash = expect_err(
                 "attach of an existing port with another address",
-                d.attach(&port_spec("conformance-p7", &n, 7, 3)),
+                d.attach(&port_spec("cnf-p7", &n, 7, 3)),
                 ErrorKind::ALREADY_EXISTS,
             );
-            let _ = d.detach("conformance-p7");
+            let _ = d.detach("cnf-p7");
             expect_ok("delete_network", d.delete_network(&n))?;
             clash.map(|()| String::new())
         },
         |d| {
-            expect_ok("detach of a port that is not there", d.detach("conformance-p-none"))?;
+            expect_ok("detach of a port that is not there", d.detach("cnf-p-none"))?;
             Ok(String::new())
         },
         |d| {
             let [n] = names_n("net-busy");
             expect_ok("create_network", d.create_network(&net_spec(&n, 8)))?;
-            expect_ok("attach", d.attach(&port_spec("conformance-p8", &n, 8, 2)))?;
+            expect_ok("attach", d.attach(&port_spec("cnf-p8", &n, 8, 2)))?;
             let busy = expect_err("delete_network of a network with a port", d.delete_network(&n), ErrorKind::BUSY);
-            expect_ok("detach", d.detach("conformance-p8"))?;
+            expect_ok("detach", d.detach("cnf-p8"))?;
             expect_ok("delete_network once its ports are gone", d.delete_network(&n))?;
             busy.map(|()| String::new())
         },
@@ -931,7 +931,7 @@ fn network_checks() -> Vec<(&'static str, NetworkCheck)> {
             let [a, b] = names_n("net-stats");
             expect_ok("create_network", d.create_network(&net_spec(&a, 10)))?;
             expect_ok("create_network", d.create_network(&net_spec(&b, 11)))?;
-            expect_ok("attach", d.attach(&port_spec("conformance-p10", &a, 10, 2)))?;
+            expect_ok("attach", d.attach(&port_spec("cnf-p10", &a, 10, 2)))?;
             let outcome = (|| {
                 let s = expect_ok("stats", d.stats())?;
                 let nets = expect_ok("list_networks", d.list_networks())?.len() as u64;
@@ -941,7 +941,7 @@ fn network_checks() -> Vec<(&'static str, NetworkCheck)> {
                 })?;
                 Ok(String::new())
             })();
-            let _ = d.detach("conformance-p10");
+            let _ = d.detach("cnf-p10");
             let _ = d.delete_network(&a);
             let _ = d.delete_network(&b);
             outcome
@@ -951,8 +951,8 @@ fn network_checks() -> Vec<(&'static str, NetworkCheck)> {
 }
 
 /// Runs the network suite on drivers made by `make` (each check gets a fresh one). It makes networks
-/// in `10.99.0.0/16` and ports with no namespace: a driver that plumbs real links needs a network
-/// namespace of its own to run it in.
+/// in `10.99.0.0/16` and ports with no namespace and ids of at most 10 characters (a host gives at
+/// most 11): a driver that plumbs real links needs a network namespace of its own to run it in.
 pub fn check_network(make: &dyn Fn() -> Result<Box<dyn NetworkDriver>, DriverError>) -> Report {
     check_network_with_progress(make, &mut |_| {})
 }

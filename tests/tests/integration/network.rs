@@ -1,7 +1,8 @@
 //! The network service on a real host with the in-memory fake-network driver: off unless configured,
 //! networks with IPAM (lowest free address, reserved ones skipped, no early reuse, full subnets,
-//! overlaps), ports attached and detached through the socket and `ctl`, records kept across a restart.
-//! (bridge-network, namespaces and compute integration are tested in their own namespaces.)
+//! overlaps), ports attached and detached through the socket and `ctl`, records kept across a restart;
+//! and bridge-network, only ever inside network and mount namespaces the test makes itself: its
+//! conformance suite, and two namespaces on one bridge talking TCP (checked from inside them).
 
 use plughost_tests::process::{run, Daemon};
 use plughost_tests::TempDir;
@@ -89,4 +90,143 @@ fn networks_give_ports_the_lowest_free_address_and_keep_them_until_their_records
     assert!(r.stdout.lines().any(|l| l.starts_with("lan ") && l.contains("10.7.0.0/29")), "{}", r.stdout);
     let listed: Value = d.ok("network", "list", json!({}));
     assert_eq!(listed.as_array().unwrap().len(), 1);
+}
+
+/// Runs test `inner` of this binary again inside a network and mount namespace of its own (`unshare
+/// --net --mount --propagation private`): every bridge, veth and namespace it makes goes with it, even
+/// if it panics, and no packet can leave. Without the privilege it says it is skipped (in CI it must run).
+fn in_own_namespaces(inner: &str) {
+    let exe = std::env::current_exe().unwrap();
+    let out = std::process::Command::new("unshare")
+        .args(["--net", "--mount", "--propagation", "private", "--"])
+        .arg(&exe)
+        .args(["--exact", inner, "--ignored", "--nocapture", "--test-threads", "1"])
+        .env("PLUGHOST_IN_OWN_NAMESPACES", "1")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let denied = stderr.contains("Operation not permitted") || stderr.contains("Permission denied");
+    if !out.status.success() && denied && !matches!(std::env::var("CI").as_deref(), Ok("true")) {
+        println!("skipped {inner}: cannot make namespaces here (needs root): {}", stderr.lines().next().unwrap_or(""));
+        return;
+    }
+    assert!(out.status.success() && stdout.contains("1 passed"), "{inner} in its own namespaces:\n{stdout}\n{stderr}");
+}
+
+fn inside() -> bool {
+    std::env::var("PLUGHOST_IN_OWN_NAMESPACES").as_deref() == Ok("1")
+}
+
+/// Makes a persistent network namespace bound to `path` (inside the test's mount namespace).
+fn netns(path: &std::path::Path) {
+    std::fs::write(path, b"").unwrap();
+    let ok =
+        std::process::Command::new("unshare").arg(format!("--net={}", path.display())).arg("true").status().unwrap();
+    assert!(ok.success(), "unshare --net={}", path.display());
+}
+
+/// Runs `f` in a thread that entered the network namespace at `path`.
+fn in_netns<T: Send + 'static>(
+    path: &std::path::Path,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).unwrap();
+    std::thread::spawn(move || {
+        // SAFETY: setns on a namespace file held open, for this thread only.
+        assert_eq!(unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
+        f()
+    })
+}
+
+/// The links of the calling thread's network namespace (`/proc/thread-self/net/dev`; /sys shows the
+/// namespace of whoever mounted it).
+fn links() -> Vec<String> {
+    let dev = std::fs::read_to_string("/proc/thread-self/net/dev").unwrap();
+    dev.lines().skip(2).filter_map(|l| l.split(':').next()).map(|n| n.trim().to_owned()).collect()
+}
+
+#[test]
+fn bridge_network_passes_the_conformance_suite_in_its_own_namespace() {
+    in_own_namespaces("network::inner_bridge_network_conformance");
+}
+
+#[test]
+#[ignore = "runs only inside its own namespaces (see in_own_namespaces)"]
+fn inner_bridge_network_conformance() {
+    if !inside() {
+        return;
+    }
+    let r = run(&["check", plughost_tests::driver("bridge-network").to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("10 checks, 10 passed, 0 failed"), "{}", r.stdout);
+    assert!(links().iter().all(|l| !l.starts_with("ph")), "left behind: {:?}", links());
+}
+
+#[test]
+fn two_namespaces_on_one_bridge_talk_and_detaching_leaves_nothing() {
+    in_own_namespaces("network::inner_two_namespaces_on_one_bridge");
+}
+
+#[test]
+#[ignore = "runs only inside its own namespaces (see in_own_namespaces)"]
+fn inner_two_namespaces_on_one_bridge() {
+    if !inside() {
+        return;
+    }
+    use std::io::{Read, Write};
+    let t = TempDir::new("net-bridge");
+    let (a, b) = (t.join("ns-a"), t.join("ns-b"));
+    netns(&a);
+    netns(&b);
+    let mut d = Daemon::start(
+        t.join("state").as_path(),
+        &["--volume-driver", "fake-volume", "--compute-driver", "none", "--network-driver", "bridge-network"],
+    );
+    d.ok("network", "create", json!({"name": "lan", "cidr": "10.50.0.0/24"}));
+    let pa = d.ok("network", "attach", json!({"network": "lan", "id": "a", "netns": a.to_str().unwrap()}));
+    let pb = d.ok("network", "attach", json!({"network": "lan", "id": "b", "netns": b.to_str().unwrap()}));
+    assert_eq!(
+        (pa["port"]["address"].as_str(), pb["port"]["address"].as_str()),
+        (Some("10.50.0.2/24"), Some("10.50.0.3/24"))
+    );
+    assert_eq!(pa["port"]["host_interface"], "phva", "{pa}");
+    // A listener in a's namespace, a client in b's: the bridge carries it; nothing goes elsewhere.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let server = in_netns(&a, move || {
+        let l = std::net::TcpListener::bind("10.50.0.2:7000").unwrap();
+        tx.send(()).unwrap();
+        let (mut s, peer) = l.accept().unwrap();
+        let mut got = [0u8; 5];
+        s.read_exact(&mut got).unwrap();
+        s.write_all(b"pong!").unwrap();
+        (got, peer.ip().to_string())
+    });
+    rx.recv().unwrap();
+    let client = in_netns(&b, || {
+        let mut s = std::net::TcpStream::connect_timeout(
+            &"10.50.0.2:7000".parse().unwrap(),
+            std::time::Duration::from_secs(10),
+        )
+        .unwrap();
+        s.write_all(b"ping!").unwrap();
+        let mut got = [0u8; 5];
+        s.read_exact(&mut got).unwrap();
+        got
+    });
+    assert_eq!(&client.join().unwrap(), b"pong!");
+    let (got, peer) = server.join().unwrap();
+    assert_eq!((&got, peer.as_str()), (b"ping!", "10.50.0.3"));
+    // The host ends are here, on the bridge; the other ends are in the instances' namespaces only.
+    let here = links();
+    assert!(here.contains(&"phva".to_owned()) && here.contains(&"phvb".to_owned()), "{here:?}");
+    assert!(!here.contains(&"eth0".to_owned()), "the other ends are not here: {here:?}");
+    let there = in_netns(&a, links).join().unwrap();
+    assert!(there.contains(&"eth0".to_owned()) && !there.iter().any(|l| l.starts_with("ph")), "{there:?}");
+    // Detach and delete: no veth, no bridge left.
+    d.ok("network", "detach", json!({"id": "a"}));
+    d.ok("network", "detach", json!({"id": "b"}));
+    d.ok("network", "delete", json!({"name": "lan"}));
+    assert!(links().iter().all(|l| !l.starts_with("ph")), "left behind: {:?}", links());
+    assert!(!in_netns(&a, links).join().unwrap().contains(&"eth0".to_owned()), "the other end went with the pair");
 }
