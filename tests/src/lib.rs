@@ -48,7 +48,7 @@ pub fn cargo() -> Command {
 
 /// The reference drivers built by [`build`].
 pub const DRIVERS: &[&str] =
-    &["fake-volume", "fake-compute", "fake-network", "faulty", "file-volume", "process-compute"];
+    &["fake-volume", "fake-compute", "fake-network", "bridge-network", "faulty", "file-volume", "process-compute"];
 
 /// Builds `plughost` and every reference driver (debug profile) once per test process.
 pub fn build() {
