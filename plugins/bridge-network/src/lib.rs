@@ -33,6 +33,11 @@ pub const OPTIONS: &[OptionSpec] = &[OptionSpec::integer(
 /// What every alias of ours starts with.
 const ALIAS: &str = "plughost:";
 
+/// The link group every link of ours is made in (`pl`). The kernel sets a group at creation but an
+/// alias only after (`RTM_SETLINK`): a link in this group with no alias was made by a host that died
+/// before it could name it, and `init` removes it.
+const GROUP: u32 = 0x706c;
+
 /// The driver.
 pub struct BridgeNetwork {
     _vlan: u16,
@@ -208,16 +213,19 @@ struct Link {
     alias: Option<String>,
     kind: Option<InfoKind>,
     controller: Option<u32>,
+    group: Option<u32>,
 }
 
 impl Link {
     fn of(m: LinkMessage) -> Link {
-        let mut l = Link { index: m.header.index, name: String::new(), alias: None, kind: None, controller: None };
+        let mut l =
+            Link { index: m.header.index, name: String::new(), alias: None, kind: None, controller: None, group: None };
         for a in m.attributes {
             match a {
                 LinkAttribute::IfName(n) => l.name = n,
                 LinkAttribute::IfAlias(a) => l.alias = Some(a),
                 LinkAttribute::Controller(c) => l.controller = Some(c),
+                LinkAttribute::Group(g) => l.group = Some(g),
                 LinkAttribute::LinkInfo(infos) => {
                     for i in infos {
                         if let LinkInfo::Kind(k) = i {
@@ -229,6 +237,13 @@ impl Link {
             }
         }
         l
+    }
+
+    /// Made by us and left unnamed by a host that died mid-way: our group, our name prefix, no alias.
+    fn half_made(&self) -> bool {
+        self.group == Some(GROUP)
+            && self.alias.as_deref().is_none_or(str::is_empty)
+            && (self.name.starts_with("phv") || self.name.starts_with("phb"))
     }
 
     /// The id and fields of our alias (`plughost:<id> key=value ...`), if the link is ours.
@@ -340,6 +355,16 @@ fn in_namespace<T: Send + 'static>(
 }
 
 impl NetworkDriver for BridgeNetwork {
+    /// Removes the links a host killed mid-way left unnamed (see [`GROUP`]); without the privilege to
+    /// list and change links, the backend reports down saying so.
+    fn init(&self) -> Result<(), DriverError> {
+        let mut nl = Rtnl::open()?;
+        for l in nl.links()?.iter().filter(|l| l.half_made()) {
+            nl.delete(&format!("removing half-made link {}", l.name), l.index)?;
+        }
+        Ok(())
+    }
+
     fn create_network(&self, spec: &NetworkSpec) -> Result<Network, DriverError> {
         let mut nl = Rtnl::open()?;
         let name = bridge_name(&spec.name);
@@ -357,8 +382,11 @@ impl NetworkDriver for BridgeNetwork {
             };
         }
         let mut m = LinkMessage::default();
-        m.attributes =
-            vec![LinkAttribute::IfName(name.clone()), LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Bridge)])];
+        m.attributes = vec![
+            LinkAttribute::IfName(name.clone()),
+            LinkAttribute::Group(GROUP),
+            LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Bridge)]),
+        ];
         nl.ack(&format!("creating bridge {name}"), RouteNetlinkMessage::NewLink(m), NLM_F_CREATE | NLM_F_EXCL)?;
         let made = nl
             .link(&name)?
@@ -450,9 +478,12 @@ impl NetworkDriver for BridgeNetwork {
         if let Some(f) = &ns_file {
             peer.attributes.push(LinkAttribute::NetNsFd(f.as_raw_fd()));
         }
+        // Made in our group (the kernel ignores an alias at creation): a host killed before the alias
+        // below leaves a link that `init` recognises as half-made and removes.
         let mut m = LinkMessage::default();
         m.attributes = vec![
             LinkAttribute::IfName(host.clone()),
+            LinkAttribute::Group(GROUP),
             LinkAttribute::LinkInfo(vec![
                 LinkInfo::Kind(InfoKind::Veth),
                 LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer))),
@@ -559,10 +590,16 @@ mod tests {
             alias: Some(port_alias(&spec)),
             kind: Some(InfoKind::Veth),
             controller: None,
+            group: Some(GROUP),
         };
+        assert!(!l.half_made());
         assert_eq!(spec_of(&port_of(&l).unwrap()), spec);
-        let foreign = Link { alias: Some("someone else's".into()), ..l };
-        assert!(port_of(&foreign).is_none());
+        let unnamed = Link { alias: None, ..l };
+        assert!(unnamed.half_made(), "ours, left unnamed by a host that died");
+        let foreign = Link { alias: Some("someone else's".into()), group: None, ..unnamed };
+        assert!(port_of(&foreign).is_none() && !foreign.half_made());
+        let foreign_unnamed = Link { alias: None, ..foreign };
+        assert!(!foreign_unnamed.half_made(), "not in our group: never touched");
         assert_eq!(parse_mac(&spec).unwrap(), [2, 0, 0, 0, 0, 1]);
         assert_eq!(parse_address(&spec).unwrap(), ("10.1.0.2".parse().unwrap(), 24));
     }
