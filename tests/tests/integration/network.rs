@@ -353,3 +353,30 @@ fn inner_half_made_links() {
     );
     assert_eq!(d.ok("network", "ports", json!({}))["ports"].as_array().unwrap().len(), 0, "and is not adopted");
 }
+
+#[test]
+fn an_option_this_kernel_cannot_serve_is_refused_in_one_line() {
+    // No 802.1Q in this machine's kernel: the constructor says so before anything is made.
+    let t = TempDir::new("net-vlan");
+    let r = run(&[
+        "run",
+        "--state-dir",
+        t.path().to_str().unwrap(),
+        "--volume-driver",
+        "fake-volume",
+        "--compute-driver",
+        "none",
+        "--network-driver",
+        "bridge-network",
+        "--network-opt",
+        "vlan=10",
+    ]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("option \"vlan\" = 10: this kernel has no 802.1Q support")
+            || r.stderr.contains("option \"vlan\" = 10: VLAN uplinks are not implemented yet"),
+        "{}",
+        r.stderr
+    );
+}
