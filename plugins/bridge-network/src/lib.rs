@@ -355,7 +355,7 @@ fn in_namespace<T: Send + 'static>(
 }
 
 impl NetworkDriver for BridgeNetwork {
-    /// Removes the links a host killed mid-way left unnamed (see [`GROUP`]); without the privilege to
+    /// Removes the links a host killed mid-way left unnamed (our link group, no alias); without the privilege to
     /// list and change links, the backend reports down saying so.
     fn init(&self) -> Result<(), DriverError> {
         let mut nl = Rtnl::open()?;
