@@ -165,8 +165,19 @@ impl Rtnl {
             .collect())
     }
 
+    /// One link by name: a single lookup by the kernel, not a dump (an attach does a few of these, and
+    /// must not slow down as the bridge fills).
     fn link(&mut self, name: &str) -> Result<Option<Link>, DriverError> {
-        Ok(self.links()?.into_iter().find(|l| l.name == name))
+        let mut m = LinkMessage::default();
+        m.attributes = vec![LinkAttribute::IfName(name.to_owned())];
+        match self.request(&format!("finding link {name}"), RouteNetlinkMessage::GetLink(m), 0) {
+            Ok(answers) => Ok(answers.into_iter().find_map(|a| match a {
+                RouteNetlinkMessage::NewLink(l) => Some(Link::of(l)),
+                _ => None,
+            })),
+            Err((libc::ENODEV, _)) => Ok(None),
+            Err((_, text)) => Err(DriverError::internal(text)),
+        }
     }
 
     fn set(&mut self, what: &str, index: u32, attributes: Vec<LinkAttribute>, up: bool) -> Result<(), DriverError> {
@@ -444,10 +455,9 @@ impl NetworkDriver for BridgeNetwork {
             )));
         }
         let mut nl = Rtnl::open()?;
-        let links = nl.links()?;
         let host = format!("phv{}", spec.id);
-        if let Some(l) = links.iter().find(|l| l.name == host) {
-            return match port_of(l) {
+        if let Some(l) = nl.link(&host)? {
+            return match port_of(&l) {
                 Some(p) if spec_of(&p) == *spec => Ok(p),
                 Some(p) => Err(DriverError::already_exists(format!(
                     "port {:?} already exists on network {:?} at {}",
@@ -460,9 +470,9 @@ impl NetworkDriver for BridgeNetwork {
             };
         }
         let bridge_name = bridge_name(&spec.network);
-        let bridge = links
-            .iter()
-            .find(|l| l.name == bridge_name && network_of(l).is_some_and(|n| n.name == spec.network))
+        let bridge = nl
+            .link(&bridge_name)?
+            .filter(|l| network_of(l).is_some_and(|n| n.name == spec.network))
             .ok_or_else(|| DriverError::not_found(format!("network {:?} not found", spec.network)))?;
         let bridge_index = bridge.index;
         // The other end is made in the port's namespace under its final name, or, with none, here.

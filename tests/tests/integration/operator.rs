@@ -434,28 +434,22 @@ fn a_secret_option_comes_from_a_file_or_the_environment_and_never_shows_on_the_c
     // The file must be the host's and not readable by others.
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
     let state = t.join("state2");
-    let r = run(&[
-        "config",
-        "check",
-        "--state-dir",
-        state.to_str().unwrap(),
-        "--volume-driver",
-        "faulty",
-        "--volume-opt",
-        &opt,
-    ]);
+    let check = |opt: &str| {
+        run(&[
+            "config",
+            "check",
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--volume-driver",
+            "faulty",
+            "--volume-opt",
+            opt,
+        ])
+    };
+    let r = check(&opt);
     assert_eq!(r.code, 1);
     assert!(r.stderr.contains("readable by others") && r.stderr.contains("\"password\""), "{}", r.stderr);
-    let r = run(&[
-        "config",
-        "check",
-        "--state-dir",
-        state.to_str().unwrap(),
-        "--volume-driver",
-        "faulty",
-        "--volume-opt",
-        "password=@env:NOT_SET_ANYWHERE",
-    ]);
+    let r = check("password=@env:NOT_SET_ANYWHERE");
     assert!(r.stderr.contains("environment variable \"NOT_SET_ANYWHERE\" is not set"), "{}", r.stderr);
 }
 
