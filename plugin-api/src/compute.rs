@@ -228,5 +228,22 @@ driver_interface! {
         /// One instance.
         fn get(name: &str => RStr<'_>, String) -> Instance => FfiInstance;
     }
-    extensions {}
+    extensions {
+        /// Added in 1.2.0: an instance in a network namespace the host made.
+        "compute.spawn_in" => ComputeSpawnInFfi, ComputeSpawnInFfi_TO, spawn_in {
+            /// Like [`spawn`](ComputeDriver::spawn), but the instance's processes run in the network
+            /// namespace bound at `netns` (a path such as `/run/plughost/netns/ID`, which the host made
+            /// and plumbed: its ports are attached before the call), and so does every later `start`
+            /// and `reboot` of it. A path that is not a network namespace is `invalid_argument`.
+            /// Optional (added in 1.2.0): a driver without it, or built against 1.0 or 1.1, answers
+            /// `unsupported`, and the host refuses instances with networks on its backend.
+            fn spawn_in(spec: &InstanceSpec => FfiInstanceSpec, InstanceSpec, netns: &str => RStr<'_>, String) -> Instance => FfiInstance, default {
+                let _ = netns;
+                Err(crate::DriverError::unsupported(format!(
+                    "instance {:?}: this driver cannot run instances in a network namespace",
+                    spec.name
+                )))
+            };
+        }
+    }
 }

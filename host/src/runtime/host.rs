@@ -119,6 +119,14 @@ impl Host {
             return Err(errors);
         }
         db.mark_held(&tables);
+        let runtime_dir = match settings.socket.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => settings.state_dir.clone(),
+        };
+        let links = crate::services::Links { services: &services, runtime_dir: &runtime_dir };
+        for s in &services {
+            s.link(&links);
+        }
         let now = Instant::now();
         let heartbeats = services.iter().map(|s| (s.kind().name, now)).collect();
         let trust = settings.trust.clone();

@@ -2,18 +2,24 @@
 //! what its driver last reported), conflicting operations on one instance run one after the other, and
 //! the backend's driver runs the instances.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
 use plughost_api::{ComputeDriver, Instance, InstanceSpec, InstanceState};
 use plughost_api::{ComputeInterface, ComputeMethod};
 use serde::{Deserialize, Serialize};
 
 use super::meta::{columns, record};
-use super::records::{creation_undone, finish_removal, removal_done, Counter, Lookup, Meta, ReconcileCounts, Verdict};
-use super::{check_name, Core, Listed, Named, OnBackend, Reply, Service, ServiceKind};
+use super::network::NetworkService;
+use super::records::{
+    creation_undone, finish_removal, outcome_unknown, removal_done, Counter, Lookup, Meta, ReconcileCounts, Verdict,
+};
+use super::{check_name, Core, Links, Listed, Named, OnBackend, Reply, Service, ServiceKind};
 use crate::backend::{Backend, BackendControl};
-use crate::control::protocol::{ApiError, Removed};
+use crate::control::protocol::{ApiError, ErrorKind, Removed};
 use crate::state::{value, Column, RowReader};
+use crate::util::netns;
 use rusqlite::types::Value;
 
 /// The compute service in the table.
@@ -57,6 +63,11 @@ pub enum ComputeOp {
         #[arg(long)]
         #[serde(default, skip_serializing_if = "Option::is_none")]
         backend: Option<String>,
+        /// Run it in a network namespace of its own with a port on this network (repeatable: eth0,
+        /// eth1, ... in order; needs the network service)
+        #[arg(long = "network", value_name = "NETWORK")]
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        networks: Vec<String>,
     },
     /// Show one instance, refreshed from its driver
     Get(Named),
@@ -201,6 +212,30 @@ pub(crate) struct InstanceRecord {
     /// What was asked for.
     #[serde(default)]
     pub spec: Option<SpecRecord>,
+    /// Its ports, one per network it was spawned on (none without networks).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<InstancePort>,
+    /// Its network namespace (a bound file under the runtime dir), when it has networks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
+    /// That namespace's inode, as made: what re-adoption checks the namespace and the process against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns_inode: Option<u64>,
+}
+
+/// One of an instance's ports (its record is the network service's, by `id`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct InstancePort {
+    /// The network.
+    pub network: String,
+    /// The port's id in the network service.
+    pub id: String,
+    /// Its address with the prefix length (empty until attached).
+    pub address: String,
+    /// Its MAC address (empty until attached).
+    pub mac: String,
+    /// Its interface in the instance's namespace.
+    pub ifname: String,
 }
 
 /// The `instances` table: one column per field.
@@ -216,6 +251,9 @@ const COLUMNS: &[Column] = columns![
     "started_at_ms": Int,
     "details": Json,
     "spec": Json,
+    "ports": Json,
+    "netns": Text,
+    "netns_inode": Int,
 ];
 
 /// An instance's spec as recorded.
@@ -248,6 +286,9 @@ impl InstanceRecord {
                 .join(" "),
             started_at_ms: None,
             details: BTreeMap::new(),
+            ports: Vec::new(),
+            netns: None,
+            netns_inode: None,
             spec: Some(SpecRecord {
                 command: spec.command.clone(),
                 args: spec.args.clone(),
@@ -259,15 +300,17 @@ impl InstanceRecord {
 
     /// Takes what the driver reports; whether the status or identity of the run changed (what is worth
     /// writing down; usage counters change all the time and are refreshed in memory).
+    ///
+    /// An instance with a network namespace is checked against it: the bound namespace must be the
+    /// one made for it (its inode), and a running process must be in it; otherwise it is `error`.
     fn apply(&mut self, i: &Instance) -> bool {
-        let status = InstanceStatus::from(i.state);
-        let changed = self.meta.status != status
-            || self.pid != i.pid
+        let before = (self.meta.status, self.meta.reason.clone());
+        let changed = self.pid != i.pid
             || self.exit_code != i.exit_code
             || self.exit_signal != i.exit_signal
             || self.exit_unknown != i.exit_unknown
             || self.started_at_ms != i.started_at_ms;
-        self.meta.status = status;
+        self.meta.status = InstanceStatus::from(i.state);
         self.meta.reason = None;
         self.pid = i.pid;
         self.exit_code = i.exit_code;
@@ -279,7 +322,31 @@ impl InstanceRecord {
         self.command.clone_from(&i.command);
         self.started_at_ms = i.started_at_ms;
         self.details = i.details.iter().cloned().collect();
+        if let Some(why) = self.namespace_mismatch() {
+            self.meta.status = InstanceStatus::Error;
+            self.meta.reason = Some(why);
+        }
+        let changed = changed || before != (self.meta.status, self.meta.reason.clone());
         self.meta.touch(changed)
+    }
+
+    /// Why the instance is not in the network namespace made for it, if it is not.
+    fn namespace_mismatch(&self) -> Option<String> {
+        let (path, want) = (self.netns.as_deref()?, self.netns_inode?);
+        match netns::inode(Path::new(path)) {
+            Some(found) if found == want => {}
+            Some(found) => {
+                return Some(format!("network namespace {path} was replaced (inode {found}, made as {want})"));
+            }
+            None => return Some(format!("network namespace {path} is gone (made as inode {want})")),
+        }
+        let pid = self.pid?;
+        match netns::of_pid(pid) {
+            Some(found) if found != want => Some(format!(
+                "process {pid} is not in network namespace {path} (its namespace is inode {found}, not {want})"
+            )),
+            _ => None,
+        }
     }
 }
 
@@ -309,6 +376,10 @@ const MIGRATIONS: &[&str] = &[
         driver_digest TEXT
     ) WITHOUT ROWID;
     CREATE INDEX instances_backend ON instances (backend);",
+    // 2: instances with networks (plughost 1.2).
+    "ALTER TABLE instances ADD COLUMN ports TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE instances ADD COLUMN netns TEXT;
+    ALTER TABLE instances ADD COLUMN netns_inode INTEGER;",
 ];
 
 record!(InstanceRecord, InstanceStatus, error: InstanceStatus::Error, "instance", "instances", COLUMNS, MIGRATIONS, {
@@ -325,6 +396,9 @@ record!(InstanceRecord, InstanceStatus, error: InstanceStatus::Error, "instance"
             "started_at_ms" => value::opt_int(self.started_at_ms),
             "details" => value::json(&self.details),
             "spec" => value::json(&self.spec),
+            "ports" => value::json(&self.ports),
+            "netns" => Ok(value::opt_text(self.netns.as_deref())),
+            "netns_inode" => value::opt_int(self.netns_inode),
             other => Err(format!("no field {other:?} in an instance record")),
         }
     }
@@ -342,6 +416,9 @@ record!(InstanceRecord, InstanceStatus, error: InstanceStatus::Error, "instance"
             started_at_ms: row.opt_int("started_at_ms")?,
             details: row.json("details")?,
             spec: row.json("spec")?,
+            ports: row.json("ports")?,
+            netns: row.opt_text("netns")?,
+            netns_inode: row.opt_int("netns_inode")?,
         })
     }
 });
@@ -363,9 +440,159 @@ pub(crate) type ComputeReply = Reply<InstanceRecord>;
 /// The compute service.
 pub(crate) struct ComputeService {
     core: Core<ComputeInterface, InstanceRecord>,
+    /// The network service, when the host runs one (set by `link`).
+    network: OnceLock<Arc<dyn super::DynService>>,
+    /// Where instances' network namespaces are bound: `<runtime dir>/netns` (set by `link`).
+    netns_dir: OnceLock<PathBuf>,
 }
 
+/// What plumbing an instance's spawn made: its ports as attached, its namespace's inode.
+type Plumbed = Option<(Vec<InstancePort>, u64)>;
+
 impl ComputeService {
+    /// The network service, if the host runs one.
+    fn network(&self) -> Option<&NetworkService> {
+        self.network.get().and_then(|s| s.as_any().downcast_ref::<NetworkService>())
+    }
+
+    /// The network service, or why an instance cannot have networks here.
+    fn network_for(&self, instance: &str) -> Result<&NetworkService, ApiError> {
+        self.network().ok_or_else(|| {
+            ApiError::new(
+                ErrorKind::UnknownService,
+                format!(
+                    "instance {instance:?}: networks need the network service, which is not enabled (name a network driver: --network-driver bridge-network)"
+                ),
+            )
+        })
+    }
+
+    /// The directory of instances' namespaces, made private (0700) if missing.
+    fn netns_dir(&self) -> Result<&Path, ApiError> {
+        let dir = self.netns_dir.get().ok_or_else(|| ApiError::internal("the compute service was not linked"))?;
+        if !dir.is_dir() {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(dir)
+                .or_else(|e| if dir.is_dir() { Ok(()) } else { Err(e) })
+                .map_err(|e| ApiError::internal(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        Ok(dir)
+    }
+
+    /// Runs an instance's spawn: without networks, the driver's `spawn`; with them, a namespace of its
+    /// own, a port per network in it, then the driver's `spawn_in`. A failure undoes the plumbing; a
+    /// failure whose outcome is unknown (the worker died) leaves it, with the intent, for reconcile
+    /// and the sweep.
+    fn spawn_call(
+        &self,
+        b: &Backend<ComputeInterface>,
+        spec: &InstanceSpec,
+        plan: &InstanceRecord,
+    ) -> Result<(Instance, Plumbed), ApiError> {
+        let Some(path) = plan.netns.as_deref() else {
+            return b.call(ComputeMethod::spawn, |d| d.spawn(spec)).map(|i| (i, None));
+        };
+        let net = self.network_for(&spec.name)?;
+        self.netns_dir()?;
+        let inode =
+            netns::create(Path::new(path)).map_err(|e| ApiError::internal(format!("instance {:?}: {e}", spec.name)))?;
+        let mut ports = Vec::new();
+        let done = (|| {
+            for p in &plan.ports {
+                let made = net.attach_port(&p.network, &p.id, path, &p.ifname)?;
+                ports.push(InstancePort { address: made.address, mac: made.mac, ..p.clone() });
+            }
+            b.call(ComputeMethod::spawn_in, |d| d.spawn_in(spec, path))
+        })();
+        match done {
+            Ok(i) => Ok((i, Some((ports, inode)))),
+            Err(e) if outcome_unknown(&e) => Err(e),
+            Err(e) => {
+                if let Err(u) = self.unplumb(plan) {
+                    log::warn!("{} (left to the sweep)", u.message);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Detaches an instance's ports (releasing their addresses) and removes its namespace. A port that
+    /// cannot be detached now is logged and left to the sweep; the namespace's removal is the answer.
+    fn unplumb(&self, r: &InstanceRecord) -> Result<(), ApiError> {
+        if let Some(net) = self.network() {
+            for p in &r.ports {
+                if let Err(e) = net.detach_port(&p.id) {
+                    log::warn!("instance {:?}: port {:?} stays attached for now: {}", r.meta.name, p.id, e.message);
+                }
+            }
+        } else if !r.ports.is_empty() {
+            log::warn!("instance {:?}: its ports stay recorded: the network service is not enabled", r.meta.name);
+        }
+        match &r.netns {
+            Some(path) => netns::remove(Path::new(path))
+                .map_err(|e| ApiError::internal(format!("instance {:?}: {e}", r.meta.name))),
+            None => Ok(()),
+        }
+    }
+
+    /// Brings instances' plumbing in line with their records: a port of the network service bound in
+    /// our namespace dir that no instance claims is detached, a namespace no instance claims is
+    /// removed (an interrupted spawn or destroy left them), and an instance whose spawn was completed
+    /// by reconcile gets its ports' addresses and its namespace's inode. Lists ports and files before
+    /// records: a spawn records its intent before it makes either, so nothing in progress is taken.
+    fn sweep(&self) {
+        let Some(dir) = self.netns_dir.get() else { return };
+        let net = self.network();
+        let ports: Vec<_> = net
+            .map(NetworkService::all_ports)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|p| Path::new(&p.netns).parent() == Some(dir.as_path()))
+            .collect();
+        let files: Vec<PathBuf> = std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.path()).collect();
+        let records = self.core.records.list(None);
+        let claimed_ports: BTreeSet<&str> =
+            records.iter().flat_map(|r| r.ports.iter().map(|p| p.id.as_str())).collect();
+        let claimed_ns: BTreeSet<&str> = records.iter().filter_map(|r| r.netns.as_deref()).collect();
+        if let Some(net) = net {
+            for p in ports.iter().filter(|p| !claimed_ports.contains(p.meta.name.as_str())) {
+                log::info!("port {:?} (network {:?}) belongs to no instance; detaching it", p.meta.name, p.network);
+                if let Err(e) = net.detach_port(&p.meta.name) {
+                    log::warn!("port {:?}: cannot detach it: {}", p.meta.name, e.message);
+                }
+            }
+        }
+        for f in files.iter().filter(|f| !f.to_str().is_some_and(|f| claimed_ns.contains(f))) {
+            log::info!("network namespace {} belongs to no instance; removing it", f.display());
+            if let Err(e) = netns::remove(f) {
+                log::warn!("{e}");
+            }
+        }
+        let Some(net) = net else { return };
+        for r in records.iter().filter(|r| r.meta.status != InstanceStatus::Spawning) {
+            let unfilled =
+                r.ports.iter().any(|p| p.address.is_empty()) || (r.netns.is_some() && r.netns_inode.is_none());
+            if !unfilled {
+                continue;
+            }
+            let Some(_held) = self.core.records.try_hold(&r.meta.name) else { continue };
+            let _ = self.core.records.update(&r.meta.name, |r| {
+                for p in &mut r.ports {
+                    if let Some(made) = net.port(&p.id) {
+                        p.address = made.address;
+                        p.mac = made.mac;
+                    }
+                }
+                if r.netns_inode.is_none() {
+                    r.netns_inode = r.netns.as_deref().and_then(|p| netns::inode(Path::new(p)));
+                }
+                true
+            });
+        }
+    }
+
     /// Brings the records of one backend in line with what its driver reports. At start (and when a
     /// backend that was down is up again) this finishes or undoes operations a crash interrupted;
     /// periodically (and before `list`) it refreshes what drivers report, skipping instances an
@@ -442,8 +669,22 @@ impl ComputeService {
         }
     }
 
-    fn spawn(&self, spec: InstanceSpec, backend: Option<&str>) -> Result<InstanceRecord, ApiError> {
+    fn spawn(
+        &self,
+        spec: InstanceSpec,
+        backend: Option<&str>,
+        networks: &[String],
+    ) -> Result<InstanceRecord, ApiError> {
         check_name("instance", &spec.name)?;
+        for (i, n) in networks.iter().enumerate() {
+            check_name("network", n)?;
+            if networks[..i].contains(n) {
+                return Err(ApiError::invalid(format!("instance {:?}: network {n:?} named twice", spec.name)));
+            }
+        }
+        if !networks.is_empty() {
+            self.network_for(&spec.name)?;
+        }
         if spec.command.is_empty() {
             return Err(ApiError::invalid(format!("instance {:?}: empty command", spec.name)));
         }
@@ -457,10 +698,29 @@ impl ComputeService {
         self.settle_interrupted(&spec.name)?;
         let mut record = InstanceRecord::new(&spec, &b.name, InstanceStatus::Spawning);
         record.meta.driver_digest = Some(b.digest());
+        if !networks.is_empty() {
+            record.netns = Some(self.netns_dir()?.join(&record.meta.id).display().to_string());
+            record.ports = networks
+                .iter()
+                .enumerate()
+                .map(|(i, n)| InstancePort {
+                    network: n.clone(),
+                    id: super::network::new_port_id(),
+                    address: String::new(),
+                    mac: String::new(),
+                    ifname: format!("eth{i}"),
+                })
+                .collect();
+        }
+        let plan = record.clone();
         self.core.records.create(
             record,
-            || b.call(ComputeMethod::spawn, |d| d.spawn(&spec)),
-            |r, i| {
+            || self.spawn_call(b, &spec, &plan),
+            |r, (i, plumbed)| {
+                if let Some((ports, inode)) = plumbed {
+                    r.ports = ports;
+                    r.netns_inode = Some(inode);
+                }
                 r.apply(&i);
             },
         )
@@ -489,9 +749,14 @@ impl ComputeService {
     fn destroy(&self, name: &str, backend: Option<&str>) -> Result<Removed, ApiError> {
         let _held = self.core.records.hold(name);
         let (r, b) = self.core.backends.locate(&self.core.records, name, backend)?;
-        self.core
-            .records
-            .removal(r, InstanceStatus::Deleting, || b.call(ComputeMethod::destroy, |d| d.destroy(name)))?;
+        let plumbing = r.clone();
+        self.core.records.removal(r, InstanceStatus::Deleting, || {
+            match b.call(ComputeMethod::destroy, |d| d.destroy(name)) {
+                Err(e) if e.kind != ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+            self.unplumb(&plumbing)
+        })?;
         Ok(Removed { name: name.to_owned(), deleted: None, destroyed: Some(true) })
     }
 
@@ -528,10 +793,10 @@ impl Service for ComputeService {
         use ComputeMethod as M;
         use InstanceStatus as S;
         Ok(match op {
-            ComputeOp::Spawn { name, command, args, env, workdir, backend } => {
+            ComputeOp::Spawn { name, command, args, env, workdir, backend, networks } => {
                 let env = env.into_iter().map(|EnvVar(k, v)| (k, v)).collect();
                 let spec = InstanceSpec { name, command, args, env, workdir };
-                ComputeReply::One(self.spawn(spec, backend.as_deref())?)
+                ComputeReply::One(self.spawn(spec, backend.as_deref(), &networks)?)
             }
             ComputeOp::Get(Named { name, backend }) => ComputeReply::One(self.get(&name, backend.as_deref())?),
             ComputeOp::List(OnBackend { backend }) => {
@@ -564,9 +829,17 @@ impl Service for ComputeService {
     type Record = InstanceRecord;
 
     fn new(core: Core<ComputeInterface, InstanceRecord>) -> Result<ComputeService, String> {
-        let s = ComputeService { core };
+        let s = ComputeService { core, network: OnceLock::new(), netns_dir: OnceLock::new() };
         s.reconcile_all(None);
         Ok(s)
+    }
+
+    fn link(&self, links: &Links<'_>) {
+        if let Some(n) = links.service(super::network::KIND.name) {
+            let _ = self.network.set(n.clone());
+        }
+        let _ = self.netns_dir.set(links.runtime_dir.join("netns"));
+        self.sweep();
     }
 
     const KIND: &'static ServiceKind = &KIND;
@@ -582,6 +855,7 @@ impl Service for ComputeService {
             }
         });
         self.sync(None);
+        self.sweep();
     }
 
     /// Instances outlive the host: only backends set to `stop_instances_on_exit` have theirs stopped
@@ -690,13 +964,13 @@ mod tests {
     #[test]
     fn spawn_validates_and_records_what_the_driver_reports() {
         let s = service(Mem::default());
-        assert_eq!(s.spawn(spec("../x", "true"), None).unwrap_err().kind, ErrorKind::InvalidArgument);
-        let e = s.spawn(spec("a", ""), None).unwrap_err();
+        assert_eq!(s.spawn(spec("../x", "true"), None, &[]).unwrap_err().kind, ErrorKind::InvalidArgument);
+        let e = s.spawn(spec("a", ""), None, &[]).unwrap_err();
         assert_eq!((e.kind, e.message.as_str()), (ErrorKind::InvalidArgument, "instance \"a\": empty command"));
-        let r = s.spawn(spec("a", "sleep"), None).unwrap();
+        let r = s.spawn(spec("a", "sleep"), None, &[]).unwrap();
         assert_eq!((r.meta.status, r.pid), (InstanceStatus::Running, Some(42)));
         assert_eq!(r.spec.as_ref().unwrap().command, "sleep");
-        assert_eq!(s.spawn(spec("a", "sleep"), None).unwrap_err().kind, ErrorKind::AlreadyExists);
+        assert_eq!(s.spawn(spec("a", "sleep"), None, &[]).unwrap_err().kind, ErrorKind::AlreadyExists);
         let stopped = s.transition("a", None, InstanceStatus::Stopping, ComputeMethod::stop, |d| d.stop("a")).unwrap();
         assert_eq!((stopped.meta.status, stopped.pid), (InstanceStatus::Stopped, None));
         s.destroy("a", None).unwrap();
@@ -708,7 +982,7 @@ mod tests {
         let s = service(Mem::default());
         // One the driver made (its record left spawning, as when the worker died before answering), one
         // it never got.
-        s.spawn(spec("done", "sleep"), None).unwrap();
+        s.spawn(spec("done", "sleep"), None, &[]).unwrap();
         s.core
             .records
             .update("done", |r| {
@@ -718,8 +992,8 @@ mod tests {
             .unwrap();
         s.core.records.put(InstanceRecord::new(&spec("never", "sleep"), "default", InstanceStatus::Spawning)).unwrap();
         assert_eq!(s.get("done", None).unwrap().meta.status, InstanceStatus::Running);
-        assert_eq!(s.spawn(spec("done", "sleep"), None).unwrap_err().kind, ErrorKind::AlreadyExists);
-        assert_eq!(s.spawn(spec("never", "sleep"), None).unwrap().meta.status, InstanceStatus::Running);
+        assert_eq!(s.spawn(spec("done", "sleep"), None, &[]).unwrap_err().kind, ErrorKind::AlreadyExists);
+        assert_eq!(s.spawn(spec("never", "sleep"), None, &[]).unwrap().meta.status, InstanceStatus::Running);
     }
 
     #[test]
@@ -728,8 +1002,8 @@ mod tests {
         let mem = Mem::default();
         *mem.release.lock().unwrap() = Some(rx);
         let s = Arc::new(service(mem));
-        s.spawn(spec("slow", "x"), None).unwrap();
-        s.spawn(spec("quick", "x"), None).unwrap();
+        s.spawn(spec("slow", "x"), None, &[]).unwrap();
+        s.spawn(spec("quick", "x"), None, &[]).unwrap();
         let s2 = s.clone();
         let stopping = std::thread::spawn(move || {
             s2.transition("slow", None, InstanceStatus::Stopping, ComputeMethod::stop, |d| d.stop("slow"))
@@ -759,7 +1033,7 @@ mod tests {
         let s = service(mem);
         let stray = s.core.records.get("stray").unwrap();
         assert_eq!((stray.meta.status, stray.pid), (InstanceStatus::Running, Some(7)));
-        s.spawn(spec("a", "x"), None).unwrap();
+        s.spawn(spec("a", "x"), None, &[]).unwrap();
         s.core.backends.iter().next().unwrap().call(ComputeMethod::destroy, |d| d.destroy("a")).unwrap();
         s.sync(None);
         let a = s.core.records.get("a").unwrap();

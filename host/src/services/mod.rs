@@ -249,6 +249,25 @@ pub(crate) trait Service: Send + Sync + Sized + 'static {
             b.cleanup();
         }
     }
+    /// Takes what it uses of the other services, once every service is built and before any request
+    /// (compute: the network service, for instances with networks).
+    fn link(&self, _links: &Links<'_>) {}
+}
+
+/// What a service may use of the host besides its own core, given once every service is built.
+#[derive(Clone, Copy)]
+pub struct Links<'a> {
+    /// Every service of the host.
+    pub services: &'a [Arc<dyn DynService>],
+    /// The host's runtime directory (the control socket's): what does not outlive a boot.
+    pub runtime_dir: &'a Path,
+}
+
+impl Links<'_> {
+    /// The service of kind `name`, if the host runs it.
+    pub fn service(&self, name: &str) -> Option<&Arc<dyn DynService>> {
+        self.services.iter().find(|s| s.kind().name == name)
+    }
 }
 
 /// The arguments of an operation on one resource by name: `backend` checks that it is on that backend.
@@ -323,6 +342,10 @@ pub trait DynService: Send + Sync {
     fn records_by_status(&self) -> std::collections::BTreeMap<(String, String), u64>;
     /// Runs every backend's cleanup at host stop, once no request is in flight.
     fn cleanup(&self);
+    /// See `Service::link`.
+    fn link(&self, links: &Links<'_>);
+    /// The service as its own type (for a service that uses another one).
+    fn as_any(&self) -> &dyn std::any::Any;
 }
 
 impl<S: Service> DynService for S {
@@ -366,6 +389,12 @@ impl<S: Service> DynService for S {
     fn cleanup(&self) {
         Service::cleanup(self)
     }
+    fn link(&self, links: &Links<'_>) {
+        Service::link(self, links)
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
 }
 
 /// Builds service `S` from its configuration, its records from the state database.
@@ -400,8 +429,12 @@ mod tests {
         for k in kinds::KINDS {
             let name = k.name;
             db.migrate_kind(k.table, k.migrations).unwrap();
-            let want: Vec<&str> = k.columns.iter().map(|c| c.name).collect();
-            assert_eq!(db.table_columns(k.table).unwrap(), want, "kind {name}: table {} against its records", k.table);
+            // As sets: records are written by column name, and a column a later migration adds comes last
+            // in the table.
+            let want: std::collections::BTreeSet<&str> = k.columns.iter().map(|c| c.name).collect();
+            let found = db.table_columns(k.table).unwrap();
+            let found: std::collections::BTreeSet<&str> = found.iter().map(String::as_str).collect();
+            assert_eq!(found, want, "kind {name}: table {} against its records", k.table);
             let section = protocol
                 .split(&format!("\n## {name}\n"))
                 .nth(1)

@@ -322,7 +322,7 @@ pub(crate) struct NetworkService {
 /// How many characters of a port id name its interfaces (a Linux interface name holds 15).
 const PORT_ID_LEN: usize = 11;
 
-fn new_port_id() -> String {
+pub(crate) fn new_port_id() -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
     let seed = format!("{nanos}-{}-{:p}", std::process::id(), &nanos);
     blake3::hash(seed.as_bytes()).to_hex()[..PORT_ID_LEN].to_owned()
@@ -545,6 +545,35 @@ impl NetworkService {
                 r.set_status(PortStatus::Attached);
             },
         )
+    }
+
+    /// Attaches port `id` for another service (compute's instances): as `attach`, with every argument.
+    pub(crate) fn attach_port(
+        &self,
+        network: &str,
+        id: &str,
+        netns: &str,
+        ifname: &str,
+    ) -> Result<PortRecord, ApiError> {
+        self.attach(network, Some(id), Some(netns), Some(ifname))
+    }
+
+    /// Detaches port `id` for another service; a port that is gone already is fine.
+    pub(crate) fn detach_port(&self, id: &str) -> Result<(), ApiError> {
+        match self.detach(id) {
+            Err(e) if e.kind != ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every port's record.
+    pub(crate) fn all_ports(&self) -> Vec<PortRecord> {
+        self.ports.list(None)
+    }
+
+    /// One port's record.
+    pub(crate) fn port(&self, id: &str) -> Option<PortRecord> {
+        self.ports.get(id)
     }
 
     fn detach(&self, id: &str) -> Result<Removed, ApiError> {

@@ -753,7 +753,7 @@ pub(crate) fn creation_undone<R: Record>(r: &R, op: &str) -> Verdict<R> {
 
 /// Whether a failed driver call may still have done its work (its worker died or was stopped during
 /// the call): then a flow leaves the intent recorded, for the next reconcile to settle.
-fn outcome_unknown(e: &ApiError) -> bool {
+pub(crate) fn outcome_unknown(e: &ApiError) -> bool {
     matches!(e.kind, ErrorKind::DriverCrashed | ErrorKind::Timeout)
 }
 

@@ -2,5 +2,6 @@
 
 pub(crate) mod fmt;
 pub(crate) mod fs;
+pub(crate) mod netns;
 pub(crate) mod time;
 pub(crate) mod users;

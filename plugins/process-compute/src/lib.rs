@@ -91,6 +91,23 @@ fn lookup_uid(uid: u32) -> Option<(u32, u32)> {
     }
 }
 
+/// Opens the network namespace bound at `path` (for `setns`), checking that it is one.
+fn open_netns(name: &str, path: &Path) -> Result<OwnedFd, DriverError> {
+    /// `NS_GET_NSTYPE` (linux/nsfs.h): the type of the namespace a namespace file refers to.
+    const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+    let file = fs::File::open(path)
+        .map_err(io_err(format!("instance {name:?}: opening network namespace {}", path.display())))?;
+    // SAFETY: an ioctl without an argument on a descriptor we hold; any other file fails (ENOTTY).
+    let nstype = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE as _) };
+    if nstype != libc::CLONE_NEWNET {
+        return Err(DriverError::invalid_argument(format!(
+            "instance {name:?}: {} is not a network namespace",
+            path.display()
+        )));
+    }
+    Ok(file.into())
+}
+
 /// The driver's own state file, in `log_dir` (instance names cannot start with `.`).
 const STATE_FILE: &str = ".process-compute.json";
 
@@ -133,6 +150,9 @@ struct SavedInstance {
     /// gone was interrupted: whatever it started is killed at the next start.
     #[serde(default)]
     spawning: Option<(u32, u64)>,
+    /// The network namespace its runs enter (`spawn_in`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    netns: Option<PathBuf>,
 }
 
 /// A run: identified by pid, start time (clock ticks since boot) and boot.
@@ -178,6 +198,8 @@ struct Proc {
     last_exit: Option<Exit>,
     pgid: Option<u32>,
     cgroup: Option<PathBuf>,
+    /// The network namespace its runs enter, if any.
+    netns: Option<PathBuf>,
     /// Destroyed: a caller that waited for this instance's lock finds it gone.
     removed: bool,
 }
@@ -598,6 +620,7 @@ impl ProcessCompute {
             pgid: p.pgid,
             cgroup: p.cgroup.clone(),
             spawning: None,
+            netns: p.netns.clone(),
         }
     }
 
@@ -615,8 +638,15 @@ impl ProcessCompute {
             env: s.env.clone(),
             workdir: s.workdir.clone(),
         };
-        let mut p =
-            Proc { spec, run: None, last_exit: s.last_exit, pgid: s.pgid, cgroup: s.cgroup.clone(), removed: false };
+        let mut p = Proc {
+            spec,
+            run: None,
+            last_exit: s.last_exit,
+            pgid: s.pgid,
+            cgroup: s.cgroup.clone(),
+            netns: s.netns.clone(),
+            removed: false,
+        };
         let mut changed = false;
         if let Some(r) = &s.run {
             let same = r.boot_id == self.boot_id && process_alive(r.pid, r.start_ticks);
@@ -788,7 +818,7 @@ impl ProcessCompute {
         Ok(())
     }
 
-    fn launch(&self, spec: &InstanceSpec, cg: Option<&Path>) -> Result<Run, DriverError> {
+    fn launch(&self, spec: &InstanceSpec, cg: Option<&Path>, netns: Option<&Path>) -> Result<Run, DriverError> {
         let name = &spec.name;
         let log = |ext: &str| -> Result<fs::File, DriverError> {
             let p = self.log_dir.join(format!("{name}.{ext}"));
@@ -833,7 +863,24 @@ impl ProcessCompute {
                 });
             }
         }
-        // After joining the cgroup (which needs root): the instance's own user, for good. (Not
+        // Held open until the child is started; closed in the child at exec.
+        let netns_fd = match netns {
+            Some(path) => Some(open_netns(name, path)?),
+            None => None,
+        };
+        if let Some(fd) = netns_fd.as_ref().map(AsRawFd::as_raw_fd) {
+            // SAFETY: the closure runs in the child between fork and exec and only calls setns
+            // (async-signal-safe) on a descriptor opened before the fork and still open.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        // After joining the cgroup and the namespace (which need root): the instance's own user, for good. (Not
         // `Command::uid`, which std applies before the closures above run.)
         if let Some((uid, gid)) = self.run_as {
             // SAFETY: setgroups, setgid and setuid are async-signal-safe system calls on plain values.
@@ -848,6 +895,7 @@ impl ProcessCompute {
             }
         }
         let child = cmd.spawn().map_err(io_err(format!("instance {name:?}: starting {:?}", spec.command)))?;
+        drop(netns_fd);
         let pid = child.id();
         // Not reaped until we reap it through the pidfd: the pid cannot be reused before this.
         drop(child);
@@ -967,7 +1015,7 @@ impl ProcessCompute {
                     .map_err(io_err(format!("instance {name:?}: creating cgroup {}", cg.display())))?;
             }
         }
-        let run = self.launch(&p.spec, p.cgroup.as_deref())?;
+        let run = self.launch(&p.spec, p.cgroup.as_deref(), p.netns.as_deref())?;
         p.pgid = Some(run.pid);
         p.run = Some(run);
         self.persist(name, p)
@@ -987,6 +1035,9 @@ impl ProcessCompute {
         }
         if let Some(cg) = &p.cgroup {
             details.push(("cgroup".to_owned(), cg.display().to_string()));
+        }
+        if let Some(ns) = &p.netns {
+            details.push(("netns".to_owned(), ns.display().to_string()));
         }
         match &p.run {
             Some(r) => {
@@ -1047,6 +1098,66 @@ fn fnv64(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
 }
 
+impl ProcessCompute {
+    /// Spawns an instance, its runs in network namespace `netns` if given.
+    fn spawn_with(&self, spec: &InstanceSpec, netns: Option<&Path>) -> Result<Instance, DriverError> {
+        let name = spec.name.as_str();
+        plughost_api::check_name("instance", name)?;
+        if spec.command.is_empty() {
+            return Err(DriverError::invalid_argument(format!("instance {name:?}: empty command")));
+        }
+        let taken = || DriverError::already_exists(format!("instance {name:?} already exists"));
+        if self.read_state()?.instances.contains_key(name) {
+            // Known to the state file (another driver object on this log_dir may have started it).
+            self.slot(name)?;
+            return Err(taken());
+        }
+        let slot = slot_of(Proc {
+            spec: spec.clone(),
+            run: None,
+            last_exit: None,
+            pgid: None,
+            cgroup: None,
+            netns: netns.map(Path::to_path_buf),
+            removed: false,
+        });
+        let mut p = lock(&slot.proc);
+        {
+            let mut map = lock(&self.instances);
+            if map.contains_key(name) {
+                return Err(taken());
+            }
+            if map.len() >= self.max_instances {
+                return Err(DriverError::no_capacity(format!("limit of {} instances reached", self.max_instances)));
+            }
+            map.insert(name.to_owned(), slot.clone());
+        }
+        let started = (|| {
+            // The intent first: a crash from here on leaves an entry naming this process, and the next
+            // start kills whatever this spawn had started.
+            p.cgroup = match self.containment() {
+                Containment::Cgroup(parent) => Some(parent.join(format!("i-{name}"))),
+                Containment::ProcessGroup => None,
+            };
+            self.save(name, Some(SavedInstance { spawning: Some(me()), ..self.saved_of(&p) }))?;
+            p.cgroup = self.prepare_cgroup(name)?;
+            self.start_run(name, &mut p)
+        })();
+        if let Err(e) = started {
+            p.removed = true;
+            if let Some(cg) = &p.cgroup {
+                kill_cgroup(cg);
+            }
+            let _ = self.save(name, None);
+            lock(&self.instances).remove(name);
+            return Err(e);
+        }
+        let info = self.info(name, &p);
+        *lock(&slot.shown) = Some(info.clone());
+        Ok(info)
+    }
+}
+
 impl ComputeDriver for ProcessCompute {
     fn init(&self) -> Result<(), DriverError> {
         // SAFETY: geteuid has no preconditions.
@@ -1082,53 +1193,20 @@ impl ComputeDriver for ProcessCompute {
     }
 
     fn spawn(&self, spec: &InstanceSpec) -> Result<Instance, DriverError> {
-        let name = spec.name.as_str();
-        plughost_api::check_name("instance", name)?;
-        if spec.command.is_empty() {
-            return Err(DriverError::invalid_argument(format!("instance {name:?}: empty command")));
+        self.spawn_with(spec, None)
+    }
+
+    fn spawn_in(&self, spec: &InstanceSpec, netns: &str) -> Result<Instance, DriverError> {
+        let path = Path::new(netns);
+        if !path.is_absolute() {
+            return Err(DriverError::invalid_argument(format!(
+                "instance {:?}: network namespace {netns:?} is not an absolute path",
+                spec.name
+            )));
         }
-        let taken = || DriverError::already_exists(format!("instance {name:?} already exists"));
-        if self.read_state()?.instances.contains_key(name) {
-            // Known to the state file (another driver object on this log_dir may have started it).
-            self.slot(name)?;
-            return Err(taken());
-        }
-        let slot =
-            slot_of(Proc { spec: spec.clone(), run: None, last_exit: None, pgid: None, cgroup: None, removed: false });
-        let mut p = lock(&slot.proc);
-        {
-            let mut map = lock(&self.instances);
-            if map.contains_key(name) {
-                return Err(taken());
-            }
-            if map.len() >= self.max_instances {
-                return Err(DriverError::no_capacity(format!("limit of {} instances reached", self.max_instances)));
-            }
-            map.insert(name.to_owned(), slot.clone());
-        }
-        let started = (|| {
-            // The intent first: a crash from here on leaves an entry naming this process, and the next
-            // start kills whatever this spawn had started.
-            p.cgroup = match self.containment() {
-                Containment::Cgroup(parent) => Some(parent.join(format!("i-{name}"))),
-                Containment::ProcessGroup => None,
-            };
-            self.save(name, Some(SavedInstance { spawning: Some(me()), ..self.saved_of(&p) }))?;
-            p.cgroup = self.prepare_cgroup(name)?;
-            self.start_run(name, &mut p)
-        })();
-        if let Err(e) = started {
-            p.removed = true;
-            if let Some(cg) = &p.cgroup {
-                kill_cgroup(cg);
-            }
-            let _ = self.save(name, None);
-            lock(&self.instances).remove(name);
-            return Err(e);
-        }
-        let info = self.info(name, &p);
-        *lock(&slot.shown) = Some(info.clone());
-        Ok(info)
+        // Checked before anything is recorded, so that a wrong path is a clean refusal.
+        drop(open_netns(&spec.name, path)?);
+        self.spawn_with(spec, Some(path))
     }
 
     fn destroy(&self, name: &str) -> Result<(), DriverError> {
@@ -1293,6 +1371,33 @@ mod tests {
         d.destroy("s").unwrap();
         d.destroy("q").unwrap();
         d.cleanup().unwrap();
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn spawn_in_runs_every_run_in_the_namespace_and_refuses_what_is_not_one() {
+        let dir = temp("netns");
+        let d = driver(&dir, "none");
+        let sleeper = sh("n", "exec sleep 30");
+        for (path, why) in [("/proc/self/ns/mnt", "is not a network namespace"), ("relative", "absolute path")] {
+            let e = d.spawn_in(&sleeper, path).unwrap_err();
+            assert_eq!(e.kind(), plughost_api::ErrorKind::INVALID_ARGUMENT, "{e}");
+            assert!(e.message().contains(why), "{e}");
+        }
+        assert!(d.list().unwrap().is_empty(), "a refused spawn leaves nothing");
+        // The driver's own namespace, bound by /proc (a test cannot make one without root): the run is
+        // in it, said so, and so is the run after a stop and start, and after an adoption.
+        let ns = format!("/proc/{}/ns/net", std::process::id());
+        let ino = |path: &str| fs::metadata(path).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).unwrap();
+        let i = d.spawn_in(&sleeper, &ns).unwrap();
+        assert!(i.details.contains(&("netns".to_owned(), ns.clone())), "{:?}", i.details);
+        assert_eq!(ino(&format!("/proc/{}/ns/net", i.pid.unwrap())), ino(&ns));
+        d.stop("n").unwrap();
+        let again = d.start("n").unwrap();
+        assert!(again.details.contains(&("netns".to_owned(), ns.clone())), "{:?}", again.details);
+        let adopted = driver(&dir, "none").get("n").unwrap();
+        assert!(adopted.details.contains(&("netns".to_owned(), ns.clone())), "{:?}", adopted.details);
+        d.destroy("n").unwrap();
         let _ = fs::remove_dir_all(&dir);
     }
 

@@ -380,3 +380,156 @@ fn an_option_this_kernel_cannot_serve_is_refused_in_one_line() {
         r.stderr
     );
 }
+
+/// An instance's program for the end-to-end tests (this test binary, run again by process-compute in
+/// the instance's namespace): `PLUGHOST_TCP=serve=ADDR` accepts one connection on ADDR and answers
+/// `ping!` with `pong!`; `connect=ADDR` (retrying while nothing listens) sends `ping!` and expects
+/// `pong!`. It passes (exit 0) only if the exchange did.
+#[test]
+#[ignore = "an instance's program in the end-to-end tests (see instances_on_one_network_talk)"]
+fn tool_tcp() {
+    use std::io::{Read, Write};
+    let Ok(what) = std::env::var("PLUGHOST_TCP") else { return };
+    match what.split_once('=').unwrap() {
+        ("serve", addr) => {
+            let l = std::net::TcpListener::bind(addr).unwrap();
+            let (mut s, _) = l.accept().unwrap();
+            let mut got = [0u8; 5];
+            s.read_exact(&mut got).unwrap();
+            assert_eq!(&got, b"ping!");
+            s.write_all(b"pong!").unwrap();
+        }
+        ("connect", addr) => {
+            let addr: std::net::SocketAddr = addr.parse().unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            let mut s = loop {
+                match std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5)) {
+                    Ok(s) => break s,
+                    Err(e) => assert!(std::time::Instant::now() < deadline, "connect {addr}: {e}"),
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            };
+            s.write_all(b"ping!").unwrap();
+            let mut got = [0u8; 5];
+            s.read_exact(&mut got).unwrap();
+            assert_eq!(&got, b"pong!");
+        }
+        other => panic!("PLUGHOST_TCP={other:?}"),
+    }
+}
+
+/// The spawn arguments of an instance running [`tool_tcp`] with `PLUGHOST_TCP=what`.
+fn tcp_instance(name: &str, networks: &[&str], what: &str) -> Value {
+    let exe = std::env::current_exe().unwrap();
+    json!({
+        "name": name,
+        "command": exe.to_str().unwrap(),
+        "args": ["--exact", "network::tool_tcp", "--ignored", "--nocapture", "--test-threads", "1"],
+        "env": {"PLUGHOST_TCP": what},
+        "networks": networks,
+    })
+}
+
+/// Waits until instance `name` is stopped; its record.
+fn stopped(d: &mut Daemon, name: &str) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let i = d.ok("compute", "get", json!({"name": name}));
+        if i["status"] != "running" {
+            return i;
+        }
+        assert!(std::time::Instant::now() < deadline, "instance {name} still running: {i}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+fn inode(path: &str) -> u64 {
+    std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).unwrap())
+}
+
+fn e2e_args() -> [&'static str; 6] {
+    ["--volume-driver", "fake-volume", "--compute-driver", "process-compute", "--network-driver", "bridge-network"]
+}
+
+#[test]
+fn instances_on_one_network_talk_and_destroy_leaves_nothing() {
+    in_own_namespaces("network::inner_instances_on_one_network");
+}
+
+#[test]
+#[ignore = "runs only inside its own namespaces (see in_own_namespaces)"]
+fn inner_instances_on_one_network() {
+    if !inside() {
+        return;
+    }
+    let t = TempDir::new("net-e2e");
+    let (state, socket) = (t.join("state"), t.join("run/plughost.sock"));
+    let mut d = Daemon::start_with(&state, Some(&socket), &e2e_args(), |_| {});
+    d.ok("network", "create", json!({"name": "lan", "cidr": "10.80.0.0/24"}));
+    let srv = d.ok("compute", "spawn", tcp_instance("srv", &["lan"], "serve=10.80.0.2:7000"));
+    // Its namespace: bound under the runtime dir, made for it, the process in it, not ours.
+    let ns = srv["netns"].as_str().unwrap().to_owned();
+    assert_eq!(std::path::Path::new(&ns).parent(), Some(t.join("run/netns").as_path()), "{srv}");
+    assert_eq!(srv["netns_inode"].as_u64(), Some(inode(&ns)), "{srv}");
+    let pid = srv["pid"].as_u64().unwrap();
+    assert_eq!(inode(&format!("/proc/{pid}/ns/net")), inode(&ns), "the process is in its namespace");
+    assert_ne!(inode(&ns), inode("/proc/self/ns/net"));
+    let port = &srv["ports"][0];
+    assert_eq!(
+        (port["network"].as_str(), port["address"].as_str(), port["ifname"].as_str()),
+        (Some("lan"), Some("10.80.0.2/24"), Some("eth0")),
+        "{srv}"
+    );
+    assert!(port["mac"].as_str().unwrap().starts_with("02:"), "{srv}");
+    assert_eq!(srv["status"], "running", "{srv}");
+    // The other one connects to it over the bridge and exits 0; so does the server, once served.
+    let cli = d.ok("compute", "spawn", tcp_instance("cli", &["lan"], "connect=10.80.0.2:7000"));
+    assert_eq!(cli["ports"][0]["address"], "10.80.0.3/24", "{cli}");
+    let cli = stopped(&mut d, "cli");
+    assert_eq!(cli["exit_code"], 0, "{cli}");
+    let srv = stopped(&mut d, "srv");
+    assert_eq!(srv["exit_code"], 0, "{srv}");
+    // The network service shows both ports, in their namespaces.
+    let ports = d.ok("network", "ports", json!({"network": "lan"}));
+    assert_eq!(ports["ports"].as_array().unwrap().len(), 2, "{ports}");
+    // A network that does not exist: refused, nothing left behind.
+    let e = d.call("compute", "spawn", tcp_instance("lost", &["nope"], "serve=10.80.0.9:7000"));
+    assert_eq!(e["error"]["kind"], "not_found", "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("network \"nope\""), "{e}");
+    assert_eq!(std::fs::read_dir(t.join("run/netns")).unwrap().count(), 2, "no namespace left by the refusal");
+    // Destroy: the namespace is gone, the port detached and its address free again.
+    d.ok("compute", "destroy", json!({"name": "srv"}));
+    assert!(!std::path::Path::new(&ns).exists(), "{ns} left behind");
+    let ports = d.ok("network", "ports", json!({"network": "lan"}));
+    assert_eq!(ports["ports"].as_array().unwrap().len(), 1, "{ports}");
+    // (By `ctl`, as people do.)
+    let exe = std::env::current_exe().unwrap();
+    let sock = socket.to_str().unwrap();
+    let spawned = run(&[
+        "ctl",
+        "--socket",
+        sock,
+        "--json",
+        "compute",
+        "spawn",
+        "again",
+        "--network",
+        "lan",
+        "--env",
+        "PLUGHOST_TCP=serve=10.80.0.2:7001",
+        "--",
+        exe.to_str().unwrap(),
+        "--exact",
+        "network::tool_tcp",
+        "--ignored",
+    ]);
+    assert_eq!(spawned.code, 0, "{}{}", spawned.stdout, spawned.stderr);
+    let again: Value = serde_json::from_str(&spawned.stdout).unwrap();
+    assert_eq!(again["result"]["ports"][0]["address"], "10.80.0.2/24", "the address was released: {again}");
+    for name in ["cli", "again"] {
+        d.ok("compute", "destroy", json!({"name": name}));
+    }
+    assert_eq!(std::fs::read_dir(t.join("run/netns")).unwrap().count(), 0);
+    d.ok("network", "delete", json!({"name": "lan"}));
+    assert!(links().iter().all(|l| !l.starts_with("ph")), "left behind: {:?}", links());
+}
