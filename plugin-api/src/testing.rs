@@ -669,6 +669,7 @@ pub const COMPUTE_CHECKS: &[&str] = &[
     "destroy_removes",
     "list_matches_spawns",
     "concurrent_spawn_destroy",
+    "spawn_in_refuses_what_is_not_a_network_namespace",
 ];
 
 fn spec_for(template: &InstanceSpec, name: &str) -> InstanceSpec {
@@ -676,7 +677,7 @@ fn spec_for(template: &InstanceSpec, name: &str) -> InstanceSpec {
 }
 
 fn compute_checks() -> Vec<(&'static str, ComputeCheck)> {
-    let bodies: [ComputeCheck; 10] = [
+    let bodies: [ComputeCheck; 11] = [
         |d, _| {
             expect_ok("health", d.health())?;
             Ok(String::new())
@@ -760,6 +761,30 @@ fn compute_checks() -> Vec<(&'static str, ComputeCheck)> {
                 &|| expect_ok("list", d.list()).map(|l| l.into_iter().map(|i| i.name).collect()),
                 &|n| expect_ok("destroy", d.destroy(n)),
             )
+        },
+        |d, t| {
+            // The optional `compute.spawn_in` (1.2): a path that is not a network namespace is refused
+            // and leaves no instance.
+            let [a] = names_n("netns");
+            let not_netns = "/proc/self/ns/mnt";
+            match d.spawn_in(&spec_for(t, &a), not_netns) {
+                Err(e) if e.kind() == ErrorKind::UNSUPPORTED => {
+                    well_formed("spawn_in", &e)?;
+                    Ok("spawn_in unsupported (optional)".to_owned())
+                }
+                Err(e) => {
+                    well_formed("spawn_in", &e)?;
+                    check(e.kind() == ErrorKind::INVALID_ARGUMENT, || {
+                        format!("spawn_in into {not_netns} answered {:?}, expected invalid_argument: {e}", e.kind())
+                    })?;
+                    expect_err("get after a refused spawn_in", d.get(&a), ErrorKind::NOT_FOUND)?;
+                    Ok(String::new())
+                }
+                Ok(i) => {
+                    let _ = d.destroy(&a);
+                    Err(format!("spawn_in into {not_netns} (a mount namespace) succeeded: {i:?}"))
+                }
+            }
         },
     ];
     COMPUTE_CHECKS.iter().copied().zip(bodies).collect()

@@ -944,7 +944,313 @@ fn fleet_benchmarks(out: &mut Vec<Metric>, work: &Path) {
     ));
 }
 
+/// A raw rtnetlink connection: the network benchmark's baseline, what any tool talking netlink pays.
+struct RawRtnl {
+    socket: netlink_sys::Socket,
+    seq: u32,
+}
+
+impl RawRtnl {
+    fn open() -> RawRtnl {
+        let mut socket = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_ROUTE).unwrap();
+        socket.bind_auto().unwrap();
+        socket.connect(&netlink_sys::SocketAddr::new(0, 0)).unwrap();
+        RawRtnl { socket, seq: 0 }
+    }
+
+    /// A connection in the network namespace bound at `path` (a socket stays in the namespace it was
+    /// made in).
+    fn open_in(path: &Path) -> RawRtnl {
+        use std::os::fd::AsRawFd;
+        let ns = std::fs::File::open(path).unwrap();
+        std::thread::spawn(move || {
+            // SAFETY: setns for this short-lived thread only, on a namespace file held open.
+            assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
+            RawRtnl::open()
+        })
+        .join()
+        .unwrap()
+    }
+
+    /// The index of link `name`.
+    fn index_of(&mut self, name: &str) -> u32 {
+        use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_REQUEST};
+        use netlink_packet_route::link::{LinkAttribute, LinkMessage};
+        use netlink_packet_route::RouteNetlinkMessage as M;
+        self.seq += 1;
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST;
+        header.sequence_number = self.seq;
+        let mut l = LinkMessage::default();
+        l.attributes = vec![LinkAttribute::IfName(name.to_owned())];
+        let mut m = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(M::GetLink(l)));
+        m.finalize();
+        let mut buf = vec![0u8; m.buffer_len()];
+        m.serialize(&mut buf);
+        self.socket.send(&buf, 0).unwrap();
+        loop {
+            let (data, _) = self.socket.recv_from_full().unwrap();
+            let answer = NetlinkMessage::<M>::deserialize(&data).unwrap();
+            if answer.header.sequence_number == self.seq {
+                match answer.payload {
+                    NetlinkPayload::InnerMessage(M::NewLink(l)) => return l.header.index,
+                    other => panic!("netlink: no link {name}: {other:?}"),
+                }
+            }
+        }
+    }
+
+    /// What attaching a port takes at least, by hand: a veth pair with its peer made in `ns`, the host
+    /// end on `bridge` and up, the peer given `addr`/16 and up (through `inside`, a connection in `ns`).
+    fn port_by_hand(
+        &mut self,
+        inside: &mut RawRtnl,
+        name: &str,
+        peer: &str,
+        ns: &std::fs::File,
+        bridge: u32,
+        addr: [u8; 4],
+    ) {
+        use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL};
+        use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+        use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+        use netlink_packet_route::{AddressFamily, RouteNetlinkMessage as M};
+        self.veth(name, peer, ns);
+        let host = self.index_of(name);
+        let mut m = LinkMessage::default();
+        m.header.index = host;
+        m.header.flags = LinkFlags::Up;
+        m.header.change_mask = LinkFlags::Up;
+        m.attributes = vec![LinkAttribute::Controller(bridge)];
+        self.ack(M::SetLink(m), 0);
+        let p = inside.index_of(peer);
+        let mut a = AddressMessage::default();
+        a.header.family = AddressFamily::Inet;
+        a.header.prefix_len = 16;
+        a.header.index = p;
+        let ip = std::net::IpAddr::V4(addr.into());
+        a.attributes = vec![AddressAttribute::Local(ip), AddressAttribute::Address(ip)];
+        inside.ack(M::NewAddress(a), NLM_F_CREATE | NLM_F_EXCL);
+        let mut up = LinkMessage::default();
+        up.header.index = p;
+        up.header.flags = LinkFlags::Up;
+        up.header.change_mask = LinkFlags::Up;
+        inside.ack(M::SetLink(up), 0);
+    }
+
+    /// Deletes link `name`.
+    fn delete(&mut self, name: &str) {
+        use netlink_packet_route::link::{LinkAttribute, LinkMessage};
+        let mut d = LinkMessage::default();
+        d.attributes = vec![LinkAttribute::IfName(name.to_owned())];
+        self.ack(netlink_packet_route::RouteNetlinkMessage::DelLink(d), 0);
+    }
+
+    /// Sends one request with an ack and waits for it.
+    fn ack(&mut self, msg: netlink_packet_route::RouteNetlinkMessage, flags: u16) {
+        use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_REQUEST};
+        self.seq += 1;
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
+        header.sequence_number = self.seq;
+        let mut m = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(msg));
+        m.finalize();
+        let mut buf = vec![0u8; m.buffer_len()];
+        m.serialize(&mut buf);
+        self.socket.send(&buf, 0).unwrap();
+        loop {
+            let (data, _) = self.socket.recv_from_full().unwrap();
+            let answer = NetlinkMessage::<netlink_packet_route::RouteNetlinkMessage>::deserialize(&data).unwrap();
+            if answer.header.sequence_number != self.seq {
+                continue;
+            }
+            match answer.payload {
+                NetlinkPayload::Error(e) => {
+                    assert!(e.code.is_none(), "netlink: {e:?}");
+                    return;
+                }
+                other => panic!("netlink: unexpected answer {other:?}"),
+            }
+        }
+    }
+
+    /// Creates veth pair `name` / `peer` (the peer in the namespace `ns`, as a port's), then deletes it
+    /// (by name): two kernel round trips.
+    fn veth_create_delete(&mut self, name: &str, peer: &str, ns: &std::fs::File) {
+        self.veth(name, peer, ns);
+        self.delete(name);
+    }
+
+    /// Creates veth pair `name` / `peer`, the peer in `ns`.
+    fn veth(&mut self, name: &str, peer: &str, ns: &std::fs::File) {
+        use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL};
+        use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkInfo, LinkMessage};
+        use netlink_packet_route::RouteNetlinkMessage as M;
+        use std::os::fd::AsRawFd;
+        let mut p = LinkMessage::default();
+        p.attributes = vec![LinkAttribute::IfName(peer.to_owned()), LinkAttribute::NetNsFd(ns.as_raw_fd())];
+        let mut m = LinkMessage::default();
+        m.attributes = vec![
+            LinkAttribute::IfName(name.to_owned()),
+            LinkAttribute::LinkInfo(vec![
+                LinkInfo::Kind(InfoKind::Veth),
+                LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(p))),
+            ]),
+        ];
+        self.ack(M::NewLink(m), NLM_F_CREATE | NLM_F_EXCL);
+    }
+}
+
+/// The network group, run inside a network and mount namespace of its own (the benchmark runs itself
+/// again under `unshare`): nothing it makes is seen outside, and nothing is left.
+fn network_benchmarks(out: &mut Vec<Metric>, work: &Path) {
+    let exe = std::env::current_exe().unwrap();
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["--net", "--mount", "--propagation", "private", "--"]).arg(&exe);
+    if QUICK.load(Ordering::Relaxed) {
+        cmd.arg("--quick");
+    }
+    let ran = cmd.env("PLUGHOST_BENCH_NETWORK_INNER", work).stderr(Stdio::inherit()).output().unwrap();
+    if !ran.status.success() {
+        let ci = std::env::var("CI").as_deref() == Ok("true");
+        assert!(!ci, "the network benchmark failed in its namespace ({})", ran.status);
+        println!("network: skipped (cannot make a namespace here: it needs root)");
+        return;
+    }
+    let text = String::from_utf8_lossy(&ran.stdout);
+    let lines: Vec<Value> = serde_json::from_str(text.lines().last().unwrap_or("[]")).unwrap();
+    for l in lines {
+        let baseline = l["baseline"].as_str().map(|n| (n.to_owned(), l["baseline_value"].as_f64().unwrap()));
+        let goal: &'static str = match l["goal"].as_str().unwrap_or("") {
+            "<= 2x" => "<= 2x",
+            "<= 1.2x" => "<= 1.2x",
+            _ => "",
+        };
+        out.push(Metric {
+            name: l["name"].as_str().unwrap().to_owned(),
+            value: l["value"].as_f64().unwrap(),
+            unit: "ms",
+            baseline,
+            goal,
+        });
+    }
+}
+
+/// Makes a network namespace bound at `path` (a thread unshares and bind-mounts its own), as the host
+/// does for an instance.
+fn make_netns(path: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    std::fs::write(path, b"").unwrap();
+    let target = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    std::thread::spawn(move || {
+        // SAFETY: unshare affects this short-lived thread only; mount gets NUL-terminated paths.
+        unsafe {
+            assert_eq!(libc::unshare(libc::CLONE_NEWNET), 0, "unshare");
+            let src = c"/proc/thread-self/ns/net";
+            let rc = libc::mount(src.as_ptr(), target.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null());
+            assert_eq!(rc, 0, "bind mount");
+        }
+    })
+    .join()
+    .unwrap();
+}
+
+/// Inside the namespace: a host with bridge-network; a port's attach + detach through the socket
+/// against a raw netlink veth create + delete, sampled round-robin; then a port's attach with 10 ports
+/// on the bridge against the same with 1,000 (each phase with its own raw samples, for the drift).
+fn network_inner(work: &Path) -> Vec<Value> {
+    let server = Server::start(
+        &work.join("network"),
+        &["--volume-driver", "fake-volume", "--compute-driver", "none", "--network-driver", "bridge-network"],
+    );
+    let mut c = Conn::new(&server.socket);
+    let mut ask = |op: &str, args: Value| {
+        let v = c.json(&json!({"id": 1, "service": "network", "op": op, "args": args}));
+        assert_eq!(v["ok"], true, "{op}: {v}");
+        v
+    };
+    let net = ask("create", json!({"name": "bench", "cidr": "10.99.0.0/16"}));
+    let (n, full) = (q(300, 5), q(1000, 20));
+    // Every port in a namespace of its own, as an instance's is (with all of them in one namespace, the
+    // kernel's cost of one more address on a subnet grows with the addresses there: not our case).
+    let ns_dir = work.join("netns");
+    std::fs::create_dir_all(&ns_dir).unwrap();
+    let fill = |ask: &mut dyn FnMut(&str, Value) -> Value, to: usize, from: usize| {
+        for i in from..to {
+            let ns = ns_dir.join(format!("f{i}"));
+            make_netns(&ns);
+            ask("attach", json!({"network": "bench", "id": format!("f{i}"), "netns": ns.to_str().unwrap()}));
+        }
+    };
+    let probe = ns_dir.join("probe");
+    make_netns(&probe);
+    let probe_file = std::fs::File::open(&probe).unwrap();
+    let mut inside = RawRtnl::open_in(&probe);
+    let probe = probe.to_str().unwrap().to_owned();
+    let mut nl = RawRtnl::open();
+    let bridge = nl.index_of(net["result"]["interface"].as_str().unwrap());
+    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1000.0;
+    // One phase, sampled round-robin: (raw veth create + delete, a port by hand, our attach, our
+    // attach + detach).
+    let mut phase = |ask: &mut dyn FnMut(&str, Value) -> Value, tag: &str| {
+        let mut samples: [Vec<f64>; 4] = Default::default();
+        for i in 0..n {
+            let t = Instant::now();
+            nl.veth_create_delete(&format!("bnv{i}"), &format!("bnp{i}"), &probe_file);
+            samples[0].push(ms(t));
+            let t = Instant::now();
+            nl.port_by_hand(&mut inside, &format!("bhv{i}"), &format!("bhp{i}"), &probe_file, bridge, [10, 99, 250, 1]);
+            samples[1].push(ms(t));
+            nl.delete(&format!("bhv{i}"));
+            let t = Instant::now();
+            ask("attach", json!({"network": "bench", "id": format!("{tag}{i}"), "netns": probe}));
+            samples[2].push(ms(t));
+            ask("detach", json!({"id": format!("{tag}{i}")}));
+            samples[3].push(ms(t));
+        }
+        samples.map(|mut v| median(&mut v))
+    };
+    fill(&mut ask, 10, 0);
+    let [raw, hand10, attach10, ours] = phase(&mut ask, "m");
+    fill(&mut ask, full, 10);
+    let [raw_full, hand_full, attach_full, _] = phase(&mut ask, "k");
+    let line = |name: &str, v: f64, base: Option<(&str, f64)>, goal: &str| json!({"name": name, "value": v, "baseline": base.map(|b| b.0), "baseline_value": base.map(|b| b.1), "goal": goal});
+    vec![
+        line("network.raw_veth_create_delete", raw, None, ""),
+        line("network.port_attach_detach", ours, Some(("network.raw_veth_create_delete", raw)), "<= 2x"),
+        line("network.attach_with_10_ports", attach10, None, ""),
+        line(
+            &format!("network.attach_with_{full}_ports"),
+            attach_full,
+            Some(("network.attach_with_10_ports", attach10)),
+            "<= 1.2x",
+        ),
+        // The kernel's own share, side by side: the same port made by hand with 10 and with `full` ports
+        // on the bridge (its cost grows with the bridge too), and the raw veth in both phases (drift).
+        line("network.port_by_hand_with_10_ports", hand10, None, ""),
+        line(
+            &format!("network.port_by_hand_with_{full}_ports"),
+            hand_full,
+            Some(("network.port_by_hand_with_10_ports", hand10)),
+            "",
+        ),
+        line(
+            &format!("network.raw_veth_create_delete_{full}"),
+            raw_full,
+            Some(("network.raw_veth_create_delete", raw)),
+            "",
+        ),
+    ]
+}
+
 fn main() {
+    if let Some(work) = std::env::var_os("PLUGHOST_BENCH_NETWORK_INNER") {
+        // The network group's inner run, in its own namespaces: its metrics, as one JSON line.
+        QUICK.store(std::env::args().any(|a| a == "--quick"), Ordering::Relaxed);
+        let lines = network_inner(Path::new(&work));
+        println!("{}", Value::Array(lines));
+        return;
+    }
     // `cargo bench` passes `--bench`; a filter argument selects groups by prefix.
     let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     QUICK.store(std::env::args().any(|a| a == "--quick"), Ordering::Relaxed);
@@ -975,6 +1281,9 @@ fn main() {
     }
     if wanted("fleet") {
         fleet_benchmarks(&mut out, work.path());
+    }
+    if wanted("network") {
+        network_benchmarks(&mut out, work.path());
     }
 
     println!("{:<44} {:>12} {:<6} {:>9}  goal", "metric", "value", "unit", "ratio");

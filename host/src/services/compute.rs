@@ -683,7 +683,10 @@ impl ComputeService {
             }
         }
         if !networks.is_empty() {
-            self.network_for(&spec.name)?;
+            let net = self.network_for(&spec.name)?;
+            for n in networks {
+                net.usable(n)?;
+            }
         }
         if spec.command.is_empty() {
             return Err(ApiError::invalid(format!("instance {:?}: empty command", spec.name)));

@@ -463,7 +463,7 @@ impl NetworkService {
     fn delete(&self, name: &str, backend: Option<&str>) -> Result<Removed, ApiError> {
         let _held = self.core.records.hold(name);
         let (r, b) = self.core.backends.locate(&self.core.records, name, backend)?;
-        let ports = self.ports_of(name).len();
+        let ports = self.ports.filter_map(|p| (p.network == name).then_some(())).len();
         if ports > 0 {
             return Err(ApiError::new(
                 ErrorKind::Busy,
@@ -524,7 +524,8 @@ impl NetworkService {
         let subnet = net.subnet()?;
         let gateway: Ipv4Addr = net.gateway.parse().unwrap_or_else(|_| subnet.first_host());
         let _port = self.ports.hold(&id);
-        let in_use: BTreeSet<Ipv4Addr> = self.ports_of(network).iter().filter_map(PortRecord::ip).collect();
+        let in_use: BTreeSet<Ipv4Addr> =
+            self.ports.filter_map(|p| (p.network == network).then(|| p.ip()).flatten()).into_iter().collect();
         let address = ipam::allocate(network, subnet, gateway, &in_use)?;
         let mut record = PortRecord {
             meta: Meta::new(&id, &b.name, PortStatus::Attaching),
@@ -556,6 +557,15 @@ impl NetworkService {
         ifname: &str,
     ) -> Result<PortRecord, ApiError> {
         self.attach(network, Some(id), Some(netns), Some(ifname))
+    }
+
+    /// Whether network `name` exists and takes ports (checked again when a port is attached).
+    pub(crate) fn usable(&self, name: &str) -> Result<(), ApiError> {
+        let (net, _) = self.core.backends.locate(&self.core.records, name, None)?;
+        match net.meta.status {
+            NetworkStatus::Available => Ok(()),
+            other => Err(ApiError::new(ErrorKind::Unavailable, format!("network {name:?} is {other}"))),
+        }
     }
 
     /// Detaches port `id` for another service; a port that is gone already is fine.

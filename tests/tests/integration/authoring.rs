@@ -37,7 +37,12 @@ fn every_reference_driver_passes_the_conformance_suite_through_the_loader() {
     ] {
         let (code, v) = check_json(&driver(name), &opts);
         assert_eq!((code, failed(&v)), (0, Vec::<String>::new()), "{name}: {v}");
-        let expected = if name.ends_with("compute") || name.ends_with("network") { 10 } else { 15 };
+        use plughost_api::testing::{COMPUTE_CHECKS, NETWORK_CHECKS, VOLUME_CHECKS};
+        let expected = match name {
+            n if n.ends_with("compute") => COMPUTE_CHECKS.len(),
+            n if n.ends_with("network") => NETWORK_CHECKS.len(),
+            _ => VOLUME_CHECKS.len(),
+        };
         assert_eq!(v["checks"].as_array().unwrap().len(), expected, "{name}: {v}");
     }
 }
@@ -149,7 +154,7 @@ fn a_new_driver_crate_passes_cargo_test_and_plughost_check_as_generated() {
     let target = target_dir().join("scaffold");
     let api = plughost_api::API_VERSION.rsplit_once('.').unwrap().0.to_owned();
     for (name, kind, checks) in
-        [("my-volume", "volume", 15), ("my-compute", "compute", 10), ("my-network", "network", 10)]
+        [("my-volume", "volume", 15), ("my-compute", "compute", 11), ("my-network", "network", 10)]
     {
         let r = new(&["new", name, "--kind", kind]);
         assert_eq!(r.code, 0, "{r:?}");

@@ -185,3 +185,39 @@ fn hosts_from_before_the_network_kind_refuse_a_network_driver_by_its_kind() {
     let line = refusal(&plughost(), &fake_network);
     assert!(line.contains("network") && line.contains("volume"), "{line}");
 }
+
+#[test]
+fn hosts_from_before_spawn_in_run_todays_compute_drivers() {
+    // Today's compute drivers carry 1.2's `compute.spawn_in` extension (process-compute implements it,
+    // fake-compute answers with its default): a 1.0 or 1.1 host never asks for it and runs them.
+    for (version, commit) in releases().into_iter().filter(|(v, _)| *v != plughost_api::API_VERSION) {
+        let b = build_release(&version, &commit);
+        for compute in ["process-compute", "fake-compute"] {
+            let t = TempDir::new("compat-compute");
+            let socket = t.join("plughost.sock");
+            let mut child = Command::new(&b.plughost)
+                .args(["run", "--state-dir", t.path().to_str().unwrap(), "--periodic-interval-ms", "200"])
+                .args(["--volume-driver", b.fake_volume.to_str().unwrap()])
+                .args(["--compute-driver", driver(compute).to_str().unwrap()])
+                .env_remove("RUST_LOG")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+                let exited = child.try_wait().unwrap();
+                assert!(exited.is_none(), "a {version} host refused today's {compute}: {exited:?}");
+                assert!(std::time::Instant::now() < deadline, "a {version} host did not start");
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            let mut c = Client::connect(&socket);
+            let spawned = c.call("compute", "spawn", json!({"name": "i", "command": "sleep", "args": ["30"]})).unwrap();
+            assert_eq!(spawned["ok"], true, "a {version} host spawning with today's {compute}: {spawned}");
+            let destroyed = c.call("compute", "destroy", json!({"name": "i"})).unwrap();
+            assert_eq!(destroyed["ok"], true, "{destroyed}");
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

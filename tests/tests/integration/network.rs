@@ -533,3 +533,179 @@ fn inner_instances_on_one_network() {
     d.ok("network", "delete", json!({"name": "lan"}));
     assert!(links().iter().all(|l| !l.starts_with("ph")), "left behind: {:?}", links());
 }
+
+#[test]
+fn instances_keep_their_network_across_a_restart_and_a_replaced_namespace_is_an_error() {
+    in_own_namespaces("network::inner_instances_across_a_restart");
+}
+
+#[test]
+#[ignore = "runs only inside its own namespaces (see in_own_namespaces)"]
+fn inner_instances_across_a_restart() {
+    if !inside() {
+        return;
+    }
+    let t = TempDir::new("net-restart");
+    let (state, socket) = (t.join("state"), t.join("run/plughost.sock"));
+    let mut d = Daemon::start_with(&state, Some(&socket), &e2e_args(), |_| {});
+    d.ok("network", "create", json!({"name": "lan", "cidr": "10.81.0.0/24"}));
+    let srv = d.ok("compute", "spawn", tcp_instance("srv", &["lan"], "serve=10.81.0.2:7000"));
+    let sleepy =
+        d.ok("compute", "spawn", json!({"name": "sleepy", "command": "sleep", "args": ["120"], "networks": ["lan"]}));
+    let (code, _) = d.stop();
+    assert_eq!(code, 0);
+    // Re-adopted after the restart: the same process, in the namespace made for it, with its port.
+    let mut d = Daemon::start_with(&state, Some(&socket), &e2e_args(), |_| {});
+    let after = d.ok("compute", "get", json!({"name": "srv"}));
+    for field in ["pid", "netns", "netns_inode", "ports"] {
+        assert_eq!(after[field], srv[field], "{field}: {after}");
+    }
+    assert_eq!(after["status"], "running", "{after}");
+    // And it still serves: an instance spawned by the new host reaches it.
+    d.ok("compute", "spawn", tcp_instance("cli", &["lan"], "connect=10.81.0.2:7000"));
+    assert_eq!(stopped(&mut d, "cli")["exit_code"], 0);
+    // (An adopted process is not the new host's child: how it ended cannot be known.)
+    assert_eq!(stopped(&mut d, "srv")["exit_unknown"], true);
+    // Someone binds another namespace where sleepy's was: the record says so (the process is not in
+    // the namespace the file now names).
+    let ns = sleepy["netns"].as_str().unwrap();
+    assert!(std::process::Command::new("umount").arg(ns).status().unwrap().success());
+    netns(std::path::Path::new(ns));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let replaced = loop {
+        let i = d.ok("compute", "get", json!({"name": "sleepy"}));
+        if i["status"] == "error" {
+            break i;
+        }
+        assert!(std::time::Instant::now() < deadline, "never noticed: {i}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(
+        replaced["reason"].as_str().unwrap().contains(&format!("network namespace {ns} was replaced")),
+        "{replaced}"
+    );
+    for name in ["srv", "cli", "sleepy"] {
+        d.ok("compute", "destroy", json!({"name": name}));
+    }
+    assert_eq!(std::fs::read_dir(t.join("run/netns")).unwrap().count(), 0);
+    assert!(d.ok("network", "ports", json!({}))["ports"].as_array().unwrap().is_empty());
+    d.ok("network", "delete", json!({"name": "lan"}));
+    assert!(links().iter().all(|l| !l.starts_with("ph")), "left behind: {:?}", links());
+}
+
+#[test]
+fn kill_9_while_spawning_with_networks_leaks_nothing_and_gives_no_address_twice() {
+    in_own_namespaces("network::inner_kill_9_while_spawning");
+}
+
+#[test]
+#[ignore = "runs only inside its own namespaces (see in_own_namespaces)"]
+fn inner_kill_9_while_spawning() {
+    if !inside() {
+        return;
+    }
+    let t = TempDir::new("net-kill-spawn");
+    let (state, socket) = (t.join("state"), t.join("run/plughost.sock"));
+    for round in 0..3u64 {
+        let mut d = Daemon::start_with(&state, Some(&socket), &e2e_args(), |_| {});
+        if round == 0 {
+            d.ok("network", "create", json!({"name": "a", "cidr": "10.82.0.0/24"}));
+            d.ok("network", "create", json!({"name": "b", "cidr": "10.83.0.0/24"}));
+        }
+        // A client spawning instances on two networks as fast as it can; the host killed mid-spawn.
+        let sock = d.socket.clone();
+        let spawner = std::thread::spawn(move || {
+            let mut c = plughost_tests::process::Client::connect(&sock);
+            for i in 0.. {
+                let args = json!({"name": format!("r{round}i{i}"), "command": "sleep", "args": ["60"], "networks": ["a", "b"]});
+                if c.call("compute", "spawn", args).is_none() {
+                    return;
+                }
+            }
+        });
+        std::thread::sleep(std::time::Duration::from_millis(200 + 90 * round));
+        d.kill9();
+        spawner.join().unwrap();
+    }
+    // After a restart (its reconcile and sweep): every port belongs to an instance and says so, every
+    // namespace file too, every veth has its port, and no address is held twice.
+    let mut d = Daemon::start_with(&state, Some(&socket), &e2e_args(), |_| {});
+    let instances = d.ok("compute", "list", json!({}));
+    let instances = instances.as_array().unwrap().clone();
+    assert!(!instances.is_empty());
+    let ports = d.ok("network", "ports", json!({}));
+    let ports = ports["ports"].as_array().unwrap().clone();
+    let mut claimed: Vec<(String, String)> = Vec::new();
+    for i in &instances {
+        assert_eq!(i["status"], "running", "{i}");
+        let pid = i["pid"].as_u64().unwrap();
+        assert_eq!(inode(&format!("/proc/{pid}/ns/net")), i["netns_inode"].as_u64().unwrap(), "{i}");
+        for p in i["ports"].as_array().unwrap() {
+            claimed.push((p["id"].as_str().unwrap().to_owned(), p["address"].as_str().unwrap().to_owned()));
+        }
+    }
+    let mut recorded: Vec<(String, String)> = ports
+        .iter()
+        .map(|p| (p["name"].as_str().unwrap().to_owned(), p["address"].as_str().unwrap().to_owned()))
+        .collect();
+    claimed.sort();
+    recorded.sort();
+    assert_eq!(claimed, recorded, "the instances' ports against the network's");
+    let mut addresses: Vec<&str> = recorded.iter().map(|(_, a)| a.as_str()).collect();
+    let n = addresses.len();
+    addresses.dedup();
+    assert_eq!(addresses.len(), n, "an address given twice: {recorded:?}");
+    assert_eq!(std::fs::read_dir(t.join("run/netns")).unwrap().count(), instances.len(), "a namespace per instance");
+    let veths = links().into_iter().filter(|l| l.starts_with("phv")).count();
+    assert_eq!(veths, ports.len(), "veths on the machine against the port records");
+    for i in &instances {
+        d.ok("compute", "destroy", json!({"name": i["name"]}));
+    }
+    assert_eq!(std::fs::read_dir(t.join("run/netns")).unwrap().count(), 0);
+    d.ok("network", "delete", json!({"name": "a"}));
+    d.ok("network", "delete", json!({"name": "b"}));
+    assert!(links().iter().all(|l| !l.starts_with("ph")), "left behind: {:?}", links());
+}
+
+#[test]
+fn an_instance_with_networks_needs_the_network_service() {
+    let t = TempDir::new("net-needed");
+    let mut d = Daemon::start(t.path(), &["--volume-driver", "fake-volume", "--compute-driver", "fake-compute"]);
+    let e = d.call("compute", "spawn", json!({"name": "i", "command": "sleep", "networks": ["lan"]}));
+    assert_eq!(e["error"]["kind"], "unknown_service", "{e}");
+    assert_eq!(
+        e["error"]["message"],
+        "instance \"i\": networks need the network service, which is not enabled (name a network driver: --network-driver bridge-network)"
+    );
+    let e = d.call("compute", "spawn", json!({"name": "i", "command": "sleep", "networks": ["a", "a"]}));
+    assert_eq!(e["error"]["message"], "instance \"i\": network \"a\" named twice", "{e}");
+    assert!(d.ok("compute", "list", json!({})).as_array().unwrap().is_empty());
+}
+
+#[test]
+fn a_compute_driver_without_spawn_in_refuses_networks_and_the_plumbing_is_undone() {
+    in_own_namespaces("network::inner_no_spawn_in");
+}
+
+#[test]
+#[ignore = "runs only inside its own namespaces (see in_own_namespaces)"]
+fn inner_no_spawn_in() {
+    if !inside() {
+        return;
+    }
+    let t = TempDir::new("net-no-spawn-in");
+    let (state, socket) = (t.join("state"), t.join("run/plughost.sock"));
+    let args =
+        ["--volume-driver", "fake-volume", "--compute-driver", "fake-compute", "--network-driver", "bridge-network"];
+    let mut d = Daemon::start_with(&state, Some(&socket), &args, |_| {});
+    d.ok("network", "create", json!({"name": "lan", "cidr": "10.84.0.0/24"}));
+    let e = d.call("compute", "spawn", json!({"name": "i", "command": "sleep", "networks": ["lan"]}));
+    assert_eq!(e["error"]["kind"], "unsupported", "{e}");
+    assert_eq!(e["error"]["message"], "instance \"i\": this driver cannot run instances in a network namespace");
+    assert!(d.ok("compute", "list", json!({})).as_array().unwrap().is_empty());
+    assert!(d.ok("network", "ports", json!({}))["ports"].as_array().unwrap().is_empty(), "the port was detached");
+    assert_eq!(std::fs::read_dir(t.join("run/netns")).unwrap().count(), 0, "the namespace was removed");
+    assert!(links().iter().all(|l| !l.starts_with("phv")), "left behind: {:?}", links());
+    // Without networks it spawns as before.
+    d.ok("compute", "spawn", json!({"name": "i", "command": "sleep"}));
+}
