@@ -150,6 +150,8 @@ impl Rtnl {
             libc::ENODEV | libc::ENOENT => DriverError::not_found(text),
             libc::EBUSY => DriverError::busy(text),
             libc::EOPNOTSUPP => DriverError::unsupported(text),
+            // A Linux bridge numbers its ports in 10 bits.
+            libc::EXFULL => DriverError::no_capacity(format!("{text}: a Linux bridge holds at most 1023 ports")),
             _ => DriverError::internal(text),
         })
     }

@@ -709,3 +709,37 @@ fn inner_no_spawn_in() {
     // Without networks it spawns as before.
     d.ok("compute", "spawn", json!({"name": "i", "command": "sleep"}));
 }
+
+#[test]
+fn a_full_bridge_answers_no_capacity_naming_the_limit() {
+    in_own_namespaces("network::inner_full_bridge");
+}
+
+#[test]
+#[ignore = "runs only inside its own namespaces (see in_own_namespaces)"]
+fn inner_full_bridge() {
+    if !inside() {
+        return;
+    }
+    let t = TempDir::new("net-full");
+    let mut d = Daemon::start(
+        t.join("state").as_path(),
+        &["--volume-driver", "fake-volume", "--compute-driver", "none", "--network-driver", "bridge-network"],
+    );
+    // A subnet with room for 4,093 ports; the kernel's bridge takes 1,023.
+    d.ok("network", "create", json!({"name": "big", "cidr": "10.40.0.0/20"}));
+    for i in 0..1023 {
+        d.ok("network", "attach", json!({"network": "big", "id": format!("x{i}")}));
+    }
+    let e = d.call("network", "attach", json!({"network": "big", "id": "one-more"}));
+    assert_eq!(e["error"]["kind"], "no_capacity", "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().ends_with("a Linux bridge holds at most 1023 ports"), "{e}");
+    assert!(!links().contains(&"phvone-more".to_owned()), "the refused port's veth is gone");
+    let ports = d.ok("network", "ports", json!({"network": "big"}));
+    assert_eq!(ports["ports"].as_array().unwrap().len(), 1023, "no record for the refused one");
+    // Its address was not kept: the next port after a detach gets the one freed.
+    d.ok("network", "detach", json!({"id": "x5"}));
+    let p = d.ok("network", "attach", json!({"network": "big", "id": "again"}));
+    assert_eq!(p["port"]["address"], "10.40.0.7/20", "{p}");
+    // (The namespace goes with the test, and its links with it.)
+}
