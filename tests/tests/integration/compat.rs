@@ -221,3 +221,23 @@ fn hosts_from_before_spawn_in_run_todays_compute_drivers() {
         }
     }
 }
+
+#[test]
+fn every_listed_release_is_its_version_at_its_commit() {
+    for (version, commit) in releases() {
+        let out = Command::new("git")
+            .current_dir(workspace_root())
+            .args(["show", &format!("{commit}:plugin-api/Cargo.toml")])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "plugin-api/RELEASES: {version} at {commit}: no plugin-api there (a full clone?)"
+        );
+        let manifest = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            manifest.lines().any(|l| l.trim() == format!("version = \"{version}\"")),
+            "plugin-api/RELEASES: {version} at {commit}, whose plugin-api is another version"
+        );
+    }
+}
