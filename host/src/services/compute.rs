@@ -446,6 +446,11 @@ pub(crate) struct ComputeService {
     netns_dir: OnceLock<PathBuf>,
 }
 
+/// Where instances' network namespaces are bound, in the host's runtime dir.
+pub(crate) fn netns_dir_in(runtime_dir: &Path) -> PathBuf {
+    runtime_dir.join("netns")
+}
+
 /// What plumbing an instance's spawn made: its ports as attached, its namespace's inode.
 type Plumbed = Option<(Vec<InstancePort>, u64)>;
 
@@ -545,6 +550,9 @@ impl ComputeService {
     fn sweep(&self) {
         let Some(dir) = self.netns_dir.get() else { return };
         let net = self.network();
+        if net.is_none() && !dir.exists() {
+            return; // no instance has had a network here
+        }
         let ports: Vec<_> = net
             .map(NetworkService::all_ports)
             .unwrap_or_default()
@@ -579,6 +587,7 @@ impl ComputeService {
             }
             let Some(_held) = self.core.records.try_hold(&r.meta.name) else { continue };
             let _ = self.core.records.update(&r.meta.name, |r| {
+                let before = (r.ports.clone(), r.netns_inode);
                 for p in &mut r.ports {
                     if let Some(made) = net.port(&p.id) {
                         p.address = made.address;
@@ -588,7 +597,7 @@ impl ComputeService {
                 if r.netns_inode.is_none() {
                     r.netns_inode = r.netns.as_deref().and_then(|p| netns::inode(Path::new(p)));
                 }
-                true
+                before != (r.ports.clone(), r.netns_inode)
             });
         }
     }
@@ -841,7 +850,7 @@ impl Service for ComputeService {
         if let Some(n) = links.service(super::network::KIND.name) {
             let _ = self.network.set(n.clone());
         }
-        let _ = self.netns_dir.set(links.runtime_dir.join("netns"));
+        let _ = self.netns_dir.set(netns_dir_in(links.runtime_dir));
         self.sweep();
     }
 

@@ -317,6 +317,8 @@ pub(crate) struct NetworkService {
     /// Held while a network is created: the overlap check and the intent are one step, so two
     /// overlapping networks of different names cannot both pass it.
     creating: std::sync::Mutex<()>,
+    /// Where compute instances' namespaces are (set by `link`): their ports are detached with them.
+    instance_netns: std::sync::OnceLock<std::path::PathBuf>,
 }
 
 /// How many characters of a port id name its interfaces (a Linux interface name holds 15).
@@ -603,7 +605,12 @@ impl Service for NetworkService {
 
     fn new(core: Core<NetworkInterface, NetworkRecord>) -> Result<NetworkService, String> {
         let ports = core.records.sibling::<PortRecord>().map_err(|e| e.to_string())?;
-        let s = NetworkService { core, ports, creating: std::sync::Mutex::new(()) };
+        let s = NetworkService {
+            core,
+            ports,
+            creating: std::sync::Mutex::new(()),
+            instance_netns: std::sync::OnceLock::new(),
+        };
         s.core.reconcile_all(None, |b| s.reconcile(b, false));
         Ok(s)
     }
@@ -642,7 +649,24 @@ impl Service for NetworkService {
             NetworkOp::Attach { network, id, netns, ifname } => Reply::Other(NetworkOther::Port {
                 port: Box::new(self.attach(&network, id.as_deref(), netns.as_deref(), ifname.as_deref())?),
             }),
-            NetworkOp::Detach { id } => Reply::Removed(self.detach(&id)?),
+            NetworkOp::Detach { id } => {
+                // A compute instance's port goes with its instance (whose record lists it).
+                let owned = self
+                    .instance_netns
+                    .get()
+                    .zip(self.ports.get(&id))
+                    .filter(|(dir, p)| std::path::Path::new(&p.netns).parent() == Some(dir.as_path()));
+                if let Some((_, p)) = owned {
+                    return Err(ApiError::new(
+                        ErrorKind::Busy,
+                        format!(
+                            "port {id:?} belongs to a compute instance (namespace {}): destroy the instance to detach it",
+                            p.netns
+                        ),
+                    ));
+                }
+                Reply::Removed(self.detach(&id)?)
+            }
         })
     }
 
@@ -652,6 +676,10 @@ impl Service for NetworkService {
                 self.core.last_reconcile.set(self.reconcile(b, true));
             }
         });
+    }
+
+    fn link(&self, links: &super::Links<'_>) {
+        let _ = self.instance_netns.set(super::compute::netns_dir_in(links.runtime_dir));
     }
 
     fn format_other(other: &NetworkOther) -> Option<String> {

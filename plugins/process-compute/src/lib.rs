@@ -15,6 +15,11 @@
 //! boot, watched through a pidfd. An adopted process that is not this process's child cannot be waited
 //! for, so its exit status is reported as unknown, never invented.
 //!
+//! Networks (`spawn_in`, plughost-api 1.2): an instance given a network namespace runs every run in it
+//! (`setns` between fork and exec, after joining the cgroup and before dropping to `user`); the path is
+//! kept in the state file with the instance, and checked to be a network namespace (`NS_GET_NSTYPE`)
+//! before anything is recorded.
+//!
 //! Locking: one short lock for the name → instance map, one lock per instance held while it is
 //! stopped; a slow stop holds up nothing else.
 
@@ -880,8 +885,8 @@ impl ProcessCompute {
                 });
             }
         }
-        // After joining the cgroup and the namespace (which need root): the instance's own user, for good. (Not
-        // `Command::uid`, which std applies before the closures above run.)
+        // After joining the cgroup and the namespace (which need root): the instance's own user, for
+        // good. (Not `Command::uid`, which std applies before the closures above run.)
         if let Some((uid, gid)) = self.run_as {
             // SAFETY: setgroups, setgid and setuid are async-signal-safe system calls on plain values.
             unsafe {

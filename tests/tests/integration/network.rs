@@ -474,6 +474,14 @@ fn inner_instances_on_one_network() {
     let pid = srv["pid"].as_u64().unwrap();
     assert_eq!(inode(&format!("/proc/{pid}/ns/net")), inode(&ns), "the process is in its namespace");
     assert_ne!(inode(&ns), inode("/proc/self/ns/net"));
+    // Private to the host's user: nobody else may list the namespaces or open one to enter it.
+    let meta = std::fs::metadata(t.join("run/netns")).unwrap();
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777, 0o700);
+    let mut peek = std::process::Command::new("nsenter");
+    peek.arg(format!("--net={ns}")).arg("true").stderr(std::process::Stdio::null());
+    std::os::unix::process::CommandExt::uid(&mut peek, 65534);
+    std::os::unix::process::CommandExt::gid(&mut peek, 65534);
+    assert!(!peek.status().unwrap().success(), "nobody entered {ns}");
     let port = &srv["ports"][0];
     assert_eq!(
         (port["network"].as_str(), port["address"].as_str(), port["ifname"].as_str()),
@@ -492,6 +500,11 @@ fn inner_instances_on_one_network() {
     // The network service shows both ports, in their namespaces.
     let ports = d.ok("network", "ports", json!({"network": "lan"}));
     assert_eq!(ports["ports"].as_array().unwrap().len(), 2, "{ports}");
+    // An instance's port goes with its instance, not by hand.
+    let id = srv["ports"][0]["id"].as_str().unwrap();
+    let e = d.call("network", "detach", json!({"id": id}));
+    assert_eq!(e["error"]["kind"], "busy", "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("destroy the instance"), "{e}");
     // A network that does not exist: refused, nothing left behind.
     let e = d.call("compute", "spawn", tcp_instance("lost", &["nope"], "serve=10.80.0.9:7000"));
     assert_eq!(e["error"]["kind"], "not_found", "{e}");
