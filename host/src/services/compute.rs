@@ -542,6 +542,48 @@ impl ComputeService {
         }
     }
 
+    /// At start: binds again each instance's namespace whose file no longer is it. A host in a mount
+    /// namespace of its own (systemd's `ProtectSystem`, `PrivateTmp`) loses its bind mounts when it
+    /// stops, but not the namespaces: an instance's running process is still in its own, and the old
+    /// mount namespace, where every instance's is bound, lives on in every running instance
+    /// (`/proc/PID/root`). A namespace found there with the recorded inode is bound again; one found
+    /// nowhere is gone (the record then says so). Whether anything was bound again.
+    fn rebind_namespaces(&self) -> bool {
+        let records = self.core.records.list(None);
+        let live: Vec<u32> = records.iter().filter(|r| r.netns.is_some()).filter_map(|r| r.pid).collect();
+        let mut rebound = false;
+        for r in &records {
+            let (Some(path), Some(want)) = (r.netns.as_deref(), r.netns_inode) else { continue };
+            let path = Path::new(path);
+            if netns::inode(path) == Some(want) {
+                continue;
+            }
+            let own = r.pid.map(|pid| PathBuf::from(format!("/proc/{pid}/ns/net")));
+            let through = live.iter().map(|pid| {
+                let mut p = PathBuf::from(format!("/proc/{pid}/root"));
+                p.push(path.strip_prefix("/").unwrap_or(path));
+                p
+            });
+            let Some(source) = own.into_iter().chain(through).find(|s| netns::inode(s) == Some(want)) else {
+                log::warn!("instance {:?}: network namespace {} (inode {want}) is gone", r.meta.name, path.display());
+                continue;
+            };
+            match netns::bind(&source, path) {
+                Ok(_) => {
+                    log::info!(
+                        "instance {:?}: network namespace {} bound again from {}",
+                        r.meta.name,
+                        path.display(),
+                        source.display()
+                    );
+                    rebound = true;
+                }
+                Err(e) => log::warn!("instance {:?}: {e}", r.meta.name),
+            }
+        }
+        rebound
+    }
+
     /// Brings instances' plumbing in line with their records: a port of the network service bound in
     /// our namespace dir that no instance claims is detached, a namespace no instance claims is
     /// removed (an interrupted spawn or destroy left them), and an instance whose spawn was completed
@@ -851,6 +893,9 @@ impl Service for ComputeService {
             let _ = self.network.set(n.clone());
         }
         let _ = self.netns_dir.set(netns_dir_in(links.runtime_dir));
+        if self.rebind_namespaces() {
+            self.sync(None); // their records, checked against them again
+        }
         self.sweep();
     }
 

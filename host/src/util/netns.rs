@@ -98,6 +98,27 @@ pub(crate) fn of_pid(pid: u32) -> Option<u64> {
     std::fs::metadata(format!("/proc/{pid}/ns/net")).ok().map(|m| m.ino())
 }
 
+/// Binds the network namespace that `source` refers to (a `/proc/PID/ns/net`, or a bound namespace
+/// file seen through `/proc/PID/root`) at `path` again, making the file if it is missing; its inode.
+pub(crate) fn bind(source: &Path, path: &Path) -> Result<u64, String> {
+    if !path.exists() {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o444)
+            .open(path)
+            .map_err(|e| format!("network namespace {}: cannot create its file: {e}", path.display()))?;
+    }
+    let (src, target) = (c_path(source)?, c_path(path)?);
+    // SAFETY: both paths are NUL-terminated strings that outlive the call; no data argument.
+    let rc = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null()) };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(format!("network namespace {}: cannot bind {} there: {e}", path.display(), source.display()));
+    }
+    inode(path).ok_or_else(|| format!("network namespace {}: not a namespace after it was bound", path.display()))
+}
+
 /// Unbinds and removes the namespace file at `path` (the namespace goes with its last process); a path
 /// that is already gone is fine.
 pub(crate) fn remove(path: &Path) -> Result<(), String> {

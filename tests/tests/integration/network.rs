@@ -756,3 +756,69 @@ fn inner_full_bridge() {
     assert_eq!(p["port"]["address"], "10.40.0.7/20", "{p}");
     // (The namespace goes with the test, and its links with it.)
 }
+
+#[test]
+fn a_host_in_a_private_mount_namespace_finds_its_instances_namespaces_again() {
+    in_own_namespaces("network::inner_private_mounts");
+}
+
+/// Runs the host in a mount namespace of its own, as systemd runs it (`ProtectSystem`, `PrivateTmp`):
+/// its bind mounts are not seen outside and go when it stops.
+fn private_mounts(cmd: &mut std::process::Command) {
+    // SAFETY: unshare and mount between fork and exec, on static strings.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, || {
+            if libc::unshare(libc::CLONE_NEWNS) != 0
+                || libc::mount(
+                    c"none".as_ptr(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_SLAVE,
+                    std::ptr::null(),
+                ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[test]
+#[ignore = "runs only inside its own namespaces (see in_own_namespaces)"]
+fn inner_private_mounts() {
+    if !inside() {
+        return;
+    }
+    let t = TempDir::new("net-private");
+    let (state, socket) = (t.join("state"), t.join("run/plughost.sock"));
+    let mut d = Daemon::start_with(&state, Some(&socket), &e2e_args(), private_mounts);
+    d.ok("network", "create", json!({"name": "lan", "cidr": "10.85.0.0/24"}));
+    let sleeper = |name: &str| json!({"name": name, "command": "sleep", "args": ["120"], "networks": ["lan"]});
+    let busy = d.ok("compute", "spawn", sleeper("busy"));
+    let idle = d.ok("compute", "spawn", sleeper("idle"));
+    d.ok("compute", "stop", json!({"name": "idle"}));
+    let (busy_ns, idle_ns) = (busy["netns"].as_str().unwrap().to_owned(), idle["netns"].as_str().unwrap().to_owned());
+    assert_ne!(inode(&busy_ns), busy["netns_inode"].as_u64().unwrap(), "the bind mount is the host's only");
+    let (code, _) = d.stop();
+    assert_eq!(code, 0);
+    // A new host, in a new mount namespace: the running instance's namespace is bound again from its
+    // process, the stopped one's from the old mount namespace (alive in the running instance).
+    let mut d = Daemon::start_with(&state, Some(&socket), &e2e_args(), private_mounts);
+    let b = d.ok("compute", "get", json!({"name": "busy"}));
+    assert_eq!((b["status"].as_str(), b["reason"].as_str()), (Some("running"), None), "{b}");
+    assert_eq!(b["netns_inode"], busy["netns_inode"]);
+    let i = d.ok("compute", "get", json!({"name": "idle"}));
+    assert_eq!((i["status"].as_str(), i["reason"].as_str()), (Some("stopped"), None), "{i}");
+    let started = d.ok("compute", "start", json!({"name": "idle"}));
+    let pid = started["pid"].as_u64().unwrap();
+    assert_eq!(inode(&format!("/proc/{pid}/ns/net")), idle["netns_inode"].as_u64().unwrap(), "{started}");
+    assert_eq!(started["netns"].as_str(), Some(idle_ns.as_str()));
+    for name in ["busy", "idle"] {
+        d.ok("compute", "destroy", json!({"name": name}));
+    }
+    assert!(d.ok("network", "ports", json!({}))["ports"].as_array().unwrap().is_empty());
+    d.ok("network", "delete", json!({"name": "lan"}));
+    assert!(links().iter().all(|l| !l.starts_with("ph")), "left behind: {:?}", links());
+    assert_eq!(std::fs::read_dir(t.join("run/netns")).unwrap().count(), 0);
+}
