@@ -539,10 +539,28 @@ fn inner_instances_on_one_network() {
     assert_eq!(spawned.code, 0, "{}{}", spawned.stdout, spawned.stderr);
     let again: Value = serde_json::from_str(&spawned.stdout).unwrap();
     assert_eq!(again["result"]["ports"][0]["address"], "10.80.0.2/24", "the address was released: {again}");
-    for name in ["cli", "again"] {
+    // On two networks: eth0 on the first, eth1 on the second, both in its namespace.
+    d.ok("network", "create", json!({"name": "lan2", "cidr": "10.79.0.0/24"}));
+    let two = d.ok(
+        "compute",
+        "spawn",
+        json!({"name": "two", "command": "sleep", "args": ["60"], "networks": ["lan", "lan2"]}),
+    );
+    let ports: Vec<(&str, &str)> = two["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["network"].as_str().unwrap(), p["ifname"].as_str().unwrap()))
+        .collect();
+    assert_eq!(ports, [("lan", "eth0"), ("lan2", "eth1")], "{two}");
+    assert_eq!(two["ports"][1]["address"], "10.79.0.2/24", "{two}");
+    let inside_two = in_netns(std::path::Path::new(two["netns"].as_str().unwrap()), links).join().unwrap();
+    assert!(inside_two.contains(&"eth0".to_owned()) && inside_two.contains(&"eth1".to_owned()), "{inside_two:?}");
+    for name in ["cli", "again", "two"] {
         d.ok("compute", "destroy", json!({"name": name}));
     }
     assert_eq!(std::fs::read_dir(t.join("run/netns")).unwrap().count(), 0);
+    d.ok("network", "delete", json!({"name": "lan2"}));
     d.ok("network", "delete", json!({"name": "lan"}));
     assert!(links().iter().all(|l| !l.starts_with("ph")), "left behind: {:?}", links());
 }
