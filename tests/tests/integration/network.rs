@@ -2,7 +2,10 @@
 //! networks with IPAM (lowest free address, reserved ones skipped, no early reuse, full subnets,
 //! overlaps), ports attached and detached through the socket and `ctl`, records kept across a restart;
 //! and bridge-network, only ever inside network and mount namespaces the test makes itself: its
-//! conformance suite, and two namespaces on one bridge talking TCP (checked from inside them).
+//! conformance suite, two namespaces on one bridge talking TCP (checked from inside them), 200 ports,
+//! a full bridge, kill -9 mid-attach; and compute instances with networks (process-compute spawning
+//! into a namespace of the host's): two instances talking TCP, destroy, restarts (a private mount
+//! namespace's too), a replaced namespace, kill -9 mid-spawn, drivers without `spawn_in`.
 
 use plughost_tests::process::{run, Daemon};
 use plughost_tests::TempDir;
