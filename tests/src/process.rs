@@ -55,6 +55,20 @@ pub struct Daemon {
     stderr: Option<std::thread::JoinHandle<String>>,
 }
 
+/// Whether a host answers `ping` at `socket`. A connection alone proves nothing: the socket file of a
+/// host that was just killed still accepts while anything holds its listening socket (a child it was
+/// starting, between fork and exec), and that connection is reset later.
+fn answers_ping(socket: &std::path::Path) -> bool {
+    use std::io::{BufRead, Write};
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(socket) else { return false };
+    let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+    if s.write_all(b"{\"id\": 0, \"op\": \"ping\"}\n").is_err() {
+        return false;
+    }
+    let mut line = String::new();
+    std::io::BufReader::new(s).read_line(&mut line).is_ok() && line.contains("\"pong\"")
+}
+
 impl Daemon {
     /// Starts `plughost run --state-dir STATE ARGS...` and waits until it answers `ping`.
     /// Panics with its stderr if it exits first.
@@ -103,7 +117,7 @@ impl Daemon {
                 let err = d.stderr.take().unwrap().join().unwrap_or_default();
                 panic!("plughost run exited with {status} before serving:\n{err}");
             }
-            if std::os::unix::net::UnixStream::connect(&d.socket).is_ok() {
+            if answers_ping(&d.socket) {
                 break;
             }
             assert!(std::time::Instant::now() < deadline, "plughost run did not open its socket in time");

@@ -446,11 +446,6 @@ pub(crate) struct ComputeService {
     netns_dir: OnceLock<PathBuf>,
 }
 
-/// Where instances' network namespaces are bound, in the host's runtime dir.
-pub(crate) fn netns_dir_in(runtime_dir: &Path) -> PathBuf {
-    runtime_dir.join("netns")
-}
-
 /// What plumbing an instance's spawn made: its ports as attached, its namespace's inode.
 type Plumbed = Option<(Vec<InstancePort>, u64)>;
 
@@ -892,7 +887,7 @@ impl Service for ComputeService {
         if let Some(n) = links.service(super::network::KIND.name) {
             let _ = self.network.set(n.clone());
         }
-        let _ = self.netns_dir.set(netns_dir_in(links.runtime_dir));
+        let _ = self.netns_dir.set(links.instance_netns_dir());
         if self.rebind_namespaces() {
             self.sync(None); // their records, checked against them again
         }

@@ -268,6 +268,12 @@ impl Links<'_> {
     pub fn service(&self, name: &str) -> Option<&Arc<dyn DynService>> {
         self.services.iter().find(|s| s.kind().name == name)
     }
+
+    /// Where compute instances' network namespaces are bound (what compute makes there, network's
+    /// ports in them belong to their instances).
+    pub fn instance_netns_dir(&self) -> std::path::PathBuf {
+        self.runtime_dir.join("netns")
+    }
 }
 
 /// The arguments of an operation on one resource by name: `backend` checks that it is on that backend.

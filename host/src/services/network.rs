@@ -679,7 +679,7 @@ impl Service for NetworkService {
     }
 
     fn link(&self, links: &super::Links<'_>) {
-        let _ = self.instance_netns.set(super::compute::netns_dir_in(links.runtime_dir));
+        let _ = self.instance_netns.set(links.instance_netns_dir());
     }
 
     fn format_other(other: &NetworkOther) -> Option<String> {

@@ -899,6 +899,17 @@ impl ProcessCompute {
                 });
             }
         }
+        // Last: nothing of plughost's but stdin, stdout and stderr reaches the instance, not even what
+        // plughost itself inherited without close-on-exec (a pipe of whoever started it).
+        // SAFETY: one async-signal-safe system call on plain values; descriptors std still needs
+        // before exec stay open until the exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                const CLOSE_RANGE_CLOEXEC: libc::c_uint = 4;
+                libc::syscall(libc::SYS_close_range, 3 as libc::c_uint, libc::c_uint::MAX, CLOSE_RANGE_CLOEXEC);
+                Ok(())
+            });
+        }
         let child = cmd.spawn().map_err(io_err(format!("instance {name:?}: starting {:?}", spec.command)))?;
         drop(netns_fd);
         let pid = child.id();
@@ -1376,6 +1387,24 @@ mod tests {
         d.destroy("s").unwrap();
         d.destroy("q").unwrap();
         d.cleanup().unwrap();
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_instance_gets_no_descriptor_but_its_stdio() {
+        let dir = temp("fds");
+        let d = driver(&dir, "none");
+        // A descriptor without close-on-exec, as plughost may inherit from whoever started it.
+        // SAFETY: dup of stdin; the copy is closed below.
+        let leaked = unsafe { libc::dup(0) };
+        assert!(leaked > 2);
+        d.spawn(&sh("fds", "ls /proc/$$/fd")).unwrap();
+        wait_for("fds to exit", || d.get("fds").unwrap().state == InstanceState::Stopped);
+        // SAFETY: closing the descriptor dup returned.
+        unsafe { libc::close(leaked) };
+        let listed = fs::read_to_string(dir.join("fds.stdout")).unwrap();
+        assert_eq!(listed.split_whitespace().collect::<Vec<_>>(), ["0", "1", "2"], "{listed}");
+        d.destroy("fds").unwrap();
         let _ = fs::remove_dir_all(&dir);
     }
 
