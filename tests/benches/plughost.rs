@@ -974,28 +974,38 @@ impl RawRtnl {
 
     /// The index of link `name`.
     fn index_of(&mut self, name: &str) -> u32 {
-        use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_REQUEST};
+        use netlink_packet_core::NetlinkPayload;
         use netlink_packet_route::link::{LinkAttribute, LinkMessage};
         use netlink_packet_route::RouteNetlinkMessage as M;
-        self.seq += 1;
-        let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST;
-        header.sequence_number = self.seq;
         let mut l = LinkMessage::default();
         l.attributes = vec![LinkAttribute::IfName(name.to_owned())];
-        let mut m = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(M::GetLink(l)));
+        match self.request(M::GetLink(l), 0) {
+            NetlinkPayload::InnerMessage(M::NewLink(l)) => l.header.index,
+            other => panic!("netlink: no link {name}: {other:?}"),
+        }
+    }
+
+    /// Sends one request and returns the first answer to it.
+    fn request(
+        &mut self,
+        msg: netlink_packet_route::RouteNetlinkMessage,
+        flags: u16,
+    ) -> netlink_packet_core::NetlinkPayload<netlink_packet_route::RouteNetlinkMessage> {
+        use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_REQUEST};
+        self.seq += 1;
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | flags;
+        header.sequence_number = self.seq;
+        let mut m = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(msg));
         m.finalize();
         let mut buf = vec![0u8; m.buffer_len()];
         m.serialize(&mut buf);
         self.socket.send(&buf, 0).unwrap();
         loop {
             let (data, _) = self.socket.recv_from_full().unwrap();
-            let answer = NetlinkMessage::<M>::deserialize(&data).unwrap();
+            let answer = NetlinkMessage::<netlink_packet_route::RouteNetlinkMessage>::deserialize(&data).unwrap();
             if answer.header.sequence_number == self.seq {
-                match answer.payload {
-                    NetlinkPayload::InnerMessage(M::NewLink(l)) => return l.header.index,
-                    other => panic!("netlink: no link {name}: {other:?}"),
-                }
+                return answer.payload;
             }
         }
     }
@@ -1048,29 +1058,10 @@ impl RawRtnl {
 
     /// Sends one request with an ack and waits for it.
     fn ack(&mut self, msg: netlink_packet_route::RouteNetlinkMessage, flags: u16) {
-        use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_REQUEST};
-        self.seq += 1;
-        let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
-        header.sequence_number = self.seq;
-        let mut m = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(msg));
-        m.finalize();
-        let mut buf = vec![0u8; m.buffer_len()];
-        m.serialize(&mut buf);
-        self.socket.send(&buf, 0).unwrap();
-        loop {
-            let (data, _) = self.socket.recv_from_full().unwrap();
-            let answer = NetlinkMessage::<netlink_packet_route::RouteNetlinkMessage>::deserialize(&data).unwrap();
-            if answer.header.sequence_number != self.seq {
-                continue;
-            }
-            match answer.payload {
-                NetlinkPayload::Error(e) => {
-                    assert!(e.code.is_none(), "netlink: {e:?}");
-                    return;
-                }
-                other => panic!("netlink: unexpected answer {other:?}"),
-            }
+        use netlink_packet_core::{NetlinkPayload, NLM_F_ACK};
+        match self.request(msg, NLM_F_ACK | flags) {
+            NetlinkPayload::Error(e) => assert!(e.code.is_none(), "netlink: {e:?}"),
+            other => panic!("netlink: unexpected answer {other:?}"),
         }
     }
 

@@ -6,7 +6,7 @@
 //! namespace then lives as long as that mount or a process in it. Its identity is the namespace's inode
 //! (what `stat` of the bound file and of `/proc/PID/ns/net` give).
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -19,14 +19,31 @@ fn c_path(path: &Path) -> Result<CString, String> {
     CString::new(path.as_os_str().as_bytes()).map_err(|_| format!("{}: the path has a NUL byte", path.display()))
 }
 
-/// Makes a new network namespace bound at `path` (which must not exist), its loopback up; its inode.
-pub(crate) fn create(path: &Path) -> Result<u64, String> {
+/// Makes the (empty) file a namespace is bound on.
+fn new_file(path: &Path) -> Result<(), String> {
     std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o444)
         .open(path)
-        .map_err(|e| format!("network namespace {}: cannot create its file: {e}", path.display()))?;
+        .map(drop)
+        .map_err(|e| format!("network namespace {}: cannot create its file: {e}", path.display()))
+}
+
+/// Bind-mounts `source` on `target`.
+fn bind_mount(source: &CStr, target: &CStr) -> std::io::Result<()> {
+    // SAFETY: both paths are NUL-terminated strings that outlive the call; no data argument.
+    let rc =
+        unsafe { libc::mount(source.as_ptr(), target.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Makes a new network namespace bound at `path` (which must not exist), its loopback up; its inode.
+pub(crate) fn create(path: &Path) -> Result<u64, String> {
+    new_file(path)?;
     let target = c_path(path)?;
     let made = std::thread::Builder::new()
         .name("netns".to_owned())
@@ -37,15 +54,7 @@ pub(crate) fn create(path: &Path) -> Result<u64, String> {
                 return Err(format!("unshare: {}", std::io::Error::last_os_error()));
             }
             loopback_up()?;
-            let source = c"/proc/thread-self/ns/net";
-            // SAFETY: both paths are NUL-terminated strings that outlive the call; no data argument.
-            let rc = unsafe {
-                libc::mount(source.as_ptr(), target.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null())
-            };
-            if rc != 0 {
-                return Err(format!("bind mount: {}", std::io::Error::last_os_error()));
-            }
-            Ok(())
+            bind_mount(c"/proc/thread-self/ns/net", &target).map_err(|e| format!("bind mount: {e}"))
         })
         .map_err(|e| format!("network namespace {}: cannot start a thread: {e}", path.display()))?
         .join()
@@ -102,20 +111,10 @@ pub(crate) fn of_pid(pid: u32) -> Option<u64> {
 /// file seen through `/proc/PID/root`) at `path` again, making the file if it is missing; its inode.
 pub(crate) fn bind(source: &Path, path: &Path) -> Result<u64, String> {
     if !path.exists() {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o444)
-            .open(path)
-            .map_err(|e| format!("network namespace {}: cannot create its file: {e}", path.display()))?;
+        new_file(path)?;
     }
-    let (src, target) = (c_path(source)?, c_path(path)?);
-    // SAFETY: both paths are NUL-terminated strings that outlive the call; no data argument.
-    let rc = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null()) };
-    if rc != 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(format!("network namespace {}: cannot bind {} there: {e}", path.display(), source.display()));
-    }
+    bind_mount(&c_path(source)?, &c_path(path)?)
+        .map_err(|e| format!("network namespace {}: cannot bind {} there: {e}", path.display(), source.display()))?;
     inode(path).ok_or_else(|| format!("network namespace {}: not a namespace after it was bound", path.display()))
 }
 

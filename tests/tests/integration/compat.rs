@@ -86,29 +86,38 @@ fn build_release(version: &str, commit: &str) -> Build {
     Build { plughost: out.join("debug/plughost"), fake_volume: out.join("debug/libfake_volume.so") }
 }
 
-/// Runs `host` serving `lib` and tries the operations of the table; the outcome as the table words it.
-fn outcome(host: &Path, lib: &Path) -> String {
-    let t = TempDir::new("compat");
-    let socket = t.join("plughost.sock");
+/// Starts `host` (`plughost run` in `t`, with `volume` and `compute` drivers) and waits for its socket;
+/// how it refused to start (exit status and first line), if it did.
+fn start_host(t: &TempDir, host: &Path, volume: &Path, compute: &str) -> Result<std::process::Child, String> {
     let mut child = Command::new(host)
         .args(["run", "--state-dir", t.path().to_str().unwrap(), "--periodic-interval-ms", "200"])
-        .args(["--volume-driver", lib.to_str().unwrap(), "--compute-driver", "none"])
+        .args(["--volume-driver", volume.to_str().unwrap(), "--compute-driver", compute])
         .env_remove("RUST_LOG")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+    while std::os::unix::net::UnixStream::connect(t.join("plughost.sock")).is_err() {
         if let Some(status) = child.try_wait().unwrap() {
             let mut err = String::new();
             std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
-            return format!("refused ({status}: {})", err.lines().next().unwrap_or_default());
+            return Err(format!("{status}: {}", err.lines().next().unwrap_or_default()));
         }
         assert!(std::time::Instant::now() < deadline, "{} did not start", host.display());
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    let mut c = Client::connect(&socket);
+    Ok(child)
+}
+
+/// Runs `host` serving `lib` and tries the operations of the table; the outcome as the table words it.
+fn outcome(host: &Path, lib: &Path) -> String {
+    let t = TempDir::new("compat");
+    let mut child = match start_host(&t, host, lib, "none") {
+        Ok(child) => child,
+        Err(why) => return format!("refused ({why})"),
+    };
+    let mut c = Client::connect(&t.join("plughost.sock"));
     let mut ask = |op: &str, args: serde_json::Value| c.call("volume", op, args).unwrap();
     let created = ask("create", json!({"name": "v", "size": "1MiB"}));
     assert_eq!(created["ok"], true, "{created}");
@@ -194,24 +203,9 @@ fn hosts_from_before_spawn_in_run_todays_compute_drivers() {
         let b = build_release(&version, &commit);
         for compute in ["process-compute", "fake-compute"] {
             let t = TempDir::new("compat-compute");
-            let socket = t.join("plughost.sock");
-            let mut child = Command::new(&b.plughost)
-                .args(["run", "--state-dir", t.path().to_str().unwrap(), "--periodic-interval-ms", "200"])
-                .args(["--volume-driver", b.fake_volume.to_str().unwrap()])
-                .args(["--compute-driver", driver(compute).to_str().unwrap()])
-                .env_remove("RUST_LOG")
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap();
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-            while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-                let exited = child.try_wait().unwrap();
-                assert!(exited.is_none(), "a {version} host refused today's {compute}: {exited:?}");
-                assert!(std::time::Instant::now() < deadline, "a {version} host did not start");
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            let mut c = Client::connect(&socket);
+            let mut child = start_host(&t, &b.plughost, &b.fake_volume, driver(compute).to_str().unwrap())
+                .unwrap_or_else(|why| panic!("a {version} host refused today's {compute}: {why}"));
+            let mut c = Client::connect(&t.join("plughost.sock"));
             let spawned = c.call("compute", "spawn", json!({"name": "i", "command": "sleep", "args": ["30"]})).unwrap();
             assert_eq!(spawned["ok"], true, "a {version} host spawning with today's {compute}: {spawned}");
             let destroyed = c.call("compute", "destroy", json!({"name": "i"})).unwrap();

@@ -446,6 +446,20 @@ fn stopped(d: &mut Daemon, name: &str) -> Value {
     }
 }
 
+/// Destroys `instances`, deletes `networks`, and checks that nothing of theirs is left: no namespace
+/// under the runtime dir (`t/run`), no port, no `ph*` link.
+fn tear_down(d: &mut Daemon, t: &TempDir, instances: &[&str], networks: &[&str]) {
+    for name in instances {
+        d.ok("compute", "destroy", json!({"name": name}));
+    }
+    assert_eq!(std::fs::read_dir(t.join("run/netns")).unwrap().count(), 0, "a namespace left");
+    assert!(d.ok("network", "ports", json!({}))["ports"].as_array().unwrap().is_empty(), "a port left");
+    for name in networks {
+        d.ok("network", "delete", json!({"name": name}));
+    }
+    assert!(links().iter().all(|l| !l.starts_with("ph")), "left behind: {:?}", links());
+}
+
 fn inode(path: &str) -> u64 {
     std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).unwrap())
 }
@@ -559,13 +573,7 @@ fn inner_instances_on_one_network() {
     assert_eq!(two["ports"][1]["address"], "10.79.0.2/24", "{two}");
     let inside_two = in_netns(std::path::Path::new(two["netns"].as_str().unwrap()), links).join().unwrap();
     assert!(inside_two.contains(&"eth0".to_owned()) && inside_two.contains(&"eth1".to_owned()), "{inside_two:?}");
-    for name in ["cli", "again", "two"] {
-        d.ok("compute", "destroy", json!({"name": name}));
-    }
-    assert_eq!(std::fs::read_dir(t.join("run/netns")).unwrap().count(), 0);
-    d.ok("network", "delete", json!({"name": "lan2"}));
-    d.ok("network", "delete", json!({"name": "lan"}));
-    assert!(links().iter().all(|l| !l.starts_with("ph")), "left behind: {:?}", links());
+    tear_down(&mut d, &t, &["cli", "again", "two"], &["lan2", "lan"]);
 }
 
 #[test]
@@ -618,13 +626,7 @@ fn inner_instances_across_a_restart() {
         replaced["reason"].as_str().unwrap().contains(&format!("network namespace {ns} was replaced")),
         "{replaced}"
     );
-    for name in ["srv", "cli", "sleepy"] {
-        d.ok("compute", "destroy", json!({"name": name}));
-    }
-    assert_eq!(std::fs::read_dir(t.join("run/netns")).unwrap().count(), 0);
-    assert!(d.ok("network", "ports", json!({}))["ports"].as_array().unwrap().is_empty());
-    d.ok("network", "delete", json!({"name": "lan"}));
-    assert!(links().iter().all(|l| !l.starts_with("ph")), "left behind: {:?}", links());
+    tear_down(&mut d, &t, &["srv", "cli", "sleepy"], &["lan"]);
 }
 
 #[test]
@@ -692,13 +694,8 @@ fn inner_kill_9_while_spawning() {
     assert_eq!(std::fs::read_dir(t.join("run/netns")).unwrap().count(), instances.len(), "a namespace per instance");
     let veths = links().into_iter().filter(|l| l.starts_with("phv")).count();
     assert_eq!(veths, ports.len(), "veths on the machine against the port records");
-    for i in &instances {
-        d.ok("compute", "destroy", json!({"name": i["name"]}));
-    }
-    assert_eq!(std::fs::read_dir(t.join("run/netns")).unwrap().count(), 0);
-    d.ok("network", "delete", json!({"name": "a"}));
-    d.ok("network", "delete", json!({"name": "b"}));
-    assert!(links().iter().all(|l| !l.starts_with("ph")), "left behind: {:?}", links());
+    let names: Vec<&str> = instances.iter().map(|i| i["name"].as_str().unwrap()).collect();
+    tear_down(&mut d, &t, &names, &["a", "b"]);
 }
 
 #[test]
@@ -835,11 +832,5 @@ fn inner_private_mounts() {
     let pid = started["pid"].as_u64().unwrap();
     assert_eq!(inode(&format!("/proc/{pid}/ns/net")), idle["netns_inode"].as_u64().unwrap(), "{started}");
     assert_eq!(started["netns"].as_str(), Some(idle_ns.as_str()));
-    for name in ["busy", "idle"] {
-        d.ok("compute", "destroy", json!({"name": name}));
-    }
-    assert!(d.ok("network", "ports", json!({}))["ports"].as_array().unwrap().is_empty());
-    d.ok("network", "delete", json!({"name": "lan"}));
-    assert!(links().iter().all(|l| !l.starts_with("ph")), "left behind: {:?}", links());
-    assert_eq!(std::fs::read_dir(t.join("run/netns")).unwrap().count(), 0);
+    tear_down(&mut d, &t, &["busy", "idle"], &["lan"]);
 }
