@@ -302,7 +302,11 @@ async fn serve(
 
     // Workers: OS threads running the host's handler.
     let workers = settings.request_workers.max(1);
-    let (jobs, queue) = std::sync::mpsc::sync_channel::<Job>(workers * 16);
+    // Admission counts requests queued or running (`pending`), not the channel's length: a request that
+    // a worker has not taken yet still holds its place, so `workers` running and 16 per worker waiting are
+    // always accepted, however late the workers are scheduled. The channel never fills before that count.
+    let capacity = workers * 17;
+    let (jobs, queue) = std::sync::mpsc::sync_channel::<Job>(capacity);
     let queue = Arc::new(Mutex::new(queue));
     // Workers publish their answers themselves: handing the answer back to this thread first would cost
     // one more thread wake-up per request (publishing is a send into the client's queue, which this
@@ -372,8 +376,9 @@ async fn serve(
             payload: msg.payload,
             deadline_ms,
         };
-        shared.pending.fetch_add(1, Ordering::SeqCst);
-        match jobs.try_send(job) {
+        let admitted = shared.pending.fetch_add(1, Ordering::SeqCst) < capacity;
+        let sent = if admitted { jobs.try_send(job) } else { Err(std::sync::mpsc::TrySendError::Full(job)) };
+        match sent {
             Ok(()) => None,
             Err(std::sync::mpsc::TrySendError::Full(job) | std::sync::mpsc::TrySendError::Disconnected(job)) => {
                 shared.pending.fetch_sub(1, Ordering::SeqCst);

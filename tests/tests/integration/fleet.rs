@@ -569,7 +569,9 @@ fn a_full_queue_answers_busy_at_once_and_status_counts_it() {
     let busy = answers.iter().filter(|a| a["error"]["kind"] == "busy").count();
     let ok = answers.iter().filter(|a| a["ok"] == true).count();
     assert_eq!(busy + ok, 40, "{answers:?}");
-    // At least the running one and the 16 queued are served; what came past them was refused at once.
+    // At least the running one and the 16 queued are served, even when the worker was scheduled only after
+    // all 40 had arrived (a CI run once served 16: admission counted the channel, not the running one);
+    // what came past them was refused at once.
     assert!(busy >= 1 && ok >= 17, "busy {busy}, ok {ok}");
     let busy_answer = answers.iter().find(|a| a["error"]["kind"] == "busy").unwrap();
     assert!(busy_answer["error"]["message"].as_str().unwrap().contains("request_workers"), "{busy_answer}");
