@@ -119,9 +119,11 @@ impl Host {
             return Err(errors);
         }
         db.mark_held(&tables);
+        // Absolute: instances' namespace paths are handed to drivers, which refuse relative ones, and
+        // `--socket s/sock` (relative) is a valid flag.
         let runtime_dir = match settings.socket.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => settings.state_dir.clone(),
+            Some(d) if !d.as_os_str().is_empty() => std::path::absolute(d).unwrap_or_else(|_| d.to_path_buf()),
+            _ => std::path::absolute(&settings.state_dir).unwrap_or_else(|_| settings.state_dir.clone()),
         };
         let links = crate::services::Links { services: &services, runtime_dir: &runtime_dir };
         for s in &services {

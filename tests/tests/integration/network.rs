@@ -742,6 +742,33 @@ fn inner_no_spawn_in() {
 }
 
 #[test]
+fn a_host_given_a_relative_socket_path_gives_drivers_an_absolute_namespace_path() {
+    in_own_namespaces("network::inner_relative_socket");
+}
+
+#[test]
+#[ignore = "runs only inside its own namespaces (see in_own_namespaces)"]
+fn inner_relative_socket() {
+    if !inside() {
+        return;
+    }
+    // `--socket run/plughost.sock`, as a person types it: the runtime dir is relative to the host's cwd,
+    // and process-compute refuses a relative namespace path (it once did, on every spawn with networks).
+    // This process is this test alone (see in_own_namespaces), so changing its cwd touches no other test.
+    let t = TempDir::new("net-relative");
+    std::env::set_current_dir(t.path()).unwrap();
+    let socket = std::path::Path::new("run/plughost.sock");
+    let mut d = Daemon::start_with(&t.join("state"), Some(socket), &e2e_args(), |_| {});
+    d.ok("network", "create", json!({"name": "lan", "cidr": "10.85.0.0/24"}));
+    let i = d.ok("compute", "spawn", json!({"name": "i", "command": "sleep", "args": ["60"], "networks": ["lan"]}));
+    let ns = i["netns"].as_str().unwrap();
+    assert_eq!(std::path::Path::new(ns).parent(), Some(t.join("run/netns").as_path()), "{i}");
+    let pid = i["pid"].as_u64().unwrap();
+    assert_eq!(inode(&format!("/proc/{pid}/ns/net")), inode(ns), "the process is in its namespace");
+    tear_down(&mut d, &t, &["i"], &["lan"]);
+}
+
+#[test]
 fn a_full_bridge_answers_no_capacity_naming_the_limit() {
     in_own_namespaces("network::inner_full_bridge");
 }
