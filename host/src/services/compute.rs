@@ -424,10 +424,24 @@ record!(InstanceRecord, InstanceStatus, error: InstanceStatus::Error, "instance"
 });
 
 impl Listed for InstanceRecord {
-    const HEADINGS: &'static [&'static str] = &["PID", "RSS", "CPU", "COMMAND"];
+    const HEADINGS: &'static [&'static str] = &["PID", "RSS", "CPU", "ADDRESSES", "COMMAND"];
     fn cells(&self) -> Vec<String> {
         let pid = self.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".to_owned());
-        vec![pid, crate::util::fmt::human_size(self.rss_bytes), format!("{}ms", self.cpu_time_ms), self.command.clone()]
+        // One address per port, in the order of its interfaces (eth0 first), without the prefix length.
+        let addresses: Vec<&str> = self
+            .ports
+            .iter()
+            .filter(|p| !p.address.is_empty())
+            .map(|p| p.address.split_once('/').map_or(p.address.as_str(), |(a, _)| a))
+            .collect();
+        let addresses = if addresses.is_empty() { "-".to_owned() } else { addresses.join(",") };
+        vec![
+            pid,
+            crate::util::fmt::human_size(self.rss_bytes),
+            format!("{}ms", self.cpu_time_ms),
+            addresses,
+            self.command.clone(),
+        ]
     }
 }
 

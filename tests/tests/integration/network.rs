@@ -573,7 +573,15 @@ fn inner_instances_on_one_network() {
     assert_eq!(two["ports"][1]["address"], "10.79.0.2/24", "{two}");
     let inside_two = in_netns(std::path::Path::new(two["netns"].as_str().unwrap()), links).join().unwrap();
     assert!(inside_two.contains(&"eth0".to_owned()) && inside_two.contains(&"eth1".to_owned()), "{inside_two:?}");
-    tear_down(&mut d, &t, &["cli", "again", "two"], &["lan2", "lan"]);
+    // `ctl compute list` shows an instance's addresses, eth0's first; `-` for one without networks.
+    d.ok("compute", "spawn", json!({"name": "alone", "command": "sleep", "args": ["60"]}));
+    let listed = run(&["ctl", "--socket", sock, "compute", "list"]);
+    let line = |name: &str| listed.stdout.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap().to_owned();
+    let bare = |p: &Value| p["address"].as_str().unwrap().split('/').next().unwrap().to_owned();
+    let want = format!(" {},{} ", bare(&two["ports"][0]), bare(&two["ports"][1]));
+    assert!(listed.stdout.starts_with("NAME ") && line("two").contains(&want), "{want}:\n{}", listed.stdout);
+    assert!(line("alone").contains(" - "), "{}", listed.stdout);
+    tear_down(&mut d, &t, &["cli", "again", "two", "alone"], &["lan2", "lan"]);
 }
 
 #[test]
