@@ -14,6 +14,7 @@ use super::meta::{columns, record};
 use super::network::NetworkService;
 use super::records::{
     creation_undone, finish_removal, outcome_unknown, removal_done, Counter, Lookup, Meta, ReconcileCounts, Verdict,
+    MISSING,
 };
 use super::{check_name, Core, Links, Listed, Named, OnBackend, Reply, Service, ServiceKind};
 use crate::backend::{Backend, BackendControl};
@@ -574,7 +575,8 @@ impl ComputeService {
                 p
             });
             let Some(source) = own.into_iter().chain(through).find(|s| netns::inode(s) == Some(want)) else {
-                log::warn!("instance {:?}: network namespace {} (inode {want}) is gone", r.meta.name, path.display());
+                // Without a process, `restore_plumbing` makes it again; with one, the record says so.
+                log::info!("instance {:?}: network namespace {} (inode {want}) is gone", r.meta.name, path.display());
                 continue;
             };
             match netns::bind(&source, path) {
@@ -591,6 +593,83 @@ impl ComputeService {
             }
         }
         rebound
+    }
+
+    /// At start, after [`rebind_namespaces`](Self::rebind_namespaces): makes again the plumbing a
+    /// reboot took (or a host in a mount namespace of its own, stopped with no instance running) from
+    /// the instances' records, so that they start as before. An instance with no process whose
+    /// namespace is gone gets a new one at the same path (its record's inode cleared first, then set: a
+    /// crash between them leaves a namespace the next start takes as the instance's); then each of its
+    /// ports the network service has lost (`error`, missing from backend) is attached again in it with
+    /// its address and MAC. A namespace replaced by something else, or an instance whose process runs
+    /// elsewhere, is left as it is: its record says so. Whether anything was made again.
+    fn restore_plumbing(&self) -> bool {
+        let Some(net) = self.network() else { return false };
+        let mut restored = false;
+        for r in self.core.records.list(None) {
+            let Some(path) = r.netns.clone() else { continue };
+            if matches!(r.meta.status, InstanceStatus::Spawning | InstanceStatus::Deleting)
+                || r.meta.reason.as_deref() == Some(MISSING)
+            {
+                continue;
+            }
+            let name = r.meta.name.clone();
+            let _held = self.core.records.hold(&name);
+            let found = netns::inode(Path::new(&path));
+            let inode = match (found, r.netns_inode) {
+                (Some(found), Some(want)) if found == want => want,
+                (Some(_), Some(_)) => continue,           // replaced: the record says so
+                (Some(found), None) => found,             // made by a restore a crash interrupted
+                (None, _) if r.pid.is_some() => continue, // its process is elsewhere: the record says so
+                (None, _) => match self.new_namespace(&name, &path) {
+                    Ok(inode) => {
+                        log::warn!("instance {name:?}: network namespace {path} was gone; made again (inode {inode})");
+                        restored = true;
+                        inode
+                    }
+                    Err(e) => {
+                        log::warn!("instance {name:?}: cannot make its network namespace again: {}", e.message);
+                        continue;
+                    }
+                },
+            };
+            if r.netns_inode != Some(inode) {
+                let _ = self.core.records.update(&name, |r| {
+                    r.netns_inode = Some(inode);
+                    true
+                });
+            }
+            for p in &r.ports {
+                match net.reattach_port(&p.id) {
+                    Ok(Some(made)) => {
+                        log::warn!(
+                            "instance {name:?}: port {:?} was missing; attached again ({} on network {:?})",
+                            p.id,
+                            made.address,
+                            p.network
+                        );
+                        restored = true;
+                    }
+                    Ok(None) => {}
+                    Err(e) => log::warn!("instance {name:?}: port {:?} cannot be attached again: {}", p.id, e.message),
+                }
+            }
+        }
+        restored
+    }
+
+    /// A new network namespace at `path` for instance `name`, replacing what is there (the empty file
+    /// a bind mount left): the record's inode is cleared before it is made.
+    fn new_namespace(&self, name: &str, path: &str) -> Result<u64, ApiError> {
+        self.netns_dir()?;
+        self.core.records.update(name, |r| {
+            r.netns_inode = None;
+            true
+        })?;
+        let path = Path::new(path);
+        netns::remove(path)
+            .and_then(|()| netns::create(path))
+            .map_err(|e| ApiError::internal(format!("instance {name:?}: {e}")))
     }
 
     /// Brings instances' plumbing in line with their records: a port of the network service bound in
@@ -902,7 +981,8 @@ impl Service for ComputeService {
             let _ = self.network.set(n.clone());
         }
         let _ = self.netns_dir.set(links.instance_netns_dir());
-        if self.rebind_namespaces() {
+        let rebound = self.rebind_namespaces();
+        if self.restore_plumbing() || rebound {
             self.sync(None); // their records, checked against them again
         }
         self.sweep();
@@ -1103,9 +1183,6 @@ mod tests {
         s.core.backends.iter().next().unwrap().call(ComputeMethod::destroy, |d| d.destroy("a")).unwrap();
         s.sync(None);
         let a = s.core.records.get("a").unwrap();
-        assert_eq!(
-            (a.meta.status, a.meta.reason.as_deref()),
-            (InstanceStatus::Error, Some(super::super::records::MISSING))
-        );
+        assert_eq!((a.meta.status, a.meta.reason.as_deref()), (InstanceStatus::Error, Some(MISSING)));
     }
 }

@@ -13,9 +13,9 @@ use serde::{Deserialize, Serialize};
 
 use super::ipam::{self, Subnet};
 use super::meta::{columns, record};
-use super::records::{lifecycle_verdict, Lookup, Meta, ReconcileCounts, Record, Records, Scope};
+use super::records::{lifecycle_verdict, Lookup, Meta, ReconcileCounts, Record, Records, Scope, MISSING};
 use super::{check_name, Core, Listed, Named, OnBackend, Reply, Service, ServiceKind};
-use crate::backend::{Backend, BackendControl};
+use crate::backend::{Backend, BackendControl, Health};
 use crate::control::protocol::{ApiError, ErrorKind, Removed};
 use crate::state::{value, Column, RowReader};
 use rusqlite::types::Value;
@@ -331,8 +331,66 @@ pub(crate) fn new_port_id() -> String {
 }
 
 impl NetworkService {
+    /// Makes again, with their recorded subnet and gateway, the networks of backend `b` that its driver
+    /// no longer has: a reboot takes every bridge, and the records are what was asked for. Runs where
+    /// the reconcile does (at start, and when a backend is up again), before it, so that the reconcile
+    /// finds them. A network that cannot be made again is logged; the reconcile then marks it missing.
+    fn restore_networks(&self, b: &Backend<NetworkInterface>) {
+        use NetworkStatus as S;
+        let lost = |r: &NetworkRecord| {
+            r.meta.status == S::Available || (r.meta.status == S::Error && r.meta.reason.as_deref() == Some(MISSING))
+        };
+        let mine: Vec<String> =
+            self.core.records.filter_map(|r| (r.meta.backend == b.name && lost(r)).then(|| r.meta.name.clone()));
+        if mine.is_empty() || b.health() != Health::Up {
+            return;
+        }
+        let listed: BTreeSet<String> = match b.call(NetworkMethod::list_networks, |d| d.list_networks()) {
+            Ok(all) => all.into_iter().map(|n| n.name).collect(),
+            Err(_) => return, // the reconcile says why
+        };
+        for name in mine.iter().filter(|n| !listed.contains(*n)) {
+            let _held = self.core.records.hold(name);
+            let Some(r) = self.core.records.get(name).filter(|r| lost(r)) else { continue };
+            let spec = NetworkSpec { name: name.clone(), cidr: r.cidr.clone(), gateway: Some(r.gateway.clone()) };
+            match b.call(NetworkMethod::create_network, |d| d.create_network(&spec)) {
+                Ok(n) => {
+                    log::warn!("network {name:?}: missing from backend {:?} (after a reboot?); made again", b.name);
+                    let _ = self.core.records.update(name, |r| {
+                        r.apply(&n);
+                        r.set_status(S::Available);
+                        true
+                    });
+                }
+                Err(e) => log::warn!("network {name:?}: missing from backend {:?}; cannot make it again: {e}", b.name),
+            }
+        }
+    }
+
+    /// Attaches again an instance's port that its driver lost (a reboot took its veth with the
+    /// instance's namespace, which compute has made again at `netns`): the same id, address, MAC and
+    /// interface name. The record stays as it is until the driver has made it (an attach is idempotent,
+    /// so one interrupted here is made again or found by the next reconcile). A port that is not
+    /// missing is left alone.
+    pub(crate) fn reattach_port(&self, id: &str) -> Result<Option<PortRecord>, ApiError> {
+        let _port = self.ports.hold(id);
+        let r = self.ports.get(id).ok_or_else(|| ApiError::not_found(format!("port {id:?} not found")))?;
+        if !(r.meta.status == PortStatus::Error && r.meta.reason.as_deref() == Some(MISSING)) {
+            return Ok(None);
+        }
+        self.usable(&r.network)?;
+        let b = self.core.backends.holding("network", id, &r.meta.backend)?;
+        let p = b.call(NetworkMethod::attach, |d| d.attach(&r.spec()))?;
+        self.ports.update(id, |r| {
+            r.apply(&p);
+            r.set_status(PortStatus::Attached);
+            true
+        })
+    }
+
     fn reconcile(&self, b: &Backend<NetworkInterface>, concurrent: bool) -> ReconcileCounts {
         use NetworkStatus as S;
+        self.restore_networks(b);
         let mut counts = self.core.reconcile(
             b,
             concurrent,
@@ -825,6 +883,45 @@ mod tests {
             s.detach(id).unwrap();
         }
         s.delete("lan", None).unwrap();
+        assert!(mem.networks.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn after_a_reboot_networks_are_made_again_and_lost_ports_attached_again_as_recorded() {
+        let mem = Arc::new(Mem::default());
+        let s = service(&mem);
+        s.create("lan", "10.21.0.0/24", Some("10.21.0.254"), None).unwrap();
+        let kept = s.attach("lan", Some("p1"), Some("/run/ns/a"), Some("eth1")).unwrap();
+        s.attach("lan", Some("p2"), None, None).unwrap();
+        // The reboot: the driver has nothing.
+        mem.networks.lock().unwrap().clear();
+        mem.ports.lock().unwrap().clear();
+        let b = s.core.backends.pick(None).unwrap();
+        s.reconcile(b, false);
+        // The network is made again as recorded (gateway included) and is available; ports the driver
+        // lost are missing until someone attaches them again.
+        let made = mem.networks.lock().unwrap().get("lan").cloned().unwrap();
+        assert_eq!((made.cidr.as_str(), made.gateway.as_deref()), ("10.21.0.0/24", Some("10.21.0.254")));
+        assert_eq!(s.core.records.get("lan").unwrap().meta.status, NetworkStatus::Available);
+        let lost = s.ports.get("p1").unwrap();
+        assert_eq!((lost.meta.status, lost.meta.reason.as_deref()), (PortStatus::Error, Some(MISSING)));
+        let again = s.reattach_port("p1").unwrap().unwrap();
+        assert_eq!(again.meta.status, PortStatus::Attached);
+        let spec = mem.ports.lock().unwrap().get("p1").cloned().unwrap();
+        assert_eq!(spec, kept.spec(), "the same address, MAC, interface name and namespace");
+        // Attached ports are left alone; unknown ones are not found.
+        assert!(s.reattach_port("p1").unwrap().is_none());
+        assert_eq!(s.reattach_port("nope").unwrap_err().kind, ErrorKind::NotFound);
+        // A port the driver has again without the host's help is attached again by the reconcile.
+        mem.ports.lock().unwrap().insert("p2".into(), s.ports.get("p2").unwrap().spec());
+        s.reconcile(b, false);
+        assert_eq!(s.ports.get("p2").unwrap().meta.status, PortStatus::Attached);
+        // A network that was deleted through the host is not made again.
+        for id in ["p1", "p2"] {
+            s.detach(id).unwrap();
+        }
+        s.delete("lan", None).unwrap();
+        s.reconcile(b, false);
         assert!(mem.networks.lock().unwrap().is_empty());
     }
 }

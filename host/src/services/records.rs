@@ -712,7 +712,8 @@ pub(crate) fn finish_removal<R: Record>(mut r: R, op: &str, run: impl FnOnce() -
 /// The reconcile's verdict for a kind whose records have one making and one removing transition (a
 /// network: `creating`/`deleting`; a port: `attaching`/`detaching`): an interrupted make completed
 /// (`apply`, then `done`) or undone; an interrupted removal finished (`remove`) or found done; a settled
-/// record refreshed (`apply` says whether anything changed) or marked missing.
+/// record refreshed (`apply` says whether anything changed) or marked missing; one marked missing that
+/// the driver has again (made again after a reboot, say) is `done` again.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn lifecycle_verdict<R: Record, T>(
     mut r: R,
@@ -736,6 +737,12 @@ pub(crate) fn lifecycle_verdict<R: Record, T>(
             finish_removal(r, remove_op, || remove(&name))
         }
         None if status == removing => removal_done(&r, remove_op),
+        Some(t) if status == <R::Status as super::meta::Status>::ERROR && r.reason() == Some(MISSING) => {
+            log::info!("{} {:?}: on backend {:?} again", R::WHAT, r.name(), r.backend());
+            apply(&mut r, t);
+            r.set_status(done);
+            Verdict::Put(r, Counter::Refreshed)
+        }
         Some(t) => match apply(&mut r, t) {
             true => Verdict::Put(r, Counter::Refreshed),
             false => Verdict::Unchanged,

@@ -818,15 +818,21 @@ fn a_host_in_a_private_mount_namespace_finds_its_instances_namespaces_again() {
 /// Runs the host in a mount namespace of its own, as systemd runs it (`ProtectSystem`, `PrivateTmp`):
 /// its bind mounts are not seen outside and go when it stops.
 fn private_mounts(cmd: &mut std::process::Command) {
+    unshare_before_exec(cmd, libc::CLONE_NEWNS, libc::MS_SLAVE);
+}
+
+/// Has the command's process unshare `namespaces` (a mount namespace among them) and set every mount's
+/// propagation to `propagation` before it runs.
+fn unshare_before_exec(cmd: &mut std::process::Command, namespaces: libc::c_int, propagation: libc::c_ulong) {
     // SAFETY: unshare and mount between fork and exec, on static strings.
     unsafe {
-        std::os::unix::process::CommandExt::pre_exec(cmd, || {
-            if libc::unshare(libc::CLONE_NEWNS) != 0
+        std::os::unix::process::CommandExt::pre_exec(cmd, move || {
+            if libc::unshare(namespaces) != 0
                 || libc::mount(
                     c"none".as_ptr(),
                     c"/".as_ptr(),
                     std::ptr::null(),
-                    libc::MS_REC | libc::MS_SLAVE,
+                    libc::MS_REC | propagation,
                     std::ptr::null(),
                 ) != 0
             {
@@ -868,4 +874,92 @@ fn inner_private_mounts() {
     assert_eq!(inode(&format!("/proc/{pid}/ns/net")), idle["netns_inode"].as_u64().unwrap(), "{started}");
     assert_eq!(started["netns"].as_str(), Some(idle_ns.as_str()));
     tear_down(&mut d, &t, &["busy", "idle"], &["lan"]);
+}
+
+#[test]
+fn after_a_reboot_networks_namespaces_and_ports_are_made_again_and_instances_start_as_before() {
+    in_own_namespaces("network::inner_reboot");
+}
+
+/// Runs the host as if on a machine of its own: a network and a mount namespace of its own, which
+/// end with the last process in them (a reboot, for what the host made there).
+fn own_machine(cmd: &mut std::process::Command) {
+    unshare_before_exec(cmd, libc::CLONE_NEWNET | libc::CLONE_NEWNS, libc::MS_PRIVATE);
+}
+
+#[test]
+#[ignore = "runs only inside its own namespaces (see in_own_namespaces)"]
+fn inner_reboot() {
+    if !inside() {
+        return;
+    }
+    let t = TempDir::new("net-reboot");
+    let (state, socket) = (t.join("state"), t.join("run/plughost.sock"));
+    let mut d = Daemon::start_with(&state, Some(&socket), &e2e_args(), own_machine);
+    let net = d.ok("network", "create", json!({"name": "lan", "cidr": "10.86.0.0/24"}));
+    // One instance stopped at the reboot, one running.
+    let srv = d.ok("compute", "spawn", tcp_instance("srv", &["lan"], "serve=10.86.0.2:7000"));
+    d.ok("compute", "stop", json!({"name": "srv"}));
+    let run =
+        d.ok("compute", "spawn", json!({"name": "run", "command": "sleep", "args": ["600"], "networks": ["lan"]}));
+    let pid = run["pid"].as_u64().unwrap();
+    let (code, _) = d.stop();
+    assert_eq!(code, 0);
+    // The reboot: the last process of the old machine ends, and its namespaces with it: the bridge,
+    // the veths, the instances' namespaces and their bind mounts.
+    // SAFETY: a plain kill of a pid this test's host started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    plughost_tests::procs::wait_for("the running instance to end", || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z "))
+    });
+    // A new machine: the host makes again what its records describe.
+    let mut d = Daemon::start_with(&state, Some(&socket), &e2e_args(), own_machine);
+    let host_ns = std::path::PathBuf::from(format!("/proc/{}/ns/net", d.pid()));
+    let lan = d.ok("network", "get", json!({"name": "lan"}));
+    assert_eq!((lan["status"].as_str(), &lan["interface"]), (Some("available"), &net["interface"]), "{lan}");
+    let ports = d.ok("network", "ports", json!({}));
+    let mut seen: Vec<(String, String, String)> = ports["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            assert_eq!(p["status"], "attached", "{p}");
+            let s = |k: &str| p[k].as_str().unwrap().to_owned();
+            (s("name"), s("address"), s("mac"))
+        })
+        .collect();
+    seen.sort();
+    let mut want: Vec<(String, String, String)> = [&srv, &run]
+        .iter()
+        .map(|i| {
+            let s = |k: &str| i["ports"][0][k].as_str().unwrap().to_owned();
+            (s("id"), s("address"), s("mac"))
+        })
+        .collect();
+    want.sort();
+    assert_eq!(seen, want, "the same ports, addresses and MACs");
+    let host_links = in_netns(&host_ns, links).join().unwrap();
+    let bridge = net["interface"].as_str().unwrap().to_owned();
+    assert!(host_links.contains(&bridge), "{host_links:?}");
+    assert_eq!(host_links.iter().filter(|l| l.starts_with("phv")).count(), 2, "{host_links:?}");
+    for (before, status) in [(&srv, "stopped"), (&run, "stopped")] {
+        let name = before["name"].as_str().unwrap();
+        let now = d.ok("compute", "get", json!({"name": name}));
+        assert_eq!((now["status"].as_str(), now["reason"].as_str()), (Some(status), None), "{now}");
+        assert_eq!((&now["netns"], &now["ports"]), (&before["netns"], &before["ports"]), "{now}");
+        // A namespace is bound where it was, in the host's mount namespace, and recorded. (Its inode
+        // may be the old one's: the kernel gives a freed namespace's inode number out again.)
+        let seen_by_host = format!("/proc/{}/root{}", d.pid(), now["netns"].as_str().unwrap());
+        assert_eq!(now["netns_inode"].as_u64(), Some(inode(&seen_by_host)), "{now}");
+        let started = d.ok("compute", "start", json!({"name": name}));
+        let pid = started["pid"].as_u64().unwrap();
+        assert_eq!(started["netns_inode"].as_u64(), Some(inode(&format!("/proc/{pid}/ns/net"))), "{started}");
+    }
+    // And the network works as before: a new instance reaches the restarted server at its address.
+    d.ok("compute", "spawn", tcp_instance("cli", &["lan"], "connect=10.86.0.2:7000"));
+    assert_eq!(stopped(&mut d, "cli")["exit_code"], 0);
+    assert_eq!(stopped(&mut d, "srv")["exit_code"], 0);
+    tear_down(&mut d, &t, &["srv", "run", "cli"], &["lan"]);
+    let host_links = in_netns(&host_ns, links).join().unwrap();
+    assert!(host_links.iter().all(|l| !l.starts_with("ph")), "left behind: {host_links:?}");
 }
