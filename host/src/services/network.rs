@@ -736,8 +736,28 @@ impl Service for NetworkService {
         });
     }
 
+    /// Learns where compute instances' namespaces are; then attaches again the other ports a reboot
+    /// took (compute does its instances'): those in the host's namespace, and those whose namespace is
+    /// there again (made by whoever attached them).
     fn link(&self, links: &super::Links<'_>) {
-        let _ = self.instance_netns.set(links.instance_netns_dir());
+        let dir = links.instance_netns_dir();
+        let lost = self.ports.filter_map(|p| {
+            let missing = p.meta.status == PortStatus::Error && p.meta.reason.as_deref() == Some(MISSING);
+            let ns = std::path::Path::new(&p.netns);
+            let back =
+                p.netns.is_empty() || (ns.parent() != Some(dir.as_path()) && crate::util::netns::inode(ns).is_some());
+            (missing && back).then(|| p.meta.name.clone())
+        });
+        let _ = self.instance_netns.set(dir);
+        for id in lost {
+            match self.reattach_port(&id) {
+                Ok(Some(p)) => {
+                    log::warn!("port {id:?} was missing; attached again ({} on network {:?})", p.address, p.network)
+                }
+                Ok(None) => {}
+                Err(e) => log::warn!("port {id:?}: cannot attach it again: {}", e.message),
+            }
+        }
     }
 
     fn format_other(other: &NetworkOther) -> Option<String> {

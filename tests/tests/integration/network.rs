@@ -84,6 +84,13 @@ fn networks_give_ports_the_lowest_free_address_and_keep_them_until_their_records
     assert_eq!(d.err("network", "attach", json!({"network": "lan", "netns": "run/ns"})), "invalid_argument");
     assert_eq!(d.err("network", "attach", json!({"network": "nope"})), "not_found");
 
+    // Ports in namespaces: one that will be there after a restart (the host's own), one that will not.
+    for id in ["p0", "p2"] {
+        d.ok("network", "detach", json!({"id": id}));
+    }
+    d.ok("network", "attach", json!({"network": "lan", "id": "here", "netns": "/proc/self/ns/net"}));
+    d.ok("network", "attach", json!({"network": "lan", "id": "gone", "netns": "/nonexistent/ns"}));
+
     // The records outlive the host.
     let before = addresses(&mut d);
     drop(d);
@@ -93,6 +100,20 @@ fn networks_give_ports_the_lowest_free_address_and_keep_them_until_their_records
     assert!(r.stdout.lines().any(|l| l.starts_with("lan ") && l.contains("10.7.0.0/29")), "{}", r.stdout);
     let listed: Value = d.ok("network", "list", json!({}));
     assert_eq!(listed.as_array().unwrap().len(), 1);
+    // fake-network forgets everything with its host, as a reboot does: the network is made again, and
+    // the ports attached again as recorded, but for the one whose namespace is not there: missing (its
+    // address kept) until it is detached.
+    assert_eq!((listed[0]["status"].as_str(), listed[0]["reason"].as_str()), (Some("available"), None), "{listed}");
+    let ports = d.ok("network", "ports", json!({}));
+    let mut states: Vec<(String, String)> = ports["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["name"].as_str().unwrap().to_owned(), p["status"].as_str().unwrap().to_owned()))
+        .collect();
+    states.sort();
+    let want = [("again", "attached"), ("gone", "error"), ("here", "attached"), ("p3", "attached"), ("p4", "attached")];
+    assert_eq!(states, want.map(|(a, b)| (a.to_owned(), b.to_owned())), "{ports}");
 }
 
 /// Runs test `inner` of this binary again inside a network and mount namespace of its own (`unshare
