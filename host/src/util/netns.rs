@@ -94,9 +94,14 @@ fn loopback_up() -> Result<(), String> {
 }
 
 /// The inode of the network namespace bound at `path`; none if nothing is (a plain file, no file,
-/// another kind of namespace).
+/// another kind of namespace). Paths may come from clients (a port's namespace), so nothing but a
+/// regular file is opened (a namespace file is one), and without blocking: a FIFO put there by another
+/// user cannot hold the host.
 pub(crate) fn inode(path: &Path) -> Option<u64> {
-    let f = std::fs::File::open(path).ok()?;
+    if !std::fs::metadata(path).ok()?.is_file() {
+        return None;
+    }
+    let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY).open(path).ok()?;
     // SAFETY: an ioctl without an argument on a descriptor we hold; any other file fails (ENOTTY).
     let kind = unsafe { libc::ioctl(f.as_raw_fd(), NS_GET_NSTYPE as _) };
     (kind == libc::CLONE_NEWNET).then(|| f.metadata().ok().map(|m| m.ino())).flatten()
@@ -135,5 +140,29 @@ pub(crate) fn remove(path: &Path) -> Result<(), String> {
             Err(format!("network namespace {}: cannot remove its file: {e}", path.display()))
         }
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_network_namespace_has_an_inode_and_nothing_else_is_waited_on() {
+        let dir = std::env::temp_dir().join(format!("plughost-netns-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("fifo");
+        let c = c_path(&fifo).unwrap();
+        // SAFETY: a NUL-terminated path that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        std::fs::write(dir.join("plain"), b"").unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let paths = [fifo.clone(), dir.join("plain"), dir.join("none"), "/proc/self/ns/mnt".into(), dir.clone()];
+        std::thread::spawn(move || tx.send(paths.map(|p| inode(&p))).unwrap());
+        let found = rx.recv_timeout(std::time::Duration::from_secs(30)).expect("inode() blocked on a FIFO");
+        assert_eq!(found, [None; 5]);
+        let own = std::fs::metadata("/proc/self/ns/net").unwrap().ino();
+        assert_eq!(inode(Path::new("/proc/self/ns/net")), Some(own));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -364,14 +364,28 @@ fn parse_mac(spec: &PortSpec) -> Result<Vec<u8>, DriverError> {
     }
 }
 
+/// Opens the network namespace file named by a port's spec, checking that it is one; without waiting:
+/// a FIFO put at that path by someone else opens at once, and is refused, instead of holding the call.
+fn open_namespace(path: &str) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    /// `NS_GET_NSTYPE` (linux/nsfs.h): the type of the namespace a namespace file refers to.
+    const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY).open(path)?;
+    // SAFETY: an ioctl without an argument on a descriptor we hold; any other file fails (ENOTTY).
+    if unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE as _) } != libc::CLONE_NEWNET {
+        return Err(io::Error::other("not a network namespace"));
+    }
+    Ok(file)
+}
+
 /// Runs `f` with an rtnetlink socket inside the namespace at `path`, on a thread of its own (entering
 /// a network namespace changes only the calling thread's).
 fn in_namespace<T: Send + 'static>(
     path: &str,
     f: impl FnOnce(&mut Rtnl) -> Result<T, DriverError> + Send + 'static,
 ) -> Result<T, DriverError> {
-    let file = std::fs::File::open(path)
-        .map_err(|e| DriverError::invalid_argument(format!("network namespace {path:?}: {e}")))?;
+    let file =
+        open_namespace(path).map_err(|e| DriverError::invalid_argument(format!("network namespace {path:?}: {e}")))?;
     let path = path.to_owned();
     std::thread::spawn(move || {
         // SAFETY: setns on a namespace file we hold open, for this thread only (CLONE_NEWNET), which
@@ -500,7 +514,7 @@ impl NetworkDriver for BridgeNetwork {
         let peer_name = if spec.netns.is_empty() { format!("php{}", spec.id) } else { spec.ifname.clone() };
         let ns_file = match spec.netns.as_str() {
             "" => None,
-            path => Some(std::fs::File::open(path).map_err(|e| {
+            path => Some(open_namespace(path).map_err(|e| {
                 DriverError::invalid_argument(format!("port {:?}: network namespace {path:?}: {e}", spec.id))
             })?),
         };

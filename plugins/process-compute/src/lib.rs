@@ -100,7 +100,11 @@ fn lookup_uid(uid: u32) -> Option<(u32, u32)> {
 fn open_netns(name: &str, path: &Path) -> Result<OwnedFd, DriverError> {
     /// `NS_GET_NSTYPE` (linux/nsfs.h): the type of the namespace a namespace file refers to.
     const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
-    let file = fs::File::open(path)
+    // Without waiting: a FIFO at that path opens at once, and is then refused as no namespace.
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
         .map_err(io_err(format!("instance {name:?}: opening network namespace {}", path.display())))?;
     // SAFETY: an ioctl without an argument on a descriptor we hold; any other file fails (ENOTTY).
     let nstype = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE as _) };
@@ -1413,7 +1417,17 @@ mod tests {
         let dir = temp("netns");
         let d = driver(&dir, "none");
         let sleeper = sh("n", "exec sleep 30");
-        for (path, why) in [("/proc/self/ns/mnt", "is not a network namespace"), ("relative", "absolute path")] {
+        // A FIFO is refused at once, not waited on for a writer.
+        let fifo = dir.join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let fifo = fifo.to_str().unwrap();
+        for (path, why) in [
+            ("/proc/self/ns/mnt", "is not a network namespace"),
+            ("relative", "absolute path"),
+            (fifo, "is not a network namespace"),
+        ] {
             let e = d.spawn_in(&sleeper, path).unwrap_err();
             assert_eq!(e.kind(), plughost_api::ErrorKind::INVALID_ARGUMENT, "{e}");
             assert!(e.message().contains(why), "{e}");

@@ -215,6 +215,17 @@ fn inner_two_namespaces_on_one_bridge() {
         (Some("10.50.0.2/24"), Some("10.50.0.3/24"))
     );
     assert_eq!(pa["port"]["host_interface"], "phva", "{pa}");
+    // A FIFO where a namespace should be is refused at once (not waited on for a writer), leaving nothing.
+    let fifo = t.join("fifo");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let e = d.call("network", "attach", json!({"network": "lan", "id": "f", "netns": fifo.to_str().unwrap()}));
+    assert_eq!(e["ok"], false, "{e}");
+    assert_eq!(e["error"]["kind"], "invalid_argument", "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().ends_with("fifo\": not a network namespace"), "{e}");
+    assert!(
+        !links().contains(&"phvf".to_owned())
+            && d.call("network", "ports", json!({}))["result"]["ports"].as_array().unwrap().len() == 2
+    );
     // A listener in a's namespace, a client in b's: the bridge carries it; nothing goes elsewhere.
     let (tx, rx) = std::sync::mpsc::channel();
     let server = in_netns(&a, move || {
