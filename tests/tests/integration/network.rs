@@ -5,7 +5,9 @@
 //! conformance suite, two namespaces on one bridge talking TCP (checked from inside them), 200 ports,
 //! a full bridge, kill -9 mid-attach; and compute instances with networks (process-compute spawning
 //! into a namespace of the host's): two instances talking TCP, destroy, restarts (a private mount
-//! namespace's too), a replaced namespace, kill -9 mid-spawn, drivers without `spawn_in`.
+//! namespace's too), a reboot (a host on a machine of its own, made again from its records), a replaced
+//! namespace, kill -9 mid-spawn, drivers without `spawn_in`, a relative socket path, a FIFO where a
+//! namespace should be.
 
 use plughost_tests::process::{run, Daemon};
 use plughost_tests::TempDir;
