@@ -946,6 +946,8 @@ fn inner_reboot() {
     plughost_tests::procs::wait_for("the running instance to end", || {
         std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z "))
     });
+    // And the runtime dir is gone, as /run is after a reboot (the host makes it again at start).
+    std::fs::remove_dir_all(t.join("run")).unwrap();
     // A new machine: the host makes again what its records describe.
     let mut d = Daemon::start_with(&state, Some(&socket), &e2e_args(), own_machine);
     let host_ns = std::path::PathBuf::from(format!("/proc/{}/ns/net", d.pid()));
