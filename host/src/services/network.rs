@@ -15,7 +15,7 @@ use super::ipam::{self, Subnet};
 use super::meta::{columns, record};
 use super::records::{lifecycle_verdict, Lookup, Meta, ReconcileCounts, Record, Records, Scope, MISSING};
 use super::{check_name, Core, Listed, Named, OnBackend, Reply, Service, ServiceKind};
-use crate::backend::{Backend, BackendControl, Health};
+use crate::backend::{Backend, BackendControl};
 use crate::control::protocol::{ApiError, ErrorKind, Removed};
 use crate::state::{value, Column, RowReader};
 use rusqlite::types::Value;
@@ -331,32 +331,22 @@ pub(crate) fn new_port_id() -> String {
 }
 
 impl NetworkService {
-    /// Makes again, with their recorded subnet and gateway, the networks of backend `b` that its driver
-    /// no longer has: a reboot takes every bridge, and the records are what was asked for. Runs where
-    /// the reconcile does (at start, and when a backend is up again), before it, so that the reconcile
-    /// finds them. A network that cannot be made again is logged; the reconcile then marks it missing.
+    /// Makes again, with their recorded subnet and gateway, the networks of backend `b` that the
+    /// reconcile just found missing from its driver: a reboot takes every bridge, and the records are
+    /// what was asked for. Runs where the reconcile does (at start, and when a backend is up again),
+    /// after its networks and before its ports. One that cannot be made again stays missing, logged.
     fn restore_networks(&self, b: &Backend<NetworkInterface>) {
         use NetworkStatus as S;
-        let lost = |r: &NetworkRecord| {
-            r.meta.status == S::Available || (r.meta.status == S::Error && r.meta.reason.as_deref() == Some(MISSING))
-        };
-        let mine: Vec<String> =
-            self.core.records.filter_map(|r| (r.meta.backend == b.name && lost(r)).then(|| r.meta.name.clone()));
-        if mine.is_empty() || b.health() != Health::Up {
-            return;
-        }
-        let listed: BTreeSet<String> = match b.call(NetworkMethod::list_networks, |d| d.list_networks()) {
-            Ok(all) => all.into_iter().map(|n| n.name).collect(),
-            Err(_) => return, // the reconcile says why
-        };
-        for name in mine.iter().filter(|n| !listed.contains(*n)) {
-            let _held = self.core.records.hold(name);
-            let Some(r) = self.core.records.get(name).filter(|r| lost(r)) else { continue };
+        let lost = |r: &NetworkRecord| r.meta.status == S::Error && r.meta.reason.as_deref() == Some(MISSING);
+        let mine = self.core.records.filter_map(|r| (r.meta.backend == b.name && lost(r)).then(|| r.meta.name.clone()));
+        for name in mine {
+            let _held = self.core.records.hold(&name);
+            let Some(r) = self.core.records.get(&name).filter(|r| lost(r)) else { continue };
             let spec = NetworkSpec { name: name.clone(), cidr: r.cidr.clone(), gateway: Some(r.gateway.clone()) };
             match b.call(NetworkMethod::create_network, |d| d.create_network(&spec)) {
                 Ok(n) => {
                     log::warn!("network {name:?}: missing from backend {:?} (after a reboot?); made again", b.name);
-                    let _ = self.core.records.update(name, |r| {
+                    let _ = self.core.records.update(&name, |r| {
                         r.apply(&n);
                         r.set_status(S::Available);
                         true
@@ -390,7 +380,6 @@ impl NetworkService {
 
     fn reconcile(&self, b: &Backend<NetworkInterface>, concurrent: bool) -> ReconcileCounts {
         use NetworkStatus as S;
-        self.restore_networks(b);
         let mut counts = self.core.reconcile(
             b,
             concurrent,
@@ -427,6 +416,7 @@ impl NetworkService {
                 )
             },
         );
+        self.restore_networks(b);
         counts.add(&self.reconcile_ports(b, concurrent));
         counts
     }
@@ -742,11 +732,13 @@ impl Service for NetworkService {
     fn link(&self, links: &super::Links<'_>) {
         let dir = links.instance_netns_dir();
         let lost = self.ports.filter_map(|p| {
+            // Missing first: a namespace is looked at only for the ports a reboot took, not every port.
             let missing = p.meta.status == PortStatus::Error && p.meta.reason.as_deref() == Some(MISSING);
             let ns = std::path::Path::new(&p.netns);
-            let back =
-                p.netns.is_empty() || (ns.parent() != Some(dir.as_path()) && crate::util::netns::inode(ns).is_some());
-            (missing && back).then(|| p.meta.name.clone())
+            let back = || {
+                p.netns.is_empty() || (ns.parent() != Some(dir.as_path()) && crate::util::netns::inode(ns).is_some())
+            };
+            (missing && back()).then(|| p.meta.name.clone())
         });
         let _ = self.instance_netns.set(dir);
         for id in lost {
